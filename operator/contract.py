@@ -1,0 +1,47 @@
+"""The contract between the operator and the runtime images: command lines, environment, ports, metric names.
+
+Pure constants and pure builders, no I/O. The runtime imports this module too (it never imports torch),
+so that the operator's pod templates and the runtime's CLIs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+# Runtime CLI (console script of the runtime image).
+RUNTIME_COMMAND = "shipyard-runtime"
+COMPRESS_SUBCOMMAND = "compress"
+SERVE_SUBCOMMAND = "serve"
+
+# Environment the operator sets on inference pods and compression Jobs.
+ENV_MODEL_NAME = "SHIPYARD_MODEL_NAME"  # the ModelDeployment's name, used as the OIP model name
+ENV_MODEL_VERSION = "SHIPYARD_MODEL_VERSION"  # the image tag (or digest) = the version
+ENV_ARTIFACT_PATH = "SHIPYARD_ARTIFACT_PATH"  # directory of the model artifact to serve
+ENV_MAX_BATCH_SIZE = "SHIPYARD_MAX_BATCH_SIZE"
+ENV_MAX_DELAY_MS = "SHIPYARD_MAX_DELAY_MS"
+ENV_FAULT_ERROR_RATE = "SHIPYARD_FAULT_ERROR_RATE"  # fault injection, off by default (0)
+ENV_FAULT_EXTRA_LATENCY_MS = "SHIPYARD_FAULT_EXTRA_LATENCY_MS"
+
+# Serving.
+SERVING_PORT = 8080
+SERVING_PORT_NAME = "http"
+PATH_LIVE = "/v2/health/live"
+PATH_READY = "/v2/health/ready"
+PATH_METRICS = "/metrics"
+
+# Compression Job.
+TERMINATION_LOG = "/dev/termination-log"
+ARTIFACTS_MOUNT = "/artifacts"
+COMPRESSION_CONFIG_MOUNT = "/etc/shipyard"
+COMPRESSION_CONFIG_FILE = "compression.json"
+REPORT_FILE = "report.json"  # written next to the artifact inside its directory
+
+# Metric names the runtime exports and the operator's analysis reads.
+METRIC_REQUESTS_TOTAL = "shipyard_requests_total"  # labels: model, version, code
+METRIC_REQUEST_DURATION = "shipyard_request_duration_seconds"  # histogram; labels: model, version
+METRIC_BATCH_SIZE = "shipyard_batch_size"  # histogram
+METRIC_QUEUE_DURATION = "shipyard_queue_duration_seconds"  # histogram
+METRIC_INFLIGHT = "shipyard_inflight_requests"  # gauge
+METRIC_MODEL_READY = "shipyard_model_ready"  # gauge 0/1
+METRIC_HTTP_DURATION = "http_request_duration_seconds"  # labels: method, path (route template), status
+LABEL_MODEL = "model"
+LABEL_VERSION = "version"
+LABEL_CODE = "code"
