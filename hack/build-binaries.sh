@@ -9,6 +9,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/versions.env"
 cache=${SHIPYARD_CACHE:-$HOME/.cache/shipyard}
 mkdir -p "$cache/bin" "$cache/build"
+# One build at a time per machine (parallel test sessions or shells wait for the first).
+exec 9>"$cache/build.lock"
+flock 9
 export CGO_ENABLED=0 GOFLAGS=-mod=mod GOTOOLCHAIN=local
 
 log() { printf '[build-binaries] %s\n' "$*" >&2; }

@@ -1,0 +1,45 @@
+# Shipyard developer entry points. `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV ?= .venv
+PIP_EXTRAS ?= runtime,dev
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test unit integration lint typecheck cluster-up cluster-down binaries clean venv
+
+# The venv is rebuilt when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[$(PIP_EXTRAS)]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+binaries:
+	bash hack/build-binaries.sh
+
+demo: venv binaries
+	bash hack/demo.sh
+
+test: venv binaries
+	bash hack/test.sh
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+integration: venv binaries
+	$(VENV)/bin/pytest -q -m integration tests/integration
+
+lint: venv
+	$(VENV)/bin/ruff check operator runtime tests bench hack
+	$(VENV)/bin/mypy operator
+
+cluster-up: binaries
+	python3 hack/cluster.py up
+
+cluster-down:
+	python3 hack/cluster.py down
+
+clean: cluster-down
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

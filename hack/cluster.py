@@ -1,0 +1,443 @@
+#!/usr/bin/env python3
+"""A real local Kubernetes control plane on 127.0.0.1, built from pinned Go modules (does process and file I/O).
+
+    python3 hack/cluster.py up      # build (once per machine) and start; prints the KUBECONFIG export
+    python3 hack/cluster.py env     # print the export line of the running cluster
+    python3 hack/cluster.py status  # one line per component
+    python3 hack/cluster.py down    # stop everything and remove the state directory
+
+Components: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the KWOK controller, run as
+plain processes (no containers). KWOK manages the fake nodes (annotation ``kwok.x-k8s.io/node=fake``):
+``kwok-cpu-0`` and ``kwok-gpu-0`` (8 ``nvidia.com/gpu``), with stages that make pods Running/Ready and
+Job pods Succeeded. Nodes without the annotation are left alone (the e2e node agent runs its own).
+
+State (PKI, logs, kubeconfig, pids) lives in ``$SHIPYARD_CLUSTER_DIR`` (default ``<repo>/.cluster``).
+Only the Python standard library, openssl and kubectl are used, so this runs before any virtualenv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+REPO = HACK.parent
+VERSIONS_FILE = HACK / "versions.env"
+NODE_ANNOTATION = "kwok.x-k8s.io/node"
+SERVICE_CIDR = "10.96.0.0/16"
+KWOK_STAGES = (
+    "kustomize/stage/node/fast/node-initialize.yaml",
+    "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "kustomize/stage/pod/fast/pod-ready.yaml",
+    "kustomize/stage/pod/fast/pod-complete.yaml",
+    "kustomize/stage/pod/fast/pod-delete.yaml",
+)
+
+
+def log(msg: str) -> None:
+    print(f"[cluster] {msg}", file=sys.stderr, flush=True)
+
+
+def read_versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in VERSIONS_FILE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SHIPYARD_CACHE", Path.home() / ".cache" / "shipyard"))
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("SHIPYARD_CLUSTER_DIR", REPO / ".cluster"))
+
+
+def binaries() -> dict[str, Path]:
+    v = read_versions()
+    bin_dir = cache_dir() / "bin"
+    kube = bin_dir / f"kubernetes-{v['KUBE_VERSION']}"
+    return {
+        "etcd": bin_dir / f"etcd-{v['ETCD_VERSION']}" / "etcd",
+        "kube-apiserver": kube / "kube-apiserver",
+        "kube-controller-manager": kube / "kube-controller-manager",
+        "kube-scheduler": kube / "kube-scheduler",
+        "kwok": bin_dir / f"kwok-{v['KWOK_VERSION']}" / "kwok",
+        "helm": bin_dir / f"helm-{v['HELM_VERSION']}" / "helm",
+    }
+
+
+def build_binaries() -> dict[str, Path]:
+    """Builds what is missing (a no-op when every pinned binary is cached)."""
+    bins = binaries()
+    if not all(p.exists() and Path(f"{p}.ok").exists() for p in bins.values()):
+        log("Building the control-plane binaries from pinned Go modules (first run on this machine)")
+        started = time.monotonic()
+        subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True)
+        log(f"Built the binaries in {time.monotonic() - started:.0f} s")
+    return bins
+
+
+def kwok_module_dir() -> Path:
+    version = read_versions()["KWOK_VERSION"]
+    env = dict(os.environ, GOFLAGS="-mod=mod")
+    out = subprocess.run(
+        ["go", "mod", "download", "-json", f"sigs.k8s.io/kwok@{version}"],
+        check=True, capture_output=True, text=True, env=env, cwd=str(cache_dir()),
+    )
+    return Path(json.loads(out.stdout)["Dir"])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class State:
+    dir: str
+    ports: dict[str, int] = field(default_factory=dict)
+    pids: dict[str, int] = field(default_factory=dict)
+    started_at: float = 0.0
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.path / "kubeconfig"
+
+    def save(self) -> None:
+        (self.path / "cluster.json").write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> State | None:
+        f = state_dir / "cluster.json"
+        if not f.exists():
+            return None
+        return cls(**json.loads(f.read_text()))
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], check=True, cwd=str(cwd), capture_output=True)
+
+
+def build_pki(pki: Path) -> None:
+    """A CA, the apiserver's serving certificate, an admin client certificate and the service-account keys."""
+    pki.mkdir(parents=True, exist_ok=True)
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=pki)
+    openssl("req", "-x509", "-new", "-key", "ca.key", "-out", "ca.crt", "-days", "3650",
+            "-subj", "/CN=shipyard-local-ca", cwd=pki)
+    (pki / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    (pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, subj, ext in (
+        ("apiserver", "/CN=kube-apiserver", "server.ext"),
+        ("admin", "/O=system:masters/CN=shipyard-admin", "client.ext"),
+    ):
+        openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=pki)
+        openssl("req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", subj, cwd=pki)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", ext, cwd=pki)
+    openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def write_kubeconfig(path: Path, pki: Path, port: int) -> None:
+    path.write_text(
+        f"""apiVersion: v1
+kind: Config
+clusters:
+- name: shipyard-local
+  cluster:
+    server: https://127.0.0.1:{port}
+    certificate-authority: {pki / 'ca.crt'}
+users:
+- name: shipyard-admin
+  user:
+    client-certificate: {pki / 'admin.crt'}
+    client-key: {pki / 'admin.key'}
+contexts:
+- name: shipyard-local
+  context: {{cluster: shipyard-local, user: shipyard-admin}}
+current-context: shipyard-local
+"""
+    )
+
+
+def spawn(state: State, name: str, argv: list[str]) -> None:
+    logs = state.path / "logs"
+    logs.mkdir(exist_ok=True)
+    out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    state.pids[name] = proc.pid
+    state.save()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child counts as dead.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            return False
+    return True
+
+
+def wait_for(what: str, check: object, timeout: float, state: State, name: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(state.pids[name]):
+            tail = (state.path / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{name} exited while starting:\n{tail}")
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} was not ready within {timeout:.0f} s (see {state.path / 'logs' / name}.log)")
+
+
+def https_ok(port: int, pki: Path, path: str) -> bool:
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=ctx, timeout=2) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError, ssl.SSLError):
+        return False
+
+
+def kubectl(state: State, *args: str, input: str | None = None, check: bool = True) -> str:
+    out = subprocess.run(["kubectl", f"--kubeconfig={state.kubeconfig}", *args], input=input,
+                         capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {out.stderr.strip()}")
+    return out.stdout
+
+
+def build_node(name: str, cpu: str, memory: str, gpus: int, pods: int = 110) -> dict[str, object]:
+    capacity: dict[str, str] = {"cpu": cpu, "memory": memory, "pods": str(pods)}
+    if gpus:
+        capacity["nvidia.com/gpu"] = str(gpus)
+    labels = {
+        "kubernetes.io/hostname": name,
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": "amd64",
+        "type": "kwok",
+        "node.kubernetes.io/instance-type": "gpu-8x" if gpus else "cpu",
+    }
+    if gpus:
+        labels["nvidia.com/gpu.present"] = "true"
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "annotations": {NODE_ANNOTATION: "fake"}, "labels": labels},
+        "spec": {},
+        "status": {"capacity": capacity, "allocatable": capacity},
+    }
+
+
+DEFAULT_NODES = (
+    build_node("kwok-cpu-0", cpu="32", memory="128Gi", gpus=0),
+    build_node("kwok-gpu-0", cpu="64", memory="512Gi", gpus=8),
+)
+
+
+def up(state_dir: Path, nodes: tuple[dict[str, object], ...] = DEFAULT_NODES) -> State:
+    existing = State.load(state_dir)
+    if existing and all(alive(p) for p in existing.pids.values()) and existing.pids:
+        log(f"Found a running cluster in {state_dir}")
+        return existing
+    if existing:
+        down(state_dir)
+    bins = build_binaries()
+    stages = [kwok_module_dir() / s for s in KWOK_STAGES]
+    started = time.monotonic()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = State(dir=str(state_dir), started_at=time.time())
+    pki = state.path / "pki"
+    build_pki(pki)
+    names = ("etcd-client", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")
+    ports: dict[str, int] = {}
+    while len(set(ports.values())) != len(names):
+        ports = {n: free_port() for n in names}
+    state.ports = ports
+    state.save()
+    try:
+        etcd_data = state.path / "etcd"
+        spawn(state, "etcd", [
+            str(bins["etcd"]), "--name=shipyard", f"--data-dir={etcd_data}",
+            f"--listen-client-urls=http://127.0.0.1:{ports['etcd-client']}",
+            f"--advertise-client-urls=http://127.0.0.1:{ports['etcd-client']}",
+            f"--listen-peer-urls=http://127.0.0.1:{ports['etcd-peer']}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{ports['etcd-peer']}",
+            f"--initial-cluster=shipyard=http://127.0.0.1:{ports['etcd-peer']}",
+            "--unsafe-no-fsync=true", "--quota-backend-bytes=4294967296", "--log-level=warn",
+        ])
+        wait_for("etcd", lambda: port_open(ports["etcd-client"]), 30, state, "etcd")
+        spawn(state, "kube-apiserver", [
+            str(bins["kube-apiserver"]),
+            f"--etcd-servers=http://127.0.0.1:{ports['etcd-client']}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC", "--allow-privileged=true",
+            "--max-requests-inflight=0", "--max-mutating-requests-inflight=0",
+            "--enable-priority-and-fairness=false",
+            "--endpoint-reconciler-type=none",
+            "--v=1",
+        ])
+        wait_for("kube-apiserver", lambda: https_ok(ports["apiserver"], pki, "/readyz"), 90, state,
+                 "kube-apiserver")
+        write_kubeconfig(state.kubeconfig, pki, ports["apiserver"])
+        kc = str(state.kubeconfig)
+        spawn(state, "kube-controller-manager", [
+            str(bins["kube-controller-manager"]), f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+            "--bind-address=127.0.0.1", f"--secure-port={ports['kcm']}", "--leader-elect=false",
+            f"--service-account-private-key-file={pki / 'sa.key'}", f"--root-ca-file={pki / 'ca.crt'}",
+            "--use-service-account-credentials=false",
+            "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10",
+            "--kube-api-qps=500", "--kube-api-burst=1000", "--v=1",
+        ])
+        spawn(state, "kube-scheduler", [
+            str(bins["kube-scheduler"]), f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+            "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}", "--leader-elect=false",
+            "--kube-api-qps=500", "--kube-api-burst=1000", "--v=1",
+        ])
+        spawn(state, "kwok", [
+            str(bins["kwok"]), f"--kubeconfig={kc}", "--manage-all-nodes=false",
+            f"--manage-nodes-with-annotation-selector={NODE_ANNOTATION}=fake",
+            f"--server-address=127.0.0.1:{ports['kwok']}", "--node-lease-duration-seconds=40",
+            *[f"--config={s}" for s in stages],
+        ])
+        for node in nodes:
+            kubectl(state, "apply", "--server-side", "--field-manager=shipyard-cluster", "-f", "-",
+                    input=json.dumps(node))
+        # The default ServiceAccount is created by the controller-manager; pods need it.
+        wait_for("the default service account", lambda: kubectl(
+            state, "get", "serviceaccount", "default", "-n", "default", check=False) != "", 60, state,
+                 "kube-controller-manager")
+        wait_for("the fake nodes", lambda: _nodes_ready(state, nodes), 60, state, "kwok")
+    except BaseException:
+        log(f"Start failed; logs are in {state.path / 'logs'}")
+        stop_processes(state)
+        raise
+    log(f"Started the control plane in {time.monotonic() - started:.1f} s "
+        f"(apiserver https://127.0.0.1:{ports['apiserver']})")
+    return state
+
+
+def _nodes_ready(state: State, nodes: tuple[dict[str, object], ...]) -> bool:
+    template = "{range .items[*]}{.metadata.name}={.status.conditions[?(@.type=='Ready')].status}{'\\n'}{end}"
+    out = kubectl(state, "get", "nodes", "-o", f"jsonpath={template}", check=False)
+    ready = {line.split("=")[0] for line in out.splitlines() if line.endswith("=True")}
+    return all(n["metadata"]["name"] in ready for n in nodes)  # type: ignore[index]
+
+
+STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
+
+
+def stop_processes(state: State, timeout: float = 10.0) -> None:
+    order = [n for n in STOP_ORDER if n in state.pids] + [n for n in state.pids if n not in STOP_ORDER]
+    for name in order:
+        pid = state.pids[name]
+        if not alive(pid):
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            while alive(pid):
+                time.sleep(0.05)
+    state.pids = {}
+
+
+def down(state_dir: Path, keep: bool = False) -> None:
+    state = State.load(state_dir)
+    if state is None:
+        log(f"No cluster state in {state_dir}")
+        return
+    stop_processes(state)
+    if keep:
+        state.save()
+    else:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    log("Stopped the control plane")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "env", "status", "build"])
+    parser.add_argument("--dir", type=Path, default=default_state_dir(), help="state directory")
+    parser.add_argument("--keep", action="store_true", help="down: keep logs and state")
+    args = parser.parse_args(argv)
+    state_dir: Path = args.dir.resolve()
+    if args.command == "build":
+        for name, path in build_binaries().items():
+            print(f"{name}\t{path}")
+        return 0
+    if args.command == "up":
+        state = up(state_dir)
+        print(f"export KUBECONFIG={state.kubeconfig}")
+        return 0
+    if args.command == "down":
+        down(state_dir, keep=args.keep)
+        return 0
+    state = State.load(state_dir)
+    if state is None:
+        print(f"no cluster in {state_dir}", file=sys.stderr)
+        return 1
+    if args.command == "env":
+        print(f"export KUBECONFIG={state.kubeconfig}")
+        return 0
+    for name, pid in state.pids.items():
+        print(f"{name}\tpid {pid}\t{'running' if alive(pid) else 'stopped'}")
+    return 0 if state.pids and all(alive(p) for p in state.pids.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, type check, then every tier (unit, integration on the real local control plane).
+# The integration fixture starts the control plane itself and stops it at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+venv=${VENV:-.venv}
+"$venv/bin/ruff" check operator runtime tests bench hack
+"$venv/bin/mypy" operator
+"$venv/bin/python" -c "import sys, shipyard.operator, shipyard.operator.handlers; assert 'torch' not in sys.modules, 'the operator imported torch'"
+# pytest exits 5 when no test ran: that is a failure here, as is any skip of the integration tier.
+"$venv/bin/pytest" -q -p no:cacheprovider --timeout=600 "$@" tests

@@ -1,0 +1,113 @@
+"""The only module that talks to the Kubernetes API server (I/O): server-side apply, deletes, status patches, events.
+
+Objects travel as plain dicts (the planner builds them); lightkube's generic resources carry them without
+converting them to typed models, so nothing the planner sets is dropped or reshaped on the way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import lightkube
+from lightkube.config.kubeconfig import KubeConfig
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.types import CascadeType, PatchType
+
+from shipyard.operator import naming
+
+logger = logging.getLogger(__name__)
+
+_RESOURCES: dict[tuple[str, str], Any] = {
+    ("apps/v1", "Deployment"): create_namespaced_resource("apps", "v1", "Deployment", "deployments"),
+    ("v1", "Service"): create_namespaced_resource("", "v1", "Service", "services"),
+    ("batch/v1", "Job"): create_namespaced_resource("batch", "v1", "Job", "jobs"),
+    ("v1", "Event"): create_namespaced_resource("", "v1", "Event", "events"),
+    (naming.API_VERSION, naming.KIND): create_namespaced_resource(
+        naming.GROUP, naming.VERSION, naming.KIND, naming.PLURAL
+    ),
+}
+
+
+def resource_for(api_version: str, kind: str) -> Any:
+    try:
+        return _RESOURCES[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"Shipyard does not manage {kind} ({api_version})") from None
+
+
+class Kube:
+    """A thin async wrapper; one instance per operator process."""
+
+    def __init__(self, client: lightkube.AsyncClient) -> None:
+        self.client = client
+
+    @classmethod
+    def from_env(cls, kubeconfig: str | None = None) -> Kube:
+        config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
+        return cls(lightkube.AsyncClient(config=config, field_manager=naming.FIELD_MANAGER))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def apply_object(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply with Shipyard's field manager (force: the operator owns these fields)."""
+        res = resource_for(obj["apiVersion"], obj["kind"])
+        meta = obj["metadata"]
+        applied = await self.client.apply(
+            res(dict(obj)), name=meta["name"], namespace=meta["namespace"],
+            field_manager=naming.FIELD_MANAGER, force=True,
+        )
+        result: dict[str, Any] = applied.to_dict() if hasattr(applied, "to_dict") else dict(applied)
+        return result
+
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        res = resource_for(api_version, kind)
+        try:
+            await self.client.delete(res, name, namespace=namespace, cascade=CascadeType.BACKGROUND)
+        except lightkube.ApiError as e:
+            if e.status.code != 404:
+                raise
+
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """Replaces the status fields Shipyard writes with one JSON merge patch on the status subresource."""
+        res = resource_for(naming.API_VERSION, naming.KIND)
+        patched = await self.client.patch(
+            res, name, {"status": dict(status)}, namespace=namespace, subresource="status",
+            patch_type=PatchType.MERGE,
+        )
+        result: dict[str, Any] = patched.to_dict() if hasattr(patched, "to_dict") else dict(patched)
+        return result
+
+    async def post_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the ModelDeployment, so that `kubectl describe` tells the story."""
+        meta = owner["metadata"]
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": owner.get("apiVersion", naming.API_VERSION),
+                "kind": owner.get("kind", naming.KIND),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": naming.FIELD_MANAGER},
+            "reportingComponent": naming.FIELD_MANAGER,
+        }
+        res = resource_for("v1", "Event")
+        try:
+            await self.client.create(res(event), namespace=meta["namespace"])
+        except lightkube.ApiError as e:  # an event is best effort: never fail a reconcile over it
+            logger.warning("Posting event %s for %s/%s failed: %s", reason, meta["namespace"], meta["name"], e)

@@ -1,0 +1,107 @@
+"""A deduplicating, delayed work queue for level-triggered reconciliation (asyncio; no Kubernetes I/O).
+
+Keys (``namespace/name``) are added by watch events and by the reconciler itself (``requeue after N s``).
+A key is processed by at most one worker at a time; adding a key that is being processed marks it dirty, so
+it is processed once more afterwards (no lost updates, no parallel reconciles of one object). Adding a key
+already waiting keeps the earliest due time. This mirrors client-go's rate-limited work queue, sized for an
+operator that owns thousands of objects with a handful of workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+logger = logging.getLogger(__name__)
+
+Reconcile = Callable[[str], Awaitable[float | None]]
+
+
+class Workqueue:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._due: dict[str, float] = {}  # key -> due time of its pending entry
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._processing: set[str] = set()
+        self._dirty: dict[str, float] = {}  # added while processing: due time to use afterwards
+        self._wakeup = asyncio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, key: str, after: float = 0.0) -> None:
+        due = self._clock() + max(0.0, after)
+        if key in self._processing:
+            self._dirty[key] = min(due, self._dirty.get(key, due))
+            return
+        current = self._due.get(key)
+        if current is not None and current <= due:
+            return
+        self._due[key] = due
+        heapq.heappush(self._heap, (due, next(self._seq), key))
+        self._wakeup.set()
+
+    def forget(self, key: str) -> None:
+        """Drops a pending entry (the object was deleted); a running reconcile finishes normally."""
+        self._due.pop(key, None)
+        self._dirty.pop(key, None)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wakeup.set()
+
+    async def _next(self) -> str | None:
+        while not self._closed:
+            now = self._clock()
+            while self._heap:
+                due, _, key = self._heap[0]
+                if self._due.get(key) != due:  # superseded or forgotten entry
+                    heapq.heappop(self._heap)
+                    continue
+                if due > now:
+                    break
+                heapq.heappop(self._heap)
+                del self._due[key]
+                self._processing.add(key)
+                return key
+            timeout = (self._heap[0][0] - now) if self._heap else None
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+        return None
+
+    def _done(self, key: str, requeue_after: float | None) -> None:
+        self._processing.discard(key)
+        dirty_due = self._dirty.pop(key, None)
+        if dirty_due is not None:
+            self.add(key, max(0.0, dirty_due - self._clock()))
+        if requeue_after is not None:
+            self.add(key, requeue_after)
+
+    async def run(self, reconcile: Reconcile, workers: int = 4, error_backoff: float = 5.0) -> None:
+        """Runs `workers` loops until close(); a reconcile returns seconds until its next visit, or None."""
+
+        async def worker() -> None:
+            while True:
+                key = await self._next()
+                if key is None:
+                    return
+                requeue: float | None
+                try:
+                    requeue = await reconcile(key)
+                except asyncio.CancelledError:
+                    self._processing.discard(key)
+                    raise
+                except Exception:
+                    logger.exception("Reconcile of %s failed; retrying in %.0f s", key, error_backoff)
+                    requeue = error_backoff
+                self._done(key, requeue)
+
+        await asyncio.gather(*(worker() for _ in range(workers)))

@@ -1,0 +1,116 @@
+"""Session fixtures for the integration tier: one real control plane (hack/cluster.py) for the whole session.
+
+The cluster is started once, the CRDs from crds/ are installed, and everything is stopped at the end
+(operator runners first, then the control plane), leaving no processes or ports behind.
+Set SHIPYARD_TEST_KUBECONFIG to run against an already running cluster instead (it is not stopped).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_cluster_module() -> Any:
+    spec = importlib.util.spec_from_file_location("shipyard_hack_cluster", REPO / "hack" / "cluster.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Cluster:
+    kubeconfig: str
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(["kubectl", f"--kubeconfig={self.kubeconfig}", *args], input=input,
+                             capture_output=True, text=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()}")
+        return out
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        args = ["get", kind, name, "-o", "json"]
+        if namespace:
+            args += ["-n", namespace]
+        out = self.kubectl(*args, check=False)
+        if out.returncode != 0:
+            if "NotFound" in out.stderr or "not found" in out.stderr:
+                return None
+            raise AssertionError(out.stderr)
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def apply(self, manifest: dict[str, Any] | str, namespace: str | None = None,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        args = ["apply", "--server-side", "--field-manager=shipyard-tests", "-f", "-"]
+        if namespace:
+            args += ["-n", namespace]
+        return self.kubectl(*args, input=text, check=check)
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.25, message: str = "") -> Any:
+    """Polls predicate() until it returns something truthy; returns it, or fails the test with message."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message or predicate}; last={last!r}")
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    external = os.environ.get("SHIPYARD_TEST_KUBECONFIG")
+    if external:
+        c = Cluster(kubeconfig=external)
+        install_crds(c)
+        yield c
+        return
+    mod = _load_cluster_module()
+    state_dir = Path(tempfile.mkdtemp(prefix="shipyard-test-cluster-"))
+    state = mod.up(state_dir)
+    c = Cluster(kubeconfig=str(state.kubeconfig))
+    try:
+        install_crds(c)
+        yield c
+    finally:
+        mod.down(state_dir)
+
+
+def install_crds(c: Cluster) -> None:
+    crds = sorted((REPO / "crds").glob("*.yaml"))
+    for f in crds:
+        c.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=shipyard-tests", "-f", str(f))
+    for f in crds:
+        c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(f))
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -1,0 +1,103 @@
+"""The reconcile work queue: dedupe, delays, one worker per key, dirty re-runs, error backoff."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from shipyard.operator.workqueue import Workqueue
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(
+    ("adds", "expected_due"),
+    [
+        pytest.param([("a", 0.0)], {"a": 100.0}, id="immediate"),
+        pytest.param([("a", 5.0), ("a", 1.0)], {"a": 101.0}, id="earlier-wins"),
+        pytest.param([("a", 1.0), ("a", 5.0)], {"a": 101.0}, id="later-ignored"),
+        pytest.param([("a", 1.0), ("b", 2.0)], {"a": 101.0, "b": 102.0}, id="independent-keys"),
+        pytest.param([("a", -3.0)], {"a": 100.0}, id="negative-delay-is-now"),
+    ],
+)
+def test_add_keeps_the_earliest_due_time(adds: list[tuple[str, float]], expected_due: dict[str, float]) -> None:
+    q = Workqueue(clock=FakeClock())
+    for key, after in adds:
+        q.add(key, after)
+    assert q._due == expected_due
+    assert len(q) == len(expected_due)
+
+
+async def test_each_key_is_reconciled_once_per_burst_and_never_in_parallel() -> None:
+    q = Workqueue()
+    running: set[str] = set()
+    calls: list[str] = []
+    overlap = False
+
+    async def reconcile(key: str) -> float | None:
+        nonlocal overlap
+        overlap = overlap or key in running
+        running.add(key)
+        calls.append(key)
+        await asyncio.sleep(0.02)
+        running.discard(key)
+        return None
+
+    for _ in range(10):
+        q.add("ns/a")
+    q.add("ns/b")
+    task = asyncio.create_task(q.run(reconcile, workers=4))
+    await asyncio.sleep(0.005)
+    q.add("ns/a")  # arrives while ns/a is being processed: marks it dirty -> exactly one more pass
+    await asyncio.sleep(0.1)
+    q.close()
+    await task
+    assert not overlap
+    assert sorted(calls) == ["ns/a", "ns/a", "ns/b"]
+
+
+async def test_requeue_after_and_error_backoff() -> None:
+    q = Workqueue()
+    calls: list[str] = []
+
+    async def reconcile(key: str) -> float | None:
+        calls.append(key)
+        if key == "ns/fails" and calls.count(key) == 1:
+            raise RuntimeError("boom")
+        if key == "ns/again" and calls.count(key) < 3:
+            return 0.01
+        return None
+
+    q.add("ns/fails")
+    q.add("ns/again")
+    task = asyncio.create_task(q.run(reconcile, workers=2, error_backoff=0.02))
+    await asyncio.sleep(0.2)
+    q.close()
+    await task
+    assert calls.count("ns/again") == 3
+    assert calls.count("ns/fails") == 2
+
+
+async def test_forget_drops_a_pending_key() -> None:
+    q = Workqueue()
+    calls: list[str] = []
+
+    async def reconcile(key: str) -> float | None:
+        calls.append(key)
+        return None
+
+    q.add("ns/gone", 0.05)
+    q.add("ns/kept", 0.05)
+    q.forget("ns/gone")
+    task = asyncio.create_task(q.run(reconcile, workers=1))
+    await asyncio.sleep(0.15)
+    q.close()
+    await task
+    assert calls == ["ns/kept"]
