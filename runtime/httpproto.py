@@ -1,0 +1,261 @@
+"""A minimal HTTP/1.1 server connection on asyncio + httptools (the server's socket I/O).
+
+Per-request framework cost is what dominates a small model, so this is a bare asyncio `Protocol`: httptools
+parses, the application gets a `Request` and answers it with `Connection.respond`, possibly later (after the
+batch it joined has run). Responses go out in request order (pipelining-safe), keep-alive follows the client,
+bodies over the limit get a 413 before they are read, oversized headers a 431, garbage a 400.
+
+The application object passed in implements `handle(conn, request)` and `observe_rejected(method, status,
+started)`; it owns the set `connections` and the flag `closing` (set while draining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any, Protocol
+
+import httptools
+from shipyard.runtime import oip
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_PIPELINED = 64  # stop reading a connection with this many requests waiting for their answers
+DISCARD_LINGER_S = 2.0  # after a 413, keep draining the client's body for at most this long, then close
+JSON = b"application/json"
+
+REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def build_response_head(
+    status: int, length: int, content_type: bytes, close: bool, extra: bytes = b""
+) -> bytes:
+    """The status line and headers of a response (pure)."""
+    reason = REASONS.get(status, b"Unknown")
+    connection = b"connection: close\r\n" if close else b""
+    return b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s%s\r\n" % (
+        status,
+        reason,
+        content_type,
+        length,
+        connection,
+        extra,
+    )
+
+
+class Application(Protocol):
+    connections: set[Connection]
+    closing: bool
+
+    def handle(self, conn: Connection, request: Request) -> None: ...
+
+    def observe_rejected(self, method: str, status: int, started: float) -> None: ...
+
+
+class _Abort(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Request:
+    """One parsed request; also its slot in the connection's response order."""
+
+    __slots__ = ("method", "url", "body", "started", "keep_alive", "response", "close_after", "context")
+
+    def __init__(self, started: float) -> None:
+        self.method = ""
+        self.url = b""
+        self.body = b""
+        self.started = started
+        self.keep_alive = True
+        self.response: bytes | None = None
+        self.close_after = False
+        self.context: Any = None  # the application's per-request state
+
+    @property
+    def path(self) -> bytes:
+        url = self.url
+        index = url.find(b"?")
+        return url if index < 0 else url[:index]
+
+
+class Connection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, app: Application, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._pending: deque[Request] = deque()
+        self._current: Request | None = None
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._header_bytes = 0
+        self._expect_continue = False
+        self._discarding = False
+        self._paused = False
+
+    # -- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.app.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._pending.clear()
+        self.app.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._reject(400, "protocol upgrades are not supported")
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, _Abort):
+                self._reject(cause.status, str(cause))
+            else:
+                raise
+        except httptools.HttpParserError as error:
+            if not self._discarding:
+                self._reject(400, f"malformed HTTP request: {error}")
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        self._current = Request(time.perf_counter())
+        self._body = []
+        self._body_size = 0
+        self._header_bytes = 0
+        self._expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        request = self._current
+        assert request is not None
+        request.url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _Abort(431, "the request line and headers are too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _Abort(431, "the request line and headers are too large")
+        lowered = name.lower()
+        if lowered == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return  # httptools rejects it
+            if length > self.max_body_bytes:
+                raise _Abort(
+                    413, f"the request body ({length} bytes) exceeds the limit of {self.max_body_bytes} bytes"
+                )
+        elif lowered == b"expect" and value.lower() == b"100-continue":
+            self._expect_continue = True
+
+    def on_headers_complete(self) -> None:
+        request = self._current
+        assert request is not None
+        request.method = self._parser.get_method().decode("ascii", "replace")
+        request.keep_alive = self._parser.should_keep_alive()
+        if self._expect_continue and not self._pending and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self._discarding:
+            return
+        self._body_size += len(body)
+        if self._body_size > self.max_body_bytes:
+            raise _Abort(413, f"the request body exceeds the limit of {self.max_body_bytes} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._discarding:
+            self._close()
+            return
+        request = self._current
+        assert request is not None
+        self._current = None
+        body = self._body
+        request.body = body[0] if len(body) == 1 else b"".join(body)
+        self._body = []
+        self._pending.append(request)
+        if len(self._pending) >= MAX_PIPELINED and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self.app.handle(self, request)
+
+    # -- responses
+    def respond(
+        self, request: Request, status: int, body: bytes, content_type: bytes = JSON, extra: bytes = b""
+    ) -> None:
+        """Answer a request (now or later); responses are written in request order."""
+        if self.transport is None:
+            return
+        pending = self._pending
+        close = not request.keep_alive or (self.app.closing and pending and pending[-1] is request)
+        request.close_after = bool(close)
+        request.response = build_response_head(status, len(body), content_type, bool(close), extra) + body
+        if pending and pending[0] is request:
+            self._flush()
+
+    def _flush(self) -> None:
+        pending = self._pending
+        transport = self.transport
+        while pending and pending[0].response is not None and transport is not None:
+            request = pending.popleft()
+            transport.write(request.response)  # type: ignore[arg-type]
+            if request.close_after:
+                if not self._discarding:  # after a 413 the linger timer (or the body's end) closes
+                    self._close()
+                pending.clear()
+                return
+        if self._paused and len(pending) < MAX_PIPELINED // 2 and transport is not None:
+            self._paused = False
+            transport.resume_reading()
+        if self.app.closing and not pending and self._current is None:
+            self._close()
+
+    def _reject(self, status: int, message: str) -> None:
+        """Answer a request that cannot even be parsed/read, then close the connection."""
+        request = self._current or Request(time.perf_counter())
+        self._current = None
+        if not request.method:
+            try:
+                request.method = self._parser.get_method().decode("ascii", "replace")
+            except httptools.HttpParserError:
+                request.method = "OTHER"
+        request.keep_alive = False
+        self._pending.append(request)
+        self.app.observe_rejected(request.method, status, request.started)
+        if status == 413 and self.transport is not None and not self.transport.is_closing():
+            # Read and drop the rest of the body so the client sees the 413 rather than a reset.
+            self._discarding = True
+            asyncio.get_running_loop().call_later(DISCARD_LINGER_S, self._close)
+        self.respond(request, status, oip.build_error_body(message))
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and self._current is None
+
+    def close_if_idle(self) -> None:
+        if self.idle:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
