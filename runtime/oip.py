@@ -174,9 +174,7 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike) -> np.ndarray:
         raise _fail(f"input {name!r}: 'shape' must be a list of non-negative integers")
     expected = spec.shape
     if len(shape) != len(expected):
-        raise _fail(
-            f"input {name!r}: shape {shape} has rank {len(shape)}, the model expects {list(expected)}"
-        )
+        raise _fail(f"input {name!r}: shape {shape} has rank {len(shape)}, the model expects {list(expected)}")
     for got, want in zip(shape, expected, strict=True):
         if want != -1 and got != want:
             raise _fail(f"input {name!r}: shape {shape} does not match the model's {list(expected)}")
@@ -209,7 +207,8 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike) -> np.ndarray:
         low, high = raw.min(), raw.max()
         if low < info.min or high > info.max:
             raise _fail(f"input {name!r}: values outside the {datatype} range")
-    array = raw.astype(target, copy=False).reshape(shape)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+        array = raw.astype(target, copy=False).reshape(shape)
     if datatype in _FLOAT_DATATYPES and not np.isfinite(array).all():
         raise _fail(f"input {name!r}: data contains values that do not fit {datatype}")
     return array

@@ -1,0 +1,209 @@
+"""OIP v2 request validation and response encoding (pure): every bad-input case and the error -> status map."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from shipyard.runtime import oip
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+INPUTS = [Spec("x", "FP32", (-1, 3))]
+OUTPUTS = [Spec("logits", "FP32", (-1, 2)), Spec("label", "INT64", (-1,))]
+TWO_INPUTS = [Spec("ids", "INT64", (-1, -1)), Spec("mask", "BOOL", (-1, -1))]
+
+
+def body(**document: Any) -> bytes:
+    return json.dumps(document).encode()  # json, not orjson: it writes integers past 64 bits too
+
+
+def x_input(**overrides: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}
+    item.update(overrides)
+    return item
+
+
+BAD_REQUESTS = [
+    pytest.param(b"{not json", "malformed JSON", id="malformed-json"),
+    pytest.param(b"", "malformed JSON", id="empty-body"),
+    pytest.param(b"[1, 2]", "JSON object", id="not-an-object"),
+    pytest.param(body(inputs=[]), "non-empty list", id="no-inputs"),
+    pytest.param(body(inputs={"x": 1}), "non-empty list", id="inputs-not-list"),
+    pytest.param(body(), "non-empty list", id="inputs-missing"),
+    pytest.param(body(inputs=[x_input(), x_input()]), "takes 1 input", id="too-many-inputs"),
+    pytest.param(body(inputs=[x_input(name="y")]), "'x' is missing", id="wrong-input-name"),
+    pytest.param(body(inputs=["x"]), "must be an object", id="input-not-object"),
+    pytest.param(body(inputs=[x_input(name=3)]), "string 'name'", id="name-not-string"),
+    pytest.param(body(inputs=[x_input(datatype="FP64")]), "does not match the model's FP32", id="wrong-datatype"),
+    pytest.param(body(inputs=[x_input(datatype="FLOAT")]), "unknown datatype", id="unknown-datatype"),
+    pytest.param(body(inputs=[x_input(datatype=None)]), "'datatype' must be a string", id="datatype-missing"),
+    pytest.param(body(inputs=[x_input(shape=[3])]), "rank 1", id="wrong-rank"),
+    pytest.param(body(inputs=[x_input(shape=[1, 4], data=[1, 2, 3, 4])]), "does not match", id="wrong-dim"),
+    pytest.param(body(inputs=[x_input(shape=[0, 3], data=[])]), "at least 1", id="zero-batch"),
+    pytest.param(body(inputs=[x_input(shape="1,3")]), "list of non-negative", id="shape-not-list"),
+    pytest.param(body(inputs=[x_input(shape=[1, -3])]), "list of non-negative", id="negative-dim"),
+    pytest.param(body(inputs=[x_input(shape=[1.0, 3])]), "list of non-negative", id="float-dim"),
+    pytest.param(body(inputs=[x_input(shape=[True, 3])]), "list of non-negative", id="bool-dim"),
+    pytest.param(body(inputs=[x_input(data=[1.0, 2.0])]), "do not fill shape", id="too-little-data"),
+    pytest.param(body(inputs=[x_input(data=[1.0, 2.0, 3.0, 4.0])]), "do not fill shape", id="too-much-data"),
+    pytest.param(body(inputs=[{"name": "x", "shape": [1, 3], "datatype": "FP32"}]), "'data' is missing", id="no-data"),
+    pytest.param(body(inputs=[x_input(data="1,2,3")]), "'data' must be a list", id="data-not-list"),
+    pytest.param(body(inputs=[x_input(data=["1", "2", "3"])]), "not valid FP32", id="strings-for-floats"),
+    pytest.param(body(inputs=[x_input(data=[True, False, True])]), "not valid FP32", id="bools-for-floats"),
+    pytest.param(body(inputs=[x_input(data=[1.0, None, 3.0])]), "not valid FP32", id="null-in-data"),
+    pytest.param(body(inputs=[x_input(data=[[1.0, 2.0], [3.0]])]), "not a regular array", id="ragged-data"),
+    pytest.param(body(inputs=[x_input(data=[1e39, 1.0, 1.0])]), "do not fit FP32", id="float-overflow"),
+    pytest.param(body(id=7, inputs=[x_input()]), "'id' must be a string", id="id-not-string"),
+    pytest.param(body(parameters=[1], inputs=[x_input()]), "'parameters' must be an object", id="bad-parameters"),
+    pytest.param(
+        body(inputs=[x_input()], outputs={"name": "logits"}), "'outputs' must be a list", id="outputs-not-list"
+    ),
+    pytest.param(body(inputs=[x_input()], outputs=[{"name": "nope"}]), "unknown output", id="unknown-output"),
+    pytest.param(body(inputs=[x_input()], outputs=[{}]), "string 'name'", id="output-without-name"),
+    pytest.param(body(inputs=[x_input()], outputs=[{"name": "label"}, {"name": "label"}]), "twice", id="output-twice"),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), BAD_REQUESTS)
+def test_bad_requests_raise_bad_request_with_a_message(raw: bytes, message: str) -> None:
+    with pytest.raises(oip.BadRequest, match=message) as caught:
+        oip.build_infer_request(raw, INPUTS, OUTPUTS)
+    assert oip.build_error_status(caught.value) == 400
+
+
+INT_CASES = [
+    pytest.param([[1, 2], [3, 4]], [[True, False], [True, True]], None, id="valid-nested"),
+    pytest.param([[1.5, 2], [3, 4]], [[True, False], [True, True]], "not valid INT64", id="float-for-int"),
+    pytest.param([[1, 2], [3, 4]], [[1, 0], [1, 1]], "not valid BOOL", id="int-for-bool"),
+    pytest.param([[2**70, 2], [3, 4]], [[True, False], [True, True]], "INT64", id="int-overflow"),
+]
+
+
+@pytest.mark.parametrize(("ids", "mask", "error"), INT_CASES)
+def test_integer_and_bool_inputs_are_checked_strictly(ids: Any, mask: Any, error: str | None) -> None:
+    raw = body(
+        inputs=[
+            {"name": "mask", "shape": [2, 2], "datatype": "BOOL", "data": mask},
+            {"name": "ids", "shape": [2, 2], "datatype": "INT64", "data": ids},
+        ]
+    )
+    if error is None:
+        request = oip.build_infer_request(raw, TWO_INPUTS, OUTPUTS)
+        assert [a.dtype for a in request.arrays] == [np.int64, np.bool_]  # declared order, not request order
+        assert request.rows == 2 and request.key == ((2,), (2,))
+    else:
+        with pytest.raises(oip.BadRequest, match=error):
+            oip.build_infer_request(raw, TWO_INPUTS, OUTPUTS)
+
+
+def test_narrow_integer_range_is_enforced() -> None:
+    spec = Spec("b", "UINT8", (-1,))
+    with pytest.raises(oip.BadRequest, match="outside the UINT8 range"):
+        oip.build_array({"name": "b", "shape": [2], "datatype": "UINT8", "data": [1, 300]}, spec)
+    with pytest.raises(oip.BadRequest, match="outside the UINT8 range"):
+        oip.build_array({"name": "b", "shape": [2], "datatype": "UINT8", "data": [-1, 3]}, spec)
+    assert oip.build_array({"name": "b", "shape": [2], "datatype": "UINT8", "data": [0, 255]}, spec).tolist() == [
+        0,
+        255,
+    ]
+
+
+def test_inputs_must_share_the_batch_dimension() -> None:
+    raw = body(
+        inputs=[
+            {"name": "ids", "shape": [2, 1], "datatype": "INT64", "data": [1, 2]},
+            {"name": "mask", "shape": [1, 2], "datatype": "BOOL", "data": [True, True]},
+        ]
+    )
+    with pytest.raises(oip.BadRequest, match="share the batch dimension"):
+        oip.build_infer_request(raw, TWO_INPUTS, OUTPUTS)
+
+
+def test_duplicate_input_names_are_rejected() -> None:
+    raw = body(inputs=[x_input(), x_input()])
+    with pytest.raises(oip.BadRequest, match="appears twice"):
+        oip.build_infer_request(raw, [Spec("x", "FP32", (-1, 3)), Spec("z", "FP32", (-1, 3))], OUTPUTS)
+
+
+VALID_DATA = [
+    pytest.param([1, 2, 3, 4, 5, 6], id="flat-ints-as-floats"),
+    pytest.param([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], id="nested"),
+]
+
+
+@pytest.mark.parametrize("data", VALID_DATA)
+def test_valid_request_becomes_float32_array_of_the_declared_shape(data: Any) -> None:
+    raw = body(id="r1", inputs=[x_input(shape=[2, 3], data=data)], outputs=[{"name": "label"}])
+    request = oip.build_infer_request(raw, INPUTS, OUTPUTS)
+    assert request.request_id == "r1"
+    assert request.rows == 2
+    assert request.output_indices == [1]
+    (array,) = request.arrays
+    assert array.dtype == np.float32 and array.shape == (2, 3)
+    assert array.tolist() == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_response_encodes_selected_outputs_flat_with_shape_and_version() -> None:
+    logits = np.array([[0.5, -1.25], [2.0, 3.0]], dtype=np.float32)
+    labels = np.array([1, 0], dtype=np.int64)
+    for indices, names in [(None, ["logits", "label"]), ([1], ["label"])]:
+        document = orjson.loads(oip.build_infer_response("m", "1.2.3", "r9", OUTPUTS, [logits, labels], indices))
+        assert document["model_name"] == "m" and document["model_version"] == "1.2.3" and document["id"] == "r9"
+        assert [o["name"] for o in document["outputs"]] == names
+    full = orjson.loads(oip.build_infer_response("m", "v", None, OUTPUTS, [logits, labels], None))
+    assert "id" not in full
+    assert full["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [2, 2], "data": [0.5, -1.25, 2.0, 3.0]}
+    assert full["outputs"][1] == {"name": "label", "datatype": "INT64", "shape": [2], "data": [1, 0]}
+
+
+def test_response_of_a_non_contiguous_output_keeps_row_major_order() -> None:
+    transposed = np.arange(6, dtype=np.float32).reshape(3, 2).T  # shape (2, 3), not C-contiguous
+    document = orjson.loads(oip.build_infer_response("m", "v", None, OUTPUTS[:1], [transposed], None))
+    assert document["outputs"][0]["data"] == [0, 2, 4, 1, 3, 5]
+
+
+ERROR_STATUSES = [
+    pytest.param(oip.BadRequest("x"), 400, id="bad-request"),
+    pytest.param(oip.RouteNotFound("x"), 404, id="route"),
+    pytest.param(oip.ModelNotFound("x"), 404, id="model"),
+    pytest.param(oip.MethodNotAllowed("x"), 405, id="method"),
+    pytest.param(oip.PayloadTooLarge("x"), 413, id="payload"),
+    pytest.param(oip.HeadersTooLarge("x"), 431, id="headers"),
+    pytest.param(oip.ModelFailure("x"), 500, id="model-failure"),
+    pytest.param(oip.InjectedFault("x"), 500, id="fault"),
+    pytest.param(oip.NotReady("x"), 503, id="not-ready"),
+    pytest.param(oip.Overloaded("x"), 503, id="overloaded"),
+    pytest.param(oip.RequestTimeout("x"), 504, id="timeout"),
+    pytest.param(RuntimeError("x"), 500, id="unexpected"),
+]
+
+
+@pytest.mark.parametrize(("error", "status"), ERROR_STATUSES)
+def test_errors_map_to_http_status_in_one_place(error: BaseException, status: int) -> None:
+    assert oip.build_error_status(error) == status
+
+
+def test_model_metadata_lists_version_and_tensors() -> None:
+    document = oip.build_model_metadata("digits", "1.4.0", INPUTS, OUTPUTS)
+    assert document == {
+        "name": "digits",
+        "versions": ["1.4.0"],
+        "platform": "pytorch",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}],
+        "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 2]},
+            {"name": "label", "datatype": "INT64", "shape": [-1]},
+        ],
+    }
