@@ -75,8 +75,7 @@ class Kube:
         """Replaces the status fields Shipyard writes with one JSON merge patch on the status subresource."""
         res = resource_for(naming.API_VERSION, naming.KIND)
         patched = await self.client.patch(
-            res, name, {"status": dict(status)}, namespace=namespace, subresource="status",
-            patch_type=PatchType.MERGE,
+            res.Status, name, {"status": dict(status)}, namespace=namespace, patch_type=PatchType.MERGE,
         )
         result: dict[str, Any] = patched.to_dict() if hasattr(patched, "to_dict") else dict(patched)
         return result

@@ -1,0 +1,69 @@
+"""`shipyard-operator`: the operator's entry point (parses flags, starts Kopf, the metrics and liveness endpoints).
+
+    shipyard-operator --all-namespaces
+    shipyard-operator --namespace ml --namespace staging --liveness http://0.0.0.0:8080/healthz
+
+Peering: by default the operator runs standalone (one replica). With ``--peering NAME`` several replicas
+coordinate through a Kopf peering object: the one with the highest ``--priority`` acts, the others stand by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import kopf
+import prometheus_client
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shipyard-operator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", default=[],
+                       help="watch this namespace (repeatable; globs like 'ml-*' allowed)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
+                        help="kubeconfig file (default: $KUBECONFIG, else in-cluster)")
+    parser.add_argument("--liveness", default=os.environ.get("SHIPYARD_LIVENESS", "http://0.0.0.0:8081/healthz"),
+                        help="liveness endpoint URL served by Kopf ('' to disable)")
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("SHIPYARD_METRICS_PORT", "9090")),
+                        help="port of the operator's /metrics (0 to disable)")
+    parser.add_argument("--metrics-address", default="0.0.0.0")
+    parser.add_argument("--workers", type=int, default=4, help="parallel reconcile workers")
+    parser.add_argument("--peering", default=None, help="Kopf peering object name (enables active/standby)")
+    parser.add_argument("--priority", type=int, default=0, help="peering priority (distinct per replica)")
+    parser.add_argument("--log-level", default=os.environ.get("SHIPYARD_LOG_LEVEL", "INFO"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kopf.configure(verbose=args.log_level.upper() == "DEBUG")
+    logging.getLogger().setLevel(args.log_level.upper())
+    for noisy in ("httpx", "httpx2", "httpcore", "aiohttp.access", "kopf.objects"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    from shipyard.operator import handlers  # noqa: F401  (registers the handlers)
+
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_address)
+    memo = kopf.Memo(options={"kubeconfig": args.kubeconfig, "workers": args.workers})
+    kopf.run(
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        standalone=args.peering is None,
+        peering_name=args.peering,
+        priority=args.priority,
+        liveness_endpoint=args.liveness or None,
+        memo=memo,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
