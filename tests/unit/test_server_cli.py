@@ -1,0 +1,316 @@
+"""`shipyard-runtime serve`: flags over the operator's environment, route templates, and the real command
+serving a real model directory (artifacts.save_model) end to end in a subprocess."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from shipyard.operator import contract
+from shipyard.runtime import artifacts, models, server
+
+ENV = {
+    contract.ENV_ARTIFACT_PATH: "/artifacts/digits-abc",
+    contract.ENV_MODEL_NAME: "digits",
+    contract.ENV_MODEL_VERSION: "1.4.0",
+    contract.ENV_MAX_BATCH_SIZE: "16",
+    contract.ENV_MAX_DELAY_MS: "2.5",
+    contract.ENV_FAULT_ERROR_RATE: "0.25",
+    contract.ENV_FAULT_EXTRA_LATENCY_MS: "40",
+}
+
+CONFIGS = [
+    pytest.param(
+        [],
+        ENV,
+        {
+            "artifact": "/artifacts/digits-abc",
+            "model_name": "digits",
+            "model_version": "1.4.0",
+            "max_batch_size": 16,
+            "max_delay_ms": 2.5,
+            "fault_error_rate": 0.25,
+            "fault_extra_latency_ms": 40.0,
+            "port": 8080,
+            "host": "0.0.0.0",
+        },
+        id="from-env",
+    ),
+    pytest.param(
+        [
+            "--artifact",
+            "/m/x",
+            "--model-name",
+            "other",
+            "--model-version",
+            "9",
+            "--max-batch-size",
+            "4",
+            "--max-delay-ms",
+            "0",
+            "--fault-error-rate",
+            "0",
+            "--fault-extra-latency-ms",
+            "0",
+            "--port",
+            "9000",
+        ],
+        ENV,
+        {
+            "artifact": "/m/x",
+            "model_name": "other",
+            "model_version": "9",
+            "max_batch_size": 4,
+            "max_delay_ms": 0.0,
+            "fault_error_rate": 0.0,
+            "fault_extra_latency_ms": 0.0,
+            "port": 9000,
+        },
+        id="flags-override-env",
+    ),
+    pytest.param(
+        ["--artifact", "/models/resnet/"],
+        {},
+        {
+            "model_name": "resnet",
+            "model_version": "unknown",
+            "max_batch_size": 32,
+            "max_delay_ms": 5.0,
+            "fault_error_rate": 0.0,
+            "device": "auto",
+            "dtype": "float32",
+            "compile": False,
+        },
+        id="defaults",
+    ),
+    pytest.param(
+        [
+            "--artifact",
+            "/m/x",
+            "--device",
+            "cuda:1",
+            "--dtype",
+            "bf16",
+            "--compile",
+            "--compile-mode",
+            "reduce-overhead",
+            "--threads",
+            "2",
+            "--max-queue",
+            "64",
+            "--max-payload-bytes",
+            "2048",
+            "--request-timeout-s",
+            "3",
+            "--drain-propagation-s",
+            "7",
+            "--grace-period-s",
+            "45",
+        ],
+        {},
+        {
+            "device": "cuda:1",
+            "dtype": "bf16",
+            "compile": True,
+            "compile_mode": "reduce-overhead",
+            "threads": 2,
+            "max_queue": 64,
+            "max_payload_bytes": 2048,
+            "request_timeout_s": 3.0,
+            "drain_propagation_s": 7.0,
+            "grace_period_s": 45.0,
+        },
+        id="serving-flags",
+    ),
+    pytest.param([], {**ENV, contract.ENV_MAX_BATCH_SIZE: " "}, {"max_batch_size": 32}, id="blank-env-is-default"),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "expected"), CONFIGS)
+def test_build_config(argv: list[str], env: dict[str, str], expected: dict[str, Any]) -> None:
+    config = server.build_config(argv, env)
+    assert {key: getattr(config, key) for key in expected} == expected
+
+
+BAD_CONFIGS = [
+    pytest.param([], {}, "no artifact", id="no-artifact"),
+    pytest.param([], {**ENV, contract.ENV_MAX_BATCH_SIZE: "lots"}, "SHIPYARD_MAX_BATCH_SIZE", id="env-not-int"),
+    pytest.param([], {**ENV, contract.ENV_MAX_BATCH_SIZE: "0"}, "max batch size", id="zero-batch"),
+    pytest.param([], {**ENV, contract.ENV_MAX_DELAY_MS: "-1"}, "max delay", id="negative-delay"),
+    pytest.param([], {**ENV, contract.ENV_FAULT_ERROR_RATE: "1.5"}, "within 0..1", id="rate-above-one"),
+    pytest.param([], {**ENV, contract.ENV_FAULT_EXTRA_LATENCY_MS: "-5"}, "extra latency", id="negative-latency"),
+    pytest.param(["--max-queue", "0"], ENV, "--max-queue", id="zero-queue"),
+    pytest.param(["--grace-period-s", "0"], ENV, "--grace-period-s", id="zero-grace"),
+    pytest.param(["--port", "70000"], ENV, "--port", id="bad-port"),
+    pytest.param(["--model-name", "a/b"], ENV, "model name", id="slash-in-name"),
+]
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), BAD_CONFIGS)
+def test_build_config_names_the_bad_setting(argv: list[str], env: dict[str, str], message: str) -> None:
+    with pytest.raises(server.ConfigError, match=message):
+        server.build_config(argv, env)
+
+
+ROUTES = [
+    pytest.param("/v2/health/live", ("/v2/health/live", "live", None, None), id="live"),
+    pytest.param("/v2/health/ready/", ("/v2/health/ready", "ready", None, None), id="ready-trailing-slash"),
+    pytest.param("/metrics", ("/metrics", "metrics", None, None), id="metrics"),
+    pytest.param("/v2", ("/v2", "server_meta", None, None), id="server-meta"),
+    pytest.param("/v2/models/digits", ("/v2/models/{name}", "model_meta", "digits", None), id="model-meta"),
+    pytest.param("/v2/models/digits/ready", ("/v2/models/{name}/ready", "model_ready", "digits", None), id="ready"),
+    pytest.param("/v2/models/digits/infer", ("/v2/models/{name}/infer", "infer", "digits", None), id="infer"),
+    pytest.param("/v2/models/a%20b/infer", ("/v2/models/{name}/infer", "infer", "a b", None), id="escaped-name"),
+    pytest.param(
+        "/v2/models/d/versions/2/infer",
+        ("/v2/models/{name}/versions/{version}/infer", "infer", "d", "2"),
+        id="versioned-infer",
+    ),
+    pytest.param(
+        "/v2/models/d/versions/2", ("/v2/models/{name}/versions/{version}", "model_meta", "d", "2"), id="versioned-meta"
+    ),
+    pytest.param("/v2/models/d/explain", ("unmatched", "unmatched", None, None), id="unknown-action"),
+    pytest.param("/v2/models/", ("unmatched", "unmatched", None, None), id="no-name"),
+    pytest.param("/", ("unmatched", "unmatched", None, None), id="root"),
+]
+
+
+@pytest.mark.parametrize(("path", "expected"), ROUTES)
+def test_plan_route(path: str, expected: tuple[str, str, str | None, str | None]) -> None:
+    route = server.plan_route(path)
+    assert (route.template, route.kind, route.model, route.version) == expected
+
+
+def test_main_rejects_bad_settings_with_exit_code_2(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
+    monkeypatch.delenv(contract.ENV_ARTIFACT_PATH, raising=False)
+    assert server.main([]) == 2
+    assert "no artifact" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    module = models.build_digits_mlp()
+    path = tmp_path_factory.mktemp("models") / "digits"
+    artifacts.save_model(
+        module,
+        path,
+        name="digits",
+        factory="shipyard.runtime.models:build_digits_mlp",
+        inputs=[{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
+        outputs=[{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+    )
+    return path
+
+
+def test_serve_command_serves_a_model_directory_and_drains_on_sigterm(digits_dir: Path) -> None:
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        **{contract.ENV_MODEL_VERSION: "1.4.0", contract.ENV_ARTIFACT_PATH: str(digits_dir)},
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "shipyard.runtime.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--drain-propagation-s",
+        "0.2",
+        "--threads",
+        "1",
+    ]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    port: list[int] = []
+    listening = threading.Event()
+
+    def pump() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line.rstrip())
+            match = re.search(r"Listened on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                port.append(int(match.group(1)))
+                listening.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert listening.wait(60), "\n".join(lines)
+
+        def call(method: str, path: str, body: bytes | None = None) -> tuple[int, Any]:
+            conn = http.client.HTTPConnection("127.0.0.1", port[0], timeout=20)
+            try:
+                conn.request(method, path, body=body)
+                response = conn.getresponse()
+                return response.status, json.loads(response.read())
+            finally:
+                conn.close()
+
+        deadline = time.monotonic() + 60
+        while call("GET", "/v2/health/ready")[0] != 200:
+            assert time.monotonic() < deadline and process.poll() is None, "\n".join(lines)
+            time.sleep(0.05)
+        status, metadata = call("GET", "/v2/models/digits")
+        assert status == 200 and metadata["versions"] == ["1.4.0"]
+        assert metadata["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+        pixels = [[(i * j) % 17 / 16 for j in range(64)] for i in range(3)]
+        body = json.dumps(
+            {"inputs": [{"name": "pixels", "shape": [3, 64], "datatype": "FP32", "data": pixels}]}
+        ).encode()
+        status, document = call("POST", "/v2/models/digits/infer", body)
+        assert status == 200, document
+        loaded = artifacts.load_model(digits_dir)
+        with torch.inference_mode():
+            expected = loaded.module(torch.tensor(pixels))
+        torch.testing.assert_close(torch.tensor(document["outputs"][0]["data"]).reshape(3, 10), expected)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        pytest.param(False, "does not exist", id="missing-directory"),
+        pytest.param(True, "shipyard-model.json", id="no-manifest"),
+    ],
+)
+def test_serve_command_exits_1_when_the_model_directory_is_broken(tmp_path: Path, make: bool, message: str) -> None:
+    directory = tmp_path / "broken"
+    if make:
+        directory.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [
+        sys.executable,
+        "-m",
+        "shipyard.runtime.cli",
+        "serve",
+        "--artifact",
+        str(directory),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Failed to load model broken" in result.stderr and message in result.stderr
