@@ -1,0 +1,770 @@
+"""Unit tests of operator/spec.py: parsing, defaults (checked against the CRD's), every error path, the examples.
+
+No I/O besides reading the CRD and the examples from the repository.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shipyard.operator import spec
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_PATH = REPO / "crds" / "modeldeployments.shipyard.dev.yaml"
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+DELETE = object()
+
+
+def crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    (version,) = crd["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def minimal() -> dict[str, Any]:
+    return {
+        "apiVersion": "shipyard.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "digits", "namespace": "ml", "generation": 3, "uid": "u-1"},
+        "spec": {"image": "registry.example/shipyard/digits-model:1.0.0", "model": {"path": "/models/digits"}},
+    }
+
+
+def full() -> dict[str, Any]:
+    """Every section present, with non-default values where a default exists."""
+    body = minimal()
+    body["spec"].update({
+        "model": {"uri": "pvc://models/digits/1.0.0", "name": "digits-v"},
+        "compression": {
+            "steps": [
+                {"prune": {"amount": 0.5, "scope": "structured", "norm": 1, "fineTuneEpochs": 3}},
+                {"distill": {"student": "models.small:build", "temperature": 2.0, "alpha": 0.7, "epochs": 5,
+                             "lr": 0.01, "batchSize": 32}},
+                {"quantize": {"scheme": "int4-weight-only"}},
+            ],
+            "evaluation": {"dataset": "my_pkg.data:load", "maxRelativeAccuracyLoss": 0.05, "samples": 200},
+            "artifacts": {"pvc": "artifacts"},
+            "resources": {"requests": {"cpu": 2, "nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": 1}},
+            "backoffLimit": 3,
+            "activeDeadlineSeconds": 600,
+        },
+        "serving": {
+            "replicas": 4,
+            "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"nvidia.com/gpu": 2}},
+            "batching": {"maxBatchSize": 64, "maxDelayMs": 2},
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                            {"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute",
+                             "tolerationSeconds": 30}],
+            "port": 80,
+        },
+        "rollout": {
+            "steps": [{"weight": 10, "pause": "1m30s"}, {"weight": 50, "manual": True}, {"weight": 100}],
+            "startupTimeoutSeconds": 120,
+            "maxSurgeGPUs": 0,
+            "analysis": {
+                "interval": "15s",
+                "initialDelay": "10s",
+                "failureLimit": 2,
+                "consecutiveErrorLimit": 3,
+                "minSamples": 2,
+                "noData": "Fail",
+                "prometheus": {"address": "http://prometheus.monitoring:9090"},
+                "metrics": [
+                    {"name": "error-rate", "builtin": "errorRate", "max": 0.01, "maxRelativeToStable": 0.5},
+                    {"name": "p99", "prometheus": {"query": 'q{version="{{version}}"}',
+                                                   "address": "https://prom.example"}, "max": 0.25,
+                     "maxRelativeToStable": 0.2},
+                    {"name": "inflight", "scrape": {"metric": "shipyard_inflight_requests", "labels": {"model": "d"},
+                                                    "aggregation": "max", "rate": True}, "min": 0, "max": 100},
+                ],
+            },
+        },
+        "rollback": {"policy": "Manual"},
+        "revisionHistoryLimit": 3,
+        "retry": 2,
+    })
+    return body
+
+
+BASES: dict[str, Callable[[], dict[str, Any]]] = {"min": minimal, "full": full}
+_TOKEN = re.compile(r'\.?([A-Za-z0-9_]+)|\[(\d+)\]|\["([^"]+)"\]')
+
+
+def mutate(body: dict[str, Any], path: str, value: object) -> dict[str, Any]:
+    """Sets (or, with DELETE, removes) the value at a path like spec.rollout.steps[0].weight or x["a.b/c"]."""
+    keys: list[str | int] = [int(i) if i else (k or q) for k, i, q in _TOKEN.findall(path)]
+    node: Any = body
+    for key in keys[:-1]:
+        if isinstance(key, str) and key not in node:
+            node[key] = {}
+        node = node[key]
+    if value is DELETE:
+        del node[keys[-1]]
+    elif isinstance(node, list) and keys[-1] == len(node):
+        node.append(value)
+    else:
+        node[keys[-1]] = value
+    return body
+
+
+def apply_crd_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Applies the schema's defaults the way the API server does (recursively, also inside defaulted objects)."""
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                apply_crd_defaults(sub, value[key])
+    elif isinstance(value, list) and "items" in schema:
+        for item in value:
+            apply_crd_defaults(schema["items"], item)
+    return value
+
+
+def parse(body: dict[str, Any]) -> spec.ModelDeployment:
+    return spec.parse_model_deployment(body)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images and versions
+
+VALID_IMAGES = [
+    pytest.param("digits:1.0.0", "digits", "1.0.0", None, "1.0.0", id="bare-repository"),
+    pytest.param("registry.example/acme/digits-model:1.4.0", "registry.example/acme/digits-model", "1.4.0", None,
+                 "1.4.0", id="registry-and-path"),
+    pytest.param("host:5000/img:2", "host:5000/img", "2", None, "2", id="registry-port-and-tag"),
+    pytest.param("localhost:5000/a/b_c__d-e:v1_rc.2-x", "localhost:5000/a/b_c__d-e", "v1_rc.2-x", None, "v1_rc.2-x",
+                 id="separators-and-tag-chars"),
+    pytest.param(f"registry.example/acme/digits@{DIGEST}", "registry.example/acme/digits", None, DIGEST,
+                 "sha256-0123456789ab", id="digest-only"),
+    pytest.param(f"host:5000/img@{DIGEST}", "host:5000/img", None, DIGEST, "sha256-0123456789ab",
+                 id="registry-port-and-digest"),
+    pytest.param(f"img:1.2@{DIGEST}", "img", "1.2", DIGEST, "1.2", id="tag-and-digest-tag-wins"),
+    pytest.param("img:" + "a" * 128, "img", "a" * 128, None, "a" * 128, id="tag-128-characters"),
+]
+
+
+@pytest.mark.parametrize(("image", "repository", "tag", "digest", "version"), VALID_IMAGES)
+def test_parse_image_splits_reference(image: str, repository: str, tag: str | None, digest: str | None,
+                                      version: str) -> None:
+    ref = spec.parse_image(image)
+    assert (ref.reference, ref.repository, ref.tag, ref.digest, ref.version) == (image, repository, tag, digest,
+                                                                                 version)
+    assert spec.image_version(image) == version
+
+
+INVALID_IMAGES = [
+    pytest.param("registry.example/acme/digits", "must carry a tag", id="no-tag"),
+    pytest.param("host:5000/img", "must carry a tag", id="registry-port-is-not-a-tag"),
+    pytest.param("img:", "not a valid image reference", id="empty-tag"),
+    pytest.param("registry.example/Acme/digits:1", "not a valid image reference", id="upper-case-repository"),
+    pytest.param("img:1.0 ", "not a valid image reference", id="trailing-space"),
+    pytest.param("img:-1", "not a valid image reference", id="tag-starting-with-dash"),
+    pytest.param("img:" + "a" * 129, "not a valid image reference", id="tag-129-characters"),
+    pytest.param("img@sha256:abc", "not a valid image reference", id="short-digest"),
+    pytest.param("img@md5:" + "a" * 32, "not a valid image reference", id="other-digest-algorithm"),
+    pytest.param("r.example/" + "a" * 510 + ":1", "not a valid image reference", id="longer-than-512"),
+    pytest.param("", "must be a non-empty image reference", id="empty"),
+    pytest.param(42, "must be a non-empty image reference", id="not-a-string"),
+]
+
+
+@pytest.mark.parametrize(("image", "problem"), INVALID_IMAGES)
+def test_parse_image_rejects(image: object, problem: str) -> None:
+    with pytest.raises(spec.SpecError) as err:
+        spec.parse_image(image)
+    assert err.value.field == "spec.image"
+    assert problem in err.value.problem
+
+
+def test_port_only_reference_is_a_repository_with_a_tag() -> None:
+    # As in Docker: without a "/", "localhost:5000" is the repository "localhost" with the tag "5000".
+    assert spec.parse_image("localhost:5000").tag == "5000"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Durations
+
+VALID_DURATIONS = [
+    pytest.param("0s", 0.0, id="zero"),
+    pytest.param("30s", 30.0, id="seconds"),
+    pytest.param("5m", 300.0, id="minutes"),
+    pytest.param("1h", 3600.0, id="hours"),
+    pytest.param("250ms", 0.25, id="milliseconds"),
+    pytest.param("1h30m", 5400.0, id="compound"),
+    pytest.param("1.5h", 5400.0, id="fraction"),
+    pytest.param("1m1m", 120.0, id="repeated-unit-adds"),
+]
+
+
+@pytest.mark.parametrize(("text", "seconds"), VALID_DURATIONS)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert spec.parse_duration(text) == pytest.approx(seconds)
+
+
+INVALID_DURATIONS = [
+    pytest.param("5 minutes", "is not a duration", id="words"),
+    pytest.param("30", "is not a duration", id="no-unit"),
+    pytest.param("1d", "is not a duration", id="days-unsupported"),
+    pytest.param("-5s", "is not a duration", id="negative"),
+    pytest.param("", "is not a duration", id="empty"),
+    pytest.param(".5s", "is not a duration", id="leading-dot"),
+    pytest.param(30, "must be a duration string", id="integer"),
+    pytest.param(None, "must be a duration string", id="none"),
+    pytest.param("9" * 400 + "h", "is too long", id="overflow"),
+]
+
+
+@pytest.mark.parametrize(("text", "problem"), INVALID_DURATIONS)
+def test_parse_duration_rejects(text: object, problem: str) -> None:
+    with pytest.raises(spec.SpecError) as err:
+        spec.parse_duration(text, "spec.x")
+    assert err.value.field == "spec.x"
+    assert problem in err.value.problem
+
+
+@given(st.integers(0, 99), st.integers(0, 99), st.integers(0, 99), st.integers(0, 999))
+def test_parse_duration_sums_parts(h: int, m: int, s: int, ms: int) -> None:
+    assert spec.parse_duration(f"{h}h{m}m{s}s{ms}ms") == pytest.approx(h * 3600 + m * 60 + s + ms / 1000)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Defaults: the parser's are the CRD's
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(minimal, id="minimal"),
+    pytest.param(full, id="full"),
+    pytest.param(lambda: mutate(mutate(minimal(), "spec.rollout.analysis.metrics",
+                                       [{"name": "e", "builtin": "errorRate", "max": 0.1},
+                                        {"name": "s", "scrape": {"metric": "m"}, "max": 1}]),
+                                "spec.compression", {"steps": [{"prune": {"amount": 0.5}},
+                                                               {"prune": {"amount": 0.5, "scope": "structured"}},
+                                                               {"distill": {"student": "a:b"}},
+                                                               {"quantize": {"scheme": "fp8"}}],
+                                                     "evaluation": {"dataset": "builtin:digits"},
+                                                     "artifacts": {"pvc": "a"}}),
+                 id="every-defaulted-field-absent"),
+    *[pytest.param(lambda p=p: yaml.safe_load(p.read_text()), id=f"example-{p.stem}") for p in EXAMPLES],
+])
+def test_parser_defaults_equal_crd_defaults(make: Callable[[], dict[str, Any]]) -> None:
+    body = make()
+    defaulted = apply_crd_defaults(crd_schema(), copy.deepcopy(body))
+    assert defaulted != body  # the case leaves some defaulted field out
+    assert parse(body) == parse(defaulted)
+
+
+def test_minimal_spec_gets_documented_defaults() -> None:
+    s = parse(minimal()).spec
+    assert s.compression is None
+    assert s.serving == spec.Serving(replicas=1, resources=spec.Resources(), batching=spec.Batching(32, 5),
+                                     node_selector={}, tolerations=(), port=8080)
+    assert s.rollout == spec.Rollout(steps=(), startup_timeout_seconds=900, max_surge_gpus=None, analysis=None)
+    assert s.rollout.effective_steps == (spec.RolloutStep(weight=100, pause_seconds=None, manual=False),)
+    assert (s.rollback.policy, s.revision_history_limit, s.retry) == ("Automatic", 10, 0)
+
+
+def test_analysis_defaults() -> None:
+    body = mutate(minimal(), "spec.rollout.analysis.metrics", [{"name": "e", "builtin": "errorRate", "max": 0.1}])
+    analysis = parse(body).spec.rollout.analysis
+    assert analysis is not None
+    assert (analysis.interval_seconds, analysis.initial_delay_seconds, analysis.failure_limit,
+            analysis.consecutive_error_limit, analysis.min_samples, analysis.no_data,
+            analysis.prometheus_address) == (30.0, 0.0, 1, 4, 1, "Inconclusive", None)
+    assert analysis.detection_bound_seconds == 60.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The full spec parses into the expected objects
+
+
+def test_full_spec_parses() -> None:
+    md = parse(full())
+    assert (md.name, md.namespace, md.generation, md.uid) == ("digits", "ml", 3, "u-1")
+    assert md.served_model_name == "digits-v"
+    s = md.spec
+    assert s.version == "1.0.0"
+    assert s.model == spec.ModelSource(path=None, uri="pvc://models/digits/1.0.0", name="digits-v")
+    assert s.model.uri_scheme == "pvc"
+    assert s.compression == spec.Compression(
+        steps=(spec.Prune(amount=0.5, scope="structured", norm=1, fine_tune_epochs=3),
+               spec.Distill(student="models.small:build", temperature=2.0, alpha=0.7, epochs=5, lr=0.01,
+                            batch_size=32),
+               spec.Quantize(scheme="int4-weight-only")),
+        evaluation=spec.Evaluation(dataset="my_pkg.data:load", max_relative_accuracy_loss=0.05, samples=200),
+        artifacts_pvc="artifacts",
+        resources=spec.Resources(requests={"cpu": "2", "nvidia.com/gpu": "1"}, limits={"nvidia.com/gpu": "1"}),
+        backoff_limit=3,
+        active_deadline_seconds=600,
+    )
+    assert s.compression.needs_cuda
+    assert [step.kind for step in s.compression.steps] == ["prune", "distill", "quantize"]
+    assert s.serving.resources.gpus == 2
+    assert s.serving.resources.as_k8s() == {"requests": {"cpu": "500m", "memory": "1Gi"},
+                                            "limits": {"nvidia.com/gpu": "2"}}
+    assert [t.as_k8s() for t in s.serving.tolerations] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute", "tolerationSeconds": 30}]
+    assert (s.serving.replicas, s.serving.batching, dict(s.serving.node_selector), s.serving.port) == (
+        4, spec.Batching(64, 2), {"pool": "gpu"}, 80)
+    assert s.rollout.steps == (spec.RolloutStep(10, 90.0, False), spec.RolloutStep(50, None, True),
+                               spec.RolloutStep(100, None, False))
+    assert s.rollout.effective_steps == s.rollout.steps
+    assert (s.rollout.startup_timeout_seconds, s.rollout.max_surge_gpus) == (120, 0)
+    a = s.rollout.analysis
+    assert a is not None
+    assert (a.interval_seconds, a.initial_delay_seconds, a.failure_limit, a.consecutive_error_limit, a.min_samples,
+            a.no_data, a.prometheus_address) == (15.0, 10.0, 2, 3, 2, "Fail", "http://prometheus.monitoring:9090")
+    assert a.detection_bound_seconds == 10.0 + 3 * 15.0
+    error_rate, p99, inflight = a.metrics
+    assert error_rate == spec.Metric("error-rate", spec.BuiltinProvider("errorRate"), max=0.01,
+                                     max_relative_to_stable=0.5)
+    assert p99.provider == spec.PrometheusProvider(query='q{version="{{version}}"}', address="https://prom.example")
+    assert inflight == spec.Metric("inflight", spec.ScrapeProvider("shipyard_inflight_requests", {"model": "d"},
+                                                                   "max", True), max=100.0, min=0.0)
+    assert [m.provider.kind for m in a.metrics] == ["builtin", "prometheus", "scrape"]
+    assert [m.compares_with_stable for m in a.metrics] == [True, True, False]
+    assert [a.address_for(m) for m in a.metrics] == ["http://prometheus.monitoring:9090", "https://prom.example",
+                                                     "http://prometheus.monitoring:9090"]
+    assert (s.rollback.policy, s.revision_history_limit, s.retry) == ("Manual", 3, 2)
+
+
+BEHAVIOURS = [
+    pytest.param("spec.compression", {"steps": [{"prune": {"amount": 0.3, "scope": "structured"}}],
+                                      "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "a"}},
+                 lambda md: md.spec.compression.steps[0].norm, 2, id="structured-prune-norm-defaults-to-2"),
+    pytest.param("spec.compression", {"steps": [{"prune": {"amount": 0.3}}],
+                                      "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "a"}},
+                 lambda md: md.spec.compression.steps[0].norm, None, id="global-prune-has-no-norm"),
+    pytest.param("spec.compression", {"steps": [{"quantize": {"scheme": "int8-dynamic"}}],
+                                      "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "a"}},
+                 lambda md: md.spec.compression.needs_cuda, False, id="int8-needs-no-cuda"),
+    pytest.param("spec.image", f"r.example/img@{DIGEST}", lambda md: md.spec.version, "sha256-0123456789ab",
+                 id="digest-version"),
+    pytest.param("spec.model", {"uri": "s3://bucket/key"}, lambda md: md.spec.model.uri_scheme, "s3",
+                 id="uri-scheme"),
+    pytest.param("spec.model", {"path": "/m"}, lambda md: (md.spec.model.uri_scheme, md.served_model_name),
+                 (None, "digits"), id="path-source-served-under-object-name"),
+    pytest.param("spec.rollout.analysis", {"metrics": [{"name": "p", "prometheus": {"query": "up"}, "max": 1}]},
+                 lambda md: md.spec.rollout.analysis.address_for(md.spec.rollout.analysis.metrics[0]), None,
+                 id="no-prometheus-address-anywhere"),
+    pytest.param("spec.serving.resources.limits", {"nvidia.com/gpu": "4"}, lambda md: md.spec.serving.resources.gpus,
+                 4, id="gpu-as-string"),
+    pytest.param("spec.serving.resources", {"limits": {"memory": 1024}},
+                 lambda md: (dict(md.spec.serving.resources.limits), md.spec.serving.resources.gpus),
+                 ({"memory": "1024"}, 0), id="integer-quantity-as-string-no-gpu"),
+    pytest.param("spec.serving.tolerations", [{"operator": "Exists"}],
+                 lambda md: [t.as_k8s() for t in md.spec.serving.tolerations], [{"operator": "Exists"}],
+                 id="toleration-of-everything"),
+    pytest.param("metadata.annotations", {spec.ANNOTATION_PROMOTE: "1.0.0", spec.ANNOTATION_ABORT: " 1.0.0 ",
+                                          spec.ANNOTATION_RETRY: "", spec.ANNOTATION_ROLLBACK_TO: 7,
+                                          "other": "x"},
+                 lambda md: md.controls, spec.ManualControls(promote="1.0.0", abort="1.0.0"),
+                 id="controls-stripped-blank-and-non-string-absent"),
+    pytest.param("metadata.annotations", {spec.ANNOTATION_RETRY: "2", spec.ANNOTATION_ROLLBACK_TO: "0.9.0"},
+                 lambda md: (md.controls.retry, md.controls.rollback_to), ("2", "0.9.0"), id="controls-retry"),
+    pytest.param("metadata", {"name": "x"}, lambda md: (md.namespace, md.generation, md.uid, md.controls),
+                 (None, 0, None, spec.ManualControls()), id="bare-metadata"),
+    pytest.param("spec.rollout.steps", [{"weight": 20, "pause": "0s"}],
+                 lambda md: md.spec.rollout.steps[0].pause_seconds, 0.0, id="zero-pause-is-not-absent"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "get", "expected"), BEHAVIOURS)
+def test_parsed_values(path: str, value: object, get: Callable[[spec.ModelDeployment], object],
+                       expected: object) -> None:
+    assert get(parse(mutate(minimal(), path, value))) == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every error names its field
+
+ERRORS = [
+    # metadata and top level
+    ("min", "metadata.name", DELETE, "metadata.name", "must be set", "no-name"),
+    ("min", "metadata.generation", -1, "metadata.generation", "at least 0", "negative-generation"),
+    ("min", "metadata.annotations", ["a"], "metadata.annotations", "must be an object", "annotations-not-object"),
+    ("min", "spec", DELETE, "spec", "must be set", "no-spec"),
+    ("min", "spec", "x", "spec", "must be an object", "spec-not-object"),
+    ("min", "spec.revisionHistoryLimit", 101, "spec.revisionHistoryLimit", "at most 100", "history-over-100"),
+    ("min", "spec.revisionHistoryLimit", -1, "spec.revisionHistoryLimit", "at least 0", "history-negative"),
+    ("min", "spec.retry", -1, "spec.retry", "at least 0", "retry-negative"),
+    ("min", "spec.retry", True, "spec.retry", "must be an integer", "retry-bool"),
+    ("min", "spec.rollback.policy", "Sometimes", "spec.rollback.policy", "unsupported value", "rollback-policy"),
+    ("min", "spec.rollback", "Automatic", "spec.rollback", "must be an object", "rollback-not-object"),
+    # image
+    ("min", "spec.image", DELETE, "spec.image", "must be set", "no-image"),
+    ("min", "spec.image", "registry.example/digits", "spec.image", "must carry a tag", "image-no-tag"),
+    ("min", "spec.image", "registry.example:5000/digits", "spec.image", "must carry a tag", "image-port-no-tag"),
+    ("min", "spec.image", "Digits:1", "spec.image", "not a valid image reference", "image-invalid"),
+    ("min", "spec.image", 1, "spec.image", "must be a string", "image-not-string"),
+    # model
+    ("min", "spec.model", DELETE, "spec.model", "must be set", "no-model"),
+    ("min", "spec.model", {}, "spec.model", "must set path or uri", "model-empty"),
+    ("min", "spec.model.uri", "pvc://m/x", "spec.model", "only one of path and uri", "model-path-and-uri"),
+    ("min", "spec.model.path", "models/digits", "spec.model.path", "absolute path", "model-relative-path"),
+    ("min", "spec.model.path", "/", "spec.model.path", "absolute path", "model-root-path"),
+    ("min", "spec.model.path", "/" + "a" * 1024, "spec.model.path", "at most 1024", "model-path-too-long"),
+    ("min", "spec.model", {"uri": "ftp://host/m"}, "spec.model.uri", "is not a pvc://", "model-uri-scheme"),
+    ("min", "spec.model", {"uri": "pvc://Claim/m"}, "spec.model.uri", "is not a pvc://", "model-uri-bad-claim"),
+    ("min", "spec.model.name", "-x", "spec.model.name", "is not a model name", "model-name"),
+    # compression
+    ("full", "spec.compression", [], "spec.compression", "must be an object", "compression-not-object"),
+    ("full", "spec.compression.steps", [], "spec.compression.steps", "at least one step", "steps-empty"),
+    ("full", "spec.compression.steps", DELETE, "spec.compression.steps", "at least one step", "steps-absent"),
+    ("full", "spec.compression.steps", [{"quantize": {"scheme": "fp8"}}] * 9, "spec.compression.steps",
+     "at most 8 items", "steps-too-many"),
+    ("full", "spec.compression.steps", {"prune": {}}, "spec.compression.steps", "must be a list", "steps-not-list"),
+    ("full", "spec.compression.steps[0]", "prune", "spec.compression.steps[0]", "must be an object",
+     "step-not-object"),
+    ("full", "spec.compression.steps[3]", {}, "spec.compression.steps[3]", "must set one of prune", "step-empty"),
+    ("full", "spec.compression.steps[2].prune", {"amount": 0.5}, "spec.compression.steps[2]",
+     "only one of prune, quantize, distill, got prune, quantize", "step-two-kinds"),
+    ("full", "spec.compression.steps[0].prune", 0.5, "spec.compression.steps[0].prune", "must be an object",
+     "prune-not-object"),
+    ("full", "spec.compression.steps[0].prune.amount", 1.0, "spec.compression.steps[0].prune.amount",
+     "less than 1", "prune-amount-1"),
+    ("full", "spec.compression.steps[0].prune.amount", 0, "spec.compression.steps[0].prune.amount",
+     "greater than 0", "prune-amount-0"),
+    ("full", "spec.compression.steps[0].prune.amount", DELETE, "spec.compression.steps[0].prune.amount",
+     "must be set", "prune-amount-absent"),
+    ("full", "spec.compression.steps[0].prune.amount", "90%", "spec.compression.steps[0].prune.amount",
+     "must be a finite number", "prune-amount-string"),
+    ("full", "spec.compression.steps[0].prune.amount", math.nan, "spec.compression.steps[0].prune.amount",
+     "must be a finite number", "prune-amount-nan"),
+    ("full", "spec.compression.steps[0].prune.scope", "local", "spec.compression.steps[0].prune.scope",
+     "unsupported value 'local'", "prune-scope"),
+    ("full", "spec.compression.steps[0].prune.scope", "global", "spec.compression.steps[0].prune.norm",
+     "only allowed with scope structured", "prune-norm-global"),
+    ("full", "spec.compression.steps[0].prune.norm", 3, "spec.compression.steps[0].prune.norm", "must be 1 or 2",
+     "prune-norm-3"),
+    ("full", "spec.compression.steps[0].prune.fineTuneEpochs", -1, "spec.compression.steps[0].prune.fineTuneEpochs",
+     "at least 0", "prune-epochs"),
+    ("full", "spec.compression.steps[2].quantize.scheme", "int3", "spec.compression.steps[2].quantize.scheme",
+     "unsupported value 'int3'", "quantize-scheme"),
+    ("full", "spec.compression.steps[2].quantize", {}, "spec.compression.steps[2].quantize.scheme",
+     "must be set to one of int8-dynamic", "quantize-scheme-absent"),
+    ("full", "spec.compression.steps[1].distill.student", "models.small", "spec.compression.steps[1].distill.student",
+     "module:function", "distill-student"),
+    ("full", "spec.compression.steps[1].distill.student", DELETE, "spec.compression.steps[1].distill.student",
+     "must be set", "distill-student-absent"),
+    ("full", "spec.compression.steps[1].distill.temperature", 0, "spec.compression.steps[1].distill.temperature",
+     "greater than 0", "distill-temperature"),
+    ("full", "spec.compression.steps[1].distill.alpha", 1.5, "spec.compression.steps[1].distill.alpha", "at most 1",
+     "distill-alpha"),
+    ("full", "spec.compression.steps[1].distill.epochs", 0, "spec.compression.steps[1].distill.epochs", "at least 1",
+     "distill-epochs"),
+    ("full", "spec.compression.steps[1].distill.epochs", 2.0, "spec.compression.steps[1].distill.epochs",
+     "must be an integer", "distill-epochs-float"),
+    ("full", "spec.compression.steps[1].distill.lr", 0, "spec.compression.steps[1].distill.lr", "greater than 0",
+     "distill-lr"),
+    ("full", "spec.compression.steps[1].distill.batchSize", 0, "spec.compression.steps[1].distill.batchSize",
+     "at least 1", "distill-batch-size"),
+    ("full", "spec.compression.evaluation", DELETE, "spec.compression.evaluation", "must be set", "no-evaluation"),
+    ("full", "spec.compression.evaluation.dataset", "digits", "spec.compression.evaluation.dataset",
+     "builtin:<name> or module:function", "evaluation-dataset"),
+    ("full", "spec.compression.evaluation.maxRelativeAccuracyLoss", 1.5,
+     "spec.compression.evaluation.maxRelativeAccuracyLoss", "at most 1", "evaluation-loss-over-1"),
+    ("full", "spec.compression.evaluation.maxRelativeAccuracyLoss", -0.1,
+     "spec.compression.evaluation.maxRelativeAccuracyLoss", "at least 0", "evaluation-loss-negative"),
+    ("full", "spec.compression.evaluation.samples", 0, "spec.compression.evaluation.samples", "at least 1",
+     "evaluation-samples"),
+    ("full", "spec.compression.artifacts", DELETE, "spec.compression.artifacts", "must be set", "no-artifacts"),
+    ("full", "spec.compression.artifacts", {}, "spec.compression.artifacts.pvc", "must be set", "no-artifacts-pvc"),
+    ("full", "spec.compression.artifacts.pvc", "My_PVC", "spec.compression.artifacts.pvc",
+     "PersistentVolumeClaim name", "artifacts-pvc-name"),
+    ("full", "spec.compression.backoffLimit", 11, "spec.compression.backoffLimit", "at most 10", "backoff-limit"),
+    ("full", "spec.compression.activeDeadlineSeconds", 59, "spec.compression.activeDeadlineSeconds", "at least 60",
+     "active-deadline"),
+    ("full", 'spec.compression.resources.limits["nvidia.com/gpu"]', "500m",
+     "spec.compression.resources.limits.nvidia.com/gpu", "whole number of GPUs", "compression-gpu-millis"),
+    # serving resources
+    ("full", "spec.serving.resources", ["cpu"], "spec.serving.resources", "must be an object",
+     "resources-not-object"),
+    ("full", "spec.serving.resources.limits", "2", "spec.serving.resources.limits", "must be an object",
+     "limits-not-object"),
+    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', "1.5", "spec.serving.resources.limits.nvidia.com/gpu",
+     "whole number of GPUs, got '1.5'", "gpu-fraction"),
+    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', 1.0, "spec.serving.resources.limits.nvidia.com/gpu",
+     "must be a quantity", "gpu-float"),
+    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', True, "spec.serving.resources.limits.nvidia.com/gpu",
+     "must be a quantity", "gpu-bool"),
+    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', "1e3", "spec.serving.resources.limits.nvidia.com/gpu",
+     "whole number of GPUs", "gpu-exponent"),
+    ("full", "spec.serving.resources.requests.memory", "lots", "spec.serving.resources.requests.memory",
+     "not a quantity", "memory-not-quantity"),
+    ("full", 'spec.serving.resources.requests["nvidia.com/gpu"]', 1, "spec.serving.resources.requests.nvidia.com/gpu",
+     "must equal limits (2)", "gpu-requests-differ"),
+    ("full", "spec.serving.resources", {"requests": {"nvidia.com/gpu": 1}},
+     "spec.serving.resources.limits.nvidia.com/gpu", "must be set when requests sets it", "gpu-only-requested"),
+    # serving
+    ("full", "spec.serving", 3, "spec.serving", "must be an object", "serving-not-object"),
+    ("full", "spec.serving.replicas", -1, "spec.serving.replicas", "at least 0", "replicas-negative"),
+    ("full", "spec.serving.replicas", "3", "spec.serving.replicas", "must be an integer", "replicas-string"),
+    ("full", "spec.serving.replicas", 1001, "spec.serving.replicas", "at most 1000", "replicas-over-1000"),
+    ("full", "spec.serving.batching.maxBatchSize", 0, "spec.serving.batching.maxBatchSize", "at least 1",
+     "max-batch-size"),
+    ("full", "spec.serving.batching.maxDelayMs", 10001, "spec.serving.batching.maxDelayMs", "at most 10000",
+     "max-delay"),
+    ("full", "spec.serving.nodeSelector.pool", 1, "spec.serving.nodeSelector.pool", "must be a string",
+     "node-selector-value"),
+    ("full", "spec.serving.port", 0, "spec.serving.port", "at least 1", "port-0"),
+    ("full", "spec.serving.port", 65536, "spec.serving.port", "at most 65535", "port-too-high"),
+    ("full", "spec.serving.tolerations", {"key": "k"}, "spec.serving.tolerations", "must be a list",
+     "tolerations-not-list"),
+    ("full", "spec.serving.tolerations[0].operator", "In", "spec.serving.tolerations[0].operator",
+     "unsupported value 'In'", "toleration-operator"),
+    ("full", "spec.serving.tolerations[0].value", "v", "spec.serving.tolerations[0].value",
+     "must not be set with operator Exists", "toleration-exists-value"),
+    ("full", "spec.serving.tolerations[0].effect", "Evict", "spec.serving.tolerations[0].effect",
+     "unsupported value 'Evict'", "toleration-effect"),
+    ("full", "spec.serving.tolerations[1].tolerationSeconds", "30", "spec.serving.tolerations[1].tolerationSeconds",
+     "must be an integer", "toleration-seconds"),
+    ("full", "spec.serving.tolerations[1].key", 5, "spec.serving.tolerations[1].key", "must be a string",
+     "toleration-key"),
+    # rollout
+    ("full", "spec.rollout.steps", [{"weight": 50}, {"weight": 25}], "spec.rollout.steps",
+     "strictly increasing, got [50, 25]", "weights-decreasing"),
+    ("full", "spec.rollout.steps", [{"weight": 25}, {"weight": 25}], "spec.rollout.steps",
+     "strictly increasing, got [25, 25]", "weights-equal"),
+    ("full", "spec.rollout.steps[1].weight", 101, "spec.rollout.steps[1].weight", "at most 100", "weight-over-100"),
+    ("full", "spec.rollout.steps[0].weight", 0, "spec.rollout.steps[0].weight", "at least 1", "weight-0"),
+    ("full", "spec.rollout.steps[0].weight", DELETE, "spec.rollout.steps[0].weight", "must be set", "weight-absent"),
+    ("full", "spec.rollout.steps[0].weight", 12.5, "spec.rollout.steps[0].weight", "must be an integer",
+     "weight-fraction"),
+    ("full", "spec.rollout.steps[0].pause", "5 minutes", "spec.rollout.steps[0].pause", "is not a duration",
+     "pause-words"),
+    ("full", "spec.rollout.steps[0].pause", 60, "spec.rollout.steps[0].pause", "must be a duration string",
+     "pause-integer"),
+    ("full", "spec.rollout.steps[0].manual", True, "spec.rollout.steps[0].pause", "together with manual",
+     "pause-and-manual"),
+    ("full", "spec.rollout.steps[1].manual", "yes", "spec.rollout.steps[1].manual", "must be true or false",
+     "manual-string"),
+    ("full", "spec.rollout.steps", [{"weight": w} for w in range(1, 22)], "spec.rollout.steps", "at most 20 items",
+     "steps-over-20"),
+    ("full", "spec.rollout.steps[0]", 10, "spec.rollout.steps[0]", "must be an object", "rollout-step-not-object"),
+    ("full", "spec.rollout.startupTimeoutSeconds", 5, "spec.rollout.startupTimeoutSeconds", "at least 10",
+     "startup-timeout"),
+    ("full", "spec.rollout.maxSurgeGPUs", -1, "spec.rollout.maxSurgeGPUs", "at least 0", "max-surge-gpus"),
+    # analysis
+    ("full", "spec.rollout.analysis.interval", "soon", "spec.rollout.analysis.interval", "is not a duration",
+     "interval-words"),
+    ("full", "spec.rollout.analysis.interval", "0s", "spec.rollout.analysis.interval", "between 1s and 1h",
+     "interval-0"),
+    ("full", "spec.rollout.analysis.interval", "2h", "spec.rollout.analysis.interval", "between 1s and 1h",
+     "interval-2h"),
+    ("full", "spec.rollout.analysis.initialDelay", "1 minute", "spec.rollout.analysis.initialDelay",
+     "is not a duration", "initial-delay"),
+    ("full", "spec.rollout.analysis.failureLimit", -1, "spec.rollout.analysis.failureLimit", "at least 0",
+     "failure-limit"),
+    ("full", "spec.rollout.analysis.consecutiveErrorLimit", 101, "spec.rollout.analysis.consecutiveErrorLimit",
+     "at most 100", "consecutive-error-limit"),
+    ("full", "spec.rollout.analysis.minSamples", 0, "spec.rollout.analysis.minSamples", "at least 1", "min-samples"),
+    ("full", "spec.rollout.analysis.noData", "Pass", "spec.rollout.analysis.noData", "unsupported value 'Pass'",
+     "no-data"),
+    ("full", "spec.rollout.analysis.prometheus", {}, "spec.rollout.analysis.prometheus.address", "must be set",
+     "prometheus-no-address"),
+    ("full", "spec.rollout.analysis.prometheus.address", "prometheus:9090", "spec.rollout.analysis.prometheus.address",
+     "an http(s) URL", "prometheus-address-no-scheme"),
+    ("full", "spec.rollout.analysis.metrics", [], "spec.rollout.analysis.metrics", "at least one metric",
+     "metrics-empty"),
+    ("full", "spec.rollout.analysis.metrics", DELETE, "spec.rollout.analysis.metrics", "at least one metric",
+     "metrics-absent"),
+    ("full", "spec.rollout.analysis.metrics[2].name", "error-rate", "spec.rollout.analysis.metrics[2].name",
+     "duplicate metric name 'error-rate'", "metric-duplicate-name"),
+    ("full", "spec.rollout.analysis.metrics[0].name", "Error_Rate", "spec.rollout.analysis.metrics[0].name",
+     "a DNS label", "metric-name"),
+    ("full", "spec.rollout.analysis.metrics[0].name", DELETE, "spec.rollout.analysis.metrics[0].name", "must be set",
+     "metric-name-absent"),
+    ("full", "spec.rollout.analysis.metrics[0].builtin", DELETE, "spec.rollout.analysis.metrics[0]",
+     "must set one provider", "metric-no-provider"),
+    ("full", "spec.rollout.analysis.metrics[0].scrape", {"metric": "m"}, "spec.rollout.analysis.metrics[0]",
+     "only one provider (builtin, prometheus or scrape), got builtin, scrape", "metric-two-providers"),
+    ("full", "spec.rollout.analysis.metrics[0].builtin", "successRate", "spec.rollout.analysis.metrics[0].builtin",
+     "unsupported value 'successRate'", "metric-builtin"),
+    ("full", "spec.rollout.analysis.metrics[1].prometheus", {}, "spec.rollout.analysis.metrics[1].prometheus.query",
+     "must be set", "prometheus-no-query"),
+    ("full", "spec.rollout.analysis.metrics[1].prometheus.query", "  ",
+     "spec.rollout.analysis.metrics[1].prometheus.query", "must not be empty", "prometheus-blank-query"),
+    ("full", "spec.rollout.analysis.metrics[1].prometheus.query", "up",
+     "spec.rollout.analysis.metrics[1].prometheus.query", "must contain {{version}}", "relative-without-version"),
+    ("full", "spec.rollout.analysis.metrics[1].prometheus.address", "ftp://p",
+     "spec.rollout.analysis.metrics[1].prometheus.address", "an http(s) URL", "prometheus-metric-address"),
+    ("full", "spec.rollout.analysis.metrics[2].scrape", {}, "spec.rollout.analysis.metrics[2].scrape.metric",
+     "must be set", "scrape-no-metric"),
+    ("full", "spec.rollout.analysis.metrics[2].scrape.metric", "bad-name",
+     "spec.rollout.analysis.metrics[2].scrape.metric", "a Prometheus metric name", "scrape-metric-name"),
+    ("full", "spec.rollout.analysis.metrics[2].scrape.labels.model", 1,
+     "spec.rollout.analysis.metrics[2].scrape.labels.model", "must be a string", "scrape-label"),
+    ("full", "spec.rollout.analysis.metrics[2].scrape.aggregation", "median",
+     "spec.rollout.analysis.metrics[2].scrape.aggregation", "unsupported value 'median'", "scrape-aggregation"),
+    ("full", "spec.rollout.analysis.metrics[2].scrape.rate", 1, "spec.rollout.analysis.metrics[2].scrape.rate",
+     "must be true or false", "scrape-rate"),
+    ("full", "spec.rollout.analysis.metrics[2]", {"name": "x", "scrape": {"metric": "m"}},
+     "spec.rollout.analysis.metrics[2]", "must set a threshold", "metric-no-threshold"),
+    ("full", "spec.rollout.analysis.metrics[2].min", 101, "spec.rollout.analysis.metrics[2].min",
+     "must not exceed max (101.0 > 100.0)", "metric-min-over-max"),
+    ("full", "spec.rollout.analysis.metrics[2].max", "0.1", "spec.rollout.analysis.metrics[2].max",
+     "must be a finite number", "metric-max-string"),
+    ("full", "spec.rollout.analysis.metrics[2].max", math.inf, "spec.rollout.analysis.metrics[2].max",
+     "must be a finite number", "metric-max-infinite"),
+    ("full", "spec.rollout.analysis.metrics[0].maxRelativeToStable", -0.1,
+     "spec.rollout.analysis.metrics[0].maxRelativeToStable", "at least 0", "relative-negative"),
+    ("full", "spec.rollout.analysis.metrics[0]", "errorRate", "spec.rollout.analysis.metrics[0]", "must be an object",
+     "metric-not-object"),
+]
+
+
+@pytest.mark.parametrize(("base", "path", "value", "field", "problem"),
+                         [pytest.param(*case[:5], id=case[5]) for case in ERRORS])
+def test_errors_name_the_field(base: str, path: str, value: object, field: str, problem: str) -> None:
+    body = mutate(BASES[base](), path, value)
+    with pytest.raises(spec.SpecError) as err:
+        parse(body)
+    assert err.value.field == field
+    assert problem in err.value.problem
+    assert str(err.value) == f"{field}: {err.value.problem}"
+    assert isinstance(err.value, ValueError)
+
+
+def test_error_ids_are_unique() -> None:
+    ids = [case[5] for case in ERRORS]
+    assert len(ids) == len(set(ids))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes (the content of the artifact key)
+
+
+def _compression(body: dict[str, Any]) -> spec.Compression:
+    compression = parse(body).spec.compression
+    assert compression is not None
+    return compression
+
+
+def test_recipe_makes_defaults_explicit() -> None:
+    implicit = mutate(minimal(), "spec.compression", {"steps": [{"prune": {"amount": 0.9}},
+                                                                {"quantize": {"scheme": "int8-dynamic"}}],
+                                                      "evaluation": {"dataset": "builtin:digits"},
+                                                      "artifacts": {"pvc": "a"}})
+    explicit = apply_crd_defaults(crd_schema(), copy.deepcopy(implicit))
+    assert spec.build_recipe(_compression(implicit)) == spec.build_recipe(_compression(explicit)) == {
+        "steps": [{"prune": {"amount": 0.9, "scope": "global", "fineTuneEpochs": 0}},
+                  {"quantize": {"scheme": "int8-dynamic"}}],
+        "evaluation": {"dataset": "builtin:digits", "maxRelativeAccuracyLoss": 0.01, "samples": 1000},
+    }
+
+
+RECIPE_CHANGES = [
+    pytest.param("spec.compression.steps[0].prune.amount", 0.6, True, id="amount-changes-recipe"),
+    pytest.param("spec.compression.evaluation.samples", 10, True, id="samples-change-recipe"),
+    pytest.param("spec.compression.steps[1].distill.lr", 0.1, True, id="distill-lr-changes-recipe"),
+    pytest.param("spec.compression.artifacts.pvc", "other", False, id="pvc-does-not"),
+    pytest.param("spec.compression.backoffLimit", 5, False, id="backoff-does-not"),
+    pytest.param("spec.compression.resources", {}, False, id="resources-do-not"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "changes"), RECIPE_CHANGES)
+def test_recipe_changes_only_with_the_artifact(path: str, value: object, changes: bool) -> None:
+    before = spec.build_recipe(_compression(full()))
+    after = spec.build_recipe(_compression(mutate(full(), path, value)))
+    assert (before != after) is changes
+
+
+def test_recipe_of_full_spec() -> None:
+    assert spec.build_recipe(_compression(full()))["steps"] == [
+        {"prune": {"amount": 0.5, "scope": "structured", "fineTuneEpochs": 3, "norm": 1}},
+        {"distill": {"student": "models.small:build", "temperature": 2.0, "alpha": 0.7, "epochs": 5, "lr": 0.01,
+                     "batchSize": 32}},
+        {"quantize": {"scheme": "int4-weight-only"}},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples and the CRD file
+
+
+def test_there_are_three_examples() -> None:
+    assert [p.name for p in EXAMPLES] == ["digits.yaml", "recommender.yaml", "sentence-encoder.yaml"]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in EXAMPLES])
+def test_example_passes_schema_and_parser(path: Path) -> None:
+    body = yaml.safe_load(path.read_text())
+    jsonschema.Draft4Validator(crd_schema()).validate(body)
+    md = parse(body)
+    assert md.spec.version == "1.0.0"
+    assert md.spec.image.startswith("registry.example/shipyard/")
+    assert md.spec.model.path is not None and md.spec.model.path.startswith("/models/")
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    pytest.param("spec.image", DELETE, id="no-image"),
+    pytest.param("spec.rollout.steps[0].weight", 101, id="weight-over-100"),
+    pytest.param("spec.compression.steps[0].prune.amount", 1.0, id="prune-amount-1"),
+    pytest.param("spec.rollback.policy", "Sometimes", id="rollback-policy"),
+    pytest.param("spec.rollout.analysis.interval", "soon", id="interval-words"),
+])
+def test_offline_schema_rejects(path: str, value: object) -> None:
+    # The CEL rules are checked only by the API server (tests/integration/test_crd_admission.py).
+    body = mutate(yaml.safe_load((REPO / "examples" / "digits.yaml").read_text()), path, value)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft4Validator(crd_schema()).validate(body)
+
+
+def _schema_nodes(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = [(path, node)]
+    for key, sub in node.get("properties", {}).items():
+        out += _schema_nodes(sub, f"{path}.{key}")
+    if "items" in node:
+        out += _schema_nodes(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        out += _schema_nodes(node["additionalProperties"], f"{path}{{}}")
+    return out
+
+
+def test_crd_names_and_columns() -> None:
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    assert crd["metadata"]["name"] == "modeldeployments.shipyard.dev"
+    assert crd["spec"]["scope"] == "Namespaced"
+    assert crd["spec"]["names"]["shortNames"] == ["md", "mds"]
+    (version,) = crd["spec"]["versions"]
+    assert (version["name"], version["served"], version["storage"], version["subresources"]) == (
+        "v1alpha1", True, True, {"status": {}})
+    columns = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0) == 0]
+    assert columns == ["Phase", "Stable", "Candidate", "Ready", "Age"]
+
+
+def test_every_schema_field_is_described_and_every_rule_has_a_message() -> None:
+    nodes = _schema_nodes(crd_schema())
+    undescribed = [p for p, n in nodes if "description" not in n and not p.endswith(("[]", "{}"))
+                   and p not in ("", ".metadata")]
+    assert undescribed == []
+    rules = [(p, r) for p, n in nodes for r in n.get("x-kubernetes-validations", [])]
+    assert len(rules) >= 15
+    assert [p for p, r in rules if not r.get("message")] == []
+
+
+def test_crd_bounds_every_string_and_list_of_spec() -> None:
+    # Bounds keep the CEL cost estimate within the API server's budget.
+    nodes = [(p, n) for p, n in _schema_nodes(crd_schema()["properties"]["spec"], "spec")]
+    unbounded = [p for p, n in nodes
+                 if (n.get("type") == "string" and "maxLength" not in n and "enum" not in n)
+                 or (n.get("type") == "array" and "maxItems" not in n)
+                 or (n.get("type") == "object" and "additionalProperties" in n and "maxProperties" not in n)]
+    assert unbounded == []
