@@ -33,7 +33,7 @@ integration: venv binaries
 
 lint: venv
 	$(VENV)/bin/ruff check operator runtime tests bench hack
-	$(VENV)/bin/mypy operator
+	VENV=$(abspath $(VENV)) bash hack/typecheck.sh
 
 cluster-up: binaries
 	python3 hack/cluster.py up

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 venv=${VENV:-.venv}
 "$venv/bin/ruff" check operator runtime tests bench hack
-"$venv/bin/mypy" operator
+VENV="$(cd "$venv" && pwd)" bash hack/typecheck.sh
 "$venv/bin/python" -c "import sys, shipyard.operator, shipyard.operator.handlers; assert 'torch' not in sys.modules, 'the operator imported torch'"
 # pytest exits 5 when no test ran: that is a failure here, as is any skip of the integration tier.
 "$venv/bin/pytest" -q -p no:cacheprovider --timeout=600 "$@" tests

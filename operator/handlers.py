@@ -27,6 +27,7 @@ from shipyard.operator import metrics, naming, planning
 from shipyard.operator.workqueue import Workqueue
 
 logger = logging.getLogger("shipyard.operator")
+API_ERROR_BACKOFF = 5.0
 
 
 @dataclass
@@ -121,9 +122,22 @@ async def reconcile(key: str) -> float | None:
     plan = planning.plan_reconcile(body, build_observed(RUNTIME.caches, key), datetime.datetime.now(datetime.UTC))
     try:
         for obj in plan.apply:
-            applied = await kube.apply_object(obj)
+            try:
+                applied = await kube.apply_object(obj)
+            except lightkube.ApiError as e:
+                if e.status.code not in (400, 422):
+                    raise
+                # The API server refused what the spec asked for (e.g. an invalid nodeSelector value):
+                # that needs the user, not a retry loop. Stalled with the server's words; nothing else touched.
+                message = f"{obj['kind']} {obj['metadata']['name']} was rejected by the API server: {e.status.message}"
+                plan = planning.plan_invalid(planning.build_meta(body), body.get("status") or {}, message,
+                                             datetime.datetime.now(datetime.UTC), reason="ChildRejected")
+                break
             _remember_child(applied, deleted=False)
             logger.info("Applied %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
+        for child, replicas in plan.scale:
+            _remember_child(await kube.scale_deployment(namespace, child, replicas), deleted=False)
+            logger.info("Scaled Deployment %s/%s to %d replica(s)", namespace, child, replicas)
         for api_version, kind, child in plan.delete:
             await kube.delete_object(api_version, kind, namespace, child)
             logger.info("Deleted %s %s/%s beyond the revision history limit", kind, namespace, child)
@@ -137,11 +151,16 @@ async def reconcile(key: str) -> float | None:
         for event in plan.events:
             await kube.post_event(body, event.type, event.reason, event.message)
     except lightkube.ApiError as e:
-        if e.status.code == 404:  # deleted while we worked: nothing left to do
+        code, message = e.status.code, str(e.status.message or "")
+        if code == 404:  # deleted while we worked: nothing left to do
             return None
-        if e.status.code == 409:  # conflict: the cache was stale; look again soon
+        if code == 409:  # conflict: the cache was stale; look again soon
             return 0.5
-        raise
+        if code == 403 and "being terminated" in message:  # its namespace is going away
+            return None
+        logger.warning("Reconcile of %s was refused by the API server (%s): %s; retrying in %.0f s",
+                       key, code, message, API_ERROR_BACKOFF)
+        return API_ERROR_BACKOFF
     finally:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     metrics.PHASE.labels(namespace=namespace, name=name).state(str(plan.status.get("phase", "Pending")))
@@ -187,14 +206,15 @@ async def shutdown(**_: Any) -> None:
 
 
 @kopf.on.event(naming.GROUP, naming.VERSION, naming.PLURAL)
-async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
-    key = model_key(namespace, name)
+async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, name: str,
+                      **_: Any) -> None:
+    key = model_key(namespace or "", name)
     if event.get("type") == "DELETED":
         RUNTIME.caches.models.pop(key, None)
         RUNTIME.caches.deployments.pop(key, None)
         RUNTIME.caches.services.pop(key, None)
         RUNTIME.queue.forget(key)
-        metrics.forget(namespace, name)
+        metrics.forget(namespace or "", name)
         return
     RUNTIME.caches.models[key] = dict(body)
     RUNTIME.queue.add(key)

@@ -63,6 +63,14 @@ class Kube:
         result: dict[str, Any] = applied.to_dict() if hasattr(applied, "to_dict") else dict(applied)
         return result
 
+    async def scale_deployment(self, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        """Sets only spec.replicas (the pod template of a kept version stays as it was deployed)."""
+        res = resource_for("apps/v1", "Deployment")
+        patched = await self.client.patch(res, name, {"spec": {"replicas": replicas}}, namespace=namespace,
+                                          patch_type=PatchType.MERGE)
+        result: dict[str, Any] = patched.to_dict() if hasattr(patched, "to_dict") else dict(patched)
+        return result
+
     async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         res = resource_for(api_version, kind)
         try:
@@ -107,6 +115,6 @@ class Kube:
         }
         res = resource_for("v1", "Event")
         try:
-            await self.client.create(res(event), namespace=meta["namespace"])
+            await self.client.create(res(event))
         except lightkube.ApiError as e:  # an event is best effort: never fail a reconcile over it
             logger.warning("Posting event %s for %s/%s failed: %s", reason, meta["namespace"], meta["name"], e)

@@ -72,6 +72,7 @@ class Plan:
     status: dict[str, Any]
     events: tuple[EventSpec, ...]
     requeue_after: float | None
+    scale: tuple[tuple[str, int], ...] = ()  # (Deployment name, replicas) of versions other than the target
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,12 @@ def build_condition(type_: str, status: bool, reason: str, message: str, generat
     }
 
 
-def plan_invalid(meta: Meta, previous: Mapping[str, Any], message: str, now: datetime.datetime) -> Plan:
-    """What the schema could not reject: Stalled with the message, and nothing touched in the cluster."""
+def plan_invalid(meta: Meta, previous: Mapping[str, Any], message: str, now: datetime.datetime,
+                 reason: str = "InvalidSpec") -> Plan:
+    """What the schema could not reject: Stalled with the message, and nothing touched in the cluster.
+
+    Everything already stored (stable version, history) is kept; the children keep serving as they are.
+    """
     prev_conditions = previous.get("conditions") or []
     status = {
         **{k: v for k, v in previous.items() if k != "conditions"},
@@ -230,12 +235,13 @@ def plan_invalid(meta: Meta, previous: Mapping[str, Any], message: str, now: dat
         "phase": previous.get("phase") if previous.get("stableVersion") else "Failed",
         "message": message,
         "conditions": [
-            build_condition("Ready", False, "InvalidSpec", message, meta.generation, prev_conditions, now),
-            build_condition("Reconciling", False, "InvalidSpec", message, meta.generation, prev_conditions, now),
-            build_condition("Stalled", True, "InvalidSpec", message, meta.generation, prev_conditions, now),
+            build_condition("Ready", False, reason, message, meta.generation, prev_conditions, now),
+            build_condition("Reconciling", False, reason, message, meta.generation, prev_conditions, now),
+            build_condition("Stalled", True, reason, message, meta.generation, prev_conditions, now),
+            *[c for c in prev_conditions if c.get("type") not in ("Ready", "Reconciling", "Stalled")],
         ],
     }
-    events = () if previous.get("message") == message else (EventSpec("Warning", "InvalidSpec", message),)
+    events = () if previous.get("message") == message else (EventSpec("Warning", reason, message),)
     return Plan(apply=(), delete=(), status=status, events=events, requeue_after=None)
 
 
@@ -283,7 +289,6 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         events.append(EventSpec("Normal", "Deploying", f"Deploying version {target} ({what})"))
 
     # Older versions: scaled to zero and kept up to revisionHistoryLimit, the oldest beyond it deleted.
-    kept_old: list[str] = []
     deletes: list[tuple[str, str, str]] = []
     order = {h.get("version"): i for i, h in enumerate(history)}
     old_versions = sorted((v for v in observed.deployments if v not in desired),
@@ -291,23 +296,28 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     for i, version in enumerate(old_versions):
         if i < spec.revision_history_limit:
             desired.setdefault(version, (observed.deployments[version].image, 0))
-            kept_old.append(version)
         else:
             deletes.append(("apps/v1", "Deployment", observed.deployments[version].name))
 
-    objects = [build_deployment(meta, md, v, img, n) for v, (img, n) in sorted(desired.items())]
-    service = build_service(meta, spec.serving.port)
+    # The target version's Deployment is rendered from the current spec; every other version keeps the pod
+    # template it was deployed with (the stable stays exactly what was running) and only has its replicas set.
     to_apply: list[dict[str, Any]] = []
-    for obj in objects:
-        view = observed.deployments.get(obj["metadata"]["labels"][naming.LABEL_VERSION])
-        if view is None or view.spec_hash != obj["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH]:
-            to_apply.append(obj)
+    target_obj = build_deployment(meta, md, target, image, desired[target][1])
+    target_hash = target_obj["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH]
+    if target_view is None or target_view.spec_hash != target_hash:
+        to_apply.append(target_obj)
+    scales: list[tuple[str, int]] = []
+    for version, (_, count) in sorted(desired.items()):
+        view = observed.deployments.get(version)
+        if version != target and view is not None and view.replicas != count:
+            scales.append((view.name, count))
+    service = build_service(meta, spec.serving.port)
     if observed.service_hash != service["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH]:
         to_apply.append(service)
 
     # Status.
     serving_ready = sum(v.ready_replicas for v in observed.deployments.values())
-    done = new_stable == target and target_ready and not to_apply
+    done = new_stable == target and target_ready and not to_apply and not scales
     if done:
         phase, message = "Healthy", f"Version {target} serves with {replicas} replica(s)"
     else:
@@ -340,7 +350,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         },
     }
     return Plan(apply=tuple(to_apply), delete=tuple(deletes), status=status, events=tuple(events),
-                requeue_after=None)
+                requeue_after=None, scale=tuple(scales))
 
 
 def _ready_of(observed: Observed, version: str | None) -> int:

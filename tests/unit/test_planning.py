@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from typing import Any
 
@@ -42,8 +43,12 @@ def view(version: str, replicas: int, ready: int | None = None, plan_for: dict[s
 
 
 def deployments(plan: planning.Plan) -> dict[str, int]:
-    return {o["metadata"]["labels"][naming.LABEL_VERSION]: o["spec"]["replicas"]
-            for o in plan.apply if o["kind"] == "Deployment"}
+    """Replicas the plan sets per version: full applies of the target, scale-only changes of the others."""
+    out = {o["metadata"]["labels"][naming.LABEL_VERSION]: o["spec"]["replicas"]
+           for o in plan.apply if o["kind"] == "Deployment"}
+    for name, replicas in plan.scale:
+        out[name.removeprefix("digits-").replace("-", ".")] = replicas
+    return out
 
 
 def cond(plan: planning.Plan, type_: str) -> str:
@@ -122,6 +127,10 @@ def applied(plan: planning.Plan, views: dict[str, planning.DeploymentView]) -> d
                 name=o["metadata"]["name"], version=version, image=f"{IMAGE}:{version}", replicas=n,
                 ready_replicas=n, available_replicas=n, updated_replicas=n, generation=1, observed_generation=1,
                 spec_hash=o["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH])
+    for name, n in plan.scale:
+        old = next(v for v in out.values() if v.name == name)
+        out[old.version] = dataclasses.replace(old, replicas=n, ready_replicas=n, available_replicas=n,
+                                               updated_replicas=n)
     return out
 
 
@@ -151,7 +160,7 @@ def test_revision_history_limit_keeps_the_newest_old_versions() -> None:
     views["1.0.0"] = view("1.0.0", 2, 2)
     plan = planning.plan_reconcile(md, planning.Observed(views, service_hash()), NOW)
     assert sorted(name for _, _, name in plan.delete) == ["digits-0-7-0", "digits-0-8-0"]
-    assert "0.9.0" in deployments(plan) and deployments(plan)["0.9.0"] == 0
+    assert plan.scale == ()  # the kept version is already at zero: untouched
 
 
 def test_deployment_carries_version_env_probes_owner_and_gpu_resources() -> None:
@@ -176,3 +185,14 @@ def test_condition_transition_time_moves_only_on_flips() -> None:
     flipped = planning.build_condition("Ready", False, "Progressing", "", 3, earlier, NOW)
     assert same["lastTransitionTime"] == "2026-01-01T00:00:00Z"
     assert flipped["lastTransitionTime"] == "2026-11-28T12:00:00Z"
+
+
+def test_kept_versions_are_only_scaled_never_re_rendered() -> None:
+    """During a candidate rollout with changed serving settings, the stable keeps its pod template."""
+    md = body("1.1.0", status=STABLE_1, generation=2, serving={"replicas": 2, "nodeSelector": {"pool": "b"}})
+    stable = dataclasses.replace(view("1.0.0", 0, 0), spec_hash="whatever-was-applied-then")
+    plan = planning.plan_reconcile(md, planning.Observed({"1.0.0": stable}, service_hash()), NOW)
+    assert plan.scale == (("digits-1-0-0", 2),)
+    (applied,) = [o for o in plan.apply if o["kind"] == "Deployment"]
+    assert applied["metadata"]["name"] == "digits-1-1-0"
+    assert applied["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "b"}
