@@ -310,6 +310,7 @@ INVALID_STATUS = [
     pytest.param({"conditions": [{"type": "Ready", "status": "Maybe"}]}, "status.conditions[0].status",
                  id="condition-status"),
     pytest.param({"history": [{"version": "1", "outcome": "Won"}]}, "status.history[0].outcome", id="outcome"),
+    pytest.param({"stepStartedAt": "2026-01-02T03:04:05"}, "status.stepStartedAt", id="timestamp-without-zone"),
 ]
 
 
