@@ -601,6 +601,8 @@ def build_histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -
         start = monotonic[b - 1][0]
         count -= monotonic[b - 1][1]
         rank -= monotonic[b - 1][1]
+    if count <= 0:  # rank 0 in an empty bucket: 0/0, NaN in Prometheus (Go divides without raising)
+        return math.nan
     return start + (end - start) * (rank / count)
 
 
