@@ -255,7 +255,7 @@ def build_target_snapshot(text: str, wanted: Callable[[str, Mapping[str, str]], 
             labels = {str(k): str(v) for k, v in sample.labels.items()}
             if sample.name.endswith("_created"):
                 created[analysis.build_series_key(sample.name, labels)] = float(sample.value)
-            elif wanted(sample.name, labels):
+            if wanted(sample.name, labels):
                 values[analysis.build_series_key(sample.name, labels)] = float(sample.value)
     out: dict[analysis.SeriesKey, analysis.SeriesSample] = {}
     for key, value in values.items():
@@ -484,14 +484,20 @@ class Providers:
                 return self.build_request(metric, analysis_spec, namespace=namespace, name=name, model=model,
                                           version=version, stable_version=stable_version, targets=targets)
 
-            provider = self.select(metric, analysis_spec)
-            if metric.compares_with_stable and stable_version is not None:
-                candidate, stable = await asyncio.gather(
-                    provider.measure(request(candidate_version, candidate_targets)),
-                    provider.measure(request(stable_version, stable_targets)),
-                )
-                return analysis.Measurement(candidate=candidate, stable=stable)
-            return analysis.Measurement(candidate=await provider.measure(request(candidate_version, candidate_targets)))
+            try:
+                provider = self.select(metric, analysis_spec)
+                if metric.compares_with_stable and stable_version is not None:
+                    candidate, stable = await asyncio.gather(
+                        provider.measure(request(candidate_version, candidate_targets)),
+                        provider.measure(request(stable_version, stable_targets)),
+                    )
+                    return analysis.Measurement(candidate=candidate, stable=stable)
+                return analysis.Measurement(
+                    candidate=await provider.measure(request(candidate_version, candidate_targets)))
+            except Exception as exc:  # providers do not raise; this guards the request building around them
+                logger.exception("Failed to measure %s/%s metric %s", namespace, name, metric.name)
+                return analysis.Measurement(candidate=analysis.Sample(
+                    value=None, query="", error=f"internal error: {type(exc).__name__}: {exc}"))
 
         results = await asyncio.gather(*(one(m) for m in metrics))
         for metric, measurement in zip(metrics, results, strict=True):

@@ -593,3 +593,17 @@ async def test_factory_never_raises_when_everything_is_down() -> None:
         await factory.close()
     samples = [measured["a"].candidate, measured["a"].stable, measured["b"].candidate]
     assert all(s is not None and s.error is not None and s.value is None for s in samples)
+
+
+async def test_factory_turns_a_bad_request_into_an_error_sample() -> None:
+    """Even a metric that cannot be turned into a query (here an unknown builtin) yields a Sample, not a raise."""
+    bogus = metric(spec_mod.BuiltinProvider(metric="throughput"), name="bogus")  # type: ignore[arg-type, unused-ignore]
+    factory = providers.Providers("http://127.0.0.1:1")
+    try:
+        measured = await factory.query_measurements(
+            analysis_spec(bogus), namespace="ml", name="digits", model="digits", candidate_version="2",
+            stable_version="1")
+    finally:
+        await factory.close()
+    sample = measured["bogus"].candidate
+    assert sample.value is None and sample.error is not None and "unknown builtin" in sample.error
