@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+
 from shipyard.runtime import batching, oip
 
 log = logging.getLogger("shipyard.runtime.engine")
@@ -112,9 +113,7 @@ def plan_dtype(requested: str, device: str) -> str:
     return canonical
 
 
-def build_cpu_threads(
-    cpu_max: str | None, cfs_quota_us: int | None, cfs_period_us: int | None, affinity: int
-) -> int:
+def build_cpu_threads(cpu_max: str | None, cfs_quota_us: int | None, cfs_period_us: int | None, affinity: int) -> int:
     """Torch intra-op threads from the container's CPU limit.
 
     cgroup v2 `cpu.max` ("QUOTA PERIOD" or "max PERIOD") or cgroup v1 quota/period, rounded up, capped by the
@@ -223,9 +222,7 @@ def fetch_gpu_stats(devices: Sequence[str]) -> list[GpuStats]:
         except Exception:  # needs pynvml / amdsmi; memory numbers still come from torch
             utilization = None
         stats.append(
-            GpuStats(
-                device, torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index), utilization
-            )
+            GpuStats(device, torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index), utilization)
         )
     return stats
 
@@ -340,8 +337,7 @@ def run_jobs(engine: Engine, jobs: list[batching.Job]) -> list[batching.JobResul
             arrays = live[0].request.arrays
         else:
             arrays = [
-                np.concatenate([job.request.arrays[i] for job in live])
-                for i in range(len(live[0].request.arrays))
+                np.concatenate([job.request.arrays[i] for job in live]) for i in range(len(live[0].request.arrays))
             ]
         try:
             outputs = engine.run(arrays)

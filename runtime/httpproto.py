@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any, Protocol
 
 import httptools
+
 from shipyard.runtime import oip
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -39,9 +40,7 @@ REASONS = {
 }
 
 
-def build_response_head(
-    status: int, length: int, content_type: bytes, close: bool, extra: bytes = b""
-) -> bytes:
+def build_response_head(status: int, length: int, content_type: bytes, close: bool, extra: bytes = b"") -> bytes:
     """The status line and headers of a response (pure)."""
     reason = REASONS.get(status, b"Unknown")
     connection = b"connection: close\r\n" if close else b""
@@ -161,9 +160,7 @@ class Connection(asyncio.Protocol):
             except ValueError:
                 return  # httptools rejects it
             if length > self.max_body_bytes:
-                raise _Abort(
-                    413, f"the request body ({length} bytes) exceeds the limit of {self.max_body_bytes} bytes"
-                )
+                raise _Abort(413, f"the request body ({length} bytes) exceeds the limit of {self.max_body_bytes} bytes")
         elif lowered == b"expect" and value.lower() == b"100-continue":
             self._expect_continue = True
 

@@ -14,6 +14,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
 from shipyard.operator import contract
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -123,9 +124,7 @@ class _GpuCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         labels = [contract.LABEL_MODEL, contract.LABEL_VERSION, "device"]
-        allocated = GaugeMetricFamily(
-            METRIC_GPU_MEMORY_ALLOCATED, "GPU memory held by tensors (bytes).", labels=labels
-        )
+        allocated = GaugeMetricFamily(METRIC_GPU_MEMORY_ALLOCATED, "GPU memory held by tensors (bytes).", labels=labels)
         reserved = GaugeMetricFamily(
             METRIC_GPU_MEMORY_RESERVED, "GPU memory reserved by the caching allocator (bytes).", labels=labels
         )

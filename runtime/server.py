@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ from urllib.parse import unquote
 
 import orjson
 import prometheus_client
+
 from shipyard.operator import contract
 from shipyard.runtime import batching, faults, httpproto, metrics, oip
 
@@ -108,15 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-name",
         help=f"OIP model name (env {contract.ENV_MODEL_NAME}; default: the artifact folder name)",
     )
-    add(
-        "--model-version", help=f"version reported in metadata and metrics (env {contract.ENV_MODEL_VERSION})"
-    )
+    add("--model-version", help=f"version reported in metadata and metrics (env {contract.ENV_MODEL_VERSION})")
     add("--max-batch-size", type=int, help=f"rows per batch (env {contract.ENV_MAX_BATCH_SIZE}; default 32)")
     add(
         "--max-delay-ms",
         type=float,
-        help=f"longest a partial batch may wait to fill under saturation "
-        f"(env {contract.ENV_MAX_DELAY_MS}; default 5)",
+        help=f"longest a partial batch may wait to fill under saturation (env {contract.ENV_MAX_DELAY_MS}; default 5)",
     )
     add("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, help="queued requests before 503 (default 512)")
     add(
@@ -125,9 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_PAYLOAD_BYTES,
         help="request body limit (413 above)",
     )
-    add(
-        "--request-timeout-s", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, help="per-request timeout (504)"
-    )
+    add("--request-timeout-s", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, help="per-request timeout (504)")
     add(
         "--drain-propagation-s",
         type=float,
@@ -195,9 +192,7 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> ServerConfig:
         drain_propagation_s=args.drain_propagation_s,
         grace_period_s=args.grace_period_s,
         fault_error_rate=pick(args.fault_error_rate, contract.ENV_FAULT_ERROR_RATE, float, 0.0),
-        fault_extra_latency_ms=pick(
-            args.fault_extra_latency_ms, contract.ENV_FAULT_EXTRA_LATENCY_MS, float, 0.0
-        ),
+        fault_extra_latency_ms=pick(args.fault_extra_latency_ms, contract.ENV_FAULT_EXTRA_LATENCY_MS, float, 0.0),
         fault_seed=args.fault_seed,
         device=args.device,
         dtype=args.dtype,
@@ -329,9 +324,7 @@ class App:
         self.model_name = config.model_name
         self.model_version = config.model_version
         self.faults = faults.FaultInjector(
-            faults.build_fault_config(
-                config.fault_error_rate, config.fault_extra_latency_ms, config.fault_seed
-            )
+            faults.build_fault_config(config.fault_error_rate, config.fault_extra_latency_ms, config.fault_seed)
         )
         self.state = LOADING
         self.ready = False
@@ -417,9 +410,7 @@ class App:
             if kind == INFER:
                 self.metrics.observe_request(status, time.perf_counter() - request.started)
         extra = b"allow: %s\r\n" % ", ".join(ALLOWED_METHODS[kind]).encode() if status == 405 else b""
-        self.metrics.observe_http(
-            request.method, route.template, status, time.perf_counter() - request.started
-        )
+        self.metrics.observe_http(request.method, route.template, status, time.perf_counter() - request.started)
         conn.respond(request, status, body, content_type, extra)
 
     def _read_endpoint(self, kind: str, route: Route) -> tuple[int, bytes, bytes]:
@@ -560,13 +551,12 @@ class LoadedEngines:
 def apply_load(config: ServerConfig, loader: Loader) -> LoadedEngines:
     """Size torch's threads, load the model on every device, build and warm up one engine per device."""
     import torch
+
     from shipyard.runtime import engine
 
     threads = config.threads or engine.fetch_cpu_limit()
     torch.set_num_threads(threads)
-    devices = engine.plan_devices(
-        config.device, torch.cuda.device_count() if torch.cuda.is_available() else 0
-    )
+    devices = engine.plan_devices(config.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     dtypes = [engine.plan_dtype(config.dtype, device) for device in devices]
     engines = []
     first = None
@@ -674,6 +664,10 @@ class Server:
             return 1
         result = loaded.result()
         self._start_workers(loop, result)
+        # Everything allocated so far (torch, the model, the loaded modules) lives as long as the process: move
+        # it out of the collector's sight, so that full collections under load do not walk it (tail latency).
+        gc.collect()
+        gc.freeze()
         log.info(
             "Became ready: model %s version %s on %s, %d torch thread(s), max batch %d, max delay %g ms",
             config.model_name,
