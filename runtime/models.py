@@ -80,7 +80,7 @@ class TwoTower(nn.Module):
 
 
 def build_recsys_two_tower(
-    num_users: int = 20000, num_items: int = 5000, dim: int = 64, hidden: int = 128
+    num_users: int = 10000, num_items: int = 2000, dim: int = 64, hidden: int = 128
 ) -> nn.Module:
     return TwoTower(num_users=num_users, num_items=num_items, dim=dim, hidden=hidden)
 

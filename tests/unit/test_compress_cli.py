@@ -1,0 +1,291 @@
+"""End-to-end tests of `shipyard-runtime compress` on a tiny digits model: accept, reject, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from shipyard.runtime import artifacts, cli, compress
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_LATENCY = {"batchSizes": [1, 8], "budgetSeconds": 0.02}
+
+
+def _examples() -> object:
+    spec = importlib.util.spec_from_file_location("build_models", ROOT / "examples/models/build_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "digits"
+    _examples().build_digits(path, hidden=(32, 16), epochs=30)
+    return path
+
+
+def _run(tmp_path: Path, source: Path, steps: list, *, tolerance: float = 0.01, **extra: object) -> tuple[int, Path]:
+    config = {
+        "source": str(source),
+        "output": str(tmp_path / "artifacts" / "digits-1"),
+        "steps": steps,
+        "evaluation": {"dataset": "builtin:digits", "maxRelativeAccuracyLoss": tolerance},
+        "terminationLog": str(tmp_path / "termination-log"),
+        "latency": FAST_LATENCY,
+        **extra,
+    }
+    (tmp_path / "compression.json").write_text(json.dumps(config))
+    return cli.main(["compress", "--config", str(tmp_path / "compression.json")]), tmp_path / "artifacts" / "digits-1"
+
+
+def _termination(tmp_path: Path) -> str:
+    return (tmp_path / "termination-log").read_text()
+
+
+def test_accepted_artifact_with_report_digest_and_tensorboard(
+    tmp_path: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    steps = [{"prune": {"amount": 0.5, "fineTuneEpochs": 2}}, {"quantize": {"scheme": "int8-dynamic"}}]
+    code, output = _run(tmp_path, source, steps, tolerance=0.05, logDir=str(tmp_path / "tb"))
+    assert code == 0, _termination(tmp_path)
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((output / "report.json").read_text())
+    assert printed == stored and stored["status"] == "accepted"
+    loaded = artifacts.load_model(output)
+    assert stored["digest"] == loaded.digest
+    assert stored["bytes"]["after"] < stored["bytes"]["before"] / 3
+    assert [s["kind"] for s in stored["steps"]] == ["prune", "quantize"]
+    assert stored["steps"][0]["params"] == {
+        "amount": 0.5,
+        "scope": "global",
+        "fineTuneEpochs": 2,
+        "lr": 0.001,
+        "batchSize": 64,
+    }
+    assert stored["steps"][0]["details"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert (
+        set(stored["latency"]["before"]) == {"batch1", "batch8"} and stored["latency"]["after"]["batch8"]["p50_ms"] > 0
+    )
+    assert set(stored["durations"]) >= {"loadSource", "evaluateSource", "steps", "save", "evaluateResult", "total"}
+    assert loaded.manifest["encoding"] == "safetensors+zstd"
+    assert loaded.manifest["quantization"][0]["scheme"] == "int8-dynamic"
+    line = _termination(tmp_path)
+    assert line.startswith("Compressed digits: ") and loaded.digest in line and line.count("\n") == 1
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["digits-1"]
+
+
+def test_gate_rejects_an_over_pruned_candidate_with_the_numbers(
+    tmp_path: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, output = _run(tmp_path, source, [{"prune": {"amount": 0.98}}], tolerance=0.01)
+    assert code == 1
+    body = json.loads(capsys.readouterr().out)
+    assert body["status"] == "rejected" and body["digest"] is None and body["output"] is None
+    check = body["gate"]["checks"][0]
+    assert check["metric"] == "accuracy" and not check["passed"]
+    assert check["after"] < check["before"] * 0.9  # really over-pruned, not a rounding accident
+    line = _termination(tmp_path)
+    assert line.startswith(
+        f"Rejected digits: accuracy failed the gate: accuracy {check['before']:.4f} -> {check['after']:.4f} "
+        f"(relative loss {check['relativeLoss']:.2%} > tolerance 1.00%)"
+    )
+    assert not output.exists()
+    assert list((tmp_path / "artifacts").iterdir()) == []  # no staging directory left behind
+
+
+def test_structured_prune_and_distillation_chain(tmp_path: Path, source: Path) -> None:
+    steps = [
+        {
+            "distill": {
+                "student": "shipyard.runtime.models:build_digits_mlp",
+                "studentKwargs": {"hidden": [24]},
+                "epochs": 15,
+                "lr": 0.005,
+                "temperature": 4,
+                "alpha": 0.7,
+            }
+        },
+        {"prune": {"amount": 0.25, "scope": "structured", "norm": 1, "fineTuneEpochs": 3, "lr": 0.003}},
+        {"quantize": {"scheme": "int8-weight-only"}},
+    ]
+    code, output = _run(tmp_path, source, steps, tolerance=0.05)
+    assert code == 0, _termination(tmp_path)
+    report = json.loads((output / "report.json").read_text())
+    manifest = artifacts.load_model(output).manifest
+    assert manifest["factory_kwargs"] == {"hidden": [24]}
+    assert manifest["structure"]["0"]["out_features"] == 18
+    assert report["steps"][0]["details"]["losses"][-1] < report["steps"][0]["details"]["losses"][0]
+    assert report["steps"][1]["details"]["layers"] == {"0": [24, 18]}
+    assert report["parameters"] == {"before": 2778, "after": 64 * 18 + 18 + 18 * 10 + 10}
+
+
+def _break_weights(source: Path, target: Path) -> None:
+    shutil.copytree(source, target)
+    manifest = json.loads((target / artifacts.MANIFEST_FILE).read_text())
+    (target / manifest["weights"]).unlink()
+
+
+def _flip_byte(source: Path, target: Path) -> None:
+    shutil.copytree(source, target)
+    manifest = json.loads((target / artifacts.MANIFEST_FILE).read_text())
+    weights = target / manifest["weights"]
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _pickle_instead_of_weights(source: Path, target: Path) -> None:
+    """A source directory whose manifest is fine but whose weights are a pickle that creates a file."""
+    target.mkdir(parents=True)
+    manifest = json.loads((source / artifacts.MANIFEST_FILE).read_text())
+    for key in ("files", "digest"):
+        manifest.pop(key)
+    buffer = io.BytesIO()
+    torch.save({"0.weight": _Exploit(target.parent / "pwned")}, buffer)
+    (target / manifest["weights"]).write_bytes(buffer.getvalue())
+    (target / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("prepare", "steps", "extra", "code", "message"),
+    [
+        pytest.param(
+            None,
+            [{"sparsify": {"amount": 0.5}}],
+            {},
+            2,
+            "steps[0]: unknown step 'sparsify' (known: prune, quantize, distill)",
+            id="unknown-step",
+        ),
+        pytest.param(
+            None,
+            [{"prune": {"amount": 1.5}}],
+            {},
+            2,
+            "steps[0].prune.amount: must be in (0, 1), got 1.5",
+            id="bad-parameter",
+        ),
+        pytest.param(
+            _break_weights,
+            [{"quantize": {"scheme": "int8-dynamic"}}],
+            {},
+            1,
+            "weights.safetensors listed in the manifest is missing",
+            id="missing-weights",
+        ),
+        pytest.param(
+            _flip_byte, [{"quantize": {"scheme": "int8-dynamic"}}], {}, 1, "digest mismatch", id="wrong-digest"
+        ),
+        pytest.param(
+            _pickle_instead_of_weights,
+            [{"quantize": {"scheme": "int8-dynamic"}}],
+            {},
+            1,
+            "refused to load: the file is a pickle",
+            id="pickled-payload",
+        ),
+        pytest.param(
+            None,
+            [{"quantize": {"scheme": "fp8"}}],
+            {},
+            1,
+            "steps[0].quantize.scheme: 'fp8' needs a CUDA GPU",
+            id="cuda-scheme-on-cpu",
+        ),
+        pytest.param(
+            None,
+            [{"quantize": {"scheme": "int4-weight-only"}}],
+            {},
+            1,
+            "'int4-weight-only' needs a CUDA GPU",
+            id="int4-on-cpu",
+        ),
+        pytest.param(
+            None,
+            [{"quantize": {"scheme": "int8-embedding"}}],
+            {},
+            1,
+            "steps[0].quantize: quantization scheme 'int8-embedding' found no nn.Embedding layer",
+            id="nothing-to-quantize",
+        ),
+        pytest.param(
+            None,
+            [{"distill": {"student": "no_such_module:build"}}],
+            {},
+            1,
+            "steps[0].distill: distill student: factory 'no_such_module:build' cannot be imported",
+            id="unknown-student",
+        ),
+        pytest.param(
+            None,
+            [{"prune": {"amount": 0.5}}],
+            {"evaluation": {"dataset": "builtin:imagenet"}},
+            1,
+            "unknown built-in dataset 'builtin:imagenet'",
+            id="unknown-dataset",
+        ),
+    ],
+)
+def test_bad_input_fails_clearly_without_artifact(
+    tmp_path: Path, source: Path, prepare, steps: list, extra: dict, code: int, message: str
+) -> None:
+    if "CUDA" in message and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    model_dir = source
+    if prepare is not None:
+        model_dir = tmp_path / "models" / "broken"
+        prepare(source, model_dir)
+    config_extra = dict(extra)
+    evaluation = config_extra.pop("evaluation", None)
+    got, output = _run(tmp_path, model_dir, steps, **config_extra)
+    if evaluation is not None:
+        config = json.loads((tmp_path / "compression.json").read_text())
+        config["evaluation"] = evaluation
+        (tmp_path / "compression.json").write_text(json.dumps(config))
+        got = cli.main(["compress", "--config", str(tmp_path / "compression.json")])
+    assert got == code
+    line = _termination(tmp_path)
+    assert message in line and line.startswith("Failed: ")
+    assert not output.exists() and not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+    assert not (tmp_path / "models" / "pwned").exists()
+
+
+def test_existing_output_is_not_replaced(tmp_path: Path, source: Path) -> None:
+    (tmp_path / "artifacts" / "digits-1").mkdir(parents=True)
+    (tmp_path / "artifacts" / "digits-1" / "keep").write_text("x")
+    code, output = _run(tmp_path, source, [{"quantize": {"scheme": "int8-dynamic"}}])
+    assert code == 1 and "already exists" in _termination(tmp_path)
+    assert (output / "keep").read_text() == "x"
+
+
+def test_termination_log_is_skipped_when_its_directory_is_absent(tmp_path: Path) -> None:
+    compress.apply_termination_log(str(tmp_path / "absent" / "termination-log"), "x")
+    assert not (tmp_path / "absent").exists()
+    compress.apply_termination_log(str(tmp_path / "termination-log"), "Compressed\nx")
+    assert (tmp_path / "termination-log").read_text() == "Compressed x\n"
+
+
+def test_missing_config_file_exits_2_and_uses_the_default_termination_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shipyard.operator import contract
+
+    monkeypatch.setattr(contract, "TERMINATION_LOG", str(tmp_path / "termination-log"))
+    assert cli.main(["compress", "--config", str(tmp_path / "absent.json")]) == 2
+    assert _termination(tmp_path).startswith("Failed: invalid compression config: config file ")
