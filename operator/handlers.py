@@ -1,11 +1,13 @@
-"""The only module with Kopf decorators (I/O shell): watch -> cache -> work queue -> observe, plan, apply, patch.
+"""The only module with Kopf decorators (I/O shell): watch -> cache -> work queue -> observe, measure, plan, apply.
 
 Kopf supplies the watches (with its reconnects, peering and liveness). Its event handlers only update an
-in-memory cache of ModelDeployments and their Deployments/Services (an informer cache) and enqueue the owning
-ModelDeployment. A few queue workers then reconcile each object level-triggered: observe from the cache,
-``planning.plan_reconcile`` (pure), server-side apply what differs, one status patch when it changed. Kopf
-itself stores nothing on the objects (no finalizer, no progress annotations), so an idle operator writes
-nothing, deletion cascades through ownerReferences, and a restart resumes from the initial listing.
+in-memory cache of ModelDeployments and of the children Shipyard manages (Deployments, Services, Jobs,
+ConfigMaps and their Pods; server-side filtered by the ``app.kubernetes.io/managed-by=shipyard`` label) and
+enqueue the owning ModelDeployment. A few queue workers then reconcile each object level-triggered: observe from
+the cache, measure the analysis metrics when they are due (``providers``, never raising), ``planning.plan_reconcile``
+(pure), server-side apply what differs, one status patch when it changed, events. Kopf itself stores nothing on the
+objects (no finalizer, no progress annotations), so an idle operator writes nothing, deletion cascades through
+ownerReferences, and a restart resumes from the initial listing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,24 +25,30 @@ from typing import Any
 import kopf
 import lightkube
 
+from shipyard.operator import contract, metrics, naming, planning, providers
 from shipyard.operator import kube as kube_mod
-from shipyard.operator import metrics, naming, planning
+from shipyard.operator import spec as spec_mod
 from shipyard.operator.workqueue import Workqueue
 
 logger = logging.getLogger("shipyard.operator")
 API_ERROR_BACKOFF = 5.0
+CHILD_KINDS = ("Deployment", "Service", "Job", "ConfigMap", "Pod")
 
 
 @dataclass
 class Caches:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)  # "ns/name" -> ModelDeployment body
-    deployments: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # model key -> name -> body
-    services: dict[str, dict[str, Any]] = field(default_factory=dict)  # model key -> Service body
+    # model key -> kind -> name -> body
+    children: dict[str, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict)
+
+    def of(self, key: str, kind: str) -> dict[str, dict[str, Any]]:
+        return self.children.get(key, {}).get(kind, {})
 
 
 @dataclass
 class Runtime:
     kube: kube_mod.Kube | None = None
+    providers: providers.Providers | None = None
     queue: Workqueue = field(default_factory=Workqueue)
     caches: Caches = field(default_factory=Caches)
     workers: int = 4
@@ -54,10 +63,14 @@ def model_key(namespace: str, name: str) -> str:
 
 
 def owner_key(body: Mapping[str, Any]) -> str | None:
+    """The ModelDeployment owning a child: its controller reference, or (for pods) the model label."""
     meta = body.get("metadata", {})
     for ref in meta.get("ownerReferences") or []:
         if ref.get("kind") == naming.KIND and ref.get("apiVersion", "").startswith(naming.GROUP + "/"):
             return model_key(meta.get("namespace", ""), ref["name"])
+    model = (meta.get("labels") or {}).get(naming.LABEL_MODEL)
+    if body.get("kind") == "Pod" and model:
+        return model_key(meta.get("namespace", ""), model)
     return None
 
 
@@ -78,36 +91,108 @@ def build_deployment_view(body: Mapping[str, Any]) -> planning.DeploymentView:
     )
 
 
-def build_observed(caches: Caches, key: str) -> planning.Observed:
+def build_job_view(body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]]) -> planning.JobView:
+    """A Job's phase from its conditions, and its pod's termination message (the compression summary)."""
+    meta, status = body["metadata"], body.get("status", {})
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    if conditions.get("Complete") == "True" or conditions.get("SuccessCriteriaMet") == "True":
+        phase = "Succeeded"
+    elif conditions.get("Failed") == "True" or conditions.get("FailureTarget") == "True":
+        phase = "Failed"
+    elif status.get("active"):
+        phase = "Running"
+    else:
+        phase = "Pending"
+    message = ""
+    newest = ""
+    for pod in pods.values():
+        if (pod["metadata"].get("labels") or {}).get("job-name") != meta["name"]:
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+            finished = str(terminated.get("finishedAt") or "")
+            if terminated.get("message") and finished >= newest:
+                message, newest = str(terminated["message"]).strip(), finished
+    if phase == "Failed" and not message:
+        failed: Mapping[str, Any] = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
+        message = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
+    annotations = meta.get("annotations") or {}
+    return planning.JobView(name=meta["name"], key=(meta.get("labels") or {}).get(naming.LABEL_ARTIFACT, ""),
+                            phase=phase, message=message, spec_hash=annotations.get(naming.ANNOTATION_SPEC_HASH, ""))
+
+
+def build_observed(caches: Caches, key: str, missing_pvc: str | None = None) -> planning.Observed:
     deployments = {}
-    for body in caches.deployments.get(key, {}).values():
+    for body in caches.of(key, "Deployment").values():
         view = build_deployment_view(body)
         deployments[view.version] = view
-    service = caches.services.get(key)
+    service = next(iter(caches.of(key, "Service").values()), None)
     service_hash = None
     if service is not None:
         service_hash = (service["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
-    return planning.Observed(deployments=deployments, service_hash=service_hash)
+    pods = caches.of(key, "Pod")
+    jobs = {name: build_job_view(body, pods) for name, body in caches.of(key, "Job").items()}
+    config_maps = {name: (body["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
+                   for name, body in caches.of(key, "ConfigMap").items()}
+    return planning.Observed(deployments=deployments, service_hash=service_hash, jobs=jobs,
+                             config_maps=config_maps, missing_pvc=missing_pvc)
+
+
+def build_pod_targets(caches: Caches, key: str, version: str) -> list[str]:
+    """host:port of the ready serving pods of one version (for the direct-scrape provider)."""
+    targets = []
+    for pod in caches.of(key, "Pod").values():
+        labels = pod["metadata"].get("labels") or {}
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if labels.get(naming.LABEL_COMPONENT) == "serving" and labels.get(naming.LABEL_VERSION) == version \
+                and ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
+            port = _pod_port(pod)
+            targets.append(f"{status['podIP']}:{port}")
+    return sorted(targets)
+
+
+def _pod_port(pod: Mapping[str, Any]) -> int:
+    """The serving port: a ``shipyard.dev/port`` annotation (pods run as local processes), else the container's."""
+    override = (pod["metadata"].get("annotations") or {}).get(f"{naming.GROUP}/port")
+    if override and str(override).isdigit():
+        return int(override)
+    for container in pod.get("spec", {}).get("containers") or []:
+        for port in container.get("ports") or []:
+            if port.get("name") == contract.SERVING_PORT_NAME:
+                return int(port.get("containerPort", contract.SERVING_PORT))
+    return contract.SERVING_PORT
 
 
 def _remember_child(body: Mapping[str, Any], deleted: bool) -> str | None:
     key = owner_key(body)
-    if key is None:
+    kind = body.get("kind")
+    if key is None or kind not in CHILD_KINDS:
         return None
-    caches = RUNTIME.caches
-    kind, name = body.get("kind"), body["metadata"]["name"]
-    if kind == "Deployment":
-        children = caches.deployments.setdefault(key, {})
-        if deleted:
-            children.pop(name, None)
-        else:
-            children[name] = dict(body)
-    elif kind == "Service":
-        if deleted:
-            caches.services.pop(key, None)
-        else:
-            caches.services[key] = dict(body)
+    children = RUNTIME.caches.children.setdefault(key, {}).setdefault(str(kind), {})
+    name = body["metadata"]["name"]
+    if deleted:
+        children.pop(name, None)
+    else:
+        children[name] = dict(body)
     return key
+
+
+async def _missing_pvc(kube: kube_mod.Kube, body: Mapping[str, Any], namespace: str) -> str | None:
+    """The artifacts PVC when compression still needs it and it does not exist (one GET, only then)."""
+    try:
+        spec = spec_mod.parse_model_deployment(body).spec
+    except spec_mod.SpecError:
+        return None
+    if spec.compression is None:
+        return None
+    artifacts = (body.get("status") or {}).get("artifacts") or []
+    if any(a.get("version") == spec.version and a.get("phase") == "Succeeded" for a in artifacts):
+        return None
+    if await kube.pvc_exists(namespace, spec.compression.artifacts_pvc):
+        return None
+    return spec.compression.artifacts_pvc
 
 
 async def reconcile(key: str) -> float | None:
@@ -115,12 +200,15 @@ async def reconcile(key: str) -> float | None:
     body = RUNTIME.caches.models.get(key)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
-    kube = RUNTIME.kube
-    assert kube is not None
+    kube, provs = RUNTIME.kube, RUNTIME.providers
+    assert kube is not None and provs is not None
     started = time.perf_counter()
     namespace, name = key.split("/", 1)
-    plan = planning.plan_reconcile(body, build_observed(RUNTIME.caches, key), datetime.datetime.now(datetime.UTC))
     try:
+        observed = build_observed(RUNTIME.caches, key, await _missing_pvc(kube, body, namespace))
+        now = datetime.datetime.now(datetime.UTC)
+        measurements = await _measure(provs, body, observed, now, key, namespace, name)
+        plan = planning.plan_reconcile(body, observed, now, measurements)
         for obj in plan.apply:
             try:
                 applied = await kube.apply_object(obj)
@@ -140,7 +228,7 @@ async def reconcile(key: str) -> float | None:
             logger.info("Scaled Deployment %s/%s to %d replica(s)", namespace, child, replicas)
         for api_version, kind, child in plan.delete:
             await kube.delete_object(api_version, kind, namespace, child)
-            logger.info("Deleted %s %s/%s beyond the revision history limit", kind, namespace, child)
+            logger.info("Deleted %s %s/%s", kind, namespace, child)
         previous = body.get("status") or {}
         if planning.assess_status_changed(previous, plan.status):
             patched = await kube.patch_status(namespace, name, plan.status)
@@ -163,8 +251,30 @@ async def reconcile(key: str) -> float | None:
         return API_ERROR_BACKOFF
     finally:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-    metrics.PHASE.labels(namespace=namespace, name=name).state(str(plan.status.get("phase", "Pending")))
+    if plan.rollbacks:
+        metrics.ROLLBACKS.labels(namespace=namespace, name=name).inc(plan.rollbacks)
+    for result in (plan.status.get("analysis") or {}).get("metrics") or []:
+        if measurements and result.get("name") in measurements:
+            metrics.VERDICTS.labels(namespace=namespace, name=name, metric=result["name"],
+                                    verdict=result.get("verdict", "Pending")).inc()
+    metrics.PHASE.labels(namespace=namespace, name=name).state(str(plan.status.get("phase") or "Pending"))
     return plan.requeue_after
+
+
+async def _measure(provs: providers.Providers, body: Mapping[str, Any], observed: planning.Observed,
+                   now: datetime.datetime, key: str, namespace: str, name: str,
+                   ) -> dict[str, Any] | None:
+    request = planning.plan_measurement(body, observed, now)
+    if request is None:
+        return None
+    md = spec_mod.parse_model_deployment(body)
+    assert md.spec.rollout.analysis is not None
+    return await provs.query_measurements(
+        md.spec.rollout.analysis, namespace=namespace, name=name, model=md.served_model_name,
+        candidate_version=request.candidate, stable_version=request.stable,
+        candidate_targets=build_pod_targets(RUNTIME.caches, key, request.candidate),
+        stable_targets=build_pod_targets(RUNTIME.caches, key, request.stable) if request.stable else (),
+    )
 
 
 @kopf.on.startup()
@@ -182,10 +292,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.queueing.worker_limit = 200
     # Server-side filtering: only the children Shipyard manages are listed, watched and cached.
     selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
-    settings.watching.label_selectors["apps", "v1", "deployments"] = selector
-    settings.watching.label_selectors["v1", "services"] = selector
+    for resource in (("apps", "v1", "deployments"), ("v1", "services"), ("batch", "v1", "jobs"),
+                     ("v1", "configmaps"), ("v1", "pods")):
+        settings.watching.label_selectors[resource] = selector
     options: Mapping[str, Any] = memo.get("options", {}) if isinstance(memo, Mapping) else {}
     RUNTIME.kube = kube_mod.Kube.from_env(options.get("kubeconfig"))
+    RUNTIME.providers = providers.Providers(
+        options.get("prometheus_address") or os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS") or None)
     RUNTIME.queue = Workqueue()
     RUNTIME.caches = Caches()
     RUNTIME.workers = int(options.get("workers", 4))
@@ -200,6 +313,8 @@ async def shutdown(**_: Any) -> None:
         RUNTIME.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await RUNTIME.task
+    if RUNTIME.providers is not None:
+        await RUNTIME.providers.close()
     if RUNTIME.kube is not None:
         await RUNTIME.kube.close()
     logger.info("Stopped the reconcile workers")
@@ -211,8 +326,7 @@ async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str 
     key = model_key(namespace or "", name)
     if event.get("type") == "DELETED":
         RUNTIME.caches.models.pop(key, None)
-        RUNTIME.caches.deployments.pop(key, None)
-        RUNTIME.caches.services.pop(key, None)
+        RUNTIME.caches.children.pop(key, None)
         RUNTIME.queue.forget(key)
         metrics.forget(namespace or "", name)
         return
@@ -220,15 +334,13 @@ async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str 
     RUNTIME.queue.add(key)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={naming.LABEL_MANAGED_BY: naming.MANAGED_BY})
-async def deployment_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+async def _child_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
     key = _remember_child(body, deleted=event.get("type") == "DELETED")
     if key is not None:
         RUNTIME.queue.add(key)
 
 
-@kopf.on.event("", "v1", "services", labels={naming.LABEL_MANAGED_BY: naming.MANAGED_BY})
-async def service_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
-    key = _remember_child(body, deleted=event.get("type") == "DELETED")
-    if key is not None:
-        RUNTIME.queue.add(key)
+MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
+for _group, _version, _plural in (("apps", "v1", "deployments"), ("", "v1", "services"), ("batch", "v1", "jobs"),
+                                  ("", "v1", "configmaps"), ("", "v1", "pods")):
+    kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_event")(_child_event)

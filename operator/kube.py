@@ -25,6 +25,9 @@ _RESOURCES: dict[tuple[str, str], Any] = {
     ("v1", "Service"): create_namespaced_resource("", "v1", "Service", "services"),
     ("batch/v1", "Job"): create_namespaced_resource("batch", "v1", "Job", "jobs"),
     ("v1", "Event"): create_namespaced_resource("", "v1", "Event", "events"),
+    ("v1", "ConfigMap"): create_namespaced_resource("", "v1", "ConfigMap", "configmaps"),
+    ("v1", "PersistentVolumeClaim"): create_namespaced_resource("", "v1", "PersistentVolumeClaim",
+                                                                "persistentvolumeclaims"),
     (naming.API_VERSION, naming.KIND): create_namespaced_resource(
         naming.GROUP, naming.VERSION, naming.KIND, naming.PLURAL
     ),
@@ -70,6 +73,15 @@ class Kube:
                                           patch_type=PatchType.MERGE)
         result: dict[str, Any] = patched.to_dict() if hasattr(patched, "to_dict") else dict(patched)
         return result
+
+    async def pvc_exists(self, namespace: str, name: str) -> bool:
+        try:
+            await self.client.get(resource_for("v1", "PersistentVolumeClaim"), name, namespace=namespace)
+        except lightkube.ApiError as e:
+            if e.status.code == 404:
+                return False
+            raise
+        return True
 
     async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         res = resource_for(api_version, kind)

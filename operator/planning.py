@@ -1,30 +1,57 @@
-"""Pure reconciliation planning: (ModelDeployment, observed children, previous status, now) -> Plan. No I/O.
+"""Pure reconciliation planning: (ModelDeployment, observed children, measurements, now) -> Plan. No I/O.
 
-The rollout is a state machine held in ``status``; every decision here is a function of the spec, the observed
-cluster and the clock passed in, so a restarted operator continues where it stopped and a repeated call with
-the same inputs plans nothing new (level-triggered, idempotent).
+The rollout is a state machine held in ``status``; every decision is a function of the spec, the observed
+cluster, the metric measurements and the clock passed in, so a restarted operator continues where it stopped and
+a repeated call with the same inputs plans nothing new (level-triggered, idempotent).
 
-Versions: the image tag is the version. Each live version has its own Deployment (``<model>-<version>``);
-a Service selects every serving pod of the model, so traffic is split by ready replicas. A new tag starts a
-candidate next to the stable version; once the candidate is fully available it is promoted: it becomes
-stable and the previous stable version is scaled to zero and kept (up to ``revisionHistoryLimit``) for an
-instant rollback.
+Versions: the image tag is the version. Each live version has its own Deployment (``<model>-<version>``); one
+Service selects every serving pod of the model, so traffic splits by ready replicas (no mesh needed).
+
+Lifecycle of a new version (the *target*, from ``spec.image``) next to the *stable* one:
+
+1. **Compressing** (``spec.compression`` set): a Job per (version, recipe) writes a content-addressed artifact;
+   an artifact already built for the same key is reused. A failed Job fails the version (``Compressed=False``).
+2. **Progressing**: canary steps by replica weight. A step of weight ``w`` gives the candidate
+   ``max(1, ceil(replicas x w / 100))`` pods (rounded up, at least one) and the stable ``replicas`` minus the
+   candidate's ready pods (so serving capacity never drops), never below ``replicas - canary``. With GPU pods and
+   ``maxSurgeGPUs``, the pods above ``replicas`` are limited to ``maxSurgeGPUs / GPUs per pod``; at 0 the stable
+   is scaled down first (in-place replacement). A step is done when its pods are ready, its pause has elapsed
+   (or, for a ``manual`` step, the promote annotation names the candidate) and the analysis has not failed; an
+   Inconclusive analysis holds the step (**Paused**), neither promoting nor rolling back.
+3. **Promotion**: the candidate is scaled to ``replicas``; once available it becomes stable, the previous stable
+   is scaled to zero and kept (up to ``revisionHistoryLimit``) for an instant rollback.
+4. **Rollback** when the analysis fails or the candidate is not ready within ``startupTimeoutSeconds``:
+   ``Automatic`` scales the candidate to zero and the stable back (phase **RolledBack**, ``Stalled``); ``Manual``
+   pauses for the promote or abort annotation. A failed version is not tried again while ``spec.image`` and
+   ``spec.retry`` stay the same (a GitOps tool re-applying the same manifest causes no loop); the
+   ``shipyard.dev/retry`` annotation retries it once per new value.
+
+The first version of a model has nothing to compare with: it is deployed at full size (no steps, no analysis)
+and becomes stable once available.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shipyard.operator import contract, naming
+from shipyard.operator import analysis, objects
 from shipyard.operator import spec as spec_mod
 
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Serving")
+CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Compressed", "Serving")
 HISTORY_MAX = 50
+ARTIFACTS_MAX = 20
+FAILED_OUTCOMES = ("RolledBack", "Failed", "Aborted")
+GPU = spec_mod.GPU_RESOURCE
+
+# Re-exported builders (the planner's objects live in objects.py).
+Meta = objects.Meta
+build_meta = objects.build_meta
+build_service = objects.build_service
+build_deployment = objects.build_deployment
 
 
 @dataclass(frozen=True)
@@ -51,11 +78,29 @@ class DeploymentView:
             and self.available_replicas >= self.replicas
         )
 
+    @property
+    def ready(self) -> int:
+        """Ready pods that count for the current spec (0 while the controller has not caught up)."""
+        return min(self.available_replicas, self.ready_replicas) if self.observed_generation >= self.generation \
+            else 0
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    key: str
+    phase: str  # Pending | Running | Succeeded | Failed
+    message: str = ""  # the compression pod's termination message (the gate's one-line summary)
+    spec_hash: str = ""
+
 
 @dataclass(frozen=True)
 class Observed:
     deployments: Mapping[str, DeploymentView] = field(default_factory=dict)  # by version
     service_hash: str | None = None  # None: no Service yet
+    jobs: Mapping[str, JobView] = field(default_factory=dict)  # by Job name
+    config_maps: Mapping[str, str] = field(default_factory=dict)  # ConfigMap name -> spec hash
+    missing_pvc: str | None = None  # the artifacts PVC, when the shell found it missing
 
 
 @dataclass(frozen=True)
@@ -66,6 +111,14 @@ class EventSpec:
 
 
 @dataclass(frozen=True)
+class MeasureRequest:
+    """The shell should measure the analysis metrics now: candidate (and stable) version of this model."""
+
+    candidate: str
+    stable: str | None
+
+
+@dataclass(frozen=True)
 class Plan:
     apply: tuple[dict[str, Any], ...]
     delete: tuple[tuple[str, str, str], ...]  # (apiVersion, kind, name)
@@ -73,143 +126,21 @@ class Plan:
     events: tuple[EventSpec, ...]
     requeue_after: float | None
     scale: tuple[tuple[str, int], ...] = ()  # (Deployment name, replicas) of versions other than the target
-
-
-@dataclass(frozen=True)
-class Meta:
-    name: str
-    namespace: str
-    uid: str
-    generation: int
-
-
-def build_meta(body: Mapping[str, Any]) -> Meta:
-    m = body["metadata"]
-    return Meta(name=m["name"], namespace=m["namespace"], uid=m.get("uid", ""), generation=int(m.get("generation", 1)))
+    rollbacks: int = 0  # rollbacks this plan performs (for the operator's counter)
 
 
 def build_timestamp(now: datetime.datetime) -> str:
-    return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return analysis.build_timestamp(now)
 
 
-def build_spec_hash(obj: Mapping[str, Any]) -> str:
-    """A stable hash of what Shipyard applies, stored on the object so that unchanged objects are not re-applied."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+def parse_time(text: object) -> datetime.datetime | None:
+    return analysis.parse_timestamp(text)
 
 
-def build_owner_reference(meta: Meta) -> dict[str, Any]:
-    return {
-        "apiVersion": naming.API_VERSION,
-        "kind": naming.KIND,
-        "name": meta.name,
-        "uid": meta.uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-def _with_hash(obj: dict[str, Any]) -> dict[str, Any]:
-    obj["metadata"].setdefault("annotations", {})[naming.ANNOTATION_SPEC_HASH] = build_spec_hash(obj)
-    return obj
-
-
-def build_pod_env(md: spec_mod.ModelDeployment, version: str) -> list[dict[str, Any]]:
-    spec = md.spec
-    env = [
-        {"name": contract.ENV_MODEL_NAME, "value": md.served_model_name},
-        {"name": contract.ENV_MODEL_VERSION, "value": version},
-        {"name": contract.ENV_ARTIFACT_PATH, "value": build_artifact_path(spec)},
-    ]
-    batching = spec.serving.batching
-    env.append({"name": contract.ENV_MAX_BATCH_SIZE, "value": str(batching.max_batch_size)})
-    env.append({"name": contract.ENV_MAX_DELAY_MS, "value": str(batching.max_delay_ms)})
-    return env
-
-
-def build_artifact_path(spec: spec_mod.ModelDeploymentSpec) -> str:
-    """Where the serving container finds its model: the source model path inside the image."""
-    return spec.model.path or contract.ARTIFACTS_MOUNT
-
-
-def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, image: str,
-                     replicas: int) -> dict[str, Any]:
-    spec = md.spec
-    labels = naming.build_version_labels(meta.name, version)
-    probe = {"port": contract.SERVING_PORT_NAME}
-    container: dict[str, Any] = {
-        "name": "server",
-        "image": image,
-        "command": [contract.RUNTIME_COMMAND, contract.SERVE_SUBCOMMAND, "--port", str(contract.SERVING_PORT)],
-        "env": build_pod_env(md, version),
-        "ports": [{"name": contract.SERVING_PORT_NAME, "containerPort": contract.SERVING_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": contract.PATH_READY, **probe}, "periodSeconds": 2,
-                           "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, "periodSeconds": 10,
-                          "failureThreshold": 3},
-        "startupProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, "periodSeconds": 2,
-                         "failureThreshold": max(1, spec.rollout.startup_timeout_seconds // 2)},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    resources = spec.serving.resources.as_k8s()
-    if resources:
-        container["resources"] = resources
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "terminationGracePeriodSeconds": 30,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
-        "enableServiceLinks": False,
-    }
-    if spec.serving.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.serving.node_selector)
-    if spec.serving.tolerations:
-        pod_spec["tolerations"] = [t.as_k8s() for t in spec.serving.tolerations]
-    return _with_hash({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": naming.build_deployment_name(meta.name, version),
-            "namespace": meta.namespace,
-            "labels": {**labels, naming.LABEL_MANAGED_BY: naming.MANAGED_BY},
-            "annotations": {naming.ANNOTATION_IMAGE: image},
-            "ownerReferences": [build_owner_reference(meta)],
-        },
-        "spec": {
-            "replicas": replicas,
-            "revisionHistoryLimit": 2,
-            "selector": {"matchLabels": labels},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
-        },
-    })
-
-
-def build_service(meta: Meta, port: int) -> dict[str, Any]:
-    return _with_hash({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": naming.build_service_name(meta.name),
-            "namespace": meta.namespace,
-            "labels": {**naming.build_selector_labels(meta.name), naming.LABEL_MANAGED_BY: naming.MANAGED_BY},
-            "ownerReferences": [build_owner_reference(meta)],
-        },
-        "spec": {
-            "selector": naming.build_selector_labels(meta.name),
-            "ports": [{"name": contract.SERVING_PORT_NAME, "port": port, "targetPort": contract.SERVING_PORT_NAME,
-                       "protocol": "TCP"}],
-        },
-    })
-
-
-def build_condition(type_: str, status: bool, reason: str, message: str, generation: int,
+def build_condition(type_: str, status: bool | None, reason: str, message: str, generation: int,
                     previous: Sequence[Mapping[str, Any]], now: datetime.datetime) -> dict[str, Any]:
-    """A metav1.Condition; lastTransitionTime moves only when the status flips."""
-    value = "True" if status else "False"
+    """A metav1.Condition; lastTransitionTime moves only when the status flips. status None = Unknown."""
+    value = "Unknown" if status is None else ("True" if status else "False")
     old = next((c for c in previous if c.get("type") == type_), None)
     changed = old is None or old.get("status") != value
     return {
@@ -218,8 +149,33 @@ def build_condition(type_: str, status: bool, reason: str, message: str, generat
         "reason": reason,
         "message": message,
         "observedGeneration": generation,
-        "lastTransitionTime": build_timestamp(now) if changed or not old else old.get("lastTransitionTime"),
+        "lastTransitionTime": build_timestamp(now) if changed or old is None or not old.get("lastTransitionTime")
+        else old["lastTransitionTime"],
     }
+
+
+def build_canary_replicas(total: int, weight: int) -> int:
+    """Candidate pods for a step: total x weight / 100 rounded up, at least one (none when total is 0)."""
+    if total <= 0:
+        return 0
+    return min(total, max(1, math.ceil(total * weight / 100)))
+
+
+def build_surge_pods(spec: spec_mod.ModelDeploymentSpec) -> int | None:
+    """Pods allowed above `replicas` during a rollout: None = no limit (CPU pods, or maxSurgeGPUs unset)."""
+    gpus = spec.serving.resources.gpus
+    if gpus <= 0 or spec.rollout.max_surge_gpus is None:
+        return None
+    return spec.rollout.max_surge_gpus // gpus
+
+
+def plan_step_replicas(total: int, canary: int, candidate_ready: int, surge: int | None) -> tuple[int, int]:
+    """(candidate, stable) replicas while the candidate moves to `canary` pods (see the module docstring)."""
+    floor = total - canary
+    stable = total - min(candidate_ready, canary)
+    if surge is not None:
+        stable = min(stable, total + surge - canary)
+    return canary, max(floor, stable, 0)
 
 
 def plan_invalid(meta: Meta, previous: Mapping[str, Any], message: str, now: datetime.datetime,
@@ -245,7 +201,107 @@ def plan_invalid(meta: Meta, previous: Mapping[str, Any], message: str, now: dat
     return Plan(apply=(), delete=(), status=status, events=events, requeue_after=None)
 
 
-def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> Plan:
+@dataclass
+class _State:
+    """The working copy of the status fields the state machine moves (built from the previous status)."""
+
+    stable: str | None
+    stable_image: str | None
+    candidate: str | None
+    candidate_image: str | None
+    step: int
+    step_started: datetime.datetime | None
+    step_ready: datetime.datetime | None
+    paused_reason: str | None
+    history: list[dict[str, Any]]
+    artifacts: list[dict[str, Any]]
+    analysis: dict[str, Any] | None
+    controls: dict[str, str]
+    phase: str = "Progressing"
+    message: str = ""
+    stalled_reason: str | None = None
+    rollbacks: int = 0
+    waits: list[datetime.datetime] = field(default_factory=list)
+    events: list[EventSpec] = field(default_factory=list)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.events.append(EventSpec(type_, reason, message))
+
+    def wake_at(self, when: datetime.datetime | None) -> None:
+        if when is not None:
+            self.waits.append(when)
+
+    def record(self, version: str, image: str, outcome: str, reason: str, message: str, now: datetime.datetime,
+               retry: int, artifact: str | None = None) -> None:
+        entry: dict[str, Any] = {"version": version, "image": image, "outcome": outcome, "reason": reason,
+                                 "time": build_timestamp(now), "retry": retry}
+        if message:
+            entry["message"] = message[:1024]
+        if artifact:
+            entry["artifact"] = artifact
+        self.history.append(entry)
+        del self.history[:-HISTORY_MAX]
+
+
+def _load_state(previous: Mapping[str, Any]) -> _State:
+    return _State(
+        stable=previous.get("stableVersion"),
+        stable_image=previous.get("stableImage"),
+        candidate=previous.get("candidateVersion"),
+        candidate_image=previous.get("candidateImage"),
+        step=int(previous.get("currentStepIndex") or 0),
+        step_started=parse_time(previous.get("stepStartedAt")),
+        step_ready=parse_time(previous.get("stepReadyAt")),
+        paused_reason=previous.get("pausedReason"),
+        history=[dict(h) for h in previous.get("history") or []],
+        artifacts=[dict(a) for a in previous.get("artifacts") or []],
+        analysis=dict(previous["analysis"]) if isinstance(previous.get("analysis"), Mapping) else None,
+        controls={k: str(v) for k, v in (previous.get("controls") or {}).items() if v is not None},
+    )
+
+
+def _last_entry(history: Sequence[Mapping[str, Any]], image: str) -> Mapping[str, Any] | None:
+    return next((h for h in reversed(history) if h.get("image") == image), None)
+
+
+def assess_blocked(history: Sequence[Mapping[str, Any]], image: str, retry: int) -> Mapping[str, Any] | None:
+    """The failure that keeps `image` from being rolled out again (same image and retry), or None."""
+    last = _last_entry(history, image)
+    if (last is not None and last.get("outcome") in FAILED_OUTCOMES and int(last.get("retry") or 0) == retry
+            and not last.get("retried")):
+        return last
+    return None
+
+
+def plan_measurement(body: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> MeasureRequest | None:
+    """Whether the analysis metrics are due for a measurement now (the shell measures before planning)."""
+    try:
+        md = spec_mod.parse_model_deployment(body)
+    except spec_mod.SpecError:
+        return None
+    previous: Mapping[str, Any] = body.get("status") or {}
+    spec = md.spec
+    candidate = previous.get("candidateVersion")
+    if spec.rollout.analysis is None or candidate != spec.version or previous.get("stableVersion") is None:
+        return None
+    if previous.get("phase") not in ("Progressing", "Paused") or not previous.get("stepReadyAt"):
+        return None
+    status_analysis = previous.get("analysis") if isinstance(previous.get("analysis"), Mapping) else None
+    if status_analysis is not None and status_analysis.get("phase") in ("Failed", "Error"):
+        return None
+    started = parse_time((status_analysis or {}).get("startedAt")) if status_analysis and \
+        status_analysis.get("version") == candidate else parse_time(previous.get("stepReadyAt"))
+    if started is None:
+        return None
+    prior = status_analysis if status_analysis and status_analysis.get("version") == candidate else None
+    due = analysis.build_next_measurement_at(prior, spec.rollout.analysis, started)
+    if due > now:
+        return None
+    return MeasureRequest(candidate=candidate, stable=previous.get("stableVersion"))
+
+
+def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.datetime,
+                   measurements: Mapping[str, analysis.Measurement] | None = None) -> Plan:
     """The whole decision for one ModelDeployment."""
     meta = build_meta(body)
     previous: Mapping[str, Any] = body.get("status") or {}
@@ -254,108 +310,474 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     except spec_mod.SpecError as e:
         return plan_invalid(meta, previous, str(e), now)
     spec = md.spec
-    image = spec.image
-    target = spec.image_ref.version
-    stable: str | None = previous.get("stableVersion")
-    replicas = spec.serving.replicas
-    history = [dict(h) for h in previous.get("history") or []]
-    events: list[EventSpec] = []
-
-    target_view = observed.deployments.get(target)
-    target_ready = target_view is not None and target_view.replicas == replicas and target_view.rolled_out
-
-    # Replica plan by version.
-    desired: dict[str, tuple[str, int]] = {target: (image, replicas)}
-    promoted = False
-    if stable is not None and stable != target:
-        if target_ready:
-            promoted = True
-        elif stable in observed.deployments:
-            desired[stable] = (observed.deployments[stable].image, replicas)
-    if stable is None and target_ready:
-        promoted = True
-
-    new_stable = target if promoted else stable
-    if promoted:
-        for h in history:
-            if h.get("version") == stable and h.get("outcome") == "Promoted":
-                h["outcome"] = "Superseded"
-        history.append({"version": target, "image": image, "outcome": "Promoted", "reason": "RolledOut",
-                        "time": build_timestamp(now)})
-        history = history[-HISTORY_MAX:]
-        events.append(EventSpec("Normal", "Promoted", f"Version {target} is stable and serving"))
-    elif target_view is None:
-        what = "first version" if stable is None else f"candidate next to stable {stable}"
-        events.append(EventSpec("Normal", "Deploying", f"Deploying version {target} ({what})"))
-
-    # Older versions: scaled to zero and kept up to revisionHistoryLimit, the oldest beyond it deleted.
+    target, image = spec.version, spec.image
+    st = _load_state(previous)
+    apply: list[dict[str, Any]] = []
     deletes: list[tuple[str, str, str]] = []
-    order = {h.get("version"): i for i, h in enumerate(history)}
+    desired: dict[str, int] = {}  # replicas per version; the target is applied in full, the others scaled
+
+    _handle_rollback_to(md, st, observed, now)
+
+    # A retry token (annotation) retries a failed target once per new value.
+    blocked = assess_blocked(st.history, image, spec.retry) if target != st.stable else None
+    token = md.controls.retry
+    if token and token != st.controls.get("retry"):
+        st.controls["retry"] = token
+        if blocked is not None:
+            st.event("Normal", "Retrying", f"Retrying version {target} (shipyard.dev/retry={token})")
+            for h in st.history:
+                if h is blocked:
+                    h["retried"] = True  # keeps the record; no longer blocks
+            blocked = None
+            for job in observed.jobs.values():  # a failed compression Job is replaced by a new one
+                if job.phase == "Failed":
+                    deletes.append(("batch/v1", "Job", job.name))
+
+    # Compression of the target.
+    artifact_path, compression_state = _plan_compression(md, meta, st, observed, now, apply, blocked is not None)
+
+    if compression_state == "failed":
+        blocked = assess_blocked(st.history, image, spec.retry)
+
+    if target == st.stable and st.candidate is None:
+        _plan_steady(md, st, observed, desired)
+    elif blocked is not None:
+        _plan_blocked(md, st, observed, desired, blocked)
+    elif compression_state in ("pending", "stalled"):
+        _plan_waiting_for_artifact(md, st, observed, desired, compression_state)
+    elif st.stable is None or st.stable not in observed.deployments:
+        _plan_first(md, st, observed, desired, now)
+    else:
+        _plan_canary(md, meta, st, observed, desired, now, measurements or {})
+
+    # Older versions: scaled to zero and kept up to revisionHistoryLimit; the oldest beyond it deleted.
+    order = {h.get("version"): i for i, h in enumerate(st.history)}
     old_versions = sorted((v for v in observed.deployments if v not in desired),
                           key=lambda v: order.get(v, -1), reverse=True)
     for i, version in enumerate(old_versions):
         if i < spec.revision_history_limit:
-            desired.setdefault(version, (observed.deployments[version].image, 0))
+            desired[version] = 0
         else:
             deletes.append(("apps/v1", "Deployment", observed.deployments[version].name))
 
-    # The target version's Deployment is rendered from the current spec; every other version keeps the pod
-    # template it was deployed with (the stable stays exactly what was running) and only has its replicas set.
-    to_apply: list[dict[str, Any]] = []
-    target_obj = build_deployment(meta, md, target, image, desired[target][1])
-    target_hash = target_obj["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH]
-    if target_view is None or target_view.spec_hash != target_hash:
-        to_apply.append(target_obj)
     scales: list[tuple[str, int]] = []
-    for version, (_, count) in sorted(desired.items()):
+    target_view = observed.deployments.get(target)
+    if target in desired:
+        target_obj = build_deployment(meta, md, target, image, desired[target], artifact_path)
+        if target_view is None or target_view.spec_hash != objects.spec_hash_of(target_obj):
+            apply.append(target_obj)
+    for version, count in sorted(desired.items()):
         view = observed.deployments.get(version)
         if version != target and view is not None and view.replicas != count:
             scales.append((view.name, count))
     service = build_service(meta, spec.serving.port)
-    if observed.service_hash != service["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH]:
-        to_apply.append(service)
+    if observed.service_hash != objects.spec_hash_of(service):
+        apply.append(service)
 
-    # Status.
-    serving_ready = sum(v.ready_replicas for v in observed.deployments.values())
-    done = new_stable == target and target_ready and not to_apply and not scales
-    if done:
-        phase, message = "Healthy", f"Version {target} serves with {replicas} replica(s)"
+    status = _build_status(md, meta, st, previous, observed, now, settled=not apply and not scales and not deletes,
+                           compression_state=compression_state)
+    waits = [w for w in st.waits if w > now]
+    requeue = max(0.05, (min(waits) - now).total_seconds()) if waits else None
+    return Plan(apply=tuple(apply), delete=tuple(deletes), status=status, events=tuple(st.events),
+                requeue_after=requeue, scale=tuple(scales), rollbacks=st.rollbacks)
+
+
+def _handle_rollback_to(md: spec_mod.ModelDeployment, st: _State, observed: Observed,
+                        now: datetime.datetime) -> None:
+    """shipyard.dev/rollback-to=<version>: that kept version becomes stable again at once."""
+    wanted = md.controls.rollback_to
+    if not wanted or wanted == st.controls.get("rollbackTo"):
+        return
+    st.controls["rollbackTo"] = wanted
+    view = observed.deployments.get(wanted)
+    if view is None or wanted == st.stable and st.candidate is None:
+        kept = ", ".join(sorted(observed.deployments)) or "none"
+        if wanted != st.stable:
+            st.event("Warning", "RollbackRefused", f"Version {wanted} is not kept (kept versions: {kept})")
+        return
+    spec = md.spec
+    leaving = st.candidate or st.stable
+    if leaving is not None:
+        leaving_image = st.candidate_image if st.candidate else st.stable_image
+        # The spec's version is marked rolled back so that it is not rolled out again until the spec changes.
+        st.record(leaving, leaving_image or spec.image, "RolledBack", "ManualRollback",
+                  f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
+        if leaving != spec.version:
+            st.record(spec.version, spec.image, "RolledBack", "ManualRollback",
+                      f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
+    st.stable, st.stable_image = wanted, view.image
+    st.candidate = st.candidate_image = None
+    st.analysis = None
+    st.paused_reason = None
+    st.rollbacks += 1
+    st.event("Warning", "RolledBack", f"Rolled back to version {wanted} (shipyard.dev/rollback-to)")
+
+
+def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                      now: datetime.datetime, apply: list[dict[str, Any]], blocked: bool) -> tuple[str | None, str]:
+    """(artifact path to serve or None, state): state is none | ready | pending | stalled | failed."""
+    spec = md.spec
+    if spec.compression is None:
+        return None, "none"
+    key = objects.build_artifact_key(spec.image, spec_mod.build_recipe(spec.compression))
+    path = objects.build_artifact_path(meta, key)
+    entry = next((a for a in st.artifacts if a.get("key") == key), None)
+    if entry is not None and entry.get("phase") == "Succeeded":
+        return path, "ready"
+    if blocked:
+        return None, "failed"
+    if observed.missing_pvc:
+        st.stalled_reason = "ArtifactVolumeMissing"
+        st.message = (f"The artifacts PersistentVolumeClaim {observed.missing_pvc!r} "
+                      f"(spec.compression.artifacts.pvc) does not exist in namespace {meta.namespace}")
+        return None, "stalled"
+    config_map, job = objects.build_compression_objects(md, meta, spec.version, key)
+    name = job["metadata"]["name"]
+    if entry is None:
+        entry = {"key": key, "version": spec.version, "path": path, "job": name, "phase": "Pending",
+                 "createdAt": build_timestamp(now)}
+        st.artifacts.append(entry)
+        del st.artifacts[:-ARTIFACTS_MAX]
+        st.event("Normal", "Compressing", f"Compressing version {spec.version} in Job {name} (artifact {key})")
+    entry["job"] = name
+    if observed.config_maps.get(name) != objects.spec_hash_of(config_map):
+        apply.append(config_map)
+    view = observed.jobs.get(name)
+    if view is None:
+        apply.append(job)
+        return None, "pending"
+    if view.phase == "Succeeded":
+        entry.update(phase="Succeeded", message=view.message[:1024])
+        entry.update(_parse_report_numbers(view.message))
+        st.event("Normal", "Compressed", f"Compressed version {spec.version}: {view.message}")
+        return path, "ready"
+    if view.phase == "Failed":
+        message = view.message or "the compression Job failed without a message"
+        entry.update(phase="Failed", message=message[:1024])
+        st.record(spec.version, spec.image, "Failed", "CompressionFailed", message, now, spec.retry)
+        st.event("Warning", "CompressionFailed", f"Compression of version {spec.version} failed: {message}")
+        if st.candidate == spec.version:
+            st.candidate = st.candidate_image = None
+        return None, "failed"
+    entry["phase"] = "Running" if view.phase == "Running" else "Pending"
+    return None, "pending"
+
+
+def _parse_report_numbers(message: str) -> dict[str, Any]:
+    """Numbers from the runtime's one-line summary (``key=value`` pairs), for status.artifacts; best effort."""
+    fields = {"sourceBytes": int, "compressedBytes": int, "sourceAccuracy": float, "compressedAccuracy": float,
+              "relativeAccuracyLoss": float, "digest": str}
+    out: dict[str, Any] = {}
+    for token in message.replace(",", " ").replace(";", " ").split():
+        if "=" in token:
+            k, _, v = token.partition("=")
+            if k in fields:
+                try:
+                    out[k] = fields[k](v)
+                except ValueError:
+                    continue
+    return out
+
+
+def _plan_steady(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int]) -> None:
+    spec = md.spec
+    desired[spec.version] = spec.serving.replicas
+    st.stable_image = spec.image
+    st.paused_reason = None
+    view = observed.deployments.get(spec.version)
+    if view is not None and view.replicas == spec.serving.replicas and view.rolled_out:
+        st.phase, st.message = "Healthy", f"Version {spec.version} serves with {spec.serving.replicas} replica(s)"
     else:
-        ready_now = target_view.ready_replicas if target_view else 0
-        phase = "Progressing"
-        message = f"Rolling out version {target}: {ready_now}/{replicas} replica(s) ready"
-    prev_conditions = previous.get("conditions") or []
+        ready = view.ready if view else 0
+        st.phase = "Progressing"
+        st.message = f"Scaling version {spec.version}: {ready}/{spec.serving.replicas} replica(s) ready"
+
+
+def _plan_blocked(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int],
+                  blocked: Mapping[str, Any]) -> None:
+    """The target failed before: the stable serves at full size, the target stays at zero."""
+    spec = md.spec
+    if st.stable is not None and st.stable in observed.deployments:
+        desired[st.stable] = spec.serving.replicas
+    if spec.version in observed.deployments:
+        desired[spec.version] = 0
+    st.candidate = st.candidate_image = None
+    outcome, reason = str(blocked.get("outcome")), str(blocked.get("reason") or "Failed")
+    st.phase = "RolledBack" if outcome in ("RolledBack", "Aborted") and st.stable else "Failed"
+    st.stalled_reason = reason
+    serving = f"; version {st.stable} keeps serving" if st.stable else ""
+    st.message = (f"Version {spec.version} {outcome.lower()} ({reason}): {blocked.get('message', '')}{serving}. "
+                  "Change spec.image, bump spec.retry or set the shipyard.dev/retry annotation to try again")
+
+
+def _plan_waiting_for_artifact(md: spec_mod.ModelDeployment, st: _State, observed: Observed,
+                               desired: dict[str, int], state: str) -> None:
+    spec = md.spec
+    if st.stable is not None and st.stable in observed.deployments:
+        desired[st.stable] = spec.serving.replicas
+    if state == "stalled":
+        st.phase = "Failed" if st.stable is None else "Progressing"
+        return
+    st.phase = "Compressing"
+    st.message = f"Compressing version {spec.version} before rolling it out"
+
+
+def _plan_first(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int],
+                now: datetime.datetime) -> None:
+    """The model's first version (or no stable Deployment left): full size, stable once available."""
+    spec = md.spec
+    target, replicas = spec.version, spec.serving.replicas
+    if st.candidate != target:
+        st.candidate, st.candidate_image = target, spec.image
+        st.step, st.step_started, st.step_ready = 0, now, None
+        st.event("Normal", "Deploying", f"Deploying version {target} with {replicas} replica(s)")
+    desired[target] = replicas
+    view = observed.deployments.get(target)
+    if view is not None and view.replicas == replicas and view.rolled_out:
+        _promote(md, st, now)
+        return
+    started = st.step_started or now
+    deadline = started + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds)
+    if now >= deadline:
+        st.record(target, spec.image, "Failed", "StartupTimeout",
+                  f"not ready within startupTimeoutSeconds ({spec.rollout.startup_timeout_seconds} s)", now,
+                  spec.retry)
+        st.event("Warning", "StartupTimeout", f"Version {target} was not ready within "
+                                              f"{spec.rollout.startup_timeout_seconds} s")
+        desired[target] = 0
+        st.candidate = st.candidate_image = None
+        st.phase, st.stalled_reason = "Failed", "StartupTimeout"
+        st.message = f"Version {target} was not ready within {spec.rollout.startup_timeout_seconds} s"
+        return
+    st.wake_at(deadline)
+    ready = view.ready if view else 0
+    st.phase, st.message = "Progressing", f"Deploying version {target}: {ready}/{replicas} replica(s) ready"
+
+
+def _promote(md: spec_mod.ModelDeployment, st: _State, now: datetime.datetime) -> None:
+    spec = md.spec
+    for h in st.history:
+        if h.get("version") == st.stable and h.get("outcome") == "Promoted":
+            h["outcome"] = "Superseded"
+    artifact = next((a.get("path") for a in st.artifacts if a.get("version") == spec.version
+                     and a.get("phase") == "Succeeded"), None)
+    st.record(spec.version, spec.image, "Promoted", "RolledOut", "", now, spec.retry, artifact=artifact)
+    st.event("Normal", "Promoted", f"Version {spec.version} is stable and serves all traffic")
+    st.stable, st.stable_image = spec.version, spec.image
+    st.candidate = st.candidate_image = None
+    st.step, st.step_started, st.step_ready, st.paused_reason = 0, None, None, None
+    st.phase = "Healthy"  # reported as Progressing until the previous stable is scaled down (_build_status)
+    st.message = f"Version {spec.version} serves with {spec.serving.replicas} replica(s)"
+
+
+def _fail_candidate(md: spec_mod.ModelDeployment, st: _State, desired: dict[str, int], reason: str, message: str,
+                    now: datetime.datetime, outcome: str = "RolledBack") -> None:
+    spec = md.spec
+    target = spec.version
+    if spec.rollback.policy == "Manual" and outcome == "RolledBack":
+        st.phase, st.paused_reason = "Paused", reason
+        st.message = (f"Version {target} failed ({reason}): {message}. Paused (rollback policy Manual): set "
+                      f"shipyard.dev/abort={target} to roll back or shipyard.dev/promote={target} to promote")
+        if st.paused_reason != reason:
+            st.event("Warning", reason, f"Version {target}: {message}")
+        return
+    st.record(target, spec.image, outcome, reason, message, now, spec.retry)
+    st.event("Warning", "RolledBack", f"Rolled back version {target} to {st.stable} ({reason}): {message}")
+    st.rollbacks += 1
+    desired[target] = 0
+    if st.stable is not None:
+        desired[st.stable] = spec.serving.replicas
+    st.candidate = st.candidate_image = None
+    st.paused_reason = None
+    st.phase, st.stalled_reason = "RolledBack", reason
+    st.message = f"Version {target} rolled back ({reason}): {message}; version {st.stable} serves all traffic"
+
+
+def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed, desired: dict[str, int],
+                 now: datetime.datetime, measurements: Mapping[str, analysis.Measurement]) -> None:
+    spec = md.spec
+    target, total = spec.version, spec.serving.replicas
+    steps = spec.rollout.effective_steps
+    if st.candidate != target:
+        if st.candidate is not None:
+            st.record(st.candidate, st.candidate_image or "", "Aborted", "Replaced",
+                      f"replaced by version {target} before it was promoted", now, spec.retry)
+        st.candidate, st.candidate_image = target, spec.image
+        st.step, st.step_started, st.step_ready, st.paused_reason, st.analysis = 0, now, None, None, None
+        st.event("Normal", "RolloutStarted", f"Rolling out version {target} next to stable {st.stable} in "
+                                             f"{len(steps)} step(s)")
+    assert st.stable is not None
+    cand_view = observed.deployments.get(target)
+    cand_ready = cand_view.ready if cand_view is not None else 0
+
+    # Manual controls on this candidate.
+    if md.controls.abort == target and st.controls.get("abort") != target:
+        st.controls["abort"] = target
+        _fail_candidate(md, st, desired, "Aborted", "aborted by shipyard.dev/abort", now, outcome="Aborted")
+        return
+    if md.controls.promote == target and st.controls.get("promote") != target:
+        st.controls["promote"] = target
+        st.step = len(steps)
+        st.step_started, st.step_ready, st.paused_reason = now, None, None
+        st.event("Normal", "PromotedManually", f"Promoting version {target} now (shipyard.dev/promote)")
+    if st.paused_reason == "AnalysisFailed" and st.phase != "Aborted":
+        # Manual rollback policy: hold where the failure happened until abort or promote.
+        desired[target] = cand_view.replicas if cand_view else 0
+        desired[st.stable] = observed.deployments[st.stable].replicas
+        st.phase = "Paused"
+        st.message = (f"Version {target} failed its analysis; paused (rollback policy Manual): set "
+                      f"shipyard.dev/abort={target} or shipyard.dev/promote={target}")
+        return
+
+    promoting = st.step >= len(steps)
+    canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
+    cand_replicas, stable_replicas = plan_step_replicas(total, canary, cand_ready, build_surge_pods(spec))
+    desired[target] = cand_replicas
+    desired[st.stable] = stable_replicas
+    step_done_ready = cand_view is not None and cand_view.replicas == canary and cand_view.rolled_out \
+        and cand_ready >= canary
+
+    if promoting and step_done_ready:
+        _promote(md, st, now)
+        desired[target] = total
+        desired.pop(st.stable if st.stable != target else "", None)
+        return
+
+    started = st.step_started or now
+    if not step_done_ready:
+        deadline = started + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds)
+        if now >= deadline:
+            _fail_candidate(md, st, desired, "StartupTimeout",
+                            f"{cand_ready}/{canary} pod(s) ready after startupTimeoutSeconds "
+                            f"({spec.rollout.startup_timeout_seconds} s)", now)
+            return
+        st.wake_at(deadline)
+        st.phase = "Progressing"
+        st.message = (f"Step {min(st.step, len(steps) - 1) + 1}/{len(steps)} of version {target}: "
+                      f"{cand_ready}/{canary} canary pod(s) ready" if not promoting else
+                      f"Promoting version {target}: {cand_ready}/{total} pod(s) ready")
+    elif st.step_ready is None:
+        st.step_ready = now
+        st.event("Normal", "StepReady", f"Step {st.step + 1}/{len(steps)}: {canary}/{total} pod(s) of version "
+                                        f"{target} ready ({steps[st.step].weight}%)")
+
+    # Analysis runs from the first ready step until promotion.
+    verdict = _plan_analysis(md, meta, st, now, measurements)
+    if verdict is not None and verdict.phase in (analysis.Phase.FAILED, analysis.Phase.ERROR):
+        _fail_candidate(md, st, desired, "AnalysisFailed", verdict.message, now)
+        return
+    if not step_done_ready:
+        return
+    if verdict is not None and verdict.phase is analysis.Phase.INCONCLUSIVE:
+        if st.paused_reason != "AnalysisInconclusive":
+            st.event("Warning", "AnalysisInconclusive", f"Version {target}: {verdict.message}")
+        st.phase, st.paused_reason = "Paused", "AnalysisInconclusive"
+        st.message = f"Holding version {target} at step {st.step + 1}/{len(steps)}: {verdict.message}"
+        return
+    if st.paused_reason == "AnalysisInconclusive":
+        st.paused_reason = None
+    step = steps[st.step]
+    assert st.step_ready is not None
+    if step.manual:
+        st.phase, st.paused_reason = "Paused", "ManualStep"
+        st.message = (f"Version {target} at step {st.step + 1}/{len(steps)} ({step.weight}%): waiting for "
+                      f"shipyard.dev/promote={target}")
+        return
+    if step.pause_seconds:
+        resume = st.step_ready + datetime.timedelta(seconds=step.pause_seconds)
+        if now < resume:
+            st.wake_at(resume)
+            st.phase = "Progressing"
+            st.message = (f"Step {st.step + 1}/{len(steps)} of version {target} ({step.weight}%, {canary} pod(s)): "
+                          f"pausing until {build_timestamp(resume)}")
+            return
+    last = st.step == len(steps) - 1
+    if last and verdict is not None and verdict.phase is not analysis.Phase.SUCCESSFUL:
+        st.phase = "Progressing"
+        st.message = f"Version {target} completed its steps; analysis: {verdict.message}"
+        return
+    st.event("Normal", "StepCompleted", f"Step {st.step + 1}/{len(steps)} ({step.weight}%) of version {target} "
+                                        "completed")
+    st.step += 1
+    st.step_started, st.step_ready = now, None
+    st.phase = "Progressing"
+    promoting = st.step >= len(steps)
+    canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
+    desired[target], desired[st.stable] = plan_step_replicas(total, canary, cand_ready, build_surge_pods(spec))
+    st.message = (f"Promoting version {target}" if promoting else
+                  f"Step {st.step + 1}/{len(steps)} of version {target}: scaling to {canary} pod(s)")
+    st.wake_at(now + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds))
+
+
+def _plan_analysis(md: spec_mod.ModelDeployment, meta: Meta, st: _State, now: datetime.datetime,
+                   measurements: Mapping[str, analysis.Measurement]) -> analysis.Assessment | None:
+    spec_analysis = md.spec.rollout.analysis
+    if spec_analysis is None or st.step_ready is None and (st.analysis is None or
+                                                           st.analysis.get("version") != md.spec.version):
+        return None
+    prior = st.analysis if st.analysis is not None and st.analysis.get("version") == md.spec.version else None
+    started = parse_time((prior or {}).get("startedAt")) or st.step_ready or now
+    st.analysis = analysis.build_analysis_status(prior, spec_analysis, md.spec.version, measurements, started, now)
+    st.wake_at(analysis.build_next_measurement_at(st.analysis, spec_analysis, started))
+    phase = analysis.Phase(st.analysis["phase"])
+    return analysis.Assessment(phase, str(st.analysis.get("message", "")))
+
+
+def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous: Mapping[str, Any],
+                  observed: Observed, now: datetime.datetime, *, settled: bool, compression_state: str,
+                  ) -> dict[str, Any]:
+    spec = md.spec
     g = meta.generation
+    prev_conditions = previous.get("conditions") or []
+    healthy = st.phase == "Healthy" and settled
+    if st.phase == "Healthy" and not settled:
+        st.phase = "Progressing"
+    stalled = st.stalled_reason is not None
+    ready_total = sum(v.ready for v in observed.deployments.values())
+    reason = st.stalled_reason or st.paused_reason or ("RolledOut" if healthy else st.phase)
     conditions = [
-        build_condition("Ready", done, "RolledOut" if done else "Progressing", message, g, prev_conditions, now),
-        build_condition("Reconciling", not done, "Progressing" if not done else "RolledOut", message, g,
+        build_condition("Ready", healthy, "RolledOut" if healthy else reason, st.message, g, prev_conditions, now),
+        build_condition("Reconciling", not healthy and not stalled, reason, st.message if not healthy else "", g,
                         prev_conditions, now),
-        build_condition("Stalled", False, "Progressing" if not done else "RolledOut", "", g, prev_conditions, now),
-        build_condition("Serving", serving_ready > 0 or replicas == 0,
-                        "ReplicasReady" if serving_ready else "NoReadyReplicas",
-                        f"{serving_ready} ready replica(s) across versions", g, prev_conditions, now),
+        build_condition("Stalled", stalled, st.stalled_reason or "AsExpected", st.message if stalled else "", g,
+                        prev_conditions, now),
+        build_condition("Serving", ready_total > 0 or spec.serving.replicas == 0,
+                        "ReplicasReady" if ready_total else "NoReadyReplicas",
+                        f"{ready_total} ready replica(s) across versions", g, prev_conditions, now),
     ]
+    if spec.compression is not None:
+        compressed = {"ready": True, "failed": False}.get(compression_state)
+        last_artifact = next((a for a in reversed(st.artifacts) if a.get("version") == spec.version), None)
+        msg = str((last_artifact or {}).get("message", ""))
+        conditions.append(build_condition(
+            "Compressed", compressed,
+            {"ready": "ArtifactReady", "failed": "CompressionFailed", "stalled": "ArtifactVolumeMissing"}.get(
+                compression_state, "Compressing"), msg, g, prev_conditions, now))
     status: dict[str, Any] = {
         "observedGeneration": g,
-        "phase": phase,
-        "message": message,
-        "stableVersion": new_stable,
-        "candidateVersion": None if new_stable == target else target,
+        "phase": st.phase,
+        "message": st.message,
+        "stableVersion": st.stable,
+        "stableImage": st.stable_image,
+        "candidateVersion": st.candidate,
+        "candidateImage": st.candidate_image,
+        "currentStepIndex": st.step if st.candidate else None,
+        "stepStartedAt": build_timestamp(st.step_started) if st.candidate and st.step_started else None,
+        "stepReadyAt": build_timestamp(st.step_ready) if st.candidate and st.step_ready else None,
+        "pausedReason": st.paused_reason,
         "conditions": conditions,
-        "history": history,
+        "history": st.history,
+        "artifacts": st.artifacts or None,
+        "analysis": st.analysis,
+        "controls": st.controls or None,
         "replicas": {
-            "ready": serving_ready,
-            "stable": _ready_of(observed, new_stable),
-            "candidate": _ready_of(observed, target) if new_stable != target else 0,
+            "ready": ready_total,
+            "stable": observed.deployments[st.stable].ready if st.stable and st.stable in observed.deployments else 0,
+            "candidate": observed.deployments[st.candidate].ready
+            if st.candidate and st.candidate in observed.deployments else 0,
         },
     }
-    return Plan(apply=tuple(to_apply), delete=tuple(deletes), status=status, events=tuple(events),
-                requeue_after=None, scale=tuple(scales))
-
-
-def _ready_of(observed: Observed, version: str | None) -> int:
-    view = observed.deployments.get(version) if version else None
-    return view.ready_replicas if view else 0
+    return status
 
 
 def assess_status_changed(previous: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

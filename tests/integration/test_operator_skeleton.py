@@ -165,7 +165,22 @@ def test_deleting_the_model_deployment_cascades(cluster: Cluster, operator: Kopf
                60, message=f"the pods to go ({len(pods)} left)")
 
 
+def create_artifacts_volume(cluster: Cluster, namespace: str, name: str = "shipyard-artifacts") -> None:
+    """A PVC bound to its own local PV (the fake nodes have no provisioner): what a compression Job mounts."""
+    pv = f"{namespace}-{name}"
+    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                   "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                            "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
+                            "hostPath": {"path": f"/tmp/shipyard-test-artifacts/{pv}"},
+                            "claimRef": {"namespace": namespace, "name": name}}})
+    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+                   "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                            "resources": {"requests": {"storage": "1Gi"}}}}, namespace)
+
+
 def test_examples_become_ready(cluster: Cluster, operator: KopfRunner, namespace: str) -> None:
+    """Each example (compression included: KWOK completes the Job) reaches Ready."""
+    create_artifacts_volume(cluster, namespace)
     for path in sorted((REPO / "examples").glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
         doc["metadata"].pop("namespace", None)

@@ -1,198 +1,513 @@
-"""Pure planning: from (spec, observed children, previous status, now) to objects, status and events."""
+"""Pure planning: the rollout state machine driven through every transition by a small simulated cluster.
+
+``Sim`` plays the API server and the Deployment/Job controllers: it applies each plan (pods of a version become
+ready at once unless the version is "broken"), persists the planned status as the API server would (a merge
+patch: None removes a field), advances a fake clock and feeds metric measurements when the planner asks for them.
+Because the planner keeps everything in status, a restarted operator is the same planner on the same inputs:
+``test_restart_in_every_phase_plans_the_same`` checks exactly that at every pass of every scenario.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from shipyard.operator import naming, planning
+from shipyard.operator import analysis, naming, objects, planning
 
-NOW = datetime.datetime(2026, 11, 28, 12, 0, 0, tzinfo=datetime.UTC)
+T0 = datetime.datetime(2026, 11, 28, 12, 0, 0, tzinfo=datetime.UTC)
 IMAGE = "registry.example/acme/digits-model"
 
+Measure = Callable[[str, datetime.datetime], float | None]
 
-def body(tag: str = "1.0.0", replicas: int = 2, status: dict[str, Any] | None = None, generation: int = 1,
-         **spec: Any) -> dict[str, Any]:
+
+def md(tag: str = "1.0.0", replicas: int = 4, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": "shipyard.dev/v1alpha1",
         "kind": "ModelDeployment",
-        "metadata": {"name": "digits", "namespace": "ml", "uid": "uid-1", "generation": generation},
+        "metadata": {"name": "digits", "namespace": "ml", "uid": "uid-1", "generation": 1, "annotations": {}},
         "spec": {"image": f"{IMAGE}:{tag}", "model": {"path": "/models/digits"},
                  "serving": {"replicas": replicas}, **spec},
-        "status": status or {},
+        "status": {},
     }
 
 
-def view(version: str, replicas: int, ready: int | None = None, plan_for: dict[str, Any] | None = None,
-         ) -> planning.DeploymentView:
-    """An observed Deployment; with plan_for, its spec hash matches what the planner would apply."""
-    ready = replicas if ready is None else ready
-    spec_hash = ""
-    if plan_for is not None:
-        for obj in planning.plan_reconcile(plan_for, planning.Observed(), NOW).apply:
-            if obj["kind"] == "Deployment" and obj["metadata"]["labels"][naming.LABEL_VERSION] == version:
-                spec_hash = obj["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH]
-    return planning.DeploymentView(
-        name=naming.build_deployment_name("digits", version), version=version, image=f"{IMAGE}:{version}",
-        replicas=replicas, ready_replicas=ready, available_replicas=ready, updated_replicas=replicas,
-        generation=1, observed_generation=1, spec_hash=spec_hash,
-    )
+ANALYSIS = {"interval": "10s", "failureLimit": 1, "minSamples": 2, "noData": "Inconclusive",
+            "metrics": [{"name": "error-rate", "builtin": "errorRate", "max": 0.05}]}
+STEPS = [{"weight": 25, "pause": "60s"}, {"weight": 50, "pause": "60s"}]
+COMPRESSION = {"steps": [{"prune": {"amount": 0.5}}, {"quantize": {"scheme": "int8-dynamic"}}],
+               "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "shipyard-artifacts"}}
 
 
-def deployments(plan: planning.Plan) -> dict[str, int]:
-    """Replicas the plan sets per version: full applies of the target, scale-only changes of the others."""
-    out = {o["metadata"]["labels"][naming.LABEL_VERSION]: o["spec"]["replicas"]
-           for o in plan.apply if o["kind"] == "Deployment"}
-    for name, replicas in plan.scale:
-        out[name.removeprefix("digits-").replace("-", ".")] = replicas
-    return out
+def good(version: str, now: datetime.datetime) -> float | None:
+    return 0.0
 
 
-def cond(plan: planning.Plan, type_: str) -> str:
-    return next(c["status"] for c in plan.status["conditions"] if c["type"] == type_)
+class Sim:
+    """A tiny fake cluster + clock around plan_reconcile."""
+
+    def __init__(self, body: dict[str, Any], measure: Measure = good, tick: float = 5.0) -> None:
+        self.body = body
+        self.now = T0
+        self.tick = tick
+        self.measure = measure
+        self.deployments: dict[str, planning.DeploymentView] = {}
+        self.jobs: dict[str, planning.JobView] = {}
+        self.config_maps: dict[str, str] = {}
+        self.service_hash: str | None = None
+        self.broken: set[str] = set()  # versions whose pods never become ready
+        self.job_outcome: tuple[str, str] = ("Succeeded", "accepted: sourceBytes=1000 compressedBytes=100")
+        self.missing_pvc: str | None = None
+        self.plans: list[planning.Plan] = []
+        self.measured = 0
+
+    # --- what the operator observes
+    def observed(self) -> planning.Observed:
+        return planning.Observed(deployments=dict(self.deployments), service_hash=self.service_hash,
+                                 jobs=dict(self.jobs), config_maps=dict(self.config_maps),
+                                 missing_pvc=self.missing_pvc)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.body["status"]
+
+    def set_spec(self, **changes: Any) -> None:
+        self.body["spec"].update(changes)
+        self.body["metadata"]["generation"] += 1
+
+    def annotate(self, key: str, value: str) -> None:
+        self.body["metadata"]["annotations"][f"shipyard.dev/{key}"] = value
+
+    def _ready(self, version: str, replicas: int) -> planning.DeploymentView:
+        ready = 0 if version in self.broken else replicas
+        old = self.deployments.get(version)
+        return planning.DeploymentView(
+            name=naming.build_deployment_name("digits", version), version=version,
+            image=old.image if old else "", replicas=replicas, ready_replicas=ready, available_replicas=ready,
+            updated_replicas=replicas, generation=1, observed_generation=1, spec_hash=old.spec_hash if old else "")
+
+    def plan(self) -> planning.Plan:
+        measurements = None
+        request = planning.plan_measurement(self.body, self.observed(), self.now)
+        if request is not None:
+            self.measured += 1
+            value = self.measure(request.candidate, self.now)
+            sample = analysis.Sample(value=value, query="q")
+            measurements = {m["name"]: analysis.Measurement(candidate=sample, stable=analysis.Sample(0.0, "q"))
+                            for m in self.body["spec"]["rollout"]["analysis"]["metrics"]}
+        return planning.plan_reconcile(copy.deepcopy(self.body), self.observed(), self.now, measurements)
+
+    def step(self) -> planning.Plan:
+        plan = self.plan()
+        self.plans.append(plan)
+        for obj in plan.apply:
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            if kind == "Deployment":
+                version = obj["metadata"]["labels"][naming.LABEL_VERSION]
+                view = self._ready(version, obj["spec"]["replicas"])
+                self.deployments[version] = dataclasses.replace(
+                    view, image=obj["spec"]["template"]["spec"]["containers"][0]["image"],
+                    spec_hash=objects.spec_hash_of(obj))
+            elif kind == "Service":
+                self.service_hash = objects.spec_hash_of(obj)
+            elif kind == "ConfigMap":
+                self.config_maps[name] = objects.spec_hash_of(obj)
+            elif kind == "Job":
+                self.jobs[name] = planning.JobView(name=name, key=obj["metadata"]["labels"][naming.LABEL_ARTIFACT],
+                                                   phase="Running", spec_hash=objects.spec_hash_of(obj))
+        for name, replicas in plan.scale:
+            version = next(v for v, d in self.deployments.items() if d.name == name)
+            self.deployments[version] = self._ready(version, replicas)
+        for _, kind, name in plan.delete:
+            if kind == "Deployment":
+                self.deployments = {v: d for v, d in self.deployments.items() if d.name != name}
+            elif kind == "Job":
+                self.jobs.pop(name, None)
+        # Running Jobs finish by the next pass, as the fake kubelet decides.
+        for name, job in list(self.jobs.items()):
+            if job.phase == "Running":
+                phase, message = self.job_outcome
+                self.jobs[name] = dataclasses.replace(job, phase=phase, message=message)
+        merged = {**self.status, **plan.status}
+        self.body["status"] = {k: v for k, v in merged.items() if v is not None}
+        self.now += datetime.timedelta(seconds=self.tick)
+        return plan
+
+    def run(self, until: Callable[[Sim], bool], max_passes: int = 200) -> Sim:
+        for _ in range(max_passes):
+            self.step()
+            if until(self):
+                return self
+        raise AssertionError(f"did not settle: phase={self.status.get('phase')} message={self.status.get('message')}")
+
+    def settle(self) -> Sim:
+        """Runs until a pass plans nothing: no writes, no events, no status change, no timer."""
+        def settled(s: Sim) -> bool:
+            p = s.plans[-1]
+            return not (p.apply or p.scale or p.delete or p.events) and p.requeue_after is None and \
+                len(s.plans) > 1 and not planning.assess_status_changed(s.plans[-2].status, p.status)
+        return self.run(settled)
+
+    def replicas(self) -> dict[str, int]:
+        return {v: d.replicas for v, d in self.deployments.items()}
+
+    def reasons(self) -> list[str]:
+        return [e.reason for p in self.plans for e in p.events]
+
+    def history(self) -> list[tuple[str, str]]:
+        return [(h["version"], h["outcome"]) for h in self.status.get("history", [])]
+
+    def condition(self, type_: str) -> tuple[str, str]:
+        c = next(c for c in self.status["conditions"] if c["type"] == type_)
+        return c["status"], c["reason"]
 
 
-def service_hash() -> str:
-    svc = planning.build_service(planning.build_meta(body()), 8080)
-    return str(svc["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH])
+def stable_sim(**spec: Any) -> Sim:
+    """A model settled on 1.0.0, then spec changed to 1.1.0 with the given rollout settings."""
+    sim = Sim(md("1.0.0", **spec)).settle()
+    assert sim.status["phase"] == "Healthy"
+    sim.set_spec(image=f"{IMAGE}:1.1.0")
+    return sim
 
 
-STABLE_1 = {"stableVersion": "1.0.0", "phase": "Healthy",
-            "history": [{"version": "1.0.0", "outcome": "Promoted", "image": f"{IMAGE}:1.0.0", "time": "t"}]}
+# --- pure helpers -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("case", "md", "observed", "want_deployments", "want_phase", "want_stable", "want_candidate", "want_ready"),
-    [
-        pytest.param("first-apply", body(), {}, {"1.0.0": 2}, "Progressing", None, "1.0.0", "False",
-                     id="first-apply-creates-the-version"),
-        pytest.param("first-pods-not-ready", body(), {"1.0.0": (2, 1)}, {}, "Progressing", None, "1.0.0",
-                     "False", id="first-version-waits-for-ready-pods"),
-        pytest.param("first-ready", body(), {"1.0.0": (2, 2)}, {}, "Healthy", "1.0.0", None, "True",
-                     id="first-version-promoted-when-available"),
-        pytest.param("steady", body(status=STABLE_1), {"1.0.0": (2, 2)}, {}, "Healthy", "1.0.0", None, "True",
-                     id="steady-state-plans-nothing"),
-        pytest.param("new-tag", body("1.1.0", status=STABLE_1, generation=2), {"1.0.0": (2, 2)},
-                     {"1.1.0": 2}, "Progressing", "1.0.0", "1.1.0", "False",
-                     id="new-tag-starts-candidate-next-to-stable"),
-        pytest.param("candidate-ready", body("1.1.0", status=STABLE_1, generation=2),
-                     {"1.0.0": (2, 2), "1.1.0": (2, 2)}, {"1.0.0": 0}, "Progressing", "1.1.0", None, "False",
-                     id="candidate-available-is-promoted-old-scaled-to-zero"),
-        pytest.param("scale", body(replicas=3, status=STABLE_1, generation=2), {"1.0.0": (2, 2)},
-                     {"1.0.0": 3}, "Progressing", "1.0.0", None, "False", id="replica-change-reapplies"),
-        pytest.param("revert", body("0.9.0", status=STABLE_1, generation=3),
-                     {"1.0.0": (2, 2), "0.9.0": (0, 0)}, {"0.9.0": 2}, "Progressing", "1.0.0", "0.9.0", "False",
-                     id="revert-to-a-kept-version-scales-it-up"),
-    ],
-)
-def test_transitions(case: str, md: dict[str, Any], observed: dict[str, tuple[int, int]],
-                     want_deployments: dict[str, int], want_phase: str, want_stable: str | None,
-                     want_candidate: str | None, want_ready: str) -> None:
-    views = {}
-    for version, (replicas, ready) in observed.items():
-        # An observed Deployment matches what was last applied for it (same spec as the md, its replicas).
-        applied_for = body(version, replicas=replicas, status=md["status"])
-        views[version] = view(version, replicas, ready, plan_for=applied_for)
-    plan = planning.plan_reconcile(md, planning.Observed(deployments=views, service_hash=service_hash()), NOW)
-    assert deployments(plan) == want_deployments
-    assert plan.status["phase"] == want_phase
-    assert plan.status["stableVersion"] == want_stable
-    assert plan.status["candidateVersion"] == want_candidate
-    assert cond(plan, "Ready") == want_ready
-    assert cond(plan, "Reconciling") == ("False" if want_ready == "True" else "True")
-    assert cond(plan, "Stalled") == "False"
-    assert plan.status["observedGeneration"] == md["metadata"]["generation"]
+@pytest.mark.parametrize(("total", "weight", "expected"), [
+    pytest.param(4, 25, 1, id="exact"),
+    pytest.param(4, 10, 1, id="at-least-one"),
+    pytest.param(3, 50, 2, id="rounds-up"),
+    pytest.param(10, 100, 10, id="full"),
+    pytest.param(0, 50, 0, id="no-replicas"),
+    pytest.param(1, 1, 1, id="single-replica"),
+])
+def test_canary_replicas(total: int, weight: int, expected: int) -> None:
+    assert planning.build_canary_replicas(total, weight) == expected
 
 
-def test_promotion_records_history_and_an_event() -> None:
-    md = body("1.1.0", status=STABLE_1, generation=2)
-    views = {v: view(v, 2, 2, plan_for=body(v, status=STABLE_1)) for v in ("1.0.0", "1.1.0")}
-    plan = planning.plan_reconcile(md, planning.Observed(views, service_hash()), NOW)
-    assert [(h["version"], h["outcome"]) for h in plan.status["history"]] == [
-        ("1.0.0", "Superseded"), ("1.1.0", "Promoted")]
-    assert plan.status["history"][-1]["time"] == "2026-11-28T12:00:00Z"
-    assert [e.reason for e in plan.events] == ["Promoted"]
+@pytest.mark.parametrize(("total", "canary", "ready", "surge", "expected"), [
+    pytest.param(4, 1, 0, None, (1, 4), id="cpu-surge-first-stable-stays"),
+    pytest.param(4, 1, 1, None, (1, 3), id="cpu-candidate-ready-stable-shrinks"),
+    pytest.param(4, 2, 1, None, (2, 3), id="cpu-next-step-shrinks-as-pods-come"),
+    pytest.param(4, 2, 0, 0, (2, 2), id="gpu-no-spare-in-place"),
+    pytest.param(4, 2, 0, 1, (2, 3), id="gpu-one-spare-pod"),
+    pytest.param(4, 4, 0, 0, (4, 0), id="gpu-promotion-in-place"),
+    pytest.param(4, 4, 2, None, (4, 2), id="promotion-surge"),
+])
+def test_step_replicas(total: int, canary: int, ready: int, surge: int | None, expected: tuple[int, int]) -> None:
+    assert planning.plan_step_replicas(total, canary, ready, surge) == expected
 
 
-def applied(plan: planning.Plan, views: dict[str, planning.DeploymentView]) -> dict[str, planning.DeploymentView]:
-    """The observation after the plan's Deployments were applied and rolled out."""
-    out = dict(views)
-    for o in plan.apply:
-        if o["kind"] == "Deployment":
-            version, n = o["metadata"]["labels"][naming.LABEL_VERSION], o["spec"]["replicas"]
-            out[version] = planning.DeploymentView(
-                name=o["metadata"]["name"], version=version, image=f"{IMAGE}:{version}", replicas=n,
-                ready_replicas=n, available_replicas=n, updated_replicas=n, generation=1, observed_generation=1,
-                spec_hash=o["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH])
-    for name, n in plan.scale:
-        old = next(v for v in out.values() if v.name == name)
-        out[old.version] = dataclasses.replace(old, replicas=n, ready_replicas=n, available_replicas=n,
-                                               updated_replicas=n)
-    return out
+@pytest.mark.parametrize(("gpus", "max_surge_gpus", "expected"), [
+    pytest.param(0, None, None, id="cpu"),
+    pytest.param(0, 0, None, id="cpu-ignores-gpu-limit"),
+    pytest.param(1, None, None, id="gpu-unlimited"),
+    pytest.param(2, 0, 0, id="gpu-in-place"),
+    pytest.param(2, 5, 2, id="gpu-whole-pods"),
+])
+def test_surge_pods(gpus: int, max_surge_gpus: int | None, expected: int | None) -> None:
+    body = md(serving={"replicas": 4, **({"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}} if gpus else {})},
+              rollout={} if max_surge_gpus is None else {"maxSurgeGPUs": max_surge_gpus})
+    from shipyard.operator import spec as spec_mod
+    assert planning.build_surge_pods(spec_mod.parse_model_deployment(body).spec) == expected
 
 
-def test_a_settled_plan_is_idempotent() -> None:
-    """Apply a plan, feed its status back: the loop settles, and then plans no writes, events or status change."""
-    md = body("1.1.0", status=STABLE_1, generation=2)
-    views: dict[str, planning.DeploymentView] = {"1.0.0": view("1.0.0", 2, 2, plan_for=body("1.0.0"))}
-    status: dict[str, Any] = dict(STABLE_1)
-    plans = []
-    for i in range(4):
-        plan = planning.plan_reconcile({**md, "status": status}, planning.Observed(views, service_hash()),
-                                       NOW + datetime.timedelta(seconds=i))
-        plans.append(plan)
-        views, status = applied(plan, views), plan.status
-    assert plans[-1].status["phase"] == "Healthy"
-    assert plans[-1].apply == () and plans[-1].events == () and plans[-1].delete == ()
-    assert not planning.assess_status_changed(plans[-2].status, plans[-1].status)
-    assert {v: d.replicas for v, d in views.items()} == {"1.0.0": 0, "1.1.0": 2}
+# --- lifecycles ---------------------------------------------------------------------------------------------------
 
 
-def test_revision_history_limit_keeps_the_newest_old_versions() -> None:
-    history = [{"version": v, "outcome": "Superseded"} for v in ("0.7.0", "0.8.0", "0.9.0")]
-    history.append({"version": "1.0.0", "outcome": "Promoted"})
-    status = {"stableVersion": "1.0.0", "history": history}
-    md = body(status=status, revisionHistoryLimit=1)
-    views = {v: view(v, 0, 0) for v in ("0.7.0", "0.8.0", "0.9.0")}
-    views["1.0.0"] = view("1.0.0", 2, 2)
-    plan = planning.plan_reconcile(md, planning.Observed(views, service_hash()), NOW)
-    assert sorted(name for _, _, name in plan.delete) == ["digits-0-7-0", "digits-0-8-0"]
-    assert plan.scale == ()  # the kept version is already at zero: untouched
+def test_first_version_is_deployed_at_full_size_and_becomes_healthy() -> None:
+    sim = Sim(md("1.0.0")).settle()
+    assert sim.replicas() == {"1.0.0": 4}
+    assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.0.0"
+    assert sim.condition("Ready") == ("True", "RolledOut")
+    assert sim.condition("Reconciling")[0] == "False" and sim.condition("Stalled")[0] == "False"
+    assert sim.history() == [("1.0.0", "Promoted")]
+    assert sim.reasons() == ["Deploying", "Promoted"]
+    assert "candidateVersion" not in sim.status
 
 
-def test_deployment_carries_version_env_probes_owner_and_gpu_resources() -> None:
-    md = body(serving={"replicas": 1, "resources": {"limits": {"nvidia.com/gpu": 1}}})
-    (dep,) = [o for o in planning.plan_reconcile(md, planning.Observed(), NOW).apply if o["kind"] == "Deployment"]
-    pod = dep["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["SHIPYARD_MODEL_VERSION"] == "1.0.0"
-    assert env["SHIPYARD_ARTIFACT_PATH"] == "/models/digits"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert dep["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
-    assert dep["spec"]["selector"]["matchLabels"][naming.LABEL_VERSION] == "1.0.0"
+def test_canary_steps_pause_then_promote_and_keep_the_old_version() -> None:
+    sim = stable_sim(rollout={"steps": STEPS})
+    sim.step()
+    assert sim.status["candidateVersion"] == "1.1.0" and sim.status["currentStepIndex"] == 0
+    assert sim.replicas() == {"1.0.0": 4, "1.1.0": 1}  # surge first: the stable keeps serving
+    sim.step()
+    assert sim.replicas() == {"1.0.0": 3, "1.1.0": 1}  # 25%: one of four
+    assert sim.plans[-1].requeue_after == pytest.approx(60.0)  # the pause from the step's ready time
+    sim.run(lambda s: s.status.get("currentStepIndex") == 1)
+    assert (sim.now - T0).total_seconds() >= 60
+    sim.run(lambda s: s.replicas().get("1.1.0") == 2 and s.replicas().get("1.0.0") == 2)
+    sim.settle()
+    assert sim.replicas() == {"1.0.0": 0, "1.1.0": 4}
+    assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.1.0"
+    assert sim.history() == [("1.0.0", "Superseded"), ("1.1.0", "Promoted")]
+    assert [r for r in sim.reasons() if r in ("RolloutStarted", "StepReady", "StepCompleted", "Promoted")] == [
+        "Promoted", "RolloutStarted", "StepReady", "StepCompleted", "StepReady", "StepCompleted", "Promoted"]
+
+
+def test_analysis_success_is_needed_before_promotion() -> None:
+    sim = stable_sim(rollout={"steps": [{"weight": 50}], "analysis": ANALYSIS})
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.1.0"
+    assert sim.measured >= 2  # minSamples 2
+    assert sim.status["analysis"]["phase"] == "Successful"
+    assert sim.status["analysis"]["detectionBoundSeconds"] == 20.0
+
+
+def test_failing_analysis_rolls_back_and_gitops_reapply_does_not_loop() -> None:
+    sim = stable_sim(rollout={"steps": STEPS, "analysis": ANALYSIS})
+    sim.measure = lambda version, now: 0.5 if version == "1.1.0" else 0.0
+    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    assert sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
+    assert sim.status["stableVersion"] == "1.0.0" and "candidateVersion" not in sim.status
+    assert sim.condition("Stalled") == ("True", "AnalysisFailed")
+    assert sim.condition("Ready")[0] == "False"
+    assert sim.history()[-1] == ("1.1.0", "RolledBack")
+    assert sim.plans[-1].rollbacks == 1
+    assert sim.status["analysis"]["phase"] == "Failed"
+    assert sim.measured == 2  # failureLimit 1: the second failure decides
+    # A GitOps tool applies the same manifest again and again: nothing restarts.
+    before = len(sim.reasons())
+    for _ in range(10):
+        sim.body["metadata"]["generation"] += 1  # e.g. a label touched by the tool
+        sim.step()
+    assert sim.status["phase"] == "RolledBack" and sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
+    assert len(sim.reasons()) == before and sim.plans[-1].rollbacks == 0
+
+
+@pytest.mark.parametrize("how", ["spec-retry", "annotation", "new-image"])
+def test_a_failed_version_is_retried_only_when_asked(how: str) -> None:
+    sim = stable_sim(rollout={"analysis": ANALYSIS})
+    sim.measure = lambda version, now: 0.5
+    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    sim.measure = good
+    if how == "spec-retry":
+        sim.set_spec(retry=1)
+    elif how == "annotation":
+        sim.annotate("retry", "try-2")
+    else:
+        sim.set_spec(image=f"{IMAGE}:1.1.1")
+    sim.settle()
+    assert sim.status["phase"] == "Healthy"
+    assert sim.status["stableVersion"] == ("1.1.1" if how == "new-image" else "1.1.0")
+    assert ("1.1.0", "RolledBack") in sim.history()
+
+
+def test_no_data_holds_the_step_without_flapping_then_resumes() -> None:
+    sim = stable_sim(rollout={"steps": [{"weight": 25}], "analysis": ANALYSIS})
+    sim.measure = lambda version, now: None
+    sim.run(lambda s: s.status.get("phase") == "Paused")
+    assert sim.status["pausedReason"] == "AnalysisInconclusive"
+    for _ in range(20):
+        sim.step()
+    assert sim.status["phase"] == "Paused" and sim.replicas()["1.1.0"] == 1
+    assert sim.reasons().count("AnalysisInconclusive") == 1 and "RolledBack" not in sim.reasons()
+    sim.measure = good
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.1.0"
+
+
+def test_a_candidate_never_ready_times_out_and_rolls_back() -> None:
+    sim = stable_sim(rollout={"steps": STEPS, "startupTimeoutSeconds": 30})
+    sim.broken.add("1.1.0")
+    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    assert sim.condition("Stalled") == ("True", "StartupTimeout")
+    assert sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
+    assert 30 <= (sim.now - T0).total_seconds() <= 60
+
+
+def test_first_version_never_ready_fails() -> None:
+    sim = Sim(md("1.0.0", rollout={"startupTimeoutSeconds": 20}))
+    sim.broken.add("1.0.0")
+    sim.run(lambda s: s.status.get("phase") == "Failed")
+    assert sim.condition("Stalled") == ("True", "StartupTimeout")
+    assert sim.history() == [("1.0.0", "Failed")]
+
+
+def test_manual_policy_pauses_on_failure_and_abort_rolls_back() -> None:
+    sim = stable_sim(rollout={"analysis": ANALYSIS}, rollback={"policy": "Manual"})
+    sim.measure = lambda version, now: 0.5
+    sim.run(lambda s: s.status.get("phase") == "Paused")
+    assert sim.status["pausedReason"] == "AnalysisFailed"
+    for _ in range(5):
+        sim.step()
+    assert sim.status["phase"] == "Paused" and sim.replicas()["1.1.0"] == 4 and "RolledBack" not in sim.reasons()
+    sim.annotate("abort", "1.1.0")
+    sim.settle()
+    assert sim.status["phase"] == "RolledBack" and sim.history()[-1] == ("1.1.0", "Aborted")
+    assert sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
+
+
+def test_manual_step_waits_for_promote_which_skips_the_rest() -> None:
+    sim = stable_sim(rollout={"steps": [{"weight": 25, "manual": True}, {"weight": 50, "pause": "1h"}]})
+    sim.run(lambda s: s.status.get("pausedReason") == "ManualStep")
+    for _ in range(5):
+        sim.step()
+    assert sim.status["phase"] == "Paused" and sim.replicas()["1.1.0"] == 1
+    sim.annotate("promote", "1.1.0")
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.1.0" and (sim.now - T0).total_seconds() < 3600
+    assert "PromotedManually" in sim.reasons()
+
+
+def test_a_stale_promote_annotation_does_nothing() -> None:
+    sim = stable_sim(rollout={"steps": [{"weight": 25, "manual": True}]})
+    sim.annotate("promote", "0.9.0")
+    sim.run(lambda s: s.status.get("pausedReason") == "ManualStep")
+    sim.step()
+    assert sim.status["phase"] == "Paused"
+
+
+def test_rollback_to_a_kept_version() -> None:
+    sim = stable_sim()
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.1.0"
+    sim.annotate("rollback-to", "1.0.0")
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.0.0" and sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
+    assert sim.status["phase"] == "RolledBack" and sim.history()[-1] == ("1.1.0", "RolledBack")
+    assert sim.plans[-1].rollbacks == 0 and sum(p.rollbacks for p in sim.plans) == 1
+
+
+def test_rollback_to_an_unknown_version_is_refused_with_an_event() -> None:
+    sim = Sim(md("1.0.0")).settle()
+    sim.annotate("rollback-to", "0.1.0")
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.0.0" and "RollbackRefused" in sim.reasons()
+
+
+def test_a_newer_tag_replaces_a_candidate_in_flight() -> None:
+    sim = stable_sim(rollout={"steps": [{"weight": 25, "pause": "1h"}]})
+    sim.run(lambda s: s.status.get("stepReadyAt") is not None)
+    sim.set_spec(image=f"{IMAGE}:1.2.0")
+    sim.run(lambda s: s.status.get("candidateVersion") == "1.2.0")
+    assert ("1.1.0", "Aborted") in sim.history()
+    assert sim.replicas()["1.1.0"] == 0
+
+
+def test_gpu_rollout_without_spare_gpus_replaces_in_place() -> None:
+    serving = {"replicas": 4, "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+    sim = stable_sim(serving=serving, rollout={"steps": [{"weight": 50}], "maxSurgeGPUs": 0})
+    totals = []
+    while sim.status.get("stableVersion") != "1.1.0" or sim.plans[-1].scale:
+        sim.step()
+        totals.append(sum(sim.replicas().values()))
+    assert max(totals) <= 4  # never more GPU pods than replicas
+
+
+# --- compression --------------------------------------------------------------------------------------------------
+
+
+def test_compression_job_then_rollout_serving_the_artifact() -> None:
+    sim = Sim(md("1.0.0", compression=COMPRESSION))
+    plan = sim.step()
+    kinds = sorted(o["kind"] for o in plan.apply)
+    assert kinds == ["ConfigMap", "Deployment", "Job", "Service"] or kinds == ["ConfigMap", "Job", "Service"]
+    assert sim.status["phase"] == "Compressing" and sim.condition("Compressed")[0] == "Unknown"
+    job = next(o for o in plan.apply if o["kind"] == "Job")
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["shipyard-runtime", "compress"]
+    sim.settle()
+    assert sim.status["phase"] == "Healthy"
+    assert sim.condition("Compressed") == ("True", "ArtifactReady")
+    (artifact,) = sim.status["artifacts"]
+    assert artifact["phase"] == "Succeeded" and artifact["compressedBytes"] == 100
+    dep = next(o for p in sim.plans for o in p.apply if o["kind"] == "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SHIPYARD_ARTIFACT_PATH"] == artifact["path"]
+    assert sum(1 for p in sim.plans for o in p.apply if o["kind"] == "Job") == 1
+
+
+def test_an_existing_artifact_is_reused_without_a_job() -> None:
+    sim = Sim(md("1.0.0", compression=COMPRESSION)).settle()
+    sim.jobs.clear()  # e.g. the Job's TTL expired
+    sim.set_spec(serving={"replicas": 5})
+    sim.settle()
+    assert not any(o["kind"] == "Job" for p in sim.plans[3:] for o in p.apply)
+
+
+def test_a_failed_compression_gate_stalls_without_rollout() -> None:
+    sim = Sim(md("1.0.0")).settle()
+    sim.job_outcome = ("Failed", "rejected: accuracy 0.62 vs 0.97, relative loss 0.361 > 0.01")
+    sim.set_spec(image=f"{IMAGE}:1.1.0", compression=COMPRESSION)
+    sim.settle()
+    assert sim.status["phase"] == "Failed"
+    assert sim.condition("Compressed")[0] == "False"
+    assert sim.condition("Stalled") == ("True", "CompressionFailed")
+    assert "relative loss 0.361" in sim.status["message"]
+    assert "1.1.0" not in sim.replicas() and sim.replicas() == {"1.0.0": 4}
+    assert sim.history()[-1] == ("1.1.0", "Failed")
+    jobs = sum(1 for p in sim.plans for o in p.apply if o["kind"] == "Job")
+    for _ in range(5):
+        sim.step()
+    assert sum(1 for p in sim.plans for o in p.apply if o["kind"] == "Job") == jobs  # not retried
+
+
+def test_missing_artifact_volume_is_stalled_with_a_clear_message() -> None:
+    sim = Sim(md("1.0.0", compression=COMPRESSION))
+    sim.missing_pvc = "shipyard-artifacts"
+    sim.step()
+    assert sim.condition("Stalled") == ("True", "ArtifactVolumeMissing")
+    assert "PersistentVolumeClaim 'shipyard-artifacts'" in sim.status["message"]
+    assert not any(o["kind"] == "Job" for o in sim.plans[-1].apply)
+
+
+# --- idempotency and restarts -------------------------------------------------------------------------------------
+
+SCENARIOS: dict[str, Callable[[], Sim]] = {
+    "canary-steps": lambda: stable_sim(rollout={"steps": STEPS, "analysis": ANALYSIS}),
+    "rollback": lambda: stable_sim(rollout={"steps": STEPS, "analysis": ANALYSIS}),
+    "compression": lambda: Sim(md("1.0.0", compression=COMPRESSION)),
+    "gpu-in-place": lambda: stable_sim(serving={"replicas": 4, "resources": {"limits": {"nvidia.com/gpu": "1"}}},
+                                       rollout={"steps": [{"weight": 50}], "maxSurgeGPUs": 0}),
+}
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_restart_in_every_phase_plans_the_same(scenario: str) -> None:
+    """At every pass, a fresh planner fed only what is stored (status + cluster) plans exactly the same."""
+    sim = SCENARIOS[scenario]()
+    if scenario == "rollback":
+        sim.measure = lambda version, now: 0.5 if version == "1.1.0" else 0.0
+    for _ in range(60):
+        first = sim.plan()
+        again = sim.plan()  # a restarted operator: same stored inputs, nothing in memory
+        assert first == again
+        sim.step()
+    assert sim.status["phase"] in ("Healthy", "RolledBack")
+
+
+def test_a_settled_model_plans_no_writes() -> None:
+    sim = stable_sim(rollout={"steps": STEPS}).settle()
+    for _ in range(3):
+        plan = sim.step()
+        assert plan.apply == () and plan.scale == () and plan.delete == () and plan.events == ()
+        assert plan.requeue_after is None
+
+
+def test_revision_history_limit_deletes_the_oldest_versions() -> None:
+    sim = Sim(md("1.0.0", revisionHistoryLimit=1)).settle()
+    for tag in ("1.1.0", "1.2.0", "1.3.0"):
+        sim.set_spec(image=f"{IMAGE}:{tag}")
+        sim.settle()
+    assert sorted(sim.replicas()) == ["1.2.0", "1.3.0"]
 
 
 def test_condition_transition_time_moves_only_on_flips() -> None:
     earlier = [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
-    same = planning.build_condition("Ready", True, "RolledOut", "", 3, earlier, NOW)
-    flipped = planning.build_condition("Ready", False, "Progressing", "", 3, earlier, NOW)
+    same = planning.build_condition("Ready", True, "RolledOut", "", 3, earlier, T0)
+    flipped = planning.build_condition("Ready", False, "Progressing", "", 3, earlier, T0)
     assert same["lastTransitionTime"] == "2026-01-01T00:00:00Z"
     assert flipped["lastTransitionTime"] == "2026-11-28T12:00:00Z"
 
 
-def test_kept_versions_are_only_scaled_never_re_rendered() -> None:
-    """During a candidate rollout with changed serving settings, the stable keeps its pod template."""
-    md = body("1.1.0", status=STABLE_1, generation=2, serving={"replicas": 2, "nodeSelector": {"pool": "b"}})
-    stable = dataclasses.replace(view("1.0.0", 0, 0), spec_hash="whatever-was-applied-then")
-    plan = planning.plan_reconcile(md, planning.Observed({"1.0.0": stable}, service_hash()), NOW)
-    assert plan.scale == (("digits-1-0-0", 2),)
-    (applied,) = [o for o in plan.apply if o["kind"] == "Deployment"]
-    assert applied["metadata"]["name"] == "digits-1-1-0"
-    assert applied["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "b"}
+def test_invalid_spec_is_stalled_and_keeps_the_stable() -> None:
+    sim = Sim(md("1.0.0")).settle()
+    sim.body["spec"]["serving"]["replicas"] = -3  # what an old object could hold
+    plan = sim.step()
+    assert sim.condition("Stalled") == ("True", "InvalidSpec")
+    assert "spec.serving.replicas" in sim.status["message"]
+    assert sim.status["stableVersion"] == "1.0.0" and plan.apply == () and plan.scale == ()

@@ -1,0 +1,279 @@
+"""Builders of the Kubernetes objects Shipyard owns (pure; no I/O): Deployments, the Service, compression Jobs.
+
+Each object carries a hash of its own content (annotation ``shipyard.dev/spec-hash``) so that the shell applies
+only what differs from what it observed: an idle operator makes no writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shipyard.operator import contract, naming
+from shipyard.operator import spec as spec_mod
+
+ARTIFACTS_VOLUME = "artifacts"
+CONFIG_VOLUME = "compression-config"
+SERVING_USER = 65532
+
+
+@dataclass(frozen=True)
+class Meta:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+
+
+def build_meta(body: Mapping[str, Any]) -> Meta:
+    m = body["metadata"]
+    return Meta(name=m["name"], namespace=m["namespace"], uid=m.get("uid", ""), generation=int(m.get("generation", 1)))
+
+
+def build_spec_hash(obj: Mapping[str, Any]) -> str:
+    """A stable hash of what Shipyard applies, stored on the object so that unchanged objects are not re-applied."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def spec_hash_of(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata", {}).get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, ""))
+
+
+def _with_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    obj["metadata"].setdefault("annotations", {})[naming.ANNOTATION_SPEC_HASH] = build_spec_hash(obj)
+    return obj
+
+
+def build_owner_reference(meta: Meta) -> dict[str, Any]:
+    return {
+        "apiVersion": naming.API_VERSION,
+        "kind": naming.KIND,
+        "name": meta.name,
+        "uid": meta.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_object_meta(meta: Meta, name: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": meta.namespace,
+        "labels": {**labels, naming.LABEL_MANAGED_BY: naming.MANAGED_BY},
+        "ownerReferences": [build_owner_reference(meta)],
+    }
+
+
+# --- compression -------------------------------------------------------------------------------------------------
+
+
+def build_artifact_key(image: str, recipe: Mapping[str, Any]) -> str:
+    """Content address of a compressed artifact: the source image reference and the full recipe."""
+    text = json.dumps({"image": image, "recipe": recipe}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def build_artifact_path(meta: Meta, key: str) -> str:
+    return f"{contract.ARTIFACTS_MOUNT}/{meta.namespace}/{meta.name}/{key}"
+
+
+def build_job_name(meta: Meta, key: str, retry: int) -> str:
+    return naming.build_name(meta.name, "compress", key[:10], f"r{retry}" if retry else "")
+
+
+def build_compression_config(md: spec_mod.ModelDeployment, meta: Meta, key: str) -> dict[str, Any]:
+    """The `shipyard-runtime compress --config` document for this version (the runtime's recipe format)."""
+    compression = md.spec.compression
+    assert compression is not None
+    recipe = spec_mod.build_recipe(compression)
+    return {
+        "source": md.spec.model.path or contract.ARTIFACTS_MOUNT,
+        "output": build_artifact_path(meta, key),
+        "name": md.served_model_name,
+        **recipe,
+        "terminationLog": contract.TERMINATION_LOG,
+    }
+
+
+def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version: str, key: str,
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ConfigMap with the compression config and the Job that runs `shipyard-runtime compress` on it."""
+    compression = md.spec.compression
+    assert compression is not None
+    name = build_job_name(meta, key, md.spec.retry)
+    labels = {
+        **naming.build_version_labels(meta.name, version),
+        naming.LABEL_COMPONENT: "compression",
+        naming.LABEL_ARTIFACT: key,
+    }
+    config = build_compression_config(md, meta, key)
+    config_map = _with_hash({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": build_object_meta(meta, name, labels),
+        "data": {contract.COMPRESSION_CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True)},
+    })
+    container: dict[str, Any] = {
+        "name": "compress",
+        "image": md.spec.image,
+        "command": [contract.RUNTIME_COMMAND, contract.COMPRESS_SUBCOMMAND, "--config",
+                    f"{contract.COMPRESSION_CONFIG_MOUNT}/{contract.COMPRESSION_CONFIG_FILE}"],
+        "env": [
+            {"name": contract.ENV_MODEL_NAME, "value": md.served_model_name},
+            {"name": contract.ENV_MODEL_VERSION, "value": version},
+            {"name": "OMP_NUM_THREADS", "value": str(_cpu_threads(compression.resources))},
+        ],
+        "volumeMounts": [
+            {"name": ARTIFACTS_VOLUME, "mountPath": contract.ARTIFACTS_MOUNT},
+            {"name": CONFIG_VOLUME, "mountPath": contract.COMPRESSION_CONFIG_MOUNT, "readOnly": True},
+        ],
+        "terminationMessagePath": contract.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _container_security(),
+    }
+    resources = compression.resources.as_k8s()
+    if resources:
+        container["resources"] = resources
+    job = _with_hash({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {**build_object_meta(meta, name, labels),
+                     "annotations": {naming.ANNOTATION_IMAGE: md.spec.image}},
+        "spec": {
+            "backoffLimit": compression.backoff_limit,
+            "activeDeadlineSeconds": compression.active_deadline_seconds,
+            "ttlSecondsAfterFinished": 7 * 24 * 3600,
+            "template": {
+                "metadata": {"labels": {**labels, naming.LABEL_MANAGED_BY: naming.MANAGED_BY}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [container],
+                    "volumes": [
+                        {"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {"claimName": compression.artifacts_pvc}},
+                        {"name": CONFIG_VOLUME, "configMap": {"name": name}},
+                    ],
+                    "securityContext": _pod_security(),
+                    "enableServiceLinks": False,
+                    "automountServiceAccountToken": False,
+                },
+            },
+        },
+    })
+    return config_map, job
+
+
+def _cpu_threads(resources: spec_mod.Resources) -> int:
+    """Torch threads from the CPU limit (oversubscription makes torch ~10x slower); 2 when unlimited."""
+    cpu = resources.limits.get("cpu") or resources.requests.get("cpu")
+    if not cpu:
+        return 2
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return max(1, math.floor(cores))
+
+
+# --- serving -----------------------------------------------------------------------------------------------------
+
+
+def build_pod_env(md: spec_mod.ModelDeployment, version: str, artifact_path: str) -> list[dict[str, Any]]:
+    batching = md.spec.serving.batching
+    return [
+        {"name": contract.ENV_MODEL_NAME, "value": md.served_model_name},
+        {"name": contract.ENV_MODEL_VERSION, "value": version},
+        {"name": contract.ENV_ARTIFACT_PATH, "value": artifact_path},
+        {"name": contract.ENV_MAX_BATCH_SIZE, "value": str(batching.max_batch_size)},
+        {"name": contract.ENV_MAX_DELAY_MS, "value": str(batching.max_delay_ms)},
+    ]
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security() -> dict[str, Any]:
+    return {"runAsNonRoot": True, "runAsUser": SERVING_USER, "fsGroup": SERVING_USER,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, image: str, replicas: int,
+                     artifact_path: str | None = None) -> dict[str, Any]:
+    """One version's Deployment. With artifact_path (a compressed artifact), the artifacts PVC is mounted."""
+    spec = md.spec
+    labels = naming.build_version_labels(meta.name, version)
+    probe = {"port": contract.SERVING_PORT_NAME}
+    path = artifact_path or spec.model.path or contract.ARTIFACTS_MOUNT
+    container: dict[str, Any] = {
+        "name": "server",
+        "image": image,
+        "command": [contract.RUNTIME_COMMAND, contract.SERVE_SUBCOMMAND, "--port", str(contract.SERVING_PORT)],
+        "env": build_pod_env(md, version, path),
+        "ports": [{"name": contract.SERVING_PORT_NAME, "containerPort": contract.SERVING_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": contract.PATH_READY, **probe}, "periodSeconds": 2,
+                           "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, "periodSeconds": 10,
+                          "failureThreshold": 3},
+        "startupProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, "periodSeconds": 2,
+                         "failureThreshold": max(1, spec.rollout.startup_timeout_seconds // 2)},
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    if artifact_path and spec.compression is not None:
+        container["volumeMounts"].append(
+            {"name": ARTIFACTS_VOLUME, "mountPath": contract.ARTIFACTS_MOUNT, "readOnly": True})
+        volumes.append({"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {
+            "claimName": spec.compression.artifacts_pvc, "readOnly": True}})
+    resources = spec.serving.resources.as_k8s()
+    if resources:
+        container["resources"] = resources
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": _pod_security(),
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+    }
+    if spec.serving.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.serving.node_selector)
+    if spec.serving.tolerations:
+        pod_spec["tolerations"] = [t.as_k8s() for t in spec.serving.tolerations]
+    return _with_hash({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {**build_object_meta(meta, naming.build_deployment_name(meta.name, version), labels),
+                     "annotations": {naming.ANNOTATION_IMAGE: image}},
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 2,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": {**labels, naming.LABEL_MANAGED_BY: naming.MANAGED_BY}},
+                "spec": pod_spec,
+            },
+        },
+    })
+
+
+def build_service(meta: Meta, port: int) -> dict[str, Any]:
+    """One Service over every serving pod of the model: traffic splits between versions by ready replicas."""
+    return _with_hash({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": build_object_meta(meta, naming.build_service_name(meta.name),
+                                      naming.build_selector_labels(meta.name)),
+        "spec": {
+            "selector": naming.build_selector_labels(meta.name),
+            "ports": [{"name": contract.SERVING_PORT_NAME, "port": port, "targetPort": contract.SERVING_PORT_NAME,
+                       "protocol": "TCP"}],
+        },
+    })
