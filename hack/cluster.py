@@ -9,7 +9,8 @@
 Components: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the KWOK controller, run as
 plain processes (no containers). KWOK manages the fake nodes (annotation ``kwok.x-k8s.io/node=fake``):
 ``kwok-cpu-0`` and ``kwok-gpu-0`` (8 ``nvidia.com/gpu``), with stages that make pods Running/Ready and
-Job pods Succeeded. Nodes without the annotation are left alone (the e2e node agent runs its own).
+Job pods Succeeded (plus the project's own test stages in ``hack/kwok/``). Nodes without the annotation are left
+alone (the e2e node agent runs its own).
 
 State (PKI, logs, kubeconfig, pids) lives in ``$SHIPYARD_CLUSTER_DIR`` (default ``<repo>/.cluster``).
 Only the Python standard library, openssl and kubectl are used, so this runs before any virtualenv exists.
@@ -348,7 +349,7 @@ def up(state_dir: Path, nodes: tuple[dict[str, object], ...] = DEFAULT_NODES) ->
             str(bins["kwok"]), f"--kubeconfig={kc}", "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={NODE_ANNOTATION}=fake",
             f"--server-address=127.0.0.1:{ports['kwok']}", "--node-lease-duration-seconds=40",
-            *[f"--config={s}" for s in stages],
+            *[f"--config={s}" for s in [*stages, *sorted((HACK / "kwok").glob("*.yaml"))]],
         ])
         for node in nodes:
             kubectl(state, "apply", "--server-side", "--field-manager=shipyard-cluster", "-f", "-",

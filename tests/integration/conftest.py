@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kopf.testing import KopfRunner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -104,6 +105,33 @@ def install_crds(c: Cluster) -> None:
         c.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=shipyard-tests", "-f", str(f))
     for f in crds:
         c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(f))
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: Cluster) -> Iterator[KopfRunner]:
+    """One operator (KopfRunner, in-process) per test module; stopped, and checked for a clean exit, before the
+    control plane stops. Tracebacks in its log fail the module."""
+    os.environ["KUBECONFIG"] = cluster.kubeconfig
+    runner = KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "shipyard.operator.handlers"],
+                        timeout=60)
+    with runner:
+        yield runner
+    assert runner.exit_code == 0, runner.output
+    assert runner.exception is None, runner.output
+    assert "Traceback" not in runner.output, runner.output
+
+
+def create_artifacts_volume(cluster: Cluster, namespace: str, name: str = "shipyard-artifacts") -> None:
+    """A PVC bound to its own local PV (the fake nodes have no provisioner): what a compression Job mounts."""
+    pv = f"{namespace}-{name}"
+    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                   "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                            "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                            "hostPath": {"path": f"/tmp/shipyard-test-artifacts/{pv}"},
+                            "claimRef": {"namespace": namespace, "name": name}}})
+    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+                   "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                            "resources": {"requests": {"storage": "1Gi"}}}}, namespace)
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +11,10 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 
-from tests.integration.conftest import Cluster, wait_until
+from tests.integration.conftest import Cluster, create_artifacts_volume, wait_until
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def operator(cluster: Cluster) -> Iterator[KopfRunner]:
-    """One operator for the module; stopped (and checked for a clean exit) before the control plane stops."""
-    os.environ["KUBECONFIG"] = cluster.kubeconfig
-    runner = KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "shipyard.operator.handlers"],
-                        timeout=60)
-    with runner:
-        yield runner
-    assert runner.exit_code == 0, runner.output
-    assert runner.exception is None, runner.output
-    assert "Traceback" not in runner.output, runner.output
 
 
 def model(name: str, image: str, replicas: int = 2, **spec: Any) -> dict[str, Any]:
@@ -163,19 +148,6 @@ def test_deleting_the_model_deployment_cascades(cluster: Cluster, operator: Kopf
     pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"]
     wait_until(lambda: not json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"],
                60, message=f"the pods to go ({len(pods)} left)")
-
-
-def create_artifacts_volume(cluster: Cluster, namespace: str, name: str = "shipyard-artifacts") -> None:
-    """A PVC bound to its own local PV (the fake nodes have no provisioner): what a compression Job mounts."""
-    pv = f"{namespace}-{name}"
-    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
-                   "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
-                            "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
-                            "hostPath": {"path": f"/tmp/shipyard-test-artifacts/{pv}"},
-                            "claimRef": {"namespace": namespace, "name": name}}})
-    cluster.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
-                   "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
-                            "resources": {"requests": {"storage": "1Gi"}}}}, namespace)
 
 
 def test_examples_become_ready(cluster: Cluster, operator: KopfRunner, namespace: str) -> None:

@@ -1,0 +1,270 @@
+"""The operator lifecycle on the real control plane: compression Jobs (KWOK completes or fails them), canary steps,
+analysis against a local HTTP server that speaks the Prometheus query API, rollback, restarts, GitOps re-applies."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import prometheus_client
+import pytest
+from kopf.testing import KopfRunner
+
+from tests.integration.conftest import Cluster, create_artifacts_volume, wait_until
+
+pytestmark = pytest.mark.integration
+IMAGE = "registry.example/acme/digits-model"
+COMPRESSION = {"steps": [{"prune": {"amount": 0.5}}, {"quantize": {"scheme": "int8-dynamic"}}],
+               "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "shipyard-artifacts"}}
+
+
+class FakePrometheus:
+    """A local HTTP server answering /api/v1/query; `answer(query)` returns a value, None (empty vector) or raises."""
+
+    def __init__(self) -> None:
+        self.answer: Callable[[str], float | None] = lambda query: 0.0
+        self.queries: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                url = urlparse(self.path)
+                query = parse_qs(url.query).get("query", [""])[0]
+                outer.queries.append(query)
+                try:
+                    value = outer.answer(query)
+                    result = [] if value is None else [{"metric": {}, "value": [time.time(), str(value)]}]
+                    body, code = {"status": "success", "data": {"resultType": "vector", "result": result}}, 200
+                except Exception as e:  # the fake says what went wrong, as Prometheus does
+                    body, code = {"status": "error", "errorType": "execution", "error": str(e)}, 422
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def prometheus() -> Iterator[FakePrometheus]:
+    fake = FakePrometheus()
+    yield fake
+    fake.close()
+
+
+def model(name: str, tag: str, replicas: int = 4, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "shipyard.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {"image": f"{IMAGE}:{tag}", "model": {"path": "/models/digits"},
+                 "serving": {"replicas": replicas}, **spec},
+    }
+
+
+def analysis(address: str, **overrides: Any) -> dict[str, Any]:
+    return {"interval": "1s", "failureLimit": 1, "minSamples": 2, "noData": "Inconclusive",
+            "prometheus": {"address": address},
+            "metrics": [{"name": "error-rate", "builtin": "errorRate", "max": 0.05}], **overrides}
+
+
+def get(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    md = cluster.get("md", name, namespace)
+    assert md is not None
+    return md
+
+
+def condition(md: dict[str, Any], type_: str) -> tuple[str | None, str | None]:
+    for c in (md.get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c["status"], c.get("reason")
+    return None, None
+
+
+def wait_status(cluster: Cluster, namespace: str, name: str, predicate: Callable[[dict[str, Any]], bool],
+                timeout: float = 60, message: str = "") -> dict[str, Any]:
+    result: dict[str, Any] = wait_until(
+        lambda: (md := cluster.get("md", name, namespace)) and predicate(md) and md, timeout, message=message)
+    return result
+
+
+def names(cluster: Cluster, kind: str, namespace: str) -> list[str]:
+    out = cluster.kubectl("get", kind, "-n", namespace, "-o", "json").stdout
+    return sorted(i["metadata"]["name"] for i in json.loads(out)["items"])
+
+
+def replicas(cluster: Cluster, namespace: str) -> dict[str, int]:
+    out = json.loads(cluster.kubectl("get", "deployments", "-n", namespace, "-o", "json").stdout)
+    return {d["metadata"]["labels"]["shipyard.dev/version"]: d["spec"]["replicas"] for d in out["items"]}
+
+
+def events(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    out = json.loads(cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)
+    items = sorted((e for e in out["items"] if e["involvedObject"]["name"] == name),
+                   key=lambda e: (e.get("lastTimestamp") or "", e["metadata"]["name"]))
+    return [e["reason"] for e in items]
+
+
+def healthy(version: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda md: (md.get("status") or {}).get("stableVersion") == version and \
+        md["status"].get("phase") == "Healthy"
+
+
+def test_compression_then_canary_steps_then_promotion(
+        cluster: Cluster, operator: KopfRunner, namespace: str, prometheus: FakePrometheus) -> None:
+    create_artifacts_volume(cluster, namespace)
+    steps = [{"weight": 25, "pause": "2s"}, {"weight": 50, "pause": "2s"}]
+    spec = {"compression": COMPRESSION, "rollout": {"steps": steps, "analysis": analysis(prometheus.address)}}
+    cluster.apply(model("happy", "1.0.0", **spec), namespace)
+    md = wait_status(cluster, namespace, "happy", healthy("1.0.0"), message="1.0.0 healthy")
+    assert condition(md, "Compressed") == ("True", "ArtifactReady")
+    (artifact,) = md["status"]["artifacts"]
+    assert artifact["phase"] == "Succeeded" and artifact["path"].startswith(f"/artifacts/{namespace}/happy/")
+    dep = cluster.get("deployment", "happy-1-0-0", namespace)
+    assert dep is not None
+    pod = dep["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert env["SHIPYARD_ARTIFACT_PATH"] == artifact["path"]
+    assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v} == {
+        "shipyard-artifacts"}
+
+    seen: set[tuple[int, int]] = set()
+    cluster.apply(model("happy", "1.1.0", **spec), namespace)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        r = replicas(cluster, namespace)
+        seen.add((r.get("1.0.0", 0), r.get("1.1.0", 0)))
+        md = get(cluster, namespace, "happy")
+        if healthy("1.1.0")(md) and r.get("1.0.0") == 0:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"not promoted: {md.get('status')}")
+    assert (4, 1) in seen or (3, 1) in seen  # 25%: one candidate pod
+    assert (2, 2) in seen  # 50%
+    assert [(h["version"], h["outcome"]) for h in md["status"]["history"]] == [
+        ("1.0.0", "Superseded"), ("1.1.0", "Promoted")]
+    assert md["status"]["analysis"]["phase"] == "Successful"
+    assert md["status"]["analysis"]["detectionBoundSeconds"] == 2.0
+    assert any('version="1.1.0"' in q for q in prometheus.queries)
+    assert len(md["status"]["artifacts"]) == 2
+    assert len(names(cluster, "jobs", namespace)) == 2
+    story = events(cluster, namespace, "happy")
+    for reason in ("Compressing", "Compressed", "RolloutStarted", "StepReady", "StepCompleted", "Promoted"):
+        assert reason in story, story
+
+
+def test_failed_compression_gate_stalls_with_the_numbers(cluster: Cluster, operator: KopfRunner,
+                                                         namespace: str) -> None:
+    create_artifacts_volume(cluster, namespace)
+    cluster.apply(model("gate", "1.0.0"), namespace)
+    wait_status(cluster, namespace, "gate", healthy("1.0.0"), message="1.0.0 healthy")
+    cluster.apply(model("gate", "1.1.0-gatefail", compression=COMPRESSION), namespace)
+    md = wait_status(cluster, namespace, "gate", lambda m: m["status"].get("phase") == "Failed", message="Failed")
+    assert condition(md, "Compressed") == ("False", "CompressionFailed")
+    assert condition(md, "Stalled") == ("True", "CompressionFailed")
+    assert "relative loss 0.3705 > tolerance 0.0100" in md["status"]["message"]
+    assert md["status"]["history"][-1]["outcome"] == "Failed"
+    assert md["status"]["stableVersion"] == "1.0.0"
+    time.sleep(2)
+    assert replicas(cluster, namespace) == {"1.0.0": 4}  # no rollout of the rejected version
+    assert len(names(cluster, "jobs", namespace)) == 1  # and no new Job
+
+
+def test_failing_metric_rolls_back_and_reapplying_the_same_manifest_does_not_restart(
+        cluster: Cluster, operator: KopfRunner, namespace: str, prometheus: FakePrometheus) -> None:
+    prometheus.answer = lambda q: 0.4 if 'version="1.1.0"' in q else 0.0
+    spec = {"rollout": {"steps": [{"weight": 25, "pause": "30s"}], "analysis": analysis(prometheus.address)}}
+    cluster.apply(model("bad", "1.0.0", **spec), namespace)
+    wait_status(cluster, namespace, "bad", healthy("1.0.0"), message="1.0.0 healthy")
+    cluster.apply(model("bad", "1.1.0", **spec), namespace)
+    started = time.monotonic()
+    md = wait_status(cluster, namespace, "bad", lambda m: m["status"].get("phase") == "RolledBack", 60,
+                     message="RolledBack")
+    elapsed = time.monotonic() - started
+    assert condition(md, "Stalled") == ("True", "AnalysisFailed")
+    assert condition(md, "Ready")[0] == "False"
+    assert md["status"]["stableVersion"] == "1.0.0" and md["status"].get("candidateVersion") is None
+    assert md["status"]["analysis"]["phase"] == "Failed"
+    failing = md["status"]["analysis"]["metrics"][0]
+    assert failing["verdict"] == "Failed" and failing["failures"] == 2 and failing["lastValue"] == 0.4
+    assert 'version="1.1.0"' in failing["query"]
+    assert md["status"]["history"][-1]["outcome"] == "RolledBack"
+    wait_until(lambda: replicas(cluster, namespace) == {"1.0.0": 4, "1.1.0": 0}, 30, message="rolled back")
+    assert elapsed < 30  # well before the 30 s pause could have promoted anything
+    assert events(cluster, namespace, "bad").count("RolledBack") == 1
+    # The operator's own metrics (in-process registry of the KopfRunner operator) counted it.
+    exported = prometheus_client.generate_latest().decode()
+    assert f'shipyard_operator_rollbacks_total{{name="bad",namespace="{namespace}"}} 1.0' in exported
+    assert f'metric="error-rate",name="bad",namespace="{namespace}",verdict="Failed"}}' in exported
+    assert 'shipyard_operator_reconcile_duration_seconds_count' in exported
+
+    # A GitOps tool re-applies the very same manifest: the failed version is not rolled out again.
+    for _ in range(3):
+        cluster.apply(model("bad", "1.1.0", **spec), namespace)
+        time.sleep(1)
+    md = get(cluster, namespace, "bad")
+    assert md["status"]["phase"] == "RolledBack"
+    assert replicas(cluster, namespace) == {"1.0.0": 4, "1.1.0": 0}
+    assert events(cluster, namespace, "bad").count("RolloutStarted") == 1
+
+    # Bumping spec.retry (a spec change) retries it; now healthy, it is promoted.
+    prometheus.answer = lambda q: 0.0
+    cluster.apply(model("bad", "1.1.0", retry=1, **{"rollout": {"steps": [{"weight": 25, "pause": "1s"}],
+                                                                "analysis": analysis(prometheus.address)}}),
+                  namespace)
+    wait_status(cluster, namespace, "bad", healthy("1.1.0"), 60, message="retried and promoted")
+
+
+def test_no_data_is_inconclusive_and_holds_without_flapping(
+        cluster: Cluster, operator: KopfRunner, namespace: str, prometheus: FakePrometheus) -> None:
+    prometheus.answer = lambda q: None if 'version="1.1.0"' in q else 0.0
+    spec = {"rollout": {"steps": [{"weight": 50}], "analysis": analysis(prometheus.address)}}
+    cluster.apply(model("quiet", "1.0.0", **spec), namespace)
+    wait_status(cluster, namespace, "quiet", healthy("1.0.0"), message="1.0.0 healthy")
+    cluster.apply(model("quiet", "1.1.0", **spec), namespace)
+    md = wait_status(cluster, namespace, "quiet", lambda m: m["status"].get("pausedReason") == "AnalysisInconclusive",
+                     message="Inconclusive")
+    assert md["status"]["phase"] == "Paused"
+    time.sleep(5)  # five more intervals without data
+    md = get(cluster, namespace, "quiet")
+    assert md["status"]["phase"] == "Paused" and md["status"]["analysis"]["phase"] == "Inconclusive"
+    assert replicas(cluster, namespace) == {"1.0.0": 2, "1.1.0": 2}
+    story = events(cluster, namespace, "quiet")
+    assert "RolledBack" not in story and story.count("AnalysisInconclusive") == 1
+    prometheus.answer = lambda q: 0.0  # traffic arrives
+    wait_status(cluster, namespace, "quiet", healthy("1.1.0"), message="promoted after data came")
+
+
+def test_manual_controls_promote_and_rollback_to(cluster: Cluster, operator: KopfRunner, namespace: str) -> None:
+    spec = {"rollout": {"steps": [{"weight": 25, "manual": True}, {"weight": 50, "pause": "1h"}]}}
+    cluster.apply(model("manual", "1.0.0", **spec), namespace)
+    wait_status(cluster, namespace, "manual", healthy("1.0.0"), message="1.0.0 healthy")
+    cluster.apply(model("manual", "1.1.0", **spec), namespace)
+    wait_status(cluster, namespace, "manual", lambda m: m["status"].get("pausedReason") == "ManualStep",
+                message="waiting at the manual step")
+    cluster.kubectl("annotate", "-n", namespace, "md/manual", "shipyard.dev/promote=1.1.0")
+    wait_status(cluster, namespace, "manual", healthy("1.1.0"), message="promoted by annotation")
+    cluster.kubectl("annotate", "-n", namespace, "md/manual", "shipyard.dev/rollback-to=1.0.0")
+    md = wait_status(cluster, namespace, "manual", lambda m: m["status"].get("stableVersion") == "1.0.0",
+                     message="rolled back to 1.0.0")
+    assert md["status"]["controls"] == {"promote": "1.1.0", "rollbackTo": "1.0.0"}
+    wait_until(lambda: replicas(cluster, namespace) == {"1.0.0": 4, "1.1.0": 0}, 30, message="1.0.0 at full size")
+    assert md["metadata"]["generation"] == 2  # the operator never wrote spec
