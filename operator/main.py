@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port of the operator's /metrics (0 to disable)")
     parser.add_argument("--metrics-address", default="0.0.0.0")
     parser.add_argument("--workers", type=int, default=4, help="parallel reconcile workers")
+    parser.add_argument("--prometheus-address", default=os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS"),
+                        help="default Prometheus for analysis (else built-in metrics are scraped from the pods)")
     parser.add_argument("--peering", default=None, help="Kopf peering object name (enables active/standby)")
     parser.add_argument("--priority", type=int, default=0, help="peering priority (distinct per replica)")
     parser.add_argument("--log-level", default=os.environ.get("SHIPYARD_LOG_LEVEL", "INFO"))
@@ -52,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_address)
-    memo = kopf.Memo(options={"kubeconfig": args.kubeconfig, "workers": args.workers})
+    memo = kopf.Memo(options={"kubeconfig": args.kubeconfig, "workers": args.workers,
+                              "prometheus_address": args.prometheus_address})
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

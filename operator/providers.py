@@ -259,9 +259,9 @@ def build_target_snapshot(text: str, wanted: Callable[[str, Mapping[str, str]], 
                 values[analysis.build_series_key(sample.name, labels)] = float(sample.value)
     out: dict[analysis.SeriesKey, analysis.SeriesSample] = {}
     for key, value in values.items():
-        name, labels = key
+        name, series_labels = key
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)
-        created_key = (base + "_created", tuple(kv for kv in labels if kv[0] != "le"))
+        created_key = (base + "_created", tuple(kv for kv in series_labels if kv[0] != "le"))
         out[key] = analysis.SeriesSample(value=value, created=created.get(created_key))
     return out
 
