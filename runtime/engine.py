@@ -270,20 +270,25 @@ class Engine:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if not torch.is_inference_mode_enabled():  # the worker thread enters it once for good
+            with torch.inference_mode():
+                return self._run(arrays)
+        return self._run(arrays)
+
+    def _run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         rows = arrays[0].shape[0]
-        with torch.inference_mode():
-            if self.cuda:
-                assert self.stream is not None
-                with torch.cuda.stream(self.stream):
-                    tensors = [self._to_device(a, i) for i, a in enumerate(arrays)]
-                    result = self.module(*tensors)
-                    outputs = self._to_host(build_output_tensors(result, self.outputs), rows)
-                    self.stream.synchronize()
-                return [tensor.numpy() for tensor in outputs]
-            tensors = [self._to_cpu(a, i) for i, a in enumerate(arrays)]
-            result = self.module(*tensors)
-            outputs = self._to_host(build_output_tensors(result, self.outputs), rows)
+        if self.cuda:
+            assert self.stream is not None
+            with torch.cuda.stream(self.stream):
+                tensors = [self._to_device(a, i) for i, a in enumerate(arrays)]
+                result = self.module(*tensors)
+                outputs = self._to_host(build_output_tensors(result, self.outputs), rows)
+                self.stream.synchronize()
             return [tensor.numpy() for tensor in outputs]
+        tensors = [self._to_cpu(a, i) for i, a in enumerate(arrays)]
+        result = self.module(*tensors)
+        outputs = self._to_host(build_output_tensors(result, self.outputs), rows)
+        return [tensor.numpy() for tensor in outputs]
 
     def _to_cpu(self, array: np.ndarray, index: int) -> torch.Tensor:
         tensor = torch.from_numpy(array)
@@ -364,19 +369,29 @@ def _model_failure(error: BaseException) -> oip.ServingError:
 
 
 class DeviceWorker:
-    """The one inference thread of a device: takes batches from its inbox, reports results to the loop."""
+    """The one inference thread of a device.
+
+    The thread itself builds its engine (loads the model onto the device, compiles, warms up), so that
+    everything device-bound (current device, streams, compiled graphs and CUDA graphs, which are per thread)
+    is made where it runs; then it takes batches from its inbox and reports results to the event loop.
+    """
 
     def __init__(
         self,
-        engine: Engine,
+        device: str,
+        build: Callable[[], Engine],
         loop: asyncio.AbstractEventLoop,
         on_done: Callable[[DeviceWorker, list[batching.Job], list[batching.JobResult]], None],
     ) -> None:
-        self.engine = engine
+        self.device = device
+        self.engine: Engine | None = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()  # set once the engine is built (or failed: see `error`)
+        self._build = build
         self._loop = loop
         self._on_done = on_done
         self._inbox: queue.SimpleQueue[list[batching.Job] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=f"infer-{engine.device}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"infer-{device}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -391,13 +406,24 @@ class DeviceWorker:
         self._thread.join(timeout)
 
     def _run(self) -> None:
-        if self.engine.cuda:
-            torch.cuda.set_device(self.engine.device)
+        try:
+            if self.device.startswith("cuda"):
+                torch.cuda.set_device(torch.device(self.device))
+            self.engine = self._build()
+        except BaseException as error:  # reported by whoever waits on `ready`
+            self.error = error
+            self.ready.set()
+            return
+        self.ready.set()
+        with torch.inference_mode():
+            self._serve(self.engine)
+
+    def _serve(self, engine: Engine) -> None:
         while True:
             jobs = self._inbox.get()
             if jobs is None:
                 return
-            results = run_jobs(self.engine, jobs)
+            results = run_jobs(engine, jobs)
             try:
                 self._loop.call_soon_threadsafe(self._on_done, self, jobs, results)
             except RuntimeError:  # the loop has closed: the server is exiting

@@ -107,6 +107,7 @@ class Connection(asyncio.Protocol):
         self._expect_continue = False
         self._discarding = False
         self._paused = False
+        self.last_active = time.monotonic()  # last bytes received or response written (idle timeout)
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -119,6 +120,7 @@ class Connection(asyncio.Protocol):
         self.app.connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -213,6 +215,7 @@ class Connection(asyncio.Protocol):
     def _flush(self) -> None:
         pending = self._pending
         transport = self.transport
+        self.last_active = time.monotonic()
         while pending and pending[0].response is not None and transport is not None:
             request = pending.popleft()
             transport.write(request.response)  # type: ignore[arg-type]

@@ -1,18 +1,21 @@
 """Prometheus metrics of the inference server, under the names of the operator contract.
 
-No I/O of its own: metrics live in a per-server `CollectorRegistry` (so several servers can share a process in
-tests) and are rendered by `build_exposition`. Label children are resolved once and cached, because the hot
-path observes several metrics per request.
+No I/O. The server observes several values per request, so the values live in plain Python counters and
+bucket arrays, updated without locks on the server's event loop (the only writer, and the only reader: the
+`/metrics` handler runs there too), and a prometheus-client `Collector` turns them into metric families at
+scrape time; `build_exposition` renders them in the Prometheus text format with prometheus-client. Each
+server has its own `CollectorRegistry`, so several servers can share a process in tests.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shipyard.operator import contract
@@ -25,83 +28,84 @@ METRIC_GPU_UTILIZATION = "shipyard_gpu_utilization_ratio"
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 
 
+class Histogram:
+    """Bucket counts and a sum; `observe` is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # "le": a value equal to a bound is in its bucket
+        self.sum += value
+
+    def build_buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs ending with +Inf, as Prometheus histograms are exposed."""
+        buckets = []
+        total = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            total += count
+            buckets.append((prometheus_client.utils.floatToGoString(bound), float(total)))
+        buckets.append(("+Inf", float(total + self.counts[-1])))
+        return buckets
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class Gauge:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
 class ServerMetrics:
-    """All metrics of one server (model + version fixed at construction)."""
+    """All metrics of one server; labels are the model and its version (plus code / method, route, status)."""
 
     def __init__(self, model: str, version: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model = model
         self.version = version
-        labels = (contract.LABEL_MODEL, contract.LABEL_VERSION)
-        values = (model, version)
-        self._requests = Counter(
-            contract.METRIC_REQUESTS_TOTAL,
-            "Inference requests by HTTP status code.",
-            (*labels, contract.LABEL_CODE),
-            registry=self.registry,
-        )
-        self.request_duration = Histogram(
-            contract.METRIC_REQUEST_DURATION,
-            "Inference request latency, from the first byte of the request to the response (seconds).",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        ).labels(*values)
-        self.batch_size = Histogram(
-            contract.METRIC_BATCH_SIZE,
-            "Rows per batch handed to the model.",
-            labels,
-            buckets=BATCH_BUCKETS,
-            registry=self.registry,
-        ).labels(*values)
-        self.queue_duration = Histogram(
-            contract.METRIC_QUEUE_DURATION,
-            "Time a request waited in the batching queue before its batch started (seconds).",
-            labels,
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        ).labels(*values)
-        self.inflight = Gauge(
-            contract.METRIC_INFLIGHT,
-            "Inference requests received and not yet answered.",
-            labels,
-            registry=self.registry,
-        ).labels(*values)
-        self.model_ready = Gauge(
-            contract.METRIC_MODEL_READY,
-            "1 when the model is loaded, warmed up and the server is not draining.",
-            labels,
-            registry=self.registry,
-        ).labels(*values)
-        self._http = Histogram(
-            contract.METRIC_HTTP_DURATION,
-            "HTTP request latency by method, route template and status (seconds).",
-            ("method", "path", "status"),
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._request_children: dict[int, Any] = {}
-        self._http_children: dict[tuple[str, str, int], Any] = {}
-        self.model_ready.set(0)
+        self.requests: dict[int, int] = {}  # status code -> inference requests answered with it
+        self.request_duration = Histogram(LATENCY_BUCKETS)
+        self.batch_size = Histogram(BATCH_BUCKETS)
+        self.queue_duration = Histogram(LATENCY_BUCKETS)
+        self.inflight = Gauge()
+        self.model_ready = Gauge()
+        self.http: dict[tuple[str, str, int], Histogram] = {}
+        self.registry.register(_ServerCollector(self))
 
     def observe_request(self, status: int, seconds: float) -> None:
         """One inference request answered with `status` after `seconds`."""
-        child = self._request_children.get(status)
-        if child is None:
-            child = self._requests.labels(self.model, self.version, str(status))
-            self._request_children[status] = child
-        child.inc()
+        requests = self.requests
+        requests[status] = requests.get(status, 0) + 1
         self.request_duration.observe(seconds)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         """Any HTTP request, labelled by its route template (never the raw path)."""
         key = (method, route, status)
-        child = self._http_children.get(key)
-        if child is None:
-            label_method = method if method in HTTP_METHODS else "OTHER"
-            child = self._http.labels(label_method, route, str(status))
-            self._http_children[key] = child
-        child.observe(seconds)
+        histogram = self.http.get(key)
+        if histogram is None:
+            if method not in HTTP_METHODS:
+                key = ("OTHER", route, status)
+                histogram = self.http.get(key)
+            if histogram is None:
+                histogram = self.http[key] = Histogram(LATENCY_BUCKETS)
+        histogram.observe(seconds)
 
     def observe_batch(self, rows: int, queue_waits: Iterable[float]) -> None:
         self.batch_size.observe(rows)
@@ -117,21 +121,73 @@ class ServerMetrics:
         return prometheus_client.generate_latest(self.registry)
 
 
+class _ServerCollector(Collector):
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        values = [m.model, m.version]
+        labels = [contract.LABEL_MODEL, contract.LABEL_VERSION]
+        requests = CounterMetricFamily(
+            contract.METRIC_REQUESTS_TOTAL,
+            "Inference requests by HTTP status code.",
+            labels=[*labels, contract.LABEL_CODE],
+        )
+        for code, count in sorted(m.requests.items()):
+            requests.add_metric([*values, str(code)], count)
+        yield requests
+        for name, documentation, histogram in (
+            (
+                contract.METRIC_REQUEST_DURATION,
+                "Inference request latency, from the first byte of the request to the response (seconds).",
+                m.request_duration,
+            ),
+            (contract.METRIC_BATCH_SIZE, "Rows per batch handed to the model.", m.batch_size),
+            (
+                contract.METRIC_QUEUE_DURATION,
+                "Time a request waited in the batching queue before its batch started (seconds).",
+                m.queue_duration,
+            ),
+        ):
+            family = HistogramMetricFamily(name, documentation, labels=labels)
+            family.add_metric(values, histogram.build_buckets(), histogram.sum)
+            yield family
+        inflight = GaugeMetricFamily(
+            contract.METRIC_INFLIGHT, "Inference requests received and not yet answered.", labels=labels
+        )
+        inflight.add_metric(values, m.inflight.value)
+        yield inflight
+        ready = GaugeMetricFamily(
+            contract.METRIC_MODEL_READY,
+            "1 when the model is loaded, warmed up and the server is not draining.",
+            labels=labels,
+        )
+        ready.add_metric(values, m.model_ready.value)
+        yield ready
+        http = HistogramMetricFamily(
+            contract.METRIC_HTTP_DURATION,
+            "HTTP request latency by method, route template and status (seconds).",
+            labels=["method", "path", "status"],
+        )
+        for (method, route, status), histogram in sorted(m.http.items()):
+            http.add_metric([method, route, str(status)], histogram.build_buckets(), histogram.sum)
+        yield http
+
+
 class _GpuCollector(Collector):
     def __init__(self, model: str, version: str, fetch: Callable[[], Sequence[Any]]) -> None:
         self._values = (model, version)
         self._fetch = fetch
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Metric]:
         labels = [contract.LABEL_MODEL, contract.LABEL_VERSION, "device"]
         allocated = GaugeMetricFamily(METRIC_GPU_MEMORY_ALLOCATED, "GPU memory held by tensors (bytes).", labels=labels)
         reserved = GaugeMetricFamily(
             METRIC_GPU_MEMORY_RESERVED, "GPU memory reserved by the caching allocator (bytes).", labels=labels
         )
         utilization = GaugeMetricFamily(
-            METRIC_GPU_UTILIZATION,
-            "GPU utilisation over the driver's last sample period (0..1).",
-            labels=labels,
+            METRIC_GPU_UTILIZATION, "GPU utilisation over the driver's last sample period (0..1).", labels=labels
         )
         for stats in self._fetch():
             values = [*self._values, stats.device]

@@ -122,6 +122,15 @@ _FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64", "BF16"})
 _ACCEPTED_KINDS_FLOAT = frozenset("fiu")
 _ACCEPTED_KINDS_INT = frozenset("iu")
 _ACCEPTED_KINDS_BOOL = frozenset("b")
+_ACCEPTED_KINDS = {
+    datatype: _ACCEPTED_KINDS_FLOAT
+    if datatype in _FLOAT_DATATYPES
+    else _ACCEPTED_KINDS_BOOL
+    if datatype == "BOOL"
+    else _ACCEPTED_KINDS_INT
+    for datatype in NUMPY_BY_DATATYPE
+}
+_MISSING = object()
 
 
 class TensorSpecLike(Protocol):
@@ -135,6 +144,20 @@ class TensorSpecLike(Protocol):
 
     @property
     def shape(self) -> Sequence[int]: ...
+
+
+def assess_tensor_specs(inputs: Sequence[TensorSpecLike], outputs: Sequence[TensorSpecLike]) -> list[str]:
+    """Why a model's declared tensors cannot be served over this server's JSON path (empty = servable)."""
+    problems = []
+    for role, specs in (("input", inputs), ("output", outputs)):
+        if not specs:
+            problems.append(f"the model declares no {role}s")
+        for spec in specs:
+            if spec.datatype not in NUMPY_BY_DATATYPE:
+                problems.append(f"{role} {spec.name!r}: datatype {spec.datatype} is not supported")
+            if not spec.shape or any(d != -1 and d < 1 for d in spec.shape):
+                problems.append(f"{role} {spec.name!r}: shape {list(spec.shape)} needs a batch dimension")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -163,55 +186,56 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike) -> np.ndarray:
     """
     name = spec.name
     datatype = item.get("datatype")
-    if not isinstance(datatype, str):
-        raise _fail(f"input {name!r}: 'datatype' must be a string")
-    if datatype not in KNOWN_DATATYPES:
-        raise _fail(f"input {name!r}: unknown datatype {datatype!r}")
     if datatype != spec.datatype:
+        if not isinstance(datatype, str):
+            raise _fail(f"input {name!r}: 'datatype' must be a string")
+        if datatype not in KNOWN_DATATYPES:
+            raise _fail(f"input {name!r}: unknown datatype {datatype!r}")
         raise _fail(f"input {name!r}: datatype {datatype} does not match the model's {spec.datatype}")
     shape = item.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise _fail(f"input {name!r}: 'shape' must be a list of non-negative integers")
     expected = spec.shape
+    if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        raise _fail(f"input {name!r}: 'shape' must be a list of non-negative integers")
     if len(shape) != len(expected):
         raise _fail(f"input {name!r}: shape {shape} has rank {len(shape)}, the model expects {list(expected)}")
+    count = 1
     for got, want in zip(shape, expected, strict=True):
         if want != -1 and got != want:
             raise _fail(f"input {name!r}: shape {shape} does not match the model's {list(expected)}")
+        count *= got
     if shape and shape[0] == 0:
         raise _fail(f"input {name!r}: the batch dimension must be at least 1")
-    if "data" not in item:
-        raise _fail(f"input {name!r}: 'data' is missing")
-    data = item["data"]
-    if not isinstance(data, list):
+    data = item.get("data", _MISSING)
+    if type(data) is not list:
+        if data is _MISSING:
+            raise _fail(f"input {name!r}: 'data' is missing")
         raise _fail(f"input {name!r}: 'data' must be a list")
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as error:  # ragged nesting
         raise _fail(f"input {name!r}: 'data' is not a regular array ({error})") from None
-    kind = raw.dtype.kind
-    if datatype in _FLOAT_DATATYPES:
-        accepted = _ACCEPTED_KINDS_FLOAT
-    elif datatype == "BOOL":
-        accepted = _ACCEPTED_KINDS_BOOL
-    else:
-        accepted = _ACCEPTED_KINDS_INT
-    if raw.size and kind not in accepted:
+    size = raw.size
+    if size != count:
+        raise _fail(f"input {name!r}: {size} data elements do not fill shape {shape} ({count} elements)")
+    accepted = _ACCEPTED_KINDS[datatype]
+    if size and raw.dtype.kind not in accepted:
         raise _fail(f"input {name!r}: data of kind {raw.dtype.name} is not valid {datatype}")
-    count = math.prod(shape)
-    if raw.size != count:
-        raise _fail(f"input {name!r}: {raw.size} data elements do not fill shape {shape} ({count} elements)")
     target = NUMPY_BY_DATATYPE[datatype]
-    if accepted is _ACCEPTED_KINDS_INT and raw.size and target != raw.dtype:
+    if accepted is _ACCEPTED_KINDS_INT and size and target != raw.dtype:
         info = np.iinfo(target)
-        low, high = raw.min(), raw.max()
-        if low < info.min or high > info.max:
+        if raw.min() < info.min or raw.max() > info.max:
             raise _fail(f"input {name!r}: values outside the {datatype} range")
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
-        array = raw.astype(target, copy=False).reshape(shape)
-    if datatype in _FLOAT_DATATYPES and not np.isfinite(array).all():
+    array = raw if raw.dtype == target else raw.astype(target)
+    # JSON has no inf/nan, so a non-finite value here is a number too large for the datatype. The float64 sum
+    # of float32/float16 values cannot overflow: it is non-finite only when an element is.
+    if (
+        accepted is _ACCEPTED_KINDS_FLOAT
+        and target.itemsize < 8
+        and size
+        and not math.isfinite(array.sum(dtype=np.float64))
+    ):
         raise _fail(f"input {name!r}: data contains values that do not fit {datatype}")
-    return array
+    return array.reshape(shape)
 
 
 def build_infer_request(
@@ -222,20 +246,37 @@ def build_infer_request(
         document = orjson.loads(body)
     except orjson.JSONDecodeError as error:
         raise _fail(f"malformed JSON: {error}") from None
-    if not isinstance(document, dict):
+    if type(document) is not dict:
         raise _fail("the request body must be a JSON object")
-    request_id = document.get("id")
-    if request_id is not None and not isinstance(request_id, str):
+    get = document.get
+    request_id = get("id")
+    if request_id is not None and type(request_id) is not str:
         raise _fail("'id' must be a string")
-    parameters = document.get("parameters")
-    if parameters is not None and not isinstance(parameters, dict):
+    parameters = get("parameters")
+    if parameters is not None and type(parameters) is not dict:
         raise _fail("'parameters' must be an object")
-    items = document.get("inputs")
-    if not isinstance(items, list) or not items:
+    items = get("inputs")
+    if type(items) is not list or not items:
         raise _fail("'inputs' must be a non-empty list")
     if len(items) != len(inputs):
         names = [spec.name for spec in inputs]
         raise _fail(f"the model takes {len(inputs)} input(s) {names}, the request has {len(items)}")
+    first = items[0]
+    if len(inputs) == 1 and type(first) is dict and first.get("name") == inputs[0].name:
+        arrays = [build_array(first, inputs[0])]  # the common case: one input, named right
+    else:
+        arrays = _build_arrays(items, inputs)
+    rows = arrays[0].shape[0]
+    for array, spec in zip(arrays, inputs, strict=True):
+        if array.shape[0] != rows:
+            raise _fail(f"input {spec.name!r}: every input must share the batch dimension ({rows})")
+    key = tuple(array.shape[1:] for array in arrays)
+    requested = get("outputs")
+    output_indices = None if requested is None else build_output_selection(requested, outputs)
+    return InferRequest(arrays, rows, key, request_id, output_indices)
+
+
+def _build_arrays(items: list[Any], inputs: Sequence[TensorSpecLike]) -> list[np.ndarray]:
     by_name: dict[str, Mapping[str, Any]] = {}
     for item in items:
         if not isinstance(item, dict):
@@ -253,13 +294,7 @@ def build_infer_request(
             unknown = sorted(set(by_name) - {s.name for s in inputs})
             raise _fail(f"input {spec.name!r} is missing (unknown input(s): {unknown})")
         arrays.append(build_array(item, spec))
-    rows = arrays[0].shape[0] if arrays[0].ndim else 1
-    for array, spec in zip(arrays, inputs, strict=True):
-        if array.ndim == 0 or array.shape[0] != rows:
-            raise _fail(f"input {spec.name!r}: every input must share the batch dimension ({rows})")
-    key = tuple(array.shape[1:] for array in arrays)
-    output_indices = build_output_selection(document.get("outputs"), outputs)
-    return InferRequest(arrays, rows, key, request_id, output_indices)
+    return arrays
 
 
 def build_output_selection(requested: Any, outputs: Sequence[TensorSpecLike]) -> list[int] | None:

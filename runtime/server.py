@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ DEFAULT_MAX_DELAY_MS = 5.0
 DEFAULT_MAX_QUEUE = 512
 DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 DEFAULT_REQUEST_TIMEOUT_S = 30.0
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 75.0  # longer than common load balancers' idle timeouts (60 s)
 DEFAULT_DRAIN_PROPAGATION_S = 5.0
 DEFAULT_GRACE_PERIOD_S = 30.0
 EXIT_MARGIN_S = 1.0  # the server is gone this long before the grace period (kubelet's SIGKILL) ends
@@ -61,6 +64,7 @@ class ServerConfig:
     max_queue: int = DEFAULT_MAX_QUEUE
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
     drain_propagation_s: float = DEFAULT_DRAIN_PROPAGATION_S
     grace_period_s: float = DEFAULT_GRACE_PERIOD_S
     fault_error_rate: float = 0.0
@@ -126,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--request-timeout-s", type=float, default=DEFAULT_REQUEST_TIMEOUT_S, help="per-request timeout (504)")
     add(
+        "--keep-alive-timeout-s",
+        type=float,
+        default=DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+        help="close connections idle this long (default 75)",
+    )
+    add(
         "--drain-propagation-s",
         type=float,
         default=DEFAULT_DRAIN_PROPAGATION_S,
@@ -189,6 +199,7 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> ServerConfig:
         max_queue=args.max_queue,
         max_payload_bytes=args.max_payload_bytes,
         request_timeout_s=args.request_timeout_s,
+        keep_alive_timeout_s=args.keep_alive_timeout_s,
         drain_propagation_s=args.drain_propagation_s,
         grace_period_s=args.grace_period_s,
         fault_error_rate=pick(args.fault_error_rate, contract.ENV_FAULT_ERROR_RATE, float, 0.0),
@@ -215,6 +226,7 @@ def assess_config(config: ServerConfig) -> ServerConfig:
         (config.max_queue >= 1, "--max-queue must be >= 1"),
         (config.max_payload_bytes >= 1024, "--max-payload-bytes must be >= 1024"),
         (config.request_timeout_s > 0, "--request-timeout-s must be > 0"),
+        (config.keep_alive_timeout_s > 0, "--keep-alive-timeout-s must be > 0"),
         (config.drain_propagation_s >= 0, "--drain-propagation-s must be >= 0"),
         (config.grace_period_s > 0, "--grace-period-s must be > 0"),
         (config.threads is None or config.threads >= 1, "--threads must be >= 1"),
@@ -305,14 +317,15 @@ LOADING, SERVING, DRAINING = "loading", "serving", "draining"
 _ROUTE_CACHE_SIZE = 256
 
 
-@dataclass
 class InferContext:
     """Per-inference-request state carried through the batcher (the job's context)."""
 
-    conn: httpproto.Connection
-    request: httpproto.Request
-    template: str
-    job: batching.Job | None = None
+    __slots__ = ("conn", "request", "template")
+
+    def __init__(self, conn: httpproto.Connection, request: httpproto.Request, template: str) -> None:
+        self.conn = conn
+        self.request = request
+        self.template = template
 
 
 class App:
@@ -346,6 +359,7 @@ class App:
         self._loop = loop
         interval = min(0.1, self.config.request_timeout_s / 10)
         self._sweep_interval = interval
+        self._next_idle_check = 0.0
         self._sweeper = loop.call_later(interval, self._sweep_timeouts)
 
     def set_serving(
@@ -458,7 +472,6 @@ class App:
             if self.faults.should_fail():
                 raise oip.InjectedFault("injected fault (fault injection is on)")
             job = batching.Job(parsed, context)
-            context.job = job
             batcher.submit(job)
         except oip.ServingError as error:
             self._finish(context, oip.build_error_status(error), oip.build_error_body(str(error)))
@@ -516,6 +529,12 @@ class App:
                 self.batcher.cancel(job)
             error = oip.RequestTimeout(f"no answer within {self.config.request_timeout_s:g} s")
             self._finish(job.context, 504, oip.build_error_body(str(error)))
+        now = time.monotonic()
+        if now >= self._next_idle_check:
+            self._next_idle_check = now + min(1.0, self.config.keep_alive_timeout_s / 4)
+            idle_before = now - self.config.keep_alive_timeout_s
+            for conn in [c for c in self.connections if c.idle and c.last_active < idle_before]:
+                conn.close_if_idle()
         if self._loop is not None:
             self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep_timeouts)
 
@@ -541,15 +560,23 @@ def fetch_model(path: str, device: str) -> Any:
 
 
 @dataclass
-class LoadedEngines:
-    model: Any
-    engines: list[Any]
+class LoadedWorkers:
+    model: Any  # the model as loaded on the first device (its declared inputs and outputs)
+    workers: list[Any]  # engine.DeviceWorker, one per device, started and warmed up
     devices: list[str]
     threads: int
 
 
-def apply_load(config: ServerConfig, loader: Loader) -> LoadedEngines:
-    """Size torch's threads, load the model on every device, build and warm up one engine per device."""
+def apply_load(
+    config: ServerConfig,
+    loader: Loader,
+    loop: asyncio.AbstractEventLoop,
+    on_done: Callable[[Any, list[batching.Job], list[Any]], None],
+) -> LoadedWorkers:
+    """Size torch's threads and start one worker per device; each loads the model and warms it up.
+
+    Blocks until every worker is ready; raises the first worker's error (after stopping them all).
+    """
     import torch
 
     from shipyard.runtime import engine
@@ -558,27 +585,39 @@ def apply_load(config: ServerConfig, loader: Loader) -> LoadedEngines:
     torch.set_num_threads(threads)
     devices = engine.plan_devices(config.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     dtypes = [engine.plan_dtype(config.dtype, device) for device in devices]
-    engines = []
-    first = None
-    for device, dtype in zip(devices, dtypes, strict=True):
+    models: dict[str, Any] = {}
+
+    def build(device: str, dtype: str) -> Any:
         started = time.perf_counter()
         model = loader(config.artifact, device)
-        first = first or model
+        problems = oip.assess_tensor_specs(model.inputs, model.outputs)
+        if problems:
+            raise ValueError("; ".join(problems))
         built = engine.Engine(
             model, device, dtype=dtype, compile_model=config.compile, compile_mode=config.compile_mode
         )
-        batch_sizes = sorted({1, config.max_batch_size})
-        built.warmup(batch_sizes, config.warmup_iterations)
+        built.warmup(sorted({1, config.max_batch_size}), config.warmup_iterations)
+        models[device] = model
         log.info(
             "Loaded and warmed up model %s (version %s) on %s in %s in %.2f s",
-            config.model_name,
-            config.model_version,
-            device,
-            dtype,
-            time.perf_counter() - started,
-        )
-        engines.append(built)
-    return LoadedEngines(first, engines, devices, threads)
+            config.model_name, config.model_version, device, dtype, time.perf_counter() - started,
+        )  # fmt: skip
+        return built
+
+    workers = [
+        engine.DeviceWorker(device, functools.partial(build, device, dtype), loop, on_done)
+        for device, dtype in zip(devices, dtypes, strict=True)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.ready.wait()
+    errors = [worker.error for worker in workers if worker.error is not None]
+    if errors:
+        for worker in workers:
+            worker.stop()
+        raise errors[0]
+    return LoadedWorkers(models[devices[0]], workers, devices, threads)
 
 
 # --------------------------------------------------------------------------------------------- serving
@@ -636,11 +675,15 @@ class Server:
                 loop.add_signal_handler(signum, self._on_signal)
         self.started.set()
 
-        loaded: asyncio.Future[LoadedEngines] = loop.create_future()
+        loaded: asyncio.Future[LoadedWorkers] = loop.create_future()
+
+        def on_done(worker: Any, jobs: list[batching.Job], results: list[Any]) -> None:
+            assert self.app.batcher is not None
+            self.app.batcher.on_batch_done(worker, jobs, results)
 
         def load() -> None:
             try:
-                result = apply_load(config, self.loader)
+                result = apply_load(config, self.loader, loop, on_done)
             except BaseException as error:  # reported on the loop
                 loop.call_soon_threadsafe(_settle, loaded, None, error)
             else:
@@ -663,7 +706,7 @@ class Server:
             stop_wait.cancel()
             return 1
         result = loaded.result()
-        self._start_workers(loop, result)
+        self._start_serving(loop, result)
         # Everything allocated so far (torch, the model, the loaded modules) lives as long as the process: move
         # it out of the collector's sight, so that full collections under load do not walk it (tail latency).
         gc.collect()
@@ -680,16 +723,11 @@ class Server:
         await stop_wait
         return await self._drain(server)
 
-    def _start_workers(self, loop: asyncio.AbstractEventLoop, loaded: LoadedEngines) -> None:
+    def _start_serving(self, loop: asyncio.AbstractEventLoop, loaded: LoadedWorkers) -> None:
         from shipyard.runtime import engine
 
         app = self.app
-        batcher_ref: list[batching.Batcher] = []
-
-        def on_done(worker: Any, jobs: list[batching.Job], results: list[Any]) -> None:
-            batcher_ref[0].on_batch_done(worker, jobs, results)
-
-        self._workers = [engine.DeviceWorker(built, loop, on_done) for built in loaded.engines]
+        self._workers = loaded.workers
         batcher = batching.Batcher(
             loop,
             self._workers,
@@ -699,9 +737,6 @@ class Server:
             on_result=app.on_result,
             on_batch_started=app.on_batch_started,
         )
-        batcher_ref.append(batcher)
-        for worker in self._workers:
-            worker.start()
         if any(device.startswith("cuda") for device in loaded.devices):
             devices = loaded.devices
             self.metrics.register_gpu(lambda: engine.fetch_gpu_stats(devices))
@@ -771,6 +806,8 @@ def apply_event_loop_policy(use_uvloop: bool) -> None:
 
 def run_server(config: ServerConfig, loader: Loader = fetch_model) -> int:
     """Run a server in this (main) thread until it has drained; returns the exit code."""
+    # numpy warns when a client's number overflows the input datatype; oip rejects that input with a 400.
+    warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning)
     apply_event_loop_policy(config.uvloop)
     server = Server(config, loader)
     return asyncio.run(server.run(install_signals=True))

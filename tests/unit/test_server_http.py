@@ -267,6 +267,17 @@ def test_keep_alive_and_pipelined_requests_are_answered_in_order(harness: Harnes
     assert ids == ["r0", "r1", "r2", "r3", "r4", "live"]
 
 
+def test_idle_keep_alive_connections_are_closed_after_the_timeout() -> None:
+    with Harness(base_config(keep_alive_timeout_s=0.3)) as running:
+        running.thread.wait_ready()
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nhost: t\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            started = time.monotonic()
+            assert sock.recv(65536) == b""  # closed by the server
+            assert 0.2 <= time.monotonic() - started < 3.0
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 BAD_INFER = [

@@ -76,6 +76,7 @@ BAD_REQUESTS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize(("raw", "message"), BAD_REQUESTS)
 def test_bad_requests_raise_bad_request_with_a_message(raw: bytes, message: str) -> None:
     with pytest.raises(oip.BadRequest, match=message) as caught:
