@@ -268,3 +268,26 @@ def test_manual_controls_promote_and_rollback_to(cluster: Cluster, operator: Kop
     assert md["status"]["controls"] == {"promote": "1.1.0", "rollbackTo": "1.0.0"}
     wait_until(lambda: replicas(cluster, namespace) == {"1.0.0": 4, "1.1.0": 0}, 30, message="1.0.0 at full size")
     assert md["metadata"]["generation"] == 2  # the operator never wrote spec
+
+
+def test_gpu_rollout_without_spare_gpus_replaces_in_place(cluster: Cluster, operator: KopfRunner,
+                                                          namespace: str) -> None:
+    """GPU pods land on the GPU node; with maxSurgeGPUs 0 the rollout never holds more GPU pods than replicas."""
+    spec = {"serving": {"replicas": 4, "resources": {"limits": {"nvidia.com/gpu": 1}}},
+            "rollout": {"steps": [{"weight": 50, "pause": "1s"}], "maxSurgeGPUs": 0}}
+    cluster.apply({**model("gpu", "1.0.0"), "spec": {**model("gpu", "1.0.0")["spec"], **spec}}, namespace)
+    wait_status(cluster, namespace, "gpu", healthy("1.0.0"), message="1.0.0 healthy")
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout)["items"]
+    assert {p["spec"]["nodeName"] for p in pods} == {"kwok-gpu-0"}
+    cluster.apply({**model("gpu", "1.1.0"), "spec": {**model("gpu", "1.1.0")["spec"], **spec}}, namespace)
+    most = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = replicas(cluster, namespace)
+        most = max(most, sum(r.values()))
+        if healthy("1.1.0")(get(cluster, namespace, "gpu")) and r.get("1.0.0") == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("not promoted")
+    assert most <= 4
