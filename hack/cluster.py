@@ -38,7 +38,9 @@ HACK = Path(__file__).resolve().parent
 REPO = HACK.parent
 VERSIONS_FILE = HACK / "versions.env"
 NODE_ANNOTATION = "kwok.x-k8s.io/node"
-SERVICE_CIDR = "10.96.0.0/16"
+SERVICE_CIDR = "10.96.0.0/16"  # virtual: no kube-proxy, nothing ever connects to these addresses
+FAKE_POD_CIDR = "127.1.0.0/16"
+FAKE_NODE_IP = "127.2.0.1"
 KWOK_STAGES = (
     "kustomize/stage/node/fast/node-initialize.yaml",
     "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
@@ -349,6 +351,9 @@ def up(state_dir: Path, nodes: tuple[dict[str, object], ...] = DEFAULT_NODES) ->
             str(bins["kwok"]), f"--kubeconfig={kc}", "--manage-all-nodes=false",
             f"--manage-nodes-with-annotation-selector={NODE_ANNOTATION}=fake",
             f"--server-address=127.0.0.1:{ports['kwok']}", "--node-lease-duration-seconds=40",
+            # Fake pods and nodes get loopback addresses: anything that tries to reach them (the operator's
+            # direct scrape) is refused on this machine instead of sending traffic to a private range.
+            f"--cidr={FAKE_POD_CIDR}", f"--node-ip={FAKE_NODE_IP}",
             *[f"--config={s}" for s in [*stages, *sorted((HACK / "kwok").glob("*.yaml"))]],
         ])
         for node in nodes:

@@ -37,6 +37,27 @@ operator_pid=$!
 
 say "Applying examples/digits.yaml"
 kubectl create namespace demo --dry-run=client -o yaml | kubectl apply -f -
+# The artifacts volume the compression Job writes to (a local PV: the fake nodes have no provisioner).
+kubectl apply -f - <<YAML
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: demo-shipyard-artifacts}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  hostPath: {path: $state/artifacts}
+  claimRef: {namespace: demo, name: shipyard-artifacts}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: shipyard-artifacts, namespace: demo}
+spec:
+  accessModes: [ReadWriteMany]
+  storageClassName: ""
+  volumeName: demo-shipyard-artifacts
+  resources: {requests: {storage: 1Gi}}
+YAML
 kubectl apply -n demo -f examples/digits.yaml
 kubectl wait -n demo --for=condition=Ready --timeout=120s modeldeployment/digits
 kubectl get -n demo modeldeployment,deployments,services,pods -l shipyard.dev/model=digits 2>/dev/null || true
@@ -47,9 +68,15 @@ next="${image%:*}:1.1.0"
 say "Rolling out a new version: $image -> $next"
 kubectl patch -n demo modeldeployment digits --type merge -p "{\"spec\":{\"image\":\"$next\"}}"
 sleep 1
-kubectl wait -n demo --for=jsonpath='{.status.stableVersion}'=1.1.0 --timeout=120s modeldeployment/digits
-kubectl wait -n demo --for=condition=Ready --timeout=120s modeldeployment/digits
-kubectl get -n demo modeldeployment digits
+# KWOK's fake pods serve no metrics: the analysis measures errors and the operator rolls the canary back, as it
+# would for any version it cannot verify. Watch the steps until the rollout ends either way.
+for _ in $(seq 1 120); do
+  phase=$(kubectl get -n demo modeldeployment digits -o jsonpath='{.status.phase}')
+  kubectl get -n demo modeldeployment digits -o wide --no-headers
+  case "$phase" in Healthy|RolledBack) break ;; esac
+  sleep 3
+done
+kubectl get -n demo modeldeployment digits -o jsonpath='{.status.message}{"\n"}'
 kubectl get -n demo deployments -l shipyard.dev/model=digits -L shipyard.dev/version
 say "History"
 kubectl get -n demo modeldeployment digits -o jsonpath='{range .status.history[*]}{.version}{"\t"}{.outcome}{"\t"}{.time}{"\n"}{end}'
