@@ -42,6 +42,14 @@ the canonical JSON of the manifest without `digest` (sorted keys, no spaces): it
 `files` and everything that decides how they are interpreted. A hand-written source manifest may omit
 `files` and `digest`: the loader then computes them (and `LoadedModel.digest` is that computed value).
 
+Compiled package (optional). A factory-kind artifact may also carry an AOTInductor package of the same model
+for fast CPU serving: `"compiled": {"file": "model.cpu.pt2", "format": "aotinductor", "device": "cpu",
+"torch": "<version that compiled it>", "maxBatchSize": 1024}`, listed in `files` (so covered by the digest).
+It is native code (a shared library inside the zip): `load_model(..., compiled=True)` loads it only on explicit
+request, after the digest check, and only with the torch version that built it; by default the eager module is
+built from the weights. Shapes: the first dimension of every input is the batch (1..maxBatchSize); any other
+-1 dimension is dynamic too, shared by the inputs that have -1 at the same position.
+
 Writes are atomic: everything is written into a temporary sibling directory which is renamed into place, so
 a partial artifact is never visible under the final name.
 """
@@ -85,6 +93,7 @@ DATATYPES = (
 MAX_MANIFEST_BYTES = 1 << 20
 INNER_SEPARATOR = "::"
 RESIZABLE_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Embedding")
+COMPILED_FORMAT = "aotinductor"
 _PICKLE_PROTOCOL_BYTE = 0x80
 _ZIP_MAGIC = b"PK\x03\x04"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -216,6 +225,16 @@ def assess_manifest(manifest: Any) -> list[str]:
         except ArtifactError as exc:
             problems.append(str(exc))
     problems += _assess_structure(manifest.get("structure", {}))
+    compiled = manifest.get("compiled")
+    if compiled is not None:
+        if (
+            not isinstance(compiled, Mapping)
+            or compiled.get("format") != COMPILED_FORMAT
+            or not _is_plain_file_name(compiled.get("file"))
+        ):
+            problems.append(f"compiled: must be {{format: {COMPILED_FORMAT}, file: <name>, device, torch}}")
+        elif isinstance(manifest.get("files"), Mapping) and compiled["file"] not in manifest["files"]:
+            problems.append(f"files: does not list the compiled package {compiled['file']!r}")
     problems += _assess_quantization(manifest.get("quantization", []))
     files = manifest.get("files")
     if files is not None:
@@ -642,15 +661,21 @@ def load_verified_manifest(path: str | os.PathLike[str], *, expected_digest: str
     return manifest
 
 
-def load_model(path: str | os.PathLike[str], *, device: str = "cpu", expected_digest: str | None = None) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike[str], *, device: str = "cpu", expected_digest: str | None = None, compiled: bool = False
+) -> LoadedModel:
     """Load a model directory (source or compressed), verifying its digest; the module is in eval mode.
 
+    `compiled=True` loads the artifact's AOTInductor package instead of building the eager module (an
+    ArtifactError when there is none for `device` or it was built by another torch version).
     Raises ArtifactError naming the problem: missing manifest or weights, digest mismatch, pickled payload,
     weights that do not fit the factory's model, unknown factory.
     """
     directory = Path(path).resolve()
     manifest = load_verified_manifest(directory, expected_digest=expected_digest)
-    if manifest["kind"] == "export":
+    if compiled:
+        module = load_compiled_module(manifest, directory, device=device)
+    elif manifest["kind"] == "export":
         module = _to_device(load_exported_module(directory / manifest["weights"]), device)
     else:
         module = build_model_from_manifest(manifest, directory, device=device)
@@ -680,6 +705,91 @@ def build_model_from_manifest(manifest: Mapping[str, Any], directory: Path, *, d
     apply_plain_state(model, tensors, manifest.get("tensors", {}))
     model.eval()
     return model
+
+
+class CompiledModule:
+    """Callable wrapper of an AOTInductor runner with the bits of the nn.Module API callers use."""
+
+    def __init__(self, runner: Any, path: Path) -> None:
+        self.runner = runner
+        self.path = path
+        self.training = False
+
+    def __call__(self, *inputs: Any) -> Any:
+        out = self.runner(*inputs)
+        return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
+
+    def eval(self) -> CompiledModule:
+        return self
+
+    def parameters(self) -> Iterator[Any]:
+        return iter(())
+
+    def to(self, device: str) -> CompiledModule:
+        return self
+
+
+def load_compiled_module(manifest: Mapping[str, Any], directory: Path, *, device: str = "cpu") -> CompiledModule:
+    """Load the artifact's AOTInductor package (native code; the manifest digest was verified by the caller)."""
+    import torch
+
+    entry = manifest.get("compiled")
+    if not entry:
+        raise ArtifactError(f"model {manifest['name']!r} has no compiled package (compress with compiled.aotInductor)")
+    if entry.get("device") != device.split(":")[0]:
+        raise ArtifactError(f"compiled package is for device {entry.get('device')!r}, not {device!r}")
+    if entry.get("torch") != torch.__version__:
+        raise ArtifactError(
+            f"compiled package was built by torch {entry.get('torch')}, this is torch {torch.__version__}; "
+            "load the eager model or recompress"
+        )
+    try:
+        runner = torch._inductor.aoti_load_package(str(directory / entry["file"]))
+    except Exception as exc:
+        raise ArtifactError(f"compiled package {entry['file']}: cannot be loaded: {exc}") from exc
+    return CompiledModule(runner, directory / entry["file"])
+
+
+def build_dynamic_shapes(specs: Sequence[TensorSpec], max_batch: int) -> tuple[dict[int, Any], ...]:
+    """torch.export dynamic shapes for the inputs: batch on axis 0, other -1 axes shared by position. Pure."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    axes: dict[int, Any] = {}
+    shapes = []
+    for spec in specs:
+        dims: dict[int, Any] = {0: batch}
+        for axis, size in enumerate(spec.shape[1:], start=1):
+            if size == -1:
+                dims[axis] = axes.setdefault(axis, torch.export.Dim(f"axis{axis}", min=2, max=1 << 16))
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def write_compiled_package(
+    directory: Path, module: Any, example_inputs: Sequence[Any], specs: Sequence[TensorSpec], *, max_batch: int
+) -> dict[str, Any]:
+    """Export `module` and compile it with AOTInductor into `model.cpu.pt2`; returns the manifest entry."""
+    import torch
+
+    name = "model.cpu.pt2"
+    try:
+        with torch.no_grad():
+            program = torch.export.export(
+                module, tuple(example_inputs), dynamic_shapes=build_dynamic_shapes(specs, max_batch)
+            )
+            torch._inductor.aoti_compile_and_package(program, package_path=str(directory / name))
+    except Exception as exc:
+        raise ArtifactError(
+            f"AOTInductor compilation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    return {
+        "file": name,
+        "format": COMPILED_FORMAT,
+        "device": "cpu",
+        "torch": torch.__version__,
+        "maxBatchSize": max_batch,
+    }
 
 
 def _to_device(module: Any, device: str) -> Any:
@@ -793,8 +903,12 @@ def write_model_files(
     quantization: Sequence[Any] = (),
     metadata: Mapping[str, Any] | None = None,
     zstd_level: int | None = None,
+    compile_inputs: Sequence[Any] | None = None,
+    compile_max_batch: int = 1024,
 ) -> dict[str, Any]:
     """Write a factory-kind model (weights + manifest) into an existing directory; returns the manifest.
+
+    With `compile_inputs` (example input tensors) an AOTInductor package of `module` is added (`compiled`).
 
     `structure` is derived by comparing `module` with a fresh factory build; `quantization` lists what was
     quantized (QuantizationRecord or {scheme, modules}) so that the loader can rebuild the layouts.
@@ -826,6 +940,12 @@ def write_model_files(
         "files": {weights_name: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}},
         "metadata": dict(metadata or {}),
     }
+    if compile_inputs is not None:
+        specs = build_tensor_specs(list(inputs), "inputs")
+        entry = write_compiled_package(directory, module, compile_inputs, specs, max_batch=compile_max_batch)
+        sha, size = _sha256_file(directory / entry["file"])
+        manifest["files"][entry["file"]] = {"sha256": sha, "bytes": size}
+        manifest["compiled"] = entry
     return _finish_manifest(directory, manifest)
 
 
@@ -922,5 +1042,16 @@ def save_exported_model(
 
 
 def build_directory_bytes(manifest: Mapping[str, Any]) -> int:
-    """Total bytes of the files a model is made of (weights/program; manifest excluded). Pure."""
-    return sum(int(entry["bytes"]) for entry in manifest.get("files", {}).values())
+    """Bytes of the model's weights (or program) file: what the compression shrinks. Pure.
+
+    The optional compiled package is a second copy of the model plus native code and is counted apart
+    (`build_compiled_bytes`); the manifest itself is excluded.
+    """
+    files = manifest.get("files", {})
+    return int(files[manifest["weights"]]["bytes"]) if manifest.get("weights") in files else 0
+
+
+def build_compiled_bytes(manifest: Mapping[str, Any]) -> int:
+    """Bytes of the optional AOTInductor package (0 when absent). Pure."""
+    entry = manifest.get("compiled")
+    return int(manifest["files"][entry["file"]]["bytes"]) if entry else 0

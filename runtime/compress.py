@@ -381,6 +381,8 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
                 "source": {"path": str(config.source), "digest": source.digest},
                 "steps": [{"kind": s.kind, "params": s.params()} for s in config.steps],
             },
+            compile_inputs=evaluate.build_batch(dataset.eval_inputs, 8) if config.compiled.aot_inductor else None,
+            compile_max_batch=config.compiled.max_batch_size,
         )
         durations["save"] = time.perf_counter() - t0
         log.info(
@@ -414,6 +416,16 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             config.evaluation.max_relative_accuracy_loss,
             config.evaluation.max_relative_loss,
         )
+        compiled_section = None
+        if config.compiled.aot_inductor:
+            compiled_section, compiled_gate = evaluate_compiled(
+                staging, manifest, dataset, metrics_before, source_outputs, latency_before, config
+            )
+            gate = evaluate.GateDecision(
+                accepted=gate.accepted and compiled_gate.accepted,
+                checks=gate.checks
+                + tuple(dataclasses.replace(c, metric=f"{c.metric} (compiled)") for c in compiled_gate.checks),
+            )
         durations["total"] = time.perf_counter() - started
         body = report.build_report(
             status="accepted" if gate.accepted else "rejected",
@@ -440,6 +452,7 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             steps=step_reports,
             durations=durations,
             environment=_environment(),
+            compiled=compiled_section,
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         if not gate.accepted:
@@ -451,6 +464,49 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         (staging / contract.REPORT_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     log.info("Published artifact %s at %s in %.1fs", manifest["digest"], output, time.perf_counter() - started)
     return body
+
+
+def evaluate_compiled(
+    staging: Path,
+    manifest: Mapping[str, Any],
+    dataset: Any,
+    metrics_before: Mapping[str, float],
+    source_outputs: Any,
+    latency_before: Mapping[int, Mapping[str, float]],
+    config: recipe.CompressionConfig,
+) -> tuple[dict[str, Any], Any]:
+    """Load the AOTInductor package back, measure it and gate it like the eager model."""
+    from shipyard.runtime import artifacts, evaluate
+
+    t0 = time.perf_counter()
+    compiled = artifacts.load_model(staging, expected_digest=manifest["digest"], compiled=True)
+    outputs = evaluate.query_outputs(compiled.module, dataset.eval_inputs)
+    metrics = evaluate.evaluate_metrics(dataset.task, outputs, dataset.eval_labels, source_outputs)
+    latency = {
+        b: evaluate.query_latency(compiled.module, dataset.eval_inputs, b, budget_s=config.latency.budget_seconds)
+        for b in config.latency.batch_sizes
+    }
+    gate = evaluate.evaluate_gate(
+        dataset.task,
+        metrics_before,
+        metrics,
+        config.evaluation.max_relative_accuracy_loss,
+        config.evaluation.max_relative_loss,
+    )
+    log.info(
+        "Evaluated the AOTInductor package: %s; %s in %.2fs",
+        _metrics_text(metrics),
+        _latency_text(latency),
+        time.perf_counter() - t0,
+    )
+    section = {
+        "file": manifest["compiled"]["file"],
+        "bytes": artifacts.build_compiled_bytes(manifest),
+        "metrics": dict(metrics),
+        "latency": {f"batch{b}": dict(v) for b, v in latency.items()},
+        "speedupP50": {f"batch{b}": latency_before[b]["p50_ms"] / v["p50_ms"] for b, v in latency.items()},
+    }
+    return section, gate
 
 
 def _dataset_to(dataset: Any, device: str) -> Any:

@@ -353,12 +353,12 @@ def build_recsys_interactions(
     return users, items, clicks
 
 
-RECSYS_USERS = 10000
-RECSYS_ITEMS = 2000
+RECSYS_USERS = 2000
+RECSYS_ITEMS = 500
 
 
 def load_recsys_synthetic(seed: int = 0) -> Dataset:
-    """200k synthetic interactions for training and 20k for evaluation, over 10000 users and 2000 items."""
+    """200k synthetic interactions for training and 20k for evaluation, over 2000 users and 500 items."""
     users, items, clicks = build_recsys_interactions(RECSYS_USERS, RECSYS_ITEMS, 220_000, seed=seed)
     cut = 200_000
     return Dataset(

@@ -64,24 +64,31 @@ def build_digits_cnn(channels: Sequence[int] = (16, 32), hidden: int = 64, num_c
 
 
 class TwoTower(nn.Module):
-    """User tower and item tower (embedding -> MLP); the score is the dot product of the two vectors."""
+    """Two-tower recommender: each side is its embedding plus a residual MLP tower; score = dot + item bias.
+
+    The residual keeps the model a matrix factorisation at initialisation (plain product towers start with
+    vanishing gradients), and the towers add non-linear features on top.
+    """
 
     def __init__(self, num_users: int, num_items: int, dim: int, hidden: int) -> None:
         super().__init__()
         self.user_embedding = nn.Embedding(num_users, dim)
         self.item_embedding = nn.Embedding(num_items, dim)
+        self.item_bias = nn.Embedding(num_items, 1)
         self.user_tower = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
         self.item_tower = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        for table in (self.user_embedding, self.item_embedding, self.item_bias):
+            nn.init.normal_(table.weight, std=0.1)
 
     def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        users = self.user_tower(self.user_embedding(user_ids))
-        items = self.item_tower(self.item_embedding(item_ids))
-        return (users * items).sum(dim=-1, keepdim=True)
+        users = self.user_embedding(user_ids)
+        items = self.item_embedding(item_ids)
+        users = users + self.user_tower(users)
+        items = items + self.item_tower(items)
+        return (users * items).sum(dim=-1, keepdim=True) + self.item_bias(item_ids)
 
 
-def build_recsys_two_tower(
-    num_users: int = 10000, num_items: int = 2000, dim: int = 64, hidden: int = 128
-) -> nn.Module:
+def build_recsys_two_tower(num_users: int = 2000, num_items: int = 500, dim: int = 64, hidden: int = 64) -> nn.Module:
     return TwoTower(num_users=num_users, num_items=num_items, dim=dim, hidden=hidden)
 
 
@@ -118,3 +125,8 @@ def build_minilm_encoder(num_hidden_layers: int | None = None, attn_implementati
     config = BertConfig(**raw)
     config._attn_implementation = attn_implementation
     return SentenceEncoder(config)
+
+
+def build_digits_student(hidden: int = 32, num_classes: int = 10) -> nn.Module:
+    """The distillation student of the digits scenario: one hidden layer (64-32-10, about 2.4k parameters)."""
+    return build_digits_mlp(hidden=(int(hidden),), num_classes=num_classes)

@@ -32,6 +32,7 @@ SCHEMES: dict[str, str] = {
 }
 CUDA_ONLY_SCHEMES = frozenset({"fp8", "int4-weight-only"})
 EMBEDDING_SCHEMES = frozenset({"int8-embedding"})
+MIN_EMBEDDING_DIM = 8  # narrower tables stay fp32 under int8-embedding
 
 
 class QuantizationError(ValueError):
@@ -96,8 +97,11 @@ def plan_quantized_modules(model: Any, scheme: str) -> tuple[str, ...]:
     names = []
     for fqn, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if predicate(module, fqn) and isinstance(weight, torch.Tensor) and type(weight.data) is torch.Tensor:
-            names.append(fqn)
+        if not (predicate(module, fqn) and isinstance(weight, torch.Tensor) and type(weight.data) is torch.Tensor):
+            continue
+        if scheme in EMBEDDING_SCHEMES and weight.shape[-1] < MIN_EMBEDDING_DIM:
+            continue  # a per-row scale would cost more than the int8 saves (e.g. a bias table of width 1)
+        names.append(fqn)
     return tuple(names)
 
 

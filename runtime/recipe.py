@@ -21,6 +21,7 @@ The document mirrors the ModelDeployment's `spec.compression` (camelCase keys) p
     logDir: /artifacts/tensorboard/digits     # optional: TensorBoard event files of training losses
     encoding: auto                            # auto | safetensors | safetensors+zstd
     latency: {batchSizes: [1, 64], budgetSeconds: 1.0}
+    compiled: {aotInductor: false, maxBatchSize: 1024}   # also write an AOTInductor package (CPU)
     seed: 0
     overwrite: false
 """
@@ -125,6 +126,12 @@ class Latency:
 
 
 @dataclasses.dataclass(frozen=True)
+class Compiled:
+    aot_inductor: bool = False
+    max_batch_size: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
 class CompressionConfig:
     source: str
     output: str
@@ -135,6 +142,7 @@ class CompressionConfig:
     log_dir: str | None = None
     encoding: str = "auto"
     latency: Latency = Latency()
+    compiled: Compiled = Compiled()
     seed: int = 0
     overwrite: bool = False
 
@@ -372,6 +380,7 @@ def build_config(raw: Any) -> CompressionConfig:
         "logDir",
         "encoding",
         "latency",
+        "compiled",
         "seed",
         "overwrite",
     )
@@ -419,6 +428,10 @@ def build_config(raw: Any) -> CompressionConfig:
     latency = Latency(
         batch_sizes=batch_sizes, budget_seconds=lat.number("budgetSeconds", 1.0, 0.0, 60.0, low_open=True)
     )
+    comp = _Fields(top.raw.get("compiled", {}), "compiled", problems, ("aotInductor", "maxBatchSize"))
+    compiled = Compiled(
+        aot_inductor=comp.boolean("aotInductor", False), max_batch_size=comp.integer("maxBatchSize", 1024, 2, 65536)
+    )
     log_dir = top.string("logDir", "") or None
     config = CompressionConfig(
         source=source,
@@ -430,6 +443,7 @@ def build_config(raw: Any) -> CompressionConfig:
         log_dir=log_dir,
         encoding=top.string("encoding", "auto", choices=ENCODINGS),
         latency=latency,
+        compiled=compiled,
         seed=top.integer("seed", 0, 0, 2**31 - 1),
         overwrite=top.boolean("overwrite", False),
     )

@@ -53,6 +53,7 @@ def build_report(
     durations: Mapping[str, float],
     environment: Mapping[str, Any],
     created_at: str,
+    compiled: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the report written to `report.json` and printed by the job. Pure."""
     primary = evaluate.PRIMARY_METRIC[task]
@@ -81,6 +82,7 @@ def build_report(
         "metrics": {"before": dict(metrics_before), "after": dict(metrics_after)},
         "gate": gate.to_dict(),
         "latency": build_latency_section(latency_before, latency_after),
+        "compiled": dict(compiled) if compiled else None,
         "steps": [dict(s) for s in steps],
         "durations": dict(durations),
         "environment": dict(environment),

@@ -134,12 +134,12 @@ def build_minilm(out: Path) -> dict[str, Any]:
 def build_recsys(
     out: Path,
     *,
-    epochs: int = 3,
+    epochs: int = 2,
     seed: int = 0,
     num_users: int = datasets.RECSYS_USERS,
     num_items: int = datasets.RECSYS_ITEMS,
     dim: int = 64,
-    hidden: int = 128,
+    hidden: int = 64,
     samples: int | None = None,
 ) -> dict[str, Any]:
     """Train the two-tower model on synthetic interactions and write its model directory."""
@@ -157,7 +157,7 @@ def build_recsys(
         )
     kwargs = {"num_users": num_users, "num_items": num_items, "dim": dim, "hidden": hidden}
     model = models.build_recsys_two_tower(**kwargs)
-    apply_supervised_training(model, dataset, epochs=epochs, lr=3e-3, batch_size=512, seed=seed)
+    apply_supervised_training(model, dataset, epochs=epochs, lr=1e-2, batch_size=256, seed=seed)
     model.eval()
     metrics = evaluate.evaluate_metrics(
         "binary", evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels

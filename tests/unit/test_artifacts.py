@@ -354,3 +354,45 @@ def test_export_kind_round_trip_and_pickle_check(tmp_path: Path) -> None:
     with pytest.raises(artifacts.ArtifactError, match="refused: .*sample_inputs/model.pt is a pickle"):
         artifacts.load_exported_module(evil)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        pytest.param(None, "has no compiled package", id="absent"),
+        pytest.param(
+            {"device": "cuda", "torch": torch.__version__, "file": "m.pt2"}, "is for device 'cuda'", id="device"
+        ),
+        pytest.param(
+            {"device": "cpu", "torch": "1.0.0", "file": "m.pt2"}, "was built by torch 1.0.0", id="torch-version"
+        ),
+    ],
+)
+def test_compiled_package_is_only_loaded_when_it_fits(tmp_path: Path, entry: dict | None, message: str) -> None:
+    manifest = {"name": "digits", "compiled": entry}
+    with pytest.raises(artifacts.ArtifactError, match=message):
+        artifacts.load_compiled_module(manifest, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("SHIPYARD_SLOW_TESTS"), reason="compiles C++ with AOTInductor (15-50 s); SHIPYARD_SLOW_TESTS=1"
+)
+def test_compiled_package_round_trip(tmp_path: Path) -> None:
+    """An int8 model with its AOTInductor package: both loads give the same outputs, the package is digested."""
+    model, records = _int8("int8-dynamic")
+    with artifacts.stage_directory(tmp_path / "model") as staging:
+        manifest = artifacts.write_model_files(
+            staging, model, name="digits", factory=FACTORY, factory_kwargs=SMALL, quantization=records,
+            compile_inputs=[torch.randn(4, 64)], compile_max_batch=128, **DIGITS_IO,
+        )  # fmt: skip
+    assert manifest["compiled"]["file"] in manifest["files"]
+    assert artifacts.build_compiled_bytes(manifest) > 0
+    eager = artifacts.load_model(tmp_path / "model")
+    compiled = artifacts.load_model(tmp_path / "model", compiled=True)
+    x = torch.randn(9, 64)
+    with torch.no_grad():
+        assert torch.allclose(compiled.module(x), eager.module(x), atol=1e-4)
+    _flip_weight_byte(tmp_path / "model")  # the eager weights changed: even the compiled load must refuse
+    with pytest.raises(artifacts.ArtifactError, match="digest mismatch"):
+        artifacts.load_model(tmp_path / "model", compiled=True)

@@ -24,6 +24,15 @@ def _examples() -> object:
     return module
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> object:
+    """Tiny models gain nothing from threads, and on a shared machine OpenMP threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "digits"
