@@ -1,0 +1,66 @@
+# syntax=docker/dockerfile:1
+# Shipyard's images, from one multi-stage build:
+#
+#   docker build --target operator -t shipyard/operator:0.1.0 .                 # the operator (no torch)
+#   docker build --target runtime  -t shipyard/runtime:0.1.0-cpu .              # compression + serving, CPU torch
+#   docker build --target runtime  --build-arg TORCH_VARIANT=cu128 -t shipyard/runtime:0.1.0-cu128 .   # CUDA 12.8
+#
+# A model image adds the model to the runtime image (FROM shipyard/runtime:..., COPY my-model /models/my-model);
+# its tag is the version Shipyard rolls out. Both images run as the non-root user 10001. The base image is pinned
+# by exact tag; pin it by digest too with --build-arg PYTHON_IMAGE=python:3.11.13-slim-bookworm@sha256:<digest>.
+# docs/packaging.md has the measured size of the operator image and the kind script (hack/kind-e2e.sh).
+
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+# --- build stages: a virtual environment in /opt/venv ------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator/ operator/
+COPY runtime/ runtime/
+
+FROM build AS operator-build
+# The base distribution only: Kopf, lightkube, prometheus-client, aiohttp, PyYAML. No torch.
+# pip and setuptools are not needed at run time (about 23 MB of the venv).
+RUN pip install --no-compile . \
+ && python -c "import sys, shipyard.operator.handlers; assert 'torch' not in sys.modules" \
+ && python -m pip uninstall --yes pip setuptools
+
+FROM build AS runtime-build
+# cpu, or a CUDA build of torch such as cu128 (its CUDA libraries come as wheels; the driver comes from the node).
+ARG TORCH_VARIANT=cpu
+ARG TORCH_VERSION=2.13.0
+# The project itself is installed from its source: its dependencies are pinned in pyproject.toml.
+# hadolint ignore=DL3013
+RUN pip install --no-compile --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}" \
+ && pip install --no-compile ".[runtime]" \
+ && python -c "import torch, shipyard.runtime.cli; print('torch', torch.__version__)"
+
+# --- final stages ---------------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS base
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN groupadd --system --gid 10001 shipyard \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin shipyard
+WORKDIR /tmp
+
+FROM base AS runtime
+COPY --from=runtime-build /opt/venv /opt/venv
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["shipyard-runtime"]
+CMD ["serve"]
+
+# The operator is the last stage, so that a plain `docker build .` builds it.
+FROM base AS operator
+COPY --from=operator-build /opt/venv /opt/venv
+USER 10001:10001
+EXPOSE 8081 9090
+ENTRYPOINT ["shipyard-operator"]
+CMD ["--all-namespaces"]
