@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -100,3 +101,17 @@ def test_dockerignore_admits_exactly_what_is_copied() -> None:
     assert included("operator/handlers.py") and not included("operator/__pycache__/x.pyc")
     for excluded in (".venv", ".git", "tests", "bench", "charts", ".cluster", "build"):
         assert not included(excluded), excluded
+
+
+def test_kind_script_parses_and_matches_the_repository() -> None:
+    script = (REPO / "hack" / "kind-e2e.sh").read_text()
+    out = subprocess.run(["bash", "-n", "hack/kind-e2e.sh"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    example = yaml.safe_load((REPO / "examples" / "digits.yaml").read_text())
+    assert f"model_image={example['spec']['image']}" in script
+    assert "/models/digits" in script and example["spec"]["model"]["path"] == "/models/digits"
+    for target in re.findall(r"--target (\w+)", script):
+        assert target in stages(), target
+    for path in ("charts/shipyard", "examples/digits.yaml", "examples/models/build_models.py"):
+        assert path in script and (REPO / path).exists(), path
+    assert "NOT run by this repository's CI" in script
