@@ -506,7 +506,8 @@ def _plan_blocked(md: spec_mod.ModelDeployment, st: _State, observed: Observed, 
     st.phase = "RolledBack" if outcome in ("RolledBack", "Aborted") and st.stable else "Failed"
     st.stalled_reason = reason
     serving = f"; version {st.stable} keeps serving" if st.stable else ""
-    st.message = (f"Version {spec.version} {outcome.lower()} ({reason}): {blocked.get('message', '')}{serving}. "
+    said = {"RolledBack": "was rolled back", "Aborted": "was aborted", "Failed": "failed"}.get(outcome, outcome)
+    st.message = (f"Version {spec.version} {said} ({reason}): {blocked.get('message', '')}{serving}. "
                   "Change spec.image, bump spec.retry or set the shipyard.dev/retry annotation to try again")
 
 
