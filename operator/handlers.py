@@ -336,8 +336,21 @@ async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str 
 
 async def _child_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
     key = _remember_child(body, deleted=event.get("type") == "DELETED")
-    if key is not None:
+    if key is not None and assess_wakes_owner(body):
         RUNTIME.queue.add(key)
+
+
+def assess_wakes_owner(body: Mapping[str, Any]) -> bool:
+    """Whether a child's change can change a decision. Serving pods only feed the cache (scrape targets; their
+    readiness reaches the planner through their Deployment's status), so their many status updates do not cost
+    reconciles; a compression pod matters once it has terminated (its termination message)."""
+    if body.get("kind") != "Pod":
+        return True
+    labels = body.get("metadata", {}).get("labels") or {}
+    if labels.get(naming.LABEL_COMPONENT) != "compression":
+        return False
+    statuses = (body.get("status") or {}).get("containerStatuses") or []
+    return any((cs.get("state") or {}).get("terminated") for cs in statuses)
 
 
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}

@@ -1,0 +1,66 @@
+"""The shell's pure helpers: which child events wake the owner, job phases and messages, scrape targets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shipyard.operator import handlers
+
+
+def pod(component: str, terminated: bool = False, ready: bool = True, ip: str = "127.0.0.9",
+        version: str = "1.0.0", annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    state = {"terminated": {"exitCode": 1, "message": "Rejected: accuracy", "finishedAt": "2026-01-01T00:00:00Z"}} \
+        if terminated else {"running": {}}
+    return {"kind": "Pod",
+            "metadata": {"name": f"p-{component}-{version}", "namespace": "ml",
+                         "labels": {"shipyard.dev/model": "digits", "shipyard.dev/component": component,
+                                    "shipyard.dev/version": version, "job-name": "digits-compress-abc"},
+                         "annotations": annotations or {}},
+            "spec": {"containers": [{"name": "server", "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"podIP": ip, "containerStatuses": [{"state": state}],
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+@pytest.mark.parametrize(("body", "wakes"), [
+    pytest.param({"kind": "Deployment", "metadata": {}}, True, id="deployment"),
+    pytest.param({"kind": "Job", "metadata": {}}, True, id="job"),
+    pytest.param(pod("serving"), False, id="serving-pod"),
+    pytest.param(pod("compression"), False, id="compression-pod-running"),
+    pytest.param(pod("compression", terminated=True), True, id="compression-pod-terminated"),
+])
+def test_which_child_events_wake_the_owner(body: dict[str, Any], wakes: bool) -> None:
+    assert handlers.assess_wakes_owner(body) is wakes
+
+
+@pytest.mark.parametrize(("conditions", "active", "phase"), [
+    pytest.param([{"type": "Complete", "status": "True"}], 0, "Succeeded", id="complete"),
+    pytest.param([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}], 0, "Failed", id="failed"),
+    pytest.param([], 1, "Running", id="running"),
+    pytest.param([], 0, "Pending", id="pending"),
+])
+def test_job_phase_and_termination_message(conditions: list[dict[str, str]], active: int, phase: str) -> None:
+    job = {"metadata": {"name": "digits-compress-abc", "labels": {"shipyard.dev/artifact": "k"}},
+           "status": {"conditions": conditions, "active": active}}
+    view = handlers.build_job_view(job, {"p": pod("compression", terminated=True)})
+    assert view.phase == phase and view.key == "k"
+    assert view.message == "Rejected: accuracy"
+
+
+def test_a_failed_job_without_a_pod_message_says_why() -> None:
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer"}]}}
+    assert handlers.build_job_view(job, {}).message == "DeadlineExceeded: Job was active longer"
+
+
+def test_scrape_targets_are_ready_serving_pods_of_the_version() -> None:
+    caches = handlers.Caches()
+    caches.children["ml/digits"] = {"Pod": {
+        "a": pod("serving", ip="127.0.0.10"),
+        "b": pod("serving", ip="127.0.0.11", ready=False),
+        "c": pod("serving", ip="127.0.0.12", version="1.1.0"),
+        "d": pod("serving", ip="127.0.0.13", annotations={"shipyard.dev/port": "18080"}),
+        "e": pod("compression", ip="127.0.0.14"),
+    }}
+    assert handlers.build_pod_targets(caches, "ml/digits", "1.0.0") == ["127.0.0.10:8080", "127.0.0.13:18080"]
