@@ -5,13 +5,14 @@ parses, the application gets a `Request` and answers it with `Connection.respond
 batch it joined has run). Responses go out in request order (pipelining-safe), keep-alive follows the client,
 bodies over the limit get a 413 before they are read, oversized headers a 431, garbage a 400.
 
-The application object passed in implements `handle(conn, request)` and `observe_rejected(method, status,
-started)`; it owns the set `connections` and the flag `closing` (set while draining).
+The application object passed in implements `handle(conn, request)` and `observe_rejected(request,
+status)`; it owns the set `connections` and the flag `closing` (set while draining).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Any, Protocol
@@ -19,6 +20,8 @@ from typing import Any, Protocol
 import httptools
 
 from shipyard.runtime import oip
+
+log = logging.getLogger("shipyard.runtime.httpproto")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 64  # stop reading a connection with this many requests waiting for their answers
@@ -60,7 +63,7 @@ class Application(Protocol):
 
     def handle(self, conn: Connection, request: Request) -> None: ...
 
-    def observe_rejected(self, method: str, status: int, started: float) -> None: ...
+    def observe_rejected(self, request: Request, status: int) -> None: ...
 
 
 class _Abort(Exception):
@@ -129,8 +132,9 @@ class Connection(asyncio.Protocol):
             cause = error.__context__
             if isinstance(cause, _Abort):
                 self._reject(cause.status, str(cause))
-            else:
-                raise
+            else:  # a bug in a handler: answer 500 and close rather than drop the connection silently
+                log.error("Failed to handle a request: %r", cause, exc_info=cause)
+                self._reject(500, "internal server error")
         except httptools.HttpParserError as error:
             if not self._discarding:
                 self._reject(400, f"malformed HTTP request: {error}")
@@ -241,7 +245,7 @@ class Connection(asyncio.Protocol):
                 request.method = "OTHER"
         request.keep_alive = False
         self._pending.append(request)
-        self.app.observe_rejected(request.method, status, request.started)
+        self.app.observe_rejected(request, status)
         if status == 413 and self.transport is not None and not self.transport.is_closing():
             # Read and drop the rest of the body so the client sees the 413 rather than a reset.
             self._discarding = True

@@ -394,8 +394,13 @@ class App:
         return max(self.inflight_infer, sum(0 if conn.idle else 1 for conn in self.connections))
 
     # -- httpproto.Application
-    def observe_rejected(self, method: str, status: int, started: float) -> None:
-        self.metrics.observe_http(method, UNMATCHED, status, time.perf_counter() - started)
+    def observe_rejected(self, request: httpproto.Request, status: int) -> None:
+        """Count a request refused before it was read whole (413, 431, 400 malformed HTTP)."""
+        elapsed = time.perf_counter() - request.started
+        route = plan_route(request.path.decode("utf-8", "replace")) if request.url else Route(UNMATCHED, UNMATCHED)
+        if route.kind == INFER:
+            self.metrics.observe_request(status, elapsed)
+        self.metrics.observe_http(request.method, route.template, status, elapsed)
 
     def handle(self, conn: httpproto.Connection, request: httpproto.Request) -> None:
         url = request.url
@@ -423,6 +428,10 @@ class App:
             body, content_type = oip.build_error_body(str(error)), httpproto.JSON
             if kind == INFER:
                 self.metrics.observe_request(status, time.perf_counter() - request.started)
+        except Exception as error:  # a bug: 500, and the server goes on
+            log.exception("Failed to answer %s %s", request.method, route.template)
+            status, content_type = 500, httpproto.JSON
+            body = oip.build_error_body(f"internal server error: {type(error).__name__}")
         extra = b"allow: %s\r\n" % ", ".join(ALLOWED_METHODS[kind]).encode() if status == 405 else b""
         self.metrics.observe_http(request.method, route.template, status, time.perf_counter() - request.started)
         conn.respond(request, status, body, content_type, extra)
@@ -476,6 +485,10 @@ class App:
         except oip.ServingError as error:
             self._finish(context, oip.build_error_status(error), oip.build_error_body(str(error)))
             return
+        except Exception as error:  # a bug, not the client's fault: 500, and the server goes on
+            log.exception("Failed to handle an inference request")
+            self._finish(context, 500, oip.build_error_body(f"internal server error: {type(error).__name__}"))
+            return
         self._inflight_jobs[job] = None
 
     def on_result(self, job: batching.Job, result: batching.JobResult) -> None:
@@ -483,14 +496,19 @@ class App:
         self._inflight_jobs.pop(job, None)
         context: InferContext = job.context
         if isinstance(result, list):
-            body = oip.build_infer_response(
-                self.model_name,
-                self.model_version,
-                job.request.request_id,
-                self.outputs,
-                result,
-                job.request.output_indices,
-            )
+            try:
+                body = oip.build_infer_response(
+                    self.model_name,
+                    self.model_version,
+                    job.request.request_id,
+                    self.outputs,
+                    result,
+                    job.request.output_indices,
+                )
+            except Exception as error:  # e.g. an output orjson cannot encode: this request fails, not its batch
+                log.exception("Failed to encode an inference response")
+                self._finish(context, 500, oip.build_error_body(f"could not encode the outputs: {error}"))
+                return
             self._finish(context, 200, body)
         else:
             error = result if isinstance(result, BaseException) else oip.ModelFailure("no result")

@@ -343,7 +343,8 @@ def test_oversized_payload_is_413_before_the_body_is_read() -> None:
         assert response.status == 413
         conn.close()
         samples = running.metrics()
-        assert http_count(samples, "POST", "unmatched", 413) == 2
+        assert http_count(samples, "POST", "/v2/models/{name}/infer", 413) == 2
+        assert requests_total(samples, 413) == 2
         assert running.infer([[1, 2, 3, 4]])[0] == 200
 
 
@@ -417,6 +418,29 @@ def test_model_failure_is_a_counted_500_with_a_message(harness: Harness) -> None
     assert status == 500 and "cannot take 999" in document["error"]
     assert requests_total(harness.metrics(), 500) == 1
     assert harness.infer([[1, 0, 0, 0]])[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        pytest.param("build_infer_request", "internal server error: RuntimeError", id="parse-bug"),
+        pytest.param("build_infer_response", "could not encode the outputs", id="encode-bug"),
+    ],
+)
+def test_a_bug_in_the_server_is_a_500_and_the_server_goes_on(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, target: str, message: str
+) -> None:
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.oip, target, boom)
+        status, document = harness.infer([[1, 2, 3, 4]])
+    assert status == 500 and message in document["error"]
+    assert harness.infer([[1, 2, 3, 4]])[0] == 200
+    samples = harness.metrics()
+    assert requests_total(samples, 500) == 1
+    assert samples[("shipyard_inflight_requests", MODEL_LABELS)] == 0
 
 
 # ------------------------------------------------------------------------------------------ fault injection
