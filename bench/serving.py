@@ -618,15 +618,16 @@ def build_table(runs: list[Run], limits: dict[str, dict[int, float]]) -> str:
 # ------------------------------------------------------------------------------------------- checks
 
 
-def assess_tools(servers: list[str]) -> tuple[list[str], dict[str, str]]:
+def apply_tools(servers: list[str]) -> tuple[list[str], dict[str, str]]:
     """Make sure wrk is there (apt-get when root); return the runnable servers and why others are skipped."""
     if shutil.which("wrk") is None:
         if os.geteuid() == 0 and shutil.which("apt-get"):
-            print("Installing wrk with apt-get...", file=sys.stderr)
             subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, capture_output=True)
             if shutil.which("wrk") is None:
                 subprocess.run(["apt-get", "update"], check=False, capture_output=True)
                 subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, capture_output=True)
+            if shutil.which("wrk") is not None:
+                print("Installed wrk with apt-get", file=sys.stderr)
         if shutil.which("wrk") is None:
             raise SystemExit("wrk is required: apt-get install -y wrk")
     if shutil.which("taskset") is None:
@@ -708,7 +709,7 @@ def run_bench(argv: list[str]) -> int:
         args.rounds, args.duration, args.warmup, args.levels = 1, 3.0, 1.0, "1,16"
     levels = [int(c) for c in args.levels.split(",")]
     models = [m for m in args.models.split(",") if m]
-    servers, skipped = assess_tools([s for s in args.servers.split(",") if s])
+    servers, skipped = apply_tools([s for s in args.servers.split(",") if s])
     for server, why in skipped.items():
         print(f"Skipped {server}: {why}", file=sys.stderr)
     runs: list[Run] = []

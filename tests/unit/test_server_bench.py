@@ -1,0 +1,75 @@
+"""The serving benchmark's bookkeeping (bench/serving.py): targets are counted from the figures, not asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "serving.py"
+
+
+@pytest.fixture(scope="module")
+def serving() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_serving", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serving"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(serving: ModuleType, server: str, rps: float, p99: float, errors: int = 0, conc: int = 16, rnd: int = 0) -> Any:
+    return serving.Run("mlp", server, conc, rps, p99 / 2, p99 * 0.8, p99, p99 * 2, int(rps * 10), errors, 10.0, rnd)
+
+
+LIMITS = {"mlp": {1: 1000.0, 8: 4000.0}}
+CASES = [
+    pytest.param([("shipyard", 3000, 5), ("litserve", 1000, 9), ("torchserve", 1900, 9)], [True, True], id="met-1.58x"),
+    pytest.param(
+        [("shipyard", 2800, 5), ("litserve", 1000, 9), ("torchserve", 1900, 9)], [False, True], id="1.47x-short"
+    ),
+    pytest.param(
+        [("shipyard", 3000, 10), ("litserve", 1000, 9), ("torchserve", 1900, 9)], [False, True], id="p99-worse"
+    ),
+    pytest.param(
+        [("shipyard", 3000, 5), ("litserve", 1000, 9), ("litserve-b1", 1200, 9)], [False, True], id="one-peer"
+    ),
+    pytest.param([("shipyard", 3000, 5, 3), ("litserve", 10, 9), ("torchserve", 10, 9)], [False, False], id="errors"),
+    pytest.param([("litserve", 10, 9), ("torchserve", 10, 9)], [False, False], id="not-measured"),
+    pytest.param(
+        [("shipyard", 2700, 5), ("litserve", 1000, 9), ("torchserve", 1700, 9)], [True, False], id="67%-of-limit"
+    ),
+]
+
+
+@pytest.mark.parametrize(("rows", "expected"), CASES)
+def test_targets_are_counted_from_the_figures(
+    serving: ModuleType, rows: list[tuple[Any, ...]], expected: list[bool]
+) -> None:
+    runs = [run(serving, *row) for row in rows]
+    targets = serving.evaluate_targets(runs, LIMITS, ["mlp"])
+    assert [t["met"] for t in targets] == expected
+
+
+def test_best_round_is_the_fastest_per_server_and_level(serving: ModuleType) -> None:
+    runs = [
+        run(serving, "shipyard", 100, 5, rnd=0),
+        run(serving, "shipyard", 300, 7, rnd=1),
+        run(serving, "litserve", 50, 9, rnd=1),
+        run(serving, "litserve", 40, 8, rnd=0),
+        run(serving, "shipyard", 90, 5, conc=1, rnd=0),
+    ]
+    best = serving.build_best_runs(runs)
+    assert [(r.server, r.concurrency, r.round) for r in best] == [
+        ("shipyard", 1, 0),
+        ("shipyard", 16, 1),
+        ("litserve", 16, 1),
+    ]
+    table = serving.build_table(best, LIMITS)
+    assert "6.00" in table  # shipyard 300 req/s vs the best peer's 50 at c=16
+    assert "7.5%" in table  # 300 of the 4000 rows/s limit
