@@ -1,0 +1,1420 @@
+#!/usr/bin/env python3
+"""A local "kubelet" for the e2e tier: runs the pods bound to one node as real processes (does process, file,
+mount and network I/O; needs root for mount namespaces).
+
+    .venv/bin/python hack/node_agent.py --kubeconfig K --workdir D [--taint-fake-nodes] [--prepare-images]
+
+What it does, like a kubelet and kube-proxy on one machine:
+
+- registers Node ``local-0`` (label ``shipyard.dev/node=local``) and keeps it Ready (status heartbeat + Lease);
+  with ``--taint-fake-nodes`` it taints the KWOK nodes ``shipyard.dev/fake=true:NoSchedule`` so that ordinary pods
+  land here, while pods that tolerate it (e.g. GPU pods) are still faked by KWOK;
+- runs every container of every pod bound to the node as a process: its own mount namespace (``unshare -m``)
+  where the volumes (emptyDir, configMap, secret, PVC -> its bound PV's hostPath, hostPath), the
+  termination-message file and the image's contents (the local image catalogue, ``hack/e2e-images.yaml``) are
+  bind-mounted at their paths; the user of ``securityContext.runAsUser`` (``setpriv``); a CPU limit as a CFS quota
+  in a cgroup (v1) that the process sees as its own; env with ``fieldRef``; the virtualenv's bin on PATH;
+- gives each pod its own loopback address 127.0.N.M as pod IP (a ``shipyard-runtime serve`` gets ``--host <pod
+  IP>`` appended: the runtime has no environment variable for its bind address);
+- reports pod status as a kubelet does: phase, pod IPs, conditions (Ready from the real readiness probe),
+  container states with exit codes and termination messages (FallbackToLogsOnError), restarts with back-off on
+  crashes and failed liveness probes; a deleted pod gets SIGTERM, then SIGKILL after its grace period, then its
+  object is deleted with grace 0;
+- proxies every Service with a selector: a listener on 127.0.0.1 per Service port that forwards each TCP
+  connection to a random Ready, not terminating local pod (``<workdir>/services.json``: ``ns/name`` -> port
+  name -> local port); each forwarded connection is recorded in ``<workdir>/conntrack.jsonl`` (client port ->
+  pod), as ``conntrack -L`` would show;
+- writes Prometheus file_sd targets of running pods' named ports ``http``/``metrics``
+  (``<workdir>/prometheus-targets.json``, labels namespace, pod) and each container's output under
+  ``<workdir>/logs/``.
+
+Why not EndpointSlices for the proxy: the API server rejects loopback addresses in EndpointSlices, so the agent
+balances over its own view of the pods (the one it reports), updated at once on readiness and deletion.
+Traffic goes only to 127.0.0.0/8. Not supported (the pod fails with a message): init containers, exec probes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import fnmatch
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import lightkube
+import yaml
+from lightkube import codecs
+from lightkube.config.kubeconfig import KubeConfig
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import (
+    ConfigMap,
+    Node,
+    PersistentVolume,
+    PersistentVolumeClaim,
+    Pod,
+    Secret,
+    Service,
+)
+from lightkube.types import PatchType
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("node-agent")
+
+FIELD_MANAGER = "shipyard-node-agent"
+FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+FAKE_TAINT = {"key": "shipyard.dev/fake", "value": "true", "effect": "NoSchedule"}
+NODE_LABEL = "shipyard.dev/node"
+HEARTBEAT_SECONDS = 10
+LEASE_SECONDS = 40
+SCRAPE_PORT_NAMES = ("http", "metrics")
+PORT_ANNOTATION = "shipyard.dev/port"
+BACKOFF_INITIAL_S = 10.0
+BACKOFF_MAX_S = 300.0
+MAX_TERMINATION_MESSAGE = 4096
+FALLBACK_LOG_LINES = 80
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+AGENTS_DIR = Path("/run/shipyard-node-agents")  # one file per live agent: shared host mountpoints stay while any runs
+SERVE_ARGV = ("shipyard-runtime", "serve")
+
+Event = create_namespaced_resource("", "v1", "Event", "events")
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------- image catalogue
+
+
+class ImagePullError(Exception):
+    """The image is not in the local catalogue (the kubelet's ErrImagePull)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Image:
+    reference: str
+    contents: dict[str, str]  # path inside the pod -> build name
+    env: dict[str, str]
+    image_id: str
+
+
+def parse_image(reference: str) -> tuple[str, str]:
+    """Repository and tag (``latest`` when absent) of an image reference; a digest counts as the tag."""
+    if "@" in reference:
+        repo, digest = reference.split("@", 1)
+        return repo, digest
+    last = reference.rsplit("/", 1)[-1]
+    if ":" in last:
+        repo, tag = reference.rsplit(":", 1)
+        return repo, tag
+    return reference, "latest"
+
+
+class Catalogue:
+    """The local image catalogue (hack/e2e-images.yaml) and the cache of image contents it builds."""
+
+    def __init__(self, path: Path, cache: Path, python: str) -> None:
+        document = yaml.safe_load(path.read_text()) or {}
+        self.images: dict[str, dict[str, Any]] = {i["repository"]: i for i in document.get("images", [])}
+        self.builds: dict[str, dict[str, Any]] = document.get("builds", {})
+        self.cache = cache
+        self.python = python
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def resolve(self, reference: str) -> Image:
+        repo, tag = parse_image(reference)
+        entry = self.images.get(repo)
+        if entry is None:
+            raise ImagePullError(f'Failed to pull image "{reference}": repository {repo} is not in the local image '
+                                 f"catalogue (hack/e2e-images.yaml)")
+        for rule in entry.get("tags", []):
+            if fnmatch.fnmatchcase(tag, str(rule["match"])):
+                env = {str(k): str(v) for k, v in (rule.get("env") or {}).items()}
+                contents = {str(p): str(v["build"]) for p, v in (entry.get("contents") or {}).items()}
+                digest = hashlib.sha256(json.dumps([reference, contents, env], sort_keys=True).encode()).hexdigest()
+                return Image(reference, contents, env, f"{repo}@sha256:{digest}")
+        raise ImagePullError(f'Failed to pull image "{reference}": manifest for tag {tag!r} unknown '
+                             f"(no tag pattern of {repo} in the local image catalogue matches)")
+
+    def build_dir(self, name: str) -> Path:
+        spec = self.builds[name]
+        digest = hashlib.sha256()
+        digest.update(json.dumps(spec, sort_keys=True).encode())
+        for rel in spec.get("inputs", []):
+            digest.update((REPO / rel).read_bytes())
+        return self.cache / f"{name}-{digest.hexdigest()[:12]}"
+
+    async def prepare(self, name: str) -> Path:
+        """The directory with a build's contents, built once (a cached 'image layer')."""
+        if name not in self.builds:
+            raise ImagePullError(f"the local image catalogue has no build {name!r}")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            out = self.build_dir(name)
+            if out.is_dir():
+                return out
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            argv = [a.replace("{python}", self.python).replace("{out}", str(tmp)) for a in self.builds[name]["command"]]
+            started = time.monotonic()
+            log.info("Building image contents %s: %s", name, " ".join(argv))
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            proc = await asyncio.create_subprocess_exec(*argv, cwd=str(REPO), env=env, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.STDOUT)
+            output, _ = await proc.communicate()
+            if proc.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ImagePullError(f"building image contents {name} failed ({proc.returncode}): "
+                                     f"{output.decode(errors='replace')[-1500:]}")
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, out)
+            log.info("Built image contents %s in %.1f s at %s", name, time.monotonic() - started, out)
+            return out
+
+
+# ------------------------------------------------------------------------------------------------ host helpers
+
+
+class HostMountpoints:
+    """Mountpoints created on the host for bind mounts inside pods' mount namespaces; removed at shutdown, when no
+    other node agent on this machine still runs (a live agent's pods may use the same paths)."""
+
+    def __init__(self) -> None:
+        self.created: list[Path] = []
+        AGENTS_DIR.mkdir(parents=True, exist_ok=True)
+        self.marker = AGENTS_DIR / str(os.getpid())
+        self.marker.write_text("")
+
+    def ensure(self, path: Path, is_file: bool) -> None:
+        if path.exists():
+            return
+        missing = [p for p in [path, *path.parents] if not p.exists()]
+        for p in reversed(missing):
+            if p == path and is_file:
+                p.touch()
+            else:
+                p.mkdir()
+            self.created.append(p)
+
+    def cleanup(self) -> None:
+        self.marker.unlink(missing_ok=True)
+        others = [p for p in AGENTS_DIR.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
+        if others:
+            log.info("Left %d host mountpoint(s) in place: another node agent runs", len(self.created))
+            return
+        for p in reversed(self.created):
+            with contextlib.suppress(OSError):
+                p.unlink() if p.is_file() else p.rmdir()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def parse_cpu(quantity: str) -> float:
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+class IPPool:
+    """Pod IPs from 127.<a>.<b>.2-254; released addresses go to the back of the queue (no quick reuse)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.free = [f"{prefix}.{i}" for i in range(2, 255)]
+        for ip in self.free:
+            if not ipaddress.ip_address(ip).is_loopback:
+                raise ValueError(f"pod IPs must be loopback addresses, got {ip}")
+
+    def allocate(self, ports: list[int]) -> str:
+        for _ in range(len(self.free)):
+            ip = self.free.pop(0)
+            if all(_port_free(ip, p) for p in ports):
+                return ip
+            self.free.append(ip)
+        raise RuntimeError("no free pod IP")
+
+    def release(self, ip: str) -> None:
+        if ip and ip not in self.free:
+            self.free.append(ip)
+
+
+def _port_free(ip: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, port))
+        except OSError:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- pods
+
+
+@dataclasses.dataclass
+class Mount:
+    source: Path
+    target: str
+    read_only: bool
+
+
+@dataclasses.dataclass
+class ContainerRun:
+    spec: dict[str, Any]
+    name: str
+    image: Image | None = None
+    proc: asyncio.subprocess.Process | None = None
+    state: dict[str, Any] = dataclasses.field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    restart_count: int = 0
+    ready: bool = False
+    started: bool = False
+    container_id: str = ""
+    cgroup: Path | None = None
+    killing: str = ""  # why the agent is stopping the process (liveness), "" otherwise
+
+
+class PodWorker:
+    """Runs one pod: sandbox (IP, volumes), one supervisor per container, status reporting, termination."""
+
+    def __init__(self, agent: Agent, pod: dict[str, Any]) -> None:
+        self.agent = agent
+        self.pod = pod
+        meta = pod["metadata"]
+        self.ns: str = meta["namespace"]
+        self.name: str = meta["name"]
+        self.uid: str = meta["uid"]
+        self.key = f"{self.ns}/{self.name}"
+        self.spec: dict[str, Any] = pod["spec"]
+        self.dir = agent.workdir / "pods" / self.uid
+        self.ip = ""
+        self.start_time = ""
+        self.containers = [ContainerRun(spec=c, name=c["name"]) for c in self.spec.get("containers", [])]
+        self.terminating = asyncio.Event()
+        self.grace_s = float(self.spec.get("terminationGracePeriodSeconds", 30))
+        self.pod_error = ""  # a reason the pod cannot run at all
+        self.transitions: dict[str, tuple[str, str]] = {}
+        self._dirty = asyncio.Event()
+        self._last_status: str = ""
+        self._task: asyncio.Task[None] | None = None
+        self._status_task: asyncio.Task[None] | None = None
+        self.done = asyncio.Event()
+
+    # -- lifecycle
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"pod {self.key}")
+        self._status_task = asyncio.create_task(self._status_loop(), name=f"status {self.key}")
+
+    def update(self, pod: dict[str, Any]) -> None:
+        self.pod = pod
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp") and not self.terminating.is_set():
+            grace = meta.get("deletionGracePeriodSeconds")
+            if grace is not None:
+                self.grace_s = float(grace)
+            log.info("Began terminating pod %s (grace %.0f s)", self.key, self.grace_s)
+            self.terminating.set()
+            self.changed()
+
+    def changed(self) -> None:
+        self._dirty.set()
+        self.agent.topology_changed()
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.containers) and all(c.ready for c in self.containers) and not self.terminating.is_set()
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.pod["metadata"].get("labels") or {})
+
+    def running(self) -> bool:
+        return any(c.proc is not None and c.proc.returncode is None for c in self.containers)
+
+    def port_by_name(self, name: str) -> int | None:
+        for c in self.containers:
+            for p in c.spec.get("ports") or []:
+                if p.get("name") == name:
+                    return int(p["containerPort"])
+        return None
+
+    async def _run(self) -> None:
+        body = asyncio.create_task(self._run_body(), name=f"containers {self.key}")
+        await self.terminating.wait()
+        await self._stop_all(self.grace_s)
+        try:
+            await asyncio.wait_for(body, 5)
+        except (TimeoutError, asyncio.CancelledError):
+            body.cancel()
+        await self._stop_all(0)
+        await self._finish()
+
+    async def _run_body(self) -> None:
+        try:
+            await self._run_pod()
+        except Exception as error:  # noqa: BLE001 - one pod's failure must not stop the agent
+            log.exception("Failed running pod %s", self.key)
+            self.pod_error = f"node agent error: {error}"
+            self.changed()
+
+    async def _run_pod(self) -> None:
+        unsupported = self._unsupported()
+        self.start_time = now_iso()
+        if unsupported:
+            for c in self.containers:
+                c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": unsupported}}
+            self.pod_error = unsupported
+            self.changed()
+            return
+        ports = [int(p["containerPort"]) for c in self.containers for p in c.spec.get("ports") or []]
+        self.ip = self.agent.ips.allocate(ports)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.changed()
+        volumes = await self._prepare_volumes()
+        if volumes is None:
+            return
+        await asyncio.gather(*(self._supervise(c, volumes) for c in self.containers))
+
+    def _unsupported(self) -> str:
+        if self.spec.get("initContainers"):
+            return "init containers are not supported by the local node agent"
+        for c in self.containers:
+            if not c.spec.get("command"):
+                return f"container {c.name}: the local node agent needs an explicit command (images have no entrypoint)"
+            for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                probe = c.spec.get(kind) or {}
+                if probe and not (probe.get("httpGet") or probe.get("tcpSocket")):
+                    return f"container {c.name}: {kind}: only httpGet and tcpSocket probes are supported"
+        return ""
+
+    async def _prepare_volumes(self) -> dict[str, Path] | None:
+        """Host directories of the pod's volumes; None (with the containers waiting) when one cannot be set up."""
+        out: dict[str, Path] = {}
+        base = self.dir / "volumes"
+        deadline = time.monotonic() + 120
+        for volume in self.spec.get("volumes") or []:
+            name = volume["name"]
+            while True:
+                try:
+                    out[name] = await self._prepare_volume(volume, base / name)
+                    break
+                except VolumeNotReady as error:
+                    for c in self.containers:
+                        c.state = {"waiting": {"reason": "ContainerCreating", "message": str(error)}}
+                    self.changed()
+                    if time.monotonic() > deadline:
+                        self.agent.post_event(self.pod, "Warning", "FailedMount", str(error))
+                        deadline = time.monotonic() + 120
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.terminating.wait(), 2)
+                    if self.terminating.is_set():
+                        return None
+        return out
+
+    async def _prepare_volume(self, volume: dict[str, Any], path: Path) -> Path:
+        client = self.agent.client
+        if "emptyDir" in volume:
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o777)
+            return path
+        if "persistentVolumeClaim" in volume:
+            claim = volume["persistentVolumeClaim"]["claimName"]
+            try:
+                pvc = (await client.get(PersistentVolumeClaim, claim, namespace=self.ns)).to_dict()
+                if (pvc.get("status") or {}).get("phase") != "Bound":
+                    raise VolumeNotReady(f"persistentvolumeclaim {claim!r} is not bound")
+                pv = (await client.get(PersistentVolume, pvc["spec"]["volumeName"])).to_dict()
+            except lightkube.ApiError as error:
+                raise VolumeNotReady(f"persistentvolumeclaim {claim!r}: {error.status.message}") from None
+            source = (pv["spec"].get("hostPath") or pv["spec"].get("local") or {}).get("path")
+            target = Path(source) if source else self.agent.workdir / "pvc" / self.ns / claim
+            target.mkdir(parents=True, exist_ok=True)
+            os.chmod(target, 0o777)  # as a local-path provisioner creates them
+            return target
+        if "hostPath" in volume:
+            target = Path(volume["hostPath"]["path"])
+            if volume["hostPath"].get("type") in ("DirectoryOrCreate",):
+                target.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                raise VolumeNotReady(f"hostPath {target} does not exist")
+            return target
+        for kind, res in (("configMap", ConfigMap), ("secret", Secret)):
+            if kind in volume:
+                source = volume[kind]
+                obj_name = source.get("name") or source.get("secretName")
+                try:
+                    obj = (await client.get(res, obj_name, namespace=self.ns)).to_dict()
+                except lightkube.ApiError as error:
+                    if source.get("optional"):
+                        obj = {}
+                    else:
+                        raise VolumeNotReady(f"{kind} {obj_name!r} not found: {error.status.message}") from None
+                files = write_projection(kind, obj, source.get("items"))
+                path.mkdir(parents=True, exist_ok=True)
+                for rel, data in files.items():
+                    target = path / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data)
+                    os.chmod(target, int(source.get("defaultMode", 0o644)))
+                os.chmod(path, 0o755)
+                return path
+        raise VolumeNotReady(f"volume {volume['name']!r}: this volume type is not supported by the local node agent")
+
+    # -- containers
+    async def _supervise(self, c: ContainerRun, volumes: dict[str, Path]) -> None:
+        policy = self.spec.get("restartPolicy", "Always")
+        backoff = BACKOFF_INITIAL_S
+        try:
+            c.image = await self._pull(c)
+        except ImagePullError as error:
+            c.state = {"waiting": {"reason": "ErrImagePull", "message": str(error)}}
+            self.agent.post_event(self.pod, "Warning", "Failed", str(error))
+            self.changed()
+            return
+        while not self.terminating.is_set():
+            try:
+                argv, env, mounts, user = self._container_config(c, volumes)
+            except ContainerConfigError as error:
+                c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
+                self.changed()
+                return
+            started_at = now_iso()
+            ran_for = time.monotonic()
+            await self._spawn(c, argv, env, mounts, user)
+            if self.terminating.is_set():
+                await self._stop_container(c, 0)
+            c.state = {"running": {"startedAt": started_at}}
+            self.agent.post_event(self.pod, "Normal", "Started", f"Started container {c.name}")
+            self.changed()
+            probes = asyncio.create_task(self._probe(c), name=f"probes {self.key}/{c.name}")
+            assert c.proc is not None
+            code = await c.proc.wait()
+            probes.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probes
+            c.ready = c.started = False
+            exit_code = code if code >= 0 else 128 - code
+            c.state = {"terminated": {
+                "exitCode": exit_code,
+                "reason": "Completed" if exit_code == 0 else "Error",
+                "message": self._termination_message(c, exit_code),
+                "startedAt": started_at, "finishedAt": now_iso(), "containerID": c.container_id,
+            }}
+            if not c.state["terminated"]["message"]:
+                del c.state["terminated"]["message"]
+            self._remove_cgroup(c)
+            log.info("Container %s/%s exited with %d%s", self.key, c.name, exit_code,
+                     f" ({c.killing})" if c.killing else "")
+            self.changed()
+            if self.terminating.is_set() or policy == "Never" or (policy == "OnFailure" and exit_code == 0):
+                return
+            if time.monotonic() - ran_for > 600:
+                backoff = BACKOFF_INITIAL_S
+            c.last_state = c.state
+            c.restart_count += 1
+            c.killing = ""
+            c.state = {"waiting": {"reason": "CrashLoopBackOff",
+                                   "message": f"back-off {backoff:.0f}s restarting failed container={c.name} "
+                                              f"pod={self.name}"}}
+            self.agent.post_event(self.pod, "Warning", "BackOff", c.state["waiting"]["message"])
+            self.changed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.terminating.wait(), backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _pull(self, c: ContainerRun) -> Image:
+        image = self.agent.catalogue.resolve(c.spec.get("image", ""))
+        missing = [b for b in image.contents.values() if not self.agent.catalogue.build_dir(b).is_dir()]
+        if missing:
+            c.state = {"waiting": {"reason": "ContainerCreating", "message": f"Pulling image {image.reference}"}}
+            self.agent.post_event(self.pod, "Normal", "Pulling", f'Pulling image "{image.reference}" '
+                                  f"(building its contents {', '.join(missing)} locally)")
+            self.changed()
+        for build in image.contents.values():
+            await self.agent.catalogue.prepare(build)
+        self.agent.post_event(self.pod, "Normal", "Pulled", f'Container image "{image.reference}" is present '
+                              "in the local image catalogue")
+        return image
+
+    def _container_config(self, c: ContainerRun, volumes: dict[str, Path],
+                          ) -> tuple[list[str], dict[str, str], list[Mount], tuple[int, int, list[int]] | None]:
+        assert c.image is not None
+        spec = c.spec
+        argv = [*spec.get("command", []), *spec.get("args", [])]
+        env: dict[str, str] = {
+            "PATH": f"{self.agent.venv_bin}:/usr/local/bin:/usr/bin:/bin",
+            "HOSTNAME": self.name,
+            "HOME": "/",
+            "OMP_NUM_THREADS": "1",  # node default; the pod's env (and its CPU limit, for the runtime) overrides it
+            "PYTHONUNBUFFERED": "1",
+            **c.image.env,
+        }
+        values = {"metadata.name": self.name, "metadata.namespace": self.ns, "metadata.uid": self.uid,
+                  "status.podIP": self.ip, "status.hostIP": "127.0.0.1", "spec.nodeName": self.agent.node}
+        for item in spec.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = str(item["value"])
+            elif (item.get("valueFrom") or {}).get("fieldRef"):
+                path = item["valueFrom"]["fieldRef"]["fieldPath"]
+                if path not in values:
+                    raise ContainerConfigError(f"env {item['name']}: fieldRef {path} is not supported")
+                env[item["name"]] = values[path]
+            else:
+                raise ContainerConfigError(f"env {item['name']}: only value and fieldRef are supported")
+        if "$(" in " ".join(argv):
+            argv = [_expand(a, env) for a in argv]
+        if tuple(argv[:2]) == SERVE_ARGV and "--host" not in argv:
+            argv += ["--host", self.ip]  # the runtime reads its bind address from flags only
+        mounts = [Mount(self.agent.catalogue.build_dir(build), path, True) for path, build in c.image.contents.items()]
+        for vm in spec.get("volumeMounts") or []:
+            if vm["name"] not in volumes:
+                raise ContainerConfigError(f"volumeMount {vm['name']!r}: no such volume")
+            source = volumes[vm["name"]]
+            if vm.get("subPath"):
+                source = source / vm["subPath"]
+                if not source.exists():
+                    source.mkdir(parents=True)
+            read_only = bool(vm.get("readOnly"))
+            for v in self.spec.get("volumes") or []:
+                if v["name"] == vm["name"] and (v.get("persistentVolumeClaim") or {}).get("readOnly"):
+                    read_only = True
+            mounts.append(Mount(source, vm["mountPath"], read_only))
+        termination = self.dir / c.name / "termination-log"
+        termination.parent.mkdir(parents=True, exist_ok=True)
+        termination.write_bytes(b"")
+        os.chmod(termination, 0o666)
+        mounts.append(Mount(termination, spec.get("terminationMessagePath", "/dev/termination-log"), False))
+        user = self._user(c)
+        if user is None or user[0] == 0:
+            env["HOME"] = "/root"
+        return argv, env, mounts, user
+
+    def _user(self, c: ContainerRun) -> tuple[int, int, list[int]] | None:
+        pod_sc = self.spec.get("securityContext") or {}
+        sc = c.spec.get("securityContext") or {}
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        if uid is None:
+            if non_root:
+                raise ContainerConfigError("container has runAsNonRoot and image will run as root")
+            return None
+        gid = int(sc.get("runAsGroup", pod_sc.get("runAsGroup", 0)))
+        groups = [int(g) for g in [pod_sc.get("fsGroup"), *(pod_sc.get("supplementalGroups") or [])] if g is not None]
+        if non_root and int(uid) == 0:
+            raise ContainerConfigError("container's runAsUser breaks non-root policy")
+        return int(uid), gid, groups
+
+    async def _spawn(self, c: ContainerRun, argv: list[str], env: dict[str, str], mounts: list[Mount],
+                     user: tuple[int, int, list[int]] | None) -> None:
+        lines = ["set -e"]
+        cpu = ((c.spec.get("resources") or {}).get("limits") or {}).get("cpu")
+        if cpu and self.agent.cgroups:
+            c.cgroup = self.agent.cgroup_root / f"{self.uid}-{c.name}"
+            c.cgroup.mkdir(parents=True, exist_ok=True)
+            period = 100_000
+            (c.cgroup / "cpu.cfs_period_us").write_text(str(period))
+            (c.cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, int(parse_cpu(str(cpu)) * period))))
+            lines.append(f"echo $$ > {shlex.quote(str(c.cgroup / 'cgroup.procs'))}")
+            mounts = [*mounts, Mount(c.cgroup, str(CGROUP_CPU), True)]  # the process sees its own limit
+        # Every source is opened before the first mount: a target (say /tmp) may hide a later source beneath it.
+        # The mounts then bind the open descriptors (-c: no path canonicalisation of /proc/self/fd/N).
+        ordered = sorted(mounts, key=lambda m: m.target.rstrip("/").count("/"))
+        for fd, m in enumerate(ordered, start=10):
+            self.agent.mountpoints.ensure(Path(m.target), m.source.is_file())
+            lines.append(f"exec {fd}<{shlex.quote(str(m.source))}")
+        for fd, m in enumerate(ordered, start=10):
+            dst = shlex.quote(m.target)
+            lines.append(f"mount -c --bind /proc/self/fd/{fd} {dst}")
+            if m.read_only:
+                lines.append(f"mount -c -o remount,bind,ro {dst}")
+            lines.append(f"exec {fd}<&-")
+        lines.append(f"cd {shlex.quote(c.spec.get('workingDir') or '/')}")
+        prefix = ""
+        if user is not None:
+            uid, gid, groups = user
+            group_flag = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+            nnp = " --no-new-privs" if (c.spec.get("securityContext") or {}).get(
+                "allowPrivilegeEscalation") is False else ""
+            prefix = f"setpriv --reuid={uid} --regid={gid} {group_flag}{nnp} -- "
+        lines.append(f'exec {prefix}"$@"')
+        script = self.dir / c.name / "start.sh"
+        script.write_text("\n".join(lines) + "\n")
+        log_path = self.agent.workdir / "logs" / f"{self.ns}_{self.name}_{c.name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        log_file.write(f"--- {now_iso()} started {shlex.join(argv)}\n".encode())
+        log_file.flush()
+        c.proc = await asyncio.create_subprocess_exec(
+            "unshare", "-m", "--propagation", "private", "/bin/bash", str(script), *argv,
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log_file.close()
+        c.container_id = f"shipyard-local://{self.uid}/{c.name}/{c.restart_count}/{c.proc.pid}"
+        log.info("Started container %s/%s as pid %d on %s: %s", self.key, c.name, c.proc.pid, self.ip,
+                 shlex.join(argv))
+
+    def _termination_message(self, c: ContainerRun, exit_code: int) -> str:
+        path = self.dir / c.name / "termination-log"
+        message = ""
+        with contextlib.suppress(OSError):
+            message = path.read_bytes()[:MAX_TERMINATION_MESSAGE].decode(errors="replace").strip()
+        if not message and exit_code != 0 and c.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            log_path = self.agent.workdir / "logs" / f"{self.ns}_{self.name}_{c.name}.log"
+            with contextlib.suppress(OSError):
+                lines = log_path.read_bytes()[-65536:].decode(errors="replace").splitlines()
+                message = "\n".join(lines[-FALLBACK_LOG_LINES:])[-2048:]
+        return message
+
+    def _remove_cgroup(self, c: ContainerRun) -> None:
+        if c.cgroup is not None:
+            with contextlib.suppress(OSError):
+                c.cgroup.rmdir()
+            c.cgroup = None
+
+    # -- probes
+    async def _probe(self, c: ContainerRun) -> None:
+        spec = c.spec
+        startup = spec.get("startupProbe")
+        if startup and not await self._probe_until(c, startup, "Startup"):
+            return
+        c.started = True
+        self.changed()
+        await asyncio.gather(self._readiness(c, spec.get("readinessProbe")),
+                             self._liveness(c, spec.get("livenessProbe")))
+
+    async def _probe_until(self, c: ContainerRun, probe: dict[str, Any], kind: str) -> bool:
+        """Runs a startup probe until it succeeds (True) or exceeds its failure threshold (kills; False)."""
+        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
+        failures = 0
+        threshold = int(probe.get("failureThreshold", 3))
+        while True:
+            ok, message = await self._check(probe)
+            if ok:
+                return True
+            failures += 1
+            if failures >= threshold:
+                await self._kill_unhealthy(c, f"{kind} probe failed: {message}")
+                return False
+            await asyncio.sleep(float(probe.get("periodSeconds", 10)))
+
+    async def _readiness(self, c: ContainerRun, probe: dict[str, Any] | None) -> None:
+        if not probe:
+            c.ready = True
+            self.changed()
+            return
+        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
+        successes = failures = 0
+        while True:
+            ok, message = await self._check(probe)
+            successes, failures = (successes + 1, 0) if ok else (0, failures + 1)
+            ready = c.ready
+            if ok and successes >= int(probe.get("successThreshold", 1)):
+                ready = True
+            elif not ok and failures >= int(probe.get("failureThreshold", 3)):
+                ready = False
+            if ready != c.ready:
+                c.ready = ready
+                log.info("Container %s/%s became %s", self.key, c.name, "ready" if ready else f"unready: {message}")
+                self.changed()
+            await asyncio.sleep(float(probe.get("periodSeconds", 10)))
+
+    async def _liveness(self, c: ContainerRun, probe: dict[str, Any] | None) -> None:
+        if not probe:
+            return
+        await asyncio.sleep(float(probe.get("initialDelaySeconds", 0)))
+        failures = 0
+        while True:
+            await asyncio.sleep(float(probe.get("periodSeconds", 10)))
+            ok, message = await self._check(probe)
+            failures = 0 if ok else failures + 1
+            if failures >= int(probe.get("failureThreshold", 3)):
+                await self._kill_unhealthy(c, f"Liveness probe failed: {message}")
+                return
+
+    async def _kill_unhealthy(self, c: ContainerRun, message: str) -> None:
+        log.warning("Killing container %s/%s: %s", self.key, c.name, message)
+        self.agent.post_event(self.pod, "Warning", "Unhealthy", message)
+        c.killing = message
+        await self._stop_container(c, self.grace_s)
+
+    async def _check(self, probe: dict[str, Any]) -> tuple[bool, str]:
+        timeout = float(probe.get("timeoutSeconds", 1))
+        if probe.get("tcpSocket"):
+            port = self._resolve_port(probe["tcpSocket"]["port"])
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(self.ip, port), timeout)
+                writer.close()
+                return True, ""
+            except (OSError, TimeoutError) as error:
+                return False, f"dial tcp {self.ip}:{port}: {error}"
+        get = probe["httpGet"]
+        port = self._resolve_port(get["port"])
+        url = f"http://{self.ip}:{port}{get.get('path', '/')}"
+        try:
+            async with self.agent.http.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+                await response.read()
+                if 200 <= response.status < 400:
+                    return True, ""
+                return False, f"HTTP probe failed with statuscode: {response.status}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as error:
+            return False, f'Get "{url}": {type(error).__name__} {error}'
+
+    def _resolve_port(self, port: int | str) -> int:
+        if isinstance(port, int) or str(port).isdigit():
+            return int(port)
+        resolved = self.port_by_name(str(port))
+        if resolved is None:
+            raise ValueError(f"no container port named {port!r}")
+        return resolved
+
+    # -- termination
+    async def _stop_container(self, c: ContainerRun, grace_s: float) -> None:
+        proc = c.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), max(0.0, grace_s))
+        except TimeoutError:
+            log.warning("Killed container %s/%s after its grace period of %.0f s", self.key, c.name, grace_s)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        # Anything the container left in its process group goes with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    async def _stop_all(self, grace_s: float) -> None:
+        self.changed()
+        await asyncio.gather(*(self._stop_container(c, grace_s) for c in self.containers))
+
+    async def _finish(self) -> None:
+        """After termination: report the final status, delete the pod object with grace 0, free the sandbox."""
+        for c in self.containers:
+            self._remove_cgroup(c)
+        self._dirty.set()
+        await asyncio.sleep(0.2)
+        if self._status_task is not None:
+            self._status_task.cancel()
+        if not self.agent.stopping:
+            try:
+                await self.agent.client.delete(Pod, self.name, namespace=self.ns, grace_period=0)
+                log.info("Deleted pod %s", self.key)
+            except lightkube.ApiError as error:
+                if error.status.code != 404:
+                    log.warning("Could not delete pod %s: %s", self.key, error.status.message)
+        self.agent.ips.release(self.ip)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.done.set()
+        self.agent.forget(self)
+
+    async def stop_for_shutdown(self, grace_cap_s: float) -> None:
+        self.grace_s = min(self.grace_s, grace_cap_s)
+        self.terminating.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), grace_cap_s + 10)
+
+    # -- status
+    def build_status(self) -> dict[str, Any]:
+        containers = self.containers
+        policy = self.spec.get("restartPolicy", "Always")
+        states = [next(iter(c.state)) for c in containers]
+        ran = [c.restart_count > 0 or "waiting" not in c.state for c in containers]
+        if all(s == "terminated" for s in states) and policy != "Always":
+            codes = [c.state["terminated"]["exitCode"] for c in containers]
+            phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
+            if policy == "OnFailure" and phase == "Failed":
+                phase = "Running"
+        elif all(ran) and containers:
+            phase = "Running"
+        else:
+            phase = "Pending"
+        ready = self.ready
+        conditions = {
+            "PodReadyToStartContainers": bool(self.ip),
+            "Initialized": True,
+            "ContainersReady": ready,
+            "Ready": ready,
+        }
+        if phase in ("Succeeded", "Failed"):
+            conditions["ContainersReady"] = conditions["Ready"] = False
+        out_conditions = [c for c in self.pod.get("status", {}).get("conditions") or [] if c["type"] == "PodScheduled"]
+        for ctype, value in conditions.items():
+            text = "True" if value else "False"
+            previous = self.transitions.get(ctype)
+            if previous is None or previous[0] != text:
+                self.transitions[ctype] = (text, now_iso())
+            condition = {"type": ctype, "status": text, "lastTransitionTime": self.transitions[ctype][1],
+                         "lastProbeTime": None}
+            if ctype in ("ContainersReady", "Ready") and not value:
+                unready = [c.name for c in containers if not c.ready]
+                condition["reason"] = "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
+                condition["message"] = f"containers with unready status: [{' '.join(unready)}]"
+            out_conditions.append(condition)
+        statuses = []
+        for c in containers:
+            status: dict[str, Any] = {
+                "name": c.name, "image": c.spec.get("image", ""), "imageID": c.image.image_id if c.image else "",
+                "ready": c.ready, "started": c.started, "restartCount": c.restart_count, "state": c.state,
+                "lastState": c.last_state,
+            }
+            if c.container_id:
+                status["containerID"] = c.container_id
+            statuses.append(status)
+        status = {
+            "phase": phase,
+            "conditions": out_conditions,
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "containerStatuses": statuses,
+        }
+        if self.start_time:
+            status["startTime"] = self.start_time
+        if self.ip:
+            status["podIP"] = self.ip
+            status["podIPs"] = [{"ip": self.ip}]
+        if self.pod_error:
+            status["message"] = self.pod_error
+        return status
+
+    async def _status_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            status = self.build_status()
+            text = json.dumps(status, sort_keys=True)
+            if text == self._last_status:
+                continue
+            try:
+                await self.agent.client.patch(Pod.Status, self.name, {"status": status}, namespace=self.ns,
+                                              patch_type=PatchType.MERGE)
+                self._last_status = text
+            except lightkube.ApiError as error:
+                if error.status.code == 404:
+                    return
+                log.warning("Could not patch the status of pod %s: %s", self.key, error.status.message)
+                await asyncio.sleep(1)
+                self._dirty.set()
+            except Exception as error:  # noqa: BLE001 - transient API failures: retry
+                log.warning("Could not patch the status of pod %s: %s", self.key, error)
+                await asyncio.sleep(1)
+                self._dirty.set()
+
+
+class VolumeNotReady(Exception):
+    """A volume's source (PVC, ConfigMap, Secret) is not there yet."""
+
+
+class ContainerConfigError(Exception):
+    """The container cannot be configured (the kubelet's CreateContainerConfigError)."""
+
+
+def _expand(arg: str, env: Mapping[str, str]) -> str:
+    for key, value in env.items():
+        arg = arg.replace(f"$({key})", value)
+    return arg
+
+
+def write_projection(kind: str, obj: Mapping[str, Any], items: list[dict[str, Any]] | None) -> dict[str, bytes]:
+    """Files of a configMap or secret volume: key -> content (pure)."""
+    import base64
+
+    data: dict[str, bytes] = {}
+    for key, value in (obj.get("data") or {}).items():
+        data[key] = base64.b64decode(value) if kind == "secret" else str(value).encode()
+    for key, value in (obj.get("binaryData") or {}).items():
+        data[key] = base64.b64decode(value)
+    if items:
+        return {item["path"]: data[item["key"]] for item in items if item["key"] in data}
+    return data
+
+
+def build_local_volume(namespace: str, claim: str, path: str, size: str = "1Gi") -> list[dict[str, Any]]:
+    """A PersistentVolume on a host directory pre-bound to a claim, and the claim (pure): what a local-path
+    provisioner would create. The agent mounts the PV's path into the pods that use the claim."""
+    pv = f"{namespace}-{claim}"
+    return [
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+         "spec": {"capacity": {"storage": size}, "accessModes": ["ReadWriteMany"],
+                  "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                  "hostPath": {"path": path, "type": "DirectoryOrCreate"},
+                  "claimRef": {"namespace": namespace, "name": claim}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": namespace},
+         "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": pv,
+                  "resources": {"requests": {"storage": size}}}},
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ service proxy
+
+
+@dataclasses.dataclass
+class ServicePort:
+    name: str
+    target: int | str
+    server: asyncio.AbstractServer
+    local_port: int
+
+
+class ServiceProxy:
+    """kube-proxy's job for local pods: one listener per Service port, one random ready endpoint per connection."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.services: dict[str, tuple[dict[str, str], list[ServicePort]]] = {}
+        self.conntrack = open(agent.workdir / "conntrack.jsonl", "a", buffering=1)  # noqa: SIM115 - lives on
+        self.connections = 0
+
+    async def sync(self, service: dict[str, Any], deleted: bool = False) -> None:
+        meta = service["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        spec = service.get("spec") or {}
+        selector = spec.get("selector") or {}
+        if deleted or not selector:
+            await self.remove(key)
+            return
+        wanted = [(str(p.get("name") or p["port"]), p.get("targetPort", p["port"])) for p in spec.get("ports") or []
+                  if p.get("protocol", "TCP") == "TCP"]
+        current = self.services.get(key)
+        if current and [(p.name, p.target) for p in current[1]] == wanted:
+            self.services[key] = (selector, current[1])
+            return
+        await self.remove(key)
+        ports = []
+        for name, target in wanted:
+            server = await asyncio.start_server(
+                lambda r, w, k=key, t=target: self._forward(r, w, k, t), "127.0.0.1", 0)
+            local = server.sockets[0].getsockname()[1]
+            ports.append(ServicePort(name, target, server, local))
+            log.info("Proxied service %s port %s at 127.0.0.1:%d", key, name, local)
+        self.services[key] = (selector, ports)
+        self.write()
+
+    async def remove(self, key: str) -> None:
+        entry = self.services.pop(key, None)
+        if entry:
+            for p in entry[1]:
+                p.server.close()
+            log.info("Stopped proxying service %s", key)
+            self.write()
+
+    def write(self) -> None:
+        doc = {key: {p.name: p.local_port for p in ports} for key, (_, ports) in sorted(self.services.items())}
+        write_atomic(self.agent.workdir / "services.json", json.dumps(doc, indent=2) + "\n")
+
+    def endpoints(self, key: str, target: int | str) -> list[tuple[str, int, str]]:
+        namespace = key.split("/", 1)[0]
+        selector = self.services[key][0] if key in self.services else None
+        if selector is None:
+            return []
+        out = []
+        for worker in self.agent.workers.values():
+            if worker.ns != namespace or not worker.ready or not worker.ip:
+                continue
+            labels = worker.labels
+            if any(labels.get(k) != v for k, v in selector.items()):
+                continue
+            port = int(target) if isinstance(target, int) or str(target).isdigit() else worker.port_by_name(target)
+            if port is not None:
+                out.append((worker.ip, port, worker.name))
+        return out
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str,
+                       target: int | str) -> None:
+        peer = writer.get_extra_info("peername") or ("", 0)
+        endpoints = self.endpoints(key, target)
+        if not endpoints:
+            writer.close()
+            self._record(key, peer[1], None)
+            return
+        ip, port, pod = random.choice(endpoints)
+        assert ipaddress.ip_address(ip).is_loopback, ip  # traffic only ever goes to 127.0.0.0/8
+        self._record(key, peer[1], (ip, port, pod))
+        try:
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 5)
+        except (OSError, TimeoutError) as error:
+            log.warning("Could not connect service %s to %s:%d (%s): %s", key, ip, port, pod, error)
+            writer.close()
+            return
+        try:
+            await asyncio.gather(_pipe(reader, up_writer, writer), _pipe(up_reader, writer, up_writer))
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+
+    def _record(self, key: str, client_port: int, endpoint: tuple[str, int, str] | None) -> None:
+        self.connections += 1
+        entry = {"t": round(time.time(), 4), "service": key, "clientPort": client_port}
+        if endpoint:
+            entry.update(endpoint=f"{endpoint[0]}:{endpoint[1]}", pod=endpoint[2])
+        self.conntrack.write(json.dumps(entry) + "\n")
+
+    async def close(self) -> None:
+        for key in list(self.services):
+            await self.remove(key)
+        self.conntrack.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, other: asyncio.StreamWriter) -> None:
+    """Copy one direction; EOF is passed on as a half-close, an error aborts both directions."""
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (OSError, ConnectionError, RuntimeError):
+        for w in (writer, other):
+            w.transport.abort()
+
+
+# ------------------------------------------------------------------------------------------------------ agent
+
+
+class Agent:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.node: str = args.node
+        self.workdir: Path = args.workdir.resolve()
+        self.venv_bin = str(Path(args.venv).resolve() / "bin")
+        self.catalogue = Catalogue(args.images, args.image_cache, str(Path(self.venv_bin) / "python"))
+        self.ips = IPPool(args.pod_ip_prefix)
+        self.workers: dict[str, PodWorker] = {}
+        self.finished: set[str] = set()  # uids of pods whose processes have been stopped and that were deleted
+        self.stopping = False
+        self.cgroup_root = CGROUP_CPU / f"shipyard-{self.node}-{os.getpid()}"
+        self.cgroups = False
+        self._topology = asyncio.Event()
+        self.client: lightkube.AsyncClient
+        self.http: aiohttp.ClientSession
+        self.mountpoints: HostMountpoints
+        self.proxy: ServiceProxy
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- helpers used by pods
+    def topology_changed(self) -> None:
+        self._topology.set()
+
+    def forget(self, worker: PodWorker) -> None:
+        if self.workers.get(worker.uid) is worker:
+            del self.workers[worker.uid]
+            self.finished.add(worker.uid)
+        self.topology_changed()
+
+    def post_event(self, pod: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = pod["metadata"]
+        stamp = now_iso()
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{os.urandom(8).hex()}", "namespace": meta["namespace"]},
+            "involvedObject": {"kind": "Pod", "namespace": meta["namespace"], "name": meta["name"],
+                               "uid": meta["uid"], "apiVersion": "v1"},
+            "reason": reason, "message": message[:1024], "type": type_, "count": 1,
+            "firstTimestamp": stamp, "lastTimestamp": stamp,
+            "source": {"component": "kubelet", "host": self.node},
+            "reportingComponent": "kubelet", "reportingInstance": self.node,
+        }
+
+        async def send() -> None:
+            with contextlib.suppress(Exception):
+                await self.client.create(Event(event), namespace=meta["namespace"])
+
+        if not self.stopping:
+            task = asyncio.create_task(send())
+            self._tasks.append(task)
+            task.add_done_callback(self._tasks.remove)
+
+    # -- main
+    async def run(self, stop: asyncio.Event) -> None:
+        for sub in ("logs", "pods", "pvc"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        self.client = lightkube.AsyncClient(config=KubeConfig.from_file(self.args.kubeconfig),
+                                            field_manager=FIELD_MANAGER)
+        self.http = aiohttp.ClientSession()
+        self.mountpoints = HostMountpoints()
+        self.proxy = ServiceProxy(self)
+        self.cgroups = self._setup_cgroups()
+        try:
+            if self.args.prepare_images:
+                for build in sorted(self.catalogue.builds):
+                    await self.catalogue.prepare(build)
+            await self._register_node()
+            if self.args.taint_fake_nodes:
+                await self._taint_fake_nodes(add=True)
+            loops = [self._heartbeat(), self._watch_pods(), self._watch_services(), self._write_targets()]
+            background = [asyncio.create_task(coro) for coro in loops]
+            self.write_targets()
+            (self.workdir / "agent-ready").write_text(json.dumps({"pid": os.getpid(), "node": self.node}) + "\n")
+            log.info("Became ready: node %s, work directory %s", self.node, self.workdir)
+            await stop.wait()
+            log.info("Received termination; stopping %d pod(s)", len(self.workers))
+            self.stopping = True
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*(w.stop_for_shutdown(self.args.shutdown_grace) for w in list(self.workers.values())),
+                                 return_exceptions=True)
+            self.write_targets()
+            with contextlib.suppress(Exception):
+                await self.proxy.close()
+            if self.args.taint_fake_nodes:
+                with contextlib.suppress(Exception):
+                    await self._taint_fake_nodes(add=False)
+            with contextlib.suppress(Exception):
+                await self.client.delete(Node, self.node)
+                log.info("Deleted node %s", self.node)
+        finally:
+            self.mountpoints.cleanup()
+            if self.cgroups:
+                for child in self.cgroup_root.glob("*"):
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
+                with contextlib.suppress(OSError):
+                    self.cgroup_root.rmdir()
+            await self.http.close()
+            await self.client.close()
+            (self.workdir / "agent-ready").unlink(missing_ok=True)
+            log.info("Stopped")
+
+    def _setup_cgroups(self) -> bool:
+        try:
+            self.cgroup_root.mkdir(exist_ok=True)
+            return True
+        except OSError as error:
+            log.warning("Did not find a writable cgroup v1 cpu controller (%s): CPU limits are not enforced", error)
+            return False
+
+    def build_node(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.node, "labels": {
+                NODE_LABEL: "local", "kubernetes.io/hostname": self.node, "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64", "type": "local"}},
+            "spec": {},
+        }
+
+    def build_node_status(self) -> dict[str, Any]:
+        stamp = now_iso()
+        capacity = {"cpu": self.args.cpu, "memory": self.args.memory, "pods": str(self.args.max_pods)}
+
+        def cond(type_: str, status: str, reason: str, message: str) -> dict[str, str]:
+            return {"type": type_, "status": status, "reason": reason, "message": message,
+                    "lastHeartbeatTime": stamp, "lastTransitionTime": self._node_started}
+
+        return {"status": {
+            "capacity": capacity, "allocatable": capacity,
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.node}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "osImage": "local processes",
+                         "kernelVersion": os.uname().release, "kubeletVersion": "v0.0.0-shipyard-node-agent",
+                         "kubeProxyVersion": "", "containerRuntimeVersion": "shipyard-local://0",
+                         "machineID": "", "systemUUID": "", "bootID": ""},
+            "conditions": [
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory"),
+                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                cond("Ready", "True", "KubeletReady", "shipyard node agent is posting ready status"),
+            ],
+        }}
+
+    async def _register_node(self) -> None:
+        self._node_started = now_iso()
+        try:
+            await self.client.create(codecs.from_dict(self.build_node()))
+            log.info("Registered node %s", self.node)
+        except lightkube.ApiError as error:
+            if error.status.code != 409:
+                raise
+            log.info("Found node %s registered already", self.node)
+        await self._post_node_status()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            node = (await self.client.get(Node, self.node)).to_dict()
+            taints = (node.get("spec") or {}).get("taints") or []
+            if not any(t["key"].startswith("node.kubernetes.io/not-ready") for t in taints):
+                return
+            await asyncio.sleep(0.5)
+        log.warning("Node %s still has a not-ready taint after 60 s", self.node)
+
+    async def _post_node_status(self) -> None:
+        await self.client.patch(Node.Status, self.node, self.build_node_status(), patch_type=PatchType.MERGE)
+        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": self.node, "namespace": "kube-node-lease"},
+                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": LEASE_SECONDS,
+                          "renewTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+        await self.client.apply(codecs.from_dict(lease), name=self.node, namespace="kube-node-lease",
+                                field_manager=FIELD_MANAGER, force=True)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self._post_node_status()
+            except Exception as error:  # noqa: BLE001 - retried at the next beat
+                log.warning("Could not post the status of node %s: %s", self.node, error)
+
+    async def _taint_fake_nodes(self, add: bool) -> None:
+        async for node in self.client.list(Node):
+            body = node.to_dict()
+            if ((body["metadata"].get("annotations") or {}).get(FAKE_NODE_ANNOTATION)) != "fake":
+                continue
+            taints = [t for t in (body.get("spec") or {}).get("taints") or [] if t["key"] != FAKE_TAINT["key"]]
+            if add:
+                taints.append(dict(FAKE_TAINT))
+            await self.client.patch(Node, body["metadata"]["name"], {"spec": {"taints": taints}},
+                                    patch_type=PatchType.MERGE)
+            log.info("%s node %s with %s", "Tainted" if add else "Untainted", body["metadata"]["name"],
+                     f"{FAKE_TAINT['key']}={FAKE_TAINT['value']}:{FAKE_TAINT['effect']}")
+
+    async def _watch_pods(self) -> None:
+        while True:
+            try:
+                async for op, obj in self.client.watch(Pod, namespace="*", fields={"spec.nodeName": self.node}):
+                    self._on_pod(op, obj.to_dict())
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the watch restarts
+                log.warning("Restarted the pod watch: %s", error)
+                await asyncio.sleep(1)
+
+    def _on_pod(self, op: str, pod: dict[str, Any]) -> None:
+        uid = pod["metadata"]["uid"]
+        worker = self.workers.get(uid)
+        if op == "DELETED":
+            if worker is not None:
+                worker.update({**pod, "metadata": {**pod["metadata"], "deletionGracePeriodSeconds": 0,
+                                                   "deletionTimestamp": pod["metadata"].get("deletionTimestamp")
+                                                   or now_iso()}})
+            return
+        if worker is None:
+            if uid in self.finished:
+                return
+            if pod["metadata"].get("deletionTimestamp") or pod.get("status", {}).get("phase") in ("Succeeded",
+                                                                                                   "Failed"):
+                # A finished pod of an earlier agent, or one deleted before it started: only the object is left.
+                if pod["metadata"].get("deletionTimestamp"):
+                    task = asyncio.create_task(self._delete_now(pod))
+                    self._tasks.append(task)
+                    task.add_done_callback(self._tasks.remove)
+                return
+            worker = PodWorker(self, pod)
+            self.workers[uid] = worker
+            log.info("Admitted pod %s/%s", worker.ns, worker.name)
+            worker.start()
+        worker.update(pod)
+
+    async def _delete_now(self, pod: dict[str, Any]) -> None:
+        with contextlib.suppress(lightkube.ApiError):
+            await self.client.delete(Pod, pod["metadata"]["name"], namespace=pod["metadata"]["namespace"],
+                                     grace_period=0)
+
+    async def _watch_services(self) -> None:
+        while True:
+            try:
+                async for op, obj in self.client.watch(Service, namespace="*"):
+                    await self.proxy.sync(obj.to_dict(), deleted=op == "DELETED")
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the watch restarts
+                log.warning("Restarted the service watch: %s", error)
+                await asyncio.sleep(1)
+
+    def write_targets(self) -> None:
+        groups = []
+        for worker in sorted(self.workers.values(), key=lambda w: w.key):
+            if not worker.ip or not worker.running():
+                continue
+            annotated = (worker.pod["metadata"].get("annotations") or {}).get(PORT_ANNOTATION)
+            ports = [int(annotated)] if annotated else [p for n in SCRAPE_PORT_NAMES
+                                                        if (p := worker.port_by_name(n)) is not None]
+            for port in ports:
+                groups.append({"targets": [f"{worker.ip}:{port}"],
+                               "labels": {"namespace": worker.ns, "pod": worker.name, "node": self.node}})
+        write_atomic(self.workdir / "prometheus-targets.json", json.dumps(groups, indent=2) + "\n")
+
+    async def _write_targets(self) -> None:
+        while True:
+            await self._topology.wait()
+            self._topology.clear()
+            self.write_targets()
+            await asyncio.sleep(0.1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--workdir", type=Path, required=True, help="pods, PVCs, logs, targets, services.json")
+    parser.add_argument("--node", default="local-0")
+    parser.add_argument("--images", type=Path, default=REPO / "hack" / "e2e-images.yaml")
+    parser.add_argument("--image-cache", type=Path,
+                        default=Path(os.environ.get("SHIPYARD_CACHE", Path.home() / ".cache" / "shipyard"))
+                        / "e2e-images")
+    parser.add_argument("--venv", default=str(REPO / ".venv"), help="virtualenv whose bin/ is on pods' PATH")
+    parser.add_argument("--pod-ip-prefix", default="127.0.10", help="pod IPs are <prefix>.2-254 (loopback only)")
+    parser.add_argument("--cpu", default="16")
+    parser.add_argument("--memory", default="64Gi")
+    parser.add_argument("--max-pods", type=int, default=50)
+    parser.add_argument("--taint-fake-nodes", action="store_true",
+                        help="taint the KWOK nodes shipyard.dev/fake=true:NoSchedule while the agent runs")
+    parser.add_argument("--prepare-images", action="store_true", help="build the catalogue's contents before ready")
+    parser.add_argument("--shutdown-grace", type=float, default=15.0,
+                        help="at shutdown, the longest a pod's processes get after SIGTERM")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "httpx2", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if os.geteuid() != 0:
+        print("node_agent.py needs root (mount namespaces, bind mounts, cgroups)", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await Agent(args).run(stop)
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
