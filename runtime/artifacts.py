@@ -526,11 +526,16 @@ def build_encoded_weights(tensors: Mapping[str, Any], encoding: str, *, zstd_lev
     raise ArtifactError(f"encoding {encoding!r} cannot be written (writable: safetensors, safetensors+zstd)")
 
 
-def load_weight_tensors(path: Path, encoding: str) -> dict[str, Any]:
-    """Read a weights file into plain tensors without unpickling anything beyond plain tensors."""
+def load_weight_tensors(path: Path, encoding: str, *, expected_sha256: str | None = None) -> dict[str, Any]:
+    """Read a weights file into plain tensors without unpickling anything beyond plain tensors.
+
+    With `expected_sha256`, the bytes actually read are checked (not only the file as hashed earlier).
+    """
     import torch
 
     data = _read_bytes(path)
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ArtifactError(f"digest mismatch: weights {path.name} changed while being loaded")
     head = data[:4]
     if encoding == "torch-state-dict":
         try:
@@ -693,7 +698,12 @@ def build_model_from_manifest(manifest: Mapping[str, Any], directory: Path, *, d
     """Build a factory-kind model: factory -> resized layers -> quantized layouts -> stored tensors."""
     from shipyard.runtime import quantize
 
-    tensors = load_weight_tensors(directory / manifest["weights"], manifest.get("encoding", "safetensors"))
+    weights = manifest["weights"]
+    tensors = load_weight_tensors(
+        directory / weights,
+        manifest.get("encoding", "safetensors"),
+        expected_sha256=manifest.get("files", {}).get(weights, {}).get("sha256"),
+    )
     model = build_factory_module(manifest["factory"], manifest.get("factory_kwargs", {}))
     apply_structure(model, manifest.get("structure", {}))
     model = _to_device(model, device)
@@ -774,7 +784,9 @@ def write_compiled_package(
 
     name = "model.cpu.pt2"
     try:
-        with torch.no_grad():
+        # freezing: weights become constants of the compiled graph, so that transposes, dequantized copies and
+        # layouts are folded at build time instead of being recomputed on every call.
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             program = torch.export.export(
                 module, tuple(example_inputs), dynamic_shapes=build_dynamic_shapes(specs, max_batch)
             )
