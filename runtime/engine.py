@@ -267,7 +267,7 @@ class Engine:
         self._output_dtypes = [
             TORCH_BY_DATATYPE["FP32" if spec.datatype == "BF16" else spec.datatype] for spec in self.outputs
         ]
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None  # type: ignore[no-untyped-call]
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         if not torch.is_inference_mode_enabled():  # the worker thread enters it once for good

@@ -48,7 +48,7 @@ class Histogram:
         total = 0
         for bound, count in zip(self.bounds, self.counts, strict=False):
             total += count
-            buckets.append((prometheus_client.utils.floatToGoString(bound), float(total)))
+            buckets.append((prometheus_client.utils.floatToGoString(bound), float(total)))  # type: ignore[no-untyped-call]
         buckets.append(("+Inf", float(total + self.counts[-1])))
         return buckets
 

@@ -85,7 +85,7 @@ STATUS_BY_ERROR: dict[type[ServingError], int] = {
 def build_error_status(error: BaseException) -> int:
     """HTTP status for an error: the mapped status of its most specific ServingError class, else 500."""
     for cls in type(error).__mro__:
-        status = STATUS_BY_ERROR.get(cls)  # type: ignore[arg-type]
+        status = STATUS_BY_ERROR.get(cls)
         if status is not None:
             return status
     return 500

@@ -511,8 +511,8 @@ class App:
                 return
             self._finish(context, 200, body)
         else:
-            error = result if isinstance(result, BaseException) else oip.ModelFailure("no result")
-            self._finish(context, oip.build_error_status(error), oip.build_error_body(str(error)))
+            failure = result if isinstance(result, BaseException) else oip.ModelFailure("no result")
+            self._finish(context, oip.build_error_status(failure), oip.build_error_body(str(failure)))
 
     def on_batch_started(self, jobs: list[batching.Job], rows: int, now: float) -> None:
         self.metrics.observe_batch(rows, [now - job.enqueued_at for job in jobs])
@@ -710,7 +710,8 @@ class Server:
         # A daemon thread, not an executor: a SIGTERM during a long load must not wait for it.
         threading.Thread(target=load, name="load-model", daemon=True).start()
         stop_wait = asyncio.ensure_future(self._stop.wait())
-        await asyncio.wait([loaded, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        waited: list[asyncio.Future[Any]] = [loaded, stop_wait]
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
         if not loaded.done():
             log.info("Stopped before the model finished loading")
             server.close()
