@@ -294,23 +294,15 @@ def test_serve_command_serves_a_model_directory_and_drains_on_sigterm(digits_dir
         pytest.param(True, "shipyard-model.json", id="no-manifest"),
     ],
 )
-def test_serve_command_exits_1_when_the_model_directory_is_broken(tmp_path: Path, make: bool, message: str) -> None:
+def test_serve_exits_1_when_the_model_directory_is_broken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, make: bool, message: str
+) -> None:
     directory = tmp_path / "broken"
     if make:
         directory.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [
-        sys.executable,
-        "-m",
-        "shipyard.runtime.cli",
-        "serve",
-        "--artifact",
-        str(directory),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert "Failed to load model broken" in result.stderr and message in result.stderr
+    config = server.build_config(["--artifact", str(directory), "--host", "127.0.0.1", "--port", "0"], {})
+    with caplog.at_level("ERROR", logger="shipyard.runtime.server"):
+        thread = server.ServerThread(config).start()  # the real loader: artifacts.load_model
+        thread._thread.join(30)
+    assert thread.exit_code == 1
+    assert "Failed to load model broken" in caplog.text and message in caplog.text
