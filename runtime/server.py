@@ -577,6 +577,15 @@ def fetch_model(path: str, device: str) -> Any:
     return artifacts.load_model(path, device=device)
 
 
+def plan_warmup_batches(max_batch_size: int, compiled: bool) -> list[int]:
+    """Batch sizes to warm up with (pure): 1 and the largest; with torch.compile also 2, so that the switch to a
+    dynamic batch dimension (compile specialises on the first sizes it sees) happens before traffic does."""
+    sizes = {1, max_batch_size}
+    if compiled:
+        sizes.add(min(2, max_batch_size))
+    return sorted(sizes)
+
+
 @dataclass
 class LoadedWorkers:
     model: Any  # the model as loaded on the first device (its declared inputs and outputs)
@@ -614,7 +623,7 @@ def apply_load(
         built = engine.Engine(
             model, device, dtype=dtype, compile_model=config.compile, compile_mode=config.compile_mode
         )
-        built.warmup(sorted({1, config.max_batch_size}), config.warmup_iterations)
+        built.warmup(plan_warmup_batches(config.max_batch_size, config.compile), config.warmup_iterations)
         models[device] = model
         log.info(
             "Loaded and warmed up model %s (version %s) on %s in %s in %.2f s",

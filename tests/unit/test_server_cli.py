@@ -193,6 +193,18 @@ def test_plan_route(path: str, expected: tuple[str, str, str | None, str | None]
     assert (route.template, route.kind, route.model, route.version) == expected
 
 
+@pytest.mark.parametrize(
+    ("max_batch", "compiled", "expected"),
+    [
+        pytest.param(32, False, [1, 32], id="eager"),
+        pytest.param(32, True, [1, 2, 32], id="compiled-sees-a-dynamic-batch"),
+        pytest.param(1, True, [1], id="no-batching"),
+    ],
+)
+def test_plan_warmup_batches(max_batch: int, compiled: bool, expected: list[int]) -> None:
+    assert server.plan_warmup_batches(max_batch, compiled) == expected
+
+
 def test_main_rejects_bad_settings_with_exit_code_2(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
     monkeypatch.delenv(contract.ENV_ARTIFACT_PATH, raising=False)
     assert server.main([]) == 2
