@@ -48,6 +48,7 @@ DEFAULT_DRAIN_PROPAGATION_S = 5.0
 DEFAULT_GRACE_PERIOD_S = 30.0
 EXIT_MARGIN_S = 1.0  # the server is gone this long before the grace period (kubelet's SIGKILL) ends
 UNVERSIONED = "unknown"
+RETRY_AFTER = b"retry-after: 1\r\n"
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -531,7 +532,8 @@ class App:
         self.metrics.observe_http(request.method, context.template, status, elapsed)
         self.metrics.inflight.dec()
         self.inflight_infer -= 1
-        context.conn.respond(request, status, body)
+        # 503 = overloaded or not ready: tell clients (and retrying proxies) when to come back.
+        context.conn.respond(request, status, body, httpproto.JSON, RETRY_AFTER if status == 503 else b"")
 
     def _sweep_timeouts(self) -> None:
         """Answer 504 to inference requests older than the per-request timeout (arrival = deadline order)."""

@@ -385,9 +385,11 @@ def test_full_queue_is_rejected_fast_with_503() -> None:
             while running.thread.app.batcher.queued < 2 and time.monotonic() < deadline:  # type: ignore[union-attr]
                 time.sleep(0.005)
             started = time.monotonic()
-            status, document = running.infer([[3, 3, 3, 3]])
+            body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [3, 3, 3, 3]}]})
+            status, headers, raw = running.call("POST", "/v2/models/mlp/infer", body.encode())
             elapsed = time.monotonic() - started
-            assert status == 503 and "queue is full" in document["error"]
+            assert status == 503 and "queue is full" in json.loads(raw)["error"]
+            assert headers["retry-after"] == "1"
             assert elapsed < 1.0
             module.gate.set()
             assert first.result()[0] == 200 and [f.result()[0] for f in queued] == [200, 200]
