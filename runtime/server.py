@@ -683,7 +683,9 @@ class Server:
             return
         self._stop.set()
 
-    async def run(self, install_signals: bool = False) -> int:
+    async def run(self, install_signals: bool = False, freeze_gc: bool = False) -> int:
+        """Serve until drained. `install_signals` and `freeze_gc` are for a process of its own (`run_server`):
+        SIGTERM/SIGINT start the drain; objects alive once loaded are frozen out of the garbage collector."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stop = asyncio.Event()
@@ -739,8 +741,9 @@ class Server:
         self._start_serving(loop, result)
         # Everything allocated so far (torch, the model, the loaded modules) lives as long as the process: move
         # it out of the collector's sight, so that full collections under load do not walk it (tail latency).
-        gc.collect()
-        gc.freeze()
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         log.info(
             "Became ready: model %s version %s on %s, %d torch thread(s), max batch %d, max delay %g ms",
             config.model_name,
@@ -840,7 +843,7 @@ def run_server(config: ServerConfig, loader: Loader = fetch_model) -> int:
     warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning)
     apply_event_loop_policy(config.uvloop)
     server = Server(config, loader)
-    return asyncio.run(server.run(install_signals=True))
+    return asyncio.run(server.run(install_signals=True, freeze_gc=True))
 
 
 class ServerThread:
