@@ -48,7 +48,7 @@ for fast CPU serving: `"compiled": {"file": "model.cpu.pt2", "format": "aotinduc
 It is native code (a shared library inside the zip): `load_model(..., compiled=True)` loads it only on explicit
 request, after the digest check, and only with the torch version that built it; by default the eager module is
 built from the weights. Shapes: the first dimension of every input is the batch (1..maxBatchSize); any other
--1 dimension is dynamic too, shared by the inputs that have -1 at the same position.
+-1 dimension is dynamic too, with the range torch.export infers from the model (e.g. at most 512 tokens).
 
 Writes are atomic: everything is written into a temporary sibling directory which is renamed into place, so
 a partial artifact is never visible under the final name.
@@ -761,32 +761,44 @@ def load_compiled_module(manifest: Mapping[str, Any], directory: Path, *, device
 
 
 def build_dynamic_shapes(specs: Sequence[TensorSpec], max_batch: int) -> tuple[dict[int, Any], ...]:
-    """torch.export dynamic shapes for the inputs: batch on axis 0, other -1 axes shared by position. Pure."""
+    """torch.export dynamic shapes for the inputs: batch on axis 0, other -1 axes inferred (Dim.AUTO). Pure."""
     import torch
 
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    axes: dict[int, Any] = {}
     shapes = []
     for spec in specs:
         dims: dict[int, Any] = {0: batch}
         for axis, size in enumerate(spec.shape[1:], start=1):
             if size == -1:
-                dims[axis] = axes.setdefault(axis, torch.export.Dim(f"axis{axis}", min=2, max=1 << 16))
+                dims[axis] = torch.export.Dim.AUTO  # range and sharing inferred from the model (e.g. <= 512 tokens)
         shapes.append(dims)
     return tuple(shapes)
 
 
 def write_compiled_package(
-    directory: Path, module: Any, example_inputs: Sequence[Any], specs: Sequence[TensorSpec], *, max_batch: int
+    directory: Path,
+    module: Any,
+    example_inputs: Sequence[Any],
+    specs: Sequence[TensorSpec],
+    *,
+    max_batch: int,
+    max_autotune: bool = False,
 ) -> dict[str, Any]:
-    """Export `module` and compile it with AOTInductor into `model.cpu.pt2`; returns the manifest entry."""
+    """Export `module` and compile it with AOTInductor into `model.cpu.pt2`; returns the manifest entry.
+
+    `max_autotune` lets Inductor benchmark its C++ GEMM templates (AMX/VNNI int8 kernels) against ATen's on
+    this machine and keep the fastest: a longer build, tuned to the build machine's CPU.
+    """
     import torch
 
     name = "model.cpu.pt2"
+    options: dict[str, Any] = {"freezing": True}
+    if max_autotune:
+        options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
     try:
         # freezing: weights become constants of the compiled graph, so that transposes, dequantized copies and
         # layouts are folded at build time instead of being recomputed on every call.
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        with torch.no_grad(), torch._inductor.config.patch(**options):
             program = torch.export.export(
                 module, tuple(example_inputs), dynamic_shapes=build_dynamic_shapes(specs, max_batch)
             )
@@ -801,6 +813,7 @@ def write_compiled_package(
         "device": "cpu",
         "torch": torch.__version__,
         "maxBatchSize": max_batch,
+        "maxAutotune": max_autotune,
     }
 
 
@@ -917,6 +930,7 @@ def write_model_files(
     zstd_level: int | None = None,
     compile_inputs: Sequence[Any] | None = None,
     compile_max_batch: int = 1024,
+    compile_max_autotune: bool = False,
 ) -> dict[str, Any]:
     """Write a factory-kind model (weights + manifest) into an existing directory; returns the manifest.
 
@@ -954,7 +968,9 @@ def write_model_files(
     }
     if compile_inputs is not None:
         specs = build_tensor_specs(list(inputs), "inputs")
-        entry = write_compiled_package(directory, module, compile_inputs, specs, max_batch=compile_max_batch)
+        entry = write_compiled_package(
+            directory, module, compile_inputs, specs, max_batch=compile_max_batch, max_autotune=compile_max_autotune
+        )
         sha, size = _sha256_file(directory / entry["file"])
         manifest["files"][entry["file"]] = {"sha256": sha, "bytes": size}
         manifest["compiled"] = entry

@@ -383,6 +383,7 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             },
             compile_inputs=evaluate.build_batch(dataset.eval_inputs, 8) if config.compiled.aot_inductor else None,
             compile_max_batch=config.compiled.max_batch_size,
+            compile_max_autotune=config.compiled.max_autotune,
         )
         durations["save"] = time.perf_counter() - t0
         log.info(

@@ -21,7 +21,7 @@ The document mirrors the ModelDeployment's `spec.compression` (camelCase keys) p
     logDir: /artifacts/tensorboard/digits     # optional: TensorBoard event files of training losses
     encoding: auto                            # auto | safetensors | safetensors+zstd
     latency: {batchSizes: [1, 64], budgetSeconds: 1.0}
-    compiled: {aotInductor: false, maxBatchSize: 1024}   # also write an AOTInductor package (CPU)
+    compiled: {aotInductor: false, maxBatchSize: 1024, maxAutotune: false}  # also an AOTInductor package (CPU)
     seed: 0
     overwrite: false
 """
@@ -129,6 +129,7 @@ class Latency:
 class Compiled:
     aot_inductor: bool = False
     max_batch_size: int = 1024
+    max_autotune: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,9 +429,11 @@ def build_config(raw: Any) -> CompressionConfig:
     latency = Latency(
         batch_sizes=batch_sizes, budget_seconds=lat.number("budgetSeconds", 1.0, 0.0, 60.0, low_open=True)
     )
-    comp = _Fields(top.raw.get("compiled", {}), "compiled", problems, ("aotInductor", "maxBatchSize"))
+    comp = _Fields(top.raw.get("compiled", {}), "compiled", problems, ("aotInductor", "maxBatchSize", "maxAutotune"))
     compiled = Compiled(
-        aot_inductor=comp.boolean("aotInductor", False), max_batch_size=comp.integer("maxBatchSize", 1024, 2, 65536)
+        aot_inductor=comp.boolean("aotInductor", False),
+        max_batch_size=comp.integer("maxBatchSize", 1024, 2, 65536),
+        max_autotune=comp.boolean("maxAutotune", False),
     )
     log_dir = top.string("logDir", "") or None
     config = CompressionConfig(
