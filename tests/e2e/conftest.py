@@ -1,0 +1,268 @@
+"""Fixtures of the e2e tier: the whole chain real on one machine, started once for the tests/e2e package.
+
+Starts, in order: the local control plane (hack/cluster.py), the node agent (hack/node_agent.py: Node local-0 whose
+pods run as real processes, the Service proxy, Prometheus targets; the KWOK nodes tainted), Prometheus from
+Debian's package (hack/prometheus.py, file_sd, 1 s scrapes) and the operator as a subprocess
+(``shipyard-operator --prometheus-address``). Stops them in the reverse order (operator, agent with its pods,
+Prometheus, control plane) and checks that no pod process is left. The package scope makes the e2e cluster go
+away before the integration tier starts its own.
+
+Results (timings, requests per version) are collected in RESULTS, written to tests/e2e/results/last-run.json and
+printed as a table at the end of the run (with or without -s). Logs of a run are copied to tests/e2e/results/logs/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightkube
+import pytest
+from lightkube.config.kubeconfig import KubeConfig
+from lightkube.generic_resource import create_namespaced_resource
+
+from tests.integration.conftest import Cluster, install_crds, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+NAMESPACE = "e2e"
+POD_IP_PREFIX = "127.0.11"
+RESULTS: dict[str, Any] = {"scenarios": {}}
+
+ModelDeployment = create_namespaced_resource("shipyard.dev", "v1alpha1", "ModelDeployment", "modeldeployments")
+
+
+def load_hack_module(name: str) -> Any:
+    path = REPO / "hack" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"shipyard_e2e_{name}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class E2E:
+    cluster: Cluster
+    client: lightkube.Client
+    workdir: Path  # the node agent's work directory
+    prometheus: str
+    namespace: str = NAMESPACE
+
+    def service_port(self, name: str, port: str = "http") -> int:
+        def read() -> int | None:
+            path = self.workdir / "services.json"
+            if not path.exists():
+                return None
+            return json.loads(path.read_text()).get(f"{self.namespace}/{name}", {}).get(port)
+
+        port_number: int = wait_until(read, timeout=60, message=f"the proxy of service {name}")
+        return port_number
+
+    def conntrack(self) -> list[dict[str, Any]]:
+        path = self.workdir / "conntrack.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def md(self, name: str) -> dict[str, Any]:
+        obj = self.client.get(ModelDeployment, name, namespace=self.namespace)
+        return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=5) as response:
+            body = json.loads(response.read())
+        assert body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    return int(proc.returncode)
+
+
+def _started_pids(agent_log: Path) -> list[int]:
+    pids = []
+    for line in agent_log.read_text(errors="replace").splitlines():
+        if "Started container" in line and " as pid " in line:
+            pids.append(int(line.split(" as pid ", 1)[1].split()[0]))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _check_host() -> None:
+    problems = []
+    if os.geteuid() != 0:
+        problems.append("the e2e tier needs root (mount namespaces and bind mounts for pods)")
+    for tool in ("unshare", "setpriv", "mount", "kubectl"):
+        if shutil.which(tool) is None:
+            problems.append(f"{tool} not found")
+    prometheus = os.environ.get("SHIPYARD_PROMETHEUS", "/usr/bin/prometheus")
+    if not Path(prometheus).exists():
+        problems.append(f"{prometheus} not found: apt-get install -y prometheus")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="package")
+def e2e() -> Iterator[E2E]:
+    _check_host()
+    cluster_mod = load_hack_module("cluster")
+    prometheus_mod = load_hack_module("prometheus")
+    base = Path(tempfile.mkdtemp(prefix="shipyard-e2e-"))
+    workdir = base / "agent"
+    venv = Path(sys.prefix)
+    timings: dict[str, float] = {}
+    RESULTS["environment"] = {"cpus": os.cpu_count(), "startedAt": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "workdir": str(base)}
+    RESULTS["timings"] = timings
+    started = time.monotonic()
+    state = cluster_mod.up(base / "cluster")
+    timings["controlPlaneUpSeconds"] = round(time.monotonic() - started, 1)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    prometheus_dir = base / "prometheus"
+    failed = True
+    try:
+        cluster = Cluster(kubeconfig=str(state.kubeconfig))
+        install_crds(cluster)
+        mark = time.monotonic()
+        with open(base / "agent.log", "ab") as log:
+            procs["agent"] = subprocess.Popen(
+                [str(venv / "bin" / "python"), str(REPO / "hack" / "node_agent.py"), "--kubeconfig",
+                 str(state.kubeconfig), "--workdir", str(workdir), "--venv", str(venv), "--taint-fake-nodes",
+                 "--prepare-images", "--pod-ip-prefix", POD_IP_PREFIX],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def agent_ready() -> bool:
+            assert procs["agent"].poll() is None, (base / "agent.log").read_text()[-3000:]
+            return (workdir / "agent-ready").exists()
+
+        # The first run on a machine trains the digits model of the image catalogue (cached afterwards).
+        wait_until(agent_ready, timeout=600, interval=0.5, message="the node agent")
+        timings["agentReadySeconds"] = round(time.monotonic() - mark, 1)
+        mark = time.monotonic()
+        _, prometheus_url = prometheus_mod.start(prometheus_dir, workdir / "prometheus-targets.json")
+        timings["prometheusReadySeconds"] = round(time.monotonic() - mark, 1)
+        liveness = free_port()
+        with open(base / "operator.log", "ab") as log:
+            procs["operator"] = subprocess.Popen(
+                [str(venv / "bin" / "shipyard-operator"), "--all-namespaces", "--kubeconfig", str(state.kubeconfig),
+                 "--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1",
+                 "--liveness", f"http://127.0.0.1:{liveness}/healthz", "--prometheus-address", prometheus_url],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def operator_live() -> bool:
+            assert procs["operator"].poll() is None, (base / "operator.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{liveness}/healthz", timeout=1) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        wait_until(operator_live, timeout=60, message="the operator's liveness endpoint")
+        timings["stackUpSeconds"] = round(time.monotonic() - started, 1)
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        client = lightkube.Client(config=KubeConfig.from_file(str(state.kubeconfig)), field_manager="shipyard-e2e")
+        yield E2E(cluster=cluster, client=client, workdir=workdir, prometheus=prometheus_url)
+        failed = False
+    finally:
+        mark = time.monotonic()
+        codes = {}
+        if "operator" in procs:
+            codes["operator"] = _stop(procs["operator"], 30)
+        if "agent" in procs:
+            codes["agent"] = _stop(procs["agent"], 90)
+        prometheus_mod.stop(prometheus_dir)
+        cluster_mod.down(base / "cluster")
+        timings["teardownSeconds"] = round(time.monotonic() - mark, 1)
+        _keep_logs(base)
+        stray = [pid for pid in _started_pids(base / "agent.log") if _alive(pid)] if (base / "agent.log").exists() \
+            else []
+        RESULTS["teardown"] = {"exitCodes": codes, "strayPodProcesses": stray}
+        if not failed and not stray:
+            shutil.rmtree(base, ignore_errors=True)
+    assert not stray, f"pod processes left running after the node agent stopped: {stray}"
+    assert codes.get("agent") == 0, f"the node agent exited with {codes.get('agent')} (see results/logs/agent.log)"
+    assert codes.get("operator") == 0, f"the operator exited with {codes.get('operator')}"
+
+
+def _keep_logs(base: Path) -> None:
+    target = RESULTS_DIR / "logs"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("agent.log", "operator.log"):
+        if (base / name).exists():
+            shutil.copy(base / name, target / name)
+    if (base / "prometheus" / "prometheus.log").exists():
+        shutil.copy(base / "prometheus" / "prometheus.log", target / "prometheus.log")
+    if (base / "agent" / "logs").is_dir():
+        shutil.copytree(base / "agent" / "logs", target / "pods", dirs_exist_ok=True)
+    if (base / "cluster" / "logs").is_dir():
+        shutil.copytree(base / "cluster" / "logs", target / "cluster", dirs_exist_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not RESULTS["scenarios"]:
+        return
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    RESULTS["exitStatus"] = int(exitstatus)
+    (RESULTS_DIR / "last-run.json").write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not RESULTS["scenarios"]:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("shipyard e2e results (tests/e2e/results/last-run.json)")
+    timings = RESULTS.get("timings", {})
+    if timings:
+        write("stack: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    for name, scenario in RESULTS["scenarios"].items():
+        write(f"{name}: {scenario.get('outcome', '?')}")
+        for key, value in (scenario.get("timings") or {}).items():
+            write(f"    {key:<44} {value}")
+        for version, counts in (scenario.get("requests") or {}).items():
+            served, failed = counts.get("served", 0), counts.get("failed", 0)
+            write(f"    requests {version:<35} served {served:>6}  failed {failed:>5}")
+        for key, value in (scenario.get("facts") or {}).items():
+            write(f"    {key:<44} {value}")

@@ -1,0 +1,190 @@
+"""A bounded load generator for the e2e tier: OIP v2 inference requests to a Service through the node agent's proxy.
+
+Does network I/O (127.0.0.0/8 only). Each request opens its own TCP connection (``Connection: close``), as a client
+behind kube-proxy would see every new connection balanced afresh, and records its client port so that the proxy's
+connection log (``conntrack.jsonl``) tells which pod answered it, failed requests included. Requests are sent at a
+fixed rate with at most ``concurrency`` in flight; the run stops at ``stop``, after ``max_seconds`` or after
+``max_requests``, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+CONNECT_TIMEOUT_S = 5.0
+RESPONSE_TIMEOUT_S = 15.0
+
+
+@dataclasses.dataclass
+class Result:
+    started: float  # time.time()
+    finished: float
+    status: int  # 0: no HTTP response (connection refused, reset, timeout)
+    version: str | None  # model_version of a 200 response
+    error: str | None  # why it failed (status >= 500, or no response), None when it succeeded
+    client_port: int
+    correct: bool | None  # prediction == label (200 responses)
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+def build_request(model: str, rows: Sequence[Sequence[float]]) -> bytes:
+    """The OIP v2 infer body for a batch of 64-pixel rows (pure)."""
+    data = [float(v) for row in rows for v in row]
+    return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [len(rows), len(rows[0])],
+                                   "data": data}]}).encode()
+
+
+def parse_predictions(body: dict[str, Any]) -> list[int]:
+    """Argmax per row of the ``logits`` output (pure)."""
+    output = body["outputs"][0]
+    rows, classes = output["shape"]
+    data = output["data"]
+    return [max(range(classes), key=lambda k, r=r: data[r * classes + k]) for r in range(rows)]
+
+
+async def send(port: int, path: str, body: bytes, host: str = "127.0.0.1") -> tuple[int, bytes, int]:
+    """One POST on a fresh connection; returns (status, body, client port). Raises OSError/TimeoutError."""
+    assert ipaddress.ip_address(host).is_loopback
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+    client_port = writer.get_extra_info("sockname")[1]
+    try:
+        writer.write(b"POST %s HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                     b"connection: close\r\n\r\n" % (path.encode(), host.encode(), port, len(body)) + body)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(-1), RESPONSE_TIMEOUT_S)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ConnectionError):
+            await writer.wait_closed()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1."):
+        raise ConnectionError(f"no HTTP response ({len(raw)} bytes)")
+    return int(head.split(b" ", 2)[1]), payload, client_port
+
+
+class LoadGenerator:
+    """Runs in a background thread with its own event loop; `results` fills as requests finish."""
+
+    def __init__(self, port: int, model: str, samples: Sequence[Sequence[float]], labels: Sequence[int], *,
+                 rate: float = 20.0, concurrency: int = 16, max_seconds: float = 300.0,
+                 max_requests: int = 20_000) -> None:
+        self.port = port
+        self.model = model
+        self.samples = samples
+        self.labels = labels
+        self.rate = rate
+        self.concurrency = concurrency
+        self.max_seconds = max_seconds
+        self.max_requests = max_requests
+        self.results: list[Result] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="loadgen", daemon=True)
+
+    def start(self) -> LoadGenerator:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = RESPONSE_TIMEOUT_S + 5) -> list[Result]:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the load generator did not stop"
+        return list(self.results)
+
+    async def _one(self, index: int, semaphore: asyncio.Semaphore) -> None:
+        i = index % len(self.samples)
+        started = time.time()
+        client_port = 0
+        try:
+            async with semaphore:
+                started = time.time()
+                status, payload, client_port = await send(self.port, f"/v2/models/{self.model}/infer",
+                                                          build_request(self.model, [self.samples[i]]))
+        except (OSError, ConnectionError, TimeoutError, ValueError) as error:
+            self.results.append(Result(started, time.time(), 0, None, f"{type(error).__name__}: {error}",
+                                       client_port, None))
+            return
+        finished = time.time()
+        if status != 200:
+            text = payload.decode(errors="replace")[:200]
+            self.results.append(Result(started, finished, status, None, f"HTTP {status}: {text}", client_port,
+                                       None))
+            return
+        body = json.loads(payload)
+        correct = parse_predictions(body)[0] == self.labels[i]
+        self.results.append(Result(started, finished, status, str(body.get("model_version")), None, client_port,
+                                   correct))
+
+    async def _run(self) -> None:
+        semaphore = asyncio.Semaphore(self.concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        started = time.monotonic()
+        period = 1.0 / self.rate
+        for index in range(self.max_requests):
+            if self._stop.is_set() or time.monotonic() - started > self.max_seconds:
+                break
+            task = asyncio.create_task(self._one(index, semaphore))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            next_at = started + (index + 1) * period
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+        if tasks:
+            await asyncio.wait(tasks, timeout=RESPONSE_TIMEOUT_S + CONNECT_TIMEOUT_S)
+
+
+def build_summary(results: Sequence[Result]) -> str:
+    """One line per answering version and per kind of failure (pure)."""
+    served: dict[str, int] = {}
+    failures: dict[str, int] = {}
+    for r in results:
+        if r.failed:
+            kind = (r.error or "").split(":", 1)[0] if r.status == 0 else f"HTTP {r.status}"
+            failures[kind] = failures.get(kind, 0) + 1
+        else:
+            served[r.version or "?"] = served.get(r.version or "?", 0) + 1
+    lines = [f"{len(results)} requests: " + ", ".join(f"{n} answered by {v}" for v, n in sorted(served.items()))]
+    lines += [f"  failed: {n} x {kind}" for kind, n in sorted(failures.items())] or ["  failed: 0"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.e2e.loadgen --port P`: steady load until SIGINT/SIGTERM or --seconds; prints a summary."""
+    import argparse
+    import signal
+
+    from shipyard.runtime import datasets
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, required=True, help="the Service's local port (services.json)")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    data = datasets.load_digits()
+    load = LoadGenerator(args.port, args.model, data.eval_inputs[0].tolist(),
+                         [int(v) for v in data.eval_labels.tolist()], rate=args.rate, max_seconds=args.seconds)
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    load.start()
+    deadline = time.monotonic() + args.seconds
+    while not done.wait(0.2) and time.monotonic() < deadline and load._thread.is_alive():
+        pass
+    print(build_summary(load.stop()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
