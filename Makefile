@@ -5,7 +5,7 @@ VENV ?= .venv
 PIP_EXTRAS ?= runtime,dev
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test unit integration lint typecheck cluster-up cluster-down binaries clean venv
+.PHONY: demo test unit integration e2e lint typecheck cluster-up cluster-down binaries clean venv
 
 # The venv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -30,6 +30,10 @@ unit: venv
 
 integration: venv binaries
 	$(VENV)/bin/pytest -q -m integration tests/integration
+
+# Real pods (hack/node_agent.py, needs root) and a real Prometheus (Debian's package); see docs/e2e.md.
+e2e: venv binaries
+	$(VENV)/bin/pytest -q -m e2e tests/e2e
 
 lint: venv
 	$(VENV)/bin/ruff check operator runtime tests bench hack
