@@ -1,92 +1,178 @@
 #!/usr/bin/env bash
-# Shipyard's main job on the embedded local cluster, end to end, from a fresh machine:
-# start the control plane (built from pinned Go modules on first use), install the CRD, run the operator,
-# apply the digits example, watch it become Ready, roll out a new image tag, and show the history.
-# Everything is stopped at the end; KEEP=1 leaves the cluster and operator running (stop: make cluster-down).
+# `make demo`: Shipyard's main job, all real, on one machine (needs root: pods run in their own mount namespaces).
+# Starts the local control plane, the node agent (Node local-0: pods run as real processes; a Service proxy),
+# Prometheus (Debian's package, installed if missing) and the operator; applies the digits ModelDeployment (the
+# e2e variant of examples/digits.yaml) with its artifacts volume; shows the compression Job's report and a real
+# inference through the Service; rolls out a good tag and then a bad one under steady load, the bad one rolled back
+# on Prometheus data. Everything is stopped at the end; KEEP=1 leaves it running and prints how to stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
 venv=${VENV:-.venv}
-state=${SHIPYARD_CLUSTER_DIR:-$PWD/.cluster}
-export SHIPYARD_CLUSTER_DIR=$state
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+py="$venv/bin/python"
+state=${SHIPYARD_DEMO_DIR:-$repo/.demo}
+ns=demo
+image=registry.example/shipyard/digits-model
+started=$(date +%s)
+say() { printf '\n\033[1m==> %s\033[0m (+%ds)\n' "$*" "$(( $(date +%s) - started ))"; }
+die() { printf '\033[31mdemo: %s\033[0m\n' "$*" >&2; exit 1; }
 
-operator_pid=
+[ "$(id -u)" = 0 ] || die "run as root: the node agent bind-mounts volumes in each pod's own mount namespace"
+for tool in kubectl unshare setpriv curl; do command -v "$tool" >/dev/null || die "$tool is required"; done
+if [ ! -x /usr/bin/prometheus ]; then
+  say "Installing Prometheus (Debian package)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
+fi
+
+agent_pid= operator_pid= load_pid=
+stop_all() {
+  [ -n "$load_pid" ] && kill "$load_pid" 2>/dev/null || true
+  [ -n "$operator_pid" ] && kill "$operator_pid" 2>/dev/null && wait "$operator_pid" 2>/dev/null || true
+  if [ -n "$agent_pid" ]; then  # stops its pods first (SIGTERM, grace period), then deletes node local-0
+    kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null || true
+  fi
+  python3 hack/prometheus.py stop --dir "$state/prometheus" || true
+  python3 hack/cluster.py down --dir "$state/cluster" || true
+}
 cleanup() {
-  if [ "${KEEP:-0}" = 1 ]; then
-    say "Left running. Stop with: kill $operator_pid; python3 hack/cluster.py down"
+  rc=$?
+  if [ "${KEEP:-0}" = 1 ] && [ "$rc" = 0 ]; then
+    say "Left running (KEEP=1). Stop everything with:"
+    echo "  kill $operator_pid $agent_pid; python3 hack/prometheus.py stop --dir $state/prometheus; python3 hack/cluster.py down --dir $state/cluster"
     return
   fi
-  say "Cleaning up"
-  [ -n "$operator_pid" ] && kill "$operator_pid" 2>/dev/null && wait "$operator_pid" 2>/dev/null || true
-  python3 hack/cluster.py down || true
+  say "Cleaning up (operator, node agent and its pods, Prometheus, control plane)"
+  stop_all
+  [ "$rc" = 0 ] || echo "demo failed (exit $rc); logs: $state/agent.log, $state/operator.log, $state/agent/logs/"
 }
 trap cleanup EXIT
 
-say "Starting the local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK)"
-eval "$(python3 hack/cluster.py up)"
-kubectl get nodes -o custom-columns='NODE:.metadata.name,GPUS:.status.capacity.nvidia\.com/gpu,READY:.status.conditions[?(@.type=="Ready")].status'
+if [ -d "$state" ]; then
+  say "Stopping a previous demo in $state"
+  [ -f "$state/pids" ] && kill $(cat "$state/pids") 2>/dev/null && sleep 5 || true
+  python3 hack/prometheus.py stop --dir "$state/prometheus" 2>/dev/null || true
+  python3 hack/cluster.py down --dir "$state/cluster" >/dev/null 2>&1 || true
+  rm -rf "$state"
+fi
+mkdir -p "$state"
 
-say "Installing the ModelDeployment CRD"
-kubectl apply --server-side -f crds/
-kubectl wait --for=condition=Established --timeout=60s crd/modeldeployments.shipyard.dev
+say "Starting the local control plane (etcd, kube-apiserver, controller-manager, scheduler, KWOK)"
+eval "$(python3 hack/cluster.py up --dir "$state/cluster")"
+kubectl apply --server-side -f crds/ >/dev/null
+for _ in $(seq 60); do  # a CRD just created has no conditions yet: kubectl wait errors instead of waiting
+  kubectl wait --for=condition=Established --timeout=5s crd/modeldeployments.shipyard.dev >/dev/null 2>&1 && break
+  sleep 1
+done
+
+say "Starting the node agent: node local-0 runs pods as real processes (log: $state/agent.log)"
+echo "    (the first run on a machine trains the digits model that the local image catalogue 'contains')"
+setsid "$py" hack/node_agent.py --kubeconfig "$KUBECONFIG" --workdir "$state/agent" --venv "$venv" \
+  --taint-fake-nodes --prepare-images > "$state/agent.log" 2>&1 &
+agent_pid=$!
+for _ in $(seq 600); do
+  [ -f "$state/agent/agent-ready" ] && break
+  kill -0 "$agent_pid" 2>/dev/null || { tail -20 "$state/agent.log"; die "the node agent exited"; }
+  sleep 1
+done
+[ -f "$state/agent/agent-ready" ] || die "the node agent was not ready in 600 s"
+kubectl get nodes -o custom-columns='NODE:.metadata.name,TAINTS:.spec.taints[*].key,READY:.status.conditions[?(@.type=="Ready")].status'
+
+say "Starting Prometheus (scrapes the pods every second)"
+prometheus=$(python3 hack/prometheus.py start --dir "$state/prometheus" --targets "$state/agent/prometheus-targets.json")
+echo "    $prometheus"
 
 say "Starting the operator (log: $state/operator.log)"
-"$venv/bin/shipyard-operator" --all-namespaces --metrics-port 0 --liveness http://127.0.0.1:18081/healthz \
-  > "$state/operator.log" 2>&1 &
+setsid "$venv/bin/shipyard-operator" --all-namespaces --metrics-port 0 --liveness "" \
+  --prometheus-address "$prometheus" > "$state/operator.log" 2>&1 &
 operator_pid=$!
+echo "$operator_pid $agent_pid" > "$state/pids"
 
-say "Applying examples/digits.yaml"
-kubectl create namespace demo --dry-run=client -o yaml | kubectl apply -f -
-# The artifacts volume the compression Job writes to (a local PV: the fake nodes have no provisioner).
-kubectl apply -f - <<YAML
-apiVersion: v1
-kind: PersistentVolume
-metadata: {name: demo-shipyard-artifacts}
-spec:
-  capacity: {storage: 1Gi}
-  accessModes: [ReadWriteMany]
-  storageClassName: ""
-  hostPath: {path: $state/artifacts}
-  claimRef: {namespace: demo, name: shipyard-artifacts}
----
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: shipyard-artifacts, namespace: demo}
-spec:
-  accessModes: [ReadWriteMany]
-  storageClassName: ""
-  volumeName: demo-shipyard-artifacts
-  resources: {requests: {storage: 1Gi}}
-YAML
-kubectl apply -n demo -f examples/digits.yaml
-kubectl wait -n demo --for=condition=Ready --timeout=120s modeldeployment/digits
-kubectl get -n demo modeldeployment,deployments,services,pods -l shipyard.dev/model=digits 2>/dev/null || true
-kubectl get -n demo modeldeployment digits
+show() {  # prints the ModelDeployment's line whenever it changes, until jsonpath $1 equals $2 (or $3 s pass)
+  local last="" line deadline=$(( $(date +%s) + ${3:-600} ))
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    line=$(kubectl get md -n $ns digits --no-headers -o custom-columns='PHASE:.status.phase,STABLE:.status.stableVersion,CANDIDATE:.status.candidateVersion,STEP:.status.currentStepIndex,MESSAGE:.status.message' 2>/dev/null || true)
+    [ "$line" != "$last" ] && printf '    %s  %s\n' "$(date +%T)" "$line" && last=$line
+    [ "$(kubectl get md -n $ns digits -o jsonpath="$1" 2>/dev/null)" = "$2" ] && return 0
+    sleep 1
+  done
+  die "timed out waiting for $1 = $2"
+}
+apply_tag() { "$py" -m tests.e2e.manifests "$1" | kubectl apply -n $ns --server-side --field-manager=demo -f - >/dev/null; }
+start_load() {
+  "$py" -m tests.e2e.loadgen --port "$port" --rate 20 --seconds 300 > "$state/load.txt" 2>&1 &
+  load_pid=$!
+}
+stop_load() { kill "$load_pid" 2>/dev/null; wait "$load_pid" 2>/dev/null || true; load_pid=; sed 's/^/    /' "$state/load.txt"; }
 
-image=$(kubectl get -n demo modeldeployment digits -o jsonpath='{.spec.image}')
-next="${image%:*}:1.1.0"
-say "Rolling out a new version: $image -> $next"
-kubectl patch -n demo modeldeployment digits --type merge -p "{\"spec\":{\"image\":\"$next\"}}"
-sleep 1
-# KWOK's fake pods serve no metrics: the analysis measures errors and the operator rolls the canary back, as it
-# would for any version it cannot verify. Watch the steps until the rollout ends either way.
-for _ in $(seq 1 120); do
-  phase=$(kubectl get -n demo modeldeployment digits -o jsonpath='{.status.phase}')
-  kubectl get -n demo modeldeployment digits -o wide --no-headers
-  case "$phase" in Healthy|RolledBack) break ;; esac
-  sleep 3
-done
-kubectl get -n demo modeldeployment digits -o jsonpath='{.status.message}{"\n"}'
-kubectl get -n demo deployments -l shipyard.dev/model=digits -L shipyard.dev/version
+say "Applying the digits ModelDeployment ($image:1.0.0) and its artifacts volume"
+kubectl create namespace $ns >/dev/null
+"$py" - "$state/agent/pvc/$ns/shipyard-artifacts" <<'PY' | kubectl apply -f - >/dev/null
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("node_agent", "hack/node_agent.py")
+agent = importlib.util.module_from_spec(spec); sys.modules["node_agent"] = agent; spec.loader.exec_module(agent)
+print(json.dumps({"apiVersion": "v1", "kind": "List",
+                  "items": agent.build_local_volume("demo", "shipyard-artifacts", sys.argv[1])}))
+PY
+apply_tag 1.0.0
+show '{.status.phase}' Healthy 900
+kubectl get -n $ns pods -o wide
+
+say "The compression report (the Job's termination message, and report.json on the volume)"
+job=$(kubectl get jobs -n $ns -l shipyard.dev/component=compression -o jsonpath='{.items[0].metadata.name}')
+kubectl get pods -n $ns -l job-name="$job" -o jsonpath='{.items[0].status.containerStatuses[0].state.terminated.message}' | fold -w 110 -s | sed 's/^/    /'
+echo
+"$py" - "$state/agent/pvc/$ns/shipyard-artifacts/$ns/digits" <<'PY'
+import json, pathlib, sys
+for report in sorted(pathlib.Path(sys.argv[1]).glob("*/report.json")):
+    r = json.loads(report.read_text())
+    print(f"    {report.parent}")
+    print(f"    bytes {r['bytes']['before']} -> {r['bytes']['after']}, parameters {r['parameters']['before']} -> "
+          f"{r['parameters']['after']}, accuracy {r['accuracy']['before']:.4f} -> {r['accuracy']['after']:.4f}, "
+          f"steps {', '.join(s.get('kind', s.get('name', '?')) for s in r['steps'])}, digest {r['digest'][:23]}...")
+PY
+
+port=$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))['$ns/digits']['http'])" "$state/agent/services.json")
+say "A sample inference request through the Service (kube-proxy's job: 127.0.0.1:$port)"
+body=$("$py" -c "
+from shipyard.runtime import datasets
+d = datasets.load_digits(); x = d.eval_inputs[0][0].tolist()
+import json; print(json.dumps({'inputs': [{'name': 'input', 'datatype': 'FP32', 'shape': [1, 64], 'data': x}]}))
+print(int(d.eval_labels[0]))")
+label=$(tail -1 <<<"$body")
+answer=$(curl -sS -H 'content-type: application/json' -d "$(head -1 <<<"$body")" "http://127.0.0.1:$port/v2/models/digits/infer")
+echo "    $answer" | cut -c1-200
+"$py" -c "import json,sys; o=json.loads(sys.argv[1]); d=o['outputs'][0]['data']; print(f'    predicted digit {max(range(10), key=d.__getitem__)} (label {sys.argv[2]}) by version {o[\"model_version\"]}')" "$answer" "$label"
+
+say "Canary update to a good version ($image:1.1.0) under 20 requests/s"
+start_load
+apply_tag 1.1.0
+show '{.status.stableVersion}' 1.1.0 900
+sleep 2
+stop_load
+
+say "Canary update to a bad version ($image:1.2.0-bad: its runtime fails half of the requests) under load"
+start_load
+apply_tag 1.2.0-bad
+show '{.status.phase}' RolledBack 900
+sleep 3
+stop_load
+
+say "Where it ended"
+kubectl get md -n $ns
+kubectl get deployments -n $ns -L shipyard.dev/version
 say "History"
-kubectl get -n demo modeldeployment digits -o jsonpath='{range .status.history[*]}{.version}{"\t"}{.outcome}{"\t"}{.time}{"\n"}{end}'
+kubectl get md -n $ns digits -o jsonpath='{range .status.history[*]}{.version}{"\t"}{.outcome}{"\t"}{.reason}{"\t"}{.time}{"\n"}{end}' | sed 's/^/    /'
 say "Events"
-kubectl get -n demo events --field-selector involvedObject.kind=ModelDeployment --sort-by=.lastTimestamp
+kubectl get events -n $ns --field-selector involvedObject.kind=ModelDeployment --sort-by=.lastTimestamp | sed 's/^/    /'
 
-say "Done. To look around yourself, run with KEEP=1 and use:"
+say "Done in $(( $(date +%s) - started )) s. To look around yourself, run KEEP=1 make demo, then:"
 cat <<TXT
-  export KUBECONFIG=$state/kubeconfig
-  kubectl get md -A                      # phase, stable, candidate, ready
-  kubectl describe md -n demo digits     # conditions, history, events
-  kubectl explain modeldeployment.spec.rollout.analysis
+  export KUBECONFIG=$state/cluster/kubeconfig
+  kubectl get md -n $ns -w                          # phase, stable, candidate, step
+  kubectl describe md -n $ns digits                 # conditions, analysis, history, events
+  kubectl get pods -n $ns -o wide                   # real processes on node local-0 (pod IPs 127.0.10.x)
+  cat $state/agent/services.json                    # the Service's local port; then e.g.
+  .venv/bin/python -m tests.e2e.loadgen --port PORT --seconds 30
+  ls $state/agent/logs/                             # each container's output
+  $prometheus/graph?g0.expr=sum%20by%20(version,code)(rate(shipyard_requests_total[1m]))
 TXT
