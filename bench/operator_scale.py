@@ -294,8 +294,12 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
             crds = argo_module_dir()
             for crd in sorted((crds / "manifests" / "crds").glob("*-crd.yaml")):
                 cluster_mod.kubectl(state, "apply", "--server-side", "-f", str(crd))
-            cluster_mod.kubectl(state, "wait", "--for=condition=Established", "--timeout=60s",
-                                "crd/rollouts.argoproj.io")
+            for _ in range(120):  # `kubectl wait` errs while the new CRD has no conditions yet
+                if cluster_mod.kubectl(state, "get", "crd/rollouts.argoproj.io", "-o",
+                                       "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                                       check=False) == "True":
+                    break
+                time.sleep(0.5)
             resource, build, ready = ROLLOUT, build_rollout, rollout_ready
             command = [str(argo_binary), "--kubeconfig", env["KUBECONFIG"], "--leader-elect=false",
                        "--metricsPort", str(metrics_port), "--healthzPort", str(health_port), "--loglevel", "warn"]
@@ -319,6 +323,11 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
         await create_all(client, resource, [build(name) for name in names], created)
         run.create_seconds = time.monotonic() - started
         await watchers
+        if len(readied) < n:  # tell a slow controller from a watch that missed events
+            listed = [o.to_dict() if hasattr(o, "to_dict") else dict(o)
+                      async for o in client.list(resource, namespace=NAMESPACE)]
+            really = sum(1 for o in listed if ready(o))
+            run.notes.append(f"watch saw {len(readied)} Ready, the API lists {really} Ready")
         to_dep = [deployed[k] - created[k] for k in names if k in deployed]
         to_ready = [readied[k] - created[k] for k in names if k in readied]
         run.ready = len(to_ready)

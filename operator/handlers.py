@@ -18,7 +18,7 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,11 +51,21 @@ class Runtime:
     providers: providers.Providers | None = None
     queue: Workqueue = field(default_factory=Workqueue)
     caches: Caches = field(default_factory=Caches)
-    workers: int = 4
+    workers: int = 16
     task: asyncio.Task[None] | None = None
 
 
 RUNTIME = Runtime()
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Runs a best-effort coroutine in the background, keeping a reference until it ends."""
+    task = asyncio.create_task(coroutine)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
 
 
 def model_key(namespace: str, name: str) -> str:
@@ -139,17 +149,16 @@ def build_observed(caches: Caches, key: str, missing_pvc: str | None = None) -> 
                              config_maps=config_maps, missing_pvc=missing_pvc)
 
 
-def build_pod_targets(caches: Caches, key: str, version: str) -> list[str]:
-    """host:port of the ready serving pods of one version (for the direct-scrape provider)."""
+def build_pod_targets(pods: Iterable[Mapping[str, Any]], version: str) -> list[str]:
+    """host:port of the ready, not terminating serving pods of one version (for the direct-scrape provider)."""
     targets = []
-    for pod in caches.of(key, "Pod").values():
+    for pod in pods:
         labels = pod["metadata"].get("labels") or {}
         status = pod.get("status") or {}
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
         if labels.get(naming.LABEL_COMPONENT) == "serving" and labels.get(naming.LABEL_VERSION) == version \
                 and ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-            port = _pod_port(pod)
-            targets.append(f"{status['podIP']}:{port}")
+            targets.append(f"{status['podIP']}:{_pod_port(pod)}")
     return sorted(targets)
 
 
@@ -204,30 +213,40 @@ async def reconcile(key: str) -> float | None:
     assert kube is not None and provs is not None
     started = time.perf_counter()
     namespace, name = key.split("/", 1)
+    logger.debug("Reconciling %s (%d waiting)", key, len(RUNTIME.queue))
     try:
         observed = build_observed(RUNTIME.caches, key, await _missing_pvc(kube, body, namespace))
         now = datetime.datetime.now(datetime.UTC)
         measurements = await _measure(provs, body, observed, now, key, namespace, name)
         plan = planning.plan_reconcile(body, observed, now, measurements)
-        for obj in plan.apply:
-            try:
-                applied = await kube.apply_object(obj)
-            except lightkube.ApiError as e:
-                if e.status.code not in (400, 422):
-                    raise
-                # The API server refused what the spec asked for (e.g. an invalid nodeSelector value):
-                # that needs the user, not a retry loop. Stalled with the server's words; nothing else touched.
-                message = f"{obj['kind']} {obj['metadata']['name']} was rejected by the API server: {e.status.message}"
+        # ConfigMaps first (a Job mounts its own), then everything else concurrently.
+        rejected: tuple[dict[str, Any], lightkube.ApiError] | None = None
+        for group in ([o for o in plan.apply if o["kind"] == "ConfigMap"],
+                      [o for o in plan.apply if o["kind"] != "ConfigMap"]):
+            results = await asyncio.gather(*(kube.apply_object(o) for o in group), return_exceptions=True)
+            for obj, result in zip(group, results, strict=True):
+                if isinstance(result, lightkube.ApiError) and result.status.code in (400, 422):
+                    rejected = rejected or (obj, result)
+                elif isinstance(result, BaseException):
+                    raise result
+                else:
+                    _remember_child(result, deleted=False)
+                    logger.info("Applied %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
+            if rejected is not None:
+                # The API server refused what the spec asked for (e.g. an invalid nodeSelector value): that needs
+                # the user, not a retry loop. Stalled with the server's words; nothing else touched.
+                obj, error = rejected
+                message = f"{obj['kind']} {obj['metadata']['name']} was rejected by the API server: " \
+                          f"{error.status.message}"
                 plan = planning.plan_invalid(planning.build_meta(body), body.get("status") or {}, message,
                                              datetime.datetime.now(datetime.UTC), reason="ChildRejected")
                 break
-            _remember_child(applied, deleted=False)
-            logger.info("Applied %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
-        for child, replicas in plan.scale:
-            _remember_child(await kube.scale_deployment(namespace, child, replicas), deleted=False)
+        scaled = await asyncio.gather(*(kube.scale_deployment(namespace, child, n) for child, n in plan.scale))
+        for (child, replicas), result in zip(plan.scale, scaled, strict=True):
+            _remember_child(result, deleted=False)
             logger.info("Scaled Deployment %s/%s to %d replica(s)", namespace, child, replicas)
-        for api_version, kind, child in plan.delete:
-            await kube.delete_object(api_version, kind, namespace, child)
+        await asyncio.gather(*(kube.delete_object(v, k, namespace, c) for v, k, c in plan.delete))
+        for _, kind, child in plan.delete:
             logger.info("Deleted %s %s/%s", kind, namespace, child)
         previous = body.get("status") or {}
         if planning.assess_status_changed(previous, plan.status):
@@ -236,8 +255,8 @@ async def reconcile(key: str) -> float | None:
                 RUNTIME.caches.models[key] = patched
             if previous.get("phase") != plan.status.get("phase"):
                 logger.info("Moved %s to phase %s: %s", key, plan.status.get("phase"), plan.status.get("message"))
-        for event in plan.events:
-            await kube.post_event(body, event.type, event.reason, event.message)
+        for event in plan.events:  # best effort, off the reconcile's critical path
+            _spawn(kube.post_event(body, event.type, event.reason, event.message))
     except lightkube.ApiError as e:
         code, message = e.status.code, str(e.status.message or "")
         if code == 404:  # deleted while we worked: nothing left to do
@@ -269,20 +288,37 @@ async def _measure(provs: providers.Providers, body: Mapping[str, Any], observed
         return None
     md = spec_mod.parse_model_deployment(body)
     assert md.spec.rollout.analysis is not None
+    pods: list[dict[str, Any]] = []
+    if any(isinstance(m.provider, spec_mod.ScrapeProvider) or provs.build_address(m, md.spec.rollout.analysis) is None
+           for m in md.spec.rollout.analysis.metrics):
+        # Serving pods are not watched (their status churn is large); the scraper lists them when it measures.
+        pods = await RUNTIME.kube.list_pods(namespace, naming.build_selector_labels(name)) if RUNTIME.kube else []
     return await provs.query_measurements(
         md.spec.rollout.analysis, namespace=namespace, name=name, model=md.served_model_name,
         candidate_version=request.candidate, stable_version=request.stable,
-        candidate_targets=build_pod_targets(RUNTIME.caches, key, request.candidate),
-        stable_targets=build_pod_targets(RUNTIME.caches, key, request.stable) if request.stable else (),
+        candidate_targets=build_pod_targets(pods, request.candidate),
+        stable_targets=build_pod_targets(pods, request.stable) if request.stable else (),
     )
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Shipyard registers no change handlers (only watch events feeding its own work queue), so there is no
+    "last handled" state to build or store; Kopf's default would deep-copy every event's body to build one."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{naming.GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=naming.GROUP, key="last-handled-configuration")
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -293,15 +329,19 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Server-side filtering: only the children Shipyard manages are listed, watched and cached.
     selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
     for resource in (("apps", "v1", "deployments"), ("v1", "services"), ("batch", "v1", "jobs"),
-                     ("v1", "configmaps"), ("v1", "pods")):
+                     ("v1", "configmaps")):
         settings.watching.label_selectors[resource] = selector
+    # Of the pods, only the compression Jobs' (their termination messages); serving pods are listed on demand.
+    settings.watching.label_selectors["v1", "pods"] = f"{selector},{naming.LABEL_COMPONENT}=compression"
+    # Only watch-event handlers here: no diff-base to compute per event (Kopf's default deep-copies every body).
+    settings.persistence.diffbase_storage = NoDiffBase()
     options: Mapping[str, Any] = memo.get("options", {}) if isinstance(memo, Mapping) else {}
     RUNTIME.kube = kube_mod.Kube.from_env(options.get("kubeconfig"))
     RUNTIME.providers = providers.Providers(
         options.get("prometheus_address") or os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS") or None)
     RUNTIME.queue = Workqueue()
     RUNTIME.caches = Caches()
-    RUNTIME.workers = int(options.get("workers", 4))
+    RUNTIME.workers = int(options.get("workers", 16))
     RUNTIME.task = asyncio.create_task(RUNTIME.queue.run(reconcile, workers=RUNTIME.workers))
     logger.info("Started %d reconcile workers", RUNTIME.workers)
 
@@ -313,6 +353,8 @@ async def shutdown(**_: Any) -> None:
         RUNTIME.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await RUNTIME.task
+    if _BACKGROUND:
+        await asyncio.wait(list(_BACKGROUND), timeout=5)
     if RUNTIME.providers is not None:
         await RUNTIME.providers.close()
     if RUNTIME.kube is not None:

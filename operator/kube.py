@@ -26,6 +26,7 @@ _RESOURCES: dict[tuple[str, str], Any] = {
     ("batch/v1", "Job"): create_namespaced_resource("batch", "v1", "Job", "jobs"),
     ("v1", "Event"): create_namespaced_resource("", "v1", "Event", "events"),
     ("v1", "ConfigMap"): create_namespaced_resource("", "v1", "ConfigMap", "configmaps"),
+    ("v1", "Pod"): create_namespaced_resource("", "v1", "Pod", "pods"),
     ("v1", "PersistentVolumeClaim"): create_namespaced_resource("", "v1", "PersistentVolumeClaim",
                                                                 "persistentvolumeclaims"),
     (naming.API_VERSION, naming.KIND): create_namespaced_resource(
@@ -73,6 +74,11 @@ class Kube:
                                           patch_type=PatchType.MERGE)
         result: dict[str, Any] = patched.to_dict() if hasattr(patched, "to_dict") else dict(patched)
         return result
+
+    async def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        res = resource_for("v1", "Pod")
+        return [p.to_dict() if hasattr(p, "to_dict") else dict(p)
+                async for p in self.client.list(res, namespace=namespace, labels=dict(labels))]
 
     async def pvc_exists(self, namespace: str, name: str) -> bool:
         try:

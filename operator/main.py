@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("SHIPYARD_METRICS_PORT", "9090")),
                         help="port of the operator's /metrics (0 to disable)")
     parser.add_argument("--metrics-address", default="0.0.0.0")
-    parser.add_argument("--workers", type=int, default=4, help="parallel reconcile workers")
+    parser.add_argument("--workers", type=int, default=16,
+                        help="parallel reconcile workers (reconciles wait on the API server, not the CPU)")
     parser.add_argument("--prometheus-address", default=os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS"),
                         help="default Prometheus for analysis (else built-in metrics are scraped from the pods)")
     parser.add_argument("--peering", default=None, help="Kopf peering object name (enables active/standby)")

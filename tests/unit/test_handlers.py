@@ -55,12 +55,11 @@ def test_a_failed_job_without_a_pod_message_says_why() -> None:
 
 
 def test_scrape_targets_are_ready_serving_pods_of_the_version() -> None:
-    caches = handlers.Caches()
-    caches.children["ml/digits"] = {"Pod": {
-        "a": pod("serving", ip="127.0.0.10"),
-        "b": pod("serving", ip="127.0.0.11", ready=False),
-        "c": pod("serving", ip="127.0.0.12", version="1.1.0"),
-        "d": pod("serving", ip="127.0.0.13", annotations={"shipyard.dev/port": "18080"}),
-        "e": pod("compression", ip="127.0.0.14"),
-    }}
-    assert handlers.build_pod_targets(caches, "ml/digits", "1.0.0") == ["127.0.0.10:8080", "127.0.0.13:18080"]
+    pods = [
+        pod("serving", ip="127.0.0.10"),
+        pod("serving", ip="127.0.0.11", ready=False),
+        pod("serving", ip="127.0.0.12", version="1.1.0"),
+        pod("serving", ip="127.0.0.13", annotations={"shipyard.dev/port": "18080"}),
+        pod("compression", ip="127.0.0.14"),
+    ]
+    assert handlers.build_pod_targets(pods, "1.0.0") == ["127.0.0.10:8080", "127.0.0.13:18080"]
