@@ -27,7 +27,10 @@ def run(serving: ModuleType, server: str, rps: float, p99: float, errors: int = 
     return serving.Run("mlp", server, conc, rps, p99 / 2, p99 * 0.8, p99, p99 * 2, int(rps * 10), errors, 10.0, rnd)
 
 
-LIMITS = {"mlp": {1: 1000.0, 8: 4000.0}}
+def limits(serving: ModuleType) -> list[Any]:
+    return [serving.Limit("mlp", 0, {1: 1000.0, 8: 4000.0}, {1: 1000.0, 8: 4000.0})]
+
+
 CASES = [
     pytest.param([("shipyard", 3000, 5), ("litserve", 1000, 9), ("torchserve", 1900, 9)], [True, True], id="met-1.58x"),
     pytest.param(
@@ -52,7 +55,7 @@ def test_targets_are_counted_from_the_figures(
     serving: ModuleType, rows: list[tuple[Any, ...]], expected: list[bool]
 ) -> None:
     runs = [run(serving, *row) for row in rows]
-    targets = serving.evaluate_targets(runs, LIMITS, ["mlp"])
+    targets = serving.evaluate_targets(runs, runs, limits(serving), {}, ["mlp"])
     assert [t["met"] for t in targets] == expected
 
 
@@ -70,6 +73,19 @@ def test_best_round_is_the_fastest_per_server_and_level(serving: ModuleType) -> 
         ("shipyard", 16, 1),
         ("litserve", 16, 1),
     ]
-    table = serving.build_table(best, LIMITS)
+    table = serving.build_table(best, [serving.Limit("mlp", 1, {8: 4000.0}, {8: 4000.0})])
     assert "6.00" in table  # shipyard 300 req/s vs the best peer's 50 at c=16
-    assert "7.5%" in table  # 300 of the 4000 rows/s limit
+    assert "7.5%" in table  # 300 of the 4000 rows/s limit measured in the same round (1)
+
+
+def test_the_limit_fraction_pairs_each_round_with_its_own_loop(serving: ModuleType) -> None:
+    runs = [run(serving, "shipyard", 600, 5, rnd=0), run(serving, "shipyard", 300, 5, rnd=1)]
+    limits = [
+        serving.Limit("mlp", 0, {8: 1000.0}, {8: 1000.0}),  # a quiet round: 60%
+        serving.Limit("mlp", 1, {8: 400.0}, {8: 1000.0}),  # a disturbed round: 75% of what the loop got then
+    ]
+    cpu = {("mlp", "shipyard", 16, 1): 4.0}  # 3000 requests in 4 CPU-seconds: 750/s per CPU-second
+    (_, fraction) = serving.evaluate_targets(runs, runs, limits, cpu, ["mlp"])
+    assert fraction["met"] and fraction["round"] == 1 and fraction["fraction"] == pytest.approx(0.75)
+    assert fraction["fraction_per_cpu_second"] == pytest.approx(0.75)
+    assert [r["fraction"] for r in fraction["rounds"]] == [pytest.approx(0.6), pytest.approx(0.75)]
