@@ -63,7 +63,6 @@ import lightkube
 import yaml
 from lightkube import codecs
 from lightkube.config.kubeconfig import KubeConfig
-from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.core_v1 import (
     ConfigMap,
     Node,
@@ -93,8 +92,6 @@ FALLBACK_LOG_LINES = 80
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 AGENTS_DIR = Path("/run/shipyard-node-agents")  # one file per live agent: shared host mountpoints stay while any runs
 SERVE_ARGV = ("shipyard-runtime", "serve")
-
-Event = create_namespaced_resource("", "v1", "Event", "events")
 
 
 def now_iso() -> str:
@@ -1149,7 +1146,7 @@ class Agent:
 
         async def send() -> None:
             with contextlib.suppress(Exception):
-                await self.client.create(Event(event), namespace=meta["namespace"])
+                await self.client.create(codecs.from_dict(event), namespace=meta["namespace"])
 
         if not self.stopping:
             task = asyncio.create_task(send())
