@@ -424,6 +424,13 @@ class PodWorker:
                 try:
                     out[name] = await self._prepare_volume(volume, base / name)
                     break
+                except UnsupportedVolume as error:
+                    for c in self.containers:
+                        c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
+                    self.pod_error = str(error)
+                    self.agent.post_event(self.pod, "Warning", "FailedMount", str(error))
+                    self.changed()
+                    return None
                 except VolumeNotReady as error:
                     for c in self.containers:
                         c.state = {"waiting": {"reason": "ContainerCreating", "message": str(error)}}
@@ -484,7 +491,8 @@ class PodWorker:
                     os.chmod(target, int(source.get("defaultMode", 0o644)))
                 os.chmod(path, 0o755)
                 return path
-        raise VolumeNotReady(f"volume {volume['name']!r}: this volume type is not supported by the local node agent")
+        raise UnsupportedVolume(f"volume {volume['name']!r}: this volume type is not supported by the local node agent "
+                                "(for the service account token volume: automountServiceAccountToken: false)")
 
     # -- containers
     async def _supervise(self, c: ContainerRun, volumes: dict[str, Path]) -> None:
@@ -929,6 +937,10 @@ class PodWorker:
 
 class VolumeNotReady(Exception):
     """A volume's source (PVC, ConfigMap, Secret) is not there yet."""
+
+
+class UnsupportedVolume(Exception):
+    """A volume type the agent cannot provide (projected, CSI, ...): the pod cannot start."""
 
 
 class ContainerConfigError(Exception):
