@@ -347,7 +347,8 @@ def test_3_bad_tag_under_load_is_rolled_back_and_only_the_canary_fails(e2e: E2E)
     assert counts[V2]["failed"] == 0 and counts[V2]["served"] > 0
     assert len(failed) <= len(canary)
     assert detection is not None and detection <= BOUND_S + DETECTION_SLACK_S, (detection, BOUND_S)
-    assert last_canary is not None and last_canary <= rolled_back.t + 2.0
+    # The proxy drops a terminating pod at once: only requests already in flight may still be answered by it.
+    assert last_canary is not None and last_canary <= rolled_back.t + 5.0
     assert md["status"]["stableVersion"] == V2
     history = md["status"]["history"]
     assert history[-1]["version"] == BAD and history[-1]["outcome"] in ("RolledBack", "Failed"), history[-1]
