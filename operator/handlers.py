@@ -315,6 +315,13 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Explicit login (kubeconfig, else the in-cluster service account). Kopf adds its default login only when it
+    sees credentials at import time, which an embedding process (tests) may not have yet."""
+    return kopf.login_with_kubeconfig(**kwargs) or kopf.login_with_service_account(**kwargs)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = f"{naming.GROUP}/finalizer"
