@@ -51,6 +51,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -1167,6 +1168,7 @@ class Agent:
 
     # -- main
     async def run(self, stop: asyncio.Event) -> None:
+        ensure_traversable(REPO, Path(sys.prefix), Path(sys.base_prefix))
         for sub in ("logs", "pods", "pvc"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         self.client = lightkube.AsyncClient(config=KubeConfig.from_file(self.args.kubeconfig),
@@ -1402,6 +1404,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="at shutdown, the longest a pod's processes get after SIGTERM")
     parser.add_argument("--log-level", default="INFO")
     return parser
+
+
+def ensure_traversable(*paths: Path) -> None:
+    """Pods run as their securityContext user (e.g. 65532), but the "image" is this checkout and its venv: every
+    directory above them must be searchable by others (a checkout under a 0700 `mktemp -d` folder is not)."""
+    for path in paths:
+        for directory in [path.resolve(), *path.resolve().parents]:
+            mode = directory.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                os.chmod(directory, mode | stat.S_IXOTH)
+                log.info("Made %s searchable by pod users (o+x)", directory)
 
 
 def main(argv: list[str] | None = None) -> int:
