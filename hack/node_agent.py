@@ -1408,13 +1408,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def ensure_traversable(*paths: Path) -> None:
     """Pods run as their securityContext user (e.g. 65532), but the "image" is this checkout and its venv: every
-    directory above them must be searchable by others (a checkout under a 0700 `mktemp -d` folder is not)."""
+    directory above them must be searchable by their uid and gid (a checkout under a 0700 `mktemp -d` folder is not).
+    """
     for path in paths:
         for directory in [path.resolve(), *path.resolve().parents]:
             mode = directory.stat().st_mode
-            if not mode & stat.S_IXOTH:
-                os.chmod(directory, mode | stat.S_IXOTH)
-                log.info("Made %s searchable by pod users (o+x)", directory)
+            wanted = stat.S_IXGRP | stat.S_IXOTH  # group too: a pod running with gid 0 is judged by group bits
+            if mode & wanted != wanted:
+                os.chmod(directory, mode | wanted)
+                log.info("Made %s searchable by pod users (g+x, o+x)", directory)
 
 
 def main(argv: list[str] | None = None) -> int:
