@@ -651,6 +651,12 @@ class PodWorker:
             (c.cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, int(parse_cpu(str(cpu)) * period))))
             lines.append(f"echo $$ > {shlex.quote(str(c.cgroup / 'cgroup.procs'))}")
             mounts = [*mounts, Mount(c.cgroup, str(CGROUP_CPU), True)]  # the process sees its own limit
+        # The "image" is this checkout and its Python: a volume mounted above them (an emptyDir at /tmp over a
+        # checkout under /tmp) must not hide them, so they are bound back in, read-only, beneath that volume.
+        targets = [Path(m.target) for m in mounts]
+        for image_path in {REPO.resolve(), Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}:
+            if any(t != image_path and t in image_path.parents for t in targets):
+                mounts = [*mounts, Mount(image_path, str(image_path), True)]
         # Every source is opened before the first mount: a target (say /tmp) may hide a later source beneath it.
         # The mounts then bind the open descriptors (-c: no path canonicalisation of /proc/self/fd/N).
         ordered = sorted(mounts, key=lambda m: m.target.rstrip("/").count("/"))
@@ -659,6 +665,8 @@ class PodWorker:
             lines.append(f"exec {fd}<{shlex.quote(str(m.source))}")
         for fd, m in enumerate(ordered, start=10):
             dst = shlex.quote(m.target)
+            if m.source.is_dir():  # inside a volume mounted just before, the mountpoint may not exist yet
+                lines.append(f"mkdir -p {dst}")
             lines.append(f"mount -c --bind /proc/self/fd/{fd} {dst}")
             if m.read_only:
                 lines.append(f"mount -c -o remount,bind,ro {dst}")
