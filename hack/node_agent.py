@@ -654,7 +654,8 @@ class PodWorker:
         # The "image" is this checkout and its Python: a volume mounted above them (an emptyDir at /tmp over a
         # checkout under /tmp) must not hide them, so they are bound back in, read-only, beneath that volume.
         targets = [Path(m.target) for m in mounts]
-        for image_path in {REPO.resolve(), Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}:
+        # (The venv's parent too: an editable install imports from the checkout that holds the venv.)
+        for image_path in {REPO.resolve(), Path(sys.prefix).resolve().parent, Path(sys.base_prefix).resolve()}:
             if any(t != image_path and t in image_path.parents for t in targets):
                 mounts = [*mounts, Mount(image_path, str(image_path), True)]
         # Every source is opened before the first mount: a target (say /tmp) may hide a later source beneath it.
