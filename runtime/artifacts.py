@@ -114,27 +114,6 @@ class TensorSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
-    @property
-    def torch_dtype(self) -> Any:
-        """The torch dtype for this datatype (None for BYTES)."""
-        import torch
-
-        return {
-            "BOOL": torch.bool,
-            "UINT8": torch.uint8,
-            "UINT16": torch.uint16,
-            "UINT32": torch.uint32,
-            "UINT64": torch.uint64,
-            "INT8": torch.int8,
-            "INT16": torch.int16,
-            "INT32": torch.int32,
-            "INT64": torch.int64,
-            "FP16": torch.float16,
-            "FP32": torch.float32,
-            "FP64": torch.float64,
-            "BF16": torch.bfloat16,
-        }.get(self.datatype)
-
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
