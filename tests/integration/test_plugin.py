@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from shipyard.operator import plugin
-from tests.integration.conftest import Cluster
+from tests.integration.conftest import Cluster, wait_until
 
 pytestmark = pytest.mark.integration
 NOW = "2026-01-03T00:00:00Z"
@@ -209,15 +210,22 @@ def test_watch_prints_every_change_until_its_timeout(cluster: Cluster, namespace
     proc = subprocess.Popen([str(script), "--kubeconfig", cluster.kubeconfig, "-n", namespace, "watch", "digits",
                              "--timeout", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    assert first.startswith("--- ")
+    assert proc.stdout is not None and proc.stderr is not None
+    # One reader owns stdout: mixing readline() with communicate() loses what readline() buffered.
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    wait_until(lambda: any(line.startswith("Phase:") for line in list(lines)), 10, message="the first view")
+    assert lines[0].startswith("--- ")
     set_status(cluster, namespace, {**PROGRESSING, "phase": "Healthy", "candidateVersion": None,
                                     "stableVersion": "1.1.0", "currentStepIndex": None, "analysis": None})
-    out, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    reader.join(timeout=5)
+    err = proc.stderr.read()
     assert proc.returncode == 0, err
     assert time.monotonic() - started < 20
-    views = (first + out).split("--- ")[1:]
-    assert len(views) >= 2
-    assert "Phase:       Progressing" in views[0]
+    out = "".join(lines)
+    views = out.split("--- ")[1:]
+    assert len(views) >= 2, out
+    assert "Phase:       Progressing" in views[0], out
     assert "Phase:       Healthy" in views[-1] and "Stable:      1.1.0" in views[-1]
