@@ -174,6 +174,22 @@ def _pod_port(pod: Mapping[str, Any]) -> int:
     return contract.SERVING_PORT
 
 
+def assess_newer(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
+    """Whether `new` is at least as recent as `old` (same object), by resourceVersion.
+
+    A write's response can reach the cache after the watch already delivered a later state of the same object (a
+    Deployment applied, then made available by the controller-manager before the apply call returned): the older
+    body must not replace the newer one, or the reconcile that follows plans from a stale status and nothing wakes
+    it again. The API server's resourceVersions are etcd revisions (integers); anything else is taken as newer.
+    """
+    if old is None:
+        return True
+    try:
+        return int(new["metadata"]["resourceVersion"]) >= int(old["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return True
+
+
 def _remember_child(body: Mapping[str, Any], deleted: bool) -> str | None:
     key = owner_key(body)
     kind = body.get("kind")
@@ -183,7 +199,7 @@ def _remember_child(body: Mapping[str, Any], deleted: bool) -> str | None:
     name = body["metadata"]["name"]
     if deleted:
         children.pop(name, None)
-    else:
+    elif assess_newer(body, children.get(name)):
         children[name] = dict(body)
     return key
 
@@ -251,7 +267,7 @@ async def reconcile(key: str) -> float | None:
         previous = body.get("status") or {}
         if planning.assess_status_changed(previous, plan.status):
             patched = await kube.patch_status(namespace, name, plan.status)
-            if key in RUNTIME.caches.models:
+            if key in RUNTIME.caches.models and assess_newer(patched, RUNTIME.caches.models[key]):
                 RUNTIME.caches.models[key] = patched
             if previous.get("phase") != plan.status.get("phase"):
                 logger.info("Moved %s to phase %s: %s", key, plan.status.get("phase"), plan.status.get("message"))
@@ -379,7 +395,8 @@ async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str 
         RUNTIME.queue.forget(key)
         metrics.forget(namespace or "", name)
         return
-    RUNTIME.caches.models[key] = dict(body)
+    if assess_newer(body, RUNTIME.caches.models.get(key)):
+        RUNTIME.caches.models[key] = dict(body)
     RUNTIME.queue.add(key)
 
 

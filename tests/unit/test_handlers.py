@@ -63,3 +63,21 @@ def test_scrape_targets_are_ready_serving_pods_of_the_version() -> None:
         pod("compression", ip="127.0.0.14"),
     ]
     assert handlers.build_pod_targets(pods, "1.0.0") == ["127.0.0.10:8080", "127.0.0.13:18080"]
+
+
+def _rv(value: object) -> dict[str, Any]:
+    return {"metadata": {"name": "digits-1-0-0", "resourceVersion": value}}
+
+
+@pytest.mark.parametrize(("new", "old", "newer"), [
+    (_rv("12"), None, True),  # nothing cached yet
+    (_rv("12"), _rv("11"), True),
+    (_rv("12"), _rv("12"), True),  # the same state again (e.g. a relist)
+    (_rv("11"), _rv("12"), False),  # a write's response arriving after the watch delivered a later state
+    (_rv("9"), _rv("10"), False),  # compared as numbers, not strings
+    (_rv("abc"), _rv("12"), True),  # not a number: cannot tell, the latest arrival wins
+    ({"metadata": {"name": "x"}}, _rv("12"), True),
+])
+def test_an_older_body_never_replaces_a_newer_one_in_the_cache(new: dict[str, Any], old: dict[str, Any] | None,
+                                                               newer: bool) -> None:
+    assert handlers.assess_newer(new, old) is newer
