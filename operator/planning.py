@@ -17,7 +17,8 @@ Lifecycle of a new version (the *target*, from ``spec.image``) next to the *stab
    ``maxSurgeGPUs``, the pods above ``replicas`` are limited to ``maxSurgeGPUs / GPUs per pod``; at 0 the stable
    is scaled down first (in-place replacement). A step is done when its pods are ready, its pause has elapsed
    (or, for a ``manual`` step, the promote annotation names the candidate) and the analysis has not failed; an
-   Inconclusive analysis holds the step (**Paused**), neither promoting nor rolling back.
+   Inconclusive analysis holds the step (**Paused**), neither promoting nor rolling back. A metric whose latest
+   measurement erred (provider down, within ``consecutiveErrorLimit``) makes the analysis Inconclusive too.
 3. **Promotion**: the candidate is scaled to ``replicas``; once available it becomes stable, the previous stable
    is scaled to zero and kept (up to ``revisionHistoryLimit``) for an instant rollback.
 4. **Rollback** when the analysis fails or the candidate is not ready within ``startupTimeoutSeconds``:
@@ -721,6 +722,16 @@ def _plan_analysis(md: spec_mod.ModelDeployment, meta: Meta, st: _State, now: da
     st.analysis = analysis.build_analysis_status(prior, spec_analysis, md.spec.version, measurements, started, now)
     st.wake_at(analysis.build_next_measurement_at(st.analysis, spec_analysis, started))
     phase = analysis.Phase(st.analysis["phase"])
+    unmeasured = [m for m in st.analysis.get("metrics") or [] if m.get("verdict") == analysis.Phase.ERROR.value]
+    if unmeasured and phase in (analysis.Phase.RUNNING, analysis.Phase.SUCCESSFUL):
+        # The provider erred on the latest measurement (within consecutiveErrorLimit): nothing is known about the
+        # candidate now, so hold as with no data; counts from before the outage must not advance or promote it.
+        first = unmeasured[0]
+        st.analysis["phase"] = phase = analysis.Phase.INCONCLUSIVE
+        st.analysis["message"] = (
+            f"Metric {first.get('name')} could not be measured ({first.get('consecutiveErrors')} time(s) in a row, "
+            f"consecutiveErrorLimit {spec_analysis.consecutive_error_limit}): {first.get('message', '')}; "
+            "holding.")[:analysis.MAX_TEXT]
     return analysis.Assessment(phase, str(st.analysis.get("message", "")))
 
 

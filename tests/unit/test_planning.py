@@ -22,7 +22,7 @@ from shipyard.operator import analysis, naming, objects, planning
 T0 = datetime.datetime(2026, 11, 28, 12, 0, 0, tzinfo=datetime.UTC)
 IMAGE = "registry.example/acme/digits-model"
 
-Measure = Callable[[str, datetime.datetime], float | None]
+Measure = Callable[[str, datetime.datetime], float | None | ConnectionError]
 
 
 def md(tag: str = "1.0.0", replicas: int = 4, **spec: Any) -> dict[str, Any]:
@@ -96,7 +96,8 @@ class Sim:
         if request is not None:
             self.measured += 1
             value = self.measure(request.candidate, self.now)
-            sample = analysis.Sample(value=value, query="q")
+            sample = analysis.Sample(value=None, query="q", error=str(value)) \
+                if isinstance(value, ConnectionError) else analysis.Sample(value=value, query="q")
             measurements = {m["name"]: analysis.Measurement(candidate=sample, stable=analysis.Sample(0.0, "q"))
                             for m in self.body["spec"]["rollout"]["analysis"]["metrics"]}
         return planning.plan_reconcile(copy.deepcopy(self.body), self.observed(), self.now, measurements)
@@ -309,6 +310,51 @@ def test_no_data_holds_the_step_without_flapping_then_resumes() -> None:
     sim.measure = good
     sim.settle()
     assert sim.status["stableVersion"] == "1.1.0"
+
+
+DOWN = ConnectionError("connection refused")
+
+
+def outage(start: float, end: float) -> Measure:
+    """The provider is down (every query errs) from `start` to `end` seconds after T0, answers 0.0 otherwise."""
+    return lambda version, now: DOWN if start <= (now - T0).total_seconds() < end else 0.0
+
+
+@pytest.mark.parametrize(("steps", "min_samples", "error_limit", "outcome"), [
+    pytest.param([{"weight": 25, "pause": "20s"}, {"weight": 50, "pause": "20s"}], 1, 20, "Healthy",
+                 id="outage-after-min-samples-holds-the-steps"),
+    pytest.param([{"weight": 50}], 3, 20, "Healthy", id="outage-before-min-samples-holds-the-last-step"),
+    pytest.param([{"weight": 25, "pause": "20s"}, {"weight": 50, "pause": "20s"}], 1, 2, "RolledBack",
+                 id="outage-beyond-consecutive-error-limit-rolls-back"),
+])
+def test_a_provider_outage_holds_the_step_until_it_answers_again(
+        steps: list[dict[str, Any]], min_samples: int, error_limit: int, outcome: str) -> None:
+    """Measurements that err say nothing about the candidate: the step holds (Paused, AnalysisInconclusive) as with
+    no data, never advancing or promoting on the samples from before the outage, and resumes when the provider
+    answers; an outage longer than consecutiveErrorLimit intervals fails the analysis (as documented)."""
+    spec = {**ANALYSIS, "interval": "5s", "minSamples": min_samples, "consecutiveErrorLimit": error_limit}
+    sim = stable_sim(rollout={"steps": steps, "analysis": spec})
+    sim.run(lambda s: s.status.get("analysis") and s.status["analysis"]["metrics"][0]["successes"] >= 1)
+    down_at = (sim.now - T0).total_seconds()
+    sim.measure = outage(down_at, down_at + 60)
+    step_at_outage = sim.status["currentStepIndex"]
+    sim.run(lambda s: (s.now - T0).total_seconds() >= down_at + 60 or s.status.get("phase") == "RolledBack")
+    if outcome == "RolledBack":
+        assert sim.status["phase"] == "RolledBack" and sim.condition("Stalled") == ("True", "AnalysisFailed")
+        assert sim.status["analysis"]["phase"] == "Error"
+        return
+    assert sim.status["phase"] == "Paused" and sim.status["pausedReason"] == "AnalysisInconclusive"
+    assert sim.status["analysis"]["phase"] == "Inconclusive"
+    assert "could not be measured" in sim.status["analysis"]["message"]
+    assert sim.status["currentStepIndex"] == step_at_outage and sim.status["stableVersion"] == "1.0.0"
+    assert sim.reasons().count("AnalysisInconclusive") == 1
+    assert "StepCompleted" not in sim.reasons()[sim.reasons().index("AnalysisInconclusive"):]
+    phases = [p.status["phase"] for p in sim.plans]
+    assert phases.count("Paused") == len(phases) - phases.index("Paused")  # held from the first error on
+    sim.settle()
+    assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.1.0"
+    assert sim.history() == [("1.0.0", "Superseded"), ("1.1.0", "Promoted")]
+    assert "RolledBack" not in sim.reasons()
 
 
 def test_a_candidate_never_ready_times_out_and_rolls_back() -> None:
