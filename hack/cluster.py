@@ -5,6 +5,7 @@
     python3 hack/cluster.py env     # print the export line of the running cluster
     python3 hack/cluster.py status  # one line per component
     python3 hack/cluster.py down    # stop everything and remove the state directory
+    python3 hack/cluster.py restart etcd kube-apiserver   # stop and start components (same data, ports, certs)
 
 Components: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the KWOK controller, run as
 plain processes (no containers). KWOK manages the fake nodes (annotation ``kwok.x-k8s.io/node=fake``):
@@ -125,6 +126,7 @@ class State:
     ports: dict[str, int] = field(default_factory=dict)
     pids: dict[str, int] = field(default_factory=dict)
     started_at: float = 0.0
+    argv: dict[str, list[str]] = field(default_factory=dict)  # each component's command line, to start it again
 
     @property
     def path(self) -> Path:
@@ -211,6 +213,7 @@ def spawn(state: State, name: str, argv: list[str]) -> None:
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     state.pids[name] = proc.pid
+    state.argv[name] = list(argv)
     state.save()
 
 
@@ -438,6 +441,65 @@ def stop_processes(state: State, timeout: float = 10.0) -> None:
     state.pids = {}
 
 
+COMPONENTS = tuple(reversed(STOP_ORDER))  # start order
+
+
+def _ready_check(state: State, name: str) -> object:
+    """What says a started component serves again (a port, or the apiserver's /readyz); None: nothing to wait on."""
+    if name == "etcd":
+        return lambda: port_open(state.ports["etcd-client"])
+    if name == "kube-apiserver":
+        return lambda: https_ok(state.ports["apiserver"], state.path / "pki", "/readyz")
+    return None
+
+
+def stop_components(state_dir: Path, names: tuple[str, ...], timeout: float = 10.0) -> State:
+    """Stops some components of a running cluster (SIGTERM, then SIGKILL after `timeout`), keeping their data
+    (etcd's data directory), ports, certificates and command lines, so that start_components brings them back."""
+    state = State.load(state_dir)
+    if state is None:
+        raise RuntimeError(f"no cluster in {state_dir}")
+    unknown = [n for n in names if n not in state.argv]
+    if unknown:
+        raise ValueError(f"unknown component(s) {', '.join(unknown)} (known: {', '.join(state.argv) or 'none'}; "
+                         "a cluster started before components were restartable has no command lines: down, up)")
+    stopping = State(dir=state.dir, ports=state.ports, pids={n: state.pids[n] for n in names if n in state.pids})
+    stop_processes(stopping, timeout)
+    for name in names:
+        state.pids.pop(name, None)
+    state.save()
+    log(f"Stopped {', '.join(names)}")
+    return state
+
+
+def start_components(state_dir: Path, names: tuple[str, ...], timeout: float = 90.0) -> State:
+    """Starts stopped components again with their recorded command lines, in dependency order (etcd before the
+    apiserver), each waited for until it serves; components still running are left alone."""
+    state = State.load(state_dir)
+    if state is None:
+        raise RuntimeError(f"no cluster in {state_dir}")
+    started = time.monotonic()
+    for name in sorted(names, key=lambda n: COMPONENTS.index(n) if n in COMPONENTS else len(COMPONENTS)):
+        if name not in state.argv:
+            raise ValueError(f"unknown component {name!r} (known: {', '.join(state.argv)})")
+        if name in state.pids and alive(state.pids[name]):
+            continue
+        spawn(state, name, state.argv[name])
+        check = _ready_check(state, name)
+        if check is not None:
+            wait_for(name, check, timeout, state, name)
+    log(f"Started {', '.join(names)} in {time.monotonic() - started:.1f} s")
+    return state
+
+
+def restart_components(state_dir: Path, names: tuple[str, ...] = ("etcd", "kube-apiserver"),
+                       stop_timeout: float = 10.0) -> State:
+    """stop_components then start_components: e.g. etcd and the apiserver, as a control-plane upgrade does.
+    (The apiserver's graceful termination takes about 10 s here; a shorter `stop_timeout` SIGKILLs it sooner.)"""
+    stop_components(state_dir, names, stop_timeout)
+    return start_components(state_dir, names)
+
+
 def down(state_dir: Path, keep: bool = False) -> None:
     state = State.load(state_dir)
     if state is None:
@@ -453,7 +515,10 @@ def down(state_dir: Path, keep: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "down", "env", "status", "build"])
+    parser.add_argument("command", choices=["up", "down", "env", "status", "build", "stop", "start", "restart"])
+    parser.add_argument("components", nargs="*", metavar="component",
+                        help=f"stop/start/restart: which components ({', '.join(COMPONENTS)}); "
+                             "restart defaults to etcd and kube-apiserver")
     parser.add_argument("--dir", type=Path, default=default_state_dir(), help="state directory")
     parser.add_argument("--keep", action="store_true", help="down: keep logs and state")
     args = parser.parse_args(argv)
@@ -468,6 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "down":
         down(state_dir, keep=args.keep)
+        return 0
+    if args.command in ("stop", "start", "restart"):
+        components = tuple(args.components) or (("etcd", "kube-apiserver") if args.command == "restart" else ())
+        if not components or set(components) - set(COMPONENTS):
+            parser.error(f"{args.command}: name the components ({', '.join(COMPONENTS)})")
+        {"stop": stop_components, "start": start_components, "restart": restart_components}[args.command](
+            state_dir, components)
         return 0
     state = State.load(state_dir)
     if state is None:
