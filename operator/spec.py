@@ -57,6 +57,13 @@ DEFAULT_ROLLBACK_POLICY: Final = "Automatic"
 DEFAULT_REVISION_HISTORY_LIMIT: Final = 10
 DEFAULT_RETRY: Final = 0
 
+# Bounds, as in the CRD.
+MAX_PAUSE_SECONDS: Final = 168 * 3600.0  # a rollout step's pause (hold longer with manual: true)
+MAX_INITIAL_DELAY_SECONDS: Final = 24 * 3600.0
+MAX_QUANTITY_LENGTH: Final = 64
+MAX_LABEL_KEY_LENGTH: Final = 317  # a qualified name: DNS-subdomain prefix (253) / name (63)
+MAX_SCRAPE_LABEL_NAME_LENGTH: Final = 256
+
 PruneScope: TypeAlias = Literal["global", "structured"]
 QuantizeScheme: TypeAlias = Literal["int8-dynamic", "int8-weight-only", "int8-embedding", "fp8", "int4-weight-only"]
 BuiltinMetric: TypeAlias = Literal["errorRate", "latencyP99"]
@@ -593,9 +600,13 @@ def _parse_resources(body: Mapping[str, object], path: str) -> Resources:
         quantities: dict[str, str] = {}
         for name, value in (_obj(body, part, path) or {}).items():
             field_path = f"{path}.{part}.{name}"
+            if len(str(name)) > MAX_LABEL_KEY_LENGTH:
+                raise SpecError(f"{path}.{part}", f"resource names must be at most {MAX_LABEL_KEY_LENGTH} characters")
             if isinstance(value, bool) or not isinstance(value, int | str):
                 raise SpecError(field_path, f"must be a quantity (an integer or a string such as 500m), got {value!r}")
             text = str(value)
+            if len(text) > MAX_QUANTITY_LENGTH:
+                raise SpecError(field_path, f"must be at most {MAX_QUANTITY_LENGTH} characters, got {len(text)}")
             if not _QUANTITY_RE.fullmatch(text):
                 raise SpecError(field_path, f"{text!r} is not a quantity (e.g. 2, 500m, 1Gi)")
             quantities[name] = text
@@ -625,7 +636,8 @@ def _parse_serving(body: Mapping[str, object], path: str) -> Serving:
                                 lo=1, hi=4096),
             max_delay_ms=_int(batching, "maxDelayMs", batching_path, default=DEFAULT_MAX_DELAY_MS, lo=0, hi=10000),
         ),
-        node_selector=MappingProxyType(_str_map(body, "nodeSelector", path)),
+        node_selector=MappingProxyType(_str_map(body, "nodeSelector", path, max_key_length=MAX_LABEL_KEY_LENGTH,
+                                                max_value_length=63)),
         tolerations=tolerations,
         port=_int(body, "port", path, default=DEFAULT_SERVICE_PORT, lo=1, hi=65535),
     )
@@ -653,7 +665,8 @@ def _parse_rollout(body: Mapping[str, object], path: str) -> Rollout:
             raise SpecError(f"{step_path}.pause", "must not be set together with manual: true")
         steps.append(RolloutStep(
             weight=_req_int(step, "weight", step_path, lo=1, hi=100),
-            pause_seconds=None if pause is None else parse_duration(pause, f"{step_path}.pause"),
+            pause_seconds=None if pause is None else _bounded_duration(pause, f"{step_path}.pause", MAX_PAUSE_SECONDS,
+                                                                       "(hold longer with manual: true)"),
             manual=manual,
         ))
     weights = [s.weight for s in steps]
@@ -689,7 +702,8 @@ def _parse_analysis(body: Mapping[str, object], path: str) -> Analysis:
     return Analysis(
         metrics=metrics,
         interval_seconds=interval,
-        initial_delay_seconds=parse_duration(body.get("initialDelay", DEFAULT_INITIAL_DELAY), f"{path}.initialDelay"),
+        initial_delay_seconds=_bounded_duration(body.get("initialDelay", DEFAULT_INITIAL_DELAY), f"{path}.initialDelay",
+                                                MAX_INITIAL_DELAY_SECONDS),
         failure_limit=_int(body, "failureLimit", path, default=DEFAULT_FAILURE_LIMIT, lo=0, hi=100),
         consecutive_error_limit=_int(body, "consecutiveErrorLimit", path, default=DEFAULT_CONSECUTIVE_ERROR_LIMIT,
                                      lo=0, hi=100),
@@ -723,7 +737,8 @@ def _parse_metric(body: Mapping[str, object], path: str) -> Metric:
         provider = ScrapeProvider(
             metric=_req_str(scrape, "metric", scrape_path, pattern=_PROM_NAME_RE, max_length=256,
                             hint="a Prometheus metric name"),
-            labels=MappingProxyType(_str_map(scrape, "labels", scrape_path)),
+            labels=MappingProxyType(_str_map(scrape, "labels", scrape_path,
+                                             max_key_length=MAX_SCRAPE_LABEL_NAME_LENGTH, max_value_length=256)),
             aggregation=_enum(scrape, "aggregation", scrape_path, SCRAPE_AGGREGATIONS, DEFAULT_SCRAPE_AGGREGATION),
             rate=_bool(scrape, "rate", scrape_path, default=False),
         )
@@ -777,13 +792,27 @@ def _list(body: Mapping[str, object], key: str, path: str, max_items: int) -> Se
     return value
 
 
-def _str_map(body: Mapping[str, object], key: str, path: str) -> dict[str, str]:
+def _str_map(body: Mapping[str, object], key: str, path: str, *, max_key_length: int,
+             max_value_length: int) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, value in (_obj(body, key, path) or {}).items():
+        if len(str(name)) > max_key_length:
+            raise SpecError(_field(path, key),
+                            f"keys must be at most {max_key_length} characters, got {len(str(name))}")
         if not isinstance(value, str):
             raise SpecError(f"{_field(path, key)}.{name}", f"must be a string, got {value!r}")
+        if len(value) > max_value_length:
+            raise SpecError(f"{_field(path, key)}.{name}",
+                            f"must be at most {max_value_length} characters, got {len(value)}")
         out[str(name)] = value
     return out
+
+
+def _bounded_duration(text: object, field: str, maximum: float, hint: str = "") -> float:
+    seconds = parse_duration(text, field)
+    if seconds > maximum:
+        raise SpecError(field, f"must be at most {maximum / 3600:g}h{' ' + hint if hint else ''}, got {text!r}")
+    return seconds
 
 
 def _opt_str(body: Mapping[str, object], key: str, path: str, *, pattern: re.Pattern[str] | None = None,

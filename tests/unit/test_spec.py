@@ -511,6 +511,10 @@ ERRORS = [
      "must equal limits (2)", "gpu-requests-differ"),
     ("full", "spec.serving.resources", {"requests": {"nvidia.com/gpu": 1}},
      "spec.serving.resources.limits.nvidia.com/gpu", "must be set when requests sets it", "gpu-only-requested"),
+    ("full", "spec.serving.resources.limits.memory", "1" * 65, "spec.serving.resources.limits.memory",
+     "at most 64 characters, got 65", "quantity-too-long"),
+    ("full", "spec.serving.resources.requests." + "r" * 318, "1", "spec.serving.resources.requests",
+     "resource names must be at most 317 characters", "resource-name-too-long"),
     # serving
     ("full", "spec.serving", 3, "spec.serving", "must be an object", "serving-not-object"),
     ("full", "spec.serving.replicas", -1, "spec.serving.replicas", "at least 0", "replicas-negative"),
@@ -522,6 +526,10 @@ ERRORS = [
      "max-delay"),
     ("full", "spec.serving.nodeSelector.pool", 1, "spec.serving.nodeSelector.pool", "must be a string",
      "node-selector-value"),
+    ("full", "spec.serving.nodeSelector.pool", "v" * 64, "spec.serving.nodeSelector.pool",
+     "at most 63 characters, got 64", "node-selector-value-too-long"),
+    ("full", "spec.serving.nodeSelector." + "k" * 318, "v", "spec.serving.nodeSelector",
+     "keys must be at most 317 characters, got 318", "node-selector-key-too-long"),
     ("full", "spec.serving.port", 0, "spec.serving.port", "at least 1", "port-0"),
     ("full", "spec.serving.port", 65536, "spec.serving.port", "at most 65535", "port-too-high"),
     ("full", "spec.serving.tolerations", {"key": "k"}, "spec.serving.tolerations", "must be a list",
@@ -550,6 +558,11 @@ ERRORS = [
      "pause-words"),
     ("full", "spec.rollout.steps[0].pause", 60, "spec.rollout.steps[0].pause", "must be a duration string",
      "pause-integer"),
+    # a pause or delay of thousands of years overflowed the planner's datetime arithmetic: bounded like the CRD
+    ("full", "spec.rollout.steps[0].pause", "100000000h", "spec.rollout.steps[0].pause",
+     "must be at most 168h (hold longer with manual: true), got '100000000h'", "pause-overflows-datetime"),
+    ("full", "spec.rollout.steps[0].pause", "168.0000001h", "spec.rollout.steps[0].pause", "at most 168h",
+     "pause-over-a-week"),
     ("full", "spec.rollout.steps[0].manual", True, "spec.rollout.steps[0].pause", "together with manual",
      "pause-and-manual"),
     ("full", "spec.rollout.steps[1].manual", "yes", "spec.rollout.steps[1].manual", "must be true or false",
@@ -569,6 +582,8 @@ ERRORS = [
      "interval-2h"),
     ("full", "spec.rollout.analysis.initialDelay", "1 minute", "spec.rollout.analysis.initialDelay",
      "is not a duration", "initial-delay"),
+    ("full", "spec.rollout.analysis.initialDelay", "9999999999999999999999999999999h",
+     "spec.rollout.analysis.initialDelay", "must be at most 24h, got", "initial-delay-overflows-datetime"),
     ("full", "spec.rollout.analysis.failureLimit", -1, "spec.rollout.analysis.failureLimit", "at least 0",
      "failure-limit"),
     ("full", "spec.rollout.analysis.consecutiveErrorLimit", 101, "spec.rollout.analysis.consecutiveErrorLimit",
@@ -610,6 +625,10 @@ ERRORS = [
      "spec.rollout.analysis.metrics[2].scrape.metric", "a Prometheus metric name", "scrape-metric-name"),
     ("full", "spec.rollout.analysis.metrics[2].scrape.labels.model", 1,
      "spec.rollout.analysis.metrics[2].scrape.labels.model", "must be a string", "scrape-label"),
+    ("full", "spec.rollout.analysis.metrics[2].scrape.labels.model", "m" * 257,
+     "spec.rollout.analysis.metrics[2].scrape.labels.model", "at most 256 characters", "scrape-label-too-long"),
+    ("full", "spec.rollout.analysis.metrics[2].scrape.labels." + "l" * 257, "v",
+     "spec.rollout.analysis.metrics[2].scrape.labels", "keys must be at most 256 characters", "scrape-label-name"),
     ("full", "spec.rollout.analysis.metrics[2].scrape.aggregation", "median",
      "spec.rollout.analysis.metrics[2].scrape.aggregation", "unsupported value 'median'", "scrape-aggregation"),
     ("full", "spec.rollout.analysis.metrics[2].scrape.rate", 1, "spec.rollout.analysis.metrics[2].scrape.rate",
@@ -764,7 +783,25 @@ def test_crd_bounds_every_string_and_list_of_spec() -> None:
     # Bounds keep the CEL cost estimate within the API server's budget.
     nodes = [(p, n) for p, n in _schema_nodes(crd_schema()["properties"]["spec"], "spec")]
     unbounded = [p for p, n in nodes
-                 if (n.get("type") == "string" and "maxLength" not in n and "enum" not in n)
+                 if ((n.get("type") == "string" or n.get("x-kubernetes-int-or-string")) and "maxLength" not in n
+                     and "enum" not in n)
                  or (n.get("type") == "array" and "maxItems" not in n)
                  or (n.get("type") == "object" and "additionalProperties" in n and "maxProperties" not in n)]
     assert unbounded == []
+
+
+def test_parser_bounds_equal_crd_bounds() -> None:
+    nodes = dict(_schema_nodes(crd_schema()["properties"]["spec"], "spec"))
+    rules = {p: " ".join(r["rule"] for r in n.get("x-kubernetes-validations", [])) for p, n in nodes.items()}
+    assert nodes["spec.serving.resources.limits{}"]["maxLength"] == spec.MAX_QUANTITY_LENGTH
+    assert nodes["spec.compression.resources.requests{}"]["maxLength"] == spec.MAX_QUANTITY_LENGTH
+    assert f"size(k) <= {spec.MAX_LABEL_KEY_LENGTH}" in rules["spec.serving.nodeSelector"]
+    assert f"size(k) <= {spec.MAX_LABEL_KEY_LENGTH}" in rules["spec.serving.resources.limits"]
+    assert f"size(k) <= {spec.MAX_SCRAPE_LABEL_NAME_LENGTH}" in rules["spec.rollout.analysis.metrics[].scrape.labels"]
+    assert f"duration('{spec.MAX_PAUSE_SECONDS / 3600:g}h')" in rules["spec.rollout.steps[].pause"]
+    assert f"duration('{spec.MAX_INITIAL_DELAY_SECONDS / 3600:g}h')" in rules["spec.rollout.analysis.initialDelay"]
+    # the largest values are accepted
+    body = mutate(mutate(full(), "spec.rollout.steps[0].pause", "168h"), "spec.rollout.analysis.initialDelay", "24h")
+    rollout = parse(body).spec.rollout
+    assert rollout.steps[0].pause_seconds == spec.MAX_PAUSE_SECONDS
+    assert rollout.analysis is not None and rollout.analysis.initial_delay_seconds == spec.MAX_INITIAL_DELAY_SECONDS
