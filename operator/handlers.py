@@ -25,13 +25,14 @@ from typing import Any
 import kopf
 import lightkube
 
-from shipyard.operator import contract, metrics, naming, planning, providers
+from shipyard.operator import contract, egress, metrics, naming, planning, providers
 from shipyard.operator import kube as kube_mod
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.workqueue import Workqueue
 
 logger = logging.getLogger("shipyard.operator")
 API_ERROR_BACKOFF = 5.0
+PEERING_LIFETIME_SECONDS = 15
 CHILD_KINDS = ("Deployment", "Service", "Job", "ConfigMap", "Pod")
 
 
@@ -122,11 +123,11 @@ def build_job_view(body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]
             terminated = (cs.get("state") or {}).get("terminated") or {}
             finished = str(terminated.get("finishedAt") or "")
             if terminated.get("message") and finished >= newest:
-                message, newest = str(terminated["message"]).strip(), finished
+                message, newest = egress.redact_text(str(terminated["message"]).strip()), finished
     if phase == "Failed" and not message:
         failed: Mapping[str, Any] = next(
             (c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
-        message = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
+        message = egress.redact_text(f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": "))
     annotations = meta.get("annotations") or {}
     return planning.JobView(name=meta["name"], key=(meta.get("labels") or {}).get(naming.LABEL_ARTIFACT, ""),
                             phase=phase, message=message, spec_hash=annotations.get(naming.ANNOTATION_SPEC_HASH, ""))
@@ -149,17 +150,13 @@ def build_observed(caches: Caches, key: str, missing_pvc: str | None = None) -> 
                              config_maps=config_maps, missing_pvc=missing_pvc)
 
 
-def build_pod_targets(pods: Iterable[Mapping[str, Any]], version: str) -> list[str]:
-    """host:port of the ready, not terminating serving pods of one version (for the direct-scrape provider)."""
-    targets = []
-    for pod in pods:
-        labels = pod["metadata"].get("labels") or {}
-        status = pod.get("status") or {}
-        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-        if labels.get(naming.LABEL_COMPONENT) == "serving" and labels.get(naming.LABEL_VERSION) == version \
-                and ready and status.get("podIP") and not pod["metadata"].get("deletionTimestamp"):
-            targets.append(f"{status['podIP']}:{_pod_port(pod)}")
-    return sorted(targets)
+def build_pod_targets(pods: Iterable[Mapping[str, Any]], name: str, version: str) -> list[str]:
+    """podIP:port of the ready serving pods of the version's own Deployment (``egress.assess_scrape_pod``: a pod
+    someone else made with copied labels, or on the host network, is never scraped)."""
+    deployment = naming.build_deployment_name(name, version)
+    labels = naming.build_version_labels(name, version)
+    return sorted(f"{pod['status']['podIP']}:{_pod_port(pod)}" for pod in pods
+                  if egress.assess_scrape_pod(pod, deployment, labels) is None)
 
 
 def _pod_port(pod: Mapping[str, Any]) -> int:
@@ -253,7 +250,7 @@ async def reconcile(key: str) -> float | None:
                 # the user, not a retry loop. Stalled with the server's words; nothing else touched.
                 obj, error = rejected
                 message = f"{obj['kind']} {obj['metadata']['name']} was rejected by the API server: " \
-                          f"{error.status.message}"
+                          f"{egress.build_capped(str(error.status.message), 1024)}"
                 plan = planning.plan_invalid(planning.build_meta(body), body.get("status") or {}, message,
                                              datetime.datetime.now(datetime.UTC), reason="ChildRejected")
                 break
@@ -309,11 +306,17 @@ async def _measure(provs: providers.Providers, body: Mapping[str, Any], observed
            for m in md.spec.rollout.analysis.metrics):
         # Serving pods are not watched (their status churn is large); the scraper lists them when it measures.
         pods = await RUNTIME.kube.list_pods(namespace, naming.build_selector_labels(name)) if RUNTIME.kube else []
+    allowed: tuple[egress.Allowed, ...] = ()
+    if RUNTIME.kube and provs.needs_namespace_allow_list(md.spec.rollout.analysis):  # one GET, only then
+        annotations = await RUNTIME.kube.fetch_namespace_annotations(namespace)
+        allowed, _ = egress.parse_address_list(annotations.get(egress.ANNOTATION_ALLOWED),
+                                               f"annotation {egress.ANNOTATION_ALLOWED} of namespace {namespace}")
     return await provs.query_measurements(
         md.spec.rollout.analysis, namespace=namespace, name=name, model=md.served_model_name,
         candidate_version=request.candidate, stable_version=request.stable,
-        candidate_targets=build_pod_targets(pods, request.candidate),
-        stable_targets=build_pod_targets(pods, request.stable) if request.stable else (),
+        candidate_targets=build_pod_targets(pods, name, request.candidate),
+        stable_targets=build_pod_targets(pods, name, request.stable) if request.stable else (),
+        namespace_allowed=allowed,
     )
 
 
@@ -349,6 +352,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
     settings.queueing.worker_limit = 200
+    # Peering (--peering): a standby takes over at the latest PEERING_LIFETIME_SECONDS after the active replica's
+    # last keep-alive (sent every lifetime - 5..10 s); Kopf's default of 60 s would leave a killed leader's models
+    # unattended for up to a minute. Only used when peering is on.
+    settings.peering.lifetime = PEERING_LIFETIME_SECONDS
     # Server-side filtering: only the children Shipyard manages are listed, watched and cached.
     selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
     for resource in (("apps", "v1", "deployments"), ("v1", "services"), ("batch", "v1", "jobs"),
@@ -361,7 +368,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     options: Mapping[str, Any] = memo.get("options", {}) if isinstance(memo, Mapping) else {}
     RUNTIME.kube = kube_mod.Kube.from_env(options.get("kubeconfig"))
     RUNTIME.providers = providers.Providers(
-        options.get("prometheus_address") or os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS") or None)
+        options.get("prometheus_address") or os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS") or None,
+        allowed_addresses=options.get("allowed_prometheus_addresses") or [os.environ.get(egress.ENV_ALLOWED, "")])
     RUNTIME.queue = Workqueue()
     RUNTIME.caches = Caches()
     RUNTIME.workers = int(options.get("workers", 16))

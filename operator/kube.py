@@ -13,7 +13,7 @@ from typing import Any
 
 import lightkube
 from lightkube.config.kubeconfig import KubeConfig
-from lightkube.generic_resource import create_namespaced_resource
+from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.types import CascadeType, PatchType
 
 from shipyard.operator import naming
@@ -33,6 +33,8 @@ _RESOURCES: dict[tuple[str, str], Any] = {
         naming.GROUP, naming.VERSION, naming.KIND, naming.PLURAL
     ),
 }
+
+_NAMESPACE: Any = create_global_resource("", "v1", "Namespace", "namespaces")
 
 
 def resource_for(api_version: str, kind: str) -> Any:
@@ -88,6 +90,20 @@ class Kube:
                 return False
             raise
         return True
+
+    async def fetch_namespace_annotations(self, namespace: str) -> dict[str, str]:
+        """The annotations of a Namespace (one GET). Refused (403) or gone (404): none, with a warning for 403."""
+        try:
+            ns = await self.client.get(_NAMESPACE, namespace)
+        except lightkube.ApiError as e:
+            if e.status.code == 403:
+                logger.warning("Reading Namespace %s was forbidden: its allow-list annotations are not applied "
+                               "(grant get on namespaces)", namespace)
+            elif e.status.code != 404:
+                raise
+            return {}
+        body: dict[str, Any] = ns.to_dict() if hasattr(ns, "to_dict") else dict(ns)
+        return {str(k): str(v) for k, v in ((body.get("metadata") or {}).get("annotations") or {}).items()}
 
     async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         res = resource_for(api_version, kind)

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import kopf
 import prometheus_client
 
+from shipyard.operator import egress
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shipyard-operator", description=__doc__,
@@ -37,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="parallel reconcile workers (reconciles wait on the API server, not the CPU)")
     parser.add_argument("--prometheus-address", default=os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS"),
                         help="default Prometheus for analysis (else built-in metrics are scraped from the pods)")
+    parser.add_argument("--allowed-prometheus-address", action="append", dest="allowed_prometheus_addresses",
+                        default=[a.strip() for a in os.environ.get(egress.ENV_ALLOWED, "").split(",") if a.strip()],
+                        help="a further Prometheus address a ModelDeployment may name (repeatable; matched by scheme, "
+                             "host, port and path prefix; env SHIPYARD_ALLOWED_PROMETHEUS_ADDRESSES, comma-separated; "
+                             "see docs/security.md)")
     parser.add_argument("--peering", default=None, help="Kopf peering object name (enables active/standby)")
     parser.add_argument("--priority", type=int, default=0, help="peering priority (distinct per replica)")
     parser.add_argument("--log-level", default=os.environ.get("SHIPYARD_LOG_LEVEL", "INFO"))
@@ -44,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for address, source in ([(args.prometheus_address, "--prometheus-address")] if args.prometheus_address else []) \
+            + [(a, "--allowed-prometheus-address") for a in args.allowed_prometheus_addresses]:
+        _, problems = egress.parse_address_list(address, source, userinfo=source == "--prometheus-address")
+        if problems:
+            parser.error("; ".join(problems))
     kopf.configure(verbose=args.log_level.upper() == "DEBUG")
     logging.getLogger().setLevel(args.log_level.upper())
     for noisy in ("httpx", "httpx2", "httpcore", "aiohttp.access", "kopf.objects"):
@@ -56,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_address)
     memo = kopf.Memo(options={"kubeconfig": args.kubeconfig, "workers": args.workers,
-                              "prometheus_address": args.prometheus_address})
+                              "prometheus_address": args.prometheus_address,
+                              "allowed_prometheus_addresses": args.allowed_prometheus_addresses})
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

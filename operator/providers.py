@@ -14,8 +14,14 @@ The scrape provider keeps, in memory, the previous snapshot of each (namespace, 
 increases over the interval. Builtins count a pod absent from the previous snapshot from zero, so the first
 measurement of a version (and the first after an operator restart) covers the pods' lifetime so far; a ``scrape``
 metric with ``rate: true`` has no data until its second measurement (and again after an operator restart).
-Scrape targets are ``host:port`` of the version's pods, given by the caller; anything else (a URL, a path, a
-scheme) is refused.
+Scrape targets are ``host:port`` of the version's pods, given by the caller (``egress.assess_scrape_pod`` chose
+them); anything else (a URL, a path, a scheme) is refused.
+
+Egress (``egress``): a Prometheus address from the spec is queried only when ``egress.assess_prometheus_address``
+allows it (the operator's own address, its ``--allowed-prometheus-address`` entries, or the namespace's annotation
+entries passed in by the caller); a refused address gets no request at all: each of its measurements is an Error
+naming the field and the rule. Every error text is redacted (``egress.build_capped``: no userinfo, no
+credential-looking query values, at most ``egress.MAX_ERROR_TEXT`` characters) before it reaches a Sample or a log.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any, Final, Protocol
 import aiohttp
 from prometheus_client import parser as prom_parser
 
-from shipyard.operator import analysis, contract
+from shipyard.operator import analysis, contract, egress
 from shipyard.operator import spec as spec_mod
 
 logger = logging.getLogger(__name__)
@@ -110,13 +116,15 @@ class _Http:
                 async for chunk in response.content.iter_chunked(65536):
                     size += len(chunk)
                     if size > MAX_RESPONSE_BYTES:
-                        raise ProviderError(f"response of {url} larger than {MAX_RESPONSE_BYTES} bytes")
+                        raise ProviderError(f"response of {egress.redact_url(url)} larger than {MAX_RESPONSE_BYTES} "
+                                            "bytes")
                     chunks.append(chunk)
                 return response.status, b"".join(chunks)
         except TimeoutError as exc:
-            raise ProviderError(f"timed out after {self.timeout_seconds:g}s fetching {url}") from exc
+            raise ProviderError(f"timed out after {self.timeout_seconds:g}s fetching {egress.redact_url(url)}") from exc
         except aiohttp.ClientError as exc:
-            raise ProviderError(f"could not fetch {url}: {exc or type(exc).__name__}") from exc
+            raise ProviderError(egress.build_capped(
+                f"could not fetch {egress.redact_url(url)}: {exc or type(exc).__name__}")) from exc
 
     async def close(self) -> None:
         if self._session is not None:
@@ -183,6 +191,7 @@ class PrometheusProvider:
     def __init__(self, address: str, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
                  http: _Http | None = None) -> None:
         self.address = address.rstrip("/")
+        self.shown = egress.redact_url(self.address)
         self._http = http or _Http(timeout_seconds)
         self._owns_http = http is None
 
@@ -192,9 +201,11 @@ class PrometheusProvider:
         except ProviderError as exc:
             value, error = None, str(exc)
         except Exception as exc:  # a bug here must not reach the reconciler either
-            logger.exception("Failed to query Prometheus at %s", self.address)
+            logger.error("Failed to query Prometheus at %s: internal error %s: %s", self.shown, type(exc).__name__,
+                         egress.build_capped(str(exc)))
             value, error = None, f"internal error: {type(exc).__name__}: {exc}"
         if error is not None:
+            error = egress.build_capped(error)
             logger.warning("Failed to measure %s: %s", request.where, error)
         return analysis.Sample(value=value, query=request.query, error=error)
 
@@ -208,9 +219,9 @@ class PrometheusProvider:
         if status != 200:
             if isinstance(payload, Mapping) and payload.get("status") == "error":
                 return None, f"HTTP {status}: {build_prometheus_value(payload)[1]}"
-            return None, f"HTTP {status} from {self.address}: {body[:200].decode('utf-8', 'replace')}"
+            return None, f"HTTP {status} from {self.shown}: {body[:200].decode('utf-8', 'replace')}"
         if payload is None:
-            return None, f"malformed response from {self.address}: not JSON: {body[:100].decode('utf-8', 'replace')}"
+            return None, f"malformed response from {self.shown}: not JSON: {body[:100].decode('utf-8', 'replace')}"
         return build_prometheus_value(payload)
 
     async def close(self) -> None:
@@ -290,8 +301,10 @@ class ScrapeProvider:
         except ValueError as exc:  # an invalid target
             error = str(exc)
         except Exception as exc:  # a bug here must not reach the reconciler either
-            logger.exception("Failed to scrape for %s", request.where)
+            logger.error("Failed to scrape for %s: internal error %s: %s", request.where, type(exc).__name__,
+                         egress.build_capped(str(exc)))
             error = f"internal error: {type(exc).__name__}: {exc}"
+        error = egress.build_capped(error)
         logger.warning("Failed to measure %s: %s", request.where, error)
         return analysis.Sample(value=None, query=self._describe(request, None, first=False), error=error)
 
@@ -379,6 +392,16 @@ class ScrapeProvider:
             await self._http.close()
 
 
+class _RefusedProvider:
+    """A spec-supplied Prometheus address that egress refused: no request, every measurement an Error saying why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    async def measure(self, request: MeasurementRequest) -> analysis.Sample:
+        return analysis.Sample(value=None, query=request.query, error=f"refused: {self.reason}")
+
+
 class _UnconfiguredProvider:
     """A prometheus metric without any Prometheus address: every measurement is an Error saying so."""
 
@@ -399,15 +422,22 @@ class Providers:
     """The providers of one operator process: one HTTP session, Prometheus providers by address, one scraper.
 
     ``prometheus_address`` is the operator's configured Prometheus (None: builtins are scraped from the pods);
+    ``allowed_addresses`` the further Prometheus addresses a spec may name (``--allowed-prometheus-address``);
+    invalid entries raise ValueError (a configuration error: the operator must not start with it);
     ``namespace_label`` is the label Prometheus puts the pod's namespace in (None: not matched in builtin
     queries); builtin queries use ``rate`` over the interval, at least ``min_window_seconds``.
     """
 
-    def __init__(self, prometheus_address: str | None = None, *, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
-                 namespace_label: str | None = "namespace",
+    def __init__(self, prometheus_address: str | None = None, *, allowed_addresses: Sequence[str] = (),
+                 timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, namespace_label: str | None = "namespace",
                  min_window_seconds: float = analysis.DEFAULT_MIN_WINDOW_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.prometheus_address = prometheus_address
+        own, problems = egress.parse_address_list(prometheus_address, egress.FLAG_OPERATOR, userinfo=True)
+        more, more_problems = egress.parse_address_list(allowed_addresses, egress.FLAG_ALLOWED)
+        if problems or more_problems:
+            raise ValueError("; ".join(problems + more_problems))
+        self.allowed: tuple[egress.Allowed, ...] = own + more
         self.namespace_label = namespace_label
         self.min_window_seconds = min_window_seconds
         self._http = _Http(timeout_seconds)
@@ -421,8 +451,46 @@ class Providers:
             return None
         return analysis_spec.address_for(metric) or self.prometheus_address
 
-    def select(self, metric: spec_mod.Metric, analysis_spec: spec_mod.Analysis) -> Provider:
-        """The provider measuring ``metric``: Prometheus when an address applies, else the scraper (builtins)."""
+    @staticmethod
+    def build_spec_address(metric: spec_mod.Metric, analysis_spec: spec_mod.Analysis) -> tuple[str, str] | None:
+        """(field path, address) of the spec-supplied Prometheus address ``metric`` uses; None: none from the spec."""
+        if isinstance(metric.provider, spec_mod.ScrapeProvider):
+            return None
+        if isinstance(metric.provider, spec_mod.PrometheusProvider) and metric.provider.address is not None:
+            index = analysis_spec.metrics.index(metric)
+            return f"spec.rollout.analysis.metrics[{index}].prometheus.address", metric.provider.address
+        if analysis_spec.prometheus_address is not None:
+            return "spec.rollout.analysis.prometheus.address", analysis_spec.prometheus_address
+        return None
+
+    def assess_address(self, metric: spec_mod.Metric, analysis_spec: spec_mod.Analysis,
+                       namespace_allowed: Sequence[egress.Allowed] = ()) -> egress.Decision | None:
+        """The egress decision on the metric's spec-supplied address; None when it uses none."""
+        supplied = self.build_spec_address(metric, analysis_spec)
+        if supplied is None:
+            return None
+        field, address = supplied
+        return egress.assess_prometheus_address(address, field, self.allowed + tuple(namespace_allowed))
+
+    def needs_namespace_allow_list(self, analysis_spec: spec_mod.Analysis) -> bool:
+        """Whether some spec-supplied address is not settled by the operator's own configuration alone (the caller
+        then reads the namespace's annotation; otherwise it need not)."""
+        for metric in analysis_spec.metrics:
+            supplied = self.build_spec_address(metric, analysis_spec)
+            if supplied is None or egress.has_userinfo(supplied[1]):
+                continue
+            decision = self.assess_address(metric, analysis_spec)
+            if decision is not None and not decision.allowed:
+                return True
+        return False
+
+    def select(self, metric: spec_mod.Metric, analysis_spec: spec_mod.Analysis,
+               namespace_allowed: Sequence[egress.Allowed] = ()) -> Provider:
+        """The provider measuring ``metric``: Prometheus when an address applies (a refused spec-supplied address:
+        one that answers every measurement with the refusal), else the scraper (builtins)."""
+        decision = self.assess_address(metric, analysis_spec, namespace_allowed)
+        if decision is not None and not decision.allowed:
+            return _RefusedProvider(decision.reason)
         address = self.build_address(metric, analysis_spec)
         if address is not None:
             provider = self._prometheus.get(address)
@@ -472,10 +540,12 @@ class Providers:
         candidate_targets: Sequence[str] = (),
         stable_targets: Sequence[str] = (),
         metric_names: Sequence[str] | None = None,
+        namespace_allowed: Sequence[egress.Allowed] = (),
     ) -> dict[str, analysis.Measurement]:
         """Measures every metric (or those in ``metric_names``) concurrently, by metric name; never raises.
 
         The stable version is measured too for metrics with ``maxRelativeToStable`` when there is one.
+        ``namespace_allowed`` are the entries of the namespace's allow-list annotation (``egress``).
         """
         metrics = [m for m in analysis_spec.metrics if metric_names is None or m.name in metric_names]
 
@@ -485,7 +555,7 @@ class Providers:
                                           version=version, stable_version=stable_version, targets=targets)
 
             try:
-                provider = self.select(metric, analysis_spec)
+                provider = self.select(metric, analysis_spec, namespace_allowed)
                 if metric.compares_with_stable and stable_version is not None:
                     candidate, stable = await asyncio.gather(
                         provider.measure(request(candidate_version, candidate_targets)),
@@ -495,9 +565,9 @@ class Providers:
                 return analysis.Measurement(
                     candidate=await provider.measure(request(candidate_version, candidate_targets)))
             except Exception as exc:  # providers do not raise; this guards the request building around them
-                logger.exception("Failed to measure %s/%s metric %s", namespace, name, metric.name)
-                return analysis.Measurement(candidate=analysis.Sample(
-                    value=None, query="", error=f"internal error: {type(exc).__name__}: {exc}"))
+                error = egress.build_capped(f"internal error: {type(exc).__name__}: {exc}")
+                logger.error("Failed to measure %s/%s metric %s: %s", namespace, name, metric.name, error)
+                return analysis.Measurement(candidate=analysis.Sample(value=None, query="", error=error))
 
         results = await asyncio.gather(*(one(m) for m in metrics))
         for metric, measurement in zip(metrics, results, strict=True):

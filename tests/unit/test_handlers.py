@@ -54,15 +54,28 @@ def test_a_failed_job_without_a_pod_message_says_why() -> None:
     assert handlers.build_job_view(job, {}).message == "DeadlineExceeded: Job was active longer"
 
 
-def test_scrape_targets_are_ready_serving_pods_of_the_version() -> None:
+def owned(body: dict[str, Any], host_network: bool = False) -> dict[str, Any]:
+    """The pod as its Deployment's ReplicaSet makes it (owner reference, pod-template-hash)."""
+    version = body["metadata"]["labels"]["shipyard.dev/version"]
+    body["metadata"]["labels"]["pod-template-hash"] = "5d9c7"
+    body["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "controller": True,
+                                            "name": f"digits-{version.replace('.', '-')}-5d9c7"}]
+    body["spec"]["hostNetwork"] = host_network
+    return body
+
+
+def test_scrape_targets_are_ready_serving_pods_of_the_versions_deployment() -> None:
     pods = [
-        pod("serving", ip="127.0.0.10"),
-        pod("serving", ip="127.0.0.11", ready=False),
-        pod("serving", ip="127.0.0.12", version="1.1.0"),
-        pod("serving", ip="127.0.0.13", annotations={"shipyard.dev/port": "18080"}),
-        pod("compression", ip="127.0.0.14"),
+        owned(pod("serving", ip="127.0.0.10")),
+        owned(pod("serving", ip="127.0.0.11", ready=False)),
+        owned(pod("serving", ip="127.0.0.12", version="1.1.0")),
+        owned(pod("serving", ip="127.0.0.13", annotations={"shipyard.dev/port": "18080"})),
+        owned(pod("compression", ip="127.0.0.14")),
+        pod("serving", ip="127.0.0.15"),  # same labels, made by someone else
+        owned(pod("serving", ip="127.0.0.16"), host_network=True),
     ]
-    assert handlers.build_pod_targets(pods, "1.0.0") == ["127.0.0.10:8080", "127.0.0.13:18080"]
+    assert handlers.build_pod_targets(pods, "digits", "1.0.0") == ["127.0.0.10:8080", "127.0.0.13:18080"]
+    assert handlers.build_pod_targets(pods, "digits", "1.1.0") == ["127.0.0.12:8080"]
 
 
 def _rv(value: object) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from shipyard.operator import analysis, contract, providers
+from shipyard.operator import analysis, contract, egress, providers
 from shipyard.operator import spec as spec_mod
 from shipyard.runtime import metrics as runtime_metrics
 
@@ -475,7 +475,7 @@ def analysis_spec(*metrics: spec_mod.Metric, address: str | None = None) -> spec
 
 @pytest.mark.parametrize(
     ("provider", "analysis_address", "operator_address", "chosen"),
-    [
+    [  # spec addresses here are on the operator's allow-list (http://spec:9090, http://metric:9090)
         pytest.param(ERROR_RATE, None, None, "scrape", id="builtin-without-prometheus-scrapes"),
         pytest.param(ERROR_RATE, None, "http://op:9090", "http://op:9090", id="builtin-operator-prometheus"),
         pytest.param(ERROR_RATE, "http://spec:9090", "http://op:9090", "http://spec:9090", id="spec-wins"),
@@ -491,7 +491,7 @@ def analysis_spec(*metrics: spec_mod.Metric, address: str | None = None) -> spec
 async def test_factory_selects_the_provider(
     provider: spec_mod.MetricProvider, analysis_address: str | None, operator_address: str | None, chosen: str
 ) -> None:
-    factory = providers.Providers(operator_address)
+    factory = providers.Providers(operator_address, allowed_addresses=["http://spec:9090", "http://metric:9090"])
     try:
         m = metric(provider)
         selected = factory.select(m, analysis_spec(m, address=analysis_address))
@@ -514,7 +514,7 @@ async def test_factory_queries_candidate_and_stable(prometheus: Server) -> None:
                       name="absolute", max=100)
     builtin = metric(ERROR_RATE, name="error-rate", rel=0.1)
     spec = analysis_spec(relative, absolute, builtin, address=prometheus.address)
-    factory = providers.Providers(namespace_label="namespace")
+    factory = providers.Providers(namespace_label="namespace", allowed_addresses=[prometheus.address])
     try:
         measured = await factory.query_measurements(
             spec, namespace="ml", name="digits", model="digits", candidate_version="1.10", stable_version="1.9")
@@ -607,3 +607,82 @@ async def test_factory_turns_a_bad_request_into_an_error_sample() -> None:
         await factory.close()
     sample = measured["bogus"].candidate
     assert sample.value is None and sample.error is not None and "unknown builtin" in sample.error
+
+
+# --- egress: spec-supplied addresses -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("analysis_address", "metric_address", "allowed", "namespace", "field"), [
+    pytest.param("http://{fake}", None, [], "", "spec.rollout.analysis.prometheus.address", id="analysis-address"),
+    pytest.param(None, "http://{fake}", [], "", "spec.rollout.analysis.metrics[1].prometheus.address",
+                 id="metric-address"),
+    pytest.param("http://user:s3cret@{fake}", None, ["http://{fake}"], "http://{fake}",
+                 "spec.rollout.analysis.prometheus.address", id="credentials-refused-even-if-allowed"),
+    pytest.param("http://{fake}/../x", None, ["http://{fake}"], "", "spec.rollout.analysis.prometheus.address",
+                 id="dot-segment"),
+    pytest.param(None, "http://{fake}", ["http://{fake}/sub"], "http://{fake}/other",
+                 "spec.rollout.analysis.metrics[1].prometheus.address", id="other-paths-allowed"),
+])
+async def test_a_refused_spec_address_gets_no_request_and_an_error_naming_the_field(
+        prometheus: Server, analysis_address: str | None, metric_address: str | None, allowed: list[str],
+        namespace: str, field: str) -> None:
+    fake = prometheus.address.removeprefix("http://")
+    fill: Callable[[str], str] = lambda text: text.replace("{fake}", fake)  # noqa: E731
+    first = metric(spec_mod.PrometheusProvider(query="scrape-me-not"), name="first")
+    second = metric(spec_mod.PrometheusProvider(query="echo:1", address=metric_address and fill(metric_address)),
+                    name="second")
+    spec = analysis_spec(first, second, address=analysis_address and fill(analysis_address))
+    factory = providers.Providers("http://operator-prometheus:9090", allowed_addresses=[fill(a) for a in allowed])
+    entries, problems = egress.parse_address_list(fill(namespace), "the namespace")
+    assert not problems
+    try:
+        measured = await factory.query_measurements(spec, namespace="ml", name="digits", model="digits",
+                                                    candidate_version="2", stable_version="1",
+                                                    metric_names=["second"], namespace_allowed=entries)
+    finally:
+        await factory.close()
+    refused = measured["second"].candidate
+    assert refused.value is None and refused.error is not None
+    assert refused.error.startswith(f"refused: {field}: ") and "s3cret" not in refused.error
+    assert prometheus.seen == []  # not one request to the refused address
+
+
+@pytest.mark.parametrize(("source", "flags", "namespace"), [
+    pytest.param("--prometheus-address", [], "", id="operator-address"),
+    pytest.param("--allowed-prometheus-address", ["http://{fake}"], "", id="flag"),
+    pytest.param("annotation", [], "http://{fake}", id="namespace-annotation"),
+])
+async def test_an_allowed_spec_address_is_queried(prometheus: Server, source: str, flags: list[str],
+                                                  namespace: str) -> None:
+    fake = prometheus.address.removeprefix("http://")
+    operator = prometheus.address if source == "--prometheus-address" else "http://operator-prometheus:9090"
+    m = metric(spec_mod.PrometheusProvider(query="echo:1", address=prometheus.address + "/"))
+    factory = providers.Providers(operator, allowed_addresses=[f.replace("{fake}", fake) for f in flags])
+    entries, _ = egress.parse_address_list(namespace.replace("{fake}", fake), "annotation")
+    assert factory.needs_namespace_allow_list(analysis_spec(m)) is (source == "annotation")
+    try:
+        measured = await factory.query_measurements(analysis_spec(m), namespace="ml", name="digits", model="digits",
+                                                    candidate_version="2", stable_version="1",
+                                                    namespace_allowed=entries)
+    finally:
+        await factory.close()
+    assert measured["m"].candidate.error is None and prometheus.seen == ["echo:1"]
+
+
+def test_invalid_operator_allow_list_entries_stop_the_factory() -> None:
+    with pytest.raises(ValueError, match="--allowed-prometheus-address entry http://REDACTED@p:1 carries credentials"):
+        providers.Providers(allowed_addresses=["http://u:s3cret@p:1"])
+
+
+async def test_error_texts_are_redacted_and_capped() -> None:
+    """The operator's own address may carry credentials (its configuration): no error text repeats them."""
+    m = metric(spec_mod.PrometheusProvider(query="up"))
+    factory = providers.Providers(f"http://admin:s3cret@127.0.0.1:{closed_port()}", timeout_seconds=1.0)
+    try:
+        measured = await factory.query_measurements(analysis_spec(m), namespace="ml", name="digits", model="digits",
+                                                    candidate_version="2", stable_version="1")
+    finally:
+        await factory.close()
+    error = measured["m"].candidate.error
+    assert error is not None and "s3cret" not in error and "admin" not in error
+    assert len(error) <= egress.MAX_ERROR_TEXT
