@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from shipyard.operator import contract
+from shipyard.runtime import oip
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -26,6 +27,11 @@ METRIC_GPU_MEMORY_ALLOCATED = "shipyard_gpu_memory_allocated_bytes"
 METRIC_GPU_MEMORY_RESERVED = "shipyard_gpu_memory_reserved_bytes"
 METRIC_GPU_UTILIZATION = "shipyard_gpu_utilization_ratio"
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+# Every status an inference request can be answered with (success and the typed errors' mapping), exported at 0
+# from the start: Prometheus' rate() needs a series to exist before its first increase, so an error series born
+# on the first 5xx would hide those first errors (and read 0 through the errorRate query's `or vector(0)`) until a
+# later scrape; a `scrape` metric with `rate: true` likewise skips a series absent from the previous snapshot.
+PRECREATED_CODES = tuple(sorted({200, *oip.STATUS_BY_ERROR.values()}))
 
 
 class Histogram:
@@ -74,13 +80,16 @@ class Gauge:
 
 
 class ServerMetrics:
-    """All metrics of one server; labels are the model and its version (plus code / method, route, status)."""
+    """All metrics of one server; labels are the model and its version (plus code / method, route, status).
+
+    ``shipyard_requests_total`` has a series at 0 for each of ``PRECREATED_CODES`` from the start (see there).
+    """
 
     def __init__(self, model: str, version: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.model = model
         self.version = version
-        self.requests: dict[int, int] = {}  # status code -> inference requests answered with it
+        self.requests: dict[int, int] = dict.fromkeys(PRECREATED_CODES, 0)  # status code -> requests answered
         self.request_duration = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.queue_duration = Histogram(LATENCY_BUCKETS)
