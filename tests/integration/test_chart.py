@@ -67,6 +67,117 @@ def all_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d.get("rules") or []]
 
 
+# --- the RBAC matrix: what the operator's ServiceAccount may do --------------------------------------------------
+# (verb, resource[/subresource] with its API group, where) -> (cluster-wide release, watchNamespaces release).
+# "watched": a namespace the release watches; "other": one it does not; "cluster": every namespace / cluster scope.
+# For `namespaces`, the object asked about is the namespace in "where". Checked offline against every rule `helm
+# template` renders (test_rendered_rbac_gives_exactly_the_matrix) and on the API server's authorizer with the
+# release's own token (the install tests). docs/security.md shows this table (test_security_doc_shows_the_matrix).
+RBAC_MATRIX: list[tuple[str, str, str, str, bool, bool, str]] = [
+    ("get", "", "secrets", "watched", False, False, "no secrets"),
+    ("list", "", "secrets", "cluster", False, False, "no secrets"),
+    ("watch", "", "secrets", "watched", False, False, "no secrets"),
+    ("create", "", "serviceaccounts/token", "watched", False, False, "no tokens of other accounts"),
+    ("impersonate", "", "serviceaccounts", "watched", False, False, "no impersonation"),
+    ("impersonate", "", "users", "cluster", False, False, "no impersonation"),
+    ("escalate", "rbac.authorization.k8s.io", "clusterroles", "cluster", False, False, "no escalation"),
+    ("bind", "rbac.authorization.k8s.io", "clusterroles", "cluster", False, False, "no binding"),
+    ("escalate", "rbac.authorization.k8s.io", "roles", "watched", False, False, "no escalation"),
+    ("create", "rbac.authorization.k8s.io", "clusterrolebindings", "cluster", False, False, "no RBAC writes"),
+    ("create", "rbac.authorization.k8s.io", "rolebindings", "watched", False, False, "no RBAC writes"),
+    ("patch", "rbac.authorization.k8s.io", "roles", "watched", False, False, "no RBAC writes"),
+    ("patch", "rbac.authorization.k8s.io", "clusterroles", "cluster", False, False, "no RBAC writes"),
+    ("create", "", "pods/exec", "watched", False, False, "no exec into pods"),
+    ("create", "", "pods", "watched", False, False, "pods come from Deployments and Jobs"),
+    ("delete", "", "pods", "watched", False, False, "pods come from Deployments and Jobs"),
+    ("patch", "", "nodes", "cluster", False, False, "no node writes"),
+    ("delete", "", "nodes", "cluster", False, False, "no node writes"),
+    ("patch", "", "namespaces", "watched", False, False, "namespaces are read only"),
+    ("update", "shipyard.dev", "modeldeployments", "watched", False, False, "never writes spec or metadata"),
+    ("patch", "shipyard.dev", "modeldeployments", "watched", False, False, "never writes spec or metadata"),
+    ("delete", "apiextensions.k8s.io", "customresourcedefinitions", "cluster", False, False, "CRDs are read only"),
+    ("patch", "shipyard.dev", "modeldeployments/status", "watched", True, True, "writes status"),
+    ("patch", "shipyard.dev", "modeldeployments/status", "other", True, False, "only watched namespaces"),
+    ("watch", "shipyard.dev", "modeldeployments", "watched", True, True, "Kopf watches them"),
+    ("list", "shipyard.dev", "modeldeployments", "other", True, False, "only watched namespaces"),
+    ("create", "apps", "deployments", "watched", True, True, "one per version (server-side apply)"),
+    ("create", "", "services", "watched", True, True, "the model's Service"),
+    ("create", "batch", "jobs", "watched", True, True, "compression Jobs"),
+    ("create", "batch", "jobs", "other", True, False, "only watched namespaces"),
+    ("watch", "", "pods", "watched", True, True, "readiness, scrape targets, compression summaries"),
+    ("get", "", "persistentvolumeclaims", "watched", True, True, "the artifacts volume"),
+    ("create", "", "events", "watched", True, True, "events on ModelDeployments"),
+    ("get", "", "namespaces", "watched", True, True, "the allow-list annotation"),
+    ("get", "", "namespaces", "other", True, False, "only watched namespaces"),
+]
+WATCHED, OTHER = "ml", "default"
+
+
+def build_rbac_matrix_markdown() -> str:
+    """The matrix as the Markdown table of docs/security.md."""
+    lines = ["| verb | resource | where | cluster-wide | watchNamespaces | why |", "|---|---|---|---|---|---|"]
+    for verb, group, resource, where, cluster, namespaced, why in RBAC_MATRIX:
+        name = f"{group}/{resource}" if group else resource
+        lines.append(f"| {verb} | `{name}` | {where} | {'yes' if cluster else 'no'} | "
+                     f"{'yes' if namespaced else 'no'} | {why} |")
+    return "\n".join(lines)
+
+
+def assess_rendered_rbac(docs: list[dict[str, Any]], account: str, verb: str, group: str, resource: str,
+                         namespace: str | None) -> bool:
+    """What the rendered Roles/ClusterRoles bound to ``account`` allow (RBAC's rule matching; no wildcards exist)."""
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d.get("rules") or []
+             for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    for binding in docs:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == account for s in binding["subjects"]):
+            continue
+        scope = binding["metadata"].get("namespace") if binding["kind"] == "RoleBinding" else None
+        if scope is not None and scope != namespace:
+            continue
+        ref = binding["roleRef"]
+        rules = roles[(ref["kind"], scope if ref["kind"] == "Role" else None, ref["name"])]
+        if any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules):
+            return True
+    return False
+
+
+def build_access_reviews(watched: str, other: str, namespaced: bool) -> tuple[dict[str, Any], list[bool]]:
+    """A List of SelfSubjectAccessReviews for every matrix row, and the answers the matrix expects."""
+    reviews, expected = [], []
+    for verb, group, resource, where, cluster, in_namespaces, _ in RBAC_MATRIX:
+        name, _, sub = resource.partition("/")
+        attributes: dict[str, str] = {"verb": verb, "group": group, "resource": name}
+        if sub:
+            attributes["subresource"] = sub
+        namespace = {"watched": watched, "other": other}.get(where)
+        if namespace is not None:
+            attributes["namespace"] = namespace
+            if name == "namespaces":
+                attributes["name"] = namespace
+        reviews.append({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                        "spec": {"resourceAttributes": attributes}})
+        expected.append(in_namespaces if namespaced else cluster)
+    return {"apiVersion": "v1", "kind": "List", "items": reviews}, expected
+
+
+def assert_rbac_matrix(kubeconfig: Path, watched: str, other: str, namespaced: bool) -> None:
+    """Every row of the matrix, answered by the API server's authorizer for the account of ``kubeconfig``."""
+    reviews, expected = build_access_reviews(watched, other, namespaced)
+    out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", "create", "-f", "-", "-o", "json"],
+                         input=json.dumps(reviews), capture_output=True, text=True, check=True)
+    decoder, text, items = json.JSONDecoder(), out.stdout.strip(), []
+    while text:  # kubectl prints one JSON document per created review
+        item, end = decoder.raw_decode(text)
+        items.extend(item["items"] if item.get("kind") == "List" else [item])
+        text = text[end:].strip()
+    answers = [bool(item["status"].get("allowed")) for item in items]
+    wrong = [f"{row[0]} {row[2]} in {row[3]}: allowed={got}, expected {want}"
+             for row, got, want in zip(RBAC_MATRIX, answers, expected, strict=True) if got != want]
+    assert not wrong, wrong
+
+
 # --- lint and values schema ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("values", [
@@ -124,7 +235,8 @@ def test_cluster_mode_renders_one_cluster_role_with_explicit_verbs() -> None:
                for v in rule["verbs"]}
     assert ("shipyard.dev", "modeldeployments/status", "patch") in granted
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "watch") in granted
-    assert not [g for g in granted if g[1] == "namespaces"]  # cluster-wide Kopf does not list namespaces
+    # Cluster-wide Kopf does not list namespaces; the operator only reads their allow-list annotation.
+    assert [g for g in granted if g[1] == "namespaces"] == [("", "namespaces", "get")]
     assert "--all-namespaces" in operator_container(docs)["args"]
 
 
@@ -151,11 +263,34 @@ def test_rbac_has_no_wildcards_secrets_or_rbac_access(values: dict[str, str]) ->
     rules = all_rules(render(values))
     assert rules
     for rule in rules:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, rule  # no nonResourceURLs, no resourceNames
         for key in ("apiGroups", "resources", "verbs"):
-            assert "*" not in rule[key], rule
+            assert rule[key] and not any("*" in item for item in rule[key]), rule
         assert not {"secrets", "roles", "rolebindings", "clusterroles", "clusterrolebindings",
-                    "serviceaccounts"} & set(rule["resources"]), rule
+                    "serviceaccounts", "serviceaccounts/token", "pods/exec", "pods/attach", "pods/portforward",
+                    "nodes", "nodes/proxy", "services/proxy", "pods/proxy"} & set(rule["resources"]), rule
         assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+        if "namespaces" in rule["resources"]:
+            assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
+
+
+@pytest.mark.parametrize("namespaced", [False, True], ids=["cluster-wide", "watch-namespaces"])
+def test_rendered_rbac_gives_exactly_the_matrix(namespaced: bool) -> None:
+    docs = render({"watchNamespaces": f"{{{WATCHED}}}"} if namespaced else {})
+    wrong = []
+    for verb, group, resource, where, cluster, in_namespaces, _ in RBAC_MATRIX:
+        namespace = {"watched": WATCHED, "other": OTHER}.get(where)
+        got = assess_rendered_rbac(docs, "sy-shipyard", verb, group, resource, namespace)
+        if got != (in_namespaces if namespaced else cluster):
+            wrong.append((verb, resource, where, got))
+    assert not wrong, wrong
+
+
+def test_security_doc_shows_the_matrix() -> None:
+    doc = (REPO / "docs" / "security.md").read_text()
+    table = build_rbac_matrix_markdown()
+    assert f"<!-- rbac-matrix: generated from tests/integration/test_chart.py -->\n{table}\n<!-- /rbac-matrix -->" \
+        in doc, f"docs/security.md's RBAC matrix differs from the test's; it should read:\n{table}"
 
 
 def test_secure_defaults() -> None:
@@ -173,6 +308,24 @@ def test_secure_defaults() -> None:
     assert "--liveness=http://0.0.0.0:8081/healthz" in container["args"]
     assert "--metrics-port=9090" in container["args"]
     assert container["resources"]["limits"]["memory"] == "256Mi"
+    assert not [a for a in container["args"] if a.startswith("--allowed-prometheus-address")]
+    allowed = operator_container(render({"operator.allowedPrometheusAddresses": "{http://a:9090,https://b/prom}"}))
+    assert [a for a in allowed["args"] if a.startswith("--allowed-prometheus-address")] == [
+        "--allowed-prometheus-address=http://a:9090", "--allowed-prometheus-address=https://b/prom"]
+    refused = helm("template", "sy", str(CHART), "--set", "operator.allowedPrometheusAddresses={http://u:p@a:1}",
+                   check=False)
+    assert refused.returncode != 0 and "/operator/allowedPrometheusAddresses/0" in refused.stderr, refused.stderr
+
+
+def assert_operator_pod_is_restricted(pod: dict[str, Any]) -> None:
+    """The chart's operator pod: non-root with a uid, read-only root, no privilege escalation, no capabilities,
+    RuntimeDefault seccomp (it needs its ServiceAccount token: that one is mounted)."""
+    for container in pod["containers"]:
+        sc = {**pod["securityContext"], **container["securityContext"]}
+        assert sc["runAsNonRoot"] is True and isinstance(sc["runAsUser"], int) and sc["runAsUser"] > 0, sc
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, sc
+        assert sc["capabilities"] == {"drop": ["ALL"]} and sc.get("privileged") in (None, False), sc
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, sc
 
 
 @pytest.mark.parametrize(("replicas", "enabled", "peering"), [
@@ -353,18 +506,12 @@ def test_install_test_and_run_the_example_to_ready_under_the_chart_rbac(
     peering = cluster.get("clusterkopfpeering", "shipyard")
     assert peering is not None  # the operator kept itself alive in it (or removed itself on exit)
 
-    # What the account must not be able to do.
-    for args in (("get", "secrets", "-A"), ("list", "secrets", "-n", namespace),
-                 ("create", "clusterrolebindings"), ("create", "rolebindings", "-n", namespace),
-                 ("escalate", "clusterroles"), ("bind", "clusterroles"),
-                 ("impersonate", "serviceaccounts"), ("create", "pods", "-n", namespace),
-                 ("update", "modeldeployments", "-n", namespace), ("patch", "modeldeployments", "-n", namespace),
-                 ("delete", "customresourcedefinitions")):
-        assert not can_i(sa, *args), f"the operator's account may {' '.join(args)}"
-    for args in (("patch", "modeldeployments", "--subresource=status", "-n", namespace),
-                 ("create", "jobs", "-n", namespace),
-                 ("watch", "pods", "-A")):
-        assert can_i(sa, *args), f"the operator's account may not {' '.join(args)}"
+    # What the account may and must not do: the whole matrix, on the API server's authorizer.
+    assert_rbac_matrix(sa, namespace, "default", namespaced=False)
+    assert can_i(sa, "watch", "pods", "-A") and not can_i(sa, "get", "secrets", "-A")  # kubectl's own view agrees
+    installed = cluster.get("deployment", "sy-shipyard", release_namespace)
+    assert installed is not None
+    assert_operator_pod_is_restricted(installed["spec"]["template"]["spec"])
 
 
 def test_namespaced_release_runs_the_example_with_roles_only_in_its_namespace(
@@ -388,4 +535,4 @@ def test_namespaced_release_runs_the_example_with_roles_only_in_its_namespace(
     assert can_i(sa, "list", "modeldeployments", "-n", namespace)
     assert not can_i(sa, "list", "modeldeployments", "-n", "default")
     assert not can_i(sa, "list", "modeldeployments", "-A")
-    assert not can_i(sa, "get", "secrets", "-n", namespace)
+    assert_rbac_matrix(sa, namespace, "default", namespaced=True)

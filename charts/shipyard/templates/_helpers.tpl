@@ -91,6 +91,11 @@ which runs the operator authenticated as this ServiceAccount.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# The Namespace's shipyard.dev/allowed-prometheus-addresses annotation (docs/security.md). Read-only, get only; in a
+# Role it grants reading that one namespace (a request for a Namespace object is authorized in its own namespace).
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get]
 {{- if include "shipyard.peering" . }}
 {{- if .Values.watchNamespaces }}
 # Kopf peering (active/standby): one KopfPeering per watched namespace.
