@@ -11,7 +11,10 @@ Reported per run: create -> Deployment and create -> Ready (p50, p99), time unti
 RSS and CPU seconds, its API requests (from the audit log) per reconcile (Shipyard's reconcile counter), and idle
 writes per minute. Prints a table, writes bench/results/operator_scale.json, and ends with `targets: K/N met`.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/operator_scale.py [--sizes 100,500,1000] [--skip-peer]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/operator_scale.py [--sizes 100,500,1000] [--skip-peer] [--profile DIR]
+
+With --profile, py-spy samples the operator for the whole run (collapsed stacks in DIR/operator-N.txt) and the
+functions with the most samples (own and cumulative) are printed and written to DIR/operator-N-top.txt.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -268,7 +272,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | None, timeout: float) -> Run:
+def summarize_profile(collapsed: Path, top: int = 25) -> str:
+    """The functions with the most py-spy samples in a collapsed-stack file: own (leaf) and cumulative."""
+    own: dict[str, int] = {}
+    cumulative: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [f.strip() for f in stack.split(";") if f.strip()]
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            cumulative[frame] = cumulative.get(frame, 0) + count
+    lines = [f"{total} samples"]
+    for title, table in (("own", own), ("cumulative", cumulative)):
+        lines.append(f"--- {title}")
+        for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"{100.0 * count / max(1, total):5.1f}%  {frame}")
+    return "\n".join(lines)
+
+
+async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | None, timeout: float,
+                  profile_dir: Path | None = None, operator_args: tuple[str, ...] = ()) -> Run:
     run = Run(system=system, n=n)
     nodes = tuple(cluster_mod.build_node(f"kwok-bench-{i}", cpu="1000", memory="4Ti", gpus=0, pods=n + 50)
                   for i in range(2))
@@ -276,6 +305,7 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
     state_dir = Path(tempfile.mkdtemp(prefix=f"shipyard-bench-{system}-{n}-"))
     state = cluster_mod.up(state_dir, nodes=nodes, audit_users=(user,))
     proc: subprocess.Popen[bytes] | None = None
+    profiler: subprocess.Popen[bytes] | None = None
     try:
         admin = KubeConfig.from_file(str(state.kubeconfig))
         cluster_mod.kubectl(state, "create", "namespace", NAMESPACE)
@@ -287,7 +317,7 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
             resource, build, ready = MD, build_model_deployment, md_ready
             command = [sys.executable, "-m", "shipyard.operator.main", "--all-namespaces",
                        "--metrics-port", str(metrics_port), "--metrics-address", "127.0.0.1",
-                       "--liveness", f"http://127.0.0.1:{health_port}/healthz"]
+                       "--liveness", f"http://127.0.0.1:{health_port}/healthz", *operator_args]
             health_url = f"http://127.0.0.1:{health_port}/healthz"
         else:
             assert argo_binary is not None
@@ -305,6 +335,12 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
                        "--metricsPort", str(metrics_port), "--healthzPort", str(health_port), "--loglevel", "warn"]
             health_url = f"http://127.0.0.1:{health_port}/healthz"
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if profile_dir is not None and system == "shipyard":
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            py_spy = str(Path(sys.executable).parent / "py-spy")
+            profiler = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--rate", "50", "--format", "raw",
+                                         "--output", str(profile_dir / f"operator-{n}.txt")],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         stats = ProcessStats(proc.pid)
         sampler = asyncio.create_task(stats.run())
         await wait_healthy(health_url, proc)  # started and past its initial listing
@@ -357,6 +393,16 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
         await sampler
         await client.close()
     finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                profiler.wait(timeout=30)
+            assert profile_dir is not None
+            collapsed = profile_dir / f"operator-{n}.txt"
+            if collapsed.exists():
+                summary = summarize_profile(collapsed)
+                (profile_dir / f"operator-{n}-top.txt").write_text(summary + "\n")
+                print(summary, file=sys.stderr, flush=True)
         if proc is not None:
             proc.terminate()
             try:
@@ -377,6 +423,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="100,500,1000")
     parser.add_argument("--skip-peer", action="store_true", help="do not build and run Argo Rollouts")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all Ready per run")
+    parser.add_argument("--operator-args", default="", help="extra operator flags, e.g. '--workers=32'")
+    parser.add_argument("--profile", type=Path, default=None, help="sample the operator with py-spy into this folder")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -391,7 +439,8 @@ def main() -> int:
     for n in sizes:
         for system in ("shipyard",) + (() if argo is None else ("argo-rollouts",)):
             print(f"[bench] {system} N={n} ...", file=sys.stderr, flush=True)
-            runs.append(asyncio.run(run_one(cluster_mod, system, n, argo, args.timeout)))
+            runs.append(asyncio.run(run_one(cluster_mod, system, n, argo, args.timeout, args.profile,
+                                                 tuple(args.operator_args.split()))))
             print(f"[bench] {asdict(runs[-1])}", file=sys.stderr, flush=True)
 
     header = ("system", "N", "create s", "->Dep p50", "->Dep p99", "->Ready p50", "->Ready p99", "all Ready s",
