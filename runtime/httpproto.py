@@ -34,6 +34,7 @@ REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Content Too Large",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
@@ -124,6 +125,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        if self._discarding:
+            # After a 413 the parser is dead (the error it raised stays raised): feeding it again would raise once
+            # more, without the cause. Drop the rest of the body until the linger timer closes.
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -212,7 +217,9 @@ class Connection(asyncio.Protocol):
         pending = self._pending
         close = not request.keep_alive or (self.app.closing and pending and pending[-1] is request)
         request.close_after = bool(close)
-        request.response = build_response_head(status, len(body), content_type, bool(close), extra) + body
+        head = build_response_head(status, len(body), content_type, bool(close), extra)
+        # A response to HEAD has no body (RFC 9110 9.3.2): sent anyway, it would be read as the next response.
+        request.response = head if request.method == "HEAD" else head + body
         if pending and pending[0] is request:
             self._flush()
 
@@ -255,6 +262,17 @@ class Connection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return not self._pending and self._current is None
+
+    @property
+    def stalled(self) -> bool:
+        """Part of a request has arrived and the rest is awaited (nothing is waiting to be answered)."""
+        return not self._pending and self._current is not None and not self._discarding
+
+    def reject_stalled(self) -> None:
+        """Answer a request the client stopped sending half-way with 408, and close (slow or stuck clients must not
+        hold connections forever)."""
+        if self.stalled:
+            self._reject(408, "the request was not received in time")
 
     def close_if_idle(self) -> None:
         if self.idle:

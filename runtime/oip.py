@@ -178,11 +178,12 @@ def _fail(message: str) -> BadRequest:
     return BadRequest(message)
 
 
-def build_array(item: Mapping[str, Any], spec: TensorSpecLike) -> np.ndarray:
+def build_array(item: Mapping[str, Any], spec: TensorSpecLike, maybe_bools: bool = True) -> np.ndarray:
     """Validate one request input against its spec and return it as a numpy array of the spec's shape.
 
     Raises BadRequest naming the input for a wrong datatype, a wrong shape, a wrong element count or data of
-    the wrong kind (strings for numbers, floats for integers, out-of-range integers...).
+    the wrong kind (strings for numbers, booleans or floats for integers, out-of-range integers...).
+    `maybe_bools=False` skips the search for booleans among numbers (the body has no ``true``/``false``).
     """
     name = spec.name
     datatype = item.get("datatype")
@@ -220,6 +221,10 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike) -> np.ndarray:
     accepted = _ACCEPTED_KINDS[datatype]
     if size and raw.dtype.kind not in accepted:
         raise _fail(f"input {name!r}: data of kind {raw.dtype.name} is not valid {datatype}")
+    # numpy turns true/false among numbers into 1/0 silently; JSON booleans are not numbers (all-boolean data is
+    # refused just above, by its kind).
+    if maybe_bools and size and accepted is not _ACCEPTED_KINDS_BOOL and _has_bool(data):
+        raise _fail(f"input {name!r}: data mixes booleans with numbers, which is not valid {datatype}")
     target = NUMPY_BY_DATATYPE[datatype]
     if accepted is _ACCEPTED_KINDS_INT and size and target != raw.dtype:
         info = np.iinfo(target)
@@ -236,6 +241,19 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike) -> np.ndarray:
     ):
         raise _fail(f"input {name!r}: data contains values that do not fit {datatype}")
     return array.reshape(shape)
+
+
+def _has_bool(data: list[Any]) -> bool:
+    """Whether a JSON array (nested lists) holds a boolean anywhere; C-speed per innermost list."""
+    stack = [data]
+    while stack:
+        items = stack.pop()
+        types = set(map(type, items))
+        if bool in types:
+            return True
+        if list in types:
+            stack.extend(item for item in items if type(item) is list)
+    return False
 
 
 def build_infer_request(
@@ -262,10 +280,11 @@ def build_infer_request(
         names = [spec.name for spec in inputs]
         raise _fail(f"the model takes {len(inputs)} input(s) {names}, the request has {len(items)}")
     first = items[0]
+    maybe_bools = b"true" in body or b"false" in body  # a fast scan of the bytes spares a slow one of the lists
     if len(inputs) == 1 and type(first) is dict and first.get("name") == inputs[0].name:
-        arrays = [build_array(first, inputs[0])]  # the common case: one input, named right
+        arrays = [build_array(first, inputs[0], maybe_bools)]  # the common case: one input, named right
     else:
-        arrays = _build_arrays(items, inputs)
+        arrays = _build_arrays(items, inputs, maybe_bools)
     rows = arrays[0].shape[0]
     for array, spec in zip(arrays, inputs, strict=True):
         if array.shape[0] != rows:
@@ -276,7 +295,7 @@ def build_infer_request(
     return InferRequest(arrays, rows, key, request_id, output_indices)
 
 
-def _build_arrays(items: list[Any], inputs: Sequence[TensorSpecLike]) -> list[np.ndarray]:
+def _build_arrays(items: list[Any], inputs: Sequence[TensorSpecLike], maybe_bools: bool) -> list[np.ndarray]:
     by_name: dict[str, Mapping[str, Any]] = {}
     for item in items:
         if not isinstance(item, dict):
@@ -293,7 +312,7 @@ def _build_arrays(items: list[Any], inputs: Sequence[TensorSpecLike]) -> list[np
         if item is None:
             unknown = sorted(set(by_name) - {s.name for s in inputs})
             raise _fail(f"input {spec.name!r} is missing (unknown input(s): {unknown})")
-        arrays.append(build_array(item, spec))
+        arrays.append(build_array(item, spec, maybe_bools))
     return arrays
 
 

@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-alive-timeout-s",
         type=float,
         default=DEFAULT_KEEP_ALIVE_TIMEOUT_S,
-        help="close connections idle this long (default 75)",
+        help="close connections idle this long, and answer 408 to a request half-received this long (default 75)",
     )
     add(
         "--drain-propagation-s",
@@ -553,8 +553,11 @@ class App:
         if now >= self._next_idle_check:
             self._next_idle_check = now + min(1.0, self.config.keep_alive_timeout_s / 4)
             idle_before = now - self.config.keep_alive_timeout_s
-            for conn in [c for c in self.connections if c.idle and c.last_active < idle_before]:
-                conn.close_if_idle()
+            for conn in [c for c in self.connections if c.last_active < idle_before]:
+                if conn.idle:
+                    conn.close_if_idle()
+                elif conn.stalled:  # half a request, then nothing for as long: 408 and close
+                    conn.reject_stalled()
         if self._loop is not None:
             self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep_timeouts)
 

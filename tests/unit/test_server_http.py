@@ -369,6 +369,51 @@ def test_malformed_http_is_400_and_does_not_crash_the_server(harness: Harness, w
     assert harness.call("GET", "/v2/health/live")[0] == 200
 
 
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+# Found by tests/integration/test_server_fuzz.py: each of these broke the connection's framing or logged a bug.
+
+
+def test_a_response_to_head_has_no_body_and_the_next_pipelined_response_parses(harness: Harness) -> None:
+    with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as sock:
+        sock.sendall(b"HEAD /v2/health/live HTTP/1.1\r\nhost: t\r\n\r\n"
+                     b"GET /v2/health/live HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        wire = _read_all(sock)
+    first, _, rest = wire.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 405 ") and b"content-length: " in first  # the length GET would have
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n") and rest.endswith(b'{"live":true}')
+
+
+def test_a_request_stalled_half_way_is_answered_408_and_closed() -> None:
+    with Harness(base_config(keep_alive_timeout_s=0.3)) as running:
+        running.thread.wait_ready()
+        for partial in (b"GET /v2/hea", b"POST /v2/models/mlp/infer HTTP/1.1\r\ncontent-length: 50\r\n\r\n{"):
+            with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+                sock.sendall(partial)
+                wire = _read_all(sock)  # returns once the server closes
+            assert wire.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"not received in time" in wire
+        assert running.infer([[1, 2, 3, 4]])[0] == 200
+
+
+def test_body_bytes_after_a_413_are_dropped_without_a_second_answer(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("ERROR", logger="shipyard.runtime.httpproto"), \
+            Harness(base_config(max_payload_bytes=4096)) as running:
+        running.thread.wait_ready()
+        with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+            sock.sendall(b"POST /v2/models/mlp/infer HTTP/1.1\r\ncontent-length: 100000\r\n\r\n")
+            for _ in range(20):
+                sock.sendall(b"[" * 1000)
+            wire = _read_all(sock)
+        assert wire.startswith(b"HTTP/1.1 413 ") and wire.count(b"HTTP/1.1") == 1, wire
+        assert running.infer([[1, 2, 3, 4]])[0] == 200
+    assert "Failed to handle a request" not in caplog.text
+
+
 # --------------------------------------------------------------------------------- overload, timeouts, 5xx
 
 

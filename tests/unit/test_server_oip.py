@@ -63,6 +63,9 @@ BAD_REQUESTS = [
     pytest.param(body(inputs=[x_input(data=["1", "2", "3"])]), "not valid FP32", id="strings-for-floats"),
     pytest.param(body(inputs=[x_input(data=[True, False, True])]), "not valid FP32", id="bools-for-floats"),
     pytest.param(body(inputs=[x_input(data=[1.0, None, 3.0])]), "not valid FP32", id="null-in-data"),
+    # numpy made true 1.0 among numbers (found by tests/integration/test_server_fuzz.py)
+    pytest.param(body(inputs=[x_input(data=[1.0, True, 3.0])]), "mixes booleans with numbers", id="bool-among-floats"),
+    pytest.param(body(inputs=[x_input(data=[[1.0, 2.0, False]])]), "mixes booleans", id="bool-among-nested-floats"),
     pytest.param(body(inputs=[x_input(data=[[1.0, 2.0], [3.0]])]), "not a regular array", id="ragged-data"),
     pytest.param(body(inputs=[x_input(data=[1e39, 1.0, 1.0])]), "do not fit FP32", id="float-overflow"),
     pytest.param(body(id=7, inputs=[x_input()]), "'id' must be a string", id="id-not-string"),
@@ -89,6 +92,7 @@ INT_CASES = [
     pytest.param([[1.5, 2], [3, 4]], [[True, False], [True, True]], "not valid INT64", id="float-for-int"),
     pytest.param([[1, 2], [3, 4]], [[1, 0], [1, 1]], "not valid BOOL", id="int-for-bool"),
     pytest.param([[2**70, 2], [3, 4]], [[True, False], [True, True]], "INT64", id="int-overflow"),
+    pytest.param([[1, True], [3, 4]], [[True, False], [True, True]], "mixes booleans", id="bool-among-ints"),
 ]
 
 
@@ -208,3 +212,9 @@ def test_model_metadata_lists_version_and_tensors() -> None:
             {"name": "label", "datatype": "INT64", "shape": [-1]},
         ],
     }
+
+
+def test_true_elsewhere_in_the_body_does_not_refuse_numbers() -> None:
+    request = oip.build_infer_request(body(id="true false", parameters={"flag": True}, inputs=[x_input()]), INPUTS,
+                                      OUTPUTS)
+    assert request.arrays[0].tolist() == [[1.0, 2.0, 3.0]]
