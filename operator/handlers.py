@@ -427,7 +427,17 @@ def assess_wakes_owner(body: Mapping[str, Any]) -> bool:
     return any((cs.get("state") or {}).get("terminated") for cs in statuses)
 
 
+def _index_child(body: kopf.Body, **_: Any) -> None:
+    """Caches a child before any handler runs. Kopf calls index handlers first for every event, and holds all other
+    handlers (the ModelDeployments' too) until the initial listing of every indexed resource is done: so the first
+    reconcile after a start sees every child. Without this, a restarted operator could reconcile a model before its
+    stable Deployment was listed and deploy the candidate at full size, skipping the canary. Kopf stores nothing
+    (None is not indexed)."""
+    _remember_child(body, deleted=False)
+
+
 MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 for _group, _version, _plural in (("apps", "v1", "deployments"), ("", "v1", "services"), ("batch", "v1", "jobs"),
                                   ("", "v1", "configmaps"), ("", "v1", "pods")):
+    kopf.index(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_index")(_index_child)
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_event")(_child_event)
