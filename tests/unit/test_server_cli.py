@@ -318,3 +318,56 @@ def test_serve_exits_1_when_the_model_directory_is_broken(
         thread._thread.join(30)
     assert thread.exit_code == 1
     assert "Failed to load model broken" in caplog.text and message in caplog.text
+
+
+class _OpensFileWhenUnpickled:
+    """A pickle payload: unpickling it calls open(marker, "w"), which creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize(
+    ("encoding", "via_torch_save", "message"),
+    [
+        pytest.param("safetensors", False, "refused to load: the file is a pickle", id="pickle-as-safetensors"),
+        pytest.param("torch-state-dict", True, "refused to load: not a plain state_dict", id="torch-save-state-dict"),
+    ],
+)
+def test_serve_refuses_an_artifact_with_pickled_weights_and_never_runs_the_payload(
+    tmp_path: Path, encoding: str, via_torch_save: bool, message: str
+) -> None:
+    import io
+    import pickle
+
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_OpensFileWhenUnpickled(marker))).close()  # the payload really runs when unpickled
+    assert marker.exists()
+    marker.unlink()
+    weights = {"0.weight": _OpensFileWhenUnpickled(marker)}
+    if via_torch_save:
+        buffer = io.BytesIO()
+        torch.save(weights, buffer)
+        payload = buffer.getvalue()
+    else:
+        payload = pickle.dumps(weights)
+    directory = tmp_path / "evil"
+    directory.mkdir()
+    (directory / "weights.bin").write_bytes(payload)
+    manifest = {
+        "format": 1, "name": "evil", "kind": "factory", "factory": "shipyard.runtime.models:build_digits_mlp",
+        "weights": "weights.bin", "encoding": encoding,
+        "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+    }  # fmt: skip
+    (directory / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    command = [sys.executable, "-m", "shipyard.runtime.cli", "serve", "--artifact", str(directory), "--host",
+               "127.0.0.1", "--port", "0", "--threads", "1"]  # fmt: skip
+    done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Failed to load model evil" in done.stderr and message in done.stderr, done.stderr
+    assert not marker.exists()
