@@ -5,7 +5,7 @@ VENV ?= .venv
 PIP_EXTRAS ?= runtime,dev
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test unit integration e2e lint typecheck cluster-up cluster-down binaries clean venv
+.PHONY: demo test unit integration e2e soak lint typecheck cluster-up cluster-down binaries clean venv
 
 # The venv is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -34,6 +34,10 @@ integration: venv binaries
 # Real pods (hack/node_agent.py, needs root) and a real Prometheus (Debian's package); see docs/e2e.md.
 e2e: venv binaries
 	$(VENV)/bin/pytest -q -m e2e tests/e2e
+
+# The inference server under 200,000 generated hostile requests (tests/integration/test_server_fuzz.py; no cluster).
+soak: venv
+	SHIPYARD_SOAK=1 OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -s tests/integration/test_server_fuzz.py
 
 lint: venv
 	$(VENV)/bin/ruff check operator runtime tests bench hack
