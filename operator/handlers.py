@@ -33,7 +33,6 @@ from shipyard.operator.workqueue import Workqueue
 logger = logging.getLogger("shipyard.operator")
 API_ERROR_BACKOFF = 5.0
 PEERING_LIFETIME_SECONDS = 15
-PEERING_LIFETIME_SECONDS = 15
 CHILD_KINDS = ("Deployment", "Service", "Job", "ConfigMap", "Pod")
 
 
@@ -353,10 +352,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = 60
     settings.queueing.worker_limit = 200
-    # Peering (--peering): a standby takes over at the latest PEERING_LIFETIME_SECONDS after the active replica's
-    # last keep-alive (sent every lifetime - 5..10 s); Kopf's default of 60 s would leave a killed leader's models
-    # unattended for up to a minute. Only used when peering is on.
-    settings.peering.lifetime = PEERING_LIFETIME_SECONDS
     # Peering (--peering): a standby takes over at the latest PEERING_LIFETIME_SECONDS after the active replica's
     # last keep-alive (sent every lifetime - 5..10 s); Kopf's default of 60 s would leave a killed leader's models
     # unattended for up to a minute. Only used when peering is on.
