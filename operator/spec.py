@@ -105,6 +105,11 @@ _DATASET_RE: Final = re.compile(rf"builtin:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?|{_FAC
 _DNS_LABEL_RE: Final = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN_RE: Final = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:[.][a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
 _HTTP_URL_RE: Final = re.compile(r"https?://[^ /]+(?:/[^ ]*)?")
+_CREDENTIALS_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")  # scheme://user:password@host
+_LABEL_KEY_RE: Final = re.compile(
+    r"(?:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:[.][a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+_LABEL_VALUE_RE: Final = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
 _PROM_NAME_RE: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _QUANTITY_RE: Final = re.compile(
     r"[+-]?(?:[0-9]+(?:[.][0-9]*)?|[.][0-9]+)(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?(?:[0-9]+(?:[.][0-9]*)?|[.][0-9]+))?"
@@ -515,7 +520,7 @@ def build_recipe(compression: Compression) -> dict[str, object]:
 
 def _parse_model(body: Mapping[str, object], path: str) -> ModelSource:
     model_path = _opt_str(body, "path", path, max_length=1024)
-    uri = _opt_str(body, "uri", path, pattern=_URI_RE, max_length=2048,
+    uri = _opt_url(body, "uri", path, pattern=_URI_RE, max_length=2048,
                    hint="a pvc://, s3://, gs:// or https:// URI")
     name = _opt_str(body, "name", path, pattern=_MODEL_NAME_RE, max_length=63, hint="a model name")
     if model_path is None and uri is None:
@@ -636,8 +641,7 @@ def _parse_serving(body: Mapping[str, object], path: str) -> Serving:
                                 lo=1, hi=4096),
             max_delay_ms=_int(batching, "maxDelayMs", batching_path, default=DEFAULT_MAX_DELAY_MS, lo=0, hi=10000),
         ),
-        node_selector=MappingProxyType(_str_map(body, "nodeSelector", path, max_key_length=MAX_LABEL_KEY_LENGTH,
-                                                max_value_length=63)),
+        node_selector=MappingProxyType(_label_map(body, "nodeSelector", path)),
         tolerations=tolerations,
         port=_int(body, "port", path, default=DEFAULT_SERVICE_PORT, lo=1, hi=65535),
     )
@@ -687,8 +691,10 @@ def _parse_analysis(body: Mapping[str, object], path: str) -> Analysis:
     if not 1.0 <= interval <= 3600.0:
         raise SpecError(f"{path}.interval", f"must be between 1s and 1h, got {body.get('interval')!r}")
     prometheus = _obj(body, "prometheus", path)
-    address = None if prometheus is None else _req_str(prometheus, "address", f"{path}.prometheus",
+    address = None if prometheus is None else _opt_url(prometheus, "address", f"{path}.prometheus",
                                                        pattern=_HTTP_URL_RE, max_length=512, hint="an http(s) URL")
+    if prometheus is not None and address is None:
+        raise SpecError(f"{path}.prometheus.address", "must be set")
     raw_metrics = _list(body, "metrics", path, max_items=16)
     if not raw_metrics:
         raise SpecError(f"{path}.metrics", "must list at least one metric")
@@ -728,8 +734,8 @@ def _parse_metric(body: Mapping[str, object], path: str) -> Metric:
         prom_path = f"{path}.prometheus"
         query = _req_str(prom, "query", prom_path, max_length=4096)
         if not query.strip():
-            raise SpecError(f"{prom_path}.query", "must not be empty")
-        provider = PrometheusProvider(query=query, address=_opt_str(prom, "address", prom_path, pattern=_HTTP_URL_RE,
+            raise SpecError(f"{prom_path}.query", "must not be blank")
+        provider = PrometheusProvider(query=query, address=_opt_url(prom, "address", prom_path, pattern=_HTTP_URL_RE,
                                                                     max_length=512, hint="an http(s) URL"))
     else:
         scrape = _req_obj(body, "scrape", path)
@@ -806,6 +812,26 @@ def _str_map(body: Mapping[str, object], key: str, path: str, *, max_key_length:
                             f"must be at most {max_value_length} characters, got {len(value)}")
         out[str(name)] = value
     return out
+
+
+def _label_map(body: Mapping[str, object], key: str, path: str) -> dict[str, str]:
+    """A map of label keys to label values (a node selector), checked as the API server checks a pod's."""
+    labels = _str_map(body, key, path, max_key_length=MAX_LABEL_KEY_LENGTH, max_value_length=63)
+    for name, value in labels.items():
+        if not _LABEL_KEY_RE.fullmatch(name):
+            raise SpecError(_field(path, key), f"keys must be label keys ([prefix/]name), got {name!r}")
+        if not _LABEL_VALUE_RE.fullmatch(value):
+            raise SpecError(f"{_field(path, key)}.{name}", f"must be a label value, got {value!r}")
+    return labels
+
+
+def _opt_url(body: Mapping[str, object], key: str, path: str, *, pattern: re.Pattern[str], max_length: int,
+             hint: str) -> str | None:
+    """A URL field; one carrying credentials is refused without echoing it (messages reach status and Events)."""
+    value = body.get(key)
+    if isinstance(value, str) and _CREDENTIALS_RE.match(value):
+        raise SpecError(_field(path, key), "must not carry credentials (user:password@host)")
+    return _opt_str(body, key, path, pattern=pattern, max_length=max_length, hint=hint)
 
 
 def _bounded_duration(text: object, field: str, maximum: float, hint: str = "") -> float:

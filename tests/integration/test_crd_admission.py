@@ -197,6 +197,22 @@ INVALID = [
                                                                   "maxRelativeToStable": 0.1},
                  "spec.rollout.analysis.metrics[1].prometheus.query", "must contain {{version}}",
                  id="relative-query-without-version"),
+    pytest.param(["spec", "model"], {"uri": "https://user:s3cret@models.example/digits"}, "spec.model.uri",
+                 "must not carry credentials", id="model-uri-with-credentials"),
+    pytest.param(["spec", "rollout", "analysis", "prometheus"], {"address": "http://admin:s3cret@prometheus:9090"},
+                 "spec.rollout.analysis.prometheus.address", "must not carry credentials",
+                 id="prometheus-address-with-credentials"),
+    pytest.param(["spec", "rollout", "analysis", "metrics", 1], {"name": "p99", "max": 1, "prometheus": {
+        "query": "up", "address": "https://admin:s3cret@prometheus:9090/prom"}},
+                 "spec.rollout.analysis.metrics[1].prometheus.address", "must not carry credentials",
+                 id="metric-address-with-credentials"),
+    pytest.param(["spec", "rollout", "analysis", "metrics", 1], {"name": "p99", "max": 1, "prometheus": {
+        "query": " \t "}}, "spec.rollout.analysis.metrics[1].prometheus.query", "must not be blank",
+                 id="blank-query"),
+    pytest.param(["spec", "serving", "nodeSelector"], {"not a label key!": "v"}, "spec.serving.nodeSelector",
+                 "keys must be label keys", id="node-selector-key"),
+    pytest.param(["spec", "serving", "nodeSelector"], {"pool": "two words"}, "spec.serving.nodeSelector",
+                 "values must be label values", id="node-selector-value"),
     pytest.param(["spec", "serving", "replicas"], -1, "spec.serving.replicas",
                  "should be greater than or equal to 0", id="negative-replicas"),
     pytest.param(["spec", "serving", "resources", "limits", "nvidia.com/gpu"], "1.5", "spec.serving.resources.limits",
@@ -226,6 +242,7 @@ def test_invalid_manifest_is_rejected(cluster: Any, namespace: str, path: list[s
     assert out.returncode != 0, f"accepted: {path}={value!r}"
     assert f"{field}:" in out.stderr, out.stderr
     assert message in out.stderr, out.stderr
+    assert "s3cret" not in out.stderr  # a refused credential is not echoed back
     assert cluster.get("modeldeployment", "digits", namespace) is None
 
 

@@ -147,13 +147,21 @@ def test_spec_prometheus_addresses_are_queried_only_when_allowed_and_no_secret_l
         rollout_to(cluster, namespace, "sec", "1.0.0")
         wait_status(cluster, namespace, "sec", lambda md: md.get("status", {}).get("phase") == "Healthy",
                     message="version 1.0.0 Healthy")
+        # An address with credentials is refused at admission (the CRD's rule), without echoing them; what was
+        # stored stays. (The operator refuses one too, should it meet one stored before the rule: unit-tested.)
         credentials = allowed_prometheus.address.replace("http://", f"http://admin:{SECRET}@")
+        with_credentials = model("sec", "2.0.0", replicas=2, rollout={"steps": [{"weight": 50}], "analysis": {
+            "metrics": [{"name": "with-credentials", "prometheus": {"query": "q", "address": credentials}, "max": 1}]}})
+        out = cluster.kubectl("apply", "--server-side", "--field-manager=shipyard-tests", "-n", namespace, "-f", "-",
+                              input=json.dumps(with_credentials), check=False)
+        assert out.returncode != 0 and "must not carry credentials" in out.stderr, out.stderr
+        assert "spec.rollout.analysis.metrics[0].prometheus.address" in out.stderr and SECRET not in out.stderr
+        assert cluster.get("md", "sec", namespace)["spec"]["image"].endswith(":1.0.0")  # type: ignore[index]
         metrics = [
             {"name": "by-flag", "prometheus": {"query": 'q_flag{v="{{version}}"}',
                                                "address": allowed_prometheus.address}, "max": 1},
             {"name": "by-namespace", "prometheus": {"query": "q_namespace", "address": by_namespace.address + "/"},
              "max": 1},
-            {"name": "with-credentials", "prometheus": {"query": "q_credentials", "address": credentials}, "max": 1},
             {"name": "not-allowed", "prometheus": {"query": "q_refused", "address": refused.address}, "max": 1},
         ]
         rollout_to(cluster, namespace, "sec", "2.0.0", rollout={"steps": [{"weight": 50}], "analysis": {
@@ -166,8 +174,7 @@ def test_spec_prometheus_addresses_are_queried_only_when_allowed_and_no_secret_l
                           message="the stable back at full size, the candidate at zero")
         results = {m["name"]: m for m in status["analysis"]["metrics"]}
         assert results["by-flag"]["verdict"] == "Successful" and results["by-namespace"]["verdict"] == "Successful"
-        for name, index, words in (("with-credentials", 2, "carries credentials (user:password@)"),
-                                   ("not-allowed", 3, "shipyard.dev/allowed-prometheus-addresses")):
+        for name, index, words in (("not-allowed", 2, "shipyard.dev/allowed-prometheus-addresses"),):
             message = results[name]["message"]
             assert results[name]["verdict"] == "Error", results[name]
             assert f"spec.rollout.analysis.metrics[{index}].prometheus.address" in message and words in message
@@ -175,7 +182,7 @@ def test_spec_prometheus_addresses_are_queried_only_when_allowed_and_no_secret_l
         assert stalled["status"] == "True" and "could not be measured" in stalled["message"]
         # Allowed addresses were queried; refused ones never got a request.
         assert 'q_flag{v="2.0.0"}' in allowed_prometheus.queries and "q_namespace" in by_namespace.queries
-        assert "q_credentials" not in allowed_prometheus.queries and refused.queries == []
+        assert refused.queries == []
         # No credential in status, Events or the operator's log.
         assert SECRET not in json.dumps(cluster.get("md", "sec", namespace)["status"])  # type: ignore[index]
         events = cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout

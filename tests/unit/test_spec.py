@@ -421,6 +421,8 @@ ERRORS = [
     ("min", "spec.model.path", "/" + "a" * 1024, "spec.model.path", "at most 1024", "model-path-too-long"),
     ("min", "spec.model", {"uri": "ftp://host/m"}, "spec.model.uri", "is not a pvc://", "model-uri-scheme"),
     ("min", "spec.model", {"uri": "pvc://Claim/m"}, "spec.model.uri", "is not a pvc://", "model-uri-bad-claim"),
+    ("min", "spec.model", {"uri": "https://user:s3cret@models.example/m"}, "spec.model.uri",
+     "must not carry credentials (user:password@host)", "model-uri-credentials"),
     ("min", "spec.model.name", "-x", "spec.model.name", "is not a model name", "model-name"),
     # compression
     ("full", "spec.compression", [], "spec.compression", "must be an object", "compression-not-object"),
@@ -530,6 +532,14 @@ ERRORS = [
      "at most 63 characters, got 64", "node-selector-value-too-long"),
     ("full", "spec.serving.nodeSelector." + "k" * 318, "v", "spec.serving.nodeSelector",
      "keys must be at most 317 characters, got 318", "node-selector-key-too-long"),
+    ("full", "spec.serving.nodeSelector", {"not a label key!": "v"}, "spec.serving.nodeSelector",
+     "keys must be label keys ([prefix/]name), got 'not a label key!'", "node-selector-key-syntax"),
+    ("full", "spec.serving.nodeSelector", {"Example.com/pool": "v"}, "spec.serving.nodeSelector",
+     "keys must be label keys", "node-selector-key-upper-prefix"),
+    ("full", "spec.serving.nodeSelector.pool", "two words", "spec.serving.nodeSelector.pool",
+     "must be a label value, got 'two words'", "node-selector-value-syntax"),
+    ("full", "spec.serving.nodeSelector.pool", "-gpu", "spec.serving.nodeSelector.pool", "must be a label value",
+     "node-selector-value-edge"),
     ("full", "spec.serving.port", 0, "spec.serving.port", "at least 1", "port-0"),
     ("full", "spec.serving.port", 65536, "spec.serving.port", "at most 65535", "port-too-high"),
     ("full", "spec.serving.tolerations", {"key": "k"}, "spec.serving.tolerations", "must be a list",
@@ -614,7 +624,14 @@ ERRORS = [
     ("full", "spec.rollout.analysis.metrics[1].prometheus", {}, "spec.rollout.analysis.metrics[1].prometheus.query",
      "must be set", "prometheus-no-query"),
     ("full", "spec.rollout.analysis.metrics[1].prometheus.query", "  ",
-     "spec.rollout.analysis.metrics[1].prometheus.query", "must not be empty", "prometheus-blank-query"),
+     "spec.rollout.analysis.metrics[1].prometheus.query", "must not be blank", "prometheus-blank-query"),
+    ("full", "spec.rollout.analysis.metrics[1].prometheus.address", "https://admin:s3cret@prom:9090/x",
+     "spec.rollout.analysis.metrics[1].prometheus.address", "must not carry credentials (user:password@host)",
+     "prometheus-metric-address-credentials"),
+    ("full", "spec.rollout.analysis.prometheus", {"address": "http://admin@prom:9090"},
+     "spec.rollout.analysis.prometheus.address", "must not carry credentials", "prometheus-address-user"),
+    ("full", "spec.rollout.analysis.prometheus", {}, "spec.rollout.analysis.prometheus.address", "must be set",
+     "prometheus-address-unset"),
     ("full", "spec.rollout.analysis.metrics[1].prometheus.query", "up",
      "spec.rollout.analysis.metrics[1].prometheus.query", "must contain {{version}}", "relative-without-version"),
     ("full", "spec.rollout.analysis.metrics[1].prometheus.address", "ftp://p",
@@ -658,6 +675,7 @@ def test_errors_name_the_field(base: str, path: str, value: object, field: str, 
     assert problem in err.value.problem
     assert str(err.value) == f"{field}: {err.value.problem}"
     assert isinstance(err.value, ValueError)
+    assert "s3cret" not in str(err.value)  # a refused credential is never echoed (the message reaches status)
 
 
 def test_error_ids_are_unique() -> None:
