@@ -285,9 +285,13 @@ def plan_measurement(body: Mapping[str, Any], observed: Observed, now: datetime.
     candidate = previous.get("candidateVersion")
     if spec.rollout.analysis is None or candidate != spec.version or previous.get("stableVersion") is None:
         return None
-    if previous.get("phase") not in ("Progressing", "Paused") or not previous.get("stepReadyAt"):
+    if previous.get("phase") not in ("Progressing", "Paused"):
         return None
     status_analysis = previous.get("analysis") if isinstance(previous.get("analysis"), Mapping) else None
+    # Between steps (the next step's pods starting) the analysis of a candidate already under analysis goes on: its
+    # ready pods keep serving, and a failure must not wait for the new pods' startup.
+    if not previous.get("stepReadyAt") and (status_analysis is None or status_analysis.get("version") != candidate):
+        return None
     if status_analysis is not None and status_analysis.get("phase") in ("Failed", "Error"):
         return None
     started = parse_time((status_analysis or {}).get("startedAt")) if status_analysis and \

@@ -60,6 +60,7 @@ class Sim:
         self.config_maps: dict[str, str] = {}
         self.service_hash: str | None = None
         self.broken: set[str] = set()  # versions whose pods never become ready
+        self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
         self.job_outcome: tuple[str, str] = ("Succeeded", "accepted: sourceBytes=1000 compressedBytes=100")
         self.missing_pvc: str | None = None
         self.plans: list[planning.Plan] = []
@@ -83,8 +84,10 @@ class Sim:
         self.body["metadata"]["annotations"][f"shipyard.dev/{key}"] = value
 
     def _ready(self, version: str, replicas: int) -> planning.DeploymentView:
-        ready = 0 if version in self.broken else replicas
         old = self.deployments.get(version)
+        ready = 0 if version in self.broken else replicas
+        if version in self.frozen and old is not None:
+            ready = min(replicas, old.ready_replicas)
         return planning.DeploymentView(
             name=naming.build_deployment_name("digits", version), version=version,
             image=old.image if old else "", replicas=replicas, ready_replicas=ready, available_replicas=ready,
@@ -424,6 +427,30 @@ def test_rollback_to_an_unknown_version_is_refused_with_an_event() -> None:
     sim.annotate("rollback-to", "0.1.0")
     sim.settle()
     assert sim.status["stableVersion"] == "1.0.0" and "RollbackRefused" in sim.reasons()
+
+
+def test_analysis_keeps_measuring_while_the_next_steps_pods_start() -> None:
+    bad = {"now": False}
+    sim = stable_sim(rollout={"steps": STEPS, "analysis": ANALYSIS})
+    sim.measure = lambda version, now: 0.5 if bad["now"] else 0.0
+    sim.run(lambda s: s.status.get("stepReadyAt") is not None)
+    sim.frozen.add("1.1.0")  # step 1's extra pods never get ready; step 0's keep serving
+    sim.run(lambda s: s.status.get("currentStepIndex") == 1)
+    assert sim.status.get("stepReadyAt") is None
+    measured, bad["now"] = sim.measured, True
+    sim.run(lambda s: s.status.get("phase") == "RolledBack", max_passes=20)  # 100 s, well before startup timeout
+    assert sim.measured > measured
+    assert "error-rate" in sim.status["message"] and sim.status.get("stepReadyAt") is None
+    assert sim.replicas()["1.1.0"] == 0 and sim.replicas()["1.0.0"] == 4
+
+
+def test_no_measurement_between_steps_before_an_analysis_began() -> None:
+    sim = stable_sim(rollout={"steps": STEPS, "analysis": ANALYSIS})
+    sim.broken.add("1.1.0")
+    sim.run(lambda s: s.status.get("candidateVersion") == "1.1.0")
+    for _ in range(5):
+        sim.step()
+    assert sim.measured == 0 and sim.status.get("analysis") is None
 
 
 def test_a_newer_tag_replaces_a_candidate_in_flight() -> None:
