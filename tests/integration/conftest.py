@@ -104,7 +104,13 @@ def install_crds(c: Cluster) -> None:
     for f in crds:
         c.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=shipyard-tests", "-f", str(f))
     for f in crds:
-        c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(f))
+        # `kubectl wait` errs ("conditions accessor error") while a just-created CRD has no conditions yet.
+        deadline = time.monotonic() + 60
+        while c.kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(f),
+                        check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                c.kubectl("wait", "--for=condition=Established", "--timeout=1s", "-f", str(f))  # raises, with output
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
