@@ -82,8 +82,13 @@ class DeploymentView:
     @property
     def ready(self) -> int:
         """Ready pods that count for the current spec (0 while the controller has not caught up)."""
-        return min(self.available_replicas, self.ready_replicas) if self.observed_generation >= self.generation \
-            else 0
+        return self.serving if self.observed_generation >= self.generation else 0
+
+    @property
+    def serving(self) -> int:
+        """Pods ready and available now, whether or not the controller has caught up with a scale: capacity that
+        serves traffic (a scale-up does not stop the pods already running)."""
+        return min(self.available_replicas, self.ready_replicas)
 
 
 @dataclass(frozen=True)
@@ -637,7 +642,11 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
 
     promoting = st.step >= len(steps)
     canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
-    cand_replicas, stable_replicas = plan_step_replicas(total, canary, cand_ready, build_surge_pods(spec))
+    # The stable shrinks by what of the candidate serves now: right after the candidate is scaled up its Deployment
+    # has not caught up (`ready` reads 0) while its pods keep serving, and counting them as gone would scale the
+    # stable back up for a moment at every step.
+    cand_serving = cand_view.serving if cand_view is not None else 0
+    cand_replicas, stable_replicas = plan_step_replicas(total, canary, cand_serving, build_surge_pods(spec))
     desired[target] = cand_replicas
     desired[st.stable] = stable_replicas
     step_done_ready = cand_view is not None and cand_view.replicas == canary and cand_view.rolled_out \

@@ -61,6 +61,8 @@ class Sim:
         self.service_hash: str | None = None
         self.broken: set[str] = set()  # versions whose pods never become ready
         self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
+        self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
+        self._catching_up: dict[str, planning.DeploymentView] = {}
         self.job_outcome: tuple[str, str] = ("Succeeded", "accepted: sourceBytes=1000 compressedBytes=100")
         self.missing_pvc: str | None = None
         self.plans: list[planning.Plan] = []
@@ -105,17 +107,30 @@ class Sim:
                             for m in self.body["spec"]["rollout"]["analysis"]["metrics"]}
         return planning.plan_reconcile(copy.deepcopy(self.body), self.observed(), self.now, measurements)
 
+    def _lag(self, version: str, old: planning.DeploymentView, caught_up: planning.DeploymentView) -> None:
+        """spec.replicas changed; the status still describes the old generation until the next pass."""
+        generation = old.generation + 1
+        self.deployments[version] = dataclasses.replace(old, replicas=caught_up.replicas, generation=generation)
+        self._catching_up[version] = dataclasses.replace(caught_up, generation=generation,
+                                                         observed_generation=generation)
+
     def step(self) -> planning.Plan:
+        lagged, self._catching_up = self._catching_up, {}  # what the last pass saw lagging catches up after this one
         plan = self.plan()
         self.plans.append(plan)
         for obj in plan.apply:
             kind, name = obj["kind"], obj["metadata"]["name"]
             if kind == "Deployment":
                 version = obj["metadata"]["labels"][naming.LABEL_VERSION]
-                view = self._ready(version, obj["spec"]["replicas"])
-                self.deployments[version] = dataclasses.replace(
-                    view, image=obj["spec"]["template"]["spec"]["containers"][0]["image"],
+                old = self.deployments.get(version)
+                view = dataclasses.replace(
+                    self._ready(version, obj["spec"]["replicas"]),
+                    image=obj["spec"]["template"]["spec"]["containers"][0]["image"],
                     spec_hash=objects.spec_hash_of(obj))
+                if version in self.lagging and old is not None and old.replicas != view.replicas:
+                    self._lag(version, old, view)
+                else:
+                    self.deployments[version] = view
             elif kind == "Service":
                 self.service_hash = objects.spec_hash_of(obj)
             elif kind == "ConfigMap":
@@ -125,12 +140,19 @@ class Sim:
                                                    phase="Running", spec_hash=objects.spec_hash_of(obj))
         for name, replicas in plan.scale:
             version = next(v for v, d in self.deployments.items() if d.name == name)
-            self.deployments[version] = self._ready(version, replicas)
+            old, view = self.deployments[version], self._ready(version, replicas)
+            if version in self.lagging:
+                self._lag(version, old, view)
+            else:
+                self.deployments[version] = view
         for _, kind, name in plan.delete:
             if kind == "Deployment":
                 self.deployments = {v: d for v, d in self.deployments.items() if d.name != name}
             elif kind == "Job":
                 self.jobs.pop(name, None)
+        for version, view in lagged.items():
+            if version in self.deployments and version not in self._catching_up:
+                self.deployments[version] = view
         # Running Jobs finish by the next pass, as the fake kubelet decides.
         for name, job in list(self.jobs.items()):
             if job.phase == "Running":
@@ -442,6 +464,18 @@ def test_analysis_keeps_measuring_while_the_next_steps_pods_start() -> None:
     assert sim.measured > measured
     assert "error-rate" in sim.status["message"] and sim.status.get("stepReadyAt") is None
     assert sim.replicas()["1.1.0"] == 0 and sim.replicas()["1.0.0"] == 4
+
+
+def test_the_stable_only_shrinks_while_the_candidate_controller_catches_up() -> None:
+    sim = stable_sim(rollout={"steps": [{"weight": 25}, {"weight": 50}, {"weight": 75}]})
+    sim.lagging.update({"1.0.0", "1.1.0"})
+    stable_sizes = []
+    while sim.status.get("stableVersion") != "1.1.0":
+        sim.step()
+        stable_sizes.append(sim.replicas().get("1.0.0", 0))
+        assert len(stable_sizes) < 100
+    assert stable_sizes == sorted(stable_sizes, reverse=True), stable_sizes  # never scaled back up
+    assert sim.replicas()["1.1.0"] == 4
 
 
 def test_no_measurement_between_steps_before_an_analysis_began() -> None:
