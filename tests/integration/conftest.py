@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,40 @@ def namespace(cluster: Cluster) -> Iterator[str]:
         yield name
     finally:
         cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """`shipyard-operator` as a real local process with the given kubeconfig and flags; its log is kept for
+    assertions. `env` replaces the process environment (default: this one)."""
+
+    def __init__(self, kubeconfig: str | Path, log: Path, *args: str, env: Mapping[str, str] | None = None) -> None:
+        self.liveness = free_port()
+        self.log = log
+        self.handle = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shipyard.operator.main", "--kubeconfig", str(kubeconfig), "--metrics-port", "0",
+             "--liveness", f"http://127.0.0.1:{self.liveness}/healthz", *args],
+            stdout=self.handle, stderr=subprocess.STDOUT, cwd=REPO, env=None if env is None else dict(env))
+
+    def live(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness}/healthz", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.handle.close()
+        return self.log.read_text()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.integration.conftest import Cluster, _load_cluster_module, create_artifacts_volume, wait_until
+from tests.integration.conftest import (
+    Cluster,
+    OperatorProcess,
+    _load_cluster_module,
+    create_artifacts_volume,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -379,12 +383,6 @@ def test_monitors_and_their_guard() -> None:
 
 # --- on the control plane ----------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def build_token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
     """A kubeconfig that authenticates as a ServiceAccount (a short-lived token from the TokenRequest API)."""
     token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
@@ -410,36 +408,6 @@ def adopt_crd(cluster: Cluster, release: str, namespace: str) -> None:
     cluster.kubectl("label", name, "app.kubernetes.io/managed-by=Helm", "--overwrite")
     cluster.kubectl("annotate", name, f"meta.helm.sh/release-name={release}",
                     f"meta.helm.sh/release-namespace={namespace}", "--overwrite")
-
-
-class OperatorProcess:
-    """`shipyard-operator` as a local process with the given kubeconfig; its log is kept for assertions."""
-
-    def __init__(self, kubeconfig: Path, log: Path, *args: str) -> None:
-        self.liveness = free_port()
-        self.log = log
-        self.handle = log.open("w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shipyard.operator.main", "--kubeconfig", str(kubeconfig), "--metrics-port", "0",
-             "--liveness", f"http://127.0.0.1:{self.liveness}/healthz", *args],
-            stdout=self.handle, stderr=subprocess.STDOUT, cwd=REPO)
-
-    def live(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.handle.close()
-        return self.log.read_text()
 
 
 def assert_no_permission_problems(log: str) -> None:

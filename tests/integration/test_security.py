@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,18 +17,12 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Cluster, create_artifacts_volume, wait_until
+from tests.integration.conftest import Cluster, OperatorProcess, create_artifacts_volume, free_port, wait_until
 from tests.integration.test_operator_rollout import FakePrometheus, model, replicas, wait_status
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3cret"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class MetricsServer:
@@ -67,38 +57,6 @@ class MetricsServer:
         self.server.server_close()
 
 
-class OperatorProcess:
-    """`shipyard-operator` with the session's kubeconfig; its whole log is kept."""
-
-    def __init__(self, kubeconfig: str, log: Path, *args: str) -> None:
-        self.liveness = free_port()
-        self.log = log
-        self.handle = log.open("w")
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env.pop("SHIPYARD_PROMETHEUS_ADDRESS", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shipyard.operator.main", "--kubeconfig", kubeconfig, "--metrics-port", "0",
-             "--liveness", f"http://127.0.0.1:{self.liveness}/healthz", "--all-namespaces", *args],
-            stdout=self.handle, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-
-    def live(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.handle.close()
-        return self.log.read_text()
-
-
 @pytest.fixture(scope="module")
 def allowed_prometheus() -> Iterator[FakePrometheus]:
     fake = FakePrometheus()
@@ -110,7 +68,10 @@ def allowed_prometheus() -> Iterator[FakePrometheus]:
 def secured_operator(cluster: Cluster, allowed_prometheus: FakePrometheus,
                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = OperatorProcess(cluster.kubeconfig, log, "--allowed-prometheus-address", allowed_prometheus.address)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("SHIPYARD_PROMETHEUS_ADDRESS", None)
+    op = OperatorProcess(cluster.kubeconfig, log, "--all-namespaces", "--allowed-prometheus-address",
+                         allowed_prometheus.address, env=env)
     try:
         wait_until(op.live, 30, message="the operator's liveness endpoint")
         yield op
