@@ -54,9 +54,35 @@ class Runtime:
     caches: Caches = field(default_factory=Caches)
     workers: int = 16
     task: asyncio.Task[None] | None = None
+    paused: bool = False  # Kopf's peering paused this replica in favour of another: act on nothing
 
 
 RUNTIME = Runtime()
+PAUSED_RETRY_SECONDS = 2.0
+
+
+def assess_peering_message(message: str) -> bool | None:
+    """Whether one of Kopf's peering log lines pauses (True) or resumes (False) this replica; None if neither.
+
+    Kopf stops its watches when peering pauses a replica, but not Shipyard's work queue, whose timers (analysis
+    intervals, pauses) would keep a paused replica writing from a cache that no longer updates. Kopf exposes the
+    pause only in these lines (kopf/_core/engines/peering.py), so they are what the queue follows.
+    """
+    if message.startswith(("Pausing operations in favour of", "Pausing all operators, including self")):
+        return True
+    if message.startswith("Resuming operations after the pause"):
+        return False
+    return None
+
+
+class PeeringPauseFollower(logging.Handler):
+    """Sets RUNTIME.paused from Kopf's peering log lines (see assess_peering_message)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        paused = assess_peering_message(record.getMessage())
+        if paused is not None and paused != RUNTIME.paused:
+            RUNTIME.paused = paused
+            logger.info("Peering %s this replica's reconciles", "paused" if paused else "resumed")
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
@@ -222,6 +248,8 @@ async def reconcile(key: str) -> float | None:
     body = RUNTIME.caches.models.get(key)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
+    if RUNTIME.paused:  # another replica acts; look again when this one may have resumed
+        return PAUSED_RETRY_SECONDS
     kube, provs = RUNTIME.kube, RUNTIME.providers
     assert kube is not None and provs is not None
     started = time.perf_counter()
@@ -373,6 +401,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     RUNTIME.queue = Workqueue()
     RUNTIME.caches = Caches()
     RUNTIME.workers = int(options.get("workers", 16))
+    RUNTIME.paused = False
+    peering_log = logging.getLogger("kopf._core.engines.peering")
+    if not any(isinstance(h, PeeringPauseFollower) for h in peering_log.handlers):
+        peering_log.addHandler(PeeringPauseFollower())
+    if not peering_log.isEnabledFor(logging.INFO):  # a quiet log level must not hide a pause from the queue
+        peering_log.setLevel(logging.INFO)
     RUNTIME.task = asyncio.create_task(RUNTIME.queue.run(reconcile, workers=RUNTIME.workers))
     logger.info("Started %d reconcile workers", RUNTIME.workers)
 

@@ -526,3 +526,40 @@ def test_standby_replica_takes_over_when_the_active_one_is_killed(faults: FaultC
     assert story.count("RolloutStarted") == 1 and story.count("Promoted") == 2, story
     print(f"\n[faults] takeover: standby's first write {takeover:.1f} s after kill -9 of the active replica; "
           f"rollout finished {finished:.1f} s after the kill")
+
+
+def test_a_replica_paused_for_a_higher_priority_one_stops_acting(faults: FaultCluster) -> None:
+    """Kopf pauses a replica's watches when a peer of a higher priority appears; Shipyard's own work queue (its
+    timers: step pauses, analysis intervals) must pause with them, or the paused replica keeps writing from a cache
+    that no longer updates."""
+    c = faults.cluster
+    ns = new_namespace(c)
+    c.apply({"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": PEERING}}, ns)
+    peering = ("--namespace", ns, f"--peering={PEERING}")
+    steps = [{"weight": 25, "pause": "6s"}, {"weight": 50, "pause": "6s"}]
+    first = Operator(c, faults.logs / "first.log", *peering, "--priority=50")
+    second: Operator | None = None
+    try:
+        wait_until(lambda: "Resuming operations after the pause" in first.text(), 30, message="the first resuming")
+        c.apply(model("p", "1.0.0", rollout={"steps": steps}), ns)
+        wait_status(c, ns, "p", healthy("1.0.0"), 60, message="1.0.0 healthy")
+        c.apply(model("p", "1.1.0", rollout={"steps": steps}), ns)
+        wait_status(c, ns, "p", lambda md: assess_kill_point(md["status"]) == "step-0", 60, message="step 0 ready")
+        # The first replica now has a timer due at the end of step 0's pause.
+        second = Operator(c, faults.logs / "second.log", *peering, "--priority=100")
+        wait_until(lambda: "Peering paused this replica's reconciles" in first.text(), 30,
+                   message="the first replica pausing its work queue")
+        md = wait_status(c, ns, "p", lambda m: healthy("1.1.0")(m) and replicas(c, ns)["1.0.0"] == 0, 90,
+                         message="1.1.0 healthy under the second replica")
+        time.sleep(2.0)  # a late timer of the first replica would have fired by now
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert second is not None
+    lines = first.text().splitlines()
+    paused = next(i for i, line in enumerate(lines) if "Peering paused this replica's reconciles" in line)
+    late = [line for line in lines[paused:] if any(a in line for a in ACTIONS)]
+    assert not late, late
+    assert second.actions(), second.text()[-3000:]
+    assert history(md) == [("1.0.0", "Superseded"), ("1.1.0", "Promoted")]

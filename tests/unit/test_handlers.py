@@ -94,3 +94,36 @@ def _rv(value: object) -> dict[str, Any]:
 def test_an_older_body_never_replaces_a_newer_one_in_the_cache(new: dict[str, Any], old: dict[str, Any] | None,
                                                                newer: bool) -> None:
     assert handlers.assess_newer(new, old) is newer
+
+
+@pytest.mark.parametrize(("message", "paused"), [
+    ("Pausing operations in favour of [Peer(identity='b', priority=200)].", True),
+    ("Pausing all operators, including self: [Peer(identity='a'), Peer(identity='b')]", True),
+    ("Resuming operations after the pause. Conflicting operators with the same priority are gone.", False),
+    ("Possibly conflicting operators with the same priority: [Peer(identity='b')].", None),  # followed by a pause
+    ("Keep-alive in 'shipyard' cluster-wide: ok.", None),
+])
+def test_kopf_peering_lines_pause_and_resume_the_work_queue(message: str, paused: bool | None) -> None:
+    assert handlers.assess_peering_message(message) is paused
+
+
+def test_a_paused_replica_reconciles_nothing_and_looks_again_later() -> None:
+    import asyncio
+    import logging
+
+    follower = handlers.PeeringPauseFollower()
+    before = handlers.RUNTIME.paused, dict(handlers.RUNTIME.caches.models)
+    try:
+        handlers.RUNTIME.caches.models["ml/digits"] = {"metadata": {"name": "digits", "namespace": "ml"}}
+        follower.emit(logging.LogRecord("kopf._core.engines.peering", logging.INFO, __file__, 1,
+                                        "Pausing operations in favour of %s.", (["b"],), None))
+        assert handlers.RUNTIME.paused
+        # No Kube client is configured here: a paused reconcile must return before it would need one.
+        assert asyncio.run(handlers.reconcile("ml/digits")) == handlers.PAUSED_RETRY_SECONDS
+        follower.emit(logging.LogRecord("kopf._core.engines.peering", logging.INFO, __file__, 1,
+                                        "Resuming operations after the pause.", (), None))
+        assert not handlers.RUNTIME.paused
+    finally:
+        handlers.RUNTIME.paused = before[0]
+        handlers.RUNTIME.caches.models.clear()
+        handlers.RUNTIME.caches.models.update(before[1])
