@@ -166,19 +166,20 @@ def test_examples_become_ready(cluster: Cluster, operator: KopfRunner, namespace
 
 def test_what_the_schema_cannot_express_is_stalled_and_keeps_what_serves(
         cluster: Cluster, operator: KopfRunner, namespace: str) -> None:
-    """A nodeSelector value that is no valid label value passes the CRD (free-form map) but not the API server's
-    Deployment validation: Stalled with the server's message, the stable version keeps serving, no crash loop."""
+    """A CPU request above its limit passes the CRD (requests and limits are not compared there) but not the API
+    server's Deployment validation: Stalled with the server's message, the stable version keeps serving, no crash
+    loop."""
     cluster.apply(model("sel", "registry.example/acme/digits-model:1.0.0", replicas=1), namespace)
     cluster.kubectl("wait", "--for=condition=Ready", "--timeout=60s", "-n", namespace, "md/sel")
     bad = model("sel", "registry.example/acme/digits-model:1.1.0", replicas=1)
-    bad["spec"]["serving"]["nodeSelector"] = {"pool": "not a valid value!"}
+    bad["spec"]["serving"]["resources"] = {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}
     out = cluster.apply(bad, namespace, check=False)
     assert out.returncode == 0, out.stderr  # admitted: the schema cannot tell
     md = wait_until(lambda: (m := cluster.get("md", "sel", namespace)) and condition(m, "Stalled") == "True" and m,
                     30, message="Stalled")
     stalled = next(c for c in md["status"]["conditions"] if c["type"] == "Stalled")
     assert stalled["reason"] == "ChildRejected"
-    assert "sel-1-1-0" in stalled["message"] and "nodeSelector" in stalled["message"]
+    assert "sel-1-1-0" in stalled["message"] and "must be less than or equal to cpu limit" in stalled["message"]
     assert md["status"]["observedGeneration"] == md["metadata"]["generation"]
     assert condition(md, "Ready") == "False"
     assert md["status"]["stableVersion"] == "1.0.0"  # nothing already stored is lost
