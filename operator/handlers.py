@@ -52,7 +52,7 @@ class Runtime:
     providers: providers.Providers | None = None
     queue: Workqueue = field(default_factory=Workqueue)
     caches: Caches = field(default_factory=Caches)
-    workers: int = 16
+    workers: int = 128
     task: asyncio.Task[None] | None = None
     paused: bool = False  # Kopf's peering paused this replica in favour of another: act on nothing
 
@@ -195,6 +195,12 @@ def _pod_port(pod: Mapping[str, Any]) -> int:
             if port.get("name") == contract.SERVING_PORT_NAME:
                 return int(port.get("containerPort", contract.SERVING_PORT))
     return contract.SERVING_PORT
+
+
+def assess_unobserved(body: Mapping[str, Any]) -> bool:
+    """Whether the operator has not acted on this spec yet (new object, changed spec): such work goes first."""
+    generation = (body.get("metadata") or {}).get("generation")
+    return generation is not None and (body.get("status") or {}).get("observedGeneration") != generation
 
 
 def assess_newer(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
@@ -400,7 +406,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         allowed_addresses=options.get("allowed_prometheus_addresses") or [os.environ.get(egress.ENV_ALLOWED, "")])
     RUNTIME.queue = Workqueue()
     RUNTIME.caches = Caches()
-    RUNTIME.workers = int(options.get("workers", 16))
+    RUNTIME.workers = int(options.get("workers", 128))
     RUNTIME.paused = False
     peering_log = logging.getLogger("kopf._core.engines.peering")
     if not any(isinstance(h, PeeringPauseFollower) for h in peering_log.handlers):
@@ -439,7 +445,7 @@ async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str 
         return
     if assess_newer(body, RUNTIME.caches.models.get(key)):
         RUNTIME.caches.models[key] = dict(body)
-    RUNTIME.queue.add(key)
+    RUNTIME.queue.add(key, urgent=assess_unobserved(body))
 
 
 async def _child_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:

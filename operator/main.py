@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("SHIPYARD_METRICS_PORT", "9090")),
                         help="port of the operator's /metrics (0 to disable)")
     parser.add_argument("--metrics-address", default="0.0.0.0")
-    parser.add_argument("--workers", type=int, default=16,
+    parser.add_argument("--workers", type=int, default=128,
                         help="parallel reconcile workers (reconciles wait on the API server, not the CPU)")
     parser.add_argument("--prometheus-address", default=os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS"),
                         help="default Prometheus for analysis (else built-in metrics are scraped from the pods)")

@@ -5,6 +5,10 @@ A key is processed by at most one worker at a time; adding a key that is being p
 it is processed once more afterwards (no lost updates, no parallel reconciles of one object). Adding a key
 already waiting keeps the earliest due time. This mirrors client-go's rate-limited work queue, sized for an
 operator that owns thousands of objects with a handful of workers.
+
+One addition: a key added as `urgent` (a spec the operator has not acted on yet: a new object, a changed image)
+is due now and goes before every other due key, in the order such keys arrived. A burst of status-driven wakes
+(hundreds of Deployments becoming available) then does not delay acting on what a user just applied.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 logger = logging.getLogger(__name__)
@@ -30,16 +35,29 @@ class Workqueue:
         self._seq = itertools.count()
         self._processing: set[str] = set()
         self._dirty: dict[str, float] = {}  # added while processing: due time to use afterwards
+        self._urgent: set[str] = set()  # pending keys that go first
+        self._urgent_order: deque[str] = deque()
+        self._dirty_urgent: set[str] = set()
         self._wakeup = asyncio.Event()
         self._closed = False
 
     def __len__(self) -> int:
         return len(self._due)
 
-    def add(self, key: str, after: float = 0.0) -> None:
-        due = self._clock() + max(0.0, after)
+    def add(self, key: str, after: float = 0.0, urgent: bool = False) -> None:
+        """Adds `key`, due in `after` seconds; an urgent key is due now and goes before the others."""
+        due = self._clock() + (0.0 if urgent else max(0.0, after))
         if key in self._processing:
             self._dirty[key] = min(due, self._dirty.get(key, due))
+            if urgent:
+                self._dirty_urgent.add(key)
+            return
+        if urgent:
+            if key not in self._urgent:
+                self._urgent.add(key)
+                self._urgent_order.append(key)
+            self._due[key] = min(due, self._due.get(key, due))
+            self._wakeup.set()
             return
         current = self._due.get(key)
         if current is not None and current <= due:
@@ -52,25 +70,35 @@ class Workqueue:
         """Drops a pending entry (the object was deleted); a running reconcile finishes normally."""
         self._due.pop(key, None)
         self._dirty.pop(key, None)
+        self._dirty_urgent.discard(key)
+        self._urgent.discard(key)  # its place in _urgent_order is skipped when reached
 
     def close(self) -> None:
         self._closed = True
         self._wakeup.set()
 
+    def _take(self, key: str) -> str:
+        del self._due[key]
+        self._urgent.discard(key)
+        self._processing.add(key)
+        return key
+
     async def _next(self) -> str | None:
         while not self._closed:
+            while self._urgent_order:
+                key = self._urgent_order.popleft()
+                if key in self._urgent and key in self._due:
+                    return self._take(key)
             now = self._clock()
             while self._heap:
                 due, _, key = self._heap[0]
-                if self._due.get(key) != due:  # superseded or forgotten entry
+                if self._due.get(key) != due or key in self._urgent:  # superseded, forgotten or gone first
                     heapq.heappop(self._heap)
                     continue
                 if due > now:
                     break
                 heapq.heappop(self._heap)
-                del self._due[key]
-                self._processing.add(key)
-                return key
+                return self._take(key)
             timeout = (self._heap[0][0] - now) if self._heap else None
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -81,7 +109,9 @@ class Workqueue:
         self._processing.discard(key)
         dirty_due = self._dirty.pop(key, None)
         if dirty_due is not None:
-            self.add(key, max(0.0, dirty_due - self._clock()))
+            urgent = key in self._dirty_urgent
+            self._dirty_urgent.discard(key)
+            self.add(key, max(0.0, dirty_due - self._clock()), urgent=urgent)
         if requeue_after is not None:
             self.add(key, requeue_after)
 

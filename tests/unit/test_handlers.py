@@ -127,3 +127,13 @@ def test_a_paused_replica_reconciles_nothing_and_looks_again_later() -> None:
         handlers.RUNTIME.paused = before[0]
         handlers.RUNTIME.caches.models.clear()
         handlers.RUNTIME.caches.models.update(before[1])
+
+
+@pytest.mark.parametrize(("body", "unobserved"), [
+    ({"metadata": {"generation": 1}}, True),  # created a moment ago
+    ({"metadata": {"generation": 1}, "status": {"observedGeneration": 1}}, False),  # a status-only change
+    ({"metadata": {"generation": 3}, "status": {"observedGeneration": 2}}, True),  # a new spec
+    ({"metadata": {}}, False),
+])
+def test_specs_not_acted_on_yet_are_urgent(body: dict[str, Any], unobserved: bool) -> None:
+    assert handlers.assess_unobserved(body) is unobserved

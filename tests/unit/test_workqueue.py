@@ -101,3 +101,45 @@ async def test_forget_drops_a_pending_key() -> None:
     q.close()
     await task
     assert calls == ["ns/kept"]
+
+
+@pytest.mark.parametrize(
+    ("adds", "order"),
+    [
+        pytest.param([("a", False), ("b", True)], ["b", "a"], id="urgent-first"),
+        pytest.param([("a", True), ("b", True), ("c", False)], ["a", "b", "c"], id="urgent-in-arrival-order"),
+        pytest.param([("a", False), ("a", True), ("b", False)], ["a", "b"], id="pending-key-made-urgent-once"),
+        pytest.param([("a", True), ("a", True), ("b", True)], ["a", "b"], id="urgent-deduplicated"),
+        pytest.param([("a", False), ("b", False)], ["a", "b"], id="normal-fifo"),
+    ],
+)
+async def test_urgent_keys_go_before_other_due_keys(adds: list[tuple[str, bool]], order: list[str]) -> None:
+    q = Workqueue(clock=FakeClock())
+    for key, urgent in adds:
+        q.add(key, urgent=urgent)
+    taken = []
+    for _ in order:
+        key = await q._next()
+        assert key is not None
+        taken.append(key)
+        q._done(key, None)
+    assert taken == order and len(q) == 0
+
+
+async def test_an_urgent_add_while_processing_comes_back_first() -> None:
+    q = Workqueue(clock=FakeClock())
+    q.add("a")
+    assert await q._next() == "a"
+    q.add("b")
+    q.add("a", urgent=True)  # a new spec arrived while "a" was being reconciled
+    q._done("a", None)
+    assert await q._next() == "a"
+
+
+async def test_a_forgotten_urgent_key_is_skipped() -> None:
+    q = Workqueue(clock=FakeClock())
+    q.add("a", urgent=True)
+    q.add("b")
+    q.forget("a")
+    assert await q._next() == "b"
+    assert len(q) == 0
