@@ -425,6 +425,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all Ready per run")
     parser.add_argument("--operator-args", default="", help="extra operator flags, e.g. '--workers=32'")
     parser.add_argument("--profile", type=Path, default=None, help="sample the operator with py-spy into this folder")
+    parser.add_argument("--output", type=Path, default=RESULTS / "operator_scale.json",
+                        help="where to write the JSON (default bench/results/operator_scale.json)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -475,12 +477,12 @@ def main() -> int:
         targets.append(("within 2x of Argo Rollouts at every N", all(r["ratio"] <= 2.0 for r in ratios)))
     for name, ok in targets:
         print(f"  {'met ' if ok else 'MISSED'}  {name}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "operator_scale.json").write_text(json.dumps({
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "versions": {"kubernetes": cluster_mod.read_versions()["KUBE_VERSION"],
                      "argo_rollouts": os.environ.get("ARGO_ROLLOUTS_VERSION", "v1.10.1")},
-        "runs": [asdict(r) for r in runs], "ratios": ratios,
+        "operator_args": args.operator_args, "runs": [asdict(r) for r in runs], "ratios": ratios,
         "targets": [{"name": n, "met": ok} for n, ok in targets],
     }, indent=2, default=str))
     print(f"targets: {sum(ok for _, ok in targets)}/{len(targets)} met")
