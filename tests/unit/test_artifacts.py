@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
 from shipyard.runtime import artifacts, models, quantize
+from tests.pickle_payloads import TouchesFileWhenUnpickled, hostile_weights
 
 DIGITS_IO = {
     "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
@@ -167,16 +167,6 @@ def test_expected_digest_is_enforced(tmp_path: Path) -> None:
         artifacts.load_model(tmp_path / "model", expected_digest="sha256:" + "0" * 64)
 
 
-class _CreatesFileWhenUnpickled:
-    """A payload whose unpickling calls os.system-like code: here, it creates a marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def _source_dir(directory: Path, weights_name: str, encoding: str, payload: bytes) -> None:
     directory.mkdir()
     (directory / weights_name).write_bytes(payload)
@@ -210,20 +200,7 @@ def test_malicious_pickle_is_refused_and_never_executed(
     tmp_path: Path, encoding: str, via_torch_save: bool, message: str
 ) -> None:
     marker = tmp_path / "pwned"
-    payload_obj = {"0.weight": _CreatesFileWhenUnpickled(marker)}
-    if via_torch_save:
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(payload_obj, buffer)
-        payload = buffer.getvalue()
-    else:
-        payload = pickle.dumps(payload_obj)
-    # The payload really is malicious: plain unpickling creates the marker.
-    pickle.loads(pickle.dumps(_CreatesFileWhenUnpickled(marker)))
-    assert marker.exists()
-    marker.unlink()
-
+    payload = hostile_weights(marker, via_torch_save=via_torch_save)
     _source_dir(tmp_path / "model", "weights.bin", encoding, payload)
     with pytest.raises(artifacts.ArtifactError, match=message):
         artifacts.load_model(tmp_path / "model")
@@ -348,7 +325,7 @@ def test_export_kind_round_trip_and_pickle_check(tmp_path: Path) -> None:
                 import io
 
                 buffer = io.BytesIO()
-                torch.save(_CreatesFileWhenUnpickled(marker), buffer)
+                torch.save(TouchesFileWhenUnpickled(marker), buffer)
                 data = buffer.getvalue()
             dst.writestr(item, data)
     with pytest.raises(artifacts.ArtifactError, match="refused: .*sample_inputs/model.pt is a pickle"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from shipyard.runtime import artifacts, cli, compress
+from tests.pickle_payloads import hostile_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_LATENCY = {"batchSizes": [1, 8], "budgetSeconds": 0.02}
@@ -151,23 +151,13 @@ def _flip_byte(source: Path, target: Path) -> None:
     weights.write_bytes(bytes(data))
 
 
-class _Exploit:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def _pickle_instead_of_weights(source: Path, target: Path) -> None:
     """A source directory whose manifest is fine but whose weights are a pickle that creates a file."""
     target.mkdir(parents=True)
     manifest = json.loads((source / artifacts.MANIFEST_FILE).read_text())
     for key in ("files", "digest"):
         manifest.pop(key)
-    buffer = io.BytesIO()
-    torch.save({"0.weight": _Exploit(target.parent / "pwned")}, buffer)
-    (target / manifest["weights"]).write_bytes(buffer.getvalue())
+    (target / manifest["weights"]).write_bytes(hostile_weights(target.parent / "pwned", via_torch_save=True))
     (target / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
 
 

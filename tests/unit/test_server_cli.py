@@ -20,6 +20,7 @@ import torch
 
 from shipyard.operator import contract
 from shipyard.runtime import artifacts, models, server
+from tests.pickle_payloads import hostile_weights
 
 ENV = {
     contract.ENV_ARTIFACT_PATH: "/artifacts/digits-abc",
@@ -320,16 +321,6 @@ def test_serve_exits_1_when_the_model_directory_is_broken(
     assert "Failed to load model broken" in caplog.text and message in caplog.text
 
 
-class _OpensFileWhenUnpickled:
-    """A pickle payload: unpickling it calls open(marker, "w"), which creates the marker file."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
-        return (open, (str(self.marker), "w"))
-
-
 @pytest.mark.parametrize(
     ("encoding", "via_torch_save", "message"),
     [
@@ -340,20 +331,8 @@ class _OpensFileWhenUnpickled:
 def test_serve_refuses_an_artifact_with_pickled_weights_and_never_runs_the_payload(
     tmp_path: Path, encoding: str, via_torch_save: bool, message: str
 ) -> None:
-    import io
-    import pickle
-
     marker = tmp_path / "pwned"
-    pickle.loads(pickle.dumps(_OpensFileWhenUnpickled(marker))).close()  # the payload really runs when unpickled
-    assert marker.exists()
-    marker.unlink()
-    weights = {"0.weight": _OpensFileWhenUnpickled(marker)}
-    if via_torch_save:
-        buffer = io.BytesIO()
-        torch.save(weights, buffer)
-        payload = buffer.getvalue()
-    else:
-        payload = pickle.dumps(weights)
+    payload = hostile_weights(marker, via_torch_save=via_torch_save)
     directory = tmp_path / "evil"
     directory.mkdir()
     (directory / "weights.bin").write_bytes(payload)
