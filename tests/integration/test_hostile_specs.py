@@ -459,7 +459,6 @@ OPERATOR_CASES = [
      "spec.rollout.steps[0].pause: must be at most 168h"),
     ("initial-delay-rounding", ("spec", "rollout", "analysis", "initialDelay"), "86400.0000000001s", "InvalidSpec",
      "spec.rollout.analysis.initialDelay: must be at most 24h"),
-    # spec.py: a query of blanks passes minLength
     # the API server's pod validation: a request above its limit (neither the CRD nor spec.py compares them)
     ("cpu-request-over-limit", ("spec", "serving", "resources", "limits", "cpu"), "100m", "ChildRejected",
      "must be less than or equal to cpu limit"),
