@@ -14,8 +14,9 @@ Lifecycle of a new version (the *target*, from ``spec.image``) next to the *stab
 2. **Progressing**: canary steps by replica weight. A step of weight ``w`` gives the candidate
    ``max(1, ceil(replicas x w / 100))`` pods (rounded up, at least one) and the stable ``replicas`` minus the
    candidate's ready pods (so serving capacity never drops), never below ``replicas - canary``. With GPU pods and
-   ``maxSurgeGPUs``, the pods above ``replicas`` are limited to ``maxSurgeGPUs / GPUs per pod``; at 0 the stable
-   is scaled down first (in-place replacement). A step is done when its pods are ready, its pause has elapsed
+   ``maxSurgeGPUs``, the pods above ``replicas`` are limited to ``maxSurgeGPUs / GPUs per pod``, counted after
+   every single write: the stable is scaled down first and the candidate grows only into what it gave back, one
+   pass later (at 0: in-place replacement). A step is done when its pods are ready, its pause has elapsed
    (or, for a ``manual`` step, the promote annotation names the candidate) and the analysis has not failed; an
    Inconclusive analysis holds the step (**Paused**), neither promoting nor rolling back. A metric whose latest
    measurement erred (provider down, within ``consecutiveErrorLimit``) makes the analysis Inconclusive too.
@@ -175,13 +176,24 @@ def build_surge_pods(spec: spec_mod.ModelDeploymentSpec) -> int | None:
     return spec.rollout.max_surge_gpus // gpus
 
 
-def plan_step_replicas(total: int, canary: int, candidate_ready: int, surge: int | None) -> tuple[int, int]:
-    """(candidate, stable) replicas while the candidate moves to `canary` pods (see the module docstring)."""
+def plan_step_replicas(total: int, canary: int, candidate_ready: int, surge: int | None,
+                       now: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(candidate, stable) replicas while the candidate moves to `canary` pods (see the module docstring).
+
+    With a surge limit and `now` = the (candidate, stable) replicas as they are, the candidate grows only into what
+    the stable has already given back: one pass scales the stable down, the next scales the candidate up. The
+    candidate is written before the stable in a pass, so planning both at once would hold `replicas + canary` GPU
+    pods for a moment. The limit only holds growth back: a candidate already running is never shrunk for it.
+    """
     floor = total - canary
     stable = total - min(candidate_ready, canary)
-    if surge is not None:
-        stable = min(stable, total + surge - canary)
-    return canary, max(floor, stable, 0)
+    if surge is None:
+        return canary, max(floor, stable, 0)
+    stable = max(floor, min(stable, total + surge - canary), 0)
+    if now is None:
+        return canary, stable
+    candidate_now, stable_now = now
+    return min(canary, max(candidate_now, total + surge - stable_now)), stable
 
 
 def plan_invalid(meta: Meta, previous: Mapping[str, Any], message: str, now: datetime.datetime,
@@ -646,7 +658,9 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     # has not caught up (`ready` reads 0) while its pods keep serving, and counting them as gone would scale the
     # stable back up for a moment at every step.
     cand_serving = cand_view.serving if cand_view is not None else 0
-    cand_replicas, stable_replicas = plan_step_replicas(total, canary, cand_serving, build_surge_pods(spec))
+    now_replicas = (cand_view.replicas if cand_view is not None else 0, observed.deployments[st.stable].replicas)
+    cand_replicas, stable_replicas = plan_step_replicas(total, canary, cand_serving, build_surge_pods(spec),
+                                                        now_replicas)
     desired[target] = cand_replicas
     desired[st.stable] = stable_replicas
     step_done_ready = cand_view is not None and cand_view.replicas == canary and cand_view.rolled_out \
@@ -718,7 +732,8 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     st.phase = "Progressing"
     promoting = st.step >= len(steps)
     canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
-    desired[target], desired[st.stable] = plan_step_replicas(total, canary, cand_ready, build_surge_pods(spec))
+    desired[target], desired[st.stable] = plan_step_replicas(total, canary, cand_ready, build_surge_pods(spec),
+                                                             now_replicas)
     st.message = (f"Promoting version {target}" if promoting else
                   f"Step {st.step + 1}/{len(steps)} of version {target}: scaling to {canary} pod(s)")
     st.wake_at(now + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds))
