@@ -35,10 +35,12 @@ FROM build AS runtime-build
 # cpu, or a CUDA build of torch such as cu128 (its CUDA libraries come as wheels; the driver comes from the node).
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
-# The project itself is installed from its source: its dependencies are pinned in pyproject.toml.
+# The project itself is installed from its source: its dependencies are pinned in pyproject.toml. A CUDA variant
+# (cu*) also gets the `gpu` extra (nvidia-ml-py: NVML, for the GPU utilisation gauge; the driver comes from the node).
 # hadolint ignore=DL3013
 RUN pip install --no-compile --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}" \
  && pip install --no-compile ".[runtime]" \
+ && case "${TORCH_VARIANT}" in cu*) pip install --no-compile ".[runtime,gpu]" && python -c "import pynvml" ;; esac \
  && python -c "import torch, shipyard.runtime.cli; print('torch', torch.__version__)"
 
 # --- final stages ---------------------------------------------------------------------------------------------------

@@ -42,6 +42,11 @@ METRIC_QUEUE_DURATION = "shipyard_queue_duration_seconds"  # histogram
 METRIC_INFLIGHT = "shipyard_inflight_requests"  # gauge
 METRIC_MODEL_READY = "shipyard_model_ready"  # gauge 0/1
 METRIC_HTTP_DURATION = "http_request_duration_seconds"  # labels: method, path (route template), status
+# GPU gauges, one series per CUDA device in use (absent on CPU); labels: model, version, device ("cuda:0").
+METRIC_GPU_MEMORY_ALLOCATED = "shipyard_gpu_memory_allocated_bytes"  # held by tensors
+METRIC_GPU_MEMORY_RESERVED = "shipyard_gpu_memory_reserved_bytes"  # reserved by torch's caching allocator
+METRIC_GPU_UTILIZATION = "shipyard_gpu_utilization_ratio"  # 0..1; only with NVML (nvidia-ml-py, extra `gpu`)
 LABEL_MODEL = "model"
 LABEL_VERSION = "version"
 LABEL_CODE = "code"
+LABEL_DEVICE = "device"

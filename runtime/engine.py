@@ -210,20 +210,24 @@ class GpuStats:
     utilization: float | None  # 0..1, None when the driver library cannot tell
 
 
-def fetch_gpu_stats(devices: Sequence[str]) -> list[GpuStats]:
-    """Memory and utilisation of the CUDA devices in use (empty on CPU)."""
+def fetch_gpu_stats(devices: Sequence[str], cuda: Any = None) -> list[GpuStats]:
+    """Memory and utilisation of the CUDA devices in use (empty on CPU).
+
+    `cuda` is `torch.cuda` unless a test passes a stand-in with `memory_allocated`, `memory_reserved` and
+    `utilization` (percent). Utilisation needs NVML (the `pynvml` module of nvidia-ml-py, the `gpu` extra); without
+    it, or on any driver error, the reading's utilisation is None and only the memory numbers are exported.
+    """
+    cuda = torch.cuda if cuda is None else cuda
     stats = []
     for device in devices:
         if not device.startswith("cuda"):
             continue
         index = torch.device(device).index or 0
         try:
-            utilization: float | None = torch.cuda.utilization(index) / 100.0
-        except Exception:  # needs pynvml / amdsmi; memory numbers still come from torch
+            utilization: float | None = float(cuda.utilization(index)) / 100.0
+        except Exception:  # pynvml (or amdsmi) missing or failing; memory numbers still come from torch
             utilization = None
-        stats.append(
-            GpuStats(device, torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index), utilization)
-        )
+        stats.append(GpuStats(device, int(cuda.memory_allocated(index)), int(cuda.memory_reserved(index)), utilization))
     return stats
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
@@ -23,15 +23,28 @@ from shipyard.runtime import oip
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-METRIC_GPU_MEMORY_ALLOCATED = "shipyard_gpu_memory_allocated_bytes"
-METRIC_GPU_MEMORY_RESERVED = "shipyard_gpu_memory_reserved_bytes"
-METRIC_GPU_UTILIZATION = "shipyard_gpu_utilization_ratio"
 HTTP_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 # Every status an inference request can be answered with (success and the typed errors' mapping), exported at 0
 # from the start: Prometheus' rate() needs a series to exist before its first increase, so an error series born
 # on the first 5xx would hide those first errors (and read 0 through the errorRate query's `or vector(0)`) until a
 # later scrape; a `scrape` metric with `rate: true` likewise skips a series absent from the previous snapshot.
 PRECREATED_CODES = tuple(sorted({200, *oip.STATUS_BY_ERROR.values()}))
+
+
+class GpuReading(Protocol):
+    """One CUDA device's numbers at scrape time (`engine.GpuStats` is one)."""
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def allocated_bytes(self) -> int: ...
+
+    @property
+    def reserved_bytes(self) -> int: ...
+
+    @property
+    def utilization(self) -> float | None: ...  # 0..1; None when NVML cannot tell (nvidia-ml-py not installed)
 
 
 class Histogram:
@@ -122,8 +135,8 @@ class ServerMetrics:
         for wait in queue_waits:
             observe(wait)
 
-    def register_gpu(self, fetch: Callable[[], Sequence[Any]]) -> None:
-        """Export GPU memory/utilisation gauges, read from `fetch()` at scrape time."""
+    def register_gpu(self, fetch: Callable[[], Iterable[GpuReading]]) -> None:
+        """Export GPU memory/utilisation gauges, read from `fetch()` at scrape time (see `build_gpu_families`)."""
         self.registry.register(_GpuCollector(self.model, self.version, fetch))
 
     def build_exposition(self) -> bytes:
@@ -184,24 +197,32 @@ class _ServerCollector(Collector):
         yield http
 
 
+def build_gpu_families(model: str, version: str, readings: Iterable[GpuReading]) -> list[GaugeMetricFamily]:
+    """The GPU gauges for one scrape: per device, allocated and reserved memory and, when the reading has one,
+    utilisation (a device whose utilisation is unknown has no utilisation sample, rather than a false 0). Pure."""
+    labels = [contract.LABEL_MODEL, contract.LABEL_VERSION, contract.LABEL_DEVICE]
+    allocated = GaugeMetricFamily(
+        contract.METRIC_GPU_MEMORY_ALLOCATED, "GPU memory held by tensors (bytes).", labels=labels
+    )
+    reserved = GaugeMetricFamily(
+        contract.METRIC_GPU_MEMORY_RESERVED, "GPU memory reserved by the caching allocator (bytes).", labels=labels
+    )
+    utilization = GaugeMetricFamily(
+        contract.METRIC_GPU_UTILIZATION, "GPU utilisation over the driver's last sample period (0..1).", labels=labels
+    )
+    for reading in readings:
+        values = [model, version, reading.device]
+        allocated.add_metric(values, reading.allocated_bytes)
+        reserved.add_metric(values, reading.reserved_bytes)
+        if reading.utilization is not None:
+            utilization.add_metric(values, reading.utilization)
+    return [allocated, reserved, utilization]
+
+
 class _GpuCollector(Collector):
-    def __init__(self, model: str, version: str, fetch: Callable[[], Sequence[Any]]) -> None:
+    def __init__(self, model: str, version: str, fetch: Callable[[], Iterable[GpuReading]]) -> None:
         self._values = (model, version)
         self._fetch = fetch
 
     def collect(self) -> Iterable[Metric]:
-        labels = [contract.LABEL_MODEL, contract.LABEL_VERSION, "device"]
-        allocated = GaugeMetricFamily(METRIC_GPU_MEMORY_ALLOCATED, "GPU memory held by tensors (bytes).", labels=labels)
-        reserved = GaugeMetricFamily(
-            METRIC_GPU_MEMORY_RESERVED, "GPU memory reserved by the caching allocator (bytes).", labels=labels
-        )
-        utilization = GaugeMetricFamily(
-            METRIC_GPU_UTILIZATION, "GPU utilisation over the driver's last sample period (0..1).", labels=labels
-        )
-        for stats in self._fetch():
-            values = [*self._values, stats.device]
-            allocated.add_metric(values, stats.allocated_bytes)
-            reserved.add_metric(values, stats.reserved_bytes)
-            if stats.utilization is not None:
-                utilization.add_metric(values, stats.utilization)
-        return [allocated, reserved, utilization]
+        return build_gpu_families(*self._values, self._fetch())
