@@ -21,7 +21,8 @@ the optional AOTInductor package is a separate, larger file and is listed apart)
 split. Latency: p50 of one forward pass at batch 1, 64 (and 256 for digits), measured in interleaved rounds
 (every variant once per round, the median of the per-round p50s), because the machine may be shared.
 
-It prints a table, writes bench/results/compression.json, and its last line is `targets: K/N met`, counted
+It prints a table, writes bench/results/compression.json (with a `meta` block: git commit and dirty flag, Python,
+torch, platform, load average before and after, start and end time), and its last line is `targets: K/N met`, counted
 from the measured figures (targets from the issue):
 - digits int8: >= 3.5x smaller; >= 2x lower p50 than fp32 eager at batch 64 and 256 (the faster of the
   artifact's two loaders, eager or compiled); <= 0.5 point accuracy drop;
@@ -377,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    started_at = time.time()
+    load_before_raw = os.getloadavg()
+    load_before = " ".join(f"{x:.2f}" for x in load_before_raw)
+    git_head, git_status = fetch_git_state()  # the code as it was when the run started
     examples = _load_examples()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="shipyard-bench-compression-") as tmp:
@@ -395,13 +399,19 @@ def main(argv: list[str] | None = None) -> int:
         results["minilm"] = bench_minilm(work, work / "models" / "minilm", args)
     import torchao
 
+    load_after_raw = os.getloadavg()
+    results["meta"] = build_meta(
+        git_head, git_status, python=platform.python_version(), torch_version=torch.__version__,
+        platform_name=platform.platform(), load_before=load_before_raw, load_after=load_after_raw,
+        started=started_at, finished=time.time(),
+    )  # fmt: skip
     results["machine"] = {
         "cpu": platform.processor() or _cpu_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "ompNumThreads": os.environ.get("OMP_NUM_THREADS"),
         "loadBefore": load_before,
-        "loadAfter": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "loadAfter": " ".join(f"{x:.2f}" for x in load_after_raw),
         "torch": torch.__version__,
         "torchao": torchao.__version__,
         "python": platform.python_version(),
@@ -420,6 +430,55 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {args.out} ({results['seconds']:.0f}s)")
     print(f"targets: {met}/{len(targets)} met")
     return 0
+
+
+def fetch_git_state(repo: Path = ROOT) -> tuple[str | None, str | None]:
+    """`git rev-parse HEAD` and `git status --porcelain` of the repository (None where git cannot tell)."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    return (head.strip() or None) if head else None, git("status", "--porcelain")
+
+
+def build_meta(
+    git_head: str | None,
+    git_status: str | None,
+    *,
+    python: str,
+    torch_version: str,
+    platform_name: str,
+    load_before: tuple[float, ...],
+    load_after: tuple[float, ...],
+    started: float,
+    finished: float,
+) -> dict[str, Any]:
+    """The code (commit; whether the working tree had uncommitted changes when the run started, with their paths),
+    the interpreter and torch, the platform, the load average around the run and its UTC start/end (epoch seconds
+    in). Pure; `gitDirty` is None when git could not tell."""
+    changed = None if git_status is None else [line[3:] for line in git_status.splitlines() if line.strip()]
+
+    def utc(seconds: float) -> str:
+        return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
+
+    return {
+        "gitCommit": git_head,
+        "gitDirty": None if changed is None else bool(changed),
+        "gitDirtyFiles": (changed or [])[:50],
+        "python": python,
+        "torch": torch_version,
+        "platform": platform_name,
+        "loadBefore": [round(x, 2) for x in load_before],
+        "loadAfter": [round(x, 2) for x in load_after],
+        "startedAt": utc(started),
+        "finishedAt": utc(finished),
+    }
 
 
 def _cpu_name() -> str:

@@ -10,7 +10,8 @@ every server runs with 1 torch thread (OMP_NUM_THREADS=1 and torch.set_num_threa
 5 ms batch delay where it batches. Each server's first answer is checked against the in-process model's
 output before it is measured.
 
-It prints a table, writes bench/results/serving.json, and its last line is `targets: K/N met`, counted
+It prints a table, writes bench/results/serving.json (with a `meta` block: git commit and dirty flag, Python,
+torch, platform, load average before and after, start and end time), and its last line is `targets: K/N met`, counted
 from the measured figures:
 - per model, at the headline concurrency: shipyard's req/s >= 1.5x the best peer's, with a p99 no worse;
 - per model: shipyard's best req/s over the levels >= 70% of the in-process limit (best batch size).
@@ -703,6 +704,55 @@ def fetch_versions() -> dict[str, str]:
     return versions
 
 
+def fetch_git_state(repo: Path = REPO) -> tuple[str | None, str | None]:
+    """`git rev-parse HEAD` and `git status --porcelain` of the repository (None where git cannot tell)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    return (head.strip() or None) if head else None, git("status", "--porcelain")
+
+
+def build_meta(
+    git_head: str | None,
+    git_status: str | None,
+    *,
+    python: str,
+    torch_version: str,
+    platform_name: str,
+    load_before: tuple[float, ...],
+    load_after: tuple[float, ...],
+    started: float,
+    finished: float,
+) -> dict[str, Any]:
+    """What a result file needs to be traced back and judged: the code (commit, and whether the working tree had
+    uncommitted changes when the run started, with their paths), the interpreter and torch, the platform, the load
+    average around the run and its UTC start/end. Pure; `git_dirty` is None when git could not tell."""
+    changed = None if git_status is None else [line[3:] for line in git_status.splitlines() if line.strip()]
+
+    def utc(seconds: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+    return {
+        "git_commit": git_head,
+        "git_dirty": None if changed is None else bool(changed),
+        "git_dirty_files": (changed or [])[:50],
+        "python": python,
+        "torch": torch_version,
+        "platform": platform_name,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in load_after],
+        "started": utc(started),
+        "finished": utc(finished),
+        "seconds": round(finished - started, 1),
+    }
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -776,6 +826,7 @@ def run_bench(argv: list[str]) -> int:
     failures: dict[str, str] = {}
     started = time.time()
     load_before = os.getloadavg()
+    git_head, git_status = fetch_git_state()  # the code as it was when the run started
     with workdir(args.keep) as work:
         for model_name in models:
             model = MODELS[model_name]
@@ -828,9 +879,15 @@ def run_bench(argv: list[str]) -> int:
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
          if line.startswith("model name")), "unknown",
     )  # fmt: skip
+    load_after = os.getloadavg()
     result = {
         "benchmark": "serving",
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "meta": build_meta(
+            git_head, git_status, python=platform.python_version(), torch_version=torch.__version__,
+            platform_name=platform.platform(), load_before=load_before, load_after=load_after, started=started,
+            finished=time.time(),
+        ),  # fmt: skip
         "conditions": {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {cpu_info}, {platform.platform()}",
             "server_cores": args.server_cores,
@@ -848,7 +905,7 @@ def run_bench(argv: list[str]) -> int:
             "levels": levels,
             "headline_concurrency": HEADLINE_CONCURRENCY,
             "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
+            "loadavg_after": load_after,
             "versions": fetch_versions(),
             "models": {m: asdict(MODELS[m]) for m in models},
         },
