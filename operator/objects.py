@@ -18,6 +18,8 @@ from shipyard.operator import spec as spec_mod
 
 ARTIFACTS_VOLUME = "artifacts"
 CONFIG_VOLUME = "compression-config"
+MODEL_VOLUME = "model-source"
+MODEL_SOURCE_MOUNT = "/model-source"  # a pvc:// source model is mounted here (read-only)
 SERVING_USER = 65532
 
 
@@ -81,8 +83,30 @@ def build_artifact_path(meta: Meta, key: str) -> str:
     return f"{contract.ARTIFACTS_MOUNT}/{meta.namespace}/{meta.name}/{key}"
 
 
-def build_job_name(meta: Meta, key: str, retry: int) -> str:
-    return naming.build_name(meta.name, "compress", key[:10], f"r{retry}" if retry else "")
+def build_job_name(meta: Meta, key: str, retry: int, attempt: int = 0) -> str:
+    """spec.retry and the artifact's attempt (bumped by the shipyard.dev/retry annotation) give a new Job."""
+    return naming.build_name(meta.name, "compress", key[:10], f"r{retry}" if retry else "",
+                             f"a{attempt}" if attempt else "")
+
+
+def build_source_path(md: spec_mod.ModelDeployment) -> str | None:
+    """Where the source model is inside the pod: spec.model.path in the image, or the model's PVC mounted at
+    MODEL_SOURCE_MOUNT; None for a URI scheme this operator cannot mount (the planner stalls on it)."""
+    model = md.spec.model
+    if model.path is not None:
+        return model.path
+    pvc = model.pvc
+    return None if pvc is None else MODEL_SOURCE_MOUNT + pvc[1].rstrip("/")
+
+
+def _add_model_source_volume(md: spec_mod.ModelDeployment, container: dict[str, Any],
+                             volumes: list[dict[str, Any]]) -> None:
+    """A pvc:// source: its claim mounted read-only at MODEL_SOURCE_MOUNT."""
+    pvc = md.spec.model.pvc
+    if pvc is None:
+        return
+    container["volumeMounts"].append({"name": MODEL_VOLUME, "mountPath": MODEL_SOURCE_MOUNT, "readOnly": True})
+    volumes.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": pvc[0], "readOnly": True}})
 
 
 def build_compression_config(md: spec_mod.ModelDeployment, meta: Meta, key: str) -> dict[str, Any]:
@@ -91,7 +115,7 @@ def build_compression_config(md: spec_mod.ModelDeployment, meta: Meta, key: str)
     assert compression is not None
     recipe = spec_mod.build_recipe(compression)
     return {
-        "source": md.spec.model.path or contract.ARTIFACTS_MOUNT,
+        "source": build_source_path(md),
         "output": build_artifact_path(meta, key),
         "name": md.served_model_name,
         **recipe,
@@ -99,12 +123,12 @@ def build_compression_config(md: spec_mod.ModelDeployment, meta: Meta, key: str)
     }
 
 
-def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version: str, key: str,
+def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version: str, key: str, attempt: int = 0,
                               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ConfigMap with the compression config and the Job that runs `shipyard-runtime compress` on it."""
     compression = md.spec.compression
     assert compression is not None
-    name = build_job_name(meta, key, md.spec.retry)
+    name = build_job_name(meta, key, md.spec.retry, attempt)
     labels = {
         **naming.build_version_labels(meta.name, version),
         naming.LABEL_COMPONENT: "compression",
@@ -138,6 +162,11 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
     resources = compression.resources.as_k8s()
     if resources:
         container["resources"] = resources
+    volumes: list[dict[str, Any]] = [
+        {"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {"claimName": compression.artifacts_pvc}},
+        {"name": CONFIG_VOLUME, "configMap": {"name": name}},
+    ]
+    _add_model_source_volume(md, container, volumes)
     job = _with_hash({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -152,10 +181,7 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
                 "spec": {
                     "restartPolicy": "Never",
                     "containers": [container],
-                    "volumes": [
-                        {"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {"claimName": compression.artifacts_pvc}},
-                        {"name": CONFIG_VOLUME, "configMap": {"name": name}},
-                    ],
+                    "volumes": volumes,
                     "securityContext": _pod_security(),
                     "enableServiceLinks": False,
                     "automountServiceAccountToken": False,
@@ -209,7 +235,7 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
     spec = md.spec
     labels = naming.build_version_labels(meta.name, version)
     probe = {"port": contract.SERVING_PORT_NAME}
-    path = artifact_path or spec.model.path or contract.ARTIFACTS_MOUNT
+    path = artifact_path or build_source_path(md) or contract.ARTIFACTS_MOUNT
     container: dict[str, Any] = {
         "name": "server",
         "image": image,
@@ -231,6 +257,8 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
             {"name": ARTIFACTS_VOLUME, "mountPath": contract.ARTIFACTS_MOUNT, "readOnly": True})
         volumes.append({"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {
             "claimName": spec.compression.artifacts_pvc, "readOnly": True}})
+    elif not artifact_path:
+        _add_model_source_volume(md, container, volumes)
     resources = spec.serving.resources.as_k8s()
     if resources:
         container["resources"] = resources

@@ -239,6 +239,10 @@ class _State:
     message: str = ""
     stalled_reason: str | None = None
     rollbacks: int = 0
+    # What the previous pass stored: a transition into a pause, a stall or Degraded posts its Event once.
+    previous_phase: str | None = None
+    previous_paused: str | None = None
+    previous_stalled: str | None = None
     waits: list[datetime.datetime] = field(default_factory=list)
     events: list[EventSpec] = field(default_factory=list)
 
@@ -275,6 +279,10 @@ def _load_state(previous: Mapping[str, Any]) -> _State:
         artifacts=[dict(a) for a in previous.get("artifacts") or []],
         analysis=dict(previous["analysis"]) if isinstance(previous.get("analysis"), Mapping) else None,
         controls={k: str(v) for k, v in (previous.get("controls") or {}).items() if v is not None},
+        previous_phase=previous.get("phase"),
+        previous_paused=previous.get("pausedReason"),
+        previous_stalled=next((c.get("reason") for c in previous.get("conditions") or []
+                               if c.get("type") == "Stalled" and c.get("status") == "True"), None),
     )
 
 
@@ -332,6 +340,11 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     except spec_mod.SpecError as e:
         return plan_invalid(meta, previous, str(e), now)
     spec = md.spec
+    if spec.model.uri is not None and spec.model.pvc is None:
+        return plan_invalid(meta, previous, (
+            f"spec.model.uri: {spec.model.uri_scheme}:// sources are not supported by this operator version; put "
+            "the model in the image (spec.model.path) or on a PersistentVolumeClaim (pvc://<claim>/<path>)"),
+            now, reason="UnsupportedModelSource")
     target, image = spec.version, spec.image
     st = _load_state(previous)
     apply: list[dict[str, Any]] = []
@@ -354,6 +367,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
             for job in observed.jobs.values():  # a failed compression Job is replaced by a new one
                 if job.phase == "Failed":
                     deletes.append(("batch/v1", "Job", job.name))
+            _retry_compression(md, st)
 
     # Compression of the target.
     artifact_path, compression_state = _plan_compression(md, meta, st, observed, now, apply, blocked is not None)
@@ -382,15 +396,20 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         else:
             deletes.append(("apps/v1", "Deployment", observed.deployments[version].name))
 
+    _plan_transition_events(st)
+
     scales: list[tuple[str, int]] = []
     target_view = observed.deployments.get(target)
     if target in desired:
         target_obj = build_deployment(meta, md, target, image, desired[target], artifact_path)
         if target_view is None or target_view.spec_hash != objects.spec_hash_of(target_obj):
             apply.append(target_obj)
+    applied = {o["metadata"]["name"] for o in apply}
     for version, count in sorted(desired.items()):
         view = observed.deployments.get(version)
-        if version != target and view is not None and view.replicas != count:
+        # The target is applied when its template changed; a kept one with the same template (a version scaled to 0
+        # and wanted again) is only scaled: its stored hash still describes the replicas it was applied with.
+        if view is not None and view.replicas != count and view.name not in applied:
             scales.append((view.name, count))
     service = build_service(meta, spec.serving.port)
     if observed.service_hash != objects.spec_hash_of(service):
@@ -402,6 +421,28 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     requeue = max(0.05, (min(waits) - now).total_seconds()) if waits else None
     return Plan(apply=tuple(apply), delete=tuple(deletes), status=status, events=tuple(st.events),
                 requeue_after=requeue, scale=tuple(scales), rollbacks=st.rollbacks)
+
+
+def _retry_compression(md: spec_mod.ModelDeployment, st: _State) -> None:
+    """A retry of a version whose compression failed: its artifact gets a new attempt, i.e. a new Job (the failed
+    Job keeps its name until it is deleted, and must not be read as the new attempt's outcome)."""
+    if md.spec.compression is None:
+        return
+    key = objects.build_artifact_key(md.spec.image, spec_mod.build_recipe(md.spec.compression))
+    entry = next((a for a in st.artifacts if a.get("key") == key), None)
+    if entry is not None and entry.get("phase") == "Failed":
+        entry["attempt"] = int(entry.get("attempt") or 0) + 1
+        entry["phase"] = "Pending"
+
+
+def _plan_transition_events(st: _State) -> None:
+    """An Event for every entry into a pause, a stall or Degraded that no planning step has already told about."""
+    told = {e.reason for e in st.events}
+    if st.paused_reason and st.paused_reason != st.previous_paused and st.paused_reason not in told:
+        st.event("Normal" if st.paused_reason == "ManualStep" else "Warning", st.paused_reason, st.message)
+    warned = any(e.type == "Warning" for e in st.events)  # e.g. RolledBack or StartupTimeout: the stall is told
+    if st.stalled_reason and st.stalled_reason != st.previous_stalled and not warned:
+        st.event("Warning", st.stalled_reason, st.message)
 
 
 def _handle_rollback_to(md: spec_mod.ModelDeployment, st: _State, observed: Observed,
@@ -453,7 +494,8 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
         st.message = (f"The artifacts PersistentVolumeClaim {observed.missing_pvc!r} "
                       f"(spec.compression.artifacts.pvc) does not exist in namespace {meta.namespace}")
         return None, "stalled"
-    config_map, job = objects.build_compression_objects(md, meta, spec.version, key)
+    attempt = int((entry or {}).get("attempt") or 0)
+    config_map, job = objects.build_compression_objects(md, meta, spec.version, key, attempt=attempt)
     name = job["metadata"]["name"]
     if entry is None:
         entry = {"key": key, "version": spec.version, "path": path, "job": name, "phase": "Pending",
@@ -509,6 +551,17 @@ def _plan_steady(md: spec_mod.ModelDeployment, st: _State, observed: Observed, d
     view = observed.deployments.get(spec.version)
     if view is not None and view.replicas == spec.serving.replicas and view.rolled_out:
         st.phase, st.message = "Healthy", f"Version {spec.version} serves with {spec.serving.replicas} replica(s)"
+        if st.previous_phase == "Degraded":
+            st.event("Normal", "Recovered", f"Version {spec.version}: all {spec.serving.replicas} replica(s) ready")
+    elif (view is not None and st.previous_phase in ("Healthy", "Degraded") and view.replicas == spec.serving.replicas
+          and view.observed_generation >= view.generation and view.updated_replicas >= view.replicas):
+        # Rolled out before, nothing changed since, yet pods were lost (evicted, crashing, node gone): the
+        # Deployment controller replaces them; the model serves with less capacity meanwhile.
+        st.phase = "Degraded"
+        st.message = (f"Version {spec.version} serves with {view.serving}/{spec.serving.replicas} replica(s) ready; "
+                      "the Deployment is replacing the others")
+        if st.previous_phase != "Degraded":
+            st.event("Warning", "Degraded", st.message)
     else:
         ready = view.ready if view else 0
         st.phase = "Progressing"
@@ -598,11 +651,11 @@ def _fail_candidate(md: spec_mod.ModelDeployment, st: _State, desired: dict[str,
     spec = md.spec
     target = spec.version
     if spec.rollback.policy == "Manual" and outcome == "RolledBack":
+        if st.paused_reason != reason:
+            st.event("Warning", reason, f"Version {target}: {message}; paused (rollback policy Manual)")
         st.phase, st.paused_reason = "Paused", reason
         st.message = (f"Version {target} failed ({reason}): {message}. Paused (rollback policy Manual): set "
                       f"shipyard.dev/abort={target} to roll back or shipyard.dev/promote={target} to promote")
-        if st.paused_reason != reason:
-            st.event("Warning", reason, f"Version {target}: {message}")
         return
     st.record(target, spec.image, outcome, reason, message, now, spec.retry)
     st.event("Warning", "RolledBack", f"Rolled back version {target} to {st.stable} ({reason}): {message}")
@@ -623,7 +676,7 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     steps = spec.rollout.effective_steps
     if st.candidate != target:
         if st.candidate is not None:
-            st.record(st.candidate, st.candidate_image or "", "Aborted", "Replaced",
+            st.record(st.candidate, st.candidate_image or "", "Superseded", "Replaced",
                       f"replaced by version {target} before it was promoted", now, spec.retry)
         st.candidate, st.candidate_image = target, spec.image
         st.step, st.step_started, st.step_ready, st.paused_reason, st.analysis = 0, now, None, None, None

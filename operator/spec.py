@@ -159,6 +159,15 @@ class ModelSource:
         """``pvc``, ``s3``, ``gs`` or ``https`` for a URI source; None for a path."""
         return None if self.uri is None else self.uri.split("://", 1)[0]
 
+    @property
+    def pvc(self) -> tuple[str, str] | None:
+        """(claim, path inside the claim starting with '/') of a ``pvc://<claim>/<path>`` source, else None."""
+        if self.uri_scheme != "pvc":
+            return None
+        assert self.uri is not None
+        claim, _, rest = self.uri.removeprefix("pvc://").partition("/")
+        return claim, "/" + rest.strip("/")
+
 
 @dataclass(frozen=True)
 class Prune:

@@ -217,6 +217,9 @@ def test_failing_metric_rolls_back_and_reapplying_the_same_manifest_does_not_res
     assert f'shipyard_operator_rollbacks_total{{name="bad",namespace="{namespace}"}} 1.0' in exported
     assert f'metric="error-rate",name="bad",namespace="{namespace}",verdict="Failed"}}' in exported
     assert 'shipyard_operator_reconcile_duration_seconds_count' in exported
+    phase = f'shipyard_operator_modeldeployment_phase{{name="bad",namespace="{namespace}",'
+    assert f'{phase}shipyard_operator_modeldeployment_phase="RolledBack"}} 1.0' in exported
+    assert f'{phase}shipyard_operator_modeldeployment_phase="Progressing"}} 0.0' in exported
 
     # A GitOps tool re-applies the very same manifest: the failed version is not rolled out again.
     for _ in range(3):

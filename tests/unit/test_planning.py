@@ -419,6 +419,7 @@ def test_manual_policy_pauses_on_failure_and_abort_rolls_back() -> None:
     for _ in range(5):
         sim.step()
     assert sim.status["phase"] == "Paused" and sim.replicas()["1.1.0"] == 4 and "RolledBack" not in sim.reasons()
+    assert sim.reasons().count("AnalysisFailed") == 1  # the pause is told once, in a Warning Event
     sim.annotate("abort", "1.1.0")
     sim.settle()
     assert sim.status["phase"] == "RolledBack" and sim.history()[-1] == ("1.1.0", "Aborted")
@@ -431,6 +432,7 @@ def test_manual_step_waits_for_promote_which_skips_the_rest() -> None:
     for _ in range(5):
         sim.step()
     assert sim.status["phase"] == "Paused" and sim.replicas()["1.1.0"] == 1
+    assert sim.reasons().count("ManualStep") == 1
     sim.annotate("promote", "1.1.0")
     sim.settle()
     assert sim.status["stableVersion"] == "1.1.0" and (sim.now - T0).total_seconds() < 3600
@@ -504,8 +506,13 @@ def test_a_newer_tag_replaces_a_candidate_in_flight() -> None:
     sim.run(lambda s: s.status.get("stepReadyAt") is not None)
     sim.set_spec(image=f"{IMAGE}:1.2.0")
     sim.run(lambda s: s.status.get("candidateVersion") == "1.2.0")
-    assert ("1.1.0", "Aborted") in sim.history()
+    assert ("1.1.0", "Superseded") in sim.history()
     assert sim.replicas()["1.1.0"] == 0
+    # It never failed, so going back to it rolls it out again (a failed version would stay blocked).
+    sim.set_spec(image=f"{IMAGE}:1.1.0", rollout={"steps": [{"weight": 25}]})
+    sim.settle()
+    assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.1.0"
+    assert sim.history()[-3:] == [("1.1.0", "Superseded"), ("1.2.0", "Superseded"), ("1.1.0", "Promoted")]
 
 
 def test_gpu_rollout_without_spare_gpus_replaces_in_place() -> None:
@@ -583,6 +590,121 @@ def test_missing_artifact_volume_is_stalled_with_a_clear_message() -> None:
     assert sim.condition("Stalled") == ("True", "ArtifactVolumeMissing")
     assert "PersistentVolumeClaim 'shipyard-artifacts'" in sim.status["message"]
     assert not any(o["kind"] == "Job" for o in sim.plans[-1].apply)
+    for _ in range(3):
+        sim.step()
+    assert sim.reasons().count("ArtifactVolumeMissing") == 1
+    sim.missing_pvc = None  # the PVC was created
+    sim.settle()
+    assert sim.status["phase"] == "Healthy" and sim.condition("Stalled") == ("False", "AsExpected")
+
+
+def test_the_retry_annotation_retries_a_failed_compression_with_a_new_job() -> None:
+    sim = Sim(md("1.0.0")).settle()
+    sim.job_outcome = ("Failed", "rejected: relative loss 0.361 > 0.01")
+    sim.set_spec(image=f"{IMAGE}:1.1.0", compression=COMPRESSION)
+    sim.settle()
+    assert sim.condition("Stalled") == ("True", "CompressionFailed")
+    (failed,) = sim.jobs
+    sim.job_outcome = ("Succeeded", "accepted: sourceBytes=1000 compressedBytes=90")
+    sim.annotate("retry", "after-fixing-the-data")
+    sim.settle()
+    assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.1.0"
+    assert failed not in sim.jobs and [name[-3:] for name in sim.jobs] == ["-a1"]
+    assert sim.status["artifacts"][-1]["attempt"] == 1 and sim.status["artifacts"][-1]["phase"] == "Succeeded"
+    assert sim.reasons().count("Retrying") == 1 and sim.reasons().count("CompressionFailed") == 1
+    assert sim.history()[-2:] == [("1.1.0", "Failed"), ("1.1.0", "Promoted")]
+
+
+# --- health after the rollout -------------------------------------------------------------------------------------
+
+
+def lose_pods(sim: Sim, version: str, ready: int) -> None:
+    """Pods of a rolled-out version die (eviction, crash, node loss): the Deployment is current but short."""
+    sim.deployments[version] = dataclasses.replace(sim.deployments[version], ready_replicas=ready,
+                                                   available_replicas=ready)
+
+
+def test_lost_pods_make_a_healthy_model_degraded_until_they_are_back() -> None:
+    sim = Sim(md("1.0.0")).settle()
+    lose_pods(sim, "1.0.0", 2)
+    for _ in range(3):
+        plan = sim.step()
+        assert plan.apply == () and plan.scale == ()  # the Deployment controller replaces pods, not the operator
+    assert sim.status["phase"] == "Degraded" and "2/4 replica(s) ready" in sim.status["message"]
+    assert sim.condition("Ready") == ("False", "Degraded") and sim.condition("Stalled")[0] == "False"
+    lose_pods(sim, "1.0.0", 0)
+    sim.step()
+    assert sim.condition("Serving") == ("False", "NoReadyReplicas")
+    lose_pods(sim, "1.0.0", 4)
+    sim.settle()
+    assert sim.status["phase"] == "Healthy" and sim.condition("Ready") == ("True", "RolledOut")
+    assert sim.reasons() == ["Deploying", "Promoted", "Degraded", "Recovered"]
+
+
+@pytest.mark.parametrize(("ready", "phase"), [
+    pytest.param(4, "Healthy", id="all-ready"),
+    pytest.param(3, "Degraded", id="one-lost"),
+    pytest.param(0, "Degraded", id="all-lost"),
+])
+def test_degraded_only_after_a_rollout(ready: int, phase: str) -> None:
+    sim = Sim(md("1.0.0")).settle()
+    lose_pods(sim, "1.0.0", ready)
+    sim.step()
+    assert sim.status["phase"] == phase
+    # A scale-up is progress, not a loss: the new pods are starting.
+    sim = Sim(md("1.0.0")).settle()
+    sim.broken.add("1.0.0")
+    sim.set_spec(serving={"replicas": 6})
+    for _ in range(3):
+        sim.step()
+        assert sim.status["phase"] == "Progressing"
+
+
+# --- model sources ------------------------------------------------------------------------------------------------
+
+
+def deployment_of(plan: planning.Plan) -> dict[str, Any]:
+    return next(o for o in plan.apply if o["kind"] == "Deployment")
+
+
+def test_a_pvc_model_source_is_mounted_read_only_and_served() -> None:
+    sim = Sim(md("1.0.0"))
+    sim.body["spec"]["model"] = {"uri": "pvc://models/digits/1.0.0/"}
+    pod = deployment_of(sim.step())["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in server["env"]}
+    assert env["SHIPYARD_ARTIFACT_PATH"] == "/model-source/digits/1.0.0"
+    assert {"name": "model-source", "mountPath": "/model-source", "readOnly": True} in server["volumeMounts"]
+    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in \
+        pod["volumes"]
+    sim.settle()
+    assert sim.status["phase"] == "Healthy"
+
+
+def test_a_pvc_model_source_is_what_the_compression_job_reads() -> None:
+    sim = Sim(md("1.0.0", compression=COMPRESSION))
+    sim.body["spec"]["model"] = {"uri": "pvc://models/digits"}
+    plan = sim.step()
+    config_map = next(o for o in plan.apply if o["kind"] == "ConfigMap")
+    assert '"source": "/model-source/digits"' in config_map["data"]["compression.json"]
+    pod = next(o for o in plan.apply if o["kind"] == "Job")["spec"]["template"]["spec"]
+    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in \
+        pod["volumes"]
+    sim.settle()
+    served = deployment_of(next(p for p in sim.plans if any(o["kind"] == "Deployment" for o in p.apply)))
+    assert "model-source" not in str(served)  # the artifact is served, from the artifacts volume
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/digits", "gs://bucket/digits", "https://models.example/digits"])
+def test_a_model_source_this_version_cannot_fetch_is_stalled_and_keeps_the_stable(uri: str) -> None:
+    sim = Sim(md("1.0.0")).settle()
+    sim.body["spec"]["model"] = {"uri": uri}
+    sim.set_spec(image=f"{IMAGE}:1.1.0")
+    plan = sim.step()
+    assert sim.condition("Stalled") == ("True", "UnsupportedModelSource")
+    assert uri.split("://")[0] + ":// sources are not supported" in sim.status["message"]
+    assert plan.apply == () and plan.scale == () and sim.status["stableVersion"] == "1.0.0"
+    assert [e.reason for e in plan.events] == ["UnsupportedModelSource"]
 
 
 # --- idempotency and restarts -------------------------------------------------------------------------------------
@@ -593,21 +715,31 @@ SCENARIOS: dict[str, Callable[[], Sim]] = {
     "compression": lambda: Sim(md("1.0.0", compression=COMPRESSION)),
     "gpu-in-place": lambda: stable_sim(serving={"replicas": 4, "resources": {"limits": {"nvidia.com/gpu": "1"}}},
                                        rollout={"steps": [{"weight": 50}], "maxSurgeGPUs": 0}),
+    "manual-pause": lambda: stable_sim(rollout={"steps": STEPS, "analysis": ANALYSIS}, rollback={"policy": "Manual"}),
+    "manual-step": lambda: stable_sim(rollout={"steps": [{"weight": 25, "manual": True}]}),
+    "failed-compression": lambda: Sim(md("1.0.0", compression=COMPRESSION)),
+    "startup-timeout": lambda: Sim(md("1.0.0", rollout={"startupTimeoutSeconds": 60})),
 }
+END_PHASES = {"manual-pause": "Paused", "manual-step": "Paused", "failed-compression": "Failed",
+              "startup-timeout": "Failed"}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_restart_in_every_phase_plans_the_same(scenario: str) -> None:
     """At every pass, a fresh planner fed only what is stored (status + cluster) plans exactly the same."""
     sim = SCENARIOS[scenario]()
-    if scenario == "rollback":
+    if scenario in ("rollback", "manual-pause"):
         sim.measure = lambda version, now: 0.5 if version == "1.1.0" else 0.0
+    if scenario == "failed-compression":
+        sim.job_outcome = ("Failed", "rejected: relative loss 0.361 > 0.01")
+    if scenario == "startup-timeout":
+        sim.broken.add("1.0.0")
     for _ in range(60):
         first = sim.plan()
         again = sim.plan()  # a restarted operator: same stored inputs, nothing in memory
         assert first == again
         sim.step()
-    assert sim.status["phase"] in ("Healthy", "RolledBack")
+    assert sim.status["phase"] == END_PHASES.get(scenario, "Healthy" if scenario != "rollback" else "RolledBack")
 
 
 def test_a_settled_model_plans_no_writes() -> None:
