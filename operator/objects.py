@@ -120,6 +120,9 @@ def build_compression_config(md: spec_mod.ModelDeployment, meta: Meta, key: str)
         "name": md.served_model_name,
         **recipe,
         "terminationLog": contract.TERMINATION_LOG,
+        # A Job for a key whose artifact is already on the volume (the ModelDeployment was re-created, or the key
+        # aged out of status.artifacts) verifies and reuses it instead of failing on the existing directory.
+        "reuseExisting": True,
     }
 
 

@@ -18,6 +18,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -271,6 +272,9 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         else "cpu"
     )
     output = Path(config.output)
+    recipe_digest = build_recipe_digest(config, artifacts.load_manifest(config.source).get("digest"))
+    if output.exists() and config.reuse_existing and not config.overwrite:
+        return reuse_existing_artifact(output, recipe_digest, device)
     if output.exists() and not config.overwrite:
         raise CompressionError(f"output directory {output} already exists (set overwrite: true to replace it)")
     torch.manual_seed(config.seed)
@@ -456,6 +460,7 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             compiled=compiled_section,
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
+        body["recipeDigest"] = recipe_digest
         if not gate.accepted:
             for check in gate.failures:
                 log.error("Rejected the candidate: %s", check.describe())
@@ -465,6 +470,36 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         (staging / contract.REPORT_FILE).write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
     log.info("Published artifact %s at %s in %.1fs", manifest["digest"], output, time.perf_counter() - started)
     return body
+
+
+def build_recipe_digest(config: recipe.CompressionConfig, source_digest: object) -> str:
+    """What decides an artifact's content: the source model's digest and every recipe field that changes the result
+    (not where it is written, logged or how latency is timed). Pure."""
+    fields = {k: v for k, v in dataclasses.asdict(config).items()
+              if k not in ("source", "output", "termination_log", "log_dir", "latency", "overwrite", "reuse_existing")}
+    text = json.dumps({"source": source_digest, **fields}, sort_keys=True, default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def reuse_existing_artifact(output: Path, recipe_digest: str, device: str) -> dict[str, Any]:
+    """The report of an artifact already at `output`, after checking that it is one: accepted, made by the same
+    recipe from the same source, and every file matching its digest. Anything else is refused, never replaced."""
+    from shipyard.runtime import artifacts
+
+    try:
+        body = json.loads((output / contract.REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CompressionError(f"output directory {output} already exists and has no readable "
+                               f"{contract.REPORT_FILE} ({exc}); not reusing or replacing it") from exc
+    if not isinstance(body, dict) or body.get("status") != "accepted" or not body.get("digest"):
+        raise CompressionError(f"output directory {output} already exists and is not an accepted artifact; "
+                               "not reusing or replacing it")
+    if body.get("recipeDigest") != recipe_digest:
+        raise CompressionError(f"output directory {output} already exists with an artifact of another recipe or "
+                               f"source ({body.get('recipeDigest')} != {recipe_digest}); not reusing or replacing it")
+    artifacts.load_model(output, device=device, expected_digest=body["digest"])  # verifies every file
+    log.info("Reused the artifact %s already at %s (same recipe and source, digest verified)", body["digest"], output)
+    return {**body, "reused": True}
 
 
 def evaluate_compiled(

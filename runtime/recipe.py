@@ -24,6 +24,8 @@ The document mirrors the ModelDeployment's `spec.compression` (camelCase keys) p
     compiled: {aotInductor: false, maxBatchSize: 1024, maxAutotune: false}  # also an AOTInductor package (CPU)
     seed: 0
     overwrite: false
+    reuseExisting: false                      # an existing output made by the same recipe from the same source is
+                                              # verified and reused (the operator sets this: its Jobs are retried)
 """
 
 from __future__ import annotations
@@ -146,6 +148,7 @@ class CompressionConfig:
     compiled: Compiled = Compiled()
     seed: int = 0
     overwrite: bool = False
+    reuse_existing: bool = False
 
 
 class _Fields:
@@ -384,6 +387,7 @@ def build_config(raw: Any) -> CompressionConfig:
         "compiled",
         "seed",
         "overwrite",
+        "reuseExisting",
     )
     top = _Fields(raw, "", problems, known)
     source = top.string("source", None)
@@ -449,6 +453,7 @@ def build_config(raw: Any) -> CompressionConfig:
         compiled=compiled,
         seed=top.integer("seed", 0, 0, 2**31 - 1),
         overwrite=top.boolean("overwrite", False),
+        reuse_existing=top.boolean("reuseExisting", False),
     )
     if problems:
         raise ConfigError(problems)

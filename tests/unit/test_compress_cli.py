@@ -273,6 +273,45 @@ def test_existing_output_is_not_replaced(tmp_path: Path, source: Path) -> None:
     assert (output / "keep").read_text() == "x"
 
 
+def test_an_existing_artifact_of_the_same_recipe_is_verified_and_reused(tmp_path: Path, source: Path) -> None:
+    """The operator's Job for a key whose artifact is already on the volume (a re-created ModelDeployment)."""
+    steps = [{"quantize": {"scheme": "int8-dynamic"}}]
+    code, output = _run(tmp_path, source, steps, reuseExisting=True)
+    assert code == 0
+    first = json.loads((output / "report.json").read_text())
+    stamps = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
+    (tmp_path / "termination-log").unlink()
+    code, _ = _run(tmp_path, source, steps, reuseExisting=True)
+    assert code == 0 and _termination(tmp_path).startswith("Compressed digits")
+    assert f"digest {first['digest']}" in _termination(tmp_path)
+    assert {p.name: p.stat().st_mtime_ns for p in output.iterdir()} == stamps  # untouched, nothing recompressed
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    pytest.param({"seed": 1}, "another recipe or source", id="other-recipe"),
+    pytest.param({"break": "weights"}, "digest", id="tampered-file"),
+    pytest.param({"break": "report"}, "no readable report.json", id="no-report"),
+])
+def test_an_existing_artifact_that_is_not_the_same_is_refused_and_kept(
+    tmp_path: Path, source: Path, change: dict, message: str
+) -> None:
+    steps = [{"quantize": {"scheme": "int8-dynamic"}}]
+    code, output = _run(tmp_path, source, steps, reuseExisting=True)
+    assert code == 0
+    extra = {k: v for k, v in change.items() if k != "break"}
+    if change.get("break") == "weights":
+        weights = next(p for p in output.iterdir() if p.name.startswith("weights"))
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif change.get("break") == "report":
+        (output / "report.json").unlink()
+    before = sorted(p.name for p in output.iterdir())
+    code, _ = _run(tmp_path, source, steps, reuseExisting=True, **extra)
+    assert code == 1 and message in _termination(tmp_path) and _termination(tmp_path).startswith("Failed: ")
+    assert sorted(p.name for p in output.iterdir()) == before
+
+
 def test_termination_log_is_skipped_when_its_directory_is_absent(tmp_path: Path) -> None:
     compress.apply_termination_log(str(tmp_path / "absent" / "termination-log"), "x")
     assert not (tmp_path / "absent").exists()
