@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, type check, then every tier (unit, integration on the real local control plane).
-# The integration fixture starts the control plane itself and stops it at the end.
+# The whole test suite (`make test`): lint, type check, then every tier under tests/: unit, integration (a real
+# local control plane, KWOK nodes) and e2e (real pod processes via hack/node_agent.py, Debian's Prometheus).
+# Each tier's fixture starts its own control plane and stops it at the end. Needs root (the e2e node agent uses
+# mount namespaces), unshare/setpriv/mount, openssl, kubectl, lua5.4 and prometheus/promtool: see README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
