@@ -307,8 +307,21 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         durations["loadDataset"],
     )
 
+    problems = datasets.assess_inputs(dataset, source.manifest["inputs"])
+    if problems:
+        raise CompressionError(
+            f"dataset {config.evaluation.dataset!r} does not fit the inputs of source model {config.source}: "
+            + "; ".join(problems)
+        )
+
     t0 = time.perf_counter()
-    source_outputs = evaluate.query_outputs(source.module, dataset.eval_inputs)
+    try:
+        source_outputs = evaluate.query_outputs(source.module, dataset.eval_inputs)
+    except Exception as exc:  # shapes and dtypes fit (checked above): a model/data mismatch they cannot express
+        raise CompressionError(
+            f"source model {config.source} failed on the evaluation inputs of dataset {config.evaluation.dataset!r}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     _check_outputs(dataset.task, source_outputs, dataset.name, "source model")
     metrics_before = evaluate.evaluate_metrics(dataset.task, source_outputs, dataset.eval_labels, source_outputs)
     latency_before = {

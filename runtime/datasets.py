@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -76,6 +77,39 @@ def assess_dataset(dataset: Dataset) -> list[str]:
                 problems.append(f"{split}_labels: {int(labels.shape[0])} labels for {sorted(sizes)[0]} samples")
     if dataset.eval_inputs and dataset.eval_size == 0:
         problems.append("eval_inputs: empty")
+    return problems
+
+
+def assess_inputs(dataset: Dataset, specs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Problems fitting the dataset's input tensors to the model's declared inputs (the manifest's `inputs`: name,
+    OIP datatype, shape with -1 for a variable size): one tensor per input, in order, of the declared rank, fixed
+    sizes and dtype (what the server would hand the model). Empty = they fit. Pure."""
+    from shipyard.runtime.engine import TORCH_BY_DATATYPE
+
+    problems = []
+    names = ", ".join(str(spec.get("name")) for spec in specs)
+    for split in ("eval", "train"):
+        inputs = getattr(dataset, f"{split}_inputs")
+        if not inputs:
+            continue
+        if len(inputs) != len(specs):
+            problems.append(f"{split}_inputs: {len(inputs)} tensor(s) for the model's {len(specs)} input(s) ({names})")
+            continue
+        for i, (tensor, spec) in enumerate(zip(inputs, specs, strict=True)):
+            where = f"{split}_inputs[{i}] ({spec.get('name')})"
+            declared = [int(d) for d in spec.get("shape", ())]
+            shape = tuple(int(d) for d in tensor.shape)
+            fits = len(shape) == len(declared) and all(
+                d in (-1, s) for d, s in zip(declared[1:], shape[1:], strict=True)
+            )
+            if not fits:
+                problems.append(f"{where}: shape {list(shape)} does not match the model's input shape {declared}")
+            expected = TORCH_BY_DATATYPE.get(str(spec.get("datatype")))
+            if expected is not None and tensor.dtype != expected:
+                problems.append(
+                    f"{where}: dtype {str(tensor.dtype).removeprefix('torch.')} but the model's input is "
+                    f"{spec.get('datatype')} ({str(expected).removeprefix('torch.')})"
+                )
     return problems
 
 
