@@ -404,9 +404,9 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         )
         durations["save"] = time.perf_counter() - t0
         log.info(
-            "Wrote candidate artifact %s (%s, %s) in %.2fs",
+            "Wrote candidate artifact %s (weights %s, %s) in %.2fs",
             manifest["digest"],
-            report.build_bytes_text(artifacts.build_directory_bytes(manifest)),
+            report.build_bytes_text(artifacts.build_weights_bytes(manifest)),
             encoding,
             durations["save"],
         )
@@ -458,8 +458,10 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             source={"path": str(config.source), "digest": source.digest},
             output=str(output) if gate.accepted else None,
             digest=manifest["digest"] if gate.accepted else None,
-            bytes_before=artifacts.build_directory_bytes(source.manifest),
-            bytes_after=artifacts.build_directory_bytes(manifest),
+            bytes_before=artifacts.build_weights_bytes(source.manifest),
+            bytes_after=artifacts.build_weights_bytes(manifest),
+            artifact_bytes_before=artifacts.fetch_loaded_bytes(source.path, source.manifest),
+            artifact_bytes_after=artifacts.fetch_loaded_bytes(staging, manifest),
             parameters_before=_count_parameters(source.module),
             parameters_after=_count_parameters(result.module),
             metrics_before=metrics_before,

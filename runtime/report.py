@@ -54,8 +54,15 @@ def build_report(
     environment: Mapping[str, Any],
     created_at: str,
     compiled: Mapping[str, Any] | None = None,
+    artifact_bytes_before: int | None = None,
+    artifact_bytes_after: int | None = None,
 ) -> dict[str, Any]:
-    """Assemble the report written to `report.json` and printed by the job. Pure."""
+    """Assemble the report written to `report.json` and printed by the job. Pure.
+
+    Sizes: `weightsBytes` counts the weights file alone (`bytes_before`/`bytes_after`: what compression shrinks,
+    as the Deep Compression paper counts); `artifactBytes` the model directory as the server loads it (manifest +
+    weights), when given; `bytes` is `weightsBytes` under its older name, kept for existing readers.
+    """
     primary = evaluate.PRIMARY_METRIC[task]
     check = next((c for c in gate.checks if c.metric == primary), None)
     return {
@@ -66,11 +73,11 @@ def build_report(
         "source": dict(source),
         "output": output,
         "digest": digest,
-        "bytes": {
-            "before": bytes_before,
-            "after": bytes_after,
-            "ratio": (bytes_before / bytes_after) if bytes_after else None,
-        },
+        "bytes": _build_sizes(bytes_before, bytes_after),
+        "weightsBytes": _build_sizes(bytes_before, bytes_after),
+        "artifactBytes": (
+            _build_sizes(artifact_bytes_before, artifact_bytes_after) if artifact_bytes_before is not None else None
+        ),
         "parameters": {"before": parameters_before, "after": parameters_after},
         "accuracy": {
             "metric": primary,
@@ -88,6 +95,10 @@ def build_report(
         "environment": dict(environment),
         "createdAt": created_at,
     }
+
+
+def _build_sizes(before: int, after: int | None) -> dict[str, Any]:
+    return {"before": before, "after": after, "ratio": (before / after) if after else None}
 
 
 def build_summary_line(report: Mapping[str, Any]) -> str:

@@ -70,6 +70,11 @@ def test_accepted_artifact_with_report_digest_and_tensorboard(
     loaded = artifacts.load_model(output)
     assert stored["digest"] == loaded.digest
     assert stored["bytes"]["after"] < stored["bytes"]["before"] / 3
+    weights, manifest_file = output / loaded.manifest["weights"], output / artifacts.MANIFEST_FILE
+    assert stored["weightsBytes"] == stored["bytes"] and stored["bytes"]["after"] == weights.stat().st_size
+    assert stored["artifactBytes"]["after"] == weights.stat().st_size + manifest_file.stat().st_size
+    source_files = source / artifacts.MANIFEST_FILE, source / artifacts.load_manifest(source)["weights"]
+    assert stored["artifactBytes"]["before"] == sum(f.stat().st_size for f in source_files)
     assert [s["kind"] for s in stored["steps"]] == ["prune", "quantize"]
     assert stored["steps"][0]["params"] == {
         "amount": 0.5,

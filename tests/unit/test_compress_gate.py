@@ -157,12 +157,16 @@ def _report(status: str, after_accuracy: float) -> dict:
         durations={"total": 3.0},
         environment={},
         created_at="2026-01-01T00:00:00+00:00",
+        artifact_bytes_before=202872 + 900,
+        artifact_bytes_after=4386 + 1400,
     )
 
 
 def test_report_fields() -> None:
     body = _report("accepted", 0.9733)
     assert body["bytes"] == {"before": 202872, "after": 4386, "ratio": pytest.approx(46.25, rel=1e-3)}
+    assert body["weightsBytes"] == body["bytes"]  # `bytes` is the weights file's size under its older name
+    assert body["artifactBytes"] == {"before": 203772, "after": 5786, "ratio": pytest.approx(35.22, rel=1e-3)}
     assert body["accuracy"]["before"] == 0.9756 and body["accuracy"]["after"] == 0.9733
     assert body["latency"]["speedupP50"] == {"batch1": pytest.approx(2.0), "batch64": pytest.approx(2.0)}
     assert body["gate"]["accepted"] is True and body["digest"] == "sha256:bb"
