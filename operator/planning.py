@@ -367,6 +367,8 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
             for job in observed.jobs.values():  # a failed compression Job is replaced by a new one
                 if job.phase == "Failed":
                     deletes.append(("batch/v1", "Job", job.name))
+                    if job.name in observed.config_maps:  # its config (same name) goes with it
+                        deletes.append(("v1", "ConfigMap", job.name))
             _retry_compression(md, st)
 
     # Compression of the target.

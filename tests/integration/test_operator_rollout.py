@@ -188,6 +188,16 @@ def test_failed_compression_gate_stalls_with_the_numbers(cluster: Cluster, opera
     time.sleep(2)
     assert replicas(cluster, namespace) == {"1.0.0": 4}  # no rollout of the rejected version
     assert len(names(cluster, "jobs", namespace)) == 1  # and no new Job
+    # The retry annotation (what `kubectl shipyard retry` sets) compresses again in a new Job, and deletes the failed
+    # one. This image's gate fails again (KWOK's stage), so it ends Failed again, once more in the history.
+    cluster.kubectl("annotate", "-n", namespace, "md/gate", "shipyard.dev/retry=again")
+    wait_status(cluster, namespace, "gate", lambda m: [h["outcome"] for h in m["status"]["history"]].count("Failed")
+                == 2, message="second attempt failed")
+    wait_until(lambda: [n[-3:] for n in names(cluster, "jobs", namespace)] == ["-a1"], 30,
+               message="only the new attempt's Job left")
+    assert [n[-3:] for n in names(cluster, "configmaps", namespace) if "-compress-" in n] == ["-a1"]
+    assert events(cluster, namespace, "gate").count("Retrying") == 1
+    assert replicas(cluster, namespace) == {"1.0.0": 4}
 
 
 def test_failing_metric_rolls_back_and_reapplying_the_same_manifest_does_not_restart(

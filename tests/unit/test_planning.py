@@ -13,13 +13,16 @@ import copy
 import dataclasses
 import datetime
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from shipyard.operator import analysis, naming, objects, planning
 
 T0 = datetime.datetime(2026, 11, 28, 12, 0, 0, tzinfo=datetime.UTC)
+CRD = Path(__file__).resolve().parents[2] / "crds" / "modeldeployments.shipyard.dev.yaml"
 IMAGE = "registry.example/acme/digits-model"
 
 Measure = Callable[[str, datetime.datetime], float | None | ConnectionError]
@@ -153,6 +156,8 @@ class Sim:
                 self.deployments = {v: d for v, d in self.deployments.items() if d.name != name}
             elif kind == "Job":
                 self.jobs.pop(name, None)
+            elif kind == "ConfigMap":
+                self.config_maps.pop(name, None)
         for version, view in lagged.items():
             if version in self.deployments and version not in self._catching_up:
                 self.deployments[version] = view
@@ -610,6 +615,7 @@ def test_the_retry_annotation_retries_a_failed_compression_with_a_new_job() -> N
     sim.settle()
     assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.1.0"
     assert failed not in sim.jobs and [name[-3:] for name in sim.jobs] == ["-a1"]
+    assert list(sim.config_maps) == list(sim.jobs)  # the failed attempt's config went with its Job
     assert sim.status["artifacts"][-1]["attempt"] == 1 and sim.status["artifacts"][-1]["phase"] == "Succeeded"
     assert sim.reasons().count("Retrying") == 1 and sim.reasons().count("CompressionFailed") == 1
     assert sim.history()[-2:] == [("1.1.0", "Failed"), ("1.1.0", "Promoted")]
@@ -773,3 +779,40 @@ def test_invalid_spec_is_stalled_and_keeps_the_stable() -> None:
     assert sim.condition("Stalled") == ("True", "InvalidSpec")
     assert "spec.serving.replicas" in sim.status["message"]
     assert sim.status["stableVersion"] == "1.0.0" and plan.apply == () and plan.scale == ()
+
+
+# --- what the API server keeps ------------------------------------------------------------------------------------
+
+
+def unknown_fields(value: Any, schema: dict[str, Any], path: str = "status") -> list[str]:
+    """Paths in `value` that the CRD's structural schema does not declare: the API server prunes them silently, so
+    state kept there would be lost on the next read (as an attempt counter once was)."""
+    if isinstance(value, dict) and schema.get("type") == "object":
+        if "additionalProperties" in schema or schema.get("x-kubernetes-preserve-unknown-fields"):
+            return []
+        properties = schema.get("properties", {})
+        return [p for k, v in value.items() if v is not None for p in
+                ([f"{path}.{k}"] if k not in properties else unknown_fields(v, properties[k], f"{path}.{k}"))]
+    if isinstance(value, list) and schema.get("type") == "array":
+        return [p for i, v in enumerate(value) for p in unknown_fields(v, schema["items"], f"{path}[{i}]")]
+    return []
+
+
+def test_every_status_field_the_planner_writes_is_in_the_crd_schema() -> None:
+    status_schema = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["status"]
+    statuses: list[dict[str, Any]] = []
+    for scenario in SCENARIOS:
+        sim = SCENARIOS[scenario]()
+        if scenario in ("rollback", "manual-pause"):
+            sim.measure = lambda version, now: 0.5 if version == "1.1.0" else 0.0
+        if scenario == "failed-compression":
+            sim.job_outcome = ("Failed", "rejected: relative loss 0.361 > 0.01")
+        for _ in range(40):
+            statuses.append(sim.step().status)
+        if scenario == "failed-compression":
+            sim.annotate("retry", "again")
+            sim.annotate("rollback-to", "1.0.0")
+            statuses += [sim.step().status for _ in range(5)]
+    lost = sorted({p for status in statuses for p in unknown_fields(status, status_schema)})
+    assert lost == []
