@@ -6,6 +6,9 @@ so that the operator's pod templates and the runtime's CLIs cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 # Runtime CLI (console script of the runtime image).
 RUNTIME_COMMAND = "shipyard-runtime"
 COMPRESS_SUBCOMMAND = "compress"
@@ -33,6 +36,12 @@ ARTIFACTS_MOUNT = "/artifacts"
 COMPRESSION_CONFIG_MOUNT = "/etc/shipyard"
 COMPRESSION_CONFIG_FILE = "compression.json"
 REPORT_FILE = "report.json"  # written next to the artifact inside its directory
+# The compression Job's one-line summary (its termination message) ends with these as `[key=value ...]`; the
+# operator copies them into status.artifacts[].
+SUMMARY_FIELDS: dict[str, type] = {
+    "sourceBytes": int, "compressedBytes": int, "sourceAccuracy": float, "compressedAccuracy": float,
+    "relativeAccuracyLoss": float, "sourceLatencyMs": float, "compressedLatencyMs": float, "digest": str,
+}
 
 # Metric names the runtime exports and the operator's analysis reads.
 METRIC_REQUESTS_TOTAL = "shipyard_requests_total"  # labels: model, version, code
@@ -50,3 +59,21 @@ LABEL_MODEL = "model"
 LABEL_VERSION = "version"
 LABEL_CODE = "code"
 LABEL_DEVICE = "device"
+
+
+def build_summary_fields(values: Mapping[str, object]) -> str:
+    """`[key=value ...]` of the SUMMARY_FIELDS present (None left out), in their order."""
+    return "[" + " ".join(f"{k}={values[k]}" for k in SUMMARY_FIELDS if values.get(k) is not None) + "]"
+
+
+def parse_summary_fields(message: str) -> dict[str, Any]:
+    """The SUMMARY_FIELDS found in a termination message (best effort: a bad value is left out)."""
+    out: dict[str, Any] = {}
+    for token in message.replace(",", " ").replace(";", " ").replace("[", " ").replace("]", " ").split():
+        key, sep, value = token.partition("=")
+        if sep and key in SUMMARY_FIELDS:
+            try:
+                out[key] = SUMMARY_FIELDS[key](value)
+            except ValueError:
+                continue
+    return out

@@ -40,7 +40,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shipyard.operator import analysis, objects
+from shipyard.operator import analysis, contract, objects
 from shipyard.operator import spec as spec_mod
 
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Compressed", "Serving")
@@ -514,12 +514,13 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
         return None, "pending"
     if view.phase == "Succeeded":
         entry.update(phase="Succeeded", message=view.message[:1024])
-        entry.update(_parse_report_numbers(view.message))
+        entry.update(contract.parse_summary_fields(view.message))
         st.event("Normal", "Compressed", f"Compressed version {spec.version}: {view.message}")
         return path, "ready"
     if view.phase == "Failed":
         message = view.message or "the compression Job failed without a message"
         entry.update(phase="Failed", message=message[:1024])
+        entry.update(contract.parse_summary_fields(message))
         st.record(spec.version, spec.image, "Failed", "CompressionFailed", message, now, spec.retry)
         st.event("Warning", "CompressionFailed", f"Compression of version {spec.version} failed: {message}")
         if st.candidate == spec.version:
@@ -527,22 +528,6 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
         return None, "failed"
     entry["phase"] = "Running" if view.phase == "Running" else "Pending"
     return None, "pending"
-
-
-def _parse_report_numbers(message: str) -> dict[str, Any]:
-    """Numbers from the runtime's one-line summary (``key=value`` pairs), for status.artifacts; best effort."""
-    fields = {"sourceBytes": int, "compressedBytes": int, "sourceAccuracy": float, "compressedAccuracy": float,
-              "relativeAccuracyLoss": float, "digest": str}
-    out: dict[str, Any] = {}
-    for token in message.replace(",", " ").replace(";", " ").split():
-        if "=" in token:
-            k, _, v = token.partition("=")
-            if k in fields:
-                try:
-                    out[k] = fields[k](v)
-                except ValueError:
-                    continue
-    return out
 
 
 def _plan_steady(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from shipyard.operator import contract
 from shipyard.runtime import evaluate
 
 TERMINATION_LINE_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of a termination message
@@ -109,6 +110,7 @@ def build_summary_line(report: Mapping[str, Any]) -> str:
         f"{'<=' if c['passed'] else '>'} tolerance {c['tolerance']:.2%})"
         for c in report["gate"]["checks"]
     )
+    fields = contract.build_summary_fields(build_summary_values(report))
     if report["status"] == "rejected":
         failed = ", ".join(c["metric"] for c in report["gate"]["checks"] if not c["passed"])
         line = f"Rejected {name}: {failed} failed the gate: {checks}; no artifact written"
@@ -127,10 +129,38 @@ def build_summary_line(report: Mapping[str, Any]) -> str:
             )
         parts.append(f"digest {report['digest']}")
         line = "; ".join(parts)
-    return build_one_line(line)
+    # The machine-readable tail is never cut: the human part gives way.
+    return f"{build_one_line(line, TERMINATION_LINE_LIMIT - len(fields) - 1)} {fields}"
 
 
-def build_one_line(text: str) -> str:
+def build_summary_values(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures the operator keeps in status.artifacts (contract.SUMMARY_FIELDS). Pure."""
+    size, accuracy = report.get("bytes") or {}, report.get("accuracy") or {}
+    latency = report.get("latency") or {}
+    batches = sorted(latency.get("before") or {}, key=lambda k: int(str(k).removeprefix("batch") or 0))
+    first = batches[0] if batches else None
+
+    def p50(side: str) -> float | None:
+        value = ((latency.get(side) or {}).get(first) or {}).get("p50_ms") if first else None
+        return round(value, 4) if isinstance(value, (int, float)) else None
+
+    def rounded(value: object) -> float | None:
+        return round(value, 6) if isinstance(value, (int, float)) else None
+
+    return {
+        "sourceBytes": size.get("before"),
+        "compressedBytes": size.get("after") if report.get("status") == "accepted" else None,
+        "sourceAccuracy": rounded(accuracy.get("before")) if accuracy.get("metric") == "accuracy" else None,
+        "compressedAccuracy": rounded(accuracy.get("after")) if accuracy.get("metric") == "accuracy" else None,
+        "relativeAccuracyLoss": rounded(accuracy.get("relativeLoss")) if accuracy.get("metric") == "accuracy"
+        else None,
+        "sourceLatencyMs": p50("before"),
+        "compressedLatencyMs": p50("after") if report.get("status") == "accepted" else None,
+        "digest": report.get("digest"),
+    }
+
+
+def build_one_line(text: str, limit: int = TERMINATION_LINE_LIMIT) -> str:
     """Collapse whitespace/newlines and cap the length for a termination message. Pure."""
     line = " ".join(str(text).split())
-    return line if len(line) <= TERMINATION_LINE_LIMIT else line[: TERMINATION_LINE_LIMIT - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."

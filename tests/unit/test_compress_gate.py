@@ -180,14 +180,17 @@ def test_report_fields() -> None:
             0.9733,
             "Compressed digits: 198.1 KiB -> 4.3 KiB (46.3x smaller); accuracy 0.9756 -> 0.9733 (relative loss "
             "0.24% <= tolerance 1.00%); p50 batch1 0.040 -> 0.020 ms (2.00x); p50 batch64 0.140 -> 0.070 ms "
-            "(2.00x); digest sha256:bb",
+            "(2.00x); digest sha256:bb [sourceBytes=202872 compressedBytes=4386 sourceAccuracy=0.9756 "
+            "compressedAccuracy=0.9733 relativeAccuracyLoss=0.002358 sourceLatencyMs=0.04 compressedLatencyMs=0.02 "
+            "digest=sha256:bb]",
             id="accepted",
         ),
         pytest.param(
             "rejected",
             0.4133,
             "Rejected digits: accuracy failed the gate: accuracy 0.9756 -> 0.4133 (relative loss 57.64% > "
-            "tolerance 1.00%); no artifact written",
+            "tolerance 1.00%); no artifact written [sourceBytes=202872 sourceAccuracy=0.9756 compressedAccuracy=0.4133 "
+            "relativeAccuracyLoss=0.576363 sourceLatencyMs=0.04]",
             id="rejected",
         ),
     ],
@@ -195,6 +198,25 @@ def test_report_fields() -> None:
 def test_summary_line(status: str, after: float, expected: str) -> None:
     line = report.build_summary_line(_report(status, after))
     assert line == expected and "\n" not in line
+
+
+@pytest.mark.parametrize("status", ["accepted", "rejected"])
+def test_the_operator_reads_the_summary_numbers_the_runtime_writes(status: str) -> None:
+    """The contract both sides share: what lands in status.artifacts[] from the Job's termination message."""
+    from shipyard.operator import contract
+
+    body = _report(status, 0.9733 if status == "accepted" else 0.4133)
+    fields = contract.parse_summary_fields(report.build_summary_line(body))
+    assert fields["sourceBytes"] == 202872 and fields["sourceAccuracy"] == 0.9756
+    assert fields["relativeAccuracyLoss"] == pytest.approx(body["accuracy"]["relativeLoss"], abs=1e-6)
+    if status == "accepted":
+        assert fields["compressedBytes"] == 4386 and fields["digest"] == "sha256:bb"
+        assert fields["compressedLatencyMs"] == 0.02
+    else:
+        assert "compressedBytes" not in fields and fields["compressedAccuracy"] == 0.4133
+    long = {**body, "name": "x" * 5000}  # the figures survive a summary cut to the termination limit
+    line = report.build_summary_line(long)
+    assert len(line) <= report.TERMINATION_LINE_LIMIT and contract.parse_summary_fields(line) == fields
 
 
 def test_one_line_is_bounded() -> None:
