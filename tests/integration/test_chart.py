@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     OperatorProcess,
     _load_cluster_module,
     create_artifacts_volume,
+    free_port,
     wait_until,
 )
 
@@ -426,6 +427,18 @@ def apply_example_and_wait_ready(cluster: Cluster, namespace: str) -> dict[str, 
     return md
 
 
+def run_helm_test_script(liveness_port: int, metrics_port: int) -> subprocess.CompletedProcess[str]:
+    """Runs the chart's `helm test` container command as a local process (KWOK only fakes the pod) with the ports of
+    a local operator; BASE is the metrics Service there, 127.0.0.1 here."""
+    rendered = helm("template", "sy", str(CHART), "--show-only", "templates/tests/test-operator.yaml",
+                    "--set", f"operator.livenessPort={liveness_port}", "--set", f"operator.metricsPort={metrics_port}")
+    (container,) = yaml.safe_load(rendered.stdout)["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["python3", "-c"]
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "BASE": "http://127.0.0.1"}
+    return subprocess.run([sys.executable, "-c", container["args"][0]], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
 def can_i(kubeconfig: Path, *args: str) -> bool:
     out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", "auth", "can-i", *args],
                          capture_output=True, text=True)
@@ -457,13 +470,18 @@ def test_install_test_and_run_the_example_to_ready_under_the_chart_rbac(
     assert crd is not None and crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == "sy"
     assert cluster.get("clusterkopfpeering", "shipyard") is not None
     tested = helm("test", "sy", "-n", release_namespace, "--timeout=120s", kubeconfig=kc)
-    assert "Phase:          Succeeded" in tested.stdout
+    assert "Phase:          Succeeded" in tested.stdout  # KWOK's verdict: nothing ran in the test pod
 
     sa = build_token_kubeconfig(cluster, release_namespace, "sy-shipyard", tmp_path / "sa.kubeconfig")
-    op = OperatorProcess(sa, tmp_path / "operator.log", "--all-namespaces", "--peering=shipyard", "--priority=1000")
+    metrics_port = free_port()
+    op = OperatorProcess(sa, tmp_path / "operator.log", "--all-namespaces", "--peering=shipyard", "--priority=1000",
+                         "--metrics-port", str(metrics_port))
     try:
         wait_until(op.live, 30, message="the operator's liveness endpoint")
         md = apply_example_and_wait_ready(cluster, namespace)
+        # What the `helm test` pod really runs: its script, rendered by the chart, against this operator.
+        check = run_helm_test_script(op.liveness, metrics_port)
+        assert check.returncode == 0 and "The operator is live and serves its metrics" in check.stdout, check
     finally:
         log = op.stop()
     assert md["status"]["phase"] == "Healthy" and md["status"]["stableVersion"] == "1.0.0"
