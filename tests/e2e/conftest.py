@@ -259,10 +259,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         write("stack: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
     for name, scenario in RESULTS["scenarios"].items():
         write(f"{name}: {scenario.get('outcome', '?')}")
+        width = max([44, *(len(k) for k in (scenario.get("timings") or {})), *(len(f"requests {v}") for v in
+                     (scenario.get("requests") or {}))])
         for key, value in (scenario.get("timings") or {}).items():
-            write(f"    {key:<44} {value}")
+            write(f"    {key:<{width}} {value}")
         for version, counts in (scenario.get("requests") or {}).items():
             served, failed = counts.get("served", 0), counts.get("failed", 0)
-            write(f"    requests {version:<35} served {served:>6}  failed {failed:>5}")
+            write(f"    {'requests ' + version:<{width}} served {served:>6}  failed {failed:>5}")
         for key, value in (scenario.get("facts") or {}).items():
-            write(f"    {key:<44} {value}")
+            write(f"    {key:<{width}} {value}")
