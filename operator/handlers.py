@@ -234,19 +234,11 @@ def _remember_child(body: Mapping[str, Any], deleted: bool) -> str | None:
 
 
 async def _missing_pvc(kube: kube_mod.Kube, body: Mapping[str, Any], namespace: str) -> str | None:
-    """The artifacts PVC when compression still needs it and it does not exist (one GET, only then)."""
-    try:
-        spec = spec_mod.parse_model_deployment(body).spec
-    except spec_mod.SpecError:
-        return None
-    if spec.compression is None:
-        return None
-    artifacts = (body.get("status") or {}).get("artifacts") or []
-    if any(a.get("version") == spec.version and a.get("phase") == "Succeeded" for a in artifacts):
-        return None
-    if await kube.pvc_exists(namespace, spec.compression.artifacts_pvc):
-        return None
-    return spec.compression.artifacts_pvc
+    """The first PVC this pass needs (planning.plan_volume_checks) that does not exist; one GET each, only then."""
+    for claim in planning.plan_volume_checks(body):
+        if not await kube.pvc_exists(namespace, claim):
+            return claim
+    return None
 
 
 async def reconcile(key: str) -> float | None:

@@ -47,6 +47,7 @@ CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Compressed", "Serving")
 HISTORY_MAX = 50
 ARTIFACTS_MAX = 20
 FAILED_OUTCOMES = ("RolledBack", "Failed", "Aborted")
+VOLUME_POLL = datetime.timedelta(seconds=10)  # a missing PVC is looked for again this often (PVCs are not watched)
 GPU = spec_mod.GPU_RESOURCE
 
 # Re-exported builders (the planner's objects live in objects.py).
@@ -299,6 +300,25 @@ def assess_blocked(history: Sequence[Mapping[str, Any]], image: str, retry: int)
     return None
 
 
+def plan_volume_checks(body: Mapping[str, Any]) -> tuple[str, ...]:
+    """The PersistentVolumeClaims the shell should check exist before this pass (one GET each, only while needed):
+    the artifacts claim while the target's artifact is not there yet, the model's pvc:// claim while its version is
+    not serving yet (the compression Job or the new pods read it). Pure."""
+    try:
+        spec = spec_mod.parse_model_deployment(body).spec
+    except spec_mod.SpecError:
+        return ()
+    status = body.get("status") or {}
+    artifacts = status.get("artifacts") or []
+    artifact_ready = any(a.get("version") == spec.version and a.get("phase") == "Succeeded" for a in artifacts)
+    claims: list[str] = []
+    if spec.model.pvc is not None and status.get("stableVersion") != spec.version and not artifact_ready:
+        claims.append(spec.model.pvc[0])
+    if spec.compression is not None and not artifact_ready:
+        claims.append(spec.compression.artifacts_pvc)
+    return tuple(dict.fromkeys(claims))
+
+
 def plan_measurement(body: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> MeasureRequest | None:
     """Whether the analysis metrics are due for a measurement now (the shell measures before planning)."""
     try:
@@ -371,8 +391,16 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
                         deletes.append(("v1", "ConfigMap", job.name))
             _retry_compression(md, st)
 
-    # Compression of the target.
-    artifact_path, compression_state = _plan_compression(md, meta, st, observed, now, apply, blocked is not None)
+    # Compression of the target (it reads the source model, so a missing model volume stops it first).
+    model_claim = spec.model.pvc[0] if spec.model.pvc else None
+    if observed.missing_pvc is not None and observed.missing_pvc == model_claim and blocked is None:
+        st.stalled_reason = "ModelVolumeMissing"
+        st.message = (f"The model's PersistentVolumeClaim {model_claim!r} (spec.model.uri) does not exist in "
+                      f"namespace {meta.namespace}")
+        st.wake_at(now + VOLUME_POLL)
+        artifact_path, compression_state = None, "stalled"
+    else:
+        artifact_path, compression_state = _plan_compression(md, meta, st, observed, now, apply, blocked is not None)
 
     if compression_state == "failed":
         blocked = assess_blocked(st.history, image, spec.retry)
@@ -495,6 +523,7 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
         st.stalled_reason = "ArtifactVolumeMissing"
         st.message = (f"The artifacts PersistentVolumeClaim {observed.missing_pvc!r} "
                       f"(spec.compression.artifacts.pvc) does not exist in namespace {meta.namespace}")
+        st.wake_at(now + VOLUME_POLL)
         return None, "stalled"
     attempt = int((entry or {}).get("attempt") or 0)
     config_map, job = objects.build_compression_objects(md, meta, spec.version, key, attempt=attempt)
@@ -831,7 +860,8 @@ def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous
         msg = str((last_artifact or {}).get("message", ""))
         conditions.append(build_condition(
             "Compressed", compressed,
-            {"ready": "ArtifactReady", "failed": "CompressionFailed", "stalled": "ArtifactVolumeMissing"}.get(
+            {"ready": "ArtifactReady", "failed": "CompressionFailed",
+             "stalled": st.stalled_reason or "ArtifactVolumeMissing"}.get(
                 compression_state, "Compressing"), msg, g, prev_conditions, now))
     status: dict[str, Any] = {
         "observedGeneration": g,

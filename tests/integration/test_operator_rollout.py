@@ -112,6 +112,10 @@ def names(cluster: Cluster, kind: str, namespace: str) -> list[str]:
     return sorted(i["metadata"]["name"] for i in json.loads(out)["items"])
 
 
+def get_deployment(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", "deployment", name, "-n", namespace, "-o", "json").stdout)
+
+
 def replicas(cluster: Cluster, namespace: str) -> dict[str, int]:
     out = json.loads(cluster.kubectl("get", "deployments", "-n", namespace, "-o", "json").stdout)
     return {d["metadata"]["labels"]["shipyard.dev/version"]: d["spec"]["replicas"] for d in out["items"]}
@@ -198,6 +202,23 @@ def test_failed_compression_gate_stalls_with_the_numbers(cluster: Cluster, opera
     assert [n[-3:] for n in names(cluster, "configmaps", namespace) if "-compress-" in n] == ["-a1"]
     assert events(cluster, namespace, "gate").count("Retrying") == 1
     assert replicas(cluster, namespace) == {"1.0.0": 4}
+
+
+def test_a_model_on_a_volume_waits_for_its_claim_then_is_served_from_it(cluster: Cluster, operator: KopfRunner,
+                                                                        namespace: str) -> None:
+    cluster.apply(model("onpvc", "1.0.0", model={"uri": "pvc://models/digits/1.0.0"}), namespace)
+    md = wait_status(cluster, namespace, "onpvc", lambda m: condition(m, "Stalled")[0] == "True",
+                     message="Stalled without the claim")
+    assert condition(md, "Stalled") == ("True", "ModelVolumeMissing")
+    assert "PersistentVolumeClaim 'models' (spec.model.uri) does not exist" in md["status"]["message"]
+    assert replicas(cluster, namespace) == {} and events(cluster, namespace, "onpvc") == ["ModelVolumeMissing"]
+    create_artifacts_volume(cluster, namespace, name="models")
+    wait_status(cluster, namespace, "onpvc", healthy("1.0.0"), message="served once the claim exists")
+    pod = get_deployment(cluster, namespace, "onpvc-1-0-0")["spec"]["template"]["spec"]
+    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in \
+        pod["volumes"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["SHIPYARD_ARTIFACT_PATH"] == "/model-source/digits/1.0.0"
 
 
 def test_failing_metric_rolls_back_and_reapplying_the_same_manifest_does_not_restart(

@@ -597,7 +597,7 @@ def test_missing_artifact_volume_is_stalled_with_a_clear_message() -> None:
     assert not any(o["kind"] == "Job" for o in sim.plans[-1].apply)
     for _ in range(3):
         sim.step()
-    assert sim.reasons().count("ArtifactVolumeMissing") == 1
+    assert sim.reasons().count("ArtifactVolumeMissing") == 1 and sim.plans[-1].requeue_after == 10.0
     sim.missing_pvc = None  # the PVC was created
     sim.settle()
     assert sim.status["phase"] == "Healthy" and sim.condition("Stalled") == ("False", "AsExpected")
@@ -699,6 +699,47 @@ def test_a_pvc_model_source_is_what_the_compression_job_reads() -> None:
     sim.settle()
     served = deployment_of(next(p for p in sim.plans if any(o["kind"] == "Deployment" for o in p.apply)))
     assert "model-source" not in str(served)  # the artifact is served, from the artifacts volume
+
+
+@pytest.mark.parametrize("compression", [None, COMPRESSION], ids=["serving", "compression"])
+def test_a_missing_model_volume_is_stalled_until_it_exists(compression: dict[str, Any] | None) -> None:
+    sim = Sim(md("1.0.0")).settle()
+    sim.body["spec"]["model"] = {"uri": "pvc://models/digits"}
+    if compression:
+        sim.body["spec"]["compression"] = compression
+    sim.set_spec(image=f"{IMAGE}:1.1.0")
+    sim.missing_pvc = "models"
+    for _ in range(3):
+        plan = sim.step()
+        assert not any(o["kind"] in ("Job", "Deployment") for o in plan.apply)
+    assert sim.condition("Stalled") == ("True", "ModelVolumeMissing")
+    assert "PersistentVolumeClaim 'models' (spec.model.uri) does not exist in namespace ml" in sim.status["message"]
+    assert sim.replicas() == {"1.0.0": 4} and sim.reasons().count("ModelVolumeMissing") == 1
+    assert plan.requeue_after == 10.0  # PVCs are not watched: it looks again
+    sim.missing_pvc = None
+    sim.settle()
+    assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.1.0"
+
+
+@pytest.mark.parametrize(("spec", "status", "expected"), [
+    pytest.param({"model": {"path": "/m"}}, {}, (), id="image-path-nothing-to-check"),
+    pytest.param({"model": {"uri": "pvc://models/d"}}, {}, ("models",), id="model-claim-until-served"),
+    pytest.param({"model": {"uri": "pvc://models/d"}}, {"stableVersion": "1.0.0"}, (), id="model-claim-served"),
+    pytest.param({"model": {"path": "/m"}, "compression": COMPRESSION}, {}, ("shipyard-artifacts",),
+                 id="artifacts-claim-while-compressing"),
+    pytest.param({"model": {"uri": "pvc://models/d"}, "compression": COMPRESSION}, {},
+                 ("models", "shipyard-artifacts"), id="both"),
+    pytest.param({"model": {"uri": "pvc://models/d"}, "compression": COMPRESSION},
+                 {"artifacts": [{"version": "1.0.0", "phase": "Succeeded"}]}, (), id="artifact-ready"),
+    pytest.param({"model": {"uri": "pvc://shipyard-artifacts/d"}, "compression": COMPRESSION}, {},
+                 ("shipyard-artifacts",), id="same-claim-once"),
+    pytest.param({"model": {"uri": "pvc://models/d"}, "serving": {"replicas": -1}}, {}, (), id="invalid-spec"),
+])
+def test_volume_checks(spec: dict[str, Any], status: dict[str, Any], expected: tuple[str, ...]) -> None:
+    body = md("1.0.0")
+    body["spec"].update(spec)
+    body["status"] = status
+    assert planning.plan_volume_checks(body) == expected
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/digits", "gs://bucket/digits", "https://models.example/digits"])
