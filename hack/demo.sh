@@ -166,13 +166,13 @@ say "Events"
 kubectl get events -n $ns --field-selector involvedObject.kind=ModelDeployment --sort-by=.lastTimestamp | sed 's/^/    /'
 
 say "Done in $(( $(date +%s) - started )) s. To look around yourself, run KEEP=1 make demo, then:"
-cat <<TXT
-  export KUBECONFIG=$state/cluster/kubeconfig
-  kubectl get md -n $ns -w                          # phase, stable, candidate, step
-  kubectl describe md -n $ns digits                 # conditions, analysis, history, events
-  kubectl get pods -n $ns -o wide                   # real processes on node local-0 (pod IPs 127.0.10.x)
-  cat $state/agent/services.json                    # the Service's local port; then e.g.
-  .venv/bin/python -m tests.e2e.loadgen --port PORT --seconds 30
-  ls $state/agent/logs/                             # each container's output
-  $prometheus/graph?g0.expr=sum%20by%20(version,code)(rate(shipyard_requests_total[1m]))
-TXT
+hint() { printf '  %-64s # %s\n' "$1" "$2"; }
+hint "export KUBECONFIG=$state/cluster/kubeconfig" "the demo's cluster"
+hint "kubectl get md -n $ns -w" "phase, stable, candidate, step"
+hint "kubectl describe md -n $ns digits" "conditions, analysis, history, events"
+hint "kubectl get pods -n $ns -o wide" "real processes on node local-0 (pod IPs 127.0.10.x)"
+hint "cat $state/agent/services.json" "the Service's local port PORT; then e.g."
+hint ".venv/bin/python -m tests.e2e.loadgen --port PORT --seconds 30" "20 requests/s, answers counted per version"
+hint "ls $state/agent/logs/" "each container's output"
+echo "  # requests per version and status code in Prometheus:"
+echo "  $prometheus/graph?g0.expr=sum%20by%20(version,code)(rate(shipyard_requests_total[1m]))"
