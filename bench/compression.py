@@ -66,6 +66,9 @@ import torch
 
 from shipyard.runtime import artifacts, compress, datasets, evaluate, recipe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from benchmeta import build_meta, fetch_git_state  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
 log = logging.getLogger("bench.compression")
@@ -501,55 +504,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {args.out} ({results['seconds']:.0f}s)")
     print(f"targets: {met}/{len(targets)} met")
     return 0
-
-
-def fetch_git_state(repo: Path = ROOT) -> tuple[str | None, str | None]:
-    """`git rev-parse HEAD` and `git status --porcelain` of the repository (None where git cannot tell)."""
-    import subprocess
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout if out.returncode == 0 else None
-
-    head = git("rev-parse", "HEAD")
-    return (head.strip() or None) if head else None, git("status", "--porcelain")
-
-
-def build_meta(
-    git_head: str | None,
-    git_status: str | None,
-    *,
-    python: str,
-    torch_version: str,
-    platform_name: str,
-    load_before: tuple[float, ...],
-    load_after: tuple[float, ...],
-    started: float,
-    finished: float,
-) -> dict[str, Any]:
-    """The code (commit; whether the working tree had uncommitted changes when the run started, with their paths),
-    the interpreter and torch, the platform, the load average around the run and its UTC start/end (epoch seconds
-    in). Pure; `gitDirty` is None when git could not tell."""
-    changed = None if git_status is None else [line[3:] for line in git_status.splitlines() if line.strip()]
-
-    def utc(seconds: float) -> str:
-        return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
-
-    return {
-        "gitCommit": git_head,
-        "gitDirty": None if changed is None else bool(changed),
-        "gitDirtyFiles": (changed or [])[:50],
-        "python": python,
-        "torch": torch_version,
-        "platform": platform_name,
-        "loadBefore": [round(x, 2) for x in load_before],
-        "loadAfter": [round(x, 2) for x in load_after],
-        "startedAt": utc(started),
-        "finishedAt": utc(finished),
-    }
 
 
 def _cpu_name() -> str:

@@ -56,6 +56,9 @@ from torch import nn
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(0, str(BENCH_DIR))  # the benchmarks' shared helpers
+from benchmeta import build_meta, fetch_git_state  # noqa: E402
+
 DEFAULT_OUT = BENCH_DIR / "results" / "serving.json"
 MAX_BATCH = 32
 DELAY_MS = 5.0
@@ -702,55 +705,6 @@ def fetch_versions() -> dict[str, str]:
     with contextlib.suppress(OSError, subprocess.SubprocessError, IndexError):
         versions["java"] = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.split("\n")[0]
     return versions
-
-
-def fetch_git_state(repo: Path = REPO) -> tuple[str | None, str | None]:
-    """`git rev-parse HEAD` and `git status --porcelain` of the repository (None where git cannot tell)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout if out.returncode == 0 else None
-
-    head = git("rev-parse", "HEAD")
-    return (head.strip() or None) if head else None, git("status", "--porcelain")
-
-
-def build_meta(
-    git_head: str | None,
-    git_status: str | None,
-    *,
-    python: str,
-    torch_version: str,
-    platform_name: str,
-    load_before: tuple[float, ...],
-    load_after: tuple[float, ...],
-    started: float,
-    finished: float,
-) -> dict[str, Any]:
-    """What a result file needs to be traced back and judged: the code (commit, and whether the working tree had
-    uncommitted changes when the run started, with their paths), the interpreter and torch, the platform, the load
-    average around the run and its UTC start/end. Pure; `git_dirty` is None when git could not tell."""
-    changed = None if git_status is None else [line[3:] for line in git_status.splitlines() if line.strip()]
-
-    def utc(seconds: float) -> str:
-        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-    return {
-        "git_commit": git_head,
-        "git_dirty": None if changed is None else bool(changed),
-        "git_dirty_files": (changed or [])[:50],
-        "python": python,
-        "torch": torch_version,
-        "platform": platform_name,
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in load_after],
-        "started": utc(started),
-        "finished": utc(finished),
-        "seconds": round(finished - started, 1),
-    }
 
 
 # --------------------------------------------------------------------------------------------- main
