@@ -279,6 +279,11 @@ def test_1_compression_job_runs_torch_and_pods_serve_correct_predictions(e2e: E2
                     interval=1, message="ModelDeployment digits to become Ready")
     ready = time.time()
     assert md["status"]["stableVersion"] == V1
+    # The operator read the Job's figures from its termination message into status.artifacts.
+    (entry,) = [a for a in md["status"]["artifacts"] if a["key"] == key]
+    assert entry["phase"] == "Succeeded" and entry["digest"] == report["digest"]
+    assert (entry["sourceBytes"], entry["compressedBytes"]) == (report["bytes"]["before"], report["bytes"]["after"])
+    assert entry["compressedAccuracy"] == pytest.approx(report["accuracy"]["after"], abs=1e-6)
 
     port = e2e.service_port(MODEL)
     predictions: list[int] = []
