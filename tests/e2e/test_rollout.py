@@ -41,7 +41,7 @@ BOUND_S = manifests.INITIAL_DELAY_S + (manifests.FAILURE_LIMIT + 1) * manifests.
 # Allowed beyond the bound, which counts analysis intervals from the first sample that shows failures, while the
 # test measures from the first failed response: that response reaches Prometheus at the pod's next scrape (<= 1 s),
 # the second failing measurement is followed by the reconcile that scales the canary to 0 and writes the status, and
-# the watcher sees the status up to 0.25 s later: about 1.5 s beyond the bound at worst on an idle machine, so bound +
+# the watcher sees the status up to 0.25 s later: about 1.5 s beyond the bound at worst with punctual timers, so bound +
 # slack = 9 s leaves 3.5 s for a loaded 2-core machine (timers and reconciles late while canary pods start torch).
 # Measured 2.9-6.0 s (6.0 when the first step completed on the first failing measurement, failureLimit 1, and the
 # second came at the next step) since the runtime exports its 5xx series at 0 from the start; before that, `or
