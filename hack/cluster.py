@@ -224,12 +224,15 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie child counts as dead.
+    # A zombie counts as dead once reaped; another process' zombie is its parent's to reap. Our own child's is
+    # alive until waitpid collects it: a multi-threaded (Go) process' leader is a zombie that cannot be reaped while
+    # its other threads still exit, and `down` must not return with one left behind.
     with contextlib.suppress(OSError):
         stat = Path(f"/proc/{pid}/stat").read_text()
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    return True
             return False
     return True
 

@@ -168,11 +168,8 @@ def test_down_leaves_no_process_and_no_listening_port() -> None:
     down_s = time.monotonic() - mark
     after = [(p, st) for p in procs if (st := still_there(p))]
     running = [(p, st) for p, st in after if st != "Z"]
-    # A zombie: exited, its exit status not collected by this process (the components' parent). hack/cluster.py's
-    # alive() counts a zombie as stopped once it tried waitpid(WNOHANG), but a multi-threaded (Go) process' leader is
-    # a zombie that cannot be reaped yet while its other threads still exit, so `down` can return leaving one behind
-    # (Python's subprocess reaps it when this process next starts a child). It holds no memory, file or port;
-    # it must be one this process can reap at once.
+    # A zombie: exited, its exit status not collected by this process (the components' parent). `down` reaps its
+    # children (a multi-threaded Go leader only once its other threads are gone), so none may be left.
     zombies = [p for p, st in after if st == "Z"]
     unreaped = [p for p in zombies if not reap(p)] if not running else zombies
     listening = listening_ports()
@@ -186,6 +183,7 @@ def test_down_leaves_no_process_and_no_listening_port() -> None:
 
     assert not running, "processes still running after down: " + ", ".join(
         f"{p.name} pid {p.pid} [state {st}]" for p, st in running)
+    assert not zombies, f"zombies left after down: {zombies}"
     assert not unreaped, f"zombies this process could not reap: {unreaped}"
     assert not still_listening, {port: holders(port) for port in still_listening}
     assert not not_bindable, {port: holders(port) for port in not_bindable}
