@@ -580,7 +580,6 @@ class PodWorker:
             "PATH": f"{self.agent.venv_bin}:/usr/local/bin:/usr/bin:/bin",
             "HOSTNAME": self.name,
             "HOME": "/",
-            "OMP_NUM_THREADS": "1",  # node default; the pod's env (and its CPU limit, for the runtime) overrides it
             "PYTHONUNBUFFERED": "1",
             **c.image.env,
         }

@@ -137,6 +137,20 @@ def build_cpu_threads(cpu_max: str | None, cfs_quota_us: int | None, cfs_period_
     return threads
 
 
+def plan_threads(flag: int | None, omp_num_threads: str | None, cpu_limit: int) -> tuple[int, str]:
+    """Torch intra-op threads and where the number came from: `--threads`, else a positive integer
+    OMP_NUM_THREADS from the pod's env (what a torch user sets; torch reads it at import, and the server must not
+    override it), else the CPU limit (`fetch_cpu_limit`). An unusable OMP_NUM_THREADS is ignored, and said so."""
+    if flag is not None:
+        return flag, "--threads"
+    raw = (omp_num_threads or "").strip()
+    if raw:
+        if raw.isdigit() and int(raw) >= 1:
+            return int(raw), "OMP_NUM_THREADS"
+        return cpu_limit, f"the CPU limit (OMP_NUM_THREADS={omp_num_threads!r} is not a positive integer: ignored)"
+    return cpu_limit, "the CPU limit"
+
+
 def build_warmup_shapes(
     specs: Sequence[oip.TensorSpecLike], batch_sizes: Sequence[int], free_dim: int = 8
 ) -> list[list[tuple[int, ...]]]:

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
     add("--compile", action="store_true", help="torch.compile the model before warm-up")
     add("--compile-mode", help="torch.compile mode, e.g. reduce-overhead or max-autotune")
-    add("--threads", type=int, help="torch intra-op threads (default: from the cgroup CPU limit / affinity)")
+    add("--threads", type=int, help="torch intra-op threads (default: OMP_NUM_THREADS when set, else the cgroup CPU "
+        "limit / affinity)")
     add("--warmup-iterations", type=int, default=3, help="forward passes per warm-up batch size (default 3)")
     add("--log-level", default="INFO", help="logging level (default INFO)")
     add("--no-uvloop", dest="uvloop", action="store_false", help="use the standard asyncio event loop")
@@ -613,8 +614,9 @@ def apply_load(
 
     from shipyard.runtime import engine
 
-    threads = config.threads or engine.fetch_cpu_limit()
+    threads, source = engine.plan_threads(config.threads, os.environ.get("OMP_NUM_THREADS"), engine.fetch_cpu_limit())
     torch.set_num_threads(threads)
+    log.info("Torch uses %d intra-op thread(s), from %s", threads, source)
     devices = engine.plan_devices(config.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     dtypes = [engine.plan_dtype(config.dtype, device) for device in devices]
     models: dict[str, Any] = {}

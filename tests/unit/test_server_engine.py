@@ -246,3 +246,19 @@ def test_warmup_runs_every_batch_size() -> None:
 
 def test_fetch_gpu_stats_is_empty_on_cpu() -> None:
     assert engine.fetch_gpu_stats(["cpu"]) == []
+
+
+@pytest.mark.parametrize(("flag", "omp", "limit", "expected", "source"), [
+    pytest.param(3, "2", 4, 3, "--threads", id="flag-wins"),
+    pytest.param(None, "2", 4, 2, "OMP_NUM_THREADS", id="omp-env"),
+    pytest.param(None, " 6 ", 4, 6, "OMP_NUM_THREADS", id="omp-env-above-the-limit-is-the-user's-choice"),
+    pytest.param(None, None, 4, 4, "the CPU limit", id="cpu-limit"),
+    pytest.param(None, "", 4, 4, "the CPU limit", id="empty-omp"),
+    pytest.param(None, "0", 4, 4, "the CPU limit (OMP_NUM_THREADS='0' is not a positive integer: ignored)", id="zero"),
+    pytest.param(None, "two", 1, 1, "the CPU limit (OMP_NUM_THREADS='two' is not a positive integer: ignored)",
+                 id="not-a-number"),
+    pytest.param(None, "4,2", 2, 2, "the CPU limit (OMP_NUM_THREADS='4,2' is not a positive integer: ignored)",
+                 id="nested-list"),
+])
+def test_plan_threads(flag: int | None, omp: str | None, limit: int, expected: int, source: str) -> None:
+    assert engine.plan_threads(flag, omp, limit) == (expected, source)
