@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the pinned control-plane binaries (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok, helm) from Go modules into a per-machine cache, once per version.
+# kube-scheduler, kubectl, kwok, helm) from Go modules into a per-machine cache, once per version.
+# kubectl is built at the cluster's own version: a machine's kubectl may be several minors away (outside
+# kubectl's supported skew of one minor), and hack/cluster.py up puts this one first on PATH.
 #   SHIPYARD_CACHE (default ~/.cache/shipyard) / bin / <component>-<version> / <binary>
 # Prints the bin directory of each component on success. Idempotent: a built version is reused.
 set -euo pipefail
@@ -20,9 +22,9 @@ built() { [ -x "$1" ] && [ -f "$1.ok" ]; }
 
 build_kube() {
   local out="$cache/bin/kubernetes-$KUBE_VERSION"
-  if built "$out/kube-apiserver" && built "$out/kube-controller-manager" && built "$out/kube-scheduler"; then
-    return 0
-  fi
+  local components=(kube-apiserver kube-controller-manager kube-scheduler kubectl) missing=() c
+  for c in "${components[@]}"; do built "$out/$c" || missing+=("$c"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
   local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
   local staging_version="v0.${KUBE_VERSION#v1.}"
   local mod="$cache/build/kubernetes-$KUBE_VERSION"
@@ -49,11 +51,12 @@ build_kube() {
 
 package tools
 GO
-  (cd "$mod" && go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" >&2)
+  local pkgs=("${missing[@]/#/k8s.io/kubernetes/cmd/}")
+  (cd "$mod" && go get "${pkgs[@]/%/@$KUBE_VERSION}" >&2)
   local pkg="k8s.io/component-base/version"
   local ldflags="-s -w -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
   ldflags="$ldflags -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION"
-  for c in kube-apiserver kube-controller-manager kube-scheduler; do
+  for c in "${missing[@]}"; do
     log "Building $c $KUBE_VERSION"
     (cd "$mod" && go build -trimpath -ldflags "$ldflags" -o "$out/$c" "k8s.io/kubernetes/cmd/$c")
     touch "$out/$c.ok"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A real local Kubernetes control plane on 127.0.0.1, built from pinned Go modules (does process and file I/O).
 
-    python3 hack/cluster.py up      # build (once per machine) and start; prints the KUBECONFIG export
-    python3 hack/cluster.py env     # print the export line of the running cluster
+    python3 hack/cluster.py up      # build (once per machine) and start; prints the KUBECONFIG and PATH exports
+    python3 hack/cluster.py env     # print the export lines of the running cluster
     python3 hack/cluster.py status  # one line per component
     python3 hack/cluster.py down    # stop everything and remove the state directory
     python3 hack/cluster.py restart etcd kube-apiserver   # stop and start components (same data, ports, certs)
@@ -14,7 +14,9 @@ Job pods Succeeded (plus the project's own test stages in ``hack/kwok/``). Nodes
 alone (the e2e node agent runs its own).
 
 State (PKI, logs, kubeconfig, pids) lives in ``$SHIPYARD_CLUSTER_DIR`` (default ``<repo>/.cluster``).
-Only the Python standard library, openssl and kubectl are used, so this runs before any virtualenv exists.
+Only the Python standard library, openssl and kubectl are used, so this runs before any virtualenv exists. The
+kubectl is the one built at the cluster's version (``kubernetes-<version>/kubectl`` in the cache): `up` puts its
+directory first on this process' PATH (so tests and their children use it) and prints the same export for a shell.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def binaries() -> dict[str, Path]:
         "kube-apiserver": kube / "kube-apiserver",
         "kube-controller-manager": kube / "kube-controller-manager",
         "kube-scheduler": kube / "kube-scheduler",
+        "kubectl": kube / "kubectl",
         "kwok": bin_dir / f"kwok-{v['KWOK_VERSION']}" / "kwok",
         "helm": bin_dir / f"helm-{v['HELM_VERSION']}" / "helm",
     }
@@ -96,6 +99,22 @@ def build_binaries() -> dict[str, Path]:
         subprocess.run(["bash", str(HACK / "build-binaries.sh")], check=True)
         log(f"Built the binaries in {time.monotonic() - started:.0f} s")
     return bins
+
+
+def use_pinned_kubectl() -> Path:
+    """Puts the kubectl built at the cluster's version first on this process' PATH (inherited by children):
+    a machine's own kubectl may be more than the one supported minor away from the API server. Returns its dir."""
+    kubectl_dir = binaries()["kubectl"].parent
+    path = os.environ.get("PATH", "")
+    entries = path.split(os.pathsep) if path else []
+    if entries[:1] != [str(kubectl_dir)]:
+        os.environ["PATH"] = os.pathsep.join([str(kubectl_dir), *[e for e in entries if e != str(kubectl_dir)]])
+    return kubectl_dir
+
+
+def print_exports(state: State) -> None:
+    print(f"export KUBECONFIG={state.kubeconfig}")
+    print(f'export PATH="{binaries()["kubectl"].parent}:$PATH"  # kubectl {read_versions()["KUBE_VERSION"]}')
 
 
 def kwok_module_dir() -> Path:
@@ -315,10 +334,12 @@ def up(state_dir: Path, nodes: tuple[dict[str, object], ...] = DEFAULT_NODES,
     existing = State.load(state_dir)
     if existing and all(alive(p) for p in existing.pids.values()) and existing.pids:
         log(f"Found a running cluster in {state_dir}")
+        use_pinned_kubectl()
         return existing
     if existing:
         down(state_dir)
     bins = build_binaries()
+    use_pinned_kubectl()
     stages = [kwok_module_dir() / s for s in KWOK_STAGES]
     started = time.monotonic()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -531,8 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}\t{path}")
         return 0
     if args.command == "up":
-        state = up(state_dir)
-        print(f"export KUBECONFIG={state.kubeconfig}")
+        print_exports(up(state_dir))
         return 0
     if args.command == "down":
         down(state_dir, keep=args.keep)
@@ -549,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no cluster in {state_dir}", file=sys.stderr)
         return 1
     if args.command == "env":
-        print(f"export KUBECONFIG={state.kubeconfig}")
+        print_exports(state)
         return 0
     for name, pid in state.pids.items():
         print(f"{name}\tpid {pid}\t{'running' if alive(pid) else 'stopped'}")

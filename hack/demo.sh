@@ -18,7 +18,8 @@ say() { printf '\n\033[1m==> %s\033[0m (+%ds)\n' "$*" "$(( $(date +%s) - started
 die() { printf '\033[31mdemo: %s\033[0m\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root: the node agent bind-mounts volumes in each pod's own mount namespace"
-for tool in kubectl unshare setpriv curl; do command -v "$tool" >/dev/null || die "$tool is required"; done
+# kubectl: hack/cluster.py up builds it at the cluster's version and puts it first on PATH.
+for tool in unshare setpriv curl; do command -v "$tool" >/dev/null || die "$tool is required"; done
 if [ ! -x /usr/bin/prometheus ]; then
   say "Installing Prometheus (Debian package)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
@@ -167,7 +168,7 @@ kubectl get events -n $ns --field-selector involvedObject.kind=ModelDeployment -
 
 say "Done in $(( $(date +%s) - started )) s. To look around yourself, run KEEP=1 make demo, then:"
 hint() { printf '  %-64s # %s\n' "$1" "$2"; }
-hint "export KUBECONFIG=$state/cluster/kubeconfig" "the demo's cluster"
+hint "eval \"\$(python3 hack/cluster.py env --dir $state/cluster)\"" "KUBECONFIG and the kubectl of its version"
 hint "kubectl get md -n $ns -w" "phase, stable, candidate, step"
 hint "kubectl describe md -n $ns digits" "conditions, analysis, history, events"
 hint "kubectl get pods -n $ns -o wide" "real processes on node local-0 (pod IPs 127.0.10.x)"

@@ -2,7 +2,8 @@
 # The whole test suite (`make test`): lint, type check, then every tier under tests/: unit, integration (a real
 # local control plane, KWOK nodes) and e2e (real pod processes via hack/node_agent.py, Debian's Prometheus).
 # Each tier's fixture starts its own control plane and stops it at the end. Needs root (the e2e node agent uses
-# mount namespaces), unshare/setpriv/mount, openssl, kubectl, lua5.4 and prometheus/promtool: see README.md.
+# mount namespaces), unshare/setpriv/mount, openssl, lua5.4 and prometheus/promtool: see README.md (kubectl is built
+# with the control plane, at its version).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}

@@ -131,7 +131,7 @@ def _check_host() -> None:
     problems = []
     if os.geteuid() != 0:
         problems.append("the e2e tier needs root (mount namespaces and bind mounts for pods)")
-    for tool in ("unshare", "setpriv", "mount", "kubectl"):
+    for tool in ("unshare", "setpriv", "mount"):  # kubectl: built at the cluster's version, put on PATH by up()
         if shutil.which(tool) is None:
             problems.append(f"{tool} not found")
     prometheus = os.environ.get("SHIPYARD_PROMETHEUS", "/usr/bin/prometheus")
