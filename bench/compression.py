@@ -52,7 +52,6 @@ if "OMP_NUM_THREADS" not in os.environ:  # before torch is imported: oversubscri
 
 import copy
 import datetime
-import importlib.util
 import json
 import logging
 import platform
@@ -67,7 +66,10 @@ import torch
 from shipyard.runtime import artifacts, compress, datasets, evaluate, recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests.modules, from the checkout
 from benchmeta import build_meta, fetch_git_state  # noqa: E402
+
+from tests.modules import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
@@ -75,10 +77,7 @@ log = logging.getLogger("bench.compression")
 
 
 def _load_examples() -> Any:
-    spec = importlib.util.spec_from_file_location("build_models", EXAMPLES / "build_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("build_models", EXAMPLES / "build_models.py")
 
 
 def _example_config(name: str) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -43,6 +42,10 @@ from lightkube.config.kubeconfig import KubeConfig
 from lightkube.generic_resource import create_namespaced_resource
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # tests.modules, from the checkout
+from tests.modules import load_file  # noqa: E402
+
 RESULTS = REPO / "bench" / "results"
 OPERATOR_USER = "shipyard-operator"
 ARGO_USER = "argo-rollouts"
@@ -56,12 +59,7 @@ REPLICASET = create_namespaced_resource("apps", "v1", "ReplicaSet", "replicasets
 
 
 def load_cluster_module() -> Any:
-    spec = importlib.util.spec_from_file_location("shipyard_hack_cluster", REPO / "hack" / "cluster.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file("shipyard_hack_cluster", REPO / "hack" / "cluster.py")
 
 
 def build_pod_template(name: str) -> dict[str, Any]:

@@ -14,7 +14,6 @@ printed as a table at the end of the run (with or without -s). Logs of a run are
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ from lightkube.config.kubeconfig import KubeConfig
 from lightkube.generic_resource import create_namespaced_resource
 
 from tests.integration.conftest import Cluster, install_crds, wait_until
+from tests.modules import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -48,13 +48,7 @@ ModelDeployment = create_namespaced_resource("shipyard.dev", "v1alpha1", "ModelD
 
 
 def load_hack_module(name: str) -> Any:
-    path = REPO / "hack" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"shipyard_e2e_{name}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file(f"shipyard_e2e_{name}", REPO / "hack" / f"{name}.py")
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ Set SHIPYARD_TEST_KUBECONFIG to run against an already running cluster instead (
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -25,16 +24,13 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 
+from tests.modules import load_file
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _load_cluster_module() -> Any:
-    spec = importlib.util.spec_from_file_location("shipyard_hack_cluster", REPO / "hack" / "cluster.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file("shipyard_hack_cluster", REPO / "hack" / "cluster.py")
 
 
 @dataclass

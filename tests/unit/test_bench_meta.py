@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+
+from tests.modules import load_file
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -21,12 +21,7 @@ META_ARGS: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def benchmeta() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmeta", BENCH / "benchmeta.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmeta"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file("benchmeta", BENCH / "benchmeta.py")
 
 
 @pytest.mark.parametrize(("head", "status", "dirty", "files"), [

@@ -3,7 +3,6 @@ documented), and the generator's own behaviour."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.modules import load_file
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "shipyard"
 SCHEMA = json.loads((CHART / "values.schema.json").read_text())
@@ -22,11 +23,7 @@ VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 
 
 def _load_sync() -> Any:
-    spec = importlib.util.spec_from_file_location("shipyard_sync_chart", REPO / "hack" / "sync-chart.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("shipyard_sync_chart", REPO / "hack" / "sync-chart.py")
 
 
 SYNC = _load_sync()

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-HACK_CLUSTER = Path(__file__).parents[2] / "hack" / "cluster.py"
-_spec = importlib.util.spec_from_file_location("shipyard_hack_cluster_unit", HACK_CLUSTER)
-assert _spec and _spec.loader
-CLUSTER = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = CLUSTER  # dataclasses look their module up by name
-_spec.loader.exec_module(CLUSTER)
+from tests.modules import load_file
+
+CLUSTER = load_file("shipyard_hack_cluster_unit", Path(__file__).parents[2] / "hack" / "cluster.py")
 
 
 @pytest.mark.parametrize(("path_before", "path_after"), [

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+from tests.modules import load_file
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "compression.py"
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_compression", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_compression"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file("bench_compression", BENCH)
 
 
 def sizes(before: int, after: int) -> dict[str, Any]:

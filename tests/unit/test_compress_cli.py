@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from shipyard.runtime import artifacts, cli, compress
+from tests.modules import load_file
 from tests.pickle_payloads import hostile_weights
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,10 +18,7 @@ FAST_LATENCY = {"batchSizes": [1, 8], "budgetSeconds": 0.02}
 
 
 def _examples() -> object:
-    spec = importlib.util.spec_from_file_location("build_models", ROOT / "examples/models/build_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("build_models", ROOT / "examples/models/build_models.py")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,7 +6,6 @@ are overridden here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,16 +14,14 @@ import torch
 import yaml
 
 from shipyard.runtime import artifacts, cli
+from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "models"
 
 
 def _examples() -> object:
-    spec = importlib.util.spec_from_file_location("build_models", EXAMPLES / "build_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file("build_models", EXAMPLES / "build_models.py")
 
 
 @pytest.fixture(scope="module", autouse=True)

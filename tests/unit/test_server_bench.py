@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+from tests.modules import load_file
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "serving.py"
 
 
 @pytest.fixture(scope="module")
 def serving() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_serving", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serving"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_file("bench_serving", BENCH)
 
 
 def run(serving: ModuleType, server: str, rps: float, p99: float, errors: int = 0, conc: int = 16, rnd: int = 0) -> Any:
