@@ -47,7 +47,8 @@ for fast CPU serving: `"compiled": {"file": "model.cpu.pt2", "format": "aotinduc
 "torch": "<version that compiled it>", "maxBatchSize": 1024}`, listed in `files` (so covered by the digest).
 It is native code (a shared library inside the zip): `load_model(..., compiled=True)` loads it only on explicit
 request, after the digest check, and only with the torch version that built it; by default the eager module is
-built from the weights. Shapes: the first dimension of every input is the batch (1..maxBatchSize); any other
+built from the weights. The inference server asks for it when it fits its configuration (`serve --compiled`,
+`assess_compiled`). Shapes: the first dimension of every input is the batch (1..maxBatchSize); any other
 -1 dimension is dynamic too, with the range torch.export infers from the model (e.g. at most 512 tokens).
 
 Writes are atomic: everything is written into a temporary sibling directory which is renamed into place, so
@@ -657,6 +658,13 @@ def load_model(
     """
     directory = Path(path).resolve()
     manifest = load_verified_manifest(directory, expected_digest=expected_digest)
+    return load_model_from_manifest(manifest, directory, device=device, compiled=compiled)
+
+
+def load_model_from_manifest(
+    manifest: Mapping[str, Any], directory: Path, *, device: str = "cpu", compiled: bool = False
+) -> LoadedModel:
+    """`load_model` after its digest check: `manifest` must come from `load_verified_manifest(directory)`."""
     if compiled:
         module = load_compiled_module(manifest, directory, device=device)
     elif manifest["kind"] == "export":
@@ -718,20 +726,45 @@ class CompiledModule:
         return self
 
 
+def assess_compiled(
+    manifest: Mapping[str, Any],
+    *,
+    device: str,
+    torch_version: str,
+    dtype: str = "float32",
+    compile_model: bool = False,
+    max_batch_size: int = 1,
+) -> str | None:
+    """Why the artifact's AOTInductor package cannot serve this configuration, or None when it can (pure).
+
+    The package is native code for one device kind, built by one torch version, with float32 weights frozen into
+    the graph and batch sizes 1..its maxBatchSize."""
+    entry = manifest.get("compiled")
+    if not entry:
+        return f"model {manifest.get('name')!r} has no compiled package (compress with compiled.aotInductor)"
+    if entry.get("device") != device.split(":")[0]:
+        return f"compiled package is for device {entry.get('device')!r}, not {device!r}"
+    if entry.get("torch") != torch_version:
+        return (f"compiled package was built by torch {entry.get('torch')}, this is torch {torch_version}; "
+                "load the eager model or recompress")
+    if dtype != "float32":
+        return f"compiled package computes in float32, not {dtype}"
+    if compile_model:
+        return "compiled package is already compiled (--compile asks for torch.compile of the eager model)"
+    package_max = entry.get("maxBatchSize")
+    if isinstance(package_max, int) and max_batch_size > package_max:
+        return f"compiled package takes batches up to {package_max}, the server's max batch size is {max_batch_size}"
+    return None
+
+
 def load_compiled_module(manifest: Mapping[str, Any], directory: Path, *, device: str = "cpu") -> CompiledModule:
     """Load the artifact's AOTInductor package (native code; the manifest digest was verified by the caller)."""
     import torch
 
-    entry = manifest.get("compiled")
-    if not entry:
-        raise ArtifactError(f"model {manifest['name']!r} has no compiled package (compress with compiled.aotInductor)")
-    if entry.get("device") != device.split(":")[0]:
-        raise ArtifactError(f"compiled package is for device {entry.get('device')!r}, not {device!r}")
-    if entry.get("torch") != torch.__version__:
-        raise ArtifactError(
-            f"compiled package was built by torch {entry.get('torch')}, this is torch {torch.__version__}; "
-            "load the eager model or recompress"
-        )
+    problem = assess_compiled(manifest, device=device, torch_version=torch.__version__)
+    if problem:
+        raise ArtifactError(problem)
+    entry = manifest["compiled"]
     try:
         runner = torch._inductor.aoti_load_package(str(directory / entry["file"]))
     except Exception as exc:

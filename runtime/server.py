@@ -48,6 +48,7 @@ DEFAULT_DRAIN_PROPAGATION_S = 5.0
 DEFAULT_GRACE_PERIOD_S = 30.0
 EXIT_MARGIN_S = 1.0  # the server is gone this long before the grace period (kubelet's SIGKILL) ends
 UNVERSIONED = "unknown"
+COMPILED_MODES = ("auto", "on", "off")
 RETRY_AFTER = b"retry-after: 1\r\n"
 
 # --------------------------------------------------------------------------------------------- config
@@ -75,6 +76,7 @@ class ServerConfig:
     dtype: str = "float32"
     compile: bool = False
     compile_mode: str | None = None
+    compiled: str = "auto"  # the artifact's AOTInductor package: auto (when it fits) | on (required) | off
     threads: int | None = None  # torch intra-op threads; None = from the CPU limit
     warmup_iterations: int = 3
     log_level: str = "INFO"
@@ -163,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
     add("--compile", action="store_true", help="torch.compile the model before warm-up")
     add("--compile-mode", help="torch.compile mode, e.g. reduce-overhead or max-autotune")
+    add("--compiled", choices=COMPILED_MODES, default="auto",
+        help="serve the artifact's AOTInductor package: auto (default: when the artifact has one that fits the "
+        "device, torch version, dtype and max batch size; else the eager model, saying why) | on (fail without "
+        "it) | off (always the eager model)")
     add("--threads", type=int, help="torch intra-op threads (default: OMP_NUM_THREADS when set, else the cgroup CPU "
         "limit / affinity)")
     add("--warmup-iterations", type=int, default=3, help="forward passes per warm-up batch size (default 3)")
@@ -211,6 +217,7 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> ServerConfig:
         dtype=args.dtype,
         compile=args.compile,
         compile_mode=args.compile_mode,
+        compiled=args.compiled,
         threads=args.threads,
         warmup_iterations=args.warmup_iterations,
         log_level=args.log_level.upper(),
@@ -576,11 +583,35 @@ class App:
 Loader = Callable[[str, str], Any]  # (artifact path, device) -> a model with .module, .inputs, .outputs
 
 
-def fetch_model(path: str, device: str) -> Any:
-    """Load an artifact with the artifacts module (safe loading, manifest, digest)."""
-    from shipyard.runtime import artifacts  # imported lazily: it pulls in the artifact formats
+def plan_compiled(mode: str, problem: str | None) -> tuple[bool, str]:
+    """Whether to serve the artifact's AOTInductor package, and why (pure). `problem` is why the package cannot
+    serve this configuration (`artifacts.assess_compiled`), None when it can. Raises ConfigError for mode `on`
+    with a problem."""
+    if mode == "off":
+        return False, "the eager model (--compiled off)"
+    if problem is None:
+        return True, "the artifact's AOTInductor package"
+    if mode == "on":
+        raise ConfigError(f"--compiled on: {problem}")
+    return False, f"the eager model ({problem})"
 
-    return artifacts.load_model(path, device=device)
+
+def fetch_model(path: str, device: str, config: ServerConfig) -> Any:
+    """Load an artifact with the artifacts module (safe loading, manifest, digest): its AOTInductor package when
+    `config.compiled` asks for it and it fits (`plan_compiled`), else the eager model."""
+    import torch
+
+    from shipyard.runtime import artifacts, engine  # imported lazily: they pull in torch and the artifact formats
+
+    directory = Path(path).resolve()
+    manifest = artifacts.load_verified_manifest(directory)
+    problem = None if config.compiled == "off" else artifacts.assess_compiled(
+        manifest, device=device, torch_version=torch.__version__, dtype=engine.plan_dtype(config.dtype, device),
+        compile_model=config.compile, max_batch_size=config.max_batch_size,
+    )  # fmt: skip
+    compiled, what = plan_compiled(config.compiled, problem)
+    log.info("Serving %s on %s", what, device)
+    return artifacts.load_model_from_manifest(manifest, directory, device=device, compiled=compiled)
 
 
 def plan_warmup_batches(max_batch_size: int, compiled: bool) -> list[int]:
@@ -660,9 +691,10 @@ def apply_load(
 class Server:
     """One running server: socket, app, batcher, workers; `run` returns the exit code."""
 
-    def __init__(self, config: ServerConfig, loader: Loader = fetch_model) -> None:
+    def __init__(self, config: ServerConfig, loader: Loader | None = None) -> None:
         self.config = config
-        self.loader = loader
+        # the default loads the artifact (its compiled package per config.compiled); tests inject their own
+        self.loader: Loader = loader or functools.partial(fetch_model, config=config)
         self.metrics = metrics.ServerMetrics(config.model_name, config.model_version)
         self.app = App(config, self.metrics)
         self.port: int | None = None
@@ -842,7 +874,7 @@ def apply_event_loop_policy(use_uvloop: bool) -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_server(config: ServerConfig, loader: Loader = fetch_model) -> int:
+def run_server(config: ServerConfig, loader: Loader | None = None) -> int:
     """Run a server in this (main) thread until it has drained; returns the exit code."""
     # numpy warns when a client's number overflows the input datatype; oip rejects that input with a 400.
     warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning)
@@ -854,7 +886,7 @@ def run_server(config: ServerConfig, loader: Loader = fetch_model) -> int:
 class ServerThread:
     """A server on its own event loop in a background thread (tests and embedding)."""
 
-    def __init__(self, config: ServerConfig, loader: Loader = fetch_model) -> None:
+    def __init__(self, config: ServerConfig, loader: Loader | None = None) -> None:
         self.server = Server(config, loader)
         self._thread = threading.Thread(target=self._run, name="shipyard-server", daemon=True)
         self.exit_code: int | None = None

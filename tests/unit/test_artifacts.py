@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ DIGITS_IO = {
     "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
 }
 FACTORY = "shipyard.runtime.models:build_digits_mlp"
+COMPILED = {"file": "model.cpu.pt2", "format": "aotinductor", "device": "cpu", "torch": torch.__version__,
+            "maxBatchSize": 128}
 SMALL = {"hidden": [32, 16]}
 
 
@@ -351,25 +354,41 @@ def test_compiled_package_is_only_loaded_when_it_fits(tmp_path: Path, entry: dic
         artifacts.load_compiled_module(manifest, tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("SHIPYARD_SLOW_TESTS"), reason="compiles C++ with AOTInductor (15-50 s); SHIPYARD_SLOW_TESTS=1"
+@pytest.mark.parametrize(
+    ("entry", "config", "problem"),
+    [
+        pytest.param(COMPILED, {}, None, id="fits"),
+        pytest.param(COMPILED, {"device": "cpu:0"}, None, id="cpu-with-index"),
+        pytest.param(COMPILED, {"max_batch_size": 128}, None, id="max-batch-equal"),
+        pytest.param(None, {}, "model 'digits' has no compiled package", id="absent"),
+        pytest.param({}, {}, "has no compiled package", id="empty"),
+        pytest.param(COMPILED, {"device": "cuda:0"}, "is for device 'cpu', not 'cuda:0'", id="device"),
+        pytest.param({**COMPILED, "torch": "1.0.0"}, {}, "was built by torch 1.0.0, this is torch", id="torch"),
+        pytest.param(COMPILED, {"dtype": "bfloat16"}, "computes in float32, not bfloat16", id="dtype"),
+        pytest.param(COMPILED, {"compile_model": True}, "--compile asks for torch.compile", id="torch-compile"),
+        pytest.param(COMPILED, {"max_batch_size": 129}, "batches up to 128, the server's max batch size is 129",
+                     id="max-batch-over"),
+    ],
 )
-def test_compiled_package_round_trip(tmp_path: Path) -> None:
+def test_assess_compiled(entry: dict | None, config: dict, problem: str | None) -> None:
+    manifest = {"name": "digits", "compiled": entry}
+    got = artifacts.assess_compiled(manifest, **{"device": "cpu", "torch_version": torch.__version__, **config})
+    assert got == problem if problem is None else (got is not None and problem in got)
+
+
+def test_compiled_package_round_trip(compiled_digits_dir: Path, tmp_path: Path) -> None:
     """An int8 model with its AOTInductor package: both loads give the same outputs, the package is digested."""
-    model, records = _int8("int8-dynamic")
-    with artifacts.stage_directory(tmp_path / "model") as staging:
-        manifest = artifacts.write_model_files(
-            staging, model, name="digits", factory=FACTORY, factory_kwargs=SMALL, quantization=records,
-            compile_inputs=[torch.randn(4, 64)], compile_max_batch=128, **DIGITS_IO,
-        )  # fmt: skip
-    assert manifest["compiled"]["file"] in manifest["files"]
+    manifest = artifacts.load_verified_manifest(compiled_digits_dir)
+    assert manifest["compiled"]["file"] in manifest["files"] and manifest["compiled"]["maxBatchSize"] == 128
     assert artifacts.build_compiled_bytes(manifest) > 0
-    eager = artifacts.load_model(tmp_path / "model")
-    compiled = artifacts.load_model(tmp_path / "model", compiled=True)
+    eager = artifacts.load_model(compiled_digits_dir)
+    compiled = artifacts.load_model(compiled_digits_dir, compiled=True)
+    assert isinstance(compiled.module, artifacts.CompiledModule)
+    assert compiled.digest == eager.digest
     x = torch.randn(9, 64)
     with torch.no_grad():
         assert torch.allclose(compiled.module(x), eager.module(x), atol=1e-4)
+    shutil.copytree(compiled_digits_dir, tmp_path / "model")
     _flip_weight_byte(tmp_path / "model")  # the eager weights changed: even the compiled load must refuse
     with pytest.raises(artifacts.ArtifactError, match="digest mismatch"):
         artifacts.load_model(tmp_path / "model", compiled=True)

@@ -55,6 +55,21 @@ def _termination(tmp_path: Path) -> str:
     return (tmp_path / "termination-log").read_text()
 
 
+def test_compiled_package_is_built_gated_and_reported(compiled_digits_dir: Path) -> None:
+    """compiled.aotInductor: the artifact carries the package (in its digest), measured and gated like the eager
+    model; the report says what it holds."""
+    report = json.loads((compiled_digits_dir / "report.json").read_text())
+    manifest = artifacts.load_verified_manifest(compiled_digits_dir)
+    assert report["status"] == "accepted" and report["digest"] == manifest["digest"]
+    compiled = report["compiled"]
+    assert compiled["file"] == manifest["compiled"]["file"] and compiled["file"] in manifest["files"]
+    assert manifest["compiled"]["maxBatchSize"] == 128 and manifest["compiled"]["torch"] == torch.__version__
+    assert compiled["bytes"] == (compiled_digits_dir / compiled["file"]).stat().st_size > 0
+    assert abs(compiled["metrics"]["accuracy"] - report["accuracy"]["after"]) < 0.01
+    assert set(compiled["latency"]) == set(compiled["speedupP50"]) == {"batch1", "batch8"}
+    assert report["weightsBytes"]["after"] == (compiled_digits_dir / manifest["weights"]).stat().st_size
+
+
 def test_accepted_artifact_with_report_digest_and_tensorboard(
     tmp_path: Path, source: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

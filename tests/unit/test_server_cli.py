@@ -136,6 +136,8 @@ CONFIGS = [
         id="serving-flags",
     ),
     pytest.param([], {**ENV, contract.ENV_MAX_BATCH_SIZE: " "}, {"max_batch_size": 32}, id="blank-env-is-default"),
+    pytest.param([], ENV, {"compiled": "auto"}, id="compiled-package-when-it-fits-by-default"),
+    pytest.param(["--compiled", "off"], ENV, {"compiled": "off"}, id="compiled-off"),
 ]
 
 
@@ -204,6 +206,88 @@ def test_plan_route(path: str, expected: tuple[str, str, str | None, str | None]
 )
 def test_plan_warmup_batches(max_batch: int, compiled: bool, expected: list[int]) -> None:
     assert server.plan_warmup_batches(max_batch, compiled) == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "problem", "expected"),
+    [
+        pytest.param("auto", None, (True, "the artifact's AOTInductor package"), id="auto-fits"),
+        pytest.param("auto", "no compiled package", (False, "the eager model (no compiled package)"),
+                     id="auto-falls-back-saying-why"),
+        pytest.param("on", None, (True, "the artifact's AOTInductor package"), id="on-fits"),
+        pytest.param("off", None, (False, "the eager model (--compiled off)"), id="off-even-when-it-fits"),
+        pytest.param("off", "no compiled package", (False, "the eager model (--compiled off)"), id="off"),
+    ],
+)
+def test_plan_compiled(mode: str, problem: str | None, expected: tuple[bool, str]) -> None:
+    assert server.plan_compiled(mode, problem) == expected
+
+
+def test_plan_compiled_on_without_a_fitting_package_is_a_config_error() -> None:
+    with pytest.raises(server.ConfigError, match="--compiled on: compiled package computes in float32"):
+        server.plan_compiled("on", "compiled package computes in float32, not bfloat16")
+
+
+def test_compiled_mode_must_be_known(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        server.build_config(["--compiled", "yes"], ENV)
+    assert "invalid choice: 'yes'" in capsys.readouterr().err
+
+
+def _infer(port: int, pixels: list[list[float]]) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        body = json.dumps({"inputs": [{"name": "input", "shape": [len(pixels), 64], "datatype": "FP32",
+                                       "data": pixels}]})
+        conn.request("POST", "/v2/models/digits/infer", body=body)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "served"),
+    [
+        pytest.param([], "Serving the artifact's AOTInductor package on cpu", id="auto-serves-the-package"),
+        pytest.param(["--max-batch-size", "256"], "Serving the eager model (compiled package takes batches up to "
+                     "128, the server's max batch size is 256) on cpu", id="auto-eager-when-batches-do-not-fit"),
+        pytest.param(["--compiled", "off"], "Serving the eager model (--compiled off) on cpu", id="off"),
+    ],
+)
+def test_serve_uses_the_compiled_package_when_it_fits(
+    compiled_digits_dir: Path, caplog: pytest.LogCaptureFixture, flags: list[str], served: str
+) -> None:
+    config = server.build_config(
+        ["--artifact", str(compiled_digits_dir), "--host", "127.0.0.1", "--port", "0", "--threads", "1",
+         "--drain-propagation-s", "0", *flags], {}
+    )
+    pixels = [[(i * j) % 17 / 16 for j in range(64)] for i in range(5)]
+    with caplog.at_level("INFO", logger="shipyard.runtime.server"):
+        thread = server.ServerThread(config).start()
+        try:
+            thread.wait_ready(60)
+            status, document = _infer(thread.port, pixels)
+        finally:
+            assert thread.stop() == 0
+    assert served in caplog.text
+    assert status == 200, document
+    with torch.inference_mode():
+        expected = artifacts.load_model(compiled_digits_dir).module(torch.tensor(pixels))
+    torch.testing.assert_close(torch.tensor(document["outputs"][0]["data"]).reshape(5, 10), expected,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_serve_compiled_on_fails_to_load_when_the_package_does_not_fit(
+    compiled_digits_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = server.build_config(["--artifact", str(compiled_digits_dir), "--host", "127.0.0.1", "--port", "0",
+                                  "--compiled", "on", "--dtype", "bfloat16"], {})
+    with caplog.at_level("ERROR", logger="shipyard.runtime.server"):
+        thread = server.ServerThread(config).start()
+        thread._thread.join(60)
+    assert thread.exit_code == 1
+    assert "--compiled on: compiled package computes in float32, not bfloat16" in caplog.text
 
 
 def test_main_rejects_bad_settings_with_exit_code_2(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
