@@ -41,6 +41,7 @@ DEFAULT_MAX_RELATIVE_ACCURACY_LOSS: Final = 0.01
 DEFAULT_EVALUATION_SAMPLES: Final = 1000
 DEFAULT_BACKOFF_LIMIT: Final = 1
 DEFAULT_ACTIVE_DEADLINE_SECONDS: Final = 3600
+DEFAULT_COMPILED_MAX_BATCH_SIZE: Final = 1024
 DEFAULT_REPLICAS: Final = 1
 DEFAULT_MAX_BATCH_SIZE: Final = 32
 DEFAULT_MAX_DELAY_MS: Final = 5
@@ -232,10 +233,19 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Compiled:
+    """An AOTInductor package built next to the compressed weights (served on CPU pods when it fits)."""
+    aot_inductor: bool = False
+    max_batch_size: int = DEFAULT_COMPILED_MAX_BATCH_SIZE
+    max_autotune: bool = False
+
+
+@dataclass(frozen=True)
 class Compression:
     steps: tuple[CompressionStep, ...]
     evaluation: Evaluation
     artifacts_pvc: str
+    compiled: Compiled = field(default_factory=Compiled)
     resources: Resources = field(default_factory=Resources)
     backoff_limit: int = DEFAULT_BACKOFF_LIMIT
     active_deadline_seconds: int = DEFAULT_ACTIVE_DEADLINE_SECONDS
@@ -482,12 +492,19 @@ def parse_spec(spec: Mapping[str, object], path: str = "spec") -> ModelDeploymen
     model = _parse_model(_req_obj(spec, "model", path), f"{path}.model")
     compression_body = _obj(spec, "compression", path)
     compression = None if compression_body is None else _parse_compression(compression_body, f"{path}.compression")
+    serving = _parse_serving(_obj(spec, "serving", path) or {}, f"{path}.serving")
+    if compression is not None and compression.compiled.aot_inductor and \
+            serving.batching.max_batch_size > compression.compiled.max_batch_size:
+        raise SpecError(f"{path}.serving.batching.maxBatchSize",
+                        f"must not exceed {path}.compression.compiled.maxBatchSize "
+                        f"({compression.compiled.max_batch_size}), the largest batch the compiled package accepts; "
+                        f"got {serving.batching.max_batch_size}")
     return ModelDeploymentSpec(
         image=image,
         image_ref=image_ref,
         model=model,
         compression=compression,
-        serving=_parse_serving(_obj(spec, "serving", path) or {}, f"{path}.serving"),
+        serving=serving,
         rollout=_parse_rollout(_obj(spec, "rollout", path) or {}, f"{path}.rollout"),
         rollback=Rollback(policy=_enum(_obj(spec, "rollback", path) or {}, "policy", f"{path}.rollback",
                                        ROLLBACK_POLICIES, DEFAULT_ROLLBACK_POLICY)),
@@ -518,9 +535,14 @@ def build_recipe(compression: Compression) -> dict[str, object]:
                                       "alpha": step.alpha, "epochs": step.epochs, "lr": step.lr,
                                       "batchSize": step.batch_size}})
     evaluation = compression.evaluation
-    return {"steps": steps, "evaluation": {"dataset": evaluation.dataset,
-                                           "maxRelativeAccuracyLoss": evaluation.max_relative_accuracy_loss,
-                                           "samples": evaluation.samples}}
+    recipe: dict[str, object] = {"steps": steps, "evaluation": {
+        "dataset": evaluation.dataset, "maxRelativeAccuracyLoss": evaluation.max_relative_accuracy_loss,
+        "samples": evaluation.samples}}
+    compiled = compression.compiled
+    if compiled.aot_inductor:  # absent when off, so that the keys of artifacts made before the field stay the same
+        recipe["compiled"] = {"aotInductor": True, "maxBatchSize": compiled.max_batch_size,
+                              "maxAutotune": compiled.max_autotune}
+    return recipe
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -560,10 +582,19 @@ def _parse_compression(body: Mapping[str, object], path: str) -> Compression:
     artifacts = _req_obj(body, "artifacts", path)
     pvc = _req_str(artifacts, "pvc", f"{path}.artifacts", pattern=_DNS_SUBDOMAIN_RE, max_length=253,
                    hint="a PersistentVolumeClaim name")
+    compiled_body = _obj(body, "compiled", path) or {}
+    compiled_path = f"{path}.compiled"
+    compiled = Compiled(
+        aot_inductor=_bool(compiled_body, "aotInductor", compiled_path, default=False),
+        max_batch_size=_int(compiled_body, "maxBatchSize", compiled_path, default=DEFAULT_COMPILED_MAX_BATCH_SIZE,
+                            lo=2, hi=65536),
+        max_autotune=_bool(compiled_body, "maxAutotune", compiled_path, default=False),
+    )
     return Compression(
         steps=steps,
         evaluation=evaluation,
         artifacts_pvc=pvc,
+        compiled=compiled,
         resources=_parse_resources(_obj(body, "resources", path) or {}, f"{path}.resources"),
         backoff_limit=_int(body, "backoffLimit", path, default=DEFAULT_BACKOFF_LIMIT, lo=0, hi=10),
         active_deadline_seconds=_int(body, "activeDeadlineSeconds", path, default=DEFAULT_ACTIVE_DEADLINE_SECONDS,

@@ -80,6 +80,8 @@ VALID_VARIANTS = [
                   {"name": "inflight", "scrape": {"metric": "shipyard_inflight_requests", "rate": True},
                    "min": 0, "max": 10}], id="prometheus-and-scrape-metrics"),
     pytest.param(["spec", "rollout", "steps"], [], id="no-steps"),
+    pytest.param(["spec", "compression", "compiled"], {"aotInductor": True, "maxBatchSize": 32, "maxAutotune": True},
+                 id="compiled-package-max-batch-equal-to-serving"),
 ]
 
 
@@ -166,6 +168,11 @@ INVALID = [
     pytest.param(["spec", "compression", "evaluation", "maxRelativeAccuracyLoss"], 1.5,
                  "spec.compression.evaluation.maxRelativeAccuracyLoss", "should be less than or equal to 1",
                  id="accuracy-loss-over-1"),
+    pytest.param(["spec", "compression", "compiled", "maxBatchSize"], 1, "spec.compression.compiled.maxBatchSize",
+                 "should be greater than or equal to 2", id="compiled-max-batch-1"),
+    pytest.param(["spec", "compression", "compiled"], {"aotInductor": True, "maxBatchSize": 16},
+                 "spec.serving.batching.maxBatchSize", "must not exceed spec.compression.compiled.maxBatchSize",
+                 id="serving-batch-over-compiled-package"),
     pytest.param(["spec", "rollout", "steps"], [{"weight": 50}, {"weight": 25}], "spec.rollout.steps",
                  "weights must be strictly increasing", id="weights-decreasing"),
     pytest.param(["spec", "rollout", "steps"], [{"weight": 25}, {"weight": 25}], "spec.rollout.steps",

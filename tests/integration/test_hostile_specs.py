@@ -59,6 +59,7 @@ def rich_digits() -> dict[str, Any]:
     compression["evaluation"]["samples"] = 500
     compression["resources"] = {"requests": {"cpu": "1", "nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}}
     compression["backoffLimit"] = 2
+    compression["compiled"] = {"aotInductor": True, "maxBatchSize": 64, "maxAutotune": False}
     compression["activeDeadlineSeconds"] = 1800
     serving = spec["serving"]
     serving["resources"]["limits"]["nvidia.com/gpu"] = "1"
@@ -295,6 +296,11 @@ CEL_VIOLATIONS: dict[tuple[str, str], list[tuple[tuple[str | int, ...], st.Searc
                    "and a registry port is not a tag"): [
         _cel(("spec", "image"), st.sampled_from(["registry.example/shipyard/digits", "registry.example:5000/digits",
                                                  "digits"]))],
+    ("spec", "spec.serving.batching.maxBatchSize must not exceed spec.compression.compiled.maxBatchSize, the "
+             "largest batch the compiled package accepts"): [
+        _cel(("spec", "serving", "batching", "maxBatchSize"), I(65, 4096)),
+        _cel(("spec", "compression", "compiled", "maxBatchSize"), I(2, 31),
+             ("spec", "serving", "batching", "maxBatchSize"))],
     ("spec.model", "spec.model must set path or uri"): [
         _cel(("spec", "model"), st.sampled_from([{}, {"name": "digits"}]))],
     ("spec.model", "spec.model must set only one of path and uri"): [

@@ -46,10 +46,18 @@ def test_serving_pods_start_the_runtime_server_with_flags_and_env_it_accepts(pat
     assert container["readinessProbe"]["httpGet"]["port"] in port_names
 
 
-@pytest.mark.parametrize("path", [p for p in EXAMPLES if "compression" in load(p)["spec"]],
-                         ids=lambda p: p.stem)
-def test_compression_jobs_run_a_config_the_runtime_accepts(path: Path) -> None:
+WITH_COMPRESSION = [p for p in EXAMPLES if "compression" in load(p)["spec"]]
+COMPILED = {"aotInductor": True, "maxBatchSize": 256, "maxAutotune": True}
+
+
+@pytest.mark.parametrize(("path", "compiled"), [
+    *[pytest.param(p, None, id=p.stem) for p in WITH_COMPRESSION],
+    *[pytest.param(p, COMPILED, id=f"{p.stem}-compiled") for p in WITH_COMPRESSION],
+])
+def test_compression_jobs_run_a_config_the_runtime_accepts(path: Path, compiled: dict[str, Any] | None) -> None:
     body = load(path)
+    if compiled is not None:
+        body["spec"]["compression"]["compiled"] = compiled
     md = spec_mod.parse_model_deployment(body)
     assert md.spec.compression is not None
     meta = objects.build_meta(body)
@@ -66,4 +74,8 @@ def test_compression_jobs_run_a_config_the_runtime_accepts(path: Path) -> None:
     assert str(config.output) == objects.build_artifact_path(meta, key)
     assert str(config.source) == md.spec.model.path
     assert len(config.steps) == len(md.spec.compression.steps)
+    want = md.spec.compression.compiled
+    assert config.compiled.aot_inductor is want.aot_inductor is (compiled is not None)
+    if compiled is not None:  # the runtime builds the package the spec asked for
+        assert (config.compiled.max_batch_size, config.compiled.max_autotune) == (256, True)
     assert container["terminationMessagePath"] == contract.TERMINATION_LOG

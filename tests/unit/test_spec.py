@@ -57,6 +57,7 @@ def full() -> dict[str, Any]:
             ],
             "evaluation": {"dataset": "my_pkg.data:load", "maxRelativeAccuracyLoss": 0.05, "samples": 200},
             "artifacts": {"pvc": "artifacts"},
+            "compiled": {"aotInductor": True, "maxBatchSize": 128, "maxAutotune": True},
             "resources": {"requests": {"cpu": 2, "nvidia.com/gpu": "1"}, "limits": {"nvidia.com/gpu": 1}},
             "backoffLimit": 3,
             "activeDeadlineSeconds": 600,
@@ -307,6 +308,7 @@ def test_full_spec_parses() -> None:
                spec.Quantize(scheme="int4-weight-only")),
         evaluation=spec.Evaluation(dataset="my_pkg.data:load", max_relative_accuracy_loss=0.05, samples=200),
         artifacts_pvc="artifacts",
+        compiled=spec.Compiled(aot_inductor=True, max_batch_size=128, max_autotune=True),
         resources=spec.Resources(requests={"cpu": "2", "nvidia.com/gpu": "1"}, limits={"nvidia.com/gpu": "1"}),
         backoff_limit=3,
         active_deadline_seconds=600,
@@ -490,6 +492,14 @@ ERRORS = [
     ("full", "spec.compression.artifacts.pvc", "My_PVC", "spec.compression.artifacts.pvc",
      "PersistentVolumeClaim name", "artifacts-pvc-name"),
     ("full", "spec.compression.backoffLimit", 11, "spec.compression.backoffLimit", "at most 10", "backoff-limit"),
+    ("full", "spec.compression.compiled", True, "spec.compression.compiled", "must be an object", "compiled-bool"),
+    ("full", "spec.compression.compiled.aotInductor", "yes", "spec.compression.compiled.aotInductor",
+     "must be true or false", "compiled-aot-not-bool"),
+    ("full", "spec.compression.compiled.maxBatchSize", 1, "spec.compression.compiled.maxBatchSize", "at least 2",
+     "compiled-max-batch-1"),
+    ("full", "spec.serving.batching.maxBatchSize", 129, "spec.serving.batching.maxBatchSize",
+     "must not exceed spec.compression.compiled.maxBatchSize (128), the largest batch the compiled package accepts; "
+     "got 129", "serving-batch-over-compiled"),
     ("full", "spec.compression.activeDeadlineSeconds", 59, "spec.compression.activeDeadlineSeconds", "at least 60",
      "active-deadline"),
     ("full", 'spec.compression.resources.limits["nvidia.com/gpu"]', "500m",
@@ -713,7 +723,26 @@ RECIPE_CHANGES = [
     pytest.param("spec.compression.artifacts.pvc", "other", False, id="pvc-does-not"),
     pytest.param("spec.compression.backoffLimit", 5, False, id="backoff-does-not"),
     pytest.param("spec.compression.resources", {}, False, id="resources-do-not"),
+    pytest.param("spec.compression.compiled.maxBatchSize", 256, True, id="compiled-max-batch-changes-recipe"),
+    pytest.param("spec.compression.compiled", {"aotInductor": False}, True, id="compiled-off-changes-recipe"),
+    pytest.param("spec.compression.compiled", DELETE, True, id="compiled-absent-changes-recipe"),
 ]
+
+
+@pytest.mark.parametrize("compiled", [
+    pytest.param(DELETE, id="absent"),
+    pytest.param({}, id="empty"),
+    pytest.param({"aotInductor": False, "maxBatchSize": 64, "maxAutotune": True}, id="off-with-settings"),
+])
+def test_recipe_without_a_compiled_package_has_no_compiled_key(compiled: object) -> None:
+    """Artifacts made before spec.compression.compiled existed keep their keys: off is not written out."""
+    body = mutate(full(), "spec.compression.compiled", compiled)
+    assert "compiled" not in spec.build_recipe(_compression(body))
+
+
+def test_recipe_with_a_compiled_package() -> None:
+    assert spec.build_recipe(_compression(full()))["compiled"] == {"aotInductor": True, "maxBatchSize": 128,
+                                                                    "maxAutotune": True}
 
 
 @pytest.mark.parametrize(("path", "value", "changes"), RECIPE_CHANGES)
