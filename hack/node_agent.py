@@ -1415,7 +1415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def ensure_traversable(*paths: Path) -> None:
-    """Pods run as their securityContext user (e.g. 65532), but the "image" is this checkout and its venv: every
+    """Pods run as their securityContext user (e.g. 10001), but the "image" is this checkout and its venv: every
     directory above them must be searchable by their uid and gid (a checkout under a 0700 `mktemp -d` folder is not).
     """
     for path in paths:

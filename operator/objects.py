@@ -20,7 +20,7 @@ ARTIFACTS_VOLUME = "artifacts"
 CONFIG_VOLUME = "compression-config"
 MODEL_VOLUME = "model-source"
 MODEL_SOURCE_MOUNT = "/model-source"  # a pvc:// source model is mounted here (read-only)
-SERVING_USER = 65532
+SERVING_USER = 10001  # the runtime image's user (Dockerfile): model pods and compression Jobs run as it
 
 
 @dataclass(frozen=True)

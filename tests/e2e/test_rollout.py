@@ -275,7 +275,8 @@ def test_1_compression_job_runs_torch_and_pods_serve_correct_predictions(e2e: E2
     assert report["status"] == "accepted" and report["gate"]["accepted"] is True
     assert report["digest"] == model_manifest["digest"]
     assert report["environment"]["threads"] >= 1 and report["environment"]["device"] == "cpu"
-    assert (artifact / "shipyard-model.json").stat().st_uid == 65532  # runAsUser of the Job's pod
+    job_user = job["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    assert (artifact / "shipyard-model.json").stat().st_uid == job_user == 10001  # the Job pod's user (the image's)
 
     md = wait_until(lambda: (m := e2e.md(MODEL)) and assess_kstatus(m) == "Current" and m, timeout=600,
                     interval=1, message="ModelDeployment digits to become Ready")

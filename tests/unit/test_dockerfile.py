@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shipyard.operator import objects
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
@@ -59,7 +61,13 @@ def test_final_stages_run_as_the_non_root_user(stage: str) -> None:
     text = stages()[stage]
     assert "USER 10001:10001" in text
     assert "useradd --system --uid 10001" in stages()["base"]
+    assert objects.SERVING_USER == 10001  # the pods the operator makes run as the image's own user
     assert text.startswith("FROM base AS")
+
+
+def test_the_chart_runs_the_operator_as_the_image_user() -> None:
+    values = yaml.safe_load((REPO / "charts" / "shipyard" / "values.yaml").read_text())
+    assert {values["podSecurityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")} == {10001}
 
 
 def test_operator_image_has_no_torch_and_is_the_default_target() -> None:
