@@ -127,6 +127,12 @@ def build_summary_line(report: Mapping[str, Any]) -> str:
                 f"p50 {key} {latency['before'][key]['p50_ms']:.3f} -> {latency['after'][key]['p50_ms']:.3f} ms "
                 f"({speedup:.2f}x)"
             )
+        compiled = report.get("compiled") or {}
+        for key, speedup in (compiled.get("speedupP50") or {}).items():  # what CPU pods serve when it is there
+            parts.append(
+                f"p50 {key} compiled {latency['before'][key]['p50_ms']:.3f} -> "
+                f"{compiled['latency'][key]['p50_ms']:.3f} ms ({speedup:.2f}x)"
+            )
         parts.append(f"digest {report['digest']}")
         line = "; ".join(parts)
     # The machine-readable tail is never cut: the human part gives way.

@@ -200,6 +200,15 @@ def test_summary_line(status: str, after: float, expected: str) -> None:
     assert line == expected and "\n" not in line
 
 
+def test_summary_line_shows_the_compiled_package_latency() -> None:
+    body = _report("accepted", 0.9733)
+    body["compiled"] = {"file": "model.cpu.pt2", "latency": {"batch1": {"p50_ms": 0.01}, "batch64": {"p50_ms": 0.035}},
+                        "speedupP50": {"batch1": 4.0, "batch64": 4.0}}
+    line = report.build_summary_line(body)
+    assert ("p50 batch64 0.140 -> 0.070 ms (2.00x); p50 batch1 compiled 0.040 -> 0.010 ms (4.00x); "
+            "p50 batch64 compiled 0.140 -> 0.035 ms (4.00x); digest sha256:bb [") in line
+
+
 @pytest.mark.parametrize("status", ["accepted", "rejected"])
 def test_the_operator_reads_the_summary_numbers_the_runtime_writes(status: str) -> None:
     """The contract both sides share: what lands in status.artifacts[] from the Job's termination message."""
