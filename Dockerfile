@@ -20,14 +20,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY operator/ operator/
-COPY runtime/ runtime/
+# One distribution per image, and the contract both share (see pyproject.toml): each stage installs only its own.
+COPY contract/ contract/
 
 FROM build AS operator-build
-# The base distribution only: Kopf, lightkube, prometheus-client, aiohttp, PyYAML. No torch.
+# shipyard-operator and shipyard-contract: Kopf, lightkube, prometheus-client, aiohttp, PyYAML, pydantic. No torch.
 # pip and setuptools are not needed at run time (about 23 MB of the venv).
-RUN pip install --no-compile . \
+COPY operator/ operator/
+RUN pip install --no-compile ./contract ./operator \
  && python -c "import sys, shipyard.operator.handlers; assert 'torch' not in sys.modules" \
  && python -m pip uninstall --yes pip setuptools
 
@@ -35,13 +35,15 @@ FROM build AS runtime-build
 # cpu, or a CUDA build of torch such as cu128 (its CUDA libraries come as wheels; the driver comes from the node).
 ARG TORCH_VARIANT=cpu
 ARG TORCH_VERSION=2.13.0
-# The project itself is installed from its source: its dependencies are pinned in pyproject.toml. A CUDA variant
-# (cu*) also gets the `gpu` extra (nvidia-ml-py: NVML, for the GPU utilisation gauge; the driver comes from the node).
+# shipyard-runtime and shipyard-contract, from their source: their dependencies are pinned in runtime/pyproject.toml.
+# A CUDA variant (cu*) also gets the `gpu` extra (nvidia-ml-py: NVML, for the GPU utilisation gauge; the driver comes
+# from the node). Nothing of the operator (Kopf, lightkube, aiohttp) is installed.
+COPY runtime/ runtime/
 # hadolint ignore=DL3013
 RUN pip install --no-compile --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}" \
- && pip install --no-compile ".[runtime]" \
- && case "${TORCH_VARIANT}" in cu*) pip install --no-compile ".[runtime,gpu]" && python -c "import pynvml" ;; esac \
- && python -c "import torch, shipyard.runtime.cli; print('torch', torch.__version__)"
+ && pip install --no-compile ./contract ./runtime \
+ && case "${TORCH_VARIANT}" in cu*) pip install --no-compile "./runtime[gpu]" && python -c "import pynvml" ;; esac \
+ && python -c "import sys, torch, shipyard.runtime.cli; assert not {'kopf', 'lightkube', 'aiohttp'} & set(sys.modules); print('torch', torch.__version__)"
 
 # --- final stages ---------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS base

@@ -1,17 +1,19 @@
 # Shipyard developer entry points. `make demo` and `make test` work on a fresh machine.
 SHELL := /bin/bash
+comma := ,
 PY ?= python3.11
 VENV ?= .venv
-PIP_EXTRAS ?= runtime,dev
+PIP_GROUPS ?= dev
 export OMP_NUM_THREADS ?= 2
 
 .PHONY: demo test unit integration e2e soak lint typecheck cluster-up cluster-down binaries clean venv
 
-# The venv is rebuilt when pyproject.toml changes.
-$(VENV)/.installed: pyproject.toml
+# The venv is rebuilt when a pyproject.toml changes: the three distributions (editable: each folder's package is
+# imported from the checkout) and the workspace's dependency groups (pip >= 25.1 reads --group).
+$(VENV)/.installed: pyproject.toml contract/pyproject.toml operator/pyproject.toml runtime/pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[$(PIP_EXTRAS)]'
+	$(VENV)/bin/pip install --quiet --upgrade 'pip>=25.1'
+	$(VENV)/bin/pip install --quiet -e ./contract -e ./operator -e ./runtime $(foreach g,$(subst $(comma), ,$(PIP_GROUPS)),--group $(g))
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -40,7 +42,7 @@ soak: venv
 	SHIPYARD_SOAK=1 OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -s tests/integration/test_server_fuzz.py
 
 lint: venv
-	$(VENV)/bin/ruff check operator runtime tests bench hack
+	$(VENV)/bin/ruff check contract operator runtime tests bench hack
 	VENV=$(abspath $(VENV)) bash hack/typecheck.sh
 
 cluster-up: binaries

@@ -59,7 +59,8 @@ if str(REPO) not in sys.path:
 
 from lightkube.resources.core_v1 import Pod  # noqa: E402
 
-from shipyard.operator import analysis, contract, naming  # noqa: E402
+from shipyard import contract  # noqa: E402
+from shipyard.operator import analysis, naming  # noqa: E402
 from tests.e2e import conftest as e2e_stack  # noqa: E402
 from tests.e2e import loadgen, manifests  # noqa: E402
 from tests.e2e import test_rollout as scenarios  # noqa: E402
@@ -297,7 +298,7 @@ def assess_runtime_precreates() -> list[str]:
     """The status codes whose request series a fresh runtime exports at 0 (from the code in this checkout)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from shipyard.operator import contract
+    from shipyard import contract
     from shipyard.runtime import metrics
 
     text = metrics.ServerMetrics(MODEL, STABLE).build_exposition().decode()

@@ -17,7 +17,7 @@ from the measured figures:
 - per model: shipyard's best req/s over the levels >= 70% of the in-process limit (best batch size).
 
 Needs: wrk (Debian package `wrk`; installed with apt-get when missing and running as root), the `bench`
-extra (`pip install -e '.[runtime,bench]'`: LitServe, TorchServe, torch-model-archiver) and a Java runtime
+extra (`pip install --group bench`: LitServe, TorchServe, torch-model-archiver) and a Java runtime
 for TorchServe (`apt-get install -y openjdk-17-jre-headless`). A peer that cannot run is reported as
 skipped, and the targets that need it count as not met.
 
@@ -685,9 +685,9 @@ def apply_tools(servers: list[str]) -> tuple[list[str], dict[str, str]]:
     for server in servers:
         kind = SERVERS[server][0]
         if kind == "litserve" and importlib.util.find_spec("litserve") is None:
-            skipped[server] = "litserve is not installed: pip install -e '.[runtime,bench]'"
+            skipped[server] = "litserve is not installed: pip install --group bench"
         elif kind == "torchserve" and importlib.util.find_spec("ts") is None:
-            skipped[server] = "torchserve is not installed: pip install -e '.[runtime,bench]'"
+            skipped[server] = "torchserve is not installed: pip install --group bench"
         elif kind == "torchserve" and shutil.which("java") is None:
             skipped[server] = "TorchServe needs Java: apt-get install -y openjdk-17-jre-headless"
         else:

@@ -162,8 +162,10 @@ class Catalogue:
         spec = self.builds[name]
         digest = hashlib.sha256()
         digest.update(json.dumps(spec, sort_keys=True).encode())
-        for rel in spec.get("inputs", []):
-            digest.update((REPO / rel).read_bytes())
+        for rel in spec.get("inputs", []):  # a file, or a folder (its Python files, in order)
+            path = REPO / rel
+            for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+                digest.update(str(file.relative_to(REPO)).encode() + b"\0" + file.read_bytes())
         return self.cache / f"{name}-{digest.hexdigest()[:12]}"
 
     async def prepare(self, name: str) -> Path:

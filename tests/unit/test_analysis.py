@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shipyard.operator import analysis, contract
+from shipyard import contract
+from shipyard.operator import analysis
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.analysis import Phase
 

@@ -339,7 +339,7 @@ def test_termination_log_is_skipped_when_its_directory_is_absent(tmp_path: Path)
 def test_missing_config_file_exits_2_and_uses_the_default_termination_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from shipyard.operator import contract
+    from shipyard import contract
 
     monkeypatch.setattr(contract, "TERMINATION_LOG", str(tmp_path / "termination-log"))
     assert cli.main(["compress", "--config", str(tmp_path / "absent.json")]) == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shipyard.operator import contract
+from shipyard import contract
 from shipyard.runtime import recipe
 
 BASE = {

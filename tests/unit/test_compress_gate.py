@@ -212,7 +212,7 @@ def test_summary_line_shows_the_compiled_package_latency() -> None:
 @pytest.mark.parametrize("status", ["accepted", "rejected"])
 def test_the_operator_reads_the_summary_numbers_the_runtime_writes(status: str) -> None:
     """The contract both sides share: what lands in status.artifacts[] from the Job's termination message."""
-    from shipyard.operator import contract
+    from shipyard import contract
 
     body = _report(status, 0.9733 if status == "accepted" else 0.4133)
     fields = contract.parse_summary_fields(report.build_summary_line(body))

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from shipyard.operator import contract, objects, planning
+from shipyard import contract
+from shipyard.operator import objects, planning
 from shipyard.operator import spec as spec_mod
 from shipyard.runtime import cli, recipe, server
 

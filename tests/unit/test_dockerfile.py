@@ -72,20 +72,21 @@ def test_the_chart_runs_the_operator_as_the_image_user() -> None:
 
 def test_operator_image_has_no_torch_and_is_the_default_target() -> None:
     build = stages()["operator-build"]
-    assert "pip install --no-compile . " in build
-    assert "[runtime]" not in build and "torch==" not in build and "download.pytorch.org" not in build
+    assert "pip install --no-compile ./contract ./operator " in build
+    assert "./runtime" not in build and "torch==" not in build and "download.pytorch.org" not in build
     assert "'torch' not in sys.modules" in build
     assert list(stages())[-1] == "operator"
     assert 'ENTRYPOINT ["shipyard-operator"]' in stages()["operator"]
 
 
 def test_runtime_torch_pin_matches_pyproject() -> None:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    (pin,) = [d for d in project["optional-dependencies"]["runtime"] if d.startswith("torch==")]
+    project = tomllib.loads((REPO / "runtime" / "pyproject.toml").read_text())["project"]
+    (pin,) = [d for d in project["dependencies"] if d.startswith("torch==")]
     (arg,) = re.findall(r"^ARG TORCH_VERSION=(\S+)$", DOCKERFILE, flags=re.M)
     assert pin == f"torch=={arg}"
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", DOCKERFILE, flags=re.M)
-    assert 'pip install --no-compile ".[runtime]"' in stages()["runtime-build"]
+    assert "pip install --no-compile ./contract ./runtime " in stages()["runtime-build"]
+    assert "./operator" not in stages()["runtime-build"]
     assert 'ENTRYPOINT ["shipyard-runtime"]' in stages()["runtime"]
 
 
@@ -103,10 +104,11 @@ def test_dockerignore_admits_exactly_what_is_copied() -> None:
 
     copied = [src.rstrip("/") for line in DOCKERFILE.splitlines() if line.startswith("COPY ") and "--from" not in line
               for src in line.split()[1:-1]]
-    assert sorted(copied) == ["README.md", "operator", "pyproject.toml", "runtime"]
+    assert sorted(copied) == ["contract", "operator", "runtime"]
     for path in copied:
         assert (REPO / path).exists() and included(path), path
-    assert included("operator/handlers.py") and not included("operator/__pycache__/x.pyc")
+    assert included("operator/shipyard/operator/handlers.py")
+    assert not included("operator/shipyard/operator/__pycache__/x.pyc")
     for excluded in (".venv", ".git", "tests", "bench", "charts", ".cluster", "build"):
         assert not included(excluded), excluded
 

@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 RULES = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yaml").read_text())
 DASHBOARD = json.loads((REPO / "deploy" / "grafana" / "shipyard-dashboard.json").read_text())
 PROMTOOL = shutil.which("promtool")
-SOURCES = ("operator/metrics.py", "operator/contract.py", "runtime/metrics.py")
+SOURCES = ("operator/shipyard/operator/metrics.py", "contract/shipyard/contract/__init__.py",
+           "runtime/shipyard/runtime/metrics.py")
 KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
             "inf", "nan"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from shipyard.operator import analysis, contract, egress, providers
+from shipyard import contract
+from shipyard.operator import analysis, egress, providers
 from shipyard.operator import spec as spec_mod
 from shipyard.runtime import metrics as runtime_metrics
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from shipyard.operator import contract
+from shipyard import contract
 from shipyard.runtime import artifacts, models, server
 from tests.pickle_payloads import hostile_weights
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shipyard.operator import contract
+from shipyard import contract
 from shipyard.runtime import engine, metrics
 
 MODEL, VERSION = "digits", "1.2.0"

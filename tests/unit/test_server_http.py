@@ -21,7 +21,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from shipyard.operator import contract
+from shipyard import contract
 from shipyard.runtime import server
 
 

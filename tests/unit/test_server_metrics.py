@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shipyard.operator import analysis, contract, providers
+from shipyard import contract
+from shipyard.operator import analysis, providers
 from shipyard.operator import spec as spec_mod
 from shipyard.runtime import metrics, oip
 

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shipyard.operator import contract
+from shipyard import contract
 from shipyard.runtime import recipe, report
 
 log = logging.getLogger("shipyard.runtime.compress")

@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from shipyard.operator import contract
+from shipyard import contract
 from shipyard.runtime import quantize
 
 STEP_KINDS = ("prune", "quantize", "distill")

@@ -40,7 +40,8 @@ from typing import Any, Final, Protocol
 import aiohttp
 from prometheus_client import parser as prom_parser
 
-from shipyard.operator import analysis, contract, egress
+from shipyard import contract
+from shipyard.operator import analysis, egress
 from shipyard.operator import spec as spec_mod
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shipyard.operator import contract, naming
+from shipyard import contract
+from shipyard.operator import naming
 from shipyard.operator import spec as spec_mod
 
 ARTIFACTS_VOLUME = "artifacts"

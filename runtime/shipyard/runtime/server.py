@@ -31,7 +31,7 @@ from urllib.parse import unquote
 import orjson
 import prometheus_client
 
-from shipyard.operator import contract
+from shipyard import contract
 from shipyard.runtime import batching, faults, httpproto, metrics, oip
 
 log = logging.getLogger("shipyard.runtime.server")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shipyard.operator import contract
+from shipyard import contract
 from shipyard.runtime import evaluate
 
 TERMINATION_LINE_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of a termination message

@@ -40,7 +40,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from shipyard.operator import analysis, contract, objects
+from shipyard import contract
+from shipyard.operator import analysis, objects
 from shipyard.operator import spec as spec_mod
 
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Compressed", "Serving")

@@ -25,7 +25,8 @@ from typing import Any
 import kopf
 import lightkube
 
-from shipyard.operator import contract, egress, metrics, naming, planning, providers
+from shipyard import contract
+from shipyard.operator import egress, metrics, naming, planning, providers
 from shipyard.operator import kube as kube_mod
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.workqueue import Workqueue
