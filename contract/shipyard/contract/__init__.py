@@ -1,7 +1,9 @@
 """The contract between the operator and the runtime images: command lines, environment, ports, metric names.
 
-Pure constants and pure builders, no I/O. The runtime imports this module too (it never imports torch),
-so that the operator's pod templates and the runtime's CLIs cannot drift apart.
+Pure constants and pure builders, no I/O. Both images install this package (``shipyard-contract``: pydantic only,
+never Kopf, lightkube, aiohttp or torch), so that the operator's pod templates and the runtime's CLIs cannot drift
+apart. ``shipyard.contract.recipe`` holds the compression recipe types, ``shipyard.contract.schema`` the typed-API
+machinery they and the ModelDeployment are built on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 RUNTIME_COMMAND = "shipyard-runtime"
 COMPRESS_SUBCOMMAND = "compress"
 SERVE_SUBCOMMAND = "serve"
+EVALUATE_SUBCOMMAND = "evaluate"  # scores a live OIP endpoint with a gate dataset (the `job` analysis provider)
 
 # Environment the operator sets on inference pods and compression Jobs.
 ENV_MODEL_NAME = "SHIPYARD_MODEL_NAME"  # the ModelDeployment's name, used as the OIP model name
@@ -22,6 +25,16 @@ ENV_MAX_BATCH_SIZE = "SHIPYARD_MAX_BATCH_SIZE"
 ENV_MAX_DELAY_MS = "SHIPYARD_MAX_DELAY_MS"
 ENV_FAULT_ERROR_RATE = "SHIPYARD_FAULT_ERROR_RATE"  # fault injection, off by default (0)
 ENV_FAULT_EXTRA_LATENCY_MS = "SHIPYARD_FAULT_EXTRA_LATENCY_MS"
+# Environment of analysis Jobs (the `job` metric provider): where the candidate serves, and the stable to compare.
+ENV_ENDPOINT = "SHIPYARD_ENDPOINT"  # base URL of the candidate's own Service, e.g. http://digits-1-1-0.ns.svc:8080
+ENV_REFERENCE_ENDPOINT = "SHIPYARD_REFERENCE_ENDPOINT"  # base URL of the stable's Service (absent: no stable)
+ENV_STABLE_VERSION = "SHIPYARD_STABLE_VERSION"
+ENV_METRIC_NAME = "SHIPYARD_METRIC_NAME"  # the analysis metric the Job measures
+
+# Exit codes of an analysis Job (and of `shipyard-runtime evaluate`): 0 = measured (the value, if any, is judged by
+# the metric's thresholds), 1 = the check itself failed, anything else = it could not measure (an Error).
+EXIT_MEASURED = 0
+EXIT_FAILED = 1
 
 # Serving.
 SERVING_PORT = 8080
@@ -77,3 +90,21 @@ def parse_summary_fields(message: str) -> dict[str, Any]:
             except ValueError:
                 continue
     return out
+
+
+def build_value_field(value: float) -> str:
+    """``[value=<number>]``: the measured value an analysis Job reports at the end of its termination message."""
+    return f"[value={value!r}]"
+
+
+def parse_value_field(message: str) -> float | None:
+    """The last ``value=<number>`` in a termination message; None when there is none or it is not a number."""
+    found: float | None = None
+    for token in message.replace("[", " ").replace("]", " ").split():
+        key, sep, text = token.partition("=")
+        if sep and key == "value":
+            try:
+                found = float(text)
+            except ValueError:
+                continue
+    return found
