@@ -1,5 +1,5 @@
 """`shipyard-runtime serve`: flags over the operator's environment, route templates, and the real command
-serving a real model directory (artifacts.save_model) end to end in a subprocess."""
+serving a real model directory (store.save_model) end to end in a subprocess."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from shipyard import contract
-from shipyard.runtime import artifacts, models, server
+from shipyard.runtime import models, server
+from shipyard.runtime.artifacts import manifests, store
 from tests.pickle_payloads import hostile_weights
 
 ENV = {
@@ -273,7 +274,7 @@ def test_serve_uses_the_compiled_package_when_it_fits(
     assert served in caplog.text
     assert status == 200, document
     with torch.inference_mode():
-        expected = artifacts.load_model(compiled_digits_dir).module(torch.tensor(pixels))
+        expected = store.load_model(compiled_digits_dir).module(torch.tensor(pixels))
     torch.testing.assert_close(torch.tensor(document["outputs"][0]["data"]).reshape(5, 10), expected,
                                atol=1e-4, rtol=1e-4)
 
@@ -301,7 +302,7 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     module = models.build_digits_mlp()
     path = tmp_path_factory.mktemp("models") / "digits"
-    artifacts.save_model(
+    store.save_model(
         module,
         path,
         name="digits",
@@ -372,7 +373,7 @@ def test_serve_command_serves_a_model_directory_and_drains_on_sigterm(digits_dir
         ).encode()
         status, document = call("POST", "/v2/models/digits/infer", body)
         assert status == 200, document
-        loaded = artifacts.load_model(digits_dir)
+        loaded = store.load_model(digits_dir)
         with torch.inference_mode():
             expected = loaded.module(torch.tensor(pixels))
         torch.testing.assert_close(torch.tensor(document["outputs"][0]["data"]).reshape(3, 10), expected)
@@ -399,7 +400,7 @@ def test_serve_exits_1_when_the_model_directory_is_broken(
         directory.mkdir()
     config = server.build_config(["--artifact", str(directory), "--host", "127.0.0.1", "--port", "0"], {})
     with caplog.at_level("ERROR", logger="shipyard.runtime.server"):
-        thread = server.ServerThread(config).start()  # the real loader: artifacts.load_model
+        thread = server.ServerThread(config).start()  # the real loader: store.load_model
         thread._thread.join(30)
     assert thread.exit_code == 1
     assert "Failed to load model broken" in caplog.text and message in caplog.text
@@ -426,7 +427,7 @@ def test_serve_refuses_an_artifact_with_pickled_weights_and_never_runs_the_paylo
         "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
     }  # fmt: skip
-    (directory / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (directory / manifests.MANIFEST_FILE).write_text(json.dumps(manifest))
     command = [sys.executable, "-m", "shipyard.runtime.cli", "serve", "--artifact", str(directory), "--host",
                "127.0.0.1", "--port", "0", "--threads", "1"]  # fmt: skip
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,

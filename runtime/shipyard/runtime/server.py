@@ -585,7 +585,7 @@ Loader = Callable[[str, str], Any]  # (artifact path, device) -> a model with .m
 
 def plan_compiled(mode: str, problem: str | None) -> tuple[bool, str]:
     """Whether to serve the artifact's AOTInductor package, and why (pure). `problem` is why the package cannot
-    serve this configuration (`artifacts.assess_compiled`), None when it can. Raises ConfigError for mode `on`
+    serve this configuration (`programs.assess_compiled`), None when it can. Raises ConfigError for mode `on`
     with a problem."""
     if mode == "off":
         return False, "the eager model (--compiled off)"
@@ -601,17 +601,18 @@ def fetch_model(path: str, device: str, config: ServerConfig) -> Any:
     `config.compiled` asks for it and it fits (`plan_compiled`), else the eager model."""
     import torch
 
-    from shipyard.runtime import artifacts, engine  # imported lazily: they pull in torch and the artifact formats
+    from shipyard.runtime import engine  # imported lazily: they pull in torch and the artifact formats
+    from shipyard.runtime.artifacts import manifests, programs, store
 
     directory = Path(path).resolve()
-    manifest = artifacts.load_verified_manifest(directory)
-    problem = None if config.compiled == "off" else artifacts.assess_compiled(
+    manifest = manifests.load_verified_manifest(directory)
+    problem = None if config.compiled == "off" else programs.assess_compiled(
         manifest, device=device, torch_version=torch.__version__, dtype=engine.plan_dtype(config.dtype, device),
         compile_model=config.compile, max_batch_size=config.max_batch_size,
     )  # fmt: skip
     compiled, what = plan_compiled(config.compiled, problem)
     log.info("Serving %s on %s", what, device)
-    return artifacts.load_model_from_manifest(manifest, directory, device=device, compiled=compiled)
+    return store.load_model_from_manifest(manifest, directory, device=device, compiled=compiled)
 
 
 def plan_warmup_batches(max_batch_size: int, compiled: bool) -> list[int]:
