@@ -351,8 +351,6 @@ class App:
         self.state = LOADING
         self.ready = False
         self.not_ready_reason = "the model is loading"
-        self.connections: set[httpproto.Connection] = set()
-        self.closing = False
         self.inputs: list[oip.TensorSpecLike] = []
         self.outputs: list[oip.TensorSpecLike] = []
         self.batcher: batching.Batcher | None = None
@@ -368,7 +366,6 @@ class App:
         self._loop = loop
         interval = min(0.1, self.config.request_timeout_s / 10)
         self._sweep_interval = interval
-        self._next_idle_check = 0.0
         self._sweeper = loop.call_later(interval, self._sweep_timeouts)
 
     def set_serving(
@@ -396,11 +393,6 @@ class App:
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
-
-    @property
-    def inflight(self) -> int:
-        """Inference requests not yet answered, or connections with a request in progress (the larger)."""
-        return max(self.inflight_infer, sum(0 if conn.idle else 1 for conn in self.connections))
 
     # -- httpproto.Application
     def observe_rejected(self, request: httpproto.Request, status: int) -> None:
@@ -557,15 +549,6 @@ class App:
                 self.batcher.cancel(job)
             error = oip.RequestTimeout(f"no answer within {self.config.request_timeout_s:g} s")
             self._finish(job.context, 504, oip.build_error_body(str(error)))
-        now = time.monotonic()
-        if now >= self._next_idle_check:
-            self._next_idle_check = now + min(1.0, self.config.keep_alive_timeout_s / 4)
-            idle_before = now - self.config.keep_alive_timeout_s
-            for conn in [c for c in self.connections if c.last_active < idle_before]:
-                if conn.idle:
-                    conn.close_if_idle()
-                elif conn.stalled:  # half a request, then nothing for as long: 408 and close
-                    conn.reject_stalled()
         if self._loop is not None:
             self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep_timeouts)
 
@@ -698,6 +681,7 @@ class Server:
         self.loader: Loader = loader or functools.partial(fetch_model, config=config)
         self.metrics = metrics.ServerMetrics(config.model_name, config.model_version)
         self.app = App(config, self.metrics)
+        self.connections = httpproto.Connections(config.keep_alive_timeout_s)
         self.port: int | None = None
         self.started = threading.Event()  # set once listening (port known)
         self._stop: asyncio.Event | None = None
@@ -730,8 +714,10 @@ class Server:
         config = self.config
         app = self.app
         app.start(loop)
+        connections = self.connections
+        connections.start(loop)
         server = await loop.create_server(
-            lambda: httpproto.Connection(app, config.max_payload_bytes),
+            lambda: httpproto.Connection(app, connections, config.max_payload_bytes),
             config.host,
             config.port,
             reuse_address=True,
@@ -767,12 +753,14 @@ class Server:
             log.info("Stopped before the model finished loading")
             server.close()
             app.stop()
+            connections.stop()
             return 0
         error = loaded.exception()
         if error is not None:
             log.error("Failed to load model %s from %s: %s", config.model_name, config.artifact, error)
             server.close()
             app.stop()
+            connections.stop()
             stop_wait.cancel()
             return 1
         result = loaded.result()
@@ -828,24 +816,20 @@ class Server:
         while not self._forced and time.monotonic() < end_of_window:
             await asyncio.sleep(min(0.05, max(0.0, end_of_window - time.monotonic())))
         server.close()
-        app.closing = True
-        for conn in list(app.connections):
-            conn.close_if_idle()
-        log.info("Stopped accepting connections; waiting for %d in-flight request(s)", app.inflight)
-        while time.monotonic() < deadline:
-            if app.inflight_infer == 0:
-                for conn in list(app.connections):
-                    conn.close_if_idle()
-                if all(conn.idle for conn in app.connections):
-                    break
-            await asyncio.sleep(0.01)
+        connections = self.connections
+        connections.begin_close()
+        log.info(
+            "Stopped accepting connections; waiting for %d in-flight request(s)",
+            max(app.inflight_infer, connections.busy),
+        )
+        await connections.wait_closed(deadline, busy=lambda: app.inflight_infer > 0)
         remaining = app.inflight_infer
         if remaining:
             log.warning("Gave up on %d request(s) at the end of the grace period", remaining)
             app.fail_remaining("the server shut down before this request finished")
             await asyncio.sleep(0)
-        for conn in list(app.connections):
-            conn._close()
+        connections.close_all()
+        connections.stop()
         app.stop()
         if app.batcher is not None:
             app.batcher.stop()
