@@ -82,7 +82,7 @@ def test_int8_weights_are_stored_as_int8_bytes(tmp_path: Path) -> None:
     loaded = store.load_model(tmp_path / "q")
     assert torch.equal(loaded.module[0].weight.qdata, model[0].weight.qdata)
     # Tiny layers: the safetensors header and per-row scales weigh in, so less than the 4x of big layers.
-    assert store.build_directory_bytes(manifest) < store.build_directory_bytes(fp32) / 2.5
+    assert store.build_weights_bytes(manifest) < store.build_weights_bytes(fp32) / 2.5
 
 
 def test_embedding_quantization_round_trip(tmp_path: Path) -> None:

@@ -257,12 +257,6 @@ def build_weights_bytes(manifest: Mapping[str, Any]) -> int:
     return int(files[manifest["weights"]]["bytes"]) if manifest.get("weights") in files else 0
 
 
-def build_directory_bytes(manifest: Mapping[str, Any]) -> int:
-    """The weights file's bytes: the same as `build_weights_bytes`, under the older name (which suggests the whole
-    directory, but never counted the manifest). Pure."""
-    return build_weights_bytes(manifest)
-
-
 def fetch_loaded_bytes(directory: str | os.PathLike[str], manifest: Mapping[str, Any]) -> int:
     """Bytes the server reads to load the model (without the compiled package): the manifest file plus the weights
     file. Reads the manifest's size from `directory`."""
