@@ -289,7 +289,7 @@ def load_model(
 
 
 def load_model_from_manifest(
-    manifest: Mapping[str, Any], directory: Path, *, device: str = "cpu", compiled: bool = False
+    manifest: dict[str, Any], directory: Path, *, device: str = "cpu", compiled: bool = False
 ) -> LoadedModel:
     """`load_model` after its digest check: `manifest` must come from `load_verified_manifest(directory)`."""
     if compiled:
