@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
 import torch.nn as nn
+
+from shipyard.runtime.artifacts import eager
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PASS_MODULES = (
@@ -205,12 +207,6 @@ def plan_structured_prune(
     return plans
 
 
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _rebuild_layer(old: nn.Module, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.Module:
     if not isinstance(old, PRUNABLE):  # the plan only names Linear/Conv producers and consumers
         raise PruneError(f"layer {type(old).__name__} cannot be rebuilt smaller (only Linear and Conv)")
@@ -221,28 +217,17 @@ def _rebuild_layer(old: nn.Module, out_keep: torch.Tensor | None, in_keep: torch
         bias = bias[out_keep] if bias is not None else None
     if in_keep is not None:
         weight = weight[:, in_keep]
-    new: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
+    # The layer the artifact's `structure` record rebuilds on load (same builder): new sizes, all else as `old`.
+    record = eager.build_structure_record(old)
     if isinstance(old, nn.Linear):
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        record.update(in_features=weight.shape[1], out_features=weight.shape[0])
     else:
-        # torch types a conv's kernel_size/stride/... as tuple[int, ...], its constructors as fixed-length tuples
-        conv = cast(Callable[..., nn.Conv1d | nn.Conv2d | nn.Conv3d], type(old))
-        new = conv(
-            weight.shape[1],
-            weight.shape[0],
-            old.kernel_size,
-            stride=old.stride,
-            padding=old.padding,
-            dilation=old.dilation,
-            groups=1,
-            bias=bias is not None,
-            padding_mode=old.padding_mode,
-            dtype=weight.dtype,
-        )
+        record.update(in_channels=weight.shape[1], out_channels=weight.shape[0])
+    new: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d = eager.build_resized_layer(old, record)
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
-            assert new.bias is not None  # built with bias=True
+            assert new.bias is not None  # built with a bias, as `old`
             new.bias.copy_(bias)
     new.train(old.training)
     return new
@@ -286,9 +271,9 @@ def apply_structured_prune(model: nn.Module, plans: Sequence[StructuredPlan]) ->
                 in_keep[dep.fqn] = columns
     for fqn in sorted(set(out_keep) | set(in_keep)):
         old = model.get_submodule(fqn)
-        _set_submodule(model, fqn, _rebuild_layer(old, out_keep.get(fqn), in_keep.get(fqn)))
+        eager.apply_submodule(model, fqn, _rebuild_layer(old, out_keep.get(fqn), in_keep.get(fqn)))
     for fqn, keep in norm_keep.items():
-        _set_submodule(model, fqn, _rebuild_norm(model.get_submodule(fqn), keep))
+        eager.apply_submodule(model, fqn, _rebuild_norm(model.get_submodule(fqn), keep))
     return {plan.fqn: [plan.units, len(plan.keep)] for plan in plans}
 
 

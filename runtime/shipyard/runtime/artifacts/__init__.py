@@ -17,7 +17,7 @@ package root holds only the error they all raise (`ArtifactError`), so importing
 - `store`: model directories on disk, composing the above: atomic writes (`stage_directory`, `save_model`,
   `write_model_files`), loading (`load_model` -> `LoadedModel`) and what a directory weighs (`build_*_bytes`).
 
-Dependencies go one way: `manifests` <- `weights`, `eager`, `programs` <- `store`. Why these cuts: the four
+Dependencies go one way: `manifests` <- `eager`, `weights` <- `programs` <- `store`. Why these cuts: the four
 inner modules are the four things a model directory is made of (a document, a weights file, a Python module, a
 compiled program), each with its own safety rules (digest, no pickles, factory import, native code); `store` is
 the only one that knows how they fit together, so a change to an encoding or to the compiled package touches one

@@ -5,6 +5,7 @@ given or builds; no file I/O. Structured pruning rebuilds layers with fewer unit
 records, per module name, the new dimensions (e.g. `{"fc1": {"type": "Linear", "in_features": 64,
 "out_features": 37, "bias": true}}`): `build_structure_diff` derives it on save by comparing the model with a
 fresh factory build, and `apply_structure` rebuilds those layers (weights uninitialised) after the factory ran.
+Structured pruning (`shipyard.runtime.prune`) builds its smaller layers with the same `build_resized_layer`.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ def build_factory_module(factory: str, factory_kwargs: Mapping[str, Any]) -> Any
 
 def apply_structure(model: Any, structure: Mapping[str, Mapping[str, Any]]) -> None:
     """Replace the layers named in `structure` by layers of the recorded dimensions (weights uninitialised)."""
-    import torch.nn as nn
-
     for fqn, entry in structure.items():
         try:
             old = model.get_submodule(fqn)
@@ -47,14 +46,19 @@ def apply_structure(model: Any, structure: Mapping[str, Mapping[str, Any]]) -> N
         if type(old).__name__ != kind:
             raise ArtifactError(f"structure[{fqn!r}]: recorded type {kind}, the factory built {type(old).__name__}")
         try:
-            new = _build_resized(old, entry, nn)
+            new = build_resized_layer(old, entry)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"structure[{fqn!r}]: cannot rebuild the layer: {exc}") from exc
         new.train(old.training)
-        _set_submodule(model, fqn, new)
+        apply_submodule(model, fqn, new)
 
 
-def _build_resized(old: Any, entry: Mapping[str, Any], nn: Any) -> Any:
+def build_resized_layer(old: Any, entry: Mapping[str, Any]) -> Any:
+    """A new layer like `old` (same type, kernel, strides, eps, ..., dtype) with the dimensions of a `structure` entry,
+    its weights uninitialised. Structured pruning builds its smaller layers with it too, so that what it saves is
+    what the loader rebuilds. Raises KeyError/TypeError/ValueError on an entry that does not fit."""
+    import torch.nn as nn
+
     kind = entry["type"]
     dtype = next((p.dtype for p in old.parameters(recurse=False)), None)
     if kind == "Linear":
@@ -98,7 +102,8 @@ def _build_resized(old: Any, entry: Mapping[str, Any], nn: Any) -> Any:
     raise ValueError(f"unsupported type {kind}")
 
 
-def _set_submodule(model: Any, fqn: str, new: Any) -> None:
+def apply_submodule(model: Any, fqn: str, new: Any) -> None:
+    """Put `new` in place of `model`'s submodule `fqn` (mutates `model`)."""
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)

@@ -171,11 +171,7 @@ def assess_export_archive(path: Path) -> None:
             if name.endswith((".so", ".dll", ".dylib", ".cpp")):
                 raise ArtifactError(f"program {path.name}: refused: contains native code ({name})")
             blob = archive.read(name)
-            if (
-                blob[:4] == weights.ZIP_MAGIC
-                or (blob[:1] and blob[0] == weights.PICKLE_PROTOCOL_BYTE)
-                or name.endswith(".pkl")
-            ):
+            if weights.is_pickled(blob) or name.endswith(".pkl"):
                 try:
                     torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
                 except Exception as exc:

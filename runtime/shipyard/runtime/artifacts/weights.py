@@ -24,8 +24,8 @@ from typing import Any
 from shipyard.runtime.artifacts import ArtifactError
 
 INNER_SEPARATOR = "::"
-PICKLE_PROTOCOL_BYTE = 0x80
-ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_BYTE = 0x80
+_ZIP_MAGIC = b"PK\x03\x04"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
@@ -118,6 +118,12 @@ def build_encoded_weights(tensors: Mapping[str, Any], encoding: str, *, zstd_lev
     raise ArtifactError(f"encoding {encoding!r} cannot be written (writable: safetensors, safetensors+zstd)")
 
 
+def is_pickled(data: bytes) -> bool:
+    """Whether `data` is what `torch.save` writes (a zip) or a raw pickle: never to be loaded as anything but
+    `torch.load(weights_only=True)`. Pure."""
+    return data[:4] == _ZIP_MAGIC or (data[:1] != b"" and data[0] == _PICKLE_PROTOCOL_BYTE)
+
+
 def load_weight_tensors(path: Path, encoding: str, *, expected_sha256: str | None = None) -> dict[str, Any]:
     """Read a weights file into plain tensors without unpickling anything beyond plain tensors.
 
@@ -128,7 +134,6 @@ def load_weight_tensors(path: Path, encoding: str, *, expected_sha256: str | Non
     data = _read_bytes(path)
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise ArtifactError(f"digest mismatch: weights {path.name} changed while being loaded")
-    head = data[:4]
     if encoding == "torch-state-dict":
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -141,11 +146,10 @@ def load_weight_tensors(path: Path, encoding: str, *, expected_sha256: str | Non
             raise ArtifactError(f"weights {path.name}: must hold a dict of tensor name -> tensor")
         return dict(state)
     if encoding == "safetensors+zstd":
-        if head != _ZSTD_MAGIC:
+        if data[:4] != _ZSTD_MAGIC:
             raise ArtifactError(f"weights {path.name}: encoding is safetensors+zstd but the file is not zstd data")
         data = _zstd_decompress(data, path)
-        head = data[:4]
-    if head == ZIP_MAGIC or (data[:1] and data[0] == PICKLE_PROTOCOL_BYTE):
+    if is_pickled(data):
         raise ArtifactError(
             f"weights {path.name}: refused to load: the file is a pickle (torch.save), not safetensors; "
             "pickles can run arbitrary code when loaded"
