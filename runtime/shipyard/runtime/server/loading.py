@@ -39,7 +39,7 @@ def plan_compiled(mode: str, problem: str | None) -> tuple[bool, str]:
 
 
 def fetch_model(path: str, device: str, config: settings.ServerConfig) -> Any:
-    """Load an artifact with the artifacts module (safe loading, manifest, digest): its AOTInductor package when
+    """Load an artifact with the artifacts package (safe loading, manifest, digest): its AOTInductor package when
     `config.compiled` asks for it and it fits (`plan_compiled`), else the eager model."""
     import torch
 
