@@ -63,7 +63,8 @@ from typing import Any
 
 import torch
 
-from shipyard.runtime import artifacts, compress, datasets, evaluate, recipe
+from shipyard.runtime import compress, datasets, evaluate, recipe
+from shipyard.runtime.artifacts import store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests.modules, from the checkout
@@ -121,18 +122,18 @@ def bench_digits_int8(work: Path, source: Path, args: argparse.Namespace) -> dic
     }  # fmt: skip
     report = run_recipe(doc)
     structured = build_structured_pruned(work, source)
-    fp32 = artifacts.load_model(source)
-    int8 = artifacts.load_model(doc["output"])
-    int8_compiled = artifacts.load_model(doc["output"], compiled=True)
-    pruned = artifacts.load_model(structured["output"])
-    with artifacts.stage_directory(work / "fp32-compiled") as staging:
-        fp32_manifest = artifacts.write_model_files(
+    fp32 = store.load_model(source)
+    int8 = store.load_model(doc["output"])
+    int8_compiled = store.load_model(doc["output"], compiled=True)
+    pruned = store.load_model(structured["output"])
+    with store.stage_directory(work / "fp32-compiled") as staging:
+        fp32_manifest = store.write_model_files(
             staging, fp32.module, name="digits", factory=fp32.manifest["factory"],
             factory_kwargs=fp32.manifest["factory_kwargs"], inputs=fp32.manifest["inputs"],
             outputs=fp32.manifest["outputs"], compile_inputs=evaluate.build_batch(dataset.eval_inputs, 8),
             compile_max_autotune=True,
         )  # fmt: skip
-    fp32_compiled = artifacts.load_model(work / "fp32-compiled", compiled=True)
+    fp32_compiled = store.load_model(work / "fp32-compiled", compiled=True)
     baseline = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32.module), {torch.nn.Linear}, dtype=torch.qint8)
     baseline_bytes = len(_torch_save_bytes(baseline.state_dict()))
     variants = {
@@ -146,10 +147,10 @@ def bench_digits_int8(work: Path, source: Path, args: argparse.Namespace) -> dic
     p50 = query_interleaved_p50(
         variants, list(dataset.eval_inputs), [1, 64, 256], rounds=args.rounds, window_s=args.window
     )
-    source_bytes = artifacts.build_weights_bytes(fp32.manifest)
+    source_bytes = store.build_weights_bytes(fp32.manifest)
     rows = {
         "fp32 eager": {"bytes": source_bytes, "accuracy": _accuracy(fp32.module, dataset)},
-        "fp32 AOTInductor": {"bytes": artifacts.build_compiled_bytes(fp32_manifest),
+        "fp32 AOTInductor": {"bytes": store.build_compiled_bytes(fp32_manifest),
                              "accuracy": _accuracy(fp32_compiled.module, dataset), "note": "package incl. native code"},
         "int8 eager (torchao)": {"bytes": report["bytes"]["after"], "accuracy": _accuracy(int8.module, dataset)},
         "int8 AOTInductor (torchao)": {"bytes": report["compiled"]["bytes"],
@@ -181,7 +182,7 @@ def build_structured_pruned(work: Path, source: Path) -> dict[str, Any]:
         "terminationLog": str(work / "termination-log"),
     }  # fmt: skip
     report = run_recipe(doc)
-    module = artifacts.load_model(doc["output"]).module
+    module = store.load_model(doc["output"]).module
     layers = {fqn: list(layer.weight.shape) for fqn, layer in module.named_modules()
               if isinstance(layer, torch.nn.Linear)}  # fmt: skip
     return {"output": doc["output"], "report": _slim(report), "layers": layers}
@@ -283,23 +284,23 @@ def bench_minilm(work: Path, source: Path, args: argparse.Namespace) -> dict[str
     if not args.quick:
         doc["compiled"] = {"aotInductor": True, "maxBatchSize": 256, "maxAutotune": True}
     report = run_recipe(doc)
-    fp32 = artifacts.load_model(source)
-    int8 = artifacts.load_model(doc["output"])
+    fp32 = store.load_model(source)
+    int8 = store.load_model(doc["output"])
     variants: dict[str, Any] = {"fp32 eager": fp32.module}
     compiled_bytes = {}
     if not args.quick:
-        with artifacts.stage_directory(work / "minilm-fp32-compiled") as staging:
-            fp32_manifest = artifacts.write_model_files(
+        with store.stage_directory(work / "minilm-fp32-compiled") as staging:
+            fp32_manifest = store.write_model_files(
                 staging, fp32.module, name="minilm", factory=fp32.manifest["factory"],
                 inputs=fp32.manifest["inputs"], outputs=fp32.manifest["outputs"],
                 compile_inputs=evaluate.build_batch(dataset.eval_inputs, 8), compile_max_batch=256,
                 compile_max_autotune=True,
             )  # fmt: skip
-        variants["fp32 AOTInductor"] = artifacts.load_model(work / "minilm-fp32-compiled", compiled=True).module
-        compiled_bytes["fp32 AOTInductor"] = artifacts.build_compiled_bytes(fp32_manifest)
+        variants["fp32 AOTInductor"] = store.load_model(work / "minilm-fp32-compiled", compiled=True).module
+        compiled_bytes["fp32 AOTInductor"] = store.build_compiled_bytes(fp32_manifest)
     variants["int8 eager (torchao)"] = int8.module
     if not args.quick:
-        variants["int8 AOTInductor (torchao)"] = artifacts.load_model(doc["output"], compiled=True).module
+        variants["int8 AOTInductor (torchao)"] = store.load_model(doc["output"], compiled=True).module
         compiled_bytes["int8 AOTInductor (torchao)"] = report["compiled"]["bytes"]
     baseline = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32.module), {torch.nn.Linear}, dtype=torch.qint8)
     variants["int8 torch.ao dynamic (baseline)"] = baseline
@@ -313,7 +314,7 @@ def bench_minilm(work: Path, source: Path, args: argparse.Namespace) -> dict[str
             "embedding", evaluate.query_outputs(module, dataset.eval_inputs), None, reference
         )
         rows[name] = {"metrics": metrics, "p50_ms": p50[name]}
-    rows["fp32 eager"]["bytes"] = artifacts.build_weights_bytes(fp32.manifest)
+    rows["fp32 eager"]["bytes"] = store.build_weights_bytes(fp32.manifest)
     rows["int8 eager (torchao)"]["bytes"] = report["bytes"]["after"]
     for name, size in compiled_bytes.items():
         rows[name]["bytes"] = size

@@ -124,7 +124,7 @@ MODELS = {
 
 def apply_model_directory(model: BenchModel, root: Path) -> Path:
     """Save the model (seeded weights, eval-mode BN statistics) as a Shipyard model directory."""
-    from shipyard.runtime import artifacts
+    from shipyard.runtime.artifacts import store
 
     sys.path.insert(0, str(BENCH_DIR))
     module_name, function = model.factory.split(":")
@@ -136,7 +136,7 @@ def apply_model_directory(model: BenchModel, root: Path) -> Path:
         elif buffer_name.endswith("running_mean"):
             buffer.uniform_(-0.1, 0.1)
     path = root / model.name
-    artifacts.save_model(
+    store.save_model(
         module.eval(),
         path,
         name=model.name,
@@ -174,10 +174,10 @@ if os.environ.get(LITSERVE_FLAG):
             self.name = Path(artifact).name
 
         def setup(self, device: str) -> None:
-            from shipyard.runtime import artifacts
+            from shipyard.runtime.artifacts import store
 
             torch.set_num_threads(THREADS)
-            self.model = artifacts.load_model(self.artifact).module
+            self.model = store.load_model(self.artifact).module
 
         # No annotations on these two: LitServe reads them to build its FastAPI endpoint, and the postponed
         # (string) annotations of this module would turn the body into a query parameter.
@@ -234,13 +234,13 @@ _name = None
 def handle(data, context):
     global _model, _name
     if _model is None:
-        from shipyard.runtime import artifacts
+        from shipyard.runtime.artifacts import store
 
         torch.set_num_threads(1)
         model_dir = context.system_properties.get("model_dir")
         with open(os.path.join(model_dir, "artifact_path.txt")) as f:
             path = f.read().strip()
-        _model = artifacts.load_model(path).module
+        _model = store.load_model(path).module
         _name = os.path.basename(path)
     if data is None:
         return None
@@ -342,10 +342,10 @@ def run_limit(argv: list[str]) -> int:
     parser.add_argument("--batch-sizes", default="1,8,16,32")
     parser.add_argument("--seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
-    from shipyard.runtime import artifacts
+    from shipyard.runtime.artifacts import store
 
     torch.set_num_threads(THREADS)
-    loaded = artifacts.load_model(args.artifact)
+    loaded = store.load_model(args.artifact)
     shape = tuple(loaded.inputs[0].shape[1:])
     wall: dict[int, float] = {}
     cpu: dict[int, float] = {}
@@ -790,10 +790,10 @@ def run_bench(argv: list[str]) -> int:
             body_path.write_bytes(body)
             script = work / f"{model_name}.lua"
             script.write_text(WRK_SCRIPT.format(body=body_path))
-            from shipyard.runtime import artifacts
+            from shipyard.runtime.artifacts import store
 
             with torch.inference_mode():
-                reference = artifacts.load_model(model_dir).module(torch.tensor(data).reshape(1, *model.shape))
+                reference = store.load_model(model_dir).module(torch.tensor(data).reshape(1, *model.shape))
             reference_list = reference.reshape(-1).tolist()
 
             for round_ in range(args.rounds):

@@ -12,7 +12,7 @@ venv=${VENV:-.venv}
 VENV="$(cd "$venv" && pwd)" bash hack/typecheck.sh
 # Each image's packages import only what that image installs (docs/packaging.md).
 "$venv/bin/python" -c "import sys, shipyard.operator, shipyard.operator.handlers; assert 'torch' not in sys.modules, 'the operator imported torch'"
-"$venv/bin/python" -c "import sys, shipyard.runtime.server, shipyard.runtime.compress; bad = {'kopf', 'lightkube', 'aiohttp'} & set(sys.modules); assert not bad, f'the runtime imported {bad}'"
+"$venv/bin/python" -c "import sys, shipyard.runtime.server.lifecycle, shipyard.runtime.compress; bad = {'kopf', 'lightkube', 'aiohttp'} & set(sys.modules); assert not bad, f'the runtime imported {bad}'"
 # The e2e tier needs Debian's Prometheus (and root, for the node agent's mount namespaces): install it or fail clearly.
 if [ ! -x /usr/bin/prometheus ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

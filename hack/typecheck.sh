@@ -3,4 +3,4 @@
 # operator/, runtime/ each hold an ordinary package of the `shipyard` namespace): no link tree, no mapping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-"${VENV:-.venv}/bin/mypy" -p shipyard.contract -p shipyard.operator
+"${VENV:-.venv}/bin/mypy" -p shipyard.contract -p shipyard.operator -p shipyard.runtime

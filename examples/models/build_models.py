@@ -8,7 +8,7 @@
 - recsys: a two-tower recommendation model trained on synthetic interactions (labelled synthetic: generated
   by shipyard.runtime.datasets, no real users).
 
-Writes model directories (shipyard-model.json + safetensors weights) through shipyard.runtime.artifacts.
+Writes model directories (shipyard-model.json + safetensors weights) through shipyard.runtime.artifacts.store.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from shipyard.runtime import artifacts, datasets, distill, evaluate, models
+from shipyard.runtime import datasets, distill, evaluate, models
+from shipyard.runtime.artifacts import store
 
 log = logging.getLogger("examples.build_models")
 
@@ -75,7 +76,7 @@ def build_digits(out: Path, *, hidden: tuple[int, ...] = (300, 100), epochs: int
     model.eval()
     accuracy = evaluate.evaluate_accuracy(evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels)
     log.info("Trained the digits MLP %s: eval accuracy %.4f", list(hidden), accuracy)
-    return artifacts.save_model(
+    return store.save_model(
         model,
         out,
         name="digits",
@@ -96,7 +97,7 @@ def build_digits_cnn(out: Path, *, epochs: int = 20, seed: int = 0) -> dict[str,
     model.eval()
     accuracy = evaluate.evaluate_accuracy(evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels)
     log.info("Trained the digits CNN: eval accuracy %.4f", accuracy)
-    return artifacts.save_model(
+    return store.save_model(
         model,
         out,
         name="digits-cnn",
@@ -120,7 +121,7 @@ def build_minilm(out: Path) -> dict[str, Any]:
         raise RuntimeError(f"the packaged MiniLM weights lack {missing[:3]}")
     model.load_state_dict(renamed, strict=True)
     model.eval()
-    return artifacts.save_model(
+    return store.save_model(
         model,
         out,
         name="minilm",
@@ -163,7 +164,7 @@ def build_recsys(
         "binary", evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels
     )
     log.info("Trained the two-tower model: eval AUC %.4f, accuracy %.4f", metrics["auc"], metrics["accuracy"])
-    return artifacts.save_model(
+    return store.save_model(
         model,
         out,
         name="recsys",

@@ -33,7 +33,8 @@ from typing import Any
 import pytest
 import torch
 
-from shipyard.runtime import artifacts, models
+from shipyard.runtime import models
+from shipyard.runtime.artifacts import store
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +74,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     torch.manual_seed(0)
     module = models.build_digits_mlp(hidden=(32, 16)).eval()
     path = tmp_path_factory.mktemp("fuzz") / MODEL
-    artifacts.save_model(module, path, name=MODEL, factory="shipyard.runtime.models:build_digits_mlp",
+    store.save_model(module, path, name=MODEL, factory="shipyard.runtime.models:build_digits_mlp",
                          factory_kwargs={"hidden": [32, 16]},
                          inputs=[{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
                          outputs=[{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}])

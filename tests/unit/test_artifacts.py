@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from shipyard.runtime import artifacts, models, quantize
+from shipyard.runtime.artifacts import manifests, programs, store
 from tests.pickle_payloads import TouchesFileWhenUnpickled, hostile_weights
 
 DIGITS_IO = {
@@ -29,7 +30,7 @@ def _mlp(seed: int = 0) -> torch.nn.Module:
 
 
 def _save(module: torch.nn.Module, path: Path, **kwargs: object) -> dict:
-    return artifacts.save_model(
+    return store.save_model(
         module, path, name="digits", factory=FACTORY, factory_kwargs=SMALL, **DIGITS_IO, **kwargs
     )
 
@@ -60,13 +61,13 @@ def test_round_trip_gives_identical_outputs(tmp_path: Path, build, encoding: str
     built = build()
     module, records = built
     manifest = _save(module, tmp_path / "model", encoding=encoding, quantization=records)
-    loaded = artifacts.load_model(tmp_path / "model")
+    loaded = store.load_model(tmp_path / "model")
     x = torch.randn(5, 64)
     with torch.no_grad():
         assert torch.equal(loaded.module(x), module(x))
-    assert loaded.digest == manifest["digest"] == artifacts.build_digest(manifest)
+    assert loaded.digest == manifest["digest"] == manifests.build_digest(manifest)
     assert [s.name for s in loaded.inputs] == ["input"]
-    assert loaded.outputs[0] == artifacts.TensorSpec("logits", "FP32", (-1, 10))
+    assert loaded.outputs[0] == manifests.TensorSpec("logits", "FP32", (-1, 10))
     assert not loaded.module.training
 
 
@@ -78,10 +79,10 @@ def test_int8_weights_are_stored_as_int8_bytes(tmp_path: Path) -> None:
 
     with safe_open(str(tmp_path / "q" / manifest["weights"]), "pt") as handle:
         assert handle.get_slice("0.weight::qdata").get_dtype() == "I8"
-    loaded = artifacts.load_model(tmp_path / "q")
+    loaded = store.load_model(tmp_path / "q")
     assert torch.equal(loaded.module[0].weight.qdata, model[0].weight.qdata)
     # Tiny layers: the safetensors header and per-row scales weigh in, so less than the 4x of big layers.
-    assert artifacts.build_directory_bytes(manifest) < artifacts.build_directory_bytes(fp32) / 2.5
+    assert store.build_weights_bytes(manifest) < store.build_weights_bytes(fp32) / 2.5
 
 
 def test_embedding_quantization_round_trip(tmp_path: Path) -> None:
@@ -95,7 +96,7 @@ def test_embedding_quantization_round_trip(tmp_path: Path) -> None:
         ],
         "outputs": [{"name": "score", "datatype": "FP32", "shape": [-1, 1]}],
     }
-    artifacts.save_model(
+    store.save_model(
         model,
         tmp_path / "rec",
         name="rec",
@@ -104,7 +105,7 @@ def test_embedding_quantization_round_trip(tmp_path: Path) -> None:
         quantization=records,
         **io,
     )
-    loaded = artifacts.load_model(tmp_path / "rec")
+    loaded = store.load_model(tmp_path / "rec")
     users, items = torch.randint(0, 50, (6,)), torch.randint(0, 40, (6,))
     with torch.no_grad():
         assert torch.equal(loaded.module(users, items), model(users, items))
@@ -119,7 +120,7 @@ def test_digest_is_content_addressed(tmp_path: Path) -> None:
 
 
 def _flip_weight_byte(directory: Path) -> None:
-    manifest = json.loads((directory / artifacts.MANIFEST_FILE).read_text())
+    manifest = json.loads((directory / manifests.MANIFEST_FILE).read_text())
     weights = directory / manifest["weights"]
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
@@ -127,7 +128,7 @@ def _flip_weight_byte(directory: Path) -> None:
 
 
 def _edit_manifest(directory: Path, **changes: object) -> None:
-    path = directory / artifacts.MANIFEST_FILE
+    path = directory / manifests.MANIFEST_FILE
     manifest = json.loads(path.read_text())
     manifest.update(changes)
     path.write_text(json.dumps(manifest))
@@ -146,7 +147,7 @@ def _edit_manifest(directory: Path, **changes: object) -> None:
             id="weights-missing",
         ),
         pytest.param(
-            lambda d: (d / artifacts.MANIFEST_FILE).unlink(), "shipyard-model.json is missing", id="manifest-missing"
+            lambda d: (d / manifests.MANIFEST_FILE).unlink(), "shipyard-model.json is missing", id="manifest-missing"
         ),
         pytest.param(
             lambda d: _edit_manifest(d, kind="onnx"), "kind: must be one of factory, export", id="unknown-kind"
@@ -160,14 +161,14 @@ def test_tampered_or_broken_directory_is_refused(tmp_path: Path, tamper, message
     _save(_mlp(), tmp_path / "model")
     tamper(tmp_path / "model")
     with pytest.raises(artifacts.ArtifactError, match=message.replace("(", r"\(")):
-        artifacts.load_model(tmp_path / "model")
+        store.load_model(tmp_path / "model")
 
 
 def test_expected_digest_is_enforced(tmp_path: Path) -> None:
     manifest = _save(_mlp(), tmp_path / "model")
-    assert artifacts.load_model(tmp_path / "model", expected_digest=manifest["digest"]).digest == manifest["digest"]
+    assert store.load_model(tmp_path / "model", expected_digest=manifest["digest"]).digest == manifest["digest"]
     with pytest.raises(artifacts.ArtifactError, match="digest mismatch: expected sha256:00"):
-        artifacts.load_model(tmp_path / "model", expected_digest="sha256:" + "0" * 64)
+        store.load_model(tmp_path / "model", expected_digest="sha256:" + "0" * 64)
 
 
 def _source_dir(directory: Path, weights_name: str, encoding: str, payload: bytes) -> None:
@@ -183,7 +184,7 @@ def _source_dir(directory: Path, weights_name: str, encoding: str, payload: byte
         "encoding": encoding,
         **DIGITS_IO,
     }
-    (directory / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (directory / manifests.MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize(
@@ -206,7 +207,7 @@ def test_malicious_pickle_is_refused_and_never_executed(
     payload = hostile_weights(marker, via_torch_save=via_torch_save)
     _source_dir(tmp_path / "model", "weights.bin", encoding, payload)
     with pytest.raises(artifacts.ArtifactError, match=message):
-        artifacts.load_model(tmp_path / "model")
+        store.load_model(tmp_path / "model")
     assert not marker.exists()
 
 
@@ -215,7 +216,7 @@ def test_plain_source_directory_loads_without_digest(tmp_path: Path) -> None:
     from safetensors.torch import save
 
     _source_dir(tmp_path / "src", "model.safetensors", "safetensors", save(model.state_dict()))
-    loaded = artifacts.load_model(tmp_path / "src")
+    loaded = store.load_model(tmp_path / "src")
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(loaded.module(x), model(x))
@@ -229,7 +230,7 @@ def test_plain_state_dict_from_torch_save_loads(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     _source_dir(tmp_path / "src", "model.pt", "torch-state-dict", buffer.getvalue())
-    loaded = artifacts.load_model(tmp_path / "src")
+    loaded = store.load_model(tmp_path / "src")
     assert torch.equal(loaded.module[0].weight, model[0].weight)
 
 
@@ -254,7 +255,7 @@ def test_weights_not_matching_the_factory_are_refused(tmp_path: Path, weights, m
         state = weights
     _source_dir(tmp_path / "src", "model.safetensors", "safetensors", save(state))
     with pytest.raises(artifacts.ArtifactError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        artifacts.load_model(tmp_path / "src")
+        store.load_model(tmp_path / "src")
 
 
 @pytest.mark.parametrize(
@@ -282,16 +283,16 @@ def test_assess_manifest_names_the_field(change: dict, problem: str) -> None:
         **DIGITS_IO,
         "files": {"w.safetensors": {"sha256": "00", "bytes": 1}},
     }
-    assert artifacts.assess_manifest(manifest) == []
+    assert manifests.assess_manifest(manifest) == []
     manifest.update(change)
-    assert any(problem in p for p in artifacts.assess_manifest(manifest)), artifacts.assess_manifest(manifest)
+    assert any(problem in p for p in manifests.assess_manifest(manifest)), manifests.assess_manifest(manifest)
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(artifacts.ArtifactError, match="cannot be imported"):
-        artifacts.save_model(_mlp(), tmp_path / "out", name="x", factory="no.such.module:f", **DIGITS_IO)
+        store.save_model(_mlp(), tmp_path / "out", name="x", factory="no.such.module:f", **DIGITS_IO)
     assert os.listdir(tmp_path) == []
-    with pytest.raises(RuntimeError), artifacts.stage_directory(tmp_path / "out") as staging:
+    with pytest.raises(RuntimeError), store.stage_directory(tmp_path / "out") as staging:
         (staging / "half-written").write_bytes(b"x")
         raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []
@@ -302,7 +303,7 @@ def test_existing_output_is_not_overwritten_by_default(tmp_path: Path) -> None:
     with pytest.raises(artifacts.ArtifactError, match="already exists"):
         _save(_mlp(seed=3), tmp_path / "model")
     replaced = _save(_mlp(seed=3), tmp_path / "model", overwrite=True)
-    assert artifacts.load_model(tmp_path / "model").digest == replaced["digest"]
+    assert store.load_model(tmp_path / "model").digest == replaced["digest"]
     assert sorted(os.listdir(tmp_path)) == ["model"]
 
 
@@ -310,8 +311,8 @@ def test_export_kind_round_trip_and_pickle_check(tmp_path: Path) -> None:
     model = _mlp()
     batch = torch.export.Dim("batch", min=1, max=1024)
     program = torch.export.export(model, (torch.randn(2, 64),), dynamic_shapes=({0: batch},))
-    manifest = artifacts.save_exported_model(program, tmp_path / "exp", name="digits", **DIGITS_IO)
-    loaded = artifacts.load_model(tmp_path / "exp")
+    manifest = store.save_exported_model(program, tmp_path / "exp", name="digits", **DIGITS_IO)
+    loaded = store.load_model(tmp_path / "exp")
     x = torch.randn(7, 64)
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), model(x))
@@ -332,7 +333,7 @@ def test_export_kind_round_trip_and_pickle_check(tmp_path: Path) -> None:
                 data = buffer.getvalue()
             dst.writestr(item, data)
     with pytest.raises(artifacts.ArtifactError, match="refused: .*sample_inputs/model.pt is a pickle"):
-        artifacts.load_exported_module(evil)
+        programs.load_exported_module(evil)
     assert not marker.exists()
 
 
@@ -351,7 +352,7 @@ def test_export_kind_round_trip_and_pickle_check(tmp_path: Path) -> None:
 def test_compiled_package_is_only_loaded_when_it_fits(tmp_path: Path, entry: dict | None, message: str) -> None:
     manifest = {"name": "digits", "compiled": entry}
     with pytest.raises(artifacts.ArtifactError, match=message):
-        artifacts.load_compiled_module(manifest, tmp_path)
+        programs.load_compiled_module(manifest, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -372,18 +373,18 @@ def test_compiled_package_is_only_loaded_when_it_fits(tmp_path: Path, entry: dic
 )
 def test_assess_compiled(entry: dict | None, config: dict, problem: str | None) -> None:
     manifest = {"name": "digits", "compiled": entry}
-    got = artifacts.assess_compiled(manifest, **{"device": "cpu", "torch_version": torch.__version__, **config})
+    got = programs.assess_compiled(manifest, **{"device": "cpu", "torch_version": torch.__version__, **config})
     assert got == problem if problem is None else (got is not None and problem in got)
 
 
 def test_compiled_package_round_trip(compiled_digits_dir: Path, tmp_path: Path) -> None:
     """An int8 model with its AOTInductor package: both loads give the same outputs, the package is digested."""
-    manifest = artifacts.load_verified_manifest(compiled_digits_dir)
+    manifest = manifests.load_verified_manifest(compiled_digits_dir)
     assert manifest["compiled"]["file"] in manifest["files"] and manifest["compiled"]["maxBatchSize"] == 128
-    assert artifacts.build_compiled_bytes(manifest) > 0
-    eager = artifacts.load_model(compiled_digits_dir)
-    compiled = artifacts.load_model(compiled_digits_dir, compiled=True)
-    assert isinstance(compiled.module, artifacts.CompiledModule)
+    assert store.build_compiled_bytes(manifest) > 0
+    eager = store.load_model(compiled_digits_dir)
+    compiled = store.load_model(compiled_digits_dir, compiled=True)
+    assert isinstance(compiled.module, programs.CompiledModule)
     assert compiled.digest == eager.digest
     x = torch.randn(9, 64)
     with torch.no_grad():
@@ -391,4 +392,4 @@ def test_compiled_package_round_trip(compiled_digits_dir: Path, tmp_path: Path) 
     shutil.copytree(compiled_digits_dir, tmp_path / "model")
     _flip_weight_byte(tmp_path / "model")  # the eager weights changed: even the compiled load must refuse
     with pytest.raises(artifacts.ArtifactError, match="digest mismatch"):
-        artifacts.load_model(tmp_path / "model", compiled=True)
+        store.load_model(tmp_path / "model", compiled=True)

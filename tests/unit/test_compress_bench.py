@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from shipyard.runtime.artifacts import manifests
 from tests.modules import load_file
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "compression.py"
@@ -115,4 +116,4 @@ def test_the_structured_row_is_a_structured_prune_alone(
     assert result["layers"] == {"0": [12, 64], "2": [6, 12], "4": [10, 6]}
     assert [s["kind"] for s in result["report"]["steps"]] == ["prune"]
     assert result["report"]["parameters"]["after"] < result["report"]["parameters"]["before"] / 3
-    assert not bench.artifacts.load_manifest(result["output"]).get("quantization")  # fp32: no quantize step
+    assert not manifests.load_manifest(result["output"]).get("quantization")  # fp32: no quantize step

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shipyard.runtime import artifacts, cli, compress
+from shipyard.runtime import cli, compress
+from shipyard.runtime.artifacts import manifests, store
 from tests.modules import load_file
 from tests.pickle_payloads import hostile_weights
 
@@ -59,7 +60,7 @@ def test_compiled_package_is_built_gated_and_reported(compiled_digits_dir: Path)
     """compiled.aotInductor: the artifact carries the package (in its digest), measured and gated like the eager
     model; the report says what it holds."""
     report = json.loads((compiled_digits_dir / "report.json").read_text())
-    manifest = artifacts.load_verified_manifest(compiled_digits_dir)
+    manifest = manifests.load_verified_manifest(compiled_digits_dir)
     assert report["status"] == "accepted" and report["digest"] == manifest["digest"]
     compiled = report["compiled"]
     assert compiled["file"] == manifest["compiled"]["file"] and compiled["file"] in manifest["files"]
@@ -79,13 +80,13 @@ def test_accepted_artifact_with_report_digest_and_tensorboard(
     printed = json.loads(capsys.readouterr().out)
     stored = json.loads((output / "report.json").read_text())
     assert printed == stored and stored["status"] == "accepted"
-    loaded = artifacts.load_model(output)
+    loaded = store.load_model(output)
     assert stored["digest"] == loaded.digest
     assert stored["bytes"]["after"] < stored["bytes"]["before"] / 3
-    weights, manifest_file = output / loaded.manifest["weights"], output / artifacts.MANIFEST_FILE
+    weights, manifest_file = output / loaded.manifest["weights"], output / manifests.MANIFEST_FILE
     assert stored["weightsBytes"] == stored["bytes"] and stored["bytes"]["after"] == weights.stat().st_size
     assert stored["artifactBytes"]["after"] == weights.stat().st_size + manifest_file.stat().st_size
-    source_files = source / artifacts.MANIFEST_FILE, source / artifacts.load_manifest(source)["weights"]
+    source_files = source / manifests.MANIFEST_FILE, source / manifests.load_manifest(source)["weights"]
     assert stored["artifactBytes"]["before"] == sum(f.stat().st_size for f in source_files)
     assert [s["kind"] for s in stored["steps"]] == ["prune", "quantize"]
     assert stored["steps"][0]["params"] == {
@@ -145,7 +146,7 @@ def test_structured_prune_and_distillation_chain(tmp_path: Path, source: Path) -
     code, output = _run(tmp_path, source, steps, tolerance=0.05)
     assert code == 0, _termination(tmp_path)
     report = json.loads((output / "report.json").read_text())
-    manifest = artifacts.load_model(output).manifest
+    manifest = store.load_model(output).manifest
     assert manifest["factory_kwargs"] == {"hidden": [24]}
     assert manifest["structure"]["0"]["out_features"] == 18
     assert report["steps"][0]["details"]["losses"][-1] < report["steps"][0]["details"]["losses"][0]
@@ -155,13 +156,13 @@ def test_structured_prune_and_distillation_chain(tmp_path: Path, source: Path) -
 
 def _break_weights(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
-    manifest = json.loads((target / artifacts.MANIFEST_FILE).read_text())
+    manifest = json.loads((target / manifests.MANIFEST_FILE).read_text())
     (target / manifest["weights"]).unlink()
 
 
 def _flip_byte(source: Path, target: Path) -> None:
     shutil.copytree(source, target)
-    manifest = json.loads((target / artifacts.MANIFEST_FILE).read_text())
+    manifest = json.loads((target / manifests.MANIFEST_FILE).read_text())
     weights = target / manifest["weights"]
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -171,11 +172,11 @@ def _flip_byte(source: Path, target: Path) -> None:
 def _pickle_instead_of_weights(source: Path, target: Path) -> None:
     """A source directory whose manifest is fine but whose weights are a pickle that creates a file."""
     target.mkdir(parents=True)
-    manifest = json.loads((source / artifacts.MANIFEST_FILE).read_text())
+    manifest = json.loads((source / manifests.MANIFEST_FILE).read_text())
     for key in ("files", "digest"):
         manifest.pop(key)
     (target / manifest["weights"]).write_bytes(hostile_weights(target.parent / "pwned", via_torch_save=True))
-    (target / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (target / manifests.MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from shipyard.runtime import artifacts, cli, compress, datasets, recipe
+from shipyard.runtime import cli, compress, datasets, recipe
+from shipyard.runtime.artifacts import store
 
 LOADER_SOURCE = '''
 import torch
@@ -127,7 +128,7 @@ def loaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 def source(tmp_path: Path, loaders: Any) -> Path:
     torch.manual_seed(0)
     path = tmp_path / "models" / "tiny"
-    artifacts.save_model(loaders.build_model(), path, name="tiny", factory=f"{loaders.__name__}:build_model",
+    store.save_model(loaders.build_model(), path, name="tiny", factory=f"{loaders.__name__}:build_model",
                          inputs=INPUTS, outputs=OUTPUTS)
     return path
 
@@ -145,7 +146,7 @@ def config_doc(tmp_path: Path, source: Path, dataset: str, **evaluation: Any) ->
 
 def accuracy_on(source: Path, inputs: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.inference_mode():
-        predicted = artifacts.load_model(source).module(inputs).argmax(dim=1)
+        predicted = store.load_model(source).module(inputs).argmax(dim=1)
     return float((predicted == labels).float().mean())
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from shipyard.runtime import artifacts, cli
+from shipyard.runtime import cli
+from shipyard.runtime.artifacts import store
 from tests.modules import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ def digits_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def minilm_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "minilm"
     manifest = _examples().build_minilm(path)
-    assert artifacts.build_directory_bytes(manifest) > 80_000_000
+    assert store.build_weights_bytes(manifest) > 80_000_000
     return path
 
 
@@ -69,7 +70,7 @@ def test_image_scenario_digits_prune_quantize_encode(tmp_path: Path, digits_sour
     assert code == 0, (tmp_path / "termination-log").read_text()
     assert report["accuracy"]["relativeLoss"] <= 0.005
     assert report["bytes"]["ratio"] >= 20  # structured + 80% sparse + int8 + zstd
-    assert artifacts.load_model(tmp_path / "artifact").manifest["encoding"] == "safetensors+zstd"
+    assert store.load_model(tmp_path / "artifact").manifest["encoding"] == "safetensors+zstd"
 
 
 def test_image_scenario_digits_distillation(tmp_path: Path, digits_source: Path) -> None:
@@ -78,7 +79,7 @@ def test_image_scenario_digits_distillation(tmp_path: Path, digits_source: Path)
     assert report["parameters"]["after"] == 64 * 32 + 32 + 32 * 10 + 10
     assert report["bytes"]["ratio"] >= 40
     assert (
-        artifacts.load_model(tmp_path / "artifact").manifest["factory"]
+        store.load_model(tmp_path / "artifact").manifest["factory"]
         == "shipyard.runtime.models:build_digits_student"
     )
 
@@ -102,7 +103,7 @@ def test_nlp_scenario_minilm_int8(tmp_path: Path, minilm_source: Path) -> None:
     assert code == 0, (tmp_path / "termination-log").read_text()
     assert report["metrics"]["after"]["cosine"] >= 0.995
     assert report["bytes"]["ratio"] >= 3.5  # embeddings included
-    loaded = artifacts.load_model(tmp_path / "artifact")
+    loaded = store.load_model(tmp_path / "artifact")
     assert type(loaded.module.bert.embeddings.word_embeddings.weight).__name__ == "IntxUnpackedToInt8Tensor"
 
 
@@ -112,7 +113,7 @@ def test_nlp_source_matches_sentence_transformers(minilm_source: Path) -> None:
 
     from shipyard.runtime import datasets, models
 
-    ours = artifacts.load_model(minilm_source).module
+    ours = store.load_model(minilm_source).module
     sentences = datasets.build_synthetic_sentences(6)
     ids, mask = datasets.build_token_batch(sentences)
     with torch.no_grad():

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from shipyard.runtime import artifacts, models, prune
+from shipyard.runtime import models, prune
+from shipyard.runtime.artifacts import store
 
 
 def _mlp() -> nn.Module:
@@ -114,7 +115,7 @@ def test_structured_prune_round_trips_through_the_artifact(tmp_path: Path) -> No
     model = _mlp()
     x = torch.rand(3, 64)
     prune.apply_structured_prune(model, prune.plan_structured_prune(model, [x], amount=0.7))
-    manifest = artifacts.save_model(
+    manifest = store.save_model(
         model,
         tmp_path / "m",
         name="m",
@@ -124,7 +125,7 @@ def test_structured_prune_round_trips_through_the_artifact(tmp_path: Path) -> No
         outputs=[{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
     )
     assert manifest["structure"]["0"]["out_features"] == 6
-    loaded = artifacts.load_model(tmp_path / "m")
+    loaded = store.load_model(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(loaded.module(x), model(x))
 

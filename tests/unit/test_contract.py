@@ -15,7 +15,8 @@ import yaml
 from shipyard import contract
 from shipyard.operator import objects, planning
 from shipyard.operator import spec as spec_mod
-from shipyard.runtime import cli, recipe, server
+from shipyard.runtime import cli, recipe
+from shipyard.runtime.server import settings
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -35,9 +36,9 @@ def test_serving_pods_start_the_runtime_server_with_flags_and_env_it_accepts(pat
     (container,) = dep["spec"]["template"]["spec"]["containers"]
     command = container["command"]
     assert command[0] == contract.RUNTIME_COMMAND and command[1] in cli.SUBCOMMANDS
-    assert cli.SUBCOMMANDS[command[1]][0] == "shipyard.runtime.server"
+    assert cli.SUBCOMMANDS[command[1]][0] == "shipyard.runtime.server.lifecycle"
     env = {e["name"]: e["value"] for e in container["env"]}
-    config = server.build_config(command[2:], env)
+    config = settings.build_config(command[2:], env)
     assert config.port == contract.SERVING_PORT
     assert config.model_name == md.served_model_name
     assert config.model_version == md.spec.version

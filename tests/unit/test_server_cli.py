@@ -1,5 +1,5 @@
 """`shipyard-runtime serve`: flags over the operator's environment, route templates, and the real command
-serving a real model directory (artifacts.save_model) end to end in a subprocess."""
+serving a real model directory (store.save_model) end to end in a subprocess."""
 
 from __future__ import annotations
 
@@ -19,7 +19,10 @@ import pytest
 import torch
 
 from shipyard import contract
-from shipyard.runtime import artifacts, models, server
+from shipyard.runtime import models
+from shipyard.runtime.artifacts import manifests, store
+from shipyard.runtime.server import endpoints, lifecycle, loading, settings
+from tests import serverthread
 from tests.pickle_payloads import hostile_weights
 
 ENV = {
@@ -143,7 +146,7 @@ CONFIGS = [
 
 @pytest.mark.parametrize(("argv", "env", "expected"), CONFIGS)
 def test_build_config(argv: list[str], env: dict[str, str], expected: dict[str, Any]) -> None:
-    config = server.build_config(argv, env)
+    config = settings.build_config(argv, env)
     assert {key: getattr(config, key) for key in expected} == expected
 
 
@@ -163,8 +166,8 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize(("argv", "env", "message"), BAD_CONFIGS)
 def test_build_config_names_the_bad_setting(argv: list[str], env: dict[str, str], message: str) -> None:
-    with pytest.raises(server.ConfigError, match=message):
-        server.build_config(argv, env)
+    with pytest.raises(settings.ConfigError, match=message):
+        settings.build_config(argv, env)
 
 
 ROUTES = [
@@ -192,7 +195,7 @@ ROUTES = [
 
 @pytest.mark.parametrize(("path", "expected"), ROUTES)
 def test_plan_route(path: str, expected: tuple[str, str, str | None, str | None]) -> None:
-    route = server.plan_route(path)
+    route = endpoints.plan_route(path)
     assert (route.template, route.kind, route.model, route.version) == expected
 
 
@@ -205,7 +208,7 @@ def test_plan_route(path: str, expected: tuple[str, str, str | None, str | None]
     ],
 )
 def test_plan_warmup_batches(max_batch: int, compiled: bool, expected: list[int]) -> None:
-    assert server.plan_warmup_batches(max_batch, compiled) == expected
+    assert loading.plan_warmup_batches(max_batch, compiled) == expected
 
 
 @pytest.mark.parametrize(
@@ -220,17 +223,17 @@ def test_plan_warmup_batches(max_batch: int, compiled: bool, expected: list[int]
     ],
 )
 def test_plan_compiled(mode: str, problem: str | None, expected: tuple[bool, str]) -> None:
-    assert server.plan_compiled(mode, problem) == expected
+    assert loading.plan_compiled(mode, problem) == expected
 
 
 def test_plan_compiled_on_without_a_fitting_package_is_a_config_error() -> None:
-    with pytest.raises(server.ConfigError, match="--compiled on: compiled package computes in float32"):
-        server.plan_compiled("on", "compiled package computes in float32, not bfloat16")
+    with pytest.raises(settings.ConfigError, match="--compiled on: compiled package computes in float32"):
+        loading.plan_compiled("on", "compiled package computes in float32, not bfloat16")
 
 
 def test_compiled_mode_must_be_known(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        server.build_config(["--compiled", "yes"], ENV)
+        settings.build_config(["--compiled", "yes"], ENV)
     assert "invalid choice: 'yes'" in capsys.readouterr().err
 
 
@@ -258,13 +261,13 @@ def _infer(port: int, pixels: list[list[float]]) -> tuple[int, Any]:
 def test_serve_uses_the_compiled_package_when_it_fits(
     compiled_digits_dir: Path, caplog: pytest.LogCaptureFixture, flags: list[str], served: str
 ) -> None:
-    config = server.build_config(
+    config = settings.build_config(
         ["--artifact", str(compiled_digits_dir), "--host", "127.0.0.1", "--port", "0", "--threads", "1",
          "--drain-propagation-s", "0", *flags], {}
     )
     pixels = [[(i * j) % 17 / 16 for j in range(64)] for i in range(5)]
     with caplog.at_level("INFO", logger="shipyard.runtime.server"):
-        thread = server.ServerThread(config).start()
+        thread = serverthread.ServerThread(config).start()
         try:
             thread.wait_ready(60)
             status, document = _infer(thread.port, pixels)
@@ -273,7 +276,7 @@ def test_serve_uses_the_compiled_package_when_it_fits(
     assert served in caplog.text
     assert status == 200, document
     with torch.inference_mode():
-        expected = artifacts.load_model(compiled_digits_dir).module(torch.tensor(pixels))
+        expected = store.load_model(compiled_digits_dir).module(torch.tensor(pixels))
     torch.testing.assert_close(torch.tensor(document["outputs"][0]["data"]).reshape(5, 10), expected,
                                atol=1e-4, rtol=1e-4)
 
@@ -281,18 +284,18 @@ def test_serve_uses_the_compiled_package_when_it_fits(
 def test_serve_compiled_on_fails_to_load_when_the_package_does_not_fit(
     compiled_digits_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = server.build_config(["--artifact", str(compiled_digits_dir), "--host", "127.0.0.1", "--port", "0",
+    config = settings.build_config(["--artifact", str(compiled_digits_dir), "--host", "127.0.0.1", "--port", "0",
                                   "--compiled", "on", "--dtype", "bfloat16"], {})
     with caplog.at_level("ERROR", logger="shipyard.runtime.server"):
-        thread = server.ServerThread(config).start()
-        thread._thread.join(60)
+        thread = serverthread.ServerThread(config).start()
+        thread.join(60)
     assert thread.exit_code == 1
     assert "--compiled on: compiled package computes in float32, not bfloat16" in caplog.text
 
 
 def test_main_rejects_bad_settings_with_exit_code_2(capsys: pytest.CaptureFixture[str], monkeypatch: Any) -> None:
     monkeypatch.delenv(contract.ENV_ARTIFACT_PATH, raising=False)
-    assert server.main([]) == 2
+    assert lifecycle.main([]) == 2
     assert "no artifact" in capsys.readouterr().err
 
 
@@ -301,7 +304,7 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     module = models.build_digits_mlp()
     path = tmp_path_factory.mktemp("models") / "digits"
-    artifacts.save_model(
+    store.save_model(
         module,
         path,
         name="digits",
@@ -372,7 +375,7 @@ def test_serve_command_serves_a_model_directory_and_drains_on_sigterm(digits_dir
         ).encode()
         status, document = call("POST", "/v2/models/digits/infer", body)
         assert status == 200, document
-        loaded = artifacts.load_model(digits_dir)
+        loaded = store.load_model(digits_dir)
         with torch.inference_mode():
             expected = loaded.module(torch.tensor(pixels))
         torch.testing.assert_close(torch.tensor(document["outputs"][0]["data"]).reshape(3, 10), expected)
@@ -397,10 +400,10 @@ def test_serve_exits_1_when_the_model_directory_is_broken(
     directory = tmp_path / "broken"
     if make:
         directory.mkdir()
-    config = server.build_config(["--artifact", str(directory), "--host", "127.0.0.1", "--port", "0"], {})
+    config = settings.build_config(["--artifact", str(directory), "--host", "127.0.0.1", "--port", "0"], {})
     with caplog.at_level("ERROR", logger="shipyard.runtime.server"):
-        thread = server.ServerThread(config).start()  # the real loader: artifacts.load_model
-        thread._thread.join(30)
+        thread = serverthread.ServerThread(config).start()  # the real loader: store.load_model
+        thread.join(30)
     assert thread.exit_code == 1
     assert "Failed to load model broken" in caplog.text and message in caplog.text
 
@@ -426,7 +429,7 @@ def test_serve_refuses_an_artifact_with_pickled_weights_and_never_runs_the_paylo
         "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
     }  # fmt: skip
-    (directory / artifacts.MANIFEST_FILE).write_text(json.dumps(manifest))
+    (directory / manifests.MANIFEST_FILE).write_text(json.dumps(manifest))
     command = [sys.executable, "-m", "shipyard.runtime.cli", "serve", "--artifact", str(directory), "--host",
                "127.0.0.1", "--port", "0", "--threads", "1"]  # fmt: skip
     done = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,

@@ -24,7 +24,7 @@ SERVER_SCRIPT = r"""
 import os, sys, time
 from dataclasses import dataclass
 import torch
-from shipyard.runtime import server
+from shipyard.runtime.server import lifecycle, settings
 
 @dataclass(frozen=True)
 class Spec:
@@ -48,10 +48,10 @@ def loader(path, device):
     time.sleep(float(os.environ.get("SHIPYARD_TEST_LOAD_S", "0")))
     return Model(Slow(), [Spec("x", "FP32", (-1, 2))], [Spec("y", "FP32", (-1, 2))])
 
-config = server.build_config(sys.argv[1:], os.environ)
+config = settings.build_config(sys.argv[1:], os.environ)
 import logging
 logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
-sys.exit(server.run_server(config, loader))
+sys.exit(lifecycle.run_server(config, loader))
 """
 
 

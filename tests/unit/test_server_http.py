@@ -22,7 +22,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard import contract
-from shipyard.runtime import server
+from shipyard.runtime import oip
+from shipyard.runtime.server import settings
+from tests import serverthread
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ INPUTS = [Spec("x", "FP32", (-1, 4))]
 OUTPUTS = [Spec("y", "FP32", (-1, 3))]
 
 
-def base_config(**overrides: Any) -> server.ServerConfig:
-    config = server.ServerConfig(
+def base_config(**overrides: Any) -> settings.ServerConfig:
+    config = settings.ServerConfig(
         artifact="/nonexistent/mlp",
         host="127.0.0.1",
         port=0,
@@ -88,12 +90,14 @@ def base_config(**overrides: Any) -> server.ServerConfig:
 class Harness:
     def __init__(
         self,
-        config: server.ServerConfig,
+        config: settings.ServerConfig,
         module: torch.nn.Module | None = None,
         loader: Callable[[str, str], Any] | None = None,
     ) -> None:
         self.module = module or GatedIntegerMlp()
-        self.thread = server.ServerThread(config, loader or (lambda path, device: Model(self.module, INPUTS, OUTPUTS)))
+        self.thread = serverthread.ServerThread(
+            config, loader or (lambda path, device: Model(self.module, INPUTS, OUTPUTS))
+        )
 
     def __enter__(self) -> Harness:
         self.thread.start()
@@ -482,7 +486,7 @@ def test_a_bug_in_the_server_is_a_500_and_the_server_goes_on(
         raise RuntimeError("boom")
 
     with monkeypatch.context() as patch:
-        patch.setattr(server.oip, target, boom)
+        patch.setattr(oip, target, boom)
         status, document = harness.infer([[1, 2, 3, 4]])
     assert status == 500 and message in document["error"]
     assert harness.infer([[1, 2, 3, 4]])[0] == 200
@@ -564,15 +568,15 @@ def test_a_model_that_fails_to_load_makes_the_server_exit_non_zero() -> None:
     def broken(path: str, device: str) -> Model:
         raise FileNotFoundError(path)
 
-    thread = server.ServerThread(base_config(), broken).start()
-    thread._thread.join(10)
+    thread = serverthread.ServerThread(base_config(), broken).start()
+    thread.join(10)
     assert thread.exit_code == 1
 
 
 def test_a_model_that_fails_warm_up_makes_the_server_exit_non_zero() -> None:
     wrong = Model(torch.nn.Linear(7, 3), INPUTS, OUTPUTS)  # declares 4 features, takes 7
-    thread = server.ServerThread(base_config(), lambda path, device: wrong).start()
-    thread._thread.join(10)
+    thread = serverthread.ServerThread(base_config(), lambda path, device: wrong).start()
+    thread.join(10)
     assert thread.exit_code == 1
 
 

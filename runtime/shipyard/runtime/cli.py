@@ -11,7 +11,7 @@ import sys
 
 SUBCOMMANDS = {
     "compress": ("shipyard.runtime.compress", "Compress a model (prune, quantize, distill) behind an accuracy gate."),
-    "serve": ("shipyard.runtime.server", "Serve a model over the Open Inference Protocol v2 (REST)."),
+    "serve": ("shipyard.runtime.server.lifecycle", "Serve a model over the Open Inference Protocol v2 (REST)."),
 }
 
 

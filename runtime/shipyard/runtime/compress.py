@@ -195,12 +195,13 @@ def apply_distill_step(
     import torch
 
     from shipyard.runtime import artifacts, distill, evaluate
+    from shipyard.runtime.artifacts import eager
 
     teacher = candidate.module
     teacher_outputs = evaluate.query_outputs(teacher, dataset.train_inputs)
     torch.manual_seed(seed + index)
     try:
-        student = artifacts.build_factory_module(step.student, step.student_kwargs)
+        student = eager.build_factory_module(step.student, step.student_kwargs)
     except artifacts.ArtifactError as exc:
         raise CompressionError(f"distill student: {exc}") from exc
     sample = evaluate.query_outputs(student.eval(), evaluate.build_batch(dataset.train_inputs, 2))
@@ -257,7 +258,8 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
     """Run the whole job; returns the report of an accepted artifact, raises GateRejected or an error."""
     import torch
 
-    from shipyard.runtime import artifacts, datasets, evaluate
+    from shipyard.runtime import datasets, evaluate
+    from shipyard.runtime.artifacts import manifests, store
 
     started = time.perf_counter()
     durations: dict[str, float] = {}
@@ -272,7 +274,7 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         else "cpu"
     )
     output = Path(config.output)
-    recipe_digest = build_recipe_digest(config, artifacts.load_manifest(config.source).get("digest"))
+    recipe_digest = build_recipe_digest(config, manifests.load_manifest(config.source).get("digest"))
     if output.exists() and config.reuse_existing and not config.overwrite:
         return reuse_existing_artifact(output, recipe_digest, device)
     if output.exists() and not config.overwrite:
@@ -280,7 +282,7 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
 
     t0 = time.perf_counter()
-    source = artifacts.load_model(config.source, device=device)
+    source = store.load_model(config.source, device=device)
     if source.manifest["kind"] != "factory":
         raise CompressionError(
             f"source model {config.source} is a torch.export program: compression steps need a factory-kind "
@@ -382,9 +384,9 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
     if encoding == "auto":
         encoding = "safetensors+zstd" if any(isinstance(s, recipe.PruneStep) for s in config.steps) else "safetensors"
     candidate.module.eval()
-    with artifacts.stage_directory(output, overwrite=config.overwrite) as staging:
+    with store.stage_directory(output, overwrite=config.overwrite) as staging:
         t0 = time.perf_counter()
-        manifest = artifacts.write_model_files(
+        manifest = store.write_model_files(
             staging,
             candidate.module.to("cpu") if device != "cpu" else candidate.module,
             name=name,
@@ -406,13 +408,13 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         log.info(
             "Wrote candidate artifact %s (weights %s, %s) in %.2fs",
             manifest["digest"],
-            report.build_bytes_text(artifacts.build_weights_bytes(manifest)),
+            report.build_bytes_text(store.build_weights_bytes(manifest)),
             encoding,
             durations["save"],
         )
 
         t0 = time.perf_counter()
-        result = artifacts.load_model(staging, device=device, expected_digest=manifest["digest"])
+        result = store.load_model(staging, device=device, expected_digest=manifest["digest"])
         outputs_after = evaluate.query_outputs(result.module, dataset.eval_inputs)
         _check_outputs(dataset.task, outputs_after, dataset.name, "compressed model")
         metrics_after = evaluate.evaluate_metrics(dataset.task, outputs_after, dataset.eval_labels, source_outputs)
@@ -458,10 +460,10 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             source={"path": str(config.source), "digest": source.digest},
             output=str(output) if gate.accepted else None,
             digest=manifest["digest"] if gate.accepted else None,
-            bytes_before=artifacts.build_weights_bytes(source.manifest),
-            bytes_after=artifacts.build_weights_bytes(manifest),
-            artifact_bytes_before=artifacts.fetch_loaded_bytes(source.path, source.manifest),
-            artifact_bytes_after=artifacts.fetch_loaded_bytes(staging, manifest),
+            bytes_before=store.build_weights_bytes(source.manifest),
+            bytes_after=store.build_weights_bytes(manifest),
+            artifact_bytes_before=store.fetch_loaded_bytes(source.path, source.manifest),
+            artifact_bytes_after=store.fetch_loaded_bytes(staging, manifest),
             parameters_before=_count_parameters(source.module),
             parameters_after=_count_parameters(result.module),
             metrics_before=metrics_before,
@@ -499,7 +501,7 @@ def build_recipe_digest(config: recipe.CompressionConfig, source_digest: object)
 def reuse_existing_artifact(output: Path, recipe_digest: str, device: str) -> dict[str, Any]:
     """The report of an artifact already at `output`, after checking that it is one: accepted, made by the same
     recipe from the same source, and every file matching its digest. Anything else is refused, never replaced."""
-    from shipyard.runtime import artifacts
+    from shipyard.runtime.artifacts import store
 
     try:
         body = json.loads((output / contract.REPORT_FILE).read_text(encoding="utf-8"))
@@ -512,7 +514,7 @@ def reuse_existing_artifact(output: Path, recipe_digest: str, device: str) -> di
     if body.get("recipeDigest") != recipe_digest:
         raise CompressionError(f"output directory {output} already exists with an artifact of another recipe or "
                                f"source ({body.get('recipeDigest')} != {recipe_digest}); not reusing or replacing it")
-    artifacts.load_model(output, device=device, expected_digest=body["digest"])  # verifies every file
+    store.load_model(output, device=device, expected_digest=body["digest"])  # verifies every file
     log.info("Reused the artifact %s already at %s (same recipe and source, digest verified)", body["digest"], output)
     return {**body, "reused": True}
 
@@ -527,10 +529,11 @@ def evaluate_compiled(
     config: recipe.CompressionConfig,
 ) -> tuple[dict[str, Any], Any]:
     """Load the AOTInductor package back, measure it and gate it like the eager model."""
-    from shipyard.runtime import artifacts, evaluate
+    from shipyard.runtime import evaluate
+    from shipyard.runtime.artifacts import store
 
     t0 = time.perf_counter()
-    compiled = artifacts.load_model(staging, expected_digest=manifest["digest"], compiled=True)
+    compiled = store.load_model(staging, expected_digest=manifest["digest"], compiled=True)
     outputs = evaluate.query_outputs(compiled.module, dataset.eval_inputs)
     metrics = evaluate.evaluate_metrics(dataset.task, outputs, dataset.eval_labels, source_outputs)
     latency = {
@@ -552,7 +555,7 @@ def evaluate_compiled(
     )
     section = {
         "file": manifest["compiled"]["file"],
-        "bytes": artifacts.build_compiled_bytes(manifest),
+        "bytes": store.build_compiled_bytes(manifest),
         "metrics": dict(metrics),
         "latency": {f"batch{b}": dict(v) for b, v in latency.items()},
         "speedupP50": {f"batch{b}": latency_before[b]["p50_ms"] / v["p50_ms"] for b, v in latency.items()},

@@ -32,13 +32,17 @@ def evaluate_task_loss(
     task: str, outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor | None
 ) -> torch.Tensor:
     """The plain training loss of a task: CE, BCE with logits, or 1 - cosine to the reference vectors. Pure."""
+    if task == "embedding":
+        if reference is None:
+            raise ValueError("the embedding loss needs the reference vectors")
+        return 1.0 - F.cosine_similarity(outputs, reference, dim=-1).mean()
+    if task not in ("classification", "binary"):
+        raise ValueError(f"unknown task {task!r}")
+    if labels is None:
+        raise ValueError(f"the {task} loss needs the dataset's labels")
     if task == "classification":
         return F.cross_entropy(outputs, labels)
-    if task == "binary":
-        return F.binary_cross_entropy_with_logits(outputs.reshape(-1), labels.reshape(-1).to(outputs.dtype))
-    if task == "embedding":
-        return 1.0 - F.cosine_similarity(outputs, reference, dim=-1).mean()
-    raise ValueError(f"unknown task {task!r}")
+    return F.binary_cross_entropy_with_logits(outputs.reshape(-1), labels.reshape(-1).to(outputs.dtype))
 
 
 def evaluate_distillation_loss(
@@ -98,7 +102,7 @@ def apply_training(
                 if not math.isfinite(value):
                     raise ValueError(f"{label}: the loss became {value} at epoch {epoch}; lower the lr")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
                 optimizer.step()
                 running += value
                 batches += 1

@@ -56,7 +56,7 @@ _FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64", "BF16"})
 
 
 class ServableModel(Protocol):
-    """What the server needs of a loaded model (artifacts.LoadedModel satisfies it)."""
+    """What the server needs of a loaded model (artifacts.store.LoadedModel satisfies it)."""
 
     @property
     def module(self) -> torch.nn.Module: ...

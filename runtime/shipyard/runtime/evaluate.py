@@ -20,7 +20,7 @@ import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -139,14 +139,6 @@ def evaluate_metrics(
     task: str, outputs: torch.Tensor, labels: torch.Tensor | None, reference: torch.Tensor | None = None
 ) -> dict[str, float]:
     """All metrics of a task for a model's outputs (reference = the source model's outputs). Pure."""
-    if task == "classification":
-        return {"accuracy": evaluate_accuracy(outputs, labels)}
-    if task == "binary":
-        logits = outputs.reshape(-1)
-        return {
-            "auc": evaluate_auc(logits, labels),
-            "accuracy": float(((logits > 0).to(labels.dtype) == labels).to(torch.float64).mean()),
-        }
     if task == "embedding":
         if reference is None:
             raise ValueError("embedding metrics need the source model's outputs")
@@ -154,14 +146,24 @@ def evaluate_metrics(
             "cosine": evaluate_cosine(outputs, reference),
             "nn_agreement": evaluate_nn_agreement(outputs, reference),
         }
-    raise ValueError(f"unknown task {task!r}")
+    if task not in ("classification", "binary"):
+        raise ValueError(f"unknown task {task!r}")
+    if labels is None:
+        raise ValueError(f"{task} metrics need the dataset's labels")
+    if task == "classification":
+        return {"accuracy": evaluate_accuracy(outputs, labels)}
+    logits = outputs.reshape(-1)
+    return {
+        "auc": evaluate_auc(logits, labels),
+        "accuracy": float(((logits > 0).to(labels.dtype) == labels).to(torch.float64).mean()),
+    }
 
 
 def _forward(module: Any, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     out = module(*inputs)
     if isinstance(out, (tuple, list)):
         out = out[0]
-    return out
+    return cast(torch.Tensor, out)  # the model is any callable: its output is declared, not checked
 
 
 def query_outputs(module: Any, inputs: Sequence[torch.Tensor], *, batch_size: int = 256) -> torch.Tensor:

@@ -6,7 +6,9 @@ batch it joined has run). Responses go out in request order (pipelining-safe), k
 bodies over the limit get a 413 before they are read, oversized headers a 431, garbage a 400.
 
 The application object passed in implements `handle(conn, request)` and `observe_rejected(request,
-status)`; it owns the set `connections` and the flag `closing` (set while draining).
+status)`. Connection housekeeping is this layer's too (`Connections`, one per server): connections idle longer
+than the keep-alive timeout are closed, a request the client stopped sending half-way gets a 408, and on drain
+every connection closes once it has answered what it received.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import httptools
@@ -59,9 +62,6 @@ def build_response_head(status: int, length: int, content_type: bytes, close: bo
 
 
 class Application(Protocol):
-    connections: set[Connection]
-    closing: bool
-
     def handle(self, conn: Connection, request: Request) -> None: ...
 
     def observe_rejected(self, request: Request, status: int) -> None: ...
@@ -98,8 +98,9 @@ class Request:
 class Connection(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, app: Application, max_body_bytes: int) -> None:
+    def __init__(self, app: Application, connections: Connections, max_body_bytes: int) -> None:
         self.app = app
+        self.connections = connections
         self.max_body_bytes = max_body_bytes
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
@@ -116,12 +117,12 @@ class Connection(asyncio.Protocol):
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.app.connections.add(self)
+        self.connections.open.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._pending.clear()
-        self.app.connections.discard(self)
+        self.connections.open.discard(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -215,7 +216,7 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return
         pending = self._pending
-        close = not request.keep_alive or (self.app.closing and pending and pending[-1] is request)
+        close = not request.keep_alive or (self.connections.closing and pending and pending[-1] is request)
         request.close_after = bool(close)
         head = build_response_head(status, len(body), content_type, bool(close), extra)
         # A response to HEAD has no body (RFC 9110 9.3.2): sent anyway, it would be read as the next response.
@@ -238,7 +239,7 @@ class Connection(asyncio.Protocol):
         if self._paused and len(pending) < MAX_PIPELINED // 2 and transport is not None:
             self._paused = False
             transport.resume_reading()
-        if self.app.closing and not pending and self._current is None:
+        if self.connections.closing and not pending and self._current is None:
             self._close()
 
     def _reject(self, status: int, message: str) -> None:
@@ -281,3 +282,77 @@ class Connection(asyncio.Protocol):
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+class Connections:
+    """A server's open connections and their housekeeping; everything runs on the event loop.
+
+    `start` begins the idle sweep: a connection with nothing received or written for the keep-alive timeout is
+    closed when idle, and answered 408 and closed when it holds half a request (slow or stuck clients must not hold
+    connections forever). On drain, `begin_close` makes each connection close once it has answered what it received
+    (`connection: close` on its last response), `wait_closed` waits for that, and `close_all` ends the rest.
+    """
+
+    def __init__(self, keep_alive_timeout_s: float) -> None:
+        self.keep_alive_timeout_s = keep_alive_timeout_s
+        self.open: set[Connection] = set()
+        self.closing = False  # draining: connections close once answered
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._sweep_interval = min(1.0, self.keep_alive_timeout_s / 4)
+        self._sweeper = loop.call_later(self._sweep_interval, self._sweep)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self._loop = None
+
+    def _sweep(self) -> None:
+        self.sweep_idle(time.monotonic())
+        if self._loop is not None:
+            self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep)
+
+    def sweep_idle(self, now: float) -> None:
+        """Close the connections quiet for the keep-alive timeout (`now` is `time.monotonic()`); 408 to stalled ones."""
+        idle_before = now - self.keep_alive_timeout_s
+        for conn in [c for c in self.open if c.last_active < idle_before]:
+            if conn.idle:
+                conn.close_if_idle()
+            elif conn.stalled:  # half a request, then nothing for as long: 408 and close
+                conn.reject_stalled()
+
+    @property
+    def busy(self) -> int:
+        """Connections with a request in progress (being received, or waiting for its answer)."""
+        return sum(0 if conn.idle else 1 for conn in self.open)
+
+    @property
+    def idle(self) -> bool:
+        return all(conn.idle for conn in self.open)
+
+    def close_idle(self) -> None:
+        for conn in list(self.open):
+            conn.close_if_idle()
+
+    def begin_close(self) -> None:
+        """Drain (the listening socket is closed): idle connections close now, the others once they have answered."""
+        self.closing = True
+        self.close_idle()
+
+    async def wait_closed(self, deadline: float, busy: Callable[[], bool]) -> None:
+        """Until `deadline` (`time.monotonic()`): once `busy()` (the application still owes answers) turns false,
+        close the connections as they turn idle, and return when all are."""
+        while time.monotonic() < deadline:
+            if not busy():
+                self.close_idle()
+                if self.idle:
+                    return
+            await asyncio.sleep(0.01)
+
+    def close_all(self) -> None:
+        """End of the drain: close every connection, whatever it still holds."""
+        for conn in list(self.open):
+            conn._close()

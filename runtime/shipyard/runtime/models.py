@@ -56,7 +56,8 @@ class DigitsCNN(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = self.pool(torch.relu(self.bn2(self.conv2(x))))
         x = torch.flatten(x, 1)
-        return self.fc2(torch.relu(self.fc1(x)))
+        logits: torch.Tensor = self.fc2(torch.relu(self.fc1(x)))  # nn.Module.__call__ is typed Any
+        return logits
 
 
 def build_digits_cnn(channels: Sequence[int] = (16, 32), hidden: int = 64, num_classes: int = 10) -> nn.Module:
@@ -81,11 +82,12 @@ class TwoTower(nn.Module):
             nn.init.normal_(table.weight, std=0.1)
 
     def forward(self, user_ids: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
-        users = self.user_embedding(user_ids)
-        items = self.item_embedding(item_ids)
+        users: torch.Tensor = self.user_embedding(user_ids)  # nn.Module.__call__ is typed Any
+        items: torch.Tensor = self.item_embedding(item_ids)
         users = users + self.user_tower(users)
         items = items + self.item_tower(items)
-        return (users * items).sum(dim=-1, keepdim=True) + self.item_bias(item_ids)
+        bias: torch.Tensor = self.item_bias(item_ids)
+        return (users * items).sum(dim=-1, keepdim=True) + bias
 
 
 def build_recsys_two_tower(num_users: int = 2000, num_items: int = 500, dim: int = 64, hidden: int = 64) -> nn.Module:

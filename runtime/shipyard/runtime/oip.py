@@ -134,7 +134,7 @@ _MISSING = object()
 
 
 class TensorSpecLike(Protocol):
-    """What the server needs of a declared input or output (artifacts.TensorSpec satisfies it)."""
+    """What the server needs of a declared input or output (artifacts.manifests.TensorSpec satisfies it)."""
 
     @property
     def name(self) -> str: ...

@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
+
+from shipyard.runtime.artifacts import eager
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PASS_MODULES = (
@@ -89,7 +91,7 @@ class StructuredPlan:
 
 def build_unit_scores(weight: torch.Tensor, norm: int) -> torch.Tensor:
     """Ln norm of each output unit's weights (rows of a Linear, filters of a Conv). Pure."""
-    return weight.detach().flatten(1).norm(p=norm, dim=1)
+    return cast(torch.Tensor, weight.detach().flatten(1).norm(p=norm, dim=1))  # Tensor.norm is typed Any
 
 
 def build_keep_indices(scores: torch.Tensor, amount: float) -> tuple[int, ...]:
@@ -122,12 +124,12 @@ def _trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Any:
 def _is_flatten(node: Any) -> bool:
     if node.op == "call_function" and node.target is torch.flatten:
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        return start == 1
+        return bool(start == 1)
     if node.op == "call_method" and node.target == "flatten":
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        return start == 1
+        return bool(start == 1)
     if node.op == "call_module" and isinstance(node.graph.owning_module.get_submodule(node.target), nn.Flatten):
-        module = node.graph.owning_module.get_submodule(node.target)
+        module: nn.Flatten = node.graph.owning_module.get_submodule(node.target)
         return module.start_dim == 1 and module.end_dim == -1
     return False
 
@@ -205,13 +207,9 @@ def plan_structured_prune(
     return plans
 
 
-def _set_submodule(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _rebuild_layer(old: nn.Module, out_keep: torch.Tensor | None, in_keep: torch.Tensor | None) -> nn.Module:
+    if not isinstance(old, PRUNABLE):  # the plan only names Linear/Conv producers and consumers
+        raise PruneError(f"layer {type(old).__name__} cannot be rebuilt smaller (only Linear and Conv)")
     weight = old.weight.detach()
     bias = old.bias.detach() if old.bias is not None else None
     if out_keep is not None:
@@ -219,30 +217,25 @@ def _rebuild_layer(old: nn.Module, out_keep: torch.Tensor | None, in_keep: torch
         bias = bias[out_keep] if bias is not None else None
     if in_keep is not None:
         weight = weight[:, in_keep]
+    # The layer the artifact's `structure` record rebuilds on load (same builder): new sizes, all else as `old`.
+    record = eager.build_structure_record(old)
     if isinstance(old, nn.Linear):
-        new: nn.Module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
+        record.update(in_features=weight.shape[1], out_features=weight.shape[0])
     else:
-        new = type(old)(
-            weight.shape[1],
-            weight.shape[0],
-            old.kernel_size,
-            stride=old.stride,
-            padding=old.padding,
-            dilation=old.dilation,
-            groups=1,
-            bias=bias is not None,
-            padding_mode=old.padding_mode,
-            dtype=weight.dtype,
-        )
+        record.update(in_channels=weight.shape[1], out_channels=weight.shape[0])
+    new: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d = eager.build_resized_layer(old, record)
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:
+            assert new.bias is not None  # built with a bias, as `old`
             new.bias.copy_(bias)
     new.train(old.training)
     return new
 
 
 def _rebuild_norm(old: nn.Module, keep: torch.Tensor) -> nn.Module:
+    if not isinstance(old, _NORM_MODULES):  # the plan only names batch norms as norm dependents
+        raise PruneError(f"layer {type(old).__name__} cannot be rebuilt smaller (only BatchNorm1d/2d)")
     new = type(old)(
         len(keep), eps=old.eps, momentum=old.momentum, affine=old.affine, track_running_stats=old.track_running_stats
     )
@@ -250,7 +243,9 @@ def _rebuild_norm(old: nn.Module, keep: torch.Tensor) -> nn.Module:
         if old.affine:
             new.weight.copy_(old.weight.detach()[keep])
             new.bias.copy_(old.bias.detach()[keep])
-        if old.track_running_stats:
+        if old.track_running_stats:  # then both have the running buffers (typed Optional)
+            assert old.running_mean is not None and old.running_var is not None and old.num_batches_tracked is not None
+            assert new.running_mean is not None and new.running_var is not None and new.num_batches_tracked is not None
             new.running_mean.copy_(old.running_mean[keep])
             new.running_var.copy_(old.running_var[keep])
             new.num_batches_tracked.copy_(old.num_batches_tracked)
@@ -276,9 +271,9 @@ def apply_structured_prune(model: nn.Module, plans: Sequence[StructuredPlan]) ->
                 in_keep[dep.fqn] = columns
     for fqn in sorted(set(out_keep) | set(in_keep)):
         old = model.get_submodule(fqn)
-        _set_submodule(model, fqn, _rebuild_layer(old, out_keep.get(fqn), in_keep.get(fqn)))
+        eager.apply_submodule(model, fqn, _rebuild_layer(old, out_keep.get(fqn), in_keep.get(fqn)))
     for fqn, keep in norm_keep.items():
-        _set_submodule(model, fqn, _rebuild_norm(model.get_submodule(fqn), keep))
+        eager.apply_submodule(model, fqn, _rebuild_norm(model.get_submodule(fqn), keep))
     return {plan.fqn: [plan.units, len(plan.keep)] for plan in plans}
 
 
@@ -310,7 +305,7 @@ def apply_prune_removal(parameters: Sequence[tuple[nn.Module, str]]) -> None:
 
     for module, name in parameters:
         if prune.is_pruned(module):
-            prune.remove(module, name)
+            prune.remove(module, name)  # type: ignore[no-untyped-call]  # torch leaves prune.remove unannotated
 
 
 def evaluate_sparsity(model: nn.Module) -> float:

@@ -1,7 +1,7 @@
 """Quantization schemes: names -> torchao 0.18 `quantize_` configurations, and applying them to a module.
 
 The scheme table is pure data; `apply_quantization` mutates a module in place (no file or network I/O).
-The artifact loader (`shipyard.runtime.artifacts`) uses the same table to rebuild quantized layouts, so a
+The artifact loader (`shipyard.runtime.artifacts.store`) uses the same table to rebuild quantized layouts, so a
 scheme name recorded in a manifest always means the same torchao configuration.
 
 Supported schemes:

@@ -34,7 +34,7 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -309,7 +309,11 @@ def _build_distill(raw: Any, path: str, problems: list[str]) -> DistillStep:
     )
 
 
-_STEP_BUILDERS = {"prune": _build_prune, "quantize": _build_quantize, "distill": _build_distill}
+_STEP_BUILDERS: dict[str, Callable[[Any, str, list[str]], Step]] = {
+    "prune": _build_prune,
+    "quantize": _build_quantize,
+    "distill": _build_distill,
+}
 
 
 def _build_steps(raw: Any, problems: list[str]) -> tuple[Step, ...]:

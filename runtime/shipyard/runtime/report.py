@@ -21,7 +21,9 @@ def build_bytes_text(size: float) -> str:
     return f"{value:.2f} GiB"
 
 
-def build_latency_section(before: Mapping[int, Mapping[str, float]], after: Mapping[int, Mapping[str, float]]) -> dict:
+def build_latency_section(
+    before: Mapping[int, Mapping[str, float]], after: Mapping[int, Mapping[str, float]]
+) -> dict[str, Any]:
     """Latency before/after per batch size, with the speedup of the p50 (before / after). Pure."""
     section: dict[str, Any] = {"before": {}, "after": {}, "speedupP50": {}}
     for batch, stats in before.items():

@@ -1,0 +1,331 @@
+"""The inference server's endpoints: routing a request to one, and the App that answers it.
+
+`plan_route` is pure (path -> route template and kind). `App` holds the serving state of one model (loading,
+serving, draining; readiness) and runs on the event loop: it answers health, metadata and metrics requests at
+once, submits inference requests to the batcher and answers them when their batch is done, applies fault
+injection, answers 504 past the per-request timeout, and counts every request in the metrics. No socket I/O of
+its own: it answers through `httpproto.Connection.respond`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import orjson
+import prometheus_client
+
+from shipyard import contract
+from shipyard.runtime import batching, faults, httpproto, metrics, oip
+from shipyard.runtime.server import settings
+
+log = logging.getLogger("shipyard.runtime.server")
+
+SERVER_NAME = "shipyard"
+SERVER_VERSION = "0.1.0"
+RETRY_AFTER = b"retry-after: 1\r\n"
+
+# Route kinds and the methods they accept.
+LIVE, READY, SERVER_META, MODEL_META, MODEL_READY, INFER, METRICS, UNMATCHED = (
+    "live",
+    "ready",
+    "server_meta",
+    "model_meta",
+    "model_ready",
+    "infer",
+    "metrics",
+    "unmatched",
+)
+ALLOWED_METHODS = {
+    LIVE: ("GET",),
+    READY: ("GET",),
+    SERVER_META: ("GET",),
+    MODEL_META: ("GET",),
+    MODEL_READY: ("GET",),
+    INFER: ("POST",),
+    METRICS: ("GET",),
+}
+_STATIC_ROUTES = {
+    contract.PATH_LIVE: (contract.PATH_LIVE, LIVE),
+    contract.PATH_READY: (contract.PATH_READY, READY),
+    contract.PATH_METRICS: (contract.PATH_METRICS, METRICS),
+    "/v2": ("/v2", SERVER_META),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    template: str  # the label for http_request_duration_seconds: never the raw path
+    kind: str
+    model: str | None = None
+    version: str | None = None
+
+
+def plan_route(path: str) -> Route:
+    """Match a request path (without query) to an endpoint (pure)."""
+    static = _STATIC_ROUTES.get(path) or _STATIC_ROUTES.get(path.rstrip("/") or "/")
+    if static is not None:
+        return Route(static[0], static[1])
+    if path.startswith("/v2/models/"):
+        parts = path[len("/v2/models/") :].split("/")
+        if parts and parts[-1] == "":
+            parts.pop()
+        if parts and parts[0]:
+            name = unquote(parts[0])
+            rest = parts[1:]
+            version = None
+            prefix = "/v2/models/{name}"
+            if len(rest) >= 2 and rest[0] == "versions" and rest[1]:
+                version = unquote(rest[1])
+                rest = rest[2:]
+                prefix += "/versions/{version}"
+            if not rest:
+                return Route(prefix, MODEL_META, name, version)
+            if rest == ["ready"]:
+                return Route(prefix + "/ready", MODEL_READY, name, version)
+            if rest == ["infer"]:
+                return Route(prefix + "/infer", INFER, name, version)
+    return Route(UNMATCHED, UNMATCHED)
+
+
+LOADING, SERVING, DRAINING = "loading", "serving", "draining"
+_ROUTE_CACHE_SIZE = 256
+
+
+class InferContext:
+    """Per-inference-request state carried through the batcher (the job's context)."""
+
+    __slots__ = ("conn", "request", "template")
+
+    def __init__(self, conn: httpproto.Connection, request: httpproto.Request, template: str) -> None:
+        self.conn = conn
+        self.request = request
+        self.template = template
+
+
+class App:
+    """Request handling and server state for one model (everything runs on one event loop)."""
+
+    def __init__(self, config: settings.ServerConfig, server_metrics: metrics.ServerMetrics) -> None:
+        self.config = config
+        self.metrics = server_metrics
+        self.model_name = config.model_name
+        self.model_version = config.model_version
+        self.faults = faults.FaultInjector(
+            faults.build_fault_config(config.fault_error_rate, config.fault_extra_latency_ms, config.fault_seed)
+        )
+        self.state = LOADING
+        self.ready = False
+        self.not_ready_reason = "the model is loading"
+        self.inputs: list[oip.TensorSpecLike] = []
+        self.outputs: list[oip.TensorSpecLike] = []
+        self.batcher: batching.Batcher | None = None
+        self.inflight_infer = 0
+        self._inflight_jobs: dict[batching.Job, None] = {}  # insertion (= arrival) order, for timeouts
+        self._routes: dict[bytes, Route] = {}
+        self._metadata_body = b""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    # -- lifecycle
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        interval = min(0.1, self.config.request_timeout_s / 10)
+        self._sweep_interval = interval
+        self._sweeper = loop.call_later(interval, self._sweep_timeouts)
+
+    def set_serving(
+        self,
+        inputs: Sequence[oip.TensorSpecLike],
+        outputs: Sequence[oip.TensorSpecLike],
+        batcher: batching.Batcher,
+    ) -> None:
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.batcher = batcher
+        self._metadata_body = orjson.dumps(
+            oip.build_model_metadata(self.model_name, self.model_version, self.inputs, self.outputs)
+        )
+        self.state = SERVING
+        self.ready = True
+        self.metrics.model_ready.set(1)
+
+    def set_draining(self) -> None:
+        self.state = DRAINING if self.batcher is not None else self.state
+        self.ready = False
+        self.not_ready_reason = "the server is shutting down"
+        self.metrics.model_ready.set(0)
+
+    def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    # -- httpproto.Application
+    def observe_rejected(self, request: httpproto.Request, status: int) -> None:
+        """Count a request refused before it was read whole (413, 431, 400 malformed HTTP)."""
+        elapsed = time.perf_counter() - request.started
+        route = plan_route(request.path.decode("utf-8", "replace")) if request.url else Route(UNMATCHED, UNMATCHED)
+        if route.kind == INFER:
+            self.metrics.observe_request(status, elapsed)
+        self.metrics.observe_http(request.method, route.template, status, elapsed)
+
+    def handle(self, conn: httpproto.Connection, request: httpproto.Request) -> None:
+        url = request.url
+        route = self._routes.get(url)
+        if route is None:
+            path = request.path.decode("utf-8", "replace")
+            route = plan_route(path)
+            if route.kind != UNMATCHED and len(self._routes) < _ROUTE_CACHE_SIZE:
+                self._routes[url] = route
+        kind = route.kind
+        if kind == INFER and request.method == "POST":
+            self._infer(conn, request, route)
+            return
+        try:
+            if kind == UNMATCHED:
+                raise oip.RouteNotFound(f"no endpoint at {request.path.decode('utf-8', 'replace')}")
+            allowed = ALLOWED_METHODS[kind]
+            if request.method not in allowed:
+                raise oip.MethodNotAllowed(f"{request.method} is not allowed here; use {', '.join(allowed)}")
+            if kind == INFER:  # counted as an inference request too
+                raise oip.MethodNotAllowed("POST is the method of the infer endpoint")
+            status, body, content_type = self._read_endpoint(kind, route)
+        except oip.ServingError as error:
+            status = oip.build_error_status(error)
+            body, content_type = oip.build_error_body(str(error)), httpproto.JSON
+            if kind == INFER:
+                self.metrics.observe_request(status, time.perf_counter() - request.started)
+        except Exception as error:  # a bug: 500, and the server goes on
+            log.exception("Failed to answer %s %s", request.method, route.template)
+            status, content_type = 500, httpproto.JSON
+            body = oip.build_error_body(f"internal server error: {type(error).__name__}")
+        extra = b"allow: %s\r\n" % ", ".join(ALLOWED_METHODS[kind]).encode() if status == 405 else b""
+        self.metrics.observe_http(request.method, route.template, status, time.perf_counter() - request.started)
+        conn.respond(request, status, body, content_type, extra)
+
+    def _read_endpoint(self, kind: str, route: Route) -> tuple[int, bytes, bytes]:
+        if kind == LIVE:
+            return 200, b'{"live":true}', httpproto.JSON
+        if kind == READY:
+            if self.ready:
+                return 200, b'{"ready":true}', httpproto.JSON
+            return 503, orjson.dumps({"ready": False, "error": self.not_ready_reason}), httpproto.JSON
+        if kind == METRICS:
+            return 200, self.metrics.build_exposition(), prometheus_client.CONTENT_TYPE_LATEST.encode()
+        if kind == SERVER_META:
+            document = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
+            return 200, orjson.dumps(document), httpproto.JSON
+        self._check_model(route)
+        if kind == MODEL_READY:
+            if self.ready:
+                return 200, orjson.dumps({"name": self.model_name, "ready": True}), httpproto.JSON
+            body = {"name": self.model_name, "ready": False, "error": self.not_ready_reason}
+            return 503, orjson.dumps(body), httpproto.JSON
+        # MODEL_META
+        if self.batcher is None:
+            raise oip.NotReady(self.not_ready_reason)
+        return 200, self._metadata_body, httpproto.JSON
+
+    def _check_model(self, route: Route) -> None:
+        if route.model != self.model_name:
+            raise oip.ModelNotFound(f"unknown model {route.model!r}; this server serves {self.model_name!r}")
+        if route.version is not None and route.version != self.model_version:
+            raise oip.ModelNotFound(
+                f"unknown version {route.version!r} of model {route.model!r}; served: {self.model_version!r}"
+            )
+
+    # -- inference
+    def _infer(self, conn: httpproto.Connection, request: httpproto.Request, route: Route) -> None:
+        self.inflight_infer += 1
+        self.metrics.inflight.inc()
+        context = InferContext(conn, request, route.template)
+        try:
+            self._check_model(route)
+            batcher = self.batcher
+            if batcher is None:
+                raise oip.NotReady(self.not_ready_reason)
+            parsed = oip.build_infer_request(request.body, self.inputs, self.outputs)
+            if self.faults.should_fail():
+                raise oip.InjectedFault("injected fault (fault injection is on)")
+            job = batching.Job(parsed, context)
+            batcher.submit(job)
+        except oip.ServingError as error:
+            self._finish(context, oip.build_error_status(error), oip.build_error_body(str(error)))
+            return
+        except Exception as error:  # a bug, not the client's fault: 500, and the server goes on
+            log.exception("Failed to handle an inference request")
+            self._finish(context, 500, oip.build_error_body(f"internal server error: {type(error).__name__}"))
+            return
+        self._inflight_jobs[job] = None
+
+    def on_result(self, job: batching.Job, result: batching.JobResult) -> None:
+        """Batcher callback: a job's outputs (or error) are in."""
+        self._inflight_jobs.pop(job, None)
+        context: InferContext = job.context
+        if isinstance(result, list):
+            try:
+                body = oip.build_infer_response(
+                    self.model_name,
+                    self.model_version,
+                    job.request.request_id,
+                    self.outputs,
+                    result,
+                    job.request.output_indices,
+                )
+            except Exception as error:  # e.g. an output orjson cannot encode: this request fails, not its batch
+                log.exception("Failed to encode an inference response")
+                self._finish(context, 500, oip.build_error_body(f"could not encode the outputs: {error}"))
+                return
+            self._finish(context, 200, body)
+        else:
+            failure = result if isinstance(result, BaseException) else oip.ModelFailure("no result")
+            self._finish(context, oip.build_error_status(failure), oip.build_error_body(str(failure)))
+
+    def on_batch_started(self, jobs: list[batching.Job], rows: int, now: float) -> None:
+        self.metrics.observe_batch(rows, [now - job.enqueued_at for job in jobs])
+
+    def _finish(self, context: InferContext, status: int, body: bytes) -> None:
+        delay = self.faults.config.extra_latency_s
+        if delay > 0 and self._loop is not None:
+            self._loop.call_later(delay, self._send, context, status, body)
+        else:
+            self._send(context, status, body)
+
+    def _send(self, context: InferContext, status: int, body: bytes) -> None:
+        request = context.request
+        elapsed = time.perf_counter() - request.started
+        self.metrics.observe_request(status, elapsed)
+        self.metrics.observe_http(request.method, context.template, status, elapsed)
+        self.metrics.inflight.dec()
+        self.inflight_infer -= 1
+        # 503 = overloaded or not ready: tell clients (and retrying proxies) when to come back.
+        context.conn.respond(request, status, body, httpproto.JSON, RETRY_AFTER if status == 503 else b"")
+
+    def _sweep_timeouts(self) -> None:
+        """Answer 504 to inference requests older than the per-request timeout (arrival = deadline order)."""
+        limit = time.perf_counter() - self.config.request_timeout_s
+        expired = []
+        for job in self._inflight_jobs:
+            if job.context.request.started > limit:
+                break
+            expired.append(job)
+        for job in expired:
+            del self._inflight_jobs[job]
+            if self.batcher is not None:
+                self.batcher.cancel(job)
+            error = oip.RequestTimeout(f"no answer within {self.config.request_timeout_s:g} s")
+            self._finish(job.context, 504, oip.build_error_body(str(error)))
+        if self._loop is not None:
+            self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep_timeouts)
+
+    def fail_remaining(self, message: str) -> None:
+        """At the end of a drain that ran out of time: answer what is still queued or running with 503."""
+        for job in list(self._inflight_jobs):
+            del self._inflight_jobs[job]
+            if self.batcher is not None:
+                self.batcher.cancel(job)
+            self._send(job.context, 503, oip.build_error_body(message))
