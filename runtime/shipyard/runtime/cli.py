@@ -1,4 +1,5 @@
-"""The `shipyard-runtime` command: dispatches to `compress` (the compression Job) and `serve` (the inference server).
+"""The `shipyard-runtime` command: dispatches to `compress` (the compression Job), `serve` (the inference server)
+and `evaluate` (scores a live endpoint: the `job` analysis provider).
 
 Each subcommand's module is imported only when that subcommand runs, so `--help` stays fast and torch is
 loaded only by the command that needs it.
@@ -12,6 +13,7 @@ import sys
 SUBCOMMANDS = {
     "compress": ("shipyard.runtime.compress", "Compress a model (prune, quantize, distill) behind an accuracy gate."),
     "serve": ("shipyard.runtime.server.lifecycle", "Serve a model over the Open Inference Protocol v2 (REST)."),
+    "evaluate": ("shipyard.runtime.liveeval", "Score a live OIP v2 endpoint with a gate dataset (analysis Job)."),
 }
 
 
