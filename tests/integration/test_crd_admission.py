@@ -82,6 +82,10 @@ VALID_VARIANTS = [
     pytest.param(["spec", "rollout", "steps"], [], id="no-steps"),
     pytest.param(["spec", "compression", "compiled"], {"aotInductor": True, "maxBatchSize": 32, "maxAutotune": True},
                  id="compiled-package-max-batch-equal-to-serving"),
+    pytest.param(["spec", "compression", "compiled"], {"mode": "off", "maxBatchSize": 16},
+                 id="mode-off-any-serving-batch"),
+    pytest.param(["spec", "compression", "compiled"], {"mode": "auto", "maxBatchSize": 16},
+                 id="mode-auto-serves-eager-above-the-package-batch"),
 ]
 
 
@@ -112,7 +116,7 @@ def test_defaults_are_applied_and_read_back(cluster: Any, namespace: str) -> Non
         "image": "registry.example/shipyard/digits-model:1.0.0",
         "model": {"path": "/models/digits"},
         "compression": {
-            "steps": [{"prune": {"amount": 0.5, "scope": "global", "fineTuneEpochs": 0}},
+            "steps": [{"prune": {"amount": 0.5, "scope": "global", "fineTuneEpochs": 0, "lr": 0.001, "batchSize": 64}},
                       {"distill": {"student": "m:f", "temperature": 4, "alpha": 0.5, "epochs": 10, "lr": 0.001,
                                    "batchSize": 64}}],
             "evaluation": {"dataset": "builtin:digits", "maxRelativeAccuracyLoss": 0.01, "samples": 1000},
@@ -173,6 +177,14 @@ INVALID = [
     pytest.param(["spec", "compression", "compiled"], {"aotInductor": True, "maxBatchSize": 16},
                  "spec.serving.batching.maxBatchSize", "must not exceed spec.compression.compiled.maxBatchSize",
                  id="serving-batch-over-compiled-package"),
+    pytest.param(["spec", "compression", "compiled"], {"mode": "on", "maxBatchSize": 16},
+                 "spec.serving.batching.maxBatchSize",
+                 "with compiled.mode on: the pods must serve the compiled package",
+                 id="serving-batch-over-a-required-package"),
+    pytest.param(["spec", "compression", "compiled"], {"mode": "maybe"}, "spec.compression.compiled.mode",
+                 'Unsupported value: "maybe"', id="compiled-mode-unknown"),
+    pytest.param(["spec", "compression", "compiled"], {"mode": "off", "aotInductor": True},
+                 "spec.compression.compiled.aotInductor", "cannot be true with mode off", id="aot-inductor-mode-off"),
     pytest.param(["spec", "rollout", "steps"], [{"weight": 50}, {"weight": 25}], "spec.rollout.steps",
                  "weights must be strictly increasing", id="weights-decreasing"),
     pytest.param(["spec", "rollout", "steps"], [{"weight": 25}, {"weight": 25}], "spec.rollout.steps",
@@ -190,11 +202,15 @@ INVALID = [
     pytest.param(["spec", "rollout", "analysis", "noData"], "Pass", "spec.rollout.analysis.noData",
                  'Unsupported value: "Pass"', id="no-data-policy"),
     pytest.param(["spec", "rollout", "analysis", "metrics", 0, "prometheus"], {"query": "up"},
-                 "spec.rollout.analysis.metrics[0]", "must set only one provider", id="metric-two-providers"),
+                 "spec.rollout.analysis.metrics[0]", "must set only one of builtin, prometheus, scrape, web, job",
+                 id="metric-two-providers"),
     pytest.param(["spec", "rollout", "analysis", "metrics", 0, "builtin"], DELETE,
-                 "spec.rollout.analysis.metrics[0]", "must set one provider", id="metric-no-provider"),
+                 "spec.rollout.analysis.metrics[0]", "must set one of builtin, prometheus, scrape, web, job",
+                 id="metric-no-provider"),
     pytest.param(["spec", "rollout", "analysis", "metrics", 0, "max"], DELETE,
-                 "spec.rollout.analysis.metrics[0]", "must set a threshold", id="metric-no-threshold"),
+                 "spec.rollout.analysis.metrics[0]",
+                 "must set a threshold (max, min or maxRelativeToStable), unless it is a job metric",
+                 id="metric-no-threshold"),
     pytest.param(["spec", "rollout", "analysis", "metrics", 1, "name"], "error-rate",
                  "spec.rollout.analysis.metrics", 'duplicate entries for key [name="error-rate"]',
                  id="metric-duplicate-names"),
@@ -240,6 +256,31 @@ INVALID = [
     pytest.param(["spec", "serving", "gpus"], 1, ".spec.serving.gpus", "field not declared in schema",
                  id="unknown-nested-field"),
 ]
+
+
+@pytest.mark.parametrize(("mutations", "message"), [
+    pytest.param([(["spec", "compression", "steps", 2, "quantize", "scheme"], "fp8")],
+                 "mode on needs a CPU package, and fp8 and int4-weight-only quantize for CUDA",
+                 id="mode-on-after-a-cuda-scheme"),
+    pytest.param([(["spec", "serving", "resources"], {"limits": {"nvidia.com/gpu": 1}})],
+                 "GPU inference pods (spec.serving.resources nvidia.com/gpu) cannot serve it",
+                 id="mode-on-with-gpu-pods"),
+])
+def test_a_required_package_needs_cpu_pods_and_a_cpu_model(cluster: Any, namespace: str,
+                                                           mutations: list[tuple[list[str | int], object]],
+                                                           message: str) -> None:
+    """compiled.mode on: the package is CPU code of a float32 graph; each rule is also fine with mode auto."""
+    for mode, refused in (("on", True), ("auto", False)):
+        body = mutate(digits(), ["spec", "compression", "compiled"], {"mode": mode})
+        for path, value in mutations:
+            body = mutate(body, path, value)
+        out = apply(cluster, namespace, body)
+        if refused:
+            assert out.returncode != 0 and "spec.compression.compiled:" in out.stderr, out.stderr
+            assert message in out.stderr, out.stderr
+        else:
+            assert out.returncode == 0, out.stderr
+            cluster.kubectl("delete", "modeldeployment", "digits", "-n", namespace, "--wait=true")
 
 
 @pytest.mark.parametrize(("path", "value", "field", "message"), INVALID)

@@ -49,21 +49,63 @@ def test_serving_pods_start_the_runtime_server_with_flags_and_env_it_accepts(pat
 
 
 WITH_COMPRESSION = [p for p in EXAMPLES if "compression" in load(p)["spec"]]
-COMPILED = {"aotInductor": True, "maxBatchSize": 256, "maxAutotune": True}
 
 
-@pytest.mark.parametrize(("path", "compiled"), [
-    *[pytest.param(p, None, id=p.stem) for p in WITH_COMPRESSION],
-    *[pytest.param(p, COMPILED, id=f"{p.stem}-compiled") for p in WITH_COMPRESSION],
+@pytest.mark.parametrize(("mode", "artifact", "env_value", "served"), [
+    pytest.param("auto", "/artifacts/ml/x/key", None, "auto", id="auto-is-the-servers-default-not-written"),
+    pytest.param("on", "/artifacts/ml/x/key", "on", "on", id="on-pins-the-package"),
+    pytest.param("off", "/artifacts/ml/x/key", "off", "off", id="off-pins-the-eager-model"),
+    pytest.param("off", None, None, "auto", id="no-artifact-no-pin"),
 ])
-def test_compression_jobs_run_a_config_the_runtime_accepts(path: Path, compiled: dict[str, Any] | None) -> None:
-    body = load(path)
-    if compiled is not None:
-        body["spec"]["compression"]["compiled"] = compiled
+def test_the_compiled_mode_reaches_the_server_as_its_pin(mode: str, artifact: str | None, env_value: str | None,
+                                                        served: str) -> None:
+    body = load(WITH_COMPRESSION[0])
+    body["spec"]["compression"]["compiled"] = {"mode": mode}
     md = spec_mod.parse_model_deployment(body)
-    assert md.spec.compression is not None
+    dep = planning.build_deployment(objects.build_meta(body), md, md.spec.version, md.spec.image, 2,
+                                    artifact_path=artifact)
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env.get(contract.ENV_COMPILED) == env_value
+    assert settings.build_config(container["command"][2:], env).compiled == served
+COMPILED = {"aotInductor": True, "maxBatchSize": 256, "maxAutotune": True}
+# Every recipe field set, none to its default, so that a field the operator drops or renames cannot pass unnoticed.
+FULL_RECIPE: dict[str, Any] = {
+    "steps": [
+        {"prune": {"amount": 0.7, "scope": "structured", "norm": 1, "fineTuneEpochs": 2, "lr": 0.005,
+                   "batchSize": 32}},
+        {"prune": {"amount": 0.5, "scope": "global", "fineTuneEpochs": 1, "lr": 0.02, "batchSize": 16}},
+        {"distill": {"student": "pkg.students:mlp", "studentKwargs": {"hidden": 16, "layers": [32, 16], "dropout": 0.1,
+                                                                      "act": "relu", "bias": False},
+                     "temperature": 2.5, "alpha": 0.7, "epochs": 3, "lr": 0.002, "batchSize": 128}},
+        {"quantize": {"scheme": "int8-dynamic"}},
+        {"quantize": {"scheme": "int8-embedding"}},
+    ],
+    "evaluation": {"dataset": "pkg.data:load", "maxRelativeAccuracyLoss": 0.02, "samples": 500,
+                   "maxRelativeLoss": {"accuracy": 0.03, "nn_agreement": 0.05}},
+    "compiled": {**COMPILED, "mode": "on"},
+}
+CUDA_RECIPE: dict[str, Any] = {
+    "steps": [{"quantize": {"scheme": "fp8"}}],
+    "resources": {"limits": {"nvidia.com/gpu": "1"}},
+}
+
+
+@pytest.mark.parametrize(("path", "recipe_fields"), [
+    *[pytest.param(p, None, id=p.stem) for p in WITH_COMPRESSION],
+    *[pytest.param(p, {"compiled": COMPILED}, id=f"{p.stem}-compiled") for p in WITH_COMPRESSION],
+    pytest.param(WITH_COMPRESSION[0], FULL_RECIPE, id="every-recipe-field"),
+    pytest.param(WITH_COMPRESSION[0], CUDA_RECIPE, id="cuda-scheme"),
+])
+def test_compression_jobs_run_a_config_the_runtime_accepts(path: Path, recipe_fields: dict[str, Any] | None) -> None:
+    body = load(path)
+    if recipe_fields is not None:
+        body["spec"]["compression"].update(recipe_fields)
+    md = spec_mod.parse_model_deployment(body)
+    compression = md.spec.compression
+    assert compression is not None
     meta = objects.build_meta(body)
-    key = objects.build_artifact_key(md.spec.image, spec_mod.build_recipe(md.spec.compression))
+    key = objects.build_artifact_key(md.spec.image, compression.build_recipe())
     config_map, job = objects.build_compression_objects(md, meta, md.spec.version, key)
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["command"][:2] == [contract.RUNTIME_COMMAND, contract.COMPRESS_SUBCOMMAND]
@@ -71,13 +113,36 @@ def test_compression_jobs_run_a_config_the_runtime_accepts(path: Path, compiled:
     config_path = container["command"][container["command"].index("--config") + 1]
     mount = next(m for m in container["volumeMounts"] if config_path.startswith(m["mountPath"]))
     assert config_path == f"{mount['mountPath']}/{contract.COMPRESSION_CONFIG_FILE}"
+    volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"]
+    # a read-only root filesystem, and TorchInductor compiles the package under /tmp: an emptyDir there
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert {"name": tmp["name"], "emptyDir": {}} in job["spec"]["template"]["spec"]["volumes"]
     document = yaml.safe_load(config_map["data"][contract.COMPRESSION_CONFIG_FILE])
-    config = recipe.build_config(document)
+    config = recipe.build_config(document)  # refuses unknown fields: a key the runtime does not know fails here
     assert str(config.output) == objects.build_artifact_path(meta, key)
     assert str(config.source) == md.spec.model.path
-    assert len(config.steps) == len(md.spec.compression.steps)
-    want = md.spec.compression.compiled
-    assert config.compiled.aot_inductor is want.aot_inductor is (compiled is not None)
-    if compiled is not None:  # the runtime builds the package the spec asked for
-        assert (config.compiled.max_batch_size, config.compiled.max_autotune) == (256, True)
-    assert container["terminationMessagePath"] == contract.TERMINATION_LOG
+    assert config.name == md.served_model_name
+    assert config.reuse_existing is True  # the operator's Jobs are retried; an artifact already there is reused
+    assert config.termination_log == container["terminationMessagePath"] == contract.TERMINATION_LOG
+    # the runtime runs the recipe the spec asked for, every field of it
+    assert list(config.steps) == list(compression.steps)
+    assert config.evaluation == compression.evaluation
+    assert config.compiled == compression.compiled
+    assert config.compiled.aot_inductor is (recipe_fields is not None and "compiled" in recipe_fields)
+    if recipe_fields is not None:  # what the user wrote reaches the runtime as written
+        for name in ("steps", "evaluation", "compiled"):
+            if name in recipe_fields:
+                written = getattr(config, name)
+                dumped = ([s.model_dump(mode="json", exclude_none=True) for s in written] if name == "steps" else
+                          written.model_dump(mode="json", exclude_none=True))
+                expected = {"mode": "auto", **recipe_fields[name]} if name == "compiled" else recipe_fields[name]
+                assert dumped == expected, name
+    # mode auto (the runtime's default) is left out of the file, so that runtime images from before the field
+    # accept the configs of recipes that do not set it
+    assert ("mode" in document["compiled"]) is (config.compiled.mode != "auto")
+    cuda = compression.needs_cuda
+    assert bool(recipe.assess_device(config.steps, cuda_available=False)) is cuda
+    assert recipe.assess_device(config.steps, cuda_available=True, compiled=config.compiled) == []
+    assert recipe.assess_device(config.steps, cuda_available=True) == []

@@ -1,6 +1,10 @@
-"""Unit tests of operator/spec.py: parsing, defaults (checked against the CRD's), every error path, the examples.
+"""Unit tests of the ModelDeployment's types (shipyard.operator.spec): the typed view of an object, its defaults
+(the same as the CRD's, which is generated from these types), what the operator checks itself (image references,
+step order, quantities), errors naming their field, the recipe that addresses artifacts, the examples, and the
+generated CRD (every field described and bounded, every rule with a message, no drift from the committed file).
 
-No I/O besides reading the CRD and the examples from the repository.
+What only the API server checks (CEL rules, integer vs string types) is not re-checked by the operator: those cases
+are in tests/integration/test_crd_admission.py and the hostile-spec generator. No I/O besides reading files.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shipyard.operator import spec
+from shipyard.contract import recipe
+from shipyard.operator import crd, spec
+from shipyard.operator.providers import prometheus, scrape
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "modeldeployments.shipyard.dev.yaml"
@@ -179,13 +185,12 @@ INVALID_IMAGES = [
     pytest.param("img@sha256:abc", "not a valid image reference", id="short-digest"),
     pytest.param("img@md5:" + "a" * 32, "not a valid image reference", id="other-digest-algorithm"),
     pytest.param("r.example/" + "a" * 510 + ":1", "not a valid image reference", id="longer-than-512"),
-    pytest.param("", "must be a non-empty image reference", id="empty"),
-    pytest.param(42, "must be a non-empty image reference", id="not-a-string"),
+    pytest.param("", "not a valid image reference", id="empty"),
 ]
 
 
 @pytest.mark.parametrize(("image", "problem"), INVALID_IMAGES)
-def test_parse_image_rejects(image: object, problem: str) -> None:
+def test_parse_image_rejects(image: str, problem: str) -> None:
     with pytest.raises(spec.SpecError) as err:
         spec.parse_image(image)
     assert err.value.field == "spec.image"
@@ -218,24 +223,18 @@ def test_parse_duration(text: str, seconds: float) -> None:
 
 
 INVALID_DURATIONS = [
-    pytest.param("5 minutes", "is not a duration", id="words"),
-    pytest.param("30", "is not a duration", id="no-unit"),
-    pytest.param("1d", "is not a duration", id="days-unsupported"),
-    pytest.param("-5s", "is not a duration", id="negative"),
-    pytest.param("", "is not a duration", id="empty"),
-    pytest.param(".5s", "is not a duration", id="leading-dot"),
-    pytest.param(30, "must be a duration string", id="integer"),
-    pytest.param(None, "must be a duration string", id="none"),
-    pytest.param("9" * 400 + "h", "is too long", id="overflow"),
+    pytest.param("5 minutes", id="words"),
+    pytest.param("30", id="no-unit"),
+    pytest.param("", id="empty"),
+    pytest.param("1x", id="unknown-unit"),
 ]
 
 
-@pytest.mark.parametrize(("text", "problem"), INVALID_DURATIONS)
-def test_parse_duration_rejects(text: object, problem: str) -> None:
-    with pytest.raises(spec.SpecError) as err:
-        spec.parse_duration(text, "spec.x")
-    assert err.value.field == "spec.x"
-    assert problem in err.value.problem
+@pytest.mark.parametrize("text", INVALID_DURATIONS)
+def test_parse_duration_rejects(text: str) -> None:
+    # The schema's pattern keeps these out of stored objects; the parser (durationpy, Go's syntax) refuses them too.
+    with pytest.raises(ValueError):
+        spec.parse_duration(text)
 
 
 @given(st.integers(0, 99), st.integers(0, 99), st.integers(0, 99), st.integers(0, 999))
@@ -272,10 +271,11 @@ def test_parser_defaults_equal_crd_defaults(make: Callable[[], dict[str, Any]]) 
 def test_minimal_spec_gets_documented_defaults() -> None:
     s = parse(minimal()).spec
     assert s.compression is None
-    assert s.serving == spec.Serving(replicas=1, resources=spec.Resources(), batching=spec.Batching(32, 5),
-                                     node_selector={}, tolerations=(), port=8080)
+    assert s.serving == spec.Serving(replicas=1, resources=spec.ServingResources(),
+                                     batching=spec.Batching(max_batch_size=32, max_delay_ms=5), node_selector={},
+                                     tolerations=(), port=8080)
     assert s.rollout == spec.Rollout(steps=(), startup_timeout_seconds=900, max_surge_gpus=None, analysis=None)
-    assert s.rollout.effective_steps == (spec.RolloutStep(weight=100, pause_seconds=None, manual=False),)
+    assert s.rollout.effective_steps == (spec.RolloutStep(weight=100, pause=None, manual=False),)
     assert (s.rollback.policy, s.revision_history_limit, s.retry) == ("Automatic", 10, 0)
 
 
@@ -302,17 +302,20 @@ def test_full_spec_parses() -> None:
     assert s.model == spec.ModelSource(path=None, uri="pvc://models/digits/1.0.0", name="digits-v")
     assert s.model.uri_scheme == "pvc"
     assert s.compression == spec.Compression(
-        steps=(spec.Prune(amount=0.5, scope="structured", norm=1, fine_tune_epochs=3),
-               spec.Distill(student="models.small:build", temperature=2.0, alpha=0.7, epochs=5, lr=0.01,
-                            batch_size=32),
-               spec.Quantize(scheme="int4-weight-only")),
-        evaluation=spec.Evaluation(dataset="my_pkg.data:load", max_relative_accuracy_loss=0.05, samples=200),
-        artifacts_pvc="artifacts",
-        compiled=spec.Compiled(aot_inductor=True, max_batch_size=128, max_autotune=True),
-        resources=spec.Resources(requests={"cpu": "2", "nvidia.com/gpu": "1"}, limits={"nvidia.com/gpu": "1"}),
+        steps=[recipe.CompressionStep(prune=recipe.Prune(amount=0.5, scope="structured", norm=1,
+                                                         fine_tune_epochs=3)),
+               recipe.CompressionStep(distill=recipe.Distill(student="models.small:build", temperature=2.0,
+                                                             alpha=0.7, epochs=5, lr=0.01, batch_size=32)),
+               recipe.CompressionStep(quantize=recipe.Quantize(scheme="int4-weight-only"))],
+        evaluation=recipe.Evaluation(dataset="my_pkg.data:load", max_relative_accuracy_loss=0.05, samples=200),
+        artifacts=spec.ArtifactStore(pvc="artifacts"),
+        compiled=recipe.Compiled(aot_inductor=True, max_batch_size=128, max_autotune=True),
+        resources=spec.CompressionResources(requests={"cpu": "2", "nvidia.com/gpu": "1"},
+                                            limits={"nvidia.com/gpu": "1"}),
         backoff_limit=3,
         active_deadline_seconds=600,
     )
+    assert s.compression.artifacts_pvc == "artifacts"
     assert s.compression.needs_cuda
     assert [step.kind for step in s.compression.steps] == ["prune", "distill", "quantize"]
     assert s.serving.resources.gpus == 2
@@ -322,9 +325,10 @@ def test_full_spec_parses() -> None:
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
         {"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute", "tolerationSeconds": 30}]
     assert (s.serving.replicas, s.serving.batching, dict(s.serving.node_selector), s.serving.port) == (
-        4, spec.Batching(64, 2), {"pool": "gpu"}, 80)
-    assert s.rollout.steps == (spec.RolloutStep(10, 90.0, False), spec.RolloutStep(50, None, True),
-                               spec.RolloutStep(100, None, False))
+        4, spec.Batching(max_batch_size=64, max_delay_ms=2), {"pool": "gpu"}, 80)
+    assert s.rollout.steps == (spec.RolloutStep(weight=10, pause="1m30s"), spec.RolloutStep(weight=50, manual=True),
+                               spec.RolloutStep(weight=100))
+    assert [step.pause_seconds for step in s.rollout.steps] == [90.0, None, None]
     assert s.rollout.effective_steps == s.rollout.steps
     assert (s.rollout.startup_timeout_seconds, s.rollout.max_surge_gpus) == (120, 0)
     a = s.rollout.analysis
@@ -333,12 +337,11 @@ def test_full_spec_parses() -> None:
             a.no_data, a.prometheus_address) == (15.0, 10.0, 2, 3, 2, "Fail", "http://prometheus.monitoring:9090")
     assert a.detection_bound_seconds == 10.0 + 3 * 15.0
     error_rate, p99, inflight = a.metrics
-    assert error_rate == spec.Metric("error-rate", spec.BuiltinProvider("errorRate"), max=0.01,
-                                     max_relative_to_stable=0.5)
-    assert p99.provider == spec.PrometheusProvider(query='q{version="{{version}}"}', address="https://prom.example")
-    assert inflight == spec.Metric("inflight", spec.ScrapeProvider("shipyard_inflight_requests", {"model": "d"},
-                                                                   "max", True), max=100.0, min=0.0)
-    assert [m.provider.kind for m in a.metrics] == ["builtin", "prometheus", "scrape"]
+    assert error_rate == spec.Metric(name="error-rate", builtin="errorRate", max=0.01, max_relative_to_stable=0.5)
+    assert p99.provider == prometheus.Query(query='q{version="{{version}}"}', address="https://prom.example")
+    assert inflight == spec.Metric(name="inflight", scrape=scrape.Scrape(
+        metric="shipyard_inflight_requests", labels={"model": "d"}, aggregation="max", rate=True), max=100.0, min=0.0)
+    assert [m.provider_key for m in a.metrics] == ["builtin", "prometheus", "scrape"]
     assert [m.compares_with_stable for m in a.metrics] == [True, True, False]
     assert [a.address_for(m) for m in a.metrics] == ["http://prometheus.monitoring:9090", "https://prom.example",
                                                      "http://prometheus.monitoring:9090"]
@@ -348,10 +351,11 @@ def test_full_spec_parses() -> None:
 BEHAVIOURS = [
     pytest.param("spec.compression", {"steps": [{"prune": {"amount": 0.3, "scope": "structured"}}],
                                       "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "a"}},
-                 lambda md: md.spec.compression.steps[0].norm, 2, id="structured-prune-norm-defaults-to-2"),
+                 lambda md: md.spec.compression.steps[0].prune.structured_norm, 2,
+                 id="structured-prune-norm-defaults-to-2"),
     pytest.param("spec.compression", {"steps": [{"prune": {"amount": 0.3}}],
                                       "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "a"}},
-                 lambda md: md.spec.compression.steps[0].norm, None, id="global-prune-has-no-norm"),
+                 lambda md: md.spec.compression.steps[0].prune.norm, None, id="global-prune-has-no-norm"),
     pytest.param("spec.compression", {"steps": [{"quantize": {"scheme": "int8-dynamic"}}],
                                       "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "a"}},
                  lambda md: md.spec.compression.needs_cuda, False, id="int8-needs-no-cuda"),
@@ -397,281 +401,276 @@ def test_parsed_values(path: str, value: object, get: Callable[[spec.ModelDeploy
 
 ERRORS = [
     # metadata and top level
-    ("min", "metadata.name", DELETE, "metadata.name", "must be set", "no-name"),
-    ("min", "metadata.generation", -1, "metadata.generation", "at least 0", "negative-generation"),
-    ("min", "metadata.annotations", ["a"], "metadata.annotations", "must be an object", "annotations-not-object"),
-    ("min", "spec", DELETE, "spec", "must be set", "no-spec"),
-    ("min", "spec", "x", "spec", "must be an object", "spec-not-object"),
-    ("min", "spec.revisionHistoryLimit", 101, "spec.revisionHistoryLimit", "at most 100", "history-over-100"),
-    ("min", "spec.revisionHistoryLimit", -1, "spec.revisionHistoryLimit", "at least 0", "history-negative"),
-    ("min", "spec.retry", -1, "spec.retry", "at least 0", "retry-negative"),
-    ("min", "spec.retry", True, "spec.retry", "must be an integer", "retry-bool"),
-    ("min", "spec.rollback.policy", "Sometimes", "spec.rollback.policy", "unsupported value", "rollback-policy"),
-    ("min", "spec.rollback", "Automatic", "spec.rollback", "must be an object", "rollback-not-object"),
+    ("min", "metadata.name", DELETE, 'metadata.name',
+     'must be set', 'no-name'),
+    ("min", "spec", DELETE, 'spec',
+     'must be set', 'no-spec'),
+    ("min", "spec", "x", 'spec',
+     'must be an object, got str', 'spec-not-object'),
+    ("min", "spec.revisionHistoryLimit", 101, 'spec.revisionHistoryLimit',
+     'Input should be less than or equal to 100, got 101', 'history-over-100'),
+    ("min", "spec.revisionHistoryLimit", -1, 'spec.revisionHistoryLimit',
+     'Input should be greater than or equal to 0, got -1', 'history-negative'),
+    ("min", "spec.retry", -1, 'spec.retry',
+     'Input should be greater than or equal to 0, got -1', 'retry-negative'),
+    ("min", "spec.rollback.policy", "Sometimes", 'spec.rollback.policy',
+     "Input should be 'Automatic' or 'Manual', got 'Sometimes'", 'rollback-policy'),
+    ("min", "spec.rollback", "Automatic", 'spec.rollback',
+     "Input should be a valid dictionary or instance of Rollback, got 'Automatic'", 'rollback-not-object'),
     # image
-    ("min", "spec.image", DELETE, "spec.image", "must be set", "no-image"),
-    ("min", "spec.image", "registry.example/digits", "spec.image", "must carry a tag", "image-no-tag"),
-    ("min", "spec.image", "registry.example:5000/digits", "spec.image", "must carry a tag", "image-port-no-tag"),
-    ("min", "spec.image", "Digits:1", "spec.image", "not a valid image reference", "image-invalid"),
-    ("min", "spec.image", 1, "spec.image", "must be a string", "image-not-string"),
+    ("min", "spec.image", DELETE, 'spec.image',
+     'Field required', 'no-image'),
+    ("min", "spec.image", "registry.example/digits", 'spec.image',
+     "'registry.example/digits' must carry a tag (repository:1.4.0) or a digest (@sha256:...): t"
+     'he tag is the version, and a registry port is not a tag', 'image-no-tag'),
+    ("min", "spec.image", "registry.example:5000/digits", 'spec.image',
+     "'registry.example:5000/digits' must carry a tag (repository:1.4.0) or a digest (@sha256:.."
+     '.): the tag is the version, and a registry port is not a tag', 'image-port-no-tag'),
+    ("min", "spec.image", "Digits:1", 'spec.image',
+     "'Digits:1' is not a valid image reference ([registry[:port]/]repository[:tag][@sha256:dige"
+     'st], repository in lower case): repository name must be lowercase', 'image-invalid'),
+    ("min", "spec.image", 1, 'spec.image',
+     'Input should be a valid string, got 1', 'image-not-string'),
     # model
-    ("min", "spec.model", DELETE, "spec.model", "must be set", "no-model"),
-    ("min", "spec.model", {}, "spec.model", "must set path or uri", "model-empty"),
-    ("min", "spec.model.uri", "pvc://m/x", "spec.model", "only one of path and uri", "model-path-and-uri"),
-    ("min", "spec.model.path", "models/digits", "spec.model.path", "absolute path", "model-relative-path"),
-    ("min", "spec.model.path", "/", "spec.model.path", "absolute path", "model-root-path"),
-    ("min", "spec.model.path", "/" + "a" * 1024, "spec.model.path", "at most 1024", "model-path-too-long"),
-    ("min", "spec.model", {"uri": "ftp://host/m"}, "spec.model.uri", "is not a pvc://", "model-uri-scheme"),
-    ("min", "spec.model", {"uri": "pvc://Claim/m"}, "spec.model.uri", "is not a pvc://", "model-uri-bad-claim"),
-    ("min", "spec.model", {"uri": "https://user:s3cret@models.example/m"}, "spec.model.uri",
-     "must not carry credentials (user:password@host)", "model-uri-credentials"),
-    ("min", "spec.model.name", "-x", "spec.model.name", "is not a model name", "model-name"),
+    ("min", "spec.model", DELETE, 'spec.model',
+     'Field required', 'no-model'),
+    ("min", "spec.model", {}, 'spec.model',
+     'must set path or uri', 'model-empty'),
+    ("min", "spec.model.uri", "pvc://m/x", 'spec.model',
+     'must set only one of path and uri', 'model-path-and-uri'),
+    ("min", "spec.model.path", "models/digits", 'spec.model.path',
+     "String should match pattern '^/', got 'models/digits'", 'model-relative-path'),
+    ("min", "spec.model.path", "/", 'spec.model.path',
+     "String should have at least 2 characters, got '/'", 'model-root-path'),
+    ("min", "spec.model.path", "/" + "a" * 1024, 'spec.model.path',
+     "String should have at most 1024 characters, got '/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+     'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...', 'model-path-too-long'),
+    ("min", "spec.model", {"uri": "ftp://host/m"}, 'spec.model.uri',
+     "String should match pattern '^((pvc|s3|gs)://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^ ]*)?|https"
+     "://[^ /]+(/[^ ]*)?)$', got 'ftp://host/m'", 'model-uri-scheme'),
+    ("min", "spec.model", {"uri": "pvc://Claim/m"}, 'spec.model.uri',
+     "String should match pattern '^((pvc|s3|gs)://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^ ]*)?|https"
+     "://[^ /]+(/[^ ]*)?)$', got 'pvc://Claim/m'", 'model-uri-bad-claim'),
+    ("min", "spec.model.name", "-x", 'spec.model.name',
+     "String should match pattern '^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$', got '-x'", 'model-name'),
     # compression
-    ("full", "spec.compression", [], "spec.compression", "must be an object", "compression-not-object"),
-    ("full", "spec.compression.steps", [], "spec.compression.steps", "at least one step", "steps-empty"),
-    ("full", "spec.compression.steps", DELETE, "spec.compression.steps", "at least one step", "steps-absent"),
-    ("full", "spec.compression.steps", [{"quantize": {"scheme": "fp8"}}] * 9, "spec.compression.steps",
-     "at most 8 items", "steps-too-many"),
-    ("full", "spec.compression.steps", {"prune": {}}, "spec.compression.steps", "must be a list", "steps-not-list"),
-    ("full", "spec.compression.steps[0]", "prune", "spec.compression.steps[0]", "must be an object",
-     "step-not-object"),
-    ("full", "spec.compression.steps[3]", {}, "spec.compression.steps[3]", "must set one of prune", "step-empty"),
-    ("full", "spec.compression.steps[2].prune", {"amount": 0.5}, "spec.compression.steps[2]",
-     "only one of prune, quantize, distill, got prune, quantize", "step-two-kinds"),
-    ("full", "spec.compression.steps[0].prune", 0.5, "spec.compression.steps[0].prune", "must be an object",
-     "prune-not-object"),
-    ("full", "spec.compression.steps[0].prune.amount", 1.0, "spec.compression.steps[0].prune.amount",
-     "less than 1", "prune-amount-1"),
-    ("full", "spec.compression.steps[0].prune.amount", 0, "spec.compression.steps[0].prune.amount",
-     "greater than 0", "prune-amount-0"),
-    ("full", "spec.compression.steps[0].prune.amount", DELETE, "spec.compression.steps[0].prune.amount",
-     "must be set", "prune-amount-absent"),
-    ("full", "spec.compression.steps[0].prune.amount", "90%", "spec.compression.steps[0].prune.amount",
-     "must be a finite number", "prune-amount-string"),
-    ("full", "spec.compression.steps[0].prune.amount", math.nan, "spec.compression.steps[0].prune.amount",
-     "must be a finite number", "prune-amount-nan"),
-    ("full", "spec.compression.steps[0].prune.scope", "local", "spec.compression.steps[0].prune.scope",
-     "unsupported value 'local'", "prune-scope"),
-    ("full", "spec.compression.steps[0].prune.scope", "global", "spec.compression.steps[0].prune.norm",
-     "only allowed with scope structured", "prune-norm-global"),
-    ("full", "spec.compression.steps[0].prune.norm", 3, "spec.compression.steps[0].prune.norm", "must be 1 or 2",
-     "prune-norm-3"),
-    ("full", "spec.compression.steps[0].prune.fineTuneEpochs", -1, "spec.compression.steps[0].prune.fineTuneEpochs",
-     "at least 0", "prune-epochs"),
-    ("full", "spec.compression.steps[2].quantize.scheme", "int3", "spec.compression.steps[2].quantize.scheme",
-     "unsupported value 'int3'", "quantize-scheme"),
-    ("full", "spec.compression.steps[2].quantize", {}, "spec.compression.steps[2].quantize.scheme",
-     "must be set to one of int8-dynamic", "quantize-scheme-absent"),
-    ("full", "spec.compression.steps[1].distill.student", "models.small", "spec.compression.steps[1].distill.student",
-     "module:function", "distill-student"),
-    ("full", "spec.compression.steps[1].distill.student", DELETE, "spec.compression.steps[1].distill.student",
-     "must be set", "distill-student-absent"),
-    ("full", "spec.compression.steps[1].distill.temperature", 0, "spec.compression.steps[1].distill.temperature",
-     "greater than 0", "distill-temperature"),
-    ("full", "spec.compression.steps[1].distill.alpha", 1.5, "spec.compression.steps[1].distill.alpha", "at most 1",
-     "distill-alpha"),
-    ("full", "spec.compression.steps[1].distill.epochs", 0, "spec.compression.steps[1].distill.epochs", "at least 1",
-     "distill-epochs"),
-    ("full", "spec.compression.steps[1].distill.epochs", 2.0, "spec.compression.steps[1].distill.epochs",
-     "must be an integer", "distill-epochs-float"),
-    ("full", "spec.compression.steps[1].distill.lr", 0, "spec.compression.steps[1].distill.lr", "greater than 0",
-     "distill-lr"),
-    ("full", "spec.compression.steps[1].distill.batchSize", 0, "spec.compression.steps[1].distill.batchSize",
-     "at least 1", "distill-batch-size"),
-    ("full", "spec.compression.evaluation", DELETE, "spec.compression.evaluation", "must be set", "no-evaluation"),
-    ("full", "spec.compression.evaluation.dataset", "digits", "spec.compression.evaluation.dataset",
-     "builtin:<name> or module:function", "evaluation-dataset"),
+    ("full", "spec.compression", [], 'spec.compression',
+     'Input should be a valid dictionary or instance of Compression', 'compression-not-object'),
+    ("full", "spec.compression.steps", [], 'spec.compression.steps',
+     'List should have at least 1 item after validation, not 0', 'steps-empty'),
+    ("full", "spec.compression.steps", DELETE, 'spec.compression.steps',
+     'Field required', 'steps-absent'),
+    ("full", "spec.compression.steps", [{"quantize": {"scheme": "fp8"}}] * 9, 'spec.compression.steps',
+     'List should have at most 8 items after validation, not 9', 'steps-too-many'),
+    ("full", "spec.compression.steps", {"prune": {}}, 'spec.compression.steps',
+     'Input should be a valid list', 'steps-not-list'),
+    ("full", "spec.compression.steps[0]", "prune", 'spec.compression.steps[0]',
+     "Input should be a valid dictionary or instance of CompressionStep, got 'prune'", 'step-not-object'),
+    ("full", "spec.compression.steps[3]", {}, 'spec.compression.steps[3]',
+     'must set one of prune, quantize, distill', 'step-empty'),
+    ("full", "spec.compression.steps[2].prune", {"amount": 0.5}, 'spec.compression.steps[2]',
+     'must set only one of prune, quantize, distill, got prune, quantize', 'step-two-kinds'),
+    ("full", "spec.compression.steps[0].prune", 0.5, 'spec.compression.steps[0].prune',
+     'Input should be a valid dictionary or instance of Prune, got 0.5', 'prune-not-object'),
+    ("full", "spec.compression.steps[0].prune.amount", 1.0, 'spec.compression.steps[0].prune.amount',
+     'Input should be less than 1, got 1.0', 'prune-amount-1'),
+    ("full", "spec.compression.steps[0].prune.amount", 0, 'spec.compression.steps[0].prune.amount',
+     'Input should be greater than 0, got 0', 'prune-amount-0'),
+    ("full", "spec.compression.steps[0].prune.amount", DELETE, 'spec.compression.steps[0].prune.amount',
+     'Field required', 'prune-amount-absent'),
+    ("full", "spec.compression.steps[0].prune.amount", "90%", 'spec.compression.steps[0].prune.amount',
+     "Input should be a valid number, unable to parse string as a number, got '90%'", 'prune-amount-string'),
+    ("full", "spec.compression.steps[0].prune.amount", math.nan, 'spec.compression.steps[0].prune.amount',
+     'Input should be less than 1, got nan', 'prune-amount-nan'),
+    ("full", "spec.compression.steps[0].prune.scope", "local", 'spec.compression.steps[0].prune.scope',
+     "Input should be 'global' or 'structured', got 'local'", 'prune-scope'),
+    ("full", "spec.compression.steps[0].prune.scope", "global", 'spec.compression.steps[0].prune.norm',
+     'only allowed with scope structured', 'prune-norm-global'),
+    ("full", "spec.compression.steps[0].prune.norm", 3, 'spec.compression.steps[0].prune.norm',
+     'Input should be 1 or 2, got 3', 'prune-norm-3'),
+    ("full", "spec.compression.steps[0].prune.fineTuneEpochs", -1, 'spec.compression.steps[0].prune.fineTuneEpochs',
+     'Input should be greater than or equal to 0, got -1', 'prune-epochs'),
+    ("full", "spec.compression.steps[2].quantize.scheme", "int3", 'spec.compression.steps[2].quantize.scheme',
+     "Input should be 'int8-dynamic', 'int8-weight-only', 'int8-embedding', 'fp8' or 'int4-weigh"
+     "t-only', got 'int3'", 'quantize-scheme'),
+    ("full", "spec.compression.steps[2].quantize", {}, 'spec.compression.steps[2].quantize.scheme',
+     'Field required', 'quantize-scheme-absent'),
+    ("full", "spec.compression.steps[1].distill.student", "models.small", 'spec.compression.steps[1].distill.student',
+     "String should match pattern '^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_]"
+     "[A-Za-z0-9_]*$', got 'models.small'", 'distill-student'),
+    ("full", "spec.compression.steps[1].distill.student", DELETE, 'spec.compression.steps[1].distill.student',
+     'Field required', 'distill-student-absent'),
+    ("full", "spec.compression.steps[1].distill.temperature", 0, 'spec.compression.steps[1].distill.temperature',
+     'Input should be greater than 0, got 0', 'distill-temperature'),
+    ("full", "spec.compression.steps[1].distill.alpha", 1.5, 'spec.compression.steps[1].distill.alpha',
+     'Input should be less than or equal to 1, got 1.5', 'distill-alpha'),
+    ("full", "spec.compression.steps[1].distill.epochs", 0, 'spec.compression.steps[1].distill.epochs',
+     'Input should be greater than or equal to 1, got 0', 'distill-epochs'),
+    ("full", "spec.compression.steps[1].distill.lr", 0, 'spec.compression.steps[1].distill.lr',
+     'Input should be greater than 0, got 0', 'distill-lr'),
+    ("full", "spec.compression.steps[1].distill.batchSize", 0, 'spec.compression.steps[1].distill.batchSize',
+     'Input should be greater than or equal to 1, got 0', 'distill-batch-size'),
+    ("full", "spec.compression.evaluation", DELETE, 'spec.compression.evaluation',
+     'Field required', 'no-evaluation'),
+    ("full", "spec.compression.evaluation.dataset", "digits", 'spec.compression.evaluation.dataset',
+     "String should match pattern '^(builtin:[a-z0-9]([-a-z0-9]*[a-z0-9])?|[A-Za-z_][A-Za-z0-9_]"
+     "*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*)$', got 'digits'", 'evaluation-dataset'),
     ("full", "spec.compression.evaluation.maxRelativeAccuracyLoss", 1.5,
-     "spec.compression.evaluation.maxRelativeAccuracyLoss", "at most 1", "evaluation-loss-over-1"),
+      'spec.compression.evaluation.maxRelativeAccuracyLoss',
+     'Input should be less than or equal to 1, got 1.5', 'evaluation-loss-over-1'),
     ("full", "spec.compression.evaluation.maxRelativeAccuracyLoss", -0.1,
-     "spec.compression.evaluation.maxRelativeAccuracyLoss", "at least 0", "evaluation-loss-negative"),
-    ("full", "spec.compression.evaluation.samples", 0, "spec.compression.evaluation.samples", "at least 1",
-     "evaluation-samples"),
-    ("full", "spec.compression.artifacts", DELETE, "spec.compression.artifacts", "must be set", "no-artifacts"),
-    ("full", "spec.compression.artifacts", {}, "spec.compression.artifacts.pvc", "must be set", "no-artifacts-pvc"),
-    ("full", "spec.compression.artifacts.pvc", "My_PVC", "spec.compression.artifacts.pvc",
-     "PersistentVolumeClaim name", "artifacts-pvc-name"),
-    ("full", "spec.compression.backoffLimit", 11, "spec.compression.backoffLimit", "at most 10", "backoff-limit"),
-    ("full", "spec.compression.compiled", True, "spec.compression.compiled", "must be an object", "compiled-bool"),
-    ("full", "spec.compression.compiled.aotInductor", "yes", "spec.compression.compiled.aotInductor",
-     "must be true or false", "compiled-aot-not-bool"),
-    ("full", "spec.compression.compiled.maxBatchSize", 1, "spec.compression.compiled.maxBatchSize", "at least 2",
-     "compiled-max-batch-1"),
-    ("full", "spec.serving.batching.maxBatchSize", 129, "spec.serving.batching.maxBatchSize",
-     "must not exceed spec.compression.compiled.maxBatchSize (128), the largest batch the compiled package accepts; "
-     "got 129", "serving-batch-over-compiled"),
-    ("full", "spec.compression.activeDeadlineSeconds", 59, "spec.compression.activeDeadlineSeconds", "at least 60",
-     "active-deadline"),
-    ("full", 'spec.compression.resources.limits["nvidia.com/gpu"]', "500m",
-     "spec.compression.resources.limits.nvidia.com/gpu", "whole number of GPUs", "compression-gpu-millis"),
+      'spec.compression.evaluation.maxRelativeAccuracyLoss',
+     'Input should be greater than or equal to 0, got -0.1', 'evaluation-loss-negative'),
+    ("full", "spec.compression.evaluation.samples", 0, 'spec.compression.evaluation.samples',
+     'Input should be greater than or equal to 1, got 0', 'evaluation-samples'),
+    ("full", "spec.compression.artifacts", DELETE, 'spec.compression.artifacts',
+     'Field required', 'no-artifacts'),
+    ("full", "spec.compression.artifacts", {}, 'spec.compression.artifacts.pvc',
+     'Field required', 'no-artifacts-pvc'),
+    ("full", "spec.compression.artifacts.pvc", "My_PVC", 'spec.compression.artifacts.pvc',
+     "String should match pattern '^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9]"
+     ")?)*$', got 'My_PVC'", 'artifacts-pvc-name'),
+    ("full", "spec.compression.backoffLimit", 11, 'spec.compression.backoffLimit',
+     'Input should be less than or equal to 10, got 11', 'backoff-limit'),
+    ("full", "spec.compression.compiled", True, 'spec.compression.compiled',
+     'Input should be a valid dictionary or instance of Compiled, got True', 'compiled-bool'),
+    ("full", "spec.compression.compiled.maxBatchSize", 1, 'spec.compression.compiled.maxBatchSize',
+     'Input should be greater than or equal to 2, got 1', 'compiled-max-batch-1'),
+    ("full", "spec.compression.compiled.mode", "yes", 'spec.compression.compiled.mode',
+     "Input should be 'auto', 'on' or 'off', got 'yes'", 'compiled-mode-unknown'),
+    ("full", "spec.compression.compiled.mode", "off", 'spec.compression.compiled.aotInductor',
+     'cannot be true with mode off (aotInductor: true asks for the package, mode off for none)',
+     'compiled-aot-inductor-with-mode-off'),
+    ("full", "spec.compression.activeDeadlineSeconds", 59, 'spec.compression.activeDeadlineSeconds',
+     'Input should be greater than or equal to 60, got 59', 'active-deadline'),
     # serving resources
-    ("full", "spec.serving.resources", ["cpu"], "spec.serving.resources", "must be an object",
-     "resources-not-object"),
-    ("full", "spec.serving.resources.limits", "2", "spec.serving.resources.limits", "must be an object",
-     "limits-not-object"),
-    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', "1.5", "spec.serving.resources.limits.nvidia.com/gpu",
-     "whole number of GPUs, got '1.5'", "gpu-fraction"),
-    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', 1.0, "spec.serving.resources.limits.nvidia.com/gpu",
-     "must be a quantity", "gpu-float"),
-    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', True, "spec.serving.resources.limits.nvidia.com/gpu",
-     "must be a quantity", "gpu-bool"),
-    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', "1e3", "spec.serving.resources.limits.nvidia.com/gpu",
-     "whole number of GPUs", "gpu-exponent"),
-    ("full", "spec.serving.resources.requests.memory", "lots", "spec.serving.resources.requests.memory",
-     "not a quantity", "memory-not-quantity"),
-    ("full", 'spec.serving.resources.requests["nvidia.com/gpu"]', 1, "spec.serving.resources.requests.nvidia.com/gpu",
-     "must equal limits (2)", "gpu-requests-differ"),
-    ("full", "spec.serving.resources", {"requests": {"nvidia.com/gpu": 1}},
-     "spec.serving.resources.limits.nvidia.com/gpu", "must be set when requests sets it", "gpu-only-requested"),
-    ("full", "spec.serving.resources.limits.memory", "1" * 65, "spec.serving.resources.limits.memory",
-     "at most 64 characters, got 65", "quantity-too-long"),
-    ("full", "spec.serving.resources.requests." + "r" * 318, "1", "spec.serving.resources.requests",
-     "resource names must be at most 317 characters", "resource-name-too-long"),
+    ("full", "spec.serving.resources", ["cpu"], 'spec.serving.resources',
+     'Input should be a valid dictionary or instance of ServingResources', 'resources-not-object'),
+    ("full", "spec.serving.resources.limits", "2", 'spec.serving.resources.limits',
+     "Input should be a valid dictionary, got '2'", 'limits-not-object'),
+    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', 1.0, 'spec.serving.resources.limits.nvidia.com/gpu',
+     'Input should be a valid string, got 1.0', 'gpu-float'),
+    ("full", 'spec.serving.resources.limits["nvidia.com/gpu"]', True, 'spec.serving.resources.limits.nvidia.com/gpu',
+     'Input should be a valid string, got True', 'gpu-bool'),
+    ("full", "spec.serving.resources.requests.memory", "lots", 'spec.serving.resources.requests.memory',
+     "String should match pattern '^(\\+|-)?(([0-9]+(\\.[0-9]*)?)|(\\.[0-9]+))(([KMGTPE]i)|[numkMGT"
+     "PE]|([eE](\\+|-)?(([0-9]+(\\.[0-9]*)?)|(\\.[0-9]+))))?$', got 'lots'", 'memory-not-quantity'),
+    ("full", "spec.serving.resources.limits.memory", "1" * 65, 'spec.serving.resources.limits.memory',
+     "Value should have at most 64 items after validation, not 65, got '111111111111111111111111"
+     "11111111111111111111111111111111111111111'", 'quantity-too-long'),
     # serving
-    ("full", "spec.serving", 3, "spec.serving", "must be an object", "serving-not-object"),
-    ("full", "spec.serving.replicas", -1, "spec.serving.replicas", "at least 0", "replicas-negative"),
-    ("full", "spec.serving.replicas", "3", "spec.serving.replicas", "must be an integer", "replicas-string"),
-    ("full", "spec.serving.replicas", 1001, "spec.serving.replicas", "at most 1000", "replicas-over-1000"),
-    ("full", "spec.serving.batching.maxBatchSize", 0, "spec.serving.batching.maxBatchSize", "at least 1",
-     "max-batch-size"),
-    ("full", "spec.serving.batching.maxDelayMs", 10001, "spec.serving.batching.maxDelayMs", "at most 10000",
-     "max-delay"),
-    ("full", "spec.serving.nodeSelector.pool", 1, "spec.serving.nodeSelector.pool", "must be a string",
-     "node-selector-value"),
-    ("full", "spec.serving.nodeSelector.pool", "v" * 64, "spec.serving.nodeSelector.pool",
-     "at most 63 characters, got 64", "node-selector-value-too-long"),
-    ("full", "spec.serving.nodeSelector." + "k" * 318, "v", "spec.serving.nodeSelector",
-     "keys must be at most 317 characters, got 318", "node-selector-key-too-long"),
-    ("full", "spec.serving.nodeSelector", {"not a label key!": "v"}, "spec.serving.nodeSelector",
-     "keys must be label keys ([prefix/]name), got 'not a label key!'", "node-selector-key-syntax"),
-    ("full", "spec.serving.nodeSelector", {"Example.com/pool": "v"}, "spec.serving.nodeSelector",
-     "keys must be label keys", "node-selector-key-upper-prefix"),
-    ("full", "spec.serving.nodeSelector.pool", "two words", "spec.serving.nodeSelector.pool",
-     "must be a label value, got 'two words'", "node-selector-value-syntax"),
-    ("full", "spec.serving.nodeSelector.pool", "-gpu", "spec.serving.nodeSelector.pool", "must be a label value",
-     "node-selector-value-edge"),
-    ("full", "spec.serving.port", 0, "spec.serving.port", "at least 1", "port-0"),
-    ("full", "spec.serving.port", 65536, "spec.serving.port", "at most 65535", "port-too-high"),
-    ("full", "spec.serving.tolerations", {"key": "k"}, "spec.serving.tolerations", "must be a list",
-     "tolerations-not-list"),
-    ("full", "spec.serving.tolerations[0].operator", "In", "spec.serving.tolerations[0].operator",
-     "unsupported value 'In'", "toleration-operator"),
-    ("full", "spec.serving.tolerations[0].value", "v", "spec.serving.tolerations[0].value",
-     "must not be set with operator Exists", "toleration-exists-value"),
-    ("full", "spec.serving.tolerations[0].effect", "Evict", "spec.serving.tolerations[0].effect",
-     "unsupported value 'Evict'", "toleration-effect"),
-    ("full", "spec.serving.tolerations[1].tolerationSeconds", "30", "spec.serving.tolerations[1].tolerationSeconds",
-     "must be an integer", "toleration-seconds"),
-    ("full", "spec.serving.tolerations[1].key", 5, "spec.serving.tolerations[1].key", "must be a string",
-     "toleration-key"),
+    ("full", "spec.serving", 3, 'spec.serving',
+     'Input should be a valid dictionary or instance of Serving, got 3', 'serving-not-object'),
+    ("full", "spec.serving.replicas", -1, 'spec.serving.replicas',
+     'Input should be greater than or equal to 0, got -1', 'replicas-negative'),
+    ("full", "spec.serving.replicas", 1001, 'spec.serving.replicas',
+     'Input should be less than or equal to 1000, got 1001', 'replicas-over-1000'),
+    ("full", "spec.serving.batching.maxBatchSize", 0, 'spec.serving.batching.maxBatchSize',
+     'Input should be greater than or equal to 1, got 0', 'max-batch-size'),
+    ("full", "spec.serving.batching.maxDelayMs", 10001, 'spec.serving.batching.maxDelayMs',
+     'Input should be less than or equal to 10000, got 10001', 'max-delay'),
+    ("full", "spec.serving.nodeSelector.pool", 1, 'spec.serving.nodeSelector.pool',
+     'Input should be a valid string, got 1', 'node-selector-value'),
+    ("full", "spec.serving.nodeSelector.pool", "v" * 64, 'spec.serving.nodeSelector.pool',
+     "String should have at most 63 characters, got 'vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv"
+     "vvvvvvvvvvvvvvvvvvvvv'", 'node-selector-value-too-long'),
+    ("full", "spec.serving.port", 0, 'spec.serving.port',
+     'Input should be greater than or equal to 1, got 0', 'port-0'),
+    ("full", "spec.serving.port", 65536, 'spec.serving.port',
+     'Input should be less than or equal to 65535, got 65536', 'port-too-high'),
+    ("full", "spec.serving.tolerations", {"key": "k"}, 'spec.serving.tolerations',
+     'Input should be a valid tuple', 'tolerations-not-list'),
+    ("full", "spec.serving.tolerations[0].operator", "In", 'spec.serving.tolerations[0].operator',
+     "Input should be 'Exists' or 'Equal', got 'In'", 'toleration-operator'),
+    ("full", "spec.serving.tolerations[0].effect", "Evict", 'spec.serving.tolerations[0].effect',
+     "Input should be 'NoSchedule', 'PreferNoSchedule' or 'NoExecute', got 'Evict'", 'toleration-effect'),
+    ("full", "spec.serving.tolerations[1].key", 5, 'spec.serving.tolerations[1].key',
+     'Input should be a valid string, got 5', 'toleration-key'),
     # rollout
-    ("full", "spec.rollout.steps", [{"weight": 50}, {"weight": 25}], "spec.rollout.steps",
-     "strictly increasing, got [50, 25]", "weights-decreasing"),
-    ("full", "spec.rollout.steps", [{"weight": 25}, {"weight": 25}], "spec.rollout.steps",
-     "strictly increasing, got [25, 25]", "weights-equal"),
-    ("full", "spec.rollout.steps[1].weight", 101, "spec.rollout.steps[1].weight", "at most 100", "weight-over-100"),
-    ("full", "spec.rollout.steps[0].weight", 0, "spec.rollout.steps[0].weight", "at least 1", "weight-0"),
-    ("full", "spec.rollout.steps[0].weight", DELETE, "spec.rollout.steps[0].weight", "must be set", "weight-absent"),
-    ("full", "spec.rollout.steps[0].weight", 12.5, "spec.rollout.steps[0].weight", "must be an integer",
-     "weight-fraction"),
-    ("full", "spec.rollout.steps[0].pause", "5 minutes", "spec.rollout.steps[0].pause", "is not a duration",
-     "pause-words"),
-    ("full", "spec.rollout.steps[0].pause", 60, "spec.rollout.steps[0].pause", "must be a duration string",
-     "pause-integer"),
+    ("full", "spec.rollout.steps[1].weight", 101, 'spec.rollout.steps[1].weight',
+     'Input should be less than or equal to 100, got 101', 'weight-over-100'),
+    ("full", "spec.rollout.steps[0].weight", 0, 'spec.rollout.steps[0].weight',
+     'Input should be greater than or equal to 1, got 0', 'weight-0'),
+    ("full", "spec.rollout.steps[0].weight", DELETE, 'spec.rollout.steps[0].weight',
+     'Field required', 'weight-absent'),
+    ("full", "spec.rollout.steps[0].weight", 12.5, 'spec.rollout.steps[0].weight',
+     'Input should be a valid integer, got a number with a fractional part, got 12.5', 'weight-fraction'),
+    ("full", "spec.rollout.steps[0].pause", "5 minutes", 'spec.rollout.steps[0].pause',
+     "String should match pattern '^([0-9]+([.][0-9]+)?(ms|s|m|h))+$', got '5 minutes'", 'pause-words'),
+    ("full", "spec.rollout.steps[0].pause", 60, 'spec.rollout.steps[0].pause',
+     'Input should be a valid string, got 60', 'pause-integer'),
     # a pause or delay of thousands of years overflowed the planner's datetime arithmetic: bounded like the CRD
-    ("full", "spec.rollout.steps[0].pause", "100000000h", "spec.rollout.steps[0].pause",
-     "must be at most 168h (hold longer with manual: true), got '100000000h'", "pause-overflows-datetime"),
-    ("full", "spec.rollout.steps[0].pause", "168.0000001h", "spec.rollout.steps[0].pause", "at most 168h",
-     "pause-over-a-week"),
-    ("full", "spec.rollout.steps[0].manual", True, "spec.rollout.steps[0].pause", "together with manual",
-     "pause-and-manual"),
-    ("full", "spec.rollout.steps[1].manual", "yes", "spec.rollout.steps[1].manual", "must be true or false",
-     "manual-string"),
-    ("full", "spec.rollout.steps", [{"weight": w} for w in range(1, 22)], "spec.rollout.steps", "at most 20 items",
-     "steps-over-20"),
-    ("full", "spec.rollout.steps[0]", 10, "spec.rollout.steps[0]", "must be an object", "rollout-step-not-object"),
-    ("full", "spec.rollout.startupTimeoutSeconds", 5, "spec.rollout.startupTimeoutSeconds", "at least 10",
-     "startup-timeout"),
-    ("full", "spec.rollout.maxSurgeGPUs", -1, "spec.rollout.maxSurgeGPUs", "at least 0", "max-surge-gpus"),
+    ("full", "spec.rollout.steps", [{"weight": w} for w in range(1, 22)], 'spec.rollout.steps',
+     'Tuple should have at most 20 items after validation, not 21', 'steps-over-20'),
+    ("full", "spec.rollout.steps[0]", 10, 'spec.rollout.steps[0]',
+     'Input should be a valid dictionary or instance of RolloutStep, got 10', 'rollout-step-not-object'),
+    ("full", "spec.rollout.startupTimeoutSeconds", 5, 'spec.rollout.startupTimeoutSeconds',
+     'Input should be greater than or equal to 10, got 5', 'startup-timeout'),
+    ("full", "spec.rollout.maxSurgeGPUs", -1, 'spec.rollout.maxSurgeGPUs',
+     'Input should be greater than or equal to 0, got -1', 'max-surge-gpus'),
     # analysis
-    ("full", "spec.rollout.analysis.interval", "soon", "spec.rollout.analysis.interval", "is not a duration",
-     "interval-words"),
-    ("full", "spec.rollout.analysis.interval", "0s", "spec.rollout.analysis.interval", "between 1s and 1h",
-     "interval-0"),
-    ("full", "spec.rollout.analysis.interval", "2h", "spec.rollout.analysis.interval", "between 1s and 1h",
-     "interval-2h"),
-    ("full", "spec.rollout.analysis.initialDelay", "1 minute", "spec.rollout.analysis.initialDelay",
-     "is not a duration", "initial-delay"),
-    ("full", "spec.rollout.analysis.initialDelay", "9999999999999999999999999999999h",
-     "spec.rollout.analysis.initialDelay", "must be at most 24h, got", "initial-delay-overflows-datetime"),
-    ("full", "spec.rollout.analysis.failureLimit", -1, "spec.rollout.analysis.failureLimit", "at least 0",
-     "failure-limit"),
-    ("full", "spec.rollout.analysis.consecutiveErrorLimit", 101, "spec.rollout.analysis.consecutiveErrorLimit",
-     "at most 100", "consecutive-error-limit"),
-    ("full", "spec.rollout.analysis.minSamples", 0, "spec.rollout.analysis.minSamples", "at least 1", "min-samples"),
-    ("full", "spec.rollout.analysis.noData", "Pass", "spec.rollout.analysis.noData", "unsupported value 'Pass'",
-     "no-data"),
-    ("full", "spec.rollout.analysis.prometheus", {}, "spec.rollout.analysis.prometheus.address", "must be set",
-     "prometheus-no-address"),
-    ("full", "spec.rollout.analysis.prometheus.address", "prometheus:9090", "spec.rollout.analysis.prometheus.address",
-     "an http(s) URL", "prometheus-address-no-scheme"),
-    ("full", "spec.rollout.analysis.metrics", [], "spec.rollout.analysis.metrics", "at least one metric",
-     "metrics-empty"),
-    ("full", "spec.rollout.analysis.metrics", DELETE, "spec.rollout.analysis.metrics", "at least one metric",
-     "metrics-absent"),
-    ("full", "spec.rollout.analysis.metrics[2].name", "error-rate", "spec.rollout.analysis.metrics[2].name",
-     "duplicate metric name 'error-rate'", "metric-duplicate-name"),
-    ("full", "spec.rollout.analysis.metrics[0].name", "Error_Rate", "spec.rollout.analysis.metrics[0].name",
-     "a DNS label", "metric-name"),
-    ("full", "spec.rollout.analysis.metrics[0].name", DELETE, "spec.rollout.analysis.metrics[0].name", "must be set",
-     "metric-name-absent"),
-    ("full", "spec.rollout.analysis.metrics[0].builtin", DELETE, "spec.rollout.analysis.metrics[0]",
-     "must set one provider", "metric-no-provider"),
-    ("full", "spec.rollout.analysis.metrics[0].scrape", {"metric": "m"}, "spec.rollout.analysis.metrics[0]",
-     "only one provider (builtin, prometheus or scrape), got builtin, scrape", "metric-two-providers"),
-    ("full", "spec.rollout.analysis.metrics[0].builtin", "successRate", "spec.rollout.analysis.metrics[0].builtin",
-     "unsupported value 'successRate'", "metric-builtin"),
-    ("full", "spec.rollout.analysis.metrics[1].prometheus", {}, "spec.rollout.analysis.metrics[1].prometheus.query",
-     "must be set", "prometheus-no-query"),
-    ("full", "spec.rollout.analysis.metrics[1].prometheus.query", "  ",
-     "spec.rollout.analysis.metrics[1].prometheus.query", "must not be blank", "prometheus-blank-query"),
-    ("full", "spec.rollout.analysis.metrics[1].prometheus.address", "https://admin:s3cret@prom:9090/x",
-     "spec.rollout.analysis.metrics[1].prometheus.address", "must not carry credentials (user:password@host)",
-     "prometheus-metric-address-credentials"),
-    ("full", "spec.rollout.analysis.prometheus", {"address": "http://admin@prom:9090"},
-     "spec.rollout.analysis.prometheus.address", "must not carry credentials", "prometheus-address-user"),
-    ("full", "spec.rollout.analysis.prometheus", {}, "spec.rollout.analysis.prometheus.address", "must be set",
-     "prometheus-address-unset"),
-    ("full", "spec.rollout.analysis.metrics[1].prometheus.query", "up",
-     "spec.rollout.analysis.metrics[1].prometheus.query", "must contain {{version}}", "relative-without-version"),
+    ("full", "spec.rollout.analysis.interval", "soon", 'spec.rollout.analysis.interval',
+     "String should match pattern '^([0-9]+([.][0-9]+)?(ms|s|m|h))+$', got 'soon'", 'interval-words'),
+    ("full", "spec.rollout.analysis.initialDelay", "1 minute", 'spec.rollout.analysis.initialDelay',
+     "String should match pattern '^([0-9]+([.][0-9]+)?(ms|s|m|h))+$', got '1 minute'", 'initial-delay'),
+    ("full", "spec.rollout.analysis.failureLimit", -1, 'spec.rollout.analysis.failureLimit',
+     'Input should be greater than or equal to 0, got -1', 'failure-limit'),
+    ("full", "spec.rollout.analysis.consecutiveErrorLimit", 101, 'spec.rollout.analysis.consecutiveErrorLimit',
+     'Input should be less than or equal to 100, got 101', 'consecutive-error-limit'),
+    ("full", "spec.rollout.analysis.minSamples", 0, 'spec.rollout.analysis.minSamples',
+     'Input should be greater than or equal to 1, got 0', 'min-samples'),
+    ("full", "spec.rollout.analysis.noData", "Pass", 'spec.rollout.analysis.noData',
+     "Input should be 'Fail', 'Inconclusive' or 'Ignore', got 'Pass'", 'no-data'),
+    ("full", "spec.rollout.analysis.prometheus", {}, 'spec.rollout.analysis.prometheus.address',
+     'Field required', 'prometheus-no-address'),
+    ("full", "spec.rollout.analysis.prometheus.address", "prometheus:9090", 'spec.rollout.analysis.prometheus.address',
+     "String should match pattern '^https?://[^ /]+(/[^ ]*)?$', got 'prometheus:9090'", 'prometheus-address-no-scheme'),
+    ("full", "spec.rollout.analysis.metrics", [], 'spec.rollout.analysis.metrics',
+     'Tuple should have at least 1 item after validation, not 0', 'metrics-empty'),
+    ("full", "spec.rollout.analysis.metrics", DELETE, 'spec.rollout.analysis.metrics',
+     'Field required', 'metrics-absent'),
+    ("full", "spec.rollout.analysis.metrics[0].name", "Error_Rate", 'spec.rollout.analysis.metrics[0].name',
+     "String should match pattern '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$', got 'Error_Rate'", 'metric-name'),
+    ("full", "spec.rollout.analysis.metrics[0].name", DELETE, 'spec.rollout.analysis.metrics[0].name',
+     'Field required', 'metric-name-absent'),
+    ("full", "spec.rollout.analysis.metrics[0].builtin", DELETE, 'spec.rollout.analysis.metrics[0]',
+     'must set one of builtin, prometheus, scrape, web, job', 'metric-no-provider'),
+    ("full", "spec.rollout.analysis.metrics[0].scrape", {"metric": "m"}, 'spec.rollout.analysis.metrics[0]',
+     'must set only one of builtin, prometheus, scrape, web, job, got builtin, scrape', 'metric-two-providers'),
+    ("full", "spec.rollout.analysis.metrics[0].builtin", "successRate", 'spec.rollout.analysis.metrics[0].builtin',
+     "Input should be 'errorRate' or 'latencyP99', got 'successRate'", 'metric-builtin'),
+    ("full", "spec.rollout.analysis.metrics[1].prometheus", {}, 'spec.rollout.analysis.metrics[1].prometheus.query',
+     'Field required', 'prometheus-no-query'),
+    ("full", "spec.rollout.analysis.prometheus", {}, 'spec.rollout.analysis.prometheus.address',
+     'Field required', 'prometheus-address-unset'),
     ("full", "spec.rollout.analysis.metrics[1].prometheus.address", "ftp://p",
-     "spec.rollout.analysis.metrics[1].prometheus.address", "an http(s) URL", "prometheus-metric-address"),
-    ("full", "spec.rollout.analysis.metrics[2].scrape", {}, "spec.rollout.analysis.metrics[2].scrape.metric",
-     "must be set", "scrape-no-metric"),
+      'spec.rollout.analysis.metrics[1].prometheus.address',
+     "String should match pattern '^https?://[^ /]+(/[^ ]*)?$', got 'ftp://p'", 'prometheus-metric-address'),
+    ("full", "spec.rollout.analysis.metrics[2].scrape", {}, 'spec.rollout.analysis.metrics[2].scrape.metric',
+     'Field required', 'scrape-no-metric'),
     ("full", "spec.rollout.analysis.metrics[2].scrape.metric", "bad-name",
-     "spec.rollout.analysis.metrics[2].scrape.metric", "a Prometheus metric name", "scrape-metric-name"),
+      'spec.rollout.analysis.metrics[2].scrape.metric',
+     "String should match pattern '^[a-zA-Z_:][a-zA-Z0-9_:]*$', got 'bad-name'", 'scrape-metric-name'),
     ("full", "spec.rollout.analysis.metrics[2].scrape.labels.model", 1,
-     "spec.rollout.analysis.metrics[2].scrape.labels.model", "must be a string", "scrape-label"),
+      'spec.rollout.analysis.metrics[2].scrape.labels.model',
+     'Input should be a valid string, got 1', 'scrape-label'),
     ("full", "spec.rollout.analysis.metrics[2].scrape.labels.model", "m" * 257,
-     "spec.rollout.analysis.metrics[2].scrape.labels.model", "at most 256 characters", "scrape-label-too-long"),
-    ("full", "spec.rollout.analysis.metrics[2].scrape.labels." + "l" * 257, "v",
-     "spec.rollout.analysis.metrics[2].scrape.labels", "keys must be at most 256 characters", "scrape-label-name"),
+      'spec.rollout.analysis.metrics[2].scrape.labels.model',
+     "String should have at most 256 characters, got 'mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm"
+     'mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm...', 'scrape-label-too-long'),
     ("full", "spec.rollout.analysis.metrics[2].scrape.aggregation", "median",
-     "spec.rollout.analysis.metrics[2].scrape.aggregation", "unsupported value 'median'", "scrape-aggregation"),
-    ("full", "spec.rollout.analysis.metrics[2].scrape.rate", 1, "spec.rollout.analysis.metrics[2].scrape.rate",
-     "must be true or false", "scrape-rate"),
+      'spec.rollout.analysis.metrics[2].scrape.aggregation',
+     "Input should be 'sum', 'avg', 'max' or 'min', got 'median'", 'scrape-aggregation'),
     ("full", "spec.rollout.analysis.metrics[2]", {"name": "x", "scrape": {"metric": "m"}},
-     "spec.rollout.analysis.metrics[2]", "must set a threshold", "metric-no-threshold"),
-    ("full", "spec.rollout.analysis.metrics[2].min", 101, "spec.rollout.analysis.metrics[2].min",
-     "must not exceed max (101.0 > 100.0)", "metric-min-over-max"),
-    ("full", "spec.rollout.analysis.metrics[2].max", "0.1", "spec.rollout.analysis.metrics[2].max",
-     "must be a finite number", "metric-max-string"),
-    ("full", "spec.rollout.analysis.metrics[2].max", math.inf, "spec.rollout.analysis.metrics[2].max",
-     "must be a finite number", "metric-max-infinite"),
+      'spec.rollout.analysis.metrics[2]',
+     'must set a threshold (max, min or maxRelativeToStable), unless it is a job metric', 'metric-no-threshold'),
+    ("full", "spec.rollout.analysis.metrics[2].min", 101, 'spec.rollout.analysis.metrics[2].min',
+     'must not exceed max (101 > 100)', 'metric-min-over-max'),
     ("full", "spec.rollout.analysis.metrics[0].maxRelativeToStable", -0.1,
-     "spec.rollout.analysis.metrics[0].maxRelativeToStable", "at least 0", "relative-negative"),
-    ("full", "spec.rollout.analysis.metrics[0]", "errorRate", "spec.rollout.analysis.metrics[0]", "must be an object",
-     "metric-not-object"),
+      'spec.rollout.analysis.metrics[0].maxRelativeToStable',
+     'Input should be greater than or equal to 0, got -0.1', 'relative-negative'),
+    ("full", "spec.rollout.analysis.metrics[0]", "errorRate", 'spec.rollout.analysis.metrics[0]',
+     "Input should be a valid dictionary or instance of Metric, got 'errorRate'", 'metric-not-object'),
 ]
 
 
@@ -709,7 +708,7 @@ def test_recipe_makes_defaults_explicit() -> None:
                                                       "evaluation": {"dataset": "builtin:digits"},
                                                       "artifacts": {"pvc": "a"}})
     explicit = apply_crd_defaults(crd_schema(), copy.deepcopy(implicit))
-    assert spec.build_recipe(_compression(implicit)) == spec.build_recipe(_compression(explicit)) == {
+    assert _compression(implicit).build_recipe() == _compression(explicit).build_recipe() == {
         "steps": [{"prune": {"amount": 0.9, "scope": "global", "fineTuneEpochs": 0}},
                   {"quantize": {"scheme": "int8-dynamic"}}],
         "evaluation": {"dataset": "builtin:digits", "maxRelativeAccuracyLoss": 0.01, "samples": 1000},
@@ -726,34 +725,47 @@ RECIPE_CHANGES = [
     pytest.param("spec.compression.compiled.maxBatchSize", 256, True, id="compiled-max-batch-changes-recipe"),
     pytest.param("spec.compression.compiled", {"aotInductor": False}, True, id="compiled-off-changes-recipe"),
     pytest.param("spec.compression.compiled", DELETE, True, id="compiled-absent-changes-recipe"),
+    pytest.param("spec.compression.compiled.mode", "auto", False, id="compiled-mode-auto-does-not"),
+    pytest.param("spec.compression.compiled.mode", "on", True, id="compiled-mode-on-changes-recipe"),
 ]
 
 
-@pytest.mark.parametrize("compiled", [
-    pytest.param(DELETE, id="absent"),
-    pytest.param({}, id="empty"),
-    pytest.param({"aotInductor": False, "maxBatchSize": 64, "maxAutotune": True}, id="off-with-settings"),
+@pytest.mark.parametrize(("compiled", "key"), [
+    # Nothing set (mode auto, the default): no compiled document, so that artifacts made before these fields keep
+    # their keys (the image in the key decides which runtime compresses: docs/operator.md).
+    pytest.param(DELETE, None, id="absent"),
+    pytest.param({}, None, id="empty"),
+    pytest.param({"mode": "auto"}, None, id="auto-written-out"),
+    pytest.param({"aotInductor": False, "mode": "auto", "maxBatchSize": 1024, "maxAutotune": False}, None,
+                 id="all-defaults-written-out"),
+    # aotInductor true hashes as it did before mode existed.
+    pytest.param({"aotInductor": True}, {"aotInductor": True, "maxBatchSize": 1024, "maxAutotune": False},
+                 id="aot-inductor-as-before"),
+    pytest.param({"aotInductor": True, "mode": "auto", "maxBatchSize": 128, "maxAutotune": True},
+                 {"aotInductor": True, "maxBatchSize": 128, "maxAutotune": True}, id="aot-inductor-settings"),
+    # Settings that change what auto builds count now (auto builds the package with them).
+    pytest.param({"aotInductor": False, "maxBatchSize": 64, "maxAutotune": True},
+                 {"aotInductor": False, "maxBatchSize": 64, "maxAutotune": True}, id="auto-with-settings"),
+    pytest.param({"mode": "on"}, {"mode": "on", "aotInductor": False, "maxBatchSize": 1024, "maxAutotune": False},
+                 id="on"),
+    pytest.param({"mode": "off"}, {"mode": "off", "aotInductor": False, "maxBatchSize": 1024, "maxAutotune": False},
+                 id="off"),
 ])
-def test_recipe_without_a_compiled_package_has_no_compiled_key(compiled: object) -> None:
-    """Artifacts made before spec.compression.compiled existed keep their keys: off is not written out."""
+def test_the_compiled_document_in_the_artifact_key(compiled: object, key: dict[str, Any] | None) -> None:
     body = mutate(full(), "spec.compression.compiled", compiled)
-    assert "compiled" not in spec.build_recipe(_compression(body))
-
-
-def test_recipe_with_a_compiled_package() -> None:
-    assert spec.build_recipe(_compression(full()))["compiled"] == {"aotInductor": True, "maxBatchSize": 128,
-                                                                    "maxAutotune": True}
+    body = mutate(body, "spec.compression.steps[2].quantize.scheme", "int8-dynamic")
+    assert _compression(body).build_recipe().get("compiled") == key
 
 
 @pytest.mark.parametrize(("path", "value", "changes"), RECIPE_CHANGES)
 def test_recipe_changes_only_with_the_artifact(path: str, value: object, changes: bool) -> None:
-    before = spec.build_recipe(_compression(full()))
-    after = spec.build_recipe(_compression(mutate(full(), path, value)))
+    before = _compression(full()).build_recipe()
+    after = _compression(mutate(full(), path, value)).build_recipe()
     assert (before != after) is changes
 
 
 def test_recipe_of_full_spec() -> None:
-    assert spec.build_recipe(_compression(full()))["steps"] == [
+    assert _compression(full()).build_recipe()["steps"] == [
         {"prune": {"amount": 0.5, "scope": "structured", "fineTuneEpochs": 3, "norm": 1}},
         {"distill": {"student": "models.small:build", "temperature": 2.0, "alpha": 0.7, "epochs": 5, "lr": 0.01,
                      "batchSize": 32}},
@@ -837,18 +849,48 @@ def test_crd_bounds_every_string_and_list_of_spec() -> None:
     assert unbounded == []
 
 
-def test_parser_bounds_equal_crd_bounds() -> None:
-    nodes = dict(_schema_nodes(crd_schema()["properties"]["spec"], "spec"))
-    rules = {p: " ".join(r["rule"] for r in n.get("x-kubernetes-validations", [])) for p, n in nodes.items()}
-    assert nodes["spec.serving.resources.limits{}"]["maxLength"] == spec.MAX_QUANTITY_LENGTH
-    assert nodes["spec.compression.resources.requests{}"]["maxLength"] == spec.MAX_QUANTITY_LENGTH
-    assert f"size(k) <= {spec.MAX_LABEL_KEY_LENGTH}" in rules["spec.serving.nodeSelector"]
-    assert f"size(k) <= {spec.MAX_LABEL_KEY_LENGTH}" in rules["spec.serving.resources.limits"]
-    assert f"size(k) <= {spec.MAX_SCRAPE_LABEL_NAME_LENGTH}" in rules["spec.rollout.analysis.metrics[].scrape.labels"]
-    assert f"duration('{spec.MAX_PAUSE_SECONDS / 3600:g}h')" in rules["spec.rollout.steps[].pause"]
-    assert f"duration('{spec.MAX_INITIAL_DELAY_SECONDS / 3600:g}h')" in rules["spec.rollout.analysis.initialDelay"]
-    # the largest values are accepted
+def test_largest_durations_are_accepted() -> None:
     body = mutate(mutate(full(), "spec.rollout.steps[0].pause", "168h"), "spec.rollout.analysis.initialDelay", "24h")
     rollout = parse(body).spec.rollout
-    assert rollout.steps[0].pause_seconds == spec.MAX_PAUSE_SECONDS
-    assert rollout.analysis is not None and rollout.analysis.initial_delay_seconds == spec.MAX_INITIAL_DELAY_SECONDS
+    assert rollout.steps[0].pause_seconds == 168 * 3600
+    assert rollout.analysis is not None and rollout.analysis.initial_delay_seconds == 24 * 3600
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CRD is generated from the types
+
+
+def test_committed_crd_is_what_the_types_generate() -> None:
+    assert CRD_PATH.read_text() == crd.build_crd_text(), "crds/ is stale: run `make crd`"
+
+
+def test_docs_field_reference_is_what_the_types_generate() -> None:
+    text = (REPO / "docs" / "crd.md").read_text()
+    shown = text[text.index(crd.REFERENCE_BEGIN) + len(crd.REFERENCE_BEGIN):text.index(crd.REFERENCE_END)]
+    assert shown == crd.build_reference(), "docs/crd.md's reference is stale: run `make crd`"
+    assert "| `rollout.analysis.metrics[].job.template` |" in shown and "| `image` |" in shown
+
+
+def test_crd_check_fails_on_a_hand_edit(tmp_path: Path) -> None:
+    """`python -m shipyard.operator.crd --check` (run by make test) refuses a CRD edited by hand."""
+    (tmp_path / "crds").mkdir()
+    (tmp_path / "hack").mkdir()
+    (tmp_path / "hack" / "sync-chart.py").write_text("import sys; sys.exit(0)\n")
+    edited = crd.build_crd_text().replace("maximum: 1000\n", "maximum: 5000\n", 1)
+    assert edited != crd.build_crd_text()
+    (tmp_path / "crds" / crd.FILE_NAME).write_text(edited)
+    assert crd.main(["--check", "--repo", str(tmp_path)]) == 1
+    (tmp_path / "crds" / crd.FILE_NAME).write_text(crd.build_crd_text())
+    assert crd.main(["--check", "--repo", str(tmp_path)]) == 0
+
+
+def test_every_provider_is_a_metric_field_and_a_status_value() -> None:
+    nodes = dict(_schema_nodes(crd_schema()))
+    metric = nodes[".spec.properties"] if False else crd_schema()["properties"]["spec"]["properties"]["rollout"][
+        "properties"]["analysis"]["properties"]["metrics"]["items"]
+    assert set(spec.PROVIDER_KEYS) <= set(metric["properties"])
+    status_provider = crd_schema()["properties"]["status"]["properties"]["analysis"]["properties"]["metrics"][
+        "items"]["properties"]["provider"]
+    assert status_provider["enum"] == list(spec.PROVIDER_KEYS)
+    one_of = [r["rule"] for r in metric["x-kubernetes-validations"] if "<= 1" in r["rule"]]
+    assert one_of == [" + ".join(f"(has(self.{k}) ? 1 : 0)" for k in spec.PROVIDER_KEYS) + " <= 1"]

@@ -58,7 +58,7 @@ app.kubernetes.io/part-of: shipyard
 {{/*
 The operator's permissions, defined once. "cluster" rules exist only cluster-wide (a ClusterRole in either mode);
 "namespaced" rules go into the ClusterRole (all namespaces) or into a Role in each watched namespace.
-Everything here is derived from operator/kube.py and operator/handlers.py and proven by tests/integration/test_chart.py,
+Everything here is derived from shipyard.operator.kube and shipyard.operator.handlers and proven by tests/integration/test_chart.py,
 which runs the operator authenticated as this ServiceAccount.
 */}}
 {{- define "shipyard.rules.namespaced" -}}

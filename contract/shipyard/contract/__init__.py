@@ -23,6 +23,9 @@ ENV_MODEL_VERSION = "SHIPYARD_MODEL_VERSION"  # the image tag (or digest) = the 
 ENV_ARTIFACT_PATH = "SHIPYARD_ARTIFACT_PATH"  # directory of the model artifact to serve
 ENV_MAX_BATCH_SIZE = "SHIPYARD_MAX_BATCH_SIZE"
 ENV_MAX_DELAY_MS = "SHIPYARD_MAX_DELAY_MS"
+# The served form (spec.compression.compiled.mode: auto | on | off), set on inference pods of a compressed artifact;
+# `serve --compiled` overrides it. An env var, not a flag, so that an older runtime image ignores it.
+ENV_COMPILED = "SHIPYARD_COMPILED"
 ENV_FAULT_ERROR_RATE = "SHIPYARD_FAULT_ERROR_RATE"  # fault injection, off by default (0)
 ENV_FAULT_EXTRA_LATENCY_MS = "SHIPYARD_FAULT_EXTRA_LATENCY_MS"
 # Environment of analysis Jobs (the `job` metric provider): where the candidate serves, and the stable to compare.

@@ -155,20 +155,60 @@ class Evaluation(_KeyedModel):
     set), each in [0, 1]; a metric not listed uses maxRelativeAccuracyLoss."""
 
 
-class Compiled(_KeyedModel):
-    """An AOTInductor package of the compressed model, built by the compression Job next to its weights (native CPU
-    code, float32, gated on the same evaluation as the eager model). The inference pods serve it instead of the eager
-    model when it fits: CPU pods, no GPU. On small models torchao's int8 layers are slower in eager mode than fp32;
-    compiled they are faster. Part of the recipe: changing it makes a new artifact. Building it adds tens of seconds
-    to the Job."""
+CompiledMode: TypeAlias = Literal["auto", "on", "off"]
+COMPILED_MODES: Final[tuple[CompiledMode, ...]] = ("auto", "on", "off")
 
+
+def _compiled_problem(fields: Any) -> str | None:
+    if fields.get("aotInductor") and fields.get("mode") == "off":
+        return "@aotInductor: cannot be true with mode off (aotInductor: true asks for the package, mode off for none)"
+    return None
+
+
+class Compiled(_KeyedModel):
+    """The served form of the compressed model: eager PyTorch, or an AOTInductor package the compression Job builds
+    next to the weights (native CPU code, float32, gated on the same evaluation as the eager model). On small models
+    torchao's int8 layers are slower in eager mode than fp32, compiled they are faster; on others eager wins: the Job
+    measures both forms it can build and records the faster one for its device, which the inference pods serve.
+    Part of the recipe (except mode auto, the default, and the defaults of the other fields while nothing is set):
+    changing it makes a new artifact. Building the package adds tens of seconds to the Job, and its memory."""
+
+    __constraints__ = (schema.Constraint(
+        schema.Cel("!has(self.aotInductor) || !self.aotInductor || !has(self.mode) || self.mode != 'off'",
+                   "spec.compression.compiled.aotInductor cannot be true with mode off", field_path=".aotInductor"),
+        _compiled_problem),)
+    __key_when_set__ = frozenset({"mode"})
+
+    mode: CompiledMode = "auto"
+    """auto: build the package when the Job's device can (a CPU Job; not after fp8/int4, which quantize for CUDA),
+    measure the eager model and the package, and serve the faster on pods of that device (others serve the eager
+    model); a package that cannot be built or fails the gate leaves the eager model. on: the package is required
+    (the Job fails without it) and served (a pod that cannot serve it fails to start: CPU pods only). off: the eager
+    model only, no package. Default auto."""
     aot_inductor: bool = False
-    """Build the AOTInductor package (and serve it on CPU pods). Default false."""
+    """Deprecated, kept for specs written before mode: true asks for the package as mode auto does (with auto, the
+    faster form is served). Default false."""
     max_batch_size: Annotated[int, Field(ge=2, le=65536)] = 1024
-    """Largest batch the package accepts; must be at least spec.serving.batching.maxBatchSize. Default 1024."""
+    """Largest batch the package accepts; a pod whose spec.serving.batching.maxBatchSize is larger serves the eager
+    model (with mode on, admission refuses it). Default 1024."""
     max_autotune: bool = False
     """Let Inductor benchmark its C++ GEMM templates (e.g. AMX/VNNI int8 kernels) on the Job's node and keep the
-    fastest: a longer build, tuned to that node's CPU. Default false."""
+    fastest: minutes more on a cold compile cache, tuned to that node's CPU. Default false."""
+
+    @property
+    def builds_package(self) -> bool:
+        """Whether the Job tries to build the package (auto and on; off never)."""
+        return self.mode != "off"
+
+    @property
+    def requires_package(self) -> bool:
+        """Whether the Job fails without the package (mode on)."""
+        return self.mode == "on"
+
+    @property
+    def is_default(self) -> bool:
+        """Nothing set: the artifact key leaves the compiled document out (the keys made before the field existed)."""
+        return self == Compiled()
 
 
 Steps = Annotated[list[CompressionStep], Field(min_length=1, max_length=8,
@@ -179,7 +219,10 @@ def build_recipe_document(steps: list[CompressionStep], evaluation: Evaluation, 
     """The recipe as the artifact key hashes it (see the module docstring); JSON-serialisable. Pure."""
     document: dict[str, Any] = {"steps": [s.build_key_document() for s in steps],
                                 "evaluation": evaluation.build_key_document()}
-    if compiled.aot_inductor:  # absent when off, so that the keys of artifacts made before the field stay the same
+    # Absent while nothing is set (mode auto, the default, counts only when set), so that the keys of artifacts made
+    # before these fields existed stay the same: the key also hashes the image, whose runtime compresses, so an
+    # artifact made for (image, recipe) is what that image's runtime makes again (see docs/operator.md).
+    if compiled.aot_inductor or not compiled.is_default:
         document["compiled"] = compiled.build_key_document()
     return document
 

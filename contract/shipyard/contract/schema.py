@@ -14,7 +14,8 @@ Shipyard's API is defined once, as pydantic models (``shipyard.operator.spec`` f
 
 Field names are snake_case in Python and camelCase on the wire (``alias_generator``); a field whose wire name is not
 the camelCase of its Python name (``maxSurgeGPUs``) sets ``alias``. Unknown fields are ignored (the API server prunes
-them) unless ``parse(..., forbid_unknown=True)`` asks for them to be refused (config files written by hand).
+them) unless ``parse(..., forbid_unknown=True)`` asks for them to be refused (config files written by hand; there a
+field's Python name, ``fine_tune_epochs``, is unknown too: only wire names are accepted).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ class Constraint:
     """
 
     cel: Cel
-    check: Callable[[Mapping[str, Any]], str | None]  # the wire document of the object -> a problem, or None
+    # the object's fields by wire name, after validation and defaults (None: unset) -> a problem, or None; a problem
+    # about one field starts with "@<field>: " (the error is then reported at that field's path)
+    check: Callable[[Mapping[str, Any]], str | None]
 
     def problem(self, document: Mapping[str, Any]) -> str | None:
         return self.check(document)
@@ -114,7 +117,7 @@ def requires(field: str, other: str, value: str, *, what: str) -> Constraint:
         Cel(f"!has(self.{field}) || self.{other} == '{value}'", f"{what} is only allowed with {other} {value}",
             field_path=f".{field}", reason="FieldValueForbidden"),
         lambda d: None if not _has(d, field) or d.get(other) == value else
-        f"{field}: only allowed with {other} {value}")
+        f"@{field}: only allowed with {other} {value}")
 
 
 def not_above(low: str, high: str, *, what: str) -> Constraint:
@@ -123,7 +126,7 @@ def not_above(low: str, high: str, *, what: str) -> Constraint:
         Cel(f"!has(self.{high}) || !has(self.{low}) || self.{low} <= self.{high}",
             f"{what} {low} must not exceed {high}", field_path=f".{low}"),
         lambda d: None if not (_has(d, low) and _has(d, high)) or d[low] <= d[high] else
-        f"{low}: must not exceed {high} ({d[low]} > {d[high]})")
+        f"@{low}: must not exceed {high} ({d[low]:g} > {d[high]:g})")
 
 
 def k8s(*, validations: Sequence[Cel] = (), list_type: str | None = None, list_map_keys: Sequence[str] = (),
@@ -169,19 +172,24 @@ class ApiModel(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _check_document(cls, data: Any, info: ValidationInfo) -> Any:
-        if not isinstance(data, Mapping):
-            return data
-        if info.context and info.context.get("forbid_unknown"):
+    def _check_fields(cls, data: Any, info: ValidationInfo) -> Any:
+        if isinstance(data, Mapping) and info.context and info.context.get("forbid_unknown"):
             wire = sorted(f.alias or name for name, f in cls.model_fields.items())
-            unknown = [str(k) for k in data if k not in wire and k not in cls.model_fields]
+            # wire names only: a Python name (fine_tune_epochs) next to its wire name would be silently dropped
+            unknown = [str(k) for k in data if k not in wire]
             if unknown:
-                raise ValueError(f"unknown field {unknown[0]!r} (known: {', '.join(wire)})")
-        for constraint in cls.__constraints__:
-            problem = constraint.problem(data)
-            if problem is not None:
-                raise ValueError(problem)
+                raise ValueError(f"@{unknown[0]}: unknown field (known: {', '.join(wire)})")
         return data
+
+    @model_validator(mode="after")
+    def _check_constraints(self) -> ApiModel:
+        if self.__constraints__:
+            fields = {info.alias or name: getattr(self, name) for name, info in type(self).model_fields.items()}
+            for constraint in self.__constraints__:
+                problem = constraint.problem(fields)
+                if problem is not None:
+                    raise ValueError(problem)
+        return self
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
@@ -223,6 +231,9 @@ def build_problems(error: pydantic.ValidationError, prefix: str = "") -> list[st
     for item in error.errors(include_url=False):
         loc = [p for p in item["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union")))]
         message = str(item["msg"]).removeprefix("Value error, ")
+        if message.startswith("@") and ": " in message:  # a constraint about one field (see Constraint.check)
+            field, message = message[1:].split(": ", 1)
+            loc.append(field)
         value = item.get("input")
         if item["type"] not in ("missing", "value_error") and isinstance(value, str | int | float | bool):
             shown = repr(value)
@@ -276,10 +287,11 @@ def _convert(node: Mapping[str, Any], definitions: Mapping[str, Any]) -> dict[st
         return _ordered(merged)
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in ("title", "$defs") or (key == "default" and value is None):
-            continue
-        if key == "additionalProperties" and value is False:
-            continue
+        if key in ("title", "$defs") or (key == "default" and value in (None, [])):
+            continue  # an empty list default would be written into every stored object
+        if key == "additionalProperties" and (value is False or (value is True or value == {}) and
+                                               node.get("x-kubernetes-preserve-unknown-fields")):
+            continue  # structural schemas have no additionalProperties: false; preserved fields need none
         if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = _number(value)
             out[key] = True
@@ -291,6 +303,8 @@ def _convert(node: Mapping[str, Any], definitions: Mapping[str, Any]) -> dict[st
             out[key] = _convert(value, definitions)
         elif key in ("minimum", "maximum"):
             out[key] = _number(value)
+        elif key == "description":
+            out[key] = " ".join(str(value).split())  # docstrings wrap; a description is one paragraph
         else:
             out[key] = value
     if "default" in out and isinstance(out["default"], float):

@@ -1,25 +1,40 @@
-"""Parses a ModelDeployment's body into frozen dataclasses, with the CRD's defaults applied.
+"""The ModelDeployment's spec: the one definition of its fields, from which the CRD is generated. Pure, no I/O.
 
-Pure: no I/O, no Kopf, no Kubernetes client, no clock, no torch. The API server rejects most invalid input at
-admission (crds/modeldeployments.shipyard.dev.yaml); this module checks it again, because the operator may read
-objects stored before a rule or a default existed, and it checks what the schema cannot express. Any problem
-raises one ``SpecError`` whose message starts with the field's path (``spec.rollout.steps[1].weight: ...``).
+Each field is declared once here (type, bounds, enum, pattern, default, description as its docstring, CEL rules);
+``shipyard.operator.crd`` generates ``crds/modeldeployments.shipyard.dev.yaml`` and the chart's copy from these
+types, and CI fails when the committed files differ (``python -m shipyard.operator.crd check``). The compression
+recipe is ``shipyard.contract.recipe`` (shared with the runtime); each metric provider's fragment is defined by
+its module in ``shipyard.operator.providers``.
 
-Defaults mirror the CRD's; a test compares them. Unknown fields are ignored (the API server prunes them).
+The operator relies on admission: the API server applied the defaults and checked bounds, enums, patterns and the
+CEL rules. Parsing (``parse_model_deployment``) builds the typed view with the same models (it re-applies the same
+defaults and types, it does not re-implement them) and adds only what the API server cannot check: the image
+reference's version (``docker_image``'s parser of the distribution grammar) and the order of compression steps.
+Any problem raises one ``SpecError`` whose message starts with the field's path (``spec.rollout.steps[1].weight:
+...``); the planner turns it into ``Stalled`` naming the field.
 
 Versions: the image tag is the version; an image pinned by digest only has the version ``sha256-<first 12 hex
-digits of the digest>`` (see ``image_version``). Manual controls are annotations (``ANNOTATION_*``), parsed into
-``ManualControls``; the operator never writes spec.
+digits of the digest>``. Manual controls are annotations (``ANNOTATION_*``), parsed into ``ManualControls``; the
+operator never writes spec.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import ClassVar, Final, Literal, TypeAlias, TypeVar, cast
+from typing import Annotated, Any, Final, Literal, TypeAlias
+
+import durationpy
+from docker_image import reference as image_reference
+from pydantic import BeforeValidator, Field, WithJsonSchema
+
+from shipyard.contract import quantity, recipe, schema
+from shipyard.operator.providers import builtin as builtin_provider
+from shipyard.operator.providers import job as job_provider
+from shipyard.operator.providers import prometheus as prometheus_provider
+from shipyard.operator.providers import scrape as scrape_provider
+from shipyard.operator.providers import web as web_provider
 
 GPU_RESOURCE: Final = "nvidia.com/gpu"
 
@@ -28,93 +43,19 @@ ANNOTATION_ABORT: Final = "shipyard.dev/abort"  # value: the candidate version w
 ANNOTATION_RETRY: Final = "shipyard.dev/retry"  # value: any token; each new value retries the failed version once
 ANNOTATION_ROLLBACK_TO: Final = "shipyard.dev/rollback-to"  # value: a version kept in status.history
 
-# Defaults, as in the CRD.
-DEFAULT_PRUNE_SCOPE: Final = "global"
-DEFAULT_STRUCTURED_NORM: Final = 2
-DEFAULT_FINE_TUNE_EPOCHS: Final = 0
-DEFAULT_TEMPERATURE: Final = 4.0
-DEFAULT_ALPHA: Final = 0.5
-DEFAULT_DISTILL_EPOCHS: Final = 10
-DEFAULT_LR: Final = 0.001
-DEFAULT_BATCH_SIZE: Final = 64
-DEFAULT_MAX_RELATIVE_ACCURACY_LOSS: Final = 0.01
-DEFAULT_EVALUATION_SAMPLES: Final = 1000
-DEFAULT_BACKOFF_LIMIT: Final = 1
-DEFAULT_ACTIVE_DEADLINE_SECONDS: Final = 3600
-DEFAULT_COMPILED_MAX_BATCH_SIZE: Final = 1024
-DEFAULT_REPLICAS: Final = 1
-DEFAULT_MAX_BATCH_SIZE: Final = 32
-DEFAULT_MAX_DELAY_MS: Final = 5
-DEFAULT_SERVICE_PORT: Final = 8080
-DEFAULT_STARTUP_TIMEOUT_SECONDS: Final = 900
-DEFAULT_INTERVAL: Final = "30s"
-DEFAULT_INITIAL_DELAY: Final = "0s"
-DEFAULT_FAILURE_LIMIT: Final = 1
-DEFAULT_CONSECUTIVE_ERROR_LIMIT: Final = 4
-DEFAULT_MIN_SAMPLES: Final = 1
-DEFAULT_NO_DATA: Final = "Inconclusive"
-DEFAULT_SCRAPE_AGGREGATION: Final = "sum"
-DEFAULT_ROLLBACK_POLICY: Final = "Automatic"
-DEFAULT_REVISION_HISTORY_LIMIT: Final = 10
-DEFAULT_RETRY: Final = 0
-
-# Bounds, as in the CRD.
-MAX_PAUSE_SECONDS: Final = 168 * 3600.0  # a rollout step's pause (hold longer with manual: true)
-MAX_INITIAL_DELAY_SECONDS: Final = 24 * 3600.0
-MAX_QUANTITY_LENGTH: Final = 64
-MAX_LABEL_KEY_LENGTH: Final = 317  # a qualified name: DNS-subdomain prefix (253) / name (63)
-MAX_SCRAPE_LABEL_NAME_LENGTH: Final = 256
-
-PruneScope: TypeAlias = Literal["global", "structured"]
-QuantizeScheme: TypeAlias = Literal["int8-dynamic", "int8-weight-only", "int8-embedding", "fp8", "int4-weight-only"]
-BuiltinMetric: TypeAlias = Literal["errorRate", "latencyP99"]
-ScrapeAggregation: TypeAlias = Literal["sum", "avg", "max", "min"]
-NoDataPolicy: TypeAlias = Literal["Fail", "Inconclusive", "Ignore"]
-RollbackPolicy: TypeAlias = Literal["Automatic", "Manual"]
-ProviderKind: TypeAlias = Literal["builtin", "prometheus", "scrape"]
-StepKind: TypeAlias = Literal["prune", "quantize", "distill"]
-_E = TypeVar("_E", bound=str)
-
-PRUNE_SCOPES: Final[tuple[PruneScope, ...]] = ("global", "structured")
-QUANTIZE_SCHEMES: Final[tuple[QuantizeScheme, ...]] = (
-    "int8-dynamic", "int8-weight-only", "int8-embedding", "fp8", "int4-weight-only",
-)
-CUDA_ONLY_SCHEMES: Final[frozenset[QuantizeScheme]] = frozenset({"fp8", "int4-weight-only"})
-BUILTIN_METRICS: Final[tuple[BuiltinMetric, ...]] = ("errorRate", "latencyP99")
-SCRAPE_AGGREGATIONS: Final[tuple[ScrapeAggregation, ...]] = ("sum", "avg", "max", "min")
-NO_DATA_POLICIES: Final[tuple[NoDataPolicy, ...]] = ("Fail", "Inconclusive", "Ignore")
-ROLLBACK_POLICIES: Final[tuple[RollbackPolicy, ...]] = ("Automatic", "Manual")
-
-# Patterns, the same as the CRD's.
-_DOMAIN_COMPONENT = r"[a-zA-Z0-9](?:[-a-zA-Z0-9]*[a-zA-Z0-9])?"
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[.]|_|__|-+)[a-z0-9]+)*"
-_IMAGE_RE: Final = re.compile(
-    rf"(?P<repository>(?:{_DOMAIN_COMPONENT}(?:[.]{_DOMAIN_COMPONENT})*(?::[0-9]{{1,5}})?/)?"
-    rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
-    r"(?::(?P<tag>[A-Za-z0-9_][-A-Za-z0-9_.]{0,127}))?"
-    r"(?:@(?P<digest>sha256:[a-f0-9]{64}))?"
-)
-_DURATION_RE: Final = re.compile(r"(?:[0-9]+(?:[.][0-9]+)?(?:ms|s|m|h))+")
-_DURATION_PART_RE: Final = re.compile(r"([0-9]+(?:[.][0-9]+)?)(ms|s|m|h)")
-_DURATION_UNITS: Final[Mapping[str, float]] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_URI_RE: Final = re.compile(
-    r"(?:(?:pvc|s3|gs)://[a-z0-9](?:[-a-z0-9.]*[a-z0-9])?(?:/[^ ]*)?|https://[^ /]+(?:/[^ ]*)?)"
-)
-_MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?")
-_FACTORY_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
-_DATASET_RE: Final = re.compile(rf"builtin:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?|{_FACTORY_RE.pattern}")
-_DNS_LABEL_RE: Final = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN_RE: Final = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:[.][a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*")
-_HTTP_URL_RE: Final = re.compile(r"https?://[^ /]+(?:/[^ ]*)?")
-_CREDENTIALS_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")  # scheme://user:password@host
-_LABEL_KEY_RE: Final = re.compile(
-    r"(?:[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:[.][a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-)
-_LABEL_VALUE_RE: Final = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
-_PROM_NAME_RE: Final = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-_QUANTITY_RE: Final = re.compile(
-    r"[+-]?(?:[0-9]+(?:[.][0-9]*)?|[.][0-9]+)(?:[KMGTPE]i|[numkMGTPE]|[eE][+-]?(?:[0-9]+(?:[.][0-9]*)?|[.][0-9]+))?"
-)
+DURATION_PATTERN: Final = r"^([0-9]+([.][0-9]+)?(ms|s|m|h))+$"
+IMAGE_PATTERN: Final = (
+    r"^([a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?([.][a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*(:[0-9]{1,5})?/)?"
+    r"[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?(@sha256:[a-f0-9]{64})?$")
+URI_PATTERN: Final = r"^((pvc|s3|gs)://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^ ]*)?|https://[^ /]+(/[^ ]*)?)$"
+DNS_LABEL_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_KEY_PATTERN: Final = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                            r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE_PATTERN: Final = r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$"
+NO_CREDENTIALS_RULE: Final = "!self.matches('^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@')"
+MAX_RESOURCE_NAME: Final = 317  # a qualified name: DNS-subdomain prefix (253) / name (63)
 
 
 class SpecError(ValueError):
@@ -124,6 +65,46 @@ class SpecError(ValueError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Field types
+
+
+def _duration_rule(bound: str, message: str) -> schema.Cel:
+    return schema.Cel(f"!self.matches('{DURATION_PATTERN}') || {bound}", message)
+
+
+Duration = Annotated[str, Field(max_length=32, pattern=DURATION_PATTERN)]
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of a duration such as ``30s``, ``5m``, ``1h30m``, ``250ms``, ``1.5h`` (Go's syntax, as the API
+    server's ``duration()``); ValueError when it is not one."""
+    return float(durationpy.from_str(text).total_seconds())
+
+
+def _quantity_text(value: object) -> object:
+    """The API server stores integer quantities as numbers; the typed view keeps every quantity as its text."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_text),
+    Field(max_length=quantity.MAX_LENGTH, pattern=quantity.PATTERN),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "pattern": quantity.PATTERN,
+                    "x-kubernetes-int-or-string": True, "maxLength": quantity.MAX_LENGTH}),
+]
+ResourceList = Annotated[dict[str, Quantity], Field(json_schema_extra=schema.k8s(
+    max_properties=16, validations=[schema.Cel(f"self.all(k, size(k) <= {MAX_RESOURCE_NAME})",
+                                               f"resource names must be at most {MAX_RESOURCE_NAME} characters")]))]
+
+
+def _address_field(description_of: str) -> Any:
+    return Field(max_length=512, pattern=r"^https?://[^ /]+(/[^ ]*)?$", json_schema_extra=schema.k8s(validations=[
+        schema.Cel(NO_CREDENTIALS_RULE, f"{description_of} must not carry credentials (user:password@host): "
+                                        "addresses appear in status and Events", reason="FieldValueForbidden")]))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,13 +128,48 @@ class ImageReference:
         return "sha256-" + self.digest.removeprefix("sha256:")[:12]
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the source model is: exactly one of ``path`` (inside the image) and ``uri``."""
+@functools.lru_cache(maxsize=4096)
+def parse_image(image: str, field: str = "spec.image") -> ImageReference:
+    """Splits an image reference (the distribution grammar); it must carry a tag or a digest."""
+    try:
+        parsed = image_reference.Reference.parse(image)
+    except Exception as exc:  # the library raises its own error classes, all meaning "not a reference"
+        raise SpecError(field, f"{image!r} is not a valid image reference ([registry[:port]/]repository[:tag]"
+                               f"[@sha256:digest], repository in lower case): {exc}") from None
+    tag, digest = parsed["tag"], parsed["digest"]
+    if tag is None and digest is None:
+        raise SpecError(field, f"{image!r} must carry a tag (repository:1.4.0) or a digest (@sha256:...): the tag "
+                               "is the version, and a registry port is not a tag")
+    return ImageReference(reference=image, repository=str(parsed["name"]), tag=tag, digest=digest)
 
-    path: str | None = None
-    uri: str | None = None
-    name: str | None = None  # the OIP model name; None = the ModelDeployment's name
+
+def image_version(image: str) -> str:
+    """The version of an image: its tag, else ``sha256-`` and the first 12 hex digits of its digest."""
+    return parse_image(image).version
+
+
+class ModelSource(schema.ApiModel):
+    """Where the source model is: a path inside the image, or a URI. Exactly one of path and uri."""
+
+    __constraints__ = (
+        schema.at_least_one("path", "uri", what="spec.model"),
+        schema.Constraint(schema.Cel("!(has(self.path) && has(self.uri))", "spec.model must set only one of path "
+                                     "and uri", reason="FieldValueForbidden"),
+                          lambda d: "must set only one of path and uri" if d.get("path") and d.get("uri") else None),
+    )
+
+    path: Annotated[str, Field(min_length=2, max_length=1024, pattern="^/")] | None = None
+    """Absolute path of the model directory inside the image, e.g. /models/digits."""
+    uri: Annotated[str, Field(max_length=2048, pattern=URI_PATTERN, json_schema_extra=schema.k8s(validations=[
+        schema.Cel(NO_CREDENTIALS_RULE, "spec.model.uri must not carry credentials (user:password@host): it is "
+                   "copied into the compression Job; give the Job its credentials through its service account or "
+                   "the image", reason="FieldValueForbidden")]))] | None = None
+    """URI of the model: pvc://<claim>/<path> (a PersistentVolumeClaim in the same namespace, mounted read-only).
+    s3://<bucket>/<key>, gs://<bucket>/<key> and https://<host>/<path> are reserved: this version does not fetch
+    them and reports Stalled (UnsupportedModelSource)."""
+    name: Annotated[str, Field(max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")] | None = None
+    """Model name served on the Open Inference Protocol (/v2/models/{name}); defaults to the ModelDeployment's
+    name."""
 
     @property
     def uri_scheme(self) -> str | None:
@@ -163,64 +179,43 @@ class ModelSource:
     @property
     def pvc(self) -> tuple[str, str] | None:
         """(claim, path inside the claim starting with '/') of a ``pvc://<claim>/<path>`` source, else None."""
-        if self.uri_scheme != "pvc":
+        if self.uri is None or self.uri_scheme != "pvc":
             return None
-        assert self.uri is not None
         claim, _, rest = self.uri.removeprefix("pvc://").partition("/")
         return claim, "/" + rest.strip("/")
 
 
-@dataclass(frozen=True)
-class Prune:
-    kind: ClassVar[StepKind] = "prune"
-    amount: float  # in (0, 1)
-    scope: PruneScope = "global"
-    norm: int | None = None  # 1 or 2 for structured (default 2); None for global
-    fine_tune_epochs: int = DEFAULT_FINE_TUNE_EPOCHS
+def _gpu_rules(path: str) -> tuple[schema.Cel, ...]:
+    return (
+        schema.Cel("!has(self.limits) || !('nvidia.com/gpu' in self.limits) || "
+                   "string(self.limits['nvidia.com/gpu']).matches('^[0-9]+$')",
+                   f"{path}.limits nvidia.com/gpu must be a whole number of GPUs", field_path=".limits"),
+        schema.Cel("!has(self.requests) || !('nvidia.com/gpu' in self.requests) || (has(self.limits) && "
+                   "'nvidia.com/gpu' in self.limits && string(self.requests['nvidia.com/gpu']) == "
+                   "string(self.limits['nvidia.com/gpu']))",
+                   f"{path} nvidia.com/gpu must be set in limits, and requests must equal limits",
+                   field_path=".limits"),
+    )
 
 
-@dataclass(frozen=True)
-class Quantize:
-    kind: ClassVar[StepKind] = "quantize"
-    scheme: QuantizeScheme
+class Resources(schema.ApiModel):
+    """Compute resources of a container, as in a pod spec (quantities kept as the text the API server stores)."""
 
-    @property
-    def needs_cuda(self) -> bool:
-        return self.scheme in CUDA_ONLY_SCHEMES
-
-
-@dataclass(frozen=True)
-class Distill:
-    kind: ClassVar[StepKind] = "distill"
-    student: str  # module:function
-    temperature: float = DEFAULT_TEMPERATURE
-    alpha: float = DEFAULT_ALPHA
-    epochs: int = DEFAULT_DISTILL_EPOCHS
-    lr: float = DEFAULT_LR
-    batch_size: int = DEFAULT_BATCH_SIZE
-
-
-CompressionStep: TypeAlias = Prune | Quantize | Distill
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    dataset: str  # builtin:<name> or module:function
-    max_relative_accuracy_loss: float = DEFAULT_MAX_RELATIVE_ACCURACY_LOSS
-    samples: int = DEFAULT_EVALUATION_SAMPLES
-
-
-@dataclass(frozen=True)
-class Resources:
-    """Container resources; quantities kept as the strings the API server stores (integers become strings)."""
-
-    requests: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    limits: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    requests: ResourceList = Field(default_factory=dict)
+    """Minimum resources, by resource name (cpu, memory, nvidia.com/gpu, ...)."""
+    limits: ResourceList = Field(default_factory=dict)
+    """Maximum resources, by resource name; GPUs (nvidia.com/gpu) are whole numbers set here."""
 
     @property
     def gpus(self) -> int:
         """Whole GPUs per container (``nvidia.com/gpu`` limit), 0 when none."""
-        return int(self.limits.get(GPU_RESOURCE, "0"))
+        return int(quantity.parse_quantity(self.limits.get(GPU_RESOURCE, "0")))
+
+    @property
+    def cpu_limit_cores(self) -> float | None:
+        """The CPU limit in cores (``500m`` -> 0.5, ``1k`` -> 1000), None when there is none."""
+        cpu = self.limits.get("cpu")
+        return None if cpu is None else quantity.build_cpu_cores(cpu)
 
     def as_k8s(self) -> dict[str, dict[str, str]]:
         """The ``resources`` of a container spec (only the non-empty parts)."""
@@ -232,142 +227,288 @@ class Resources:
         return out
 
 
-@dataclass(frozen=True)
-class Compiled:
-    """An AOTInductor package built next to the compressed weights (served on CPU pods when it fits)."""
-    aot_inductor: bool = False
-    max_batch_size: int = DEFAULT_COMPILED_MAX_BATCH_SIZE
-    max_autotune: bool = False
+class CompressionResources(Resources):
+    """Compute resources of the compression Job's container (e.g. nvidia.com/gpu for fp8/int4)."""
+
+    __cel__ = _gpu_rules("spec.compression.resources")
 
 
-@dataclass(frozen=True)
-class Compression:
-    steps: tuple[CompressionStep, ...]
-    evaluation: Evaluation
-    artifacts_pvc: str
-    compiled: Compiled = field(default_factory=Compiled)
-    resources: Resources = field(default_factory=Resources)
-    backoff_limit: int = DEFAULT_BACKOFF_LIMIT
-    active_deadline_seconds: int = DEFAULT_ACTIVE_DEADLINE_SECONDS
+class ServingResources(Resources):
+    """Compute resources of each inference container."""
+
+    __cel__ = _gpu_rules("spec.serving.resources")
+
+
+class ArtifactStore(schema.ApiModel):
+    """Where compressed artifacts are stored (shared by the Job and the serving pods)."""
+
+    pvc: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+    """Name of a PersistentVolumeClaim in the same namespace (ReadWriteMany for several nodes)."""
+
+
+class Compression(schema.ApiModel):
+    """Compression of the model in a Kubernetes Job before it is served, gated on measured accuracy; the result is a
+    content-addressed artifact (a new version or recipe makes a new artifact, an existing one is reused). Absent:
+    the source model is served as is."""
+
+    steps: recipe.Steps
+    """Compression steps applied in order; each sets exactly one of prune, quantize, distill."""
+    evaluation: recipe.Evaluation
+    """The accuracy gate; the Job fails (and nothing is rolled out) when the loss exceeds the tolerance."""
+    artifacts: ArtifactStore
+    """Where compressed artifacts are stored (shared by the Job and the serving pods)."""
+    compiled: recipe.Compiled = Field(default_factory=recipe.Compiled)
+    resources: CompressionResources = Field(default_factory=CompressionResources)
+    """Compute resources of the compression Job's container (e.g. nvidia.com/gpu for fp8/int4)."""
+    backoff_limit: Annotated[int, Field(ge=0, le=10)] = 1
+    """Retries of the compression Job's pod before the Job fails. Default 1."""
+    active_deadline_seconds: Annotated[int, Field(ge=60, le=604800)] = 3600
+    """Wall-clock limit of the compression Job, in seconds. Default 3600."""
+
+    @property
+    def artifacts_pvc(self) -> str:
+        return self.artifacts.pvc
 
     @property
     def needs_cuda(self) -> bool:
-        return any(isinstance(s, Quantize) and s.needs_cuda for s in self.steps)
+        return any(s.quantize is not None and s.quantize.needs_cuda for s in self.steps)
+
+    def build_recipe(self) -> dict[str, Any]:
+        """The recipe as the artifact key hashes it (``recipe.build_recipe_document``)."""
+        return recipe.build_recipe_document(list(self.steps), self.evaluation, self.compiled)
 
 
-@dataclass(frozen=True)
-class Batching:
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
-    max_delay_ms: int = DEFAULT_MAX_DELAY_MS
+class Batching(schema.ApiModel):
+    """Dynamic batching of inference requests in each pod."""
+
+    max_batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    """Largest batch handed to the model. Default 32."""
+    max_delay_ms: Annotated[int, Field(ge=0, le=10000)] = 5
+    """Longest wait, in milliseconds, for a batch to fill (never waited on an empty queue). Default 5."""
 
 
-@dataclass(frozen=True)
-class Toleration:
-    key: str | None = None
+class Toleration(schema.ApiModel):
+    """A toleration, as in a pod spec."""
+
+    __cel__ = (schema.Cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                          "a toleration with operator Exists must not set value", field_path=".value"),)
+
+    key: Annotated[str, Field(max_length=317)] | None = None
+    """Taint key; empty with operator Exists matches every taint."""
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
+    """Exists or Equal (default Equal)."""
+    value: Annotated[str, Field(max_length=63)] | None = None
+    """Taint value matched with operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    """Taint effect to match; empty matches all effects."""
+    toleration_seconds: Annotated[int, Field(json_schema_extra=schema.k8s(format="int64"))] | None = None
+    """For NoExecute, how long the pod stays bound after the taint appears."""
 
     def as_k8s(self) -> dict[str, object]:
         """The toleration as in a pod spec (camelCase, unset fields left out)."""
-        out: dict[str, object] = {}
-        for name, value in (("key", self.key), ("operator", self.operator), ("value", self.value),
-                            ("effect", self.effect), ("tolerationSeconds", self.toleration_seconds)):
-            if value is not None:
-                out[name] = value
-        return out
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
-@dataclass(frozen=True)
-class Serving:
-    replicas: int = DEFAULT_REPLICAS
-    resources: Resources = field(default_factory=Resources)
-    batching: Batching = field(default_factory=Batching)
-    node_selector: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    tolerations: tuple[Toleration, ...] = ()
-    port: int = DEFAULT_SERVICE_PORT  # the Service's port; pods listen on contract.SERVING_PORT
+class Serving(schema.ApiModel):
+    """The inference pods of every version."""
+
+    replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    """Replicas of the stable version at rest; canary steps split them by weight. Default 1."""
+    resources: ServingResources = Field(default_factory=ServingResources)
+    """Compute resources of each inference container."""
+    batching: Batching = Field(default_factory=Batching, json_schema_extra=schema.k8s(default={}))
+    """Dynamic batching of inference requests in each pod."""
+    node_selector: Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(
+        json_schema_extra=schema.k8s(max_properties=32, validations=[
+            schema.Cel(f"self.all(k, size(k) <= {MAX_RESOURCE_NAME})",
+                       f"spec.serving.nodeSelector label keys must be at most {MAX_RESOURCE_NAME} characters"),
+            schema.Cel(f"self.all(k, k.matches('{LABEL_KEY_PATTERN}'))",
+                       "spec.serving.nodeSelector keys must be label keys: [prefix/]name, the name of alphanumerics, "
+                       "'-', '_' and '.' (at most 63), beginning and ending with an alphanumeric"),
+            schema.Cel(f"self.all(k, self[k].matches('{LABEL_VALUE_PATTERN}'))",
+                       "spec.serving.nodeSelector values must be label values: empty, or alphanumerics, '-', '_' and "
+                       "'.', beginning and ending with an alphanumeric")]))] = Field(default_factory=dict)
+    """Node labels the inference pods must match."""
+    tolerations: Annotated[tuple[Toleration, ...], Field(max_length=32, json_schema_extra=schema.k8s(
+        list_type="atomic"))] = ()
+    """Tolerations of the inference pods (e.g. for tainted GPU nodes), as in a pod spec."""
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    """Port of the model's Service (the pods themselves listen on 8080, port name http). Default 8080."""
 
 
-@dataclass(frozen=True)
-class RolloutStep:
-    weight: int  # percent of serving.replicas given to the candidate, 1..100
-    pause_seconds: float | None = None  # None = no pause
-    manual: bool = False  # hold until the promote annotation names the candidate
+class RolloutStep(schema.ApiModel):
+    """One canary step."""
+
+    __cel__ = (schema.Cel("!(self.manual && has(self.pause))", "a rollout step sets either pause or manual, not both",
+                          field_path=".pause", reason="FieldValueForbidden"),)
+
+    weight: Annotated[int, Field(ge=1, le=100)]
+    """Percentage of spec.serving.replicas given to the candidate (rounded up, at least one pod); the stable keeps
+    the rest."""
+    pause: Annotated[Duration, Field(json_schema_extra=schema.k8s(validations=[_duration_rule(
+        "duration(self) <= duration('168h')", "a rollout step pause must be at most 168h (hold longer with manual "
+                                              "true)")]))] | None = None
+    """Time to hold this step (while analysis runs), e.g. 30s, 5m, 1h30m; at most 168h (7 days: hold longer with
+    manual true). Absent = no pause."""
+    manual: bool = False
+    """Hold this step until promoted with the shipyard.dev/promote annotation. Default false."""
+
+    @property
+    def pause_seconds(self) -> float | None:
+        return None if self.pause is None else parse_duration(self.pause)
 
 
-@dataclass(frozen=True)
-class BuiltinProvider:
-    metric: BuiltinMetric
-    kind: ClassVar[ProviderKind] = "builtin"
+PROVIDER_KEYS: Final = ("builtin", "prometheus", "scrape", "web", "job")  # a metric's provider fields, in order
 
 
-@dataclass(frozen=True)
-class PrometheusProvider:
-    query: str  # template: {{namespace}}, {{name}}, {{version}}, {{stableVersion}}
-    address: str | None = None  # None = the analysis' address, else the operator's configuration
-    kind: ClassVar[ProviderKind] = "prometheus"
+class Metric(schema.ApiModel):
+    """One metric: exactly one provider (builtin, prometheus, scrape, web or job) and a threshold (max, min,
+    maxRelativeToStable; a job metric may have none: its exit code is the verdict)."""
 
+    __constraints__ = (
+        *schema.one_of(*PROVIDER_KEYS, what="each spec.rollout.analysis.metrics item"),
+        schema.Constraint(
+            schema.Cel("has(self.max) || has(self.min) || has(self.maxRelativeToStable) || has(self.job)",
+                       "each spec.rollout.analysis.metrics item must set a threshold (max, min or "
+                       "maxRelativeToStable), unless it is a job metric (its exit code is the verdict)",
+                       reason="FieldValueRequired"),
+            lambda d: None if any(d.get(k) is not None for k in ("max", "min", "maxRelativeToStable", "job")) else
+            "must set a threshold (max, min or maxRelativeToStable), unless it is a job metric"),
+        schema.not_above("min", "max", what="spec.rollout.analysis.metrics"),
+    )
+    __cel__ = (
+        schema.Cel("!has(self.maxRelativeToStable) || !has(self.prometheus) || "
+                   "self.prometheus.query.contains('{{version}}')",
+                   "a prometheus query compared with the stable (maxRelativeToStable) must contain {{version}}",
+                   field_path=".prometheus.query"),
+        schema.Cel("!has(self.maxRelativeToStable) || !has(self.job)",
+                   "a job metric cannot be compared with the stable (maxRelativeToStable): the Job measures the "
+                   "candidate; give it the stable's endpoint instead (SHIPYARD_REFERENCE_ENDPOINT)",
+                   field_path=".maxRelativeToStable", reason="FieldValueForbidden"),
+    )
 
-@dataclass(frozen=True)
-class ScrapeProvider:
-    metric: str
-    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    aggregation: ScrapeAggregation = "sum"
-    rate: bool = False
-    kind: ClassVar[ProviderKind] = "scrape"
-
-
-MetricProvider: TypeAlias = BuiltinProvider | PrometheusProvider | ScrapeProvider
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One analysed metric: a provider and at least one threshold.
-
-    A measurement fails when value > ``max``, value < ``min``, or (comparing with the stable, measured the same
-    way for the stable version) candidate > stable x (1 + ``max_relative_to_stable``).
-    """
-
-    name: str
-    provider: MetricProvider
+    name: Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN)]
+    """Name of the metric (a DNS label), unique in the analysis."""
+    builtin: builtin_provider.Builtin | None = None
+    """A built-in metric of the runtime's own metrics: errorRate (fraction of 5xx responses) or latencyP99 (99th
+    percentile request duration, seconds), measured for the candidate and the stable; read from Prometheus when one
+    is configured, else scraped from the pods' /metrics."""
+    prometheus: prometheus_provider.Query | None = None
+    """A PromQL query returning one number."""
+    scrape: scrape_provider.Scrape | None = None
+    """A metric read directly from the candidate pods' /metrics (no Prometheus needed)."""
+    web: web_provider.Web | None = None
+    """An HTTP(S) endpoint answering JSON; the value is picked with a JSONPath."""
+    job: job_provider.Job | None = None
+    """A Kubernetes Job run against the candidate; its exit code is the verdict, its termination message may carry
+    a value."""
     max: float | None = None
+    """The measurement fails when the value is above max."""
     min: float | None = None
-    max_relative_to_stable: float | None = None
+    """The measurement fails when the value is below min."""
+    max_relative_to_stable: Annotated[float, Field(ge=0, le=1000)] | None = None
+    """The measurement fails when candidate > stable x (1 + maxRelativeToStable), the same metric measured for the
+    stable version (e.g. 0.1 = at most 10% worse)."""
 
     @property
     def compares_with_stable(self) -> bool:
         return self.max_relative_to_stable is not None
 
+    @property
+    def provider_key(self) -> str:
+        """The provider's field name (``builtin``, ``prometheus``, ``scrape``, ``web`` or ``job``)."""
+        for key in PROVIDER_KEYS:
+            if getattr(self, key) is not None:
+                return key
+        raise AssertionError("a metric has exactly one provider (admission)")
 
-@dataclass(frozen=True)
-class Analysis:
-    metrics: tuple[Metric, ...]
-    interval_seconds: float = 30.0
-    initial_delay_seconds: float = 0.0
-    failure_limit: int = DEFAULT_FAILURE_LIMIT
-    consecutive_error_limit: int = DEFAULT_CONSECUTIVE_ERROR_LIMIT
-    min_samples: int = DEFAULT_MIN_SAMPLES
+    @property
+    def provider(self) -> object:
+        """The provider's fragment of this metric (its spec)."""
+        return getattr(self, self.provider_key)
+
+
+class PrometheusDefault(schema.ApiModel):
+    """Default Prometheus for the metrics of this analysis (else the operator's configuration)."""
+
+    address: Annotated[str, _address_field("a Prometheus address")]
+    """Base URL of the Prometheus HTTP API, e.g. http://prometheus.monitoring:9090."""
+
+
+NoDataPolicy: TypeAlias = Literal["Fail", "Inconclusive", "Ignore"]
+
+
+class Analysis(schema.ApiModel):
+    """Health analysis of the candidate while it rolls out. Every interval each metric is measured and judged
+    Successful, Failed, Inconclusive or Error; more than failureLimit failures, or more than consecutiveErrorLimit
+    consecutive errors, fail the rollout. Worst-case detection time: initialDelay + (failureLimit + 1) x interval
+    (plus, per measurement, a job metric's activeDeadlineSeconds). Absent: no analysis (only startup is checked)."""
+
+    interval: Annotated[Duration, Field(json_schema_extra=schema.k8s(validations=[_duration_rule(
+        "(duration(self) >= duration('1s') && duration(self) <= duration('1h'))",
+        "spec.rollout.analysis.interval must be between 1s and 1h")]))] = "30s"
+    """Time between measurements, e.g. 15s; between 1s and 1h. Default 30s."""
+    initial_delay: Annotated[Duration, Field(json_schema_extra=schema.k8s(validations=[_duration_rule(
+        "duration(self) <= duration('24h')", "spec.rollout.analysis.initialDelay must be at most 24h")]))] = "0s"
+    """Time to wait after the candidate is Ready before the first measurement; at most 24h. Default 0s."""
+    failure_limit: Annotated[int, Field(ge=0, le=100)] = 1
+    """Failed measurements tolerated; one more fails the analysis. Default 1."""
+    consecutive_error_limit: Annotated[int, Field(ge=0, le=100)] = 4
+    """Consecutive Error measurements (provider down, bad response) tolerated; one more fails the analysis.
+    Default 4."""
+    min_samples: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Successful measurements of every metric needed before a step may complete. Default 1."""
     no_data: NoDataPolicy = "Inconclusive"
-    prometheus_address: str | None = None
+    """Verdict of a measurement with no data (e.g. no traffic yet): Fail counts a failure, Inconclusive holds the
+    rollout at its step (no promotion, no rollback), Ignore skips the measurement. Default Inconclusive."""
+    prometheus: PrometheusDefault | None = None
+    """Default Prometheus for the metrics of this analysis (else the operator's configuration)."""
+    metrics: Annotated[tuple[Metric, ...], Field(min_length=1, max_length=16, json_schema_extra=schema.k8s(
+        list_type="map", list_map_keys=["name"]))]
+    """Metrics judged at every interval; names are unique."""
+
+    @property
+    def interval_seconds(self) -> float:
+        return parse_duration(self.interval)
+
+    @property
+    def initial_delay_seconds(self) -> float:
+        return parse_duration(self.initial_delay)
+
+    @property
+    def prometheus_address(self) -> str | None:
+        return None if self.prometheus is None else self.prometheus.address
 
     @property
     def detection_bound_seconds(self) -> float:
-        """Worst-case time from a failing candidate to a failed analysis: initialDelay + (failureLimit+1) x interval."""
-        return self.initial_delay_seconds + (self.failure_limit + 1) * self.interval_seconds
+        """Worst-case time from a failing candidate to a failed analysis: initialDelay + (failureLimit + 1) x the
+        longest measurement period, which is the interval, plus a job metric's activeDeadlineSeconds (its next
+        measurement starts an interval after its Job finished, at most the deadline after it started)."""
+        period = self.interval_seconds + max((m.job.active_deadline_seconds for m in self.metrics if m.job), default=0)
+        return self.initial_delay_seconds + (self.failure_limit + 1) * period
 
     def address_for(self, metric: Metric) -> str | None:
         """The Prometheus address a prometheus-provider metric uses (None = the operator's configuration)."""
-        if isinstance(metric.provider, PrometheusProvider) and metric.provider.address is not None:
-            return metric.provider.address
+        if metric.prometheus is not None and metric.prometheus.address is not None:
+            return metric.prometheus.address
         return self.prometheus_address
 
 
-@dataclass(frozen=True)
-class Rollout:
-    steps: tuple[RolloutStep, ...] = ()
-    startup_timeout_seconds: int = DEFAULT_STARTUP_TIMEOUT_SECONDS
-    max_surge_gpus: int | None = None  # None = no limit; 0 = replace in place
+class Rollout(schema.ApiModel):
+    """Progressive rollout of a new version (canary by replica weight)."""
+
+    steps: Annotated[tuple[RolloutStep, ...], Field(max_length=20, json_schema_extra=schema.k8s(
+        list_type="atomic", validations=[schema.Cel(
+            "self.all(s, self.exists_one(t, t.weight == s.weight)) && self.map(s, s.weight).isSorted()",
+            "spec.rollout.steps weights must be strictly increasing")]))] = ()
+    """Canary steps in order, weights strictly increasing and at most 100; after the last step the candidate is
+    promoted. Absent or empty: a single step of weight 100 without pause."""
+    startup_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900
+    """Time for a candidate's pods to become Ready (image pull, model load, warm-up); past it the rollout fails like
+    a failed analysis. Default 900."""
+    max_surge_gpus: Annotated[int, Field(ge=0, le=4096)] | None = Field(default=None, alias="maxSurgeGPUs")
+    """Most GPUs the candidate may use above the stable's allocation during a rollout. Absent: no limit. 0: replace
+    in place (the stable shrinks as the candidate grows), for when no spare GPU exists."""
     analysis: Analysis | None = None
 
     @property
@@ -376,26 +517,85 @@ class Rollout:
         return self.steps or (RolloutStep(weight=100),)
 
 
-@dataclass(frozen=True)
-class Rollback:
+RollbackPolicy: TypeAlias = Literal["Automatic", "Manual"]
+
+
+class Rollback(schema.ApiModel):
+    """What happens when a candidate fails."""
+
     policy: RollbackPolicy = "Automatic"
+    """Automatic: a failed analysis or startup scales the candidate to 0 and the stable back up (phase RolledBack);
+    the failed version is not retried until the spec changes. Manual: the rollout pauses instead, for the
+    shipyard.dev/promote or shipyard.dev/abort annotation. Default Automatic."""
 
 
-@dataclass(frozen=True)
-class ModelDeploymentSpec:
-    image: str
-    image_ref: ImageReference
+class ModelDeploymentSpec(schema.ApiModel):
+    """Desired state of the ModelDeployment."""
+
+    __cel__ = (schema.Cel(
+        "!has(self.compression) || !has(self.compression.compiled) || !has(self.compression.compiled.aotInductor) || "
+        "!self.compression.compiled.aotInductor || !has(self.serving) || !has(self.serving.batching) || "
+        "!has(self.serving.batching.maxBatchSize) || self.serving.batching.maxBatchSize <= "
+        "(has(self.compression.compiled.maxBatchSize) ? self.compression.compiled.maxBatchSize : 1024)",
+        "spec.serving.batching.maxBatchSize must not exceed spec.compression.compiled.maxBatchSize, the largest batch "
+        "the compiled package accepts", field_path=".serving.batching.maxBatchSize"), schema.Cel(
+        "!has(self.compression) || !has(self.compression.compiled) || !has(self.compression.compiled.mode) || "
+        "self.compression.compiled.mode != 'on' || !has(self.serving) || !has(self.serving.batching) || "
+        "!has(self.serving.batching.maxBatchSize) || self.serving.batching.maxBatchSize <= "
+        "(has(self.compression.compiled.maxBatchSize) ? self.compression.compiled.maxBatchSize : 1024)",
+        "spec.serving.batching.maxBatchSize must not exceed spec.compression.compiled.maxBatchSize with "
+        "compiled.mode on: the pods must serve the compiled package", field_path=".serving.batching.maxBatchSize"),
+        schema.Cel(
+        "!has(self.compression) || !has(self.compression.compiled) || !has(self.compression.compiled.mode) || "
+        "self.compression.compiled.mode != 'on' || !has(self.serving) || !has(self.serving.resources) || "
+        "!has(self.serving.resources.limits) || !('nvidia.com/gpu' in self.serving.resources.limits)",
+        "spec.compression.compiled.mode on serves the AOTInductor package, which is CPU code: GPU inference pods "
+        "(spec.serving.resources nvidia.com/gpu) cannot serve it; use mode auto", field_path=".compression.compiled"),
+        schema.Cel(
+        "!has(self.compression) || !has(self.compression.compiled) || !has(self.compression.compiled.mode) || "
+        "self.compression.compiled.mode != 'on' || !self.compression.steps.exists(s, has(s.quantize) && "
+        "s.quantize.scheme in ['fp8', 'int4-weight-only'])",
+        "spec.compression.compiled.mode on needs a CPU package, and fp8 and int4-weight-only quantize for CUDA; use "
+        "mode auto", field_path=".compression.compiled"),)
+
+    image: Annotated[str, Field(min_length=1, max_length=512, json_schema_extra=schema.k8s(validations=[
+        schema.Cel(f"self.matches('{IMAGE_PATTERN}')",
+                   "spec.image must be a valid image reference: [registry[:port]/]repository[:tag][@sha256:digest], "
+                   "repository in lower case"),
+        schema.Cel("self.matches(':[A-Za-z0-9_][-A-Za-z0-9_.]{0,127}$') || self.matches('@sha256:[a-f0-9]{64}$')",
+                   "spec.image must carry a tag (repository:1.4.0) or a digest (@sha256:...): the tag is the "
+                   "version, and a registry port is not a tag")]))]
+    """Container image of the model's runtime. Its tag is the version (e.g. registry.example/acme/digits-model:1.4.0
+    is version 1.4.0); an image pinned by digest only has version sha256-<first 12 hex digits>. A registry port
+    (host:5000/img) is not a tag: the reference must end in :<tag> or @sha256:<digest>. Changing the image starts a
+    new rollout."""
     model: ModelSource
+    """Where the source model is: a path inside the image, or a URI. Exactly one of path and uri."""
     compression: Compression | None = None
-    serving: Serving = field(default_factory=Serving)
-    rollout: Rollout = field(default_factory=Rollout)
-    rollback: Rollback = field(default_factory=Rollback)
-    revision_history_limit: int = DEFAULT_REVISION_HISTORY_LIMIT
-    retry: int = DEFAULT_RETRY
+    serving: Serving = Field(default_factory=Serving, json_schema_extra=schema.k8s(default={}))
+    """The inference pods of every version."""
+    rollout: Rollout = Field(default_factory=Rollout, json_schema_extra=schema.k8s(default={}))
+    """Progressive rollout of a new version (canary by replica weight)."""
+    rollback: Rollback = Field(default_factory=Rollback, json_schema_extra=schema.k8s(default={}))
+    """What happens when a candidate fails."""
+    revision_history_limit: Annotated[int, Field(ge=0, le=100)] = 10
+    """Earlier versions kept (Deployments scaled to 0) for instant rollback. Default 10."""
+    retry: Annotated[int, Field(ge=0, json_schema_extra=schema.k8s(format="int64"))] = 0
+    """Retry counter: a failed or rolled-back version is not retried while the spec is unchanged (so a GitOps tool
+    re-applying the manifest causes no loop); raising retry retries it once. kubectl users can instead set the
+    annotation shipyard.dev/retry to a new value. Default 0."""
+
+    @property
+    def image_ref(self) -> ImageReference:
+        return parse_image(self.image)
 
     @property
     def version(self) -> str:
         return self.image_ref.version
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The object
 
 
 @dataclass(frozen=True)
@@ -423,57 +623,6 @@ class ModelDeployment:
         return self.spec.model.name or self.name
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Public helpers
-
-
-def parse_duration(text: object, field: str = "duration") -> float:
-    """Seconds in a duration such as ``30s``, ``5m``, ``1h30m``, ``250ms``, ``1.5h`` (units ms, s, m, h)."""
-    if not isinstance(text, str):
-        raise SpecError(field, f"must be a duration string such as 30s, 5m or 1h30m, got {text!r}")
-    if not _DURATION_RE.fullmatch(text):
-        raise SpecError(field, f"{text!r} is not a duration; use e.g. 30s, 5m, 1h30m or 250ms")
-    seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART_RE.findall(text))
-    if not math.isfinite(seconds):
-        raise SpecError(field, f"{text!r} is too long")
-    return seconds
-
-
-def parse_image(image: object, field: str = "spec.image") -> ImageReference:
-    """Splits an image reference; it must carry a tag or a digest (a registry port is not a tag)."""
-    if not isinstance(image, str) or not image:
-        raise SpecError(field, f"must be a non-empty image reference, got {image!r}")
-    match = _IMAGE_RE.fullmatch(image)
-    if match is None or len(image) > 512:
-        raise SpecError(field, f"{image!r} is not a valid image reference "
-                               "([registry[:port]/]repository[:tag][@sha256:digest], repository in lower case)")
-    tag, digest = match.group("tag"), match.group("digest")
-    if tag is None and digest is None:
-        raise SpecError(field, f"{image!r} must carry a tag (repository:1.4.0) or a digest (@sha256:...): "
-                               "the tag is the version, and a registry port is not a tag")
-    return ImageReference(reference=image, repository=match.group("repository"), tag=tag, digest=digest)
-
-
-def image_version(image: str) -> str:
-    """The version of an image: its tag, else ``sha256-`` and the first 12 hex digits of its digest."""
-    return parse_image(image).version
-
-
-def parse_model_deployment(body: Mapping[str, object]) -> ModelDeployment:
-    """Parses a whole ModelDeployment object (metadata, spec, manual-control annotations)."""
-    metadata = _obj(body, "metadata", "") or {}
-    name = _req_str(metadata, "name", "metadata")
-    namespace = _opt_str(metadata, "namespace", "metadata")
-    generation = _int(metadata, "generation", "metadata", default=0, lo=0)
-    uid = _opt_str(metadata, "uid", "metadata")
-    annotations = _obj(metadata, "annotations", "metadata") or {}
-    spec = _obj(body, "spec", "")
-    if spec is None:
-        raise SpecError("spec", "must be set")
-    return ModelDeployment(name=name, namespace=namespace, generation=generation, uid=uid,
-                           spec=parse_spec(spec), controls=parse_controls(annotations))
-
-
 def parse_controls(annotations: Mapping[str, object]) -> ManualControls:
     """The manual controls from an object's annotations (non-string or blank values count as absent)."""
 
@@ -485,507 +634,47 @@ def parse_controls(annotations: Mapping[str, object]) -> ManualControls:
                           retry=get(ANNOTATION_RETRY), rollback_to=get(ANNOTATION_ROLLBACK_TO))
 
 
-def parse_spec(spec: Mapping[str, object], path: str = "spec") -> ModelDeploymentSpec:
-    """Parses ``spec`` of a ModelDeployment, applying the CRD's defaults."""
-    image = _req_str(spec, "image", path)
-    image_ref = parse_image(image, f"{path}.image")
-    model = _parse_model(_req_obj(spec, "model", path), f"{path}.model")
-    compression_body = _obj(spec, "compression", path)
-    compression = None if compression_body is None else _parse_compression(compression_body, f"{path}.compression")
-    serving = _parse_serving(_obj(spec, "serving", path) or {}, f"{path}.serving")
-    if compression is not None and compression.compiled.aot_inductor and \
-            serving.batching.max_batch_size > compression.compiled.max_batch_size:
-        raise SpecError(f"{path}.serving.batching.maxBatchSize",
-                        f"must not exceed {path}.compression.compiled.maxBatchSize "
-                        f"({compression.compiled.max_batch_size}), the largest batch the compiled package accepts; "
-                        f"got {serving.batching.max_batch_size}")
-    return ModelDeploymentSpec(
-        image=image,
-        image_ref=image_ref,
-        model=model,
-        compression=compression,
-        serving=serving,
-        rollout=_parse_rollout(_obj(spec, "rollout", path) or {}, f"{path}.rollout"),
-        rollback=Rollback(policy=_enum(_obj(spec, "rollback", path) or {}, "policy", f"{path}.rollback",
-                                       ROLLBACK_POLICIES, DEFAULT_ROLLBACK_POLICY)),
-        revision_history_limit=_int(spec, "revisionHistoryLimit", path, default=DEFAULT_REVISION_HISTORY_LIMIT,
-                                    lo=0, hi=100),
-        retry=_int(spec, "retry", path, default=DEFAULT_RETRY, lo=0),
-    )
-
-
-def build_recipe(compression: Compression) -> dict[str, object]:
-    """The compression recipe with every default made explicit (camelCase, as in the CRD), JSON-serialisable.
-
-    What changes the artifact and nothing else (not the PVC, resources or Job limits), so that hashing it with
-    the source image gives a content address that does not change when a user writes a default out.
-    """
-    steps: list[dict[str, object]] = []
-    for step in compression.steps:
-        if isinstance(step, Prune):
-            prune: dict[str, object] = {"amount": step.amount, "scope": step.scope,
-                                        "fineTuneEpochs": step.fine_tune_epochs}
-            if step.norm is not None:
-                prune["norm"] = step.norm
-            steps.append({"prune": prune})
-        elif isinstance(step, Quantize):
-            steps.append({"quantize": {"scheme": step.scheme}})
-        else:
-            steps.append({"distill": {"student": step.student, "temperature": step.temperature,
-                                      "alpha": step.alpha, "epochs": step.epochs, "lr": step.lr,
-                                      "batchSize": step.batch_size}})
-    evaluation = compression.evaluation
-    recipe: dict[str, object] = {"steps": steps, "evaluation": {
-        "dataset": evaluation.dataset, "maxRelativeAccuracyLoss": evaluation.max_relative_accuracy_loss,
-        "samples": evaluation.samples}}
-    compiled = compression.compiled
-    if compiled.aot_inductor:  # absent when off, so that the keys of artifacts made before the field stay the same
-        recipe["compiled"] = {"aotInductor": True, "maxBatchSize": compiled.max_batch_size,
-                              "maxAutotune": compiled.max_autotune}
-    return recipe
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Sections
-
-
-def _parse_model(body: Mapping[str, object], path: str) -> ModelSource:
-    model_path = _opt_str(body, "path", path, max_length=1024)
-    uri = _opt_url(body, "uri", path, pattern=_URI_RE, max_length=2048,
-                   hint="a pvc://, s3://, gs:// or https:// URI")
-    name = _opt_str(body, "name", path, pattern=_MODEL_NAME_RE, max_length=63, hint="a model name")
-    if model_path is None and uri is None:
-        raise SpecError(path, "must set path or uri")
-    if model_path is not None and uri is not None:
-        raise SpecError(path, "must set only one of path and uri")
-    if model_path is not None and (not model_path.startswith("/") or len(model_path) < 2):
-        raise SpecError(f"{path}.path", f"must be an absolute path inside the image, got {model_path!r}")
-    return ModelSource(path=model_path, uri=uri, name=name)
-
-
-def _parse_compression(body: Mapping[str, object], path: str) -> Compression:
-    raw_steps = _list(body, "steps", path, max_items=8)
-    if not raw_steps:
-        raise SpecError(f"{path}.steps", "must list at least one step")
-    steps = tuple(_parse_compression_step(_as_obj(s, f"{path}.steps[{i}]"), f"{path}.steps[{i}]")
-                  for i, s in enumerate(raw_steps))
-    evaluation_body = _req_obj(body, "evaluation", path)
-    evaluation_path = f"{path}.evaluation"
-    evaluation = Evaluation(
-        dataset=_req_str(evaluation_body, "dataset", evaluation_path, pattern=_DATASET_RE, max_length=256,
-                         hint="builtin:<name> or module:function"),
-        max_relative_accuracy_loss=_num(evaluation_body, "maxRelativeAccuracyLoss", evaluation_path,
-                                        default=DEFAULT_MAX_RELATIVE_ACCURACY_LOSS, lo=0.0, hi=1.0),
-        samples=_int(evaluation_body, "samples", evaluation_path, default=DEFAULT_EVALUATION_SAMPLES,
-                     lo=1, hi=1_000_000),
-    )
-    artifacts = _req_obj(body, "artifacts", path)
-    pvc = _req_str(artifacts, "pvc", f"{path}.artifacts", pattern=_DNS_SUBDOMAIN_RE, max_length=253,
-                   hint="a PersistentVolumeClaim name")
-    compiled_body = _obj(body, "compiled", path) or {}
-    compiled_path = f"{path}.compiled"
-    compiled = Compiled(
-        aot_inductor=_bool(compiled_body, "aotInductor", compiled_path, default=False),
-        max_batch_size=_int(compiled_body, "maxBatchSize", compiled_path, default=DEFAULT_COMPILED_MAX_BATCH_SIZE,
-                            lo=2, hi=65536),
-        max_autotune=_bool(compiled_body, "maxAutotune", compiled_path, default=False),
-    )
-    return Compression(
-        steps=steps,
-        evaluation=evaluation,
-        artifacts_pvc=pvc,
-        compiled=compiled,
-        resources=_parse_resources(_obj(body, "resources", path) or {}, f"{path}.resources"),
-        backoff_limit=_int(body, "backoffLimit", path, default=DEFAULT_BACKOFF_LIMIT, lo=0, hi=10),
-        active_deadline_seconds=_int(body, "activeDeadlineSeconds", path, default=DEFAULT_ACTIVE_DEADLINE_SECONDS,
-                                     lo=60, hi=604_800),
-    )
-
-
-def _parse_compression_step(body: Mapping[str, object], path: str) -> CompressionStep:
-    kinds = [k for k in ("prune", "quantize", "distill") if body.get(k) is not None]
-    if not kinds:
-        raise SpecError(path, "must set one of prune, quantize, distill")
-    if len(kinds) > 1:
-        raise SpecError(path, f"must set only one of prune, quantize, distill, got {', '.join(kinds)}")
-    kind = kinds[0]
-    step_path = f"{path}.{kind}"
-    step = _req_obj(body, kind, path)
-    if kind == "prune":
-        scope = _enum(step, "scope", step_path, PRUNE_SCOPES, DEFAULT_PRUNE_SCOPE)
-        norm = _opt_int(step, "norm", step_path)
-        if norm is not None and scope != "structured":
-            raise SpecError(f"{step_path}.norm", "is only allowed with scope structured")
-        if norm is not None and norm not in (1, 2):
-            raise SpecError(f"{step_path}.norm", f"must be 1 or 2, got {norm}")
-        if scope == "structured" and norm is None:
-            norm = DEFAULT_STRUCTURED_NORM
-        return Prune(
-            amount=_req_num(step, "amount", step_path, lo=0.0, hi=1.0, lo_open=True, hi_open=True),
-            scope=scope,
-            norm=norm,
-            fine_tune_epochs=_int(step, "fineTuneEpochs", step_path, default=DEFAULT_FINE_TUNE_EPOCHS, lo=0, hi=100),
-        )
-    if kind == "quantize":
-        return Quantize(scheme=_enum(step, "scheme", step_path, QUANTIZE_SCHEMES, None))
-    return Distill(
-        student=_req_str(step, "student", step_path, pattern=_FACTORY_RE, max_length=256, hint="module:function"),
-        temperature=_num(step, "temperature", step_path, default=DEFAULT_TEMPERATURE, lo=0.0, hi=100.0,
-                         lo_open=True),
-        alpha=_num(step, "alpha", step_path, default=DEFAULT_ALPHA, lo=0.0, hi=1.0),
-        epochs=_int(step, "epochs", step_path, default=DEFAULT_DISTILL_EPOCHS, lo=1, hi=1000),
-        lr=_num(step, "lr", step_path, default=DEFAULT_LR, lo=0.0, hi=10.0, lo_open=True),
-        batch_size=_int(step, "batchSize", step_path, default=DEFAULT_BATCH_SIZE, lo=1, hi=65536),
-    )
-
-
-def _parse_resources(body: Mapping[str, object], path: str) -> Resources:
-    parts: dict[str, dict[str, str]] = {}
-    for part in ("requests", "limits"):
-        quantities: dict[str, str] = {}
-        for name, value in (_obj(body, part, path) or {}).items():
-            field_path = f"{path}.{part}.{name}"
-            if len(str(name)) > MAX_LABEL_KEY_LENGTH:
-                raise SpecError(f"{path}.{part}", f"resource names must be at most {MAX_LABEL_KEY_LENGTH} characters")
-            if isinstance(value, bool) or not isinstance(value, int | str):
-                raise SpecError(field_path, f"must be a quantity (an integer or a string such as 500m), got {value!r}")
-            text = str(value)
-            if len(text) > MAX_QUANTITY_LENGTH:
-                raise SpecError(field_path, f"must be at most {MAX_QUANTITY_LENGTH} characters, got {len(text)}")
-            if not _QUANTITY_RE.fullmatch(text):
-                raise SpecError(field_path, f"{text!r} is not a quantity (e.g. 2, 500m, 1Gi)")
-            quantities[name] = text
-        parts[part] = quantities
-    requests, limits = parts["requests"], parts["limits"]
-    gpu = limits.get(GPU_RESOURCE)
-    if gpu is not None and not gpu.isdigit():
-        raise SpecError(f"{path}.limits.{GPU_RESOURCE}", f"must be a whole number of GPUs, got {gpu!r}")
-    requested = requests.get(GPU_RESOURCE)
-    if requested is not None and gpu is None:
-        raise SpecError(f"{path}.limits.{GPU_RESOURCE}", "must be set when requests sets it (GPUs are set in limits)")
-    if requested is not None and requested != gpu:
-        raise SpecError(f"{path}.requests.{GPU_RESOURCE}", f"must equal limits ({gpu}), got {requested!r}")
-    return Resources(requests=MappingProxyType(requests), limits=MappingProxyType(limits))
-
-
-def _parse_serving(body: Mapping[str, object], path: str) -> Serving:
-    batching = _obj(body, "batching", path) or {}
-    batching_path = f"{path}.batching"
-    tolerations = tuple(_parse_toleration(_as_obj(t, f"{path}.tolerations[{i}]"), f"{path}.tolerations[{i}]")
-                        for i, t in enumerate(_list(body, "tolerations", path, max_items=32)))
-    return Serving(
-        replicas=_int(body, "replicas", path, default=DEFAULT_REPLICAS, lo=0, hi=1000),
-        resources=_parse_resources(_obj(body, "resources", path) or {}, f"{path}.resources"),
-        batching=Batching(
-            max_batch_size=_int(batching, "maxBatchSize", batching_path, default=DEFAULT_MAX_BATCH_SIZE,
-                                lo=1, hi=4096),
-            max_delay_ms=_int(batching, "maxDelayMs", batching_path, default=DEFAULT_MAX_DELAY_MS, lo=0, hi=10000),
-        ),
-        node_selector=MappingProxyType(_label_map(body, "nodeSelector", path)),
-        tolerations=tolerations,
-        port=_int(body, "port", path, default=DEFAULT_SERVICE_PORT, lo=1, hi=65535),
-    )
-
-
-def _parse_toleration(body: Mapping[str, object], path: str) -> Toleration:
-    operator = cast(Literal["Exists", "Equal"] | None, _opt_enum(body, "operator", path, ("Exists", "Equal")))
-    value = _opt_str(body, "value", path)
-    if operator == "Exists" and value:
-        raise SpecError(f"{path}.value", "must not be set with operator Exists")
-    effect = _opt_enum(body, "effect", path, ("NoSchedule", "PreferNoSchedule", "NoExecute"))
-    return Toleration(key=_opt_str(body, "key", path), operator=operator, value=value,
-                      effect=cast(Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None, effect),
-                      toleration_seconds=_opt_int(body, "tolerationSeconds", path))
-
-
-def _parse_rollout(body: Mapping[str, object], path: str) -> Rollout:
-    steps: list[RolloutStep] = []
-    for i, raw in enumerate(_list(body, "steps", path, max_items=20)):
-        step_path = f"{path}.steps[{i}]"
-        step = _as_obj(raw, step_path)
-        pause = step.get("pause")
-        manual = _bool(step, "manual", step_path, default=False)
-        if manual and pause is not None:
-            raise SpecError(f"{step_path}.pause", "must not be set together with manual: true")
-        steps.append(RolloutStep(
-            weight=_req_int(step, "weight", step_path, lo=1, hi=100),
-            pause_seconds=None if pause is None else _bounded_duration(pause, f"{step_path}.pause", MAX_PAUSE_SECONDS,
-                                                                       "(hold longer with manual: true)"),
-            manual=manual,
-        ))
-    weights = [s.weight for s in steps]
-    if any(b <= a for a, b in zip(weights, weights[1:], strict=False)):
-        raise SpecError(f"{path}.steps", f"weights must be strictly increasing, got {weights}")
-    analysis_body = _obj(body, "analysis", path)
-    return Rollout(
-        steps=tuple(steps),
-        startup_timeout_seconds=_int(body, "startupTimeoutSeconds", path, default=DEFAULT_STARTUP_TIMEOUT_SECONDS,
-                                     lo=10, hi=86400),
-        max_surge_gpus=_opt_int(body, "maxSurgeGPUs", path, lo=0, hi=4096),
-        analysis=None if analysis_body is None else _parse_analysis(analysis_body, f"{path}.analysis"),
-    )
-
-
-def _parse_analysis(body: Mapping[str, object], path: str) -> Analysis:
-    interval = parse_duration(body.get("interval", DEFAULT_INTERVAL), f"{path}.interval")
-    if not 1.0 <= interval <= 3600.0:
-        raise SpecError(f"{path}.interval", f"must be between 1s and 1h, got {body.get('interval')!r}")
-    prometheus = _obj(body, "prometheus", path)
-    address = None if prometheus is None else _opt_url(prometheus, "address", f"{path}.prometheus",
-                                                       pattern=_HTTP_URL_RE, max_length=512, hint="an http(s) URL")
-    if prometheus is not None and address is None:
-        raise SpecError(f"{path}.prometheus.address", "must be set")
-    raw_metrics = _list(body, "metrics", path, max_items=16)
-    if not raw_metrics:
-        raise SpecError(f"{path}.metrics", "must list at least one metric")
-    metrics = tuple(_parse_metric(_as_obj(m, f"{path}.metrics[{i}]"), f"{path}.metrics[{i}]")
-                    for i, m in enumerate(raw_metrics))
-    seen: set[str] = set()
-    for i, metric in enumerate(metrics):
-        if metric.name in seen:
-            raise SpecError(f"{path}.metrics[{i}].name", f"duplicate metric name {metric.name!r}")
-        seen.add(metric.name)
-    return Analysis(
-        metrics=metrics,
-        interval_seconds=interval,
-        initial_delay_seconds=_bounded_duration(body.get("initialDelay", DEFAULT_INITIAL_DELAY), f"{path}.initialDelay",
-                                                MAX_INITIAL_DELAY_SECONDS),
-        failure_limit=_int(body, "failureLimit", path, default=DEFAULT_FAILURE_LIMIT, lo=0, hi=100),
-        consecutive_error_limit=_int(body, "consecutiveErrorLimit", path, default=DEFAULT_CONSECUTIVE_ERROR_LIMIT,
-                                     lo=0, hi=100),
-        min_samples=_int(body, "minSamples", path, default=DEFAULT_MIN_SAMPLES, lo=1, hi=1000),
-        no_data=_enum(body, "noData", path, NO_DATA_POLICIES, DEFAULT_NO_DATA),
-        prometheus_address=address,
-    )
-
-
-def _parse_metric(body: Mapping[str, object], path: str) -> Metric:
-    name = _req_str(body, "name", path, pattern=_DNS_LABEL_RE, max_length=63, hint="a DNS label")
-    kinds = [k for k in ("builtin", "prometheus", "scrape") if body.get(k) is not None]
-    if not kinds:
-        raise SpecError(path, "must set one provider (builtin, prometheus or scrape)")
-    if len(kinds) > 1:
-        raise SpecError(path, f"must set only one provider (builtin, prometheus or scrape), got {', '.join(kinds)}")
-    provider: MetricProvider
-    if kinds[0] == "builtin":
-        provider = BuiltinProvider(metric=_enum(body, "builtin", path, BUILTIN_METRICS, None))
-    elif kinds[0] == "prometheus":
-        prom = _req_obj(body, "prometheus", path)
-        prom_path = f"{path}.prometheus"
-        query = _req_str(prom, "query", prom_path, max_length=4096)
-        if not query.strip():
-            raise SpecError(f"{prom_path}.query", "must not be blank")
-        provider = PrometheusProvider(query=query, address=_opt_url(prom, "address", prom_path, pattern=_HTTP_URL_RE,
-                                                                    max_length=512, hint="an http(s) URL"))
-    else:
-        scrape = _req_obj(body, "scrape", path)
-        scrape_path = f"{path}.scrape"
-        provider = ScrapeProvider(
-            metric=_req_str(scrape, "metric", scrape_path, pattern=_PROM_NAME_RE, max_length=256,
-                            hint="a Prometheus metric name"),
-            labels=MappingProxyType(_str_map(scrape, "labels", scrape_path,
-                                             max_key_length=MAX_SCRAPE_LABEL_NAME_LENGTH, max_value_length=256)),
-            aggregation=_enum(scrape, "aggregation", scrape_path, SCRAPE_AGGREGATIONS, DEFAULT_SCRAPE_AGGREGATION),
-            rate=_bool(scrape, "rate", scrape_path, default=False),
-        )
-    maximum = _opt_num(body, "max", path)
-    minimum = _opt_num(body, "min", path)
-    relative = _opt_num(body, "maxRelativeToStable", path, lo=0.0, hi=1000.0)
-    if maximum is None and minimum is None and relative is None:
-        raise SpecError(path, "must set a threshold (max, min or maxRelativeToStable)")
-    if maximum is not None and minimum is not None and minimum > maximum:
-        raise SpecError(f"{path}.min", f"must not exceed max ({minimum} > {maximum})")
-    if relative is not None and isinstance(provider, PrometheusProvider) and "{{version}}" not in provider.query:
-        raise SpecError(f"{path}.prometheus.query",
-                        "must contain {{version}} when compared with the stable (maxRelativeToStable)")
-    return Metric(name=name, provider=provider, max=maximum, min=minimum, max_relative_to_stable=relative)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Typed access: each returns the value at body[key] or raises SpecError naming path.key
-
-
-def _field(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _as_obj(value: object, path: str) -> Mapping[str, object]:
-    if not isinstance(value, Mapping):
-        raise SpecError(path, f"must be an object, got {value!r}")
-    return cast(Mapping[str, object], value)
-
-
-def _obj(body: Mapping[str, object], key: str, path: str) -> Mapping[str, object] | None:
-    value = body.get(key)
-    return None if value is None else _as_obj(value, _field(path, key))
-
-
-def _req_obj(body: Mapping[str, object], key: str, path: str) -> Mapping[str, object]:
-    value = _obj(body, key, path)
-    if value is None:
-        raise SpecError(_field(path, key), "must be set")
-    return value
-
-
-def _list(body: Mapping[str, object], key: str, path: str, max_items: int) -> Sequence[object]:
-    value = body.get(key)
-    if value is None:
-        return ()
-    if not isinstance(value, list | tuple):
-        raise SpecError(_field(path, key), f"must be a list, got {value!r}")
-    if len(value) > max_items:
-        raise SpecError(_field(path, key), f"must have at most {max_items} items, got {len(value)}")
-    return value
-
-
-def _str_map(body: Mapping[str, object], key: str, path: str, *, max_key_length: int,
-             max_value_length: int) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in (_obj(body, key, path) or {}).items():
-        if len(str(name)) > max_key_length:
-            raise SpecError(_field(path, key),
-                            f"keys must be at most {max_key_length} characters, got {len(str(name))}")
-        if not isinstance(value, str):
-            raise SpecError(f"{_field(path, key)}.{name}", f"must be a string, got {value!r}")
-        if len(value) > max_value_length:
-            raise SpecError(f"{_field(path, key)}.{name}",
-                            f"must be at most {max_value_length} characters, got {len(value)}")
-        out[str(name)] = value
-    return out
-
-
-def _label_map(body: Mapping[str, object], key: str, path: str) -> dict[str, str]:
-    """A map of label keys to label values (a node selector), checked as the API server checks a pod's."""
-    labels = _str_map(body, key, path, max_key_length=MAX_LABEL_KEY_LENGTH, max_value_length=63)
-    for name, value in labels.items():
-        if not _LABEL_KEY_RE.fullmatch(name):
-            raise SpecError(_field(path, key), f"keys must be label keys ([prefix/]name), got {name!r}")
-        if not _LABEL_VALUE_RE.fullmatch(value):
-            raise SpecError(f"{_field(path, key)}.{name}", f"must be a label value, got {value!r}")
-    return labels
-
-
-def _opt_url(body: Mapping[str, object], key: str, path: str, *, pattern: re.Pattern[str], max_length: int,
-             hint: str) -> str | None:
-    """A URL field; one carrying credentials is refused without echoing it (messages reach status and Events)."""
-    value = body.get(key)
-    if isinstance(value, str) and _CREDENTIALS_RE.match(value):
-        raise SpecError(_field(path, key), "must not carry credentials (user:password@host)")
-    return _opt_str(body, key, path, pattern=pattern, max_length=max_length, hint=hint)
-
-
-def _bounded_duration(text: object, field: str, maximum: float, hint: str = "") -> float:
-    seconds = parse_duration(text, field)
-    if seconds > maximum:
-        raise SpecError(field, f"must be at most {maximum / 3600:g}h{' ' + hint if hint else ''}, got {text!r}")
-    return seconds
-
-
-def _opt_str(body: Mapping[str, object], key: str, path: str, *, pattern: re.Pattern[str] | None = None,
-             max_length: int | None = None, hint: str = "") -> str | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    where = _field(path, key)
-    if not isinstance(value, str):
-        raise SpecError(where, f"must be a string, got {value!r}")
-    if max_length is not None and len(value) > max_length:
-        raise SpecError(where, f"must be at most {max_length} characters, got {len(value)}")
-    if pattern is not None and not pattern.fullmatch(value):
-        raise SpecError(where, f"{value!r} is not {hint or 'valid'}")
-    return value
-
-
-def _req_str(body: Mapping[str, object], key: str, path: str, *, pattern: re.Pattern[str] | None = None,
-             max_length: int | None = None, hint: str = "") -> str:
-    value = _opt_str(body, key, path, pattern=pattern, max_length=max_length, hint=hint)
-    if value is None:
-        raise SpecError(_field(path, key), "must be set")
-    return value
-
-
-def _bool(body: Mapping[str, object], key: str, path: str, *, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise SpecError(_field(path, key), f"must be true or false, got {value!r}")
-    return value
-
-
-def _check_range(where: str, value: float, lo: float | None, hi: float | None, lo_open: bool = False,
-                 hi_open: bool = False) -> None:
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise SpecError(where, f"must be {'greater than' if lo_open else 'at least'} {lo:g}, got {value:g}")
-    if hi is not None and (value >= hi if hi_open else value > hi):
-        raise SpecError(where, f"must be {'less than' if hi_open else 'at most'} {hi:g}, got {value:g}")
-
-
-def _opt_int(body: Mapping[str, object], key: str, path: str, *, lo: int | None = None,
-             hi: int | None = None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    where = _field(path, key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(where, f"must be an integer, got {value!r}")
-    _check_range(where, value, lo, hi)
-    return value
-
-
-def _int(body: Mapping[str, object], key: str, path: str, *, default: int, lo: int | None = None,
-         hi: int | None = None) -> int:
-    value = _opt_int(body, key, path, lo=lo, hi=hi)
-    return default if value is None else value
-
-
-def _req_int(body: Mapping[str, object], key: str, path: str, *, lo: int | None = None, hi: int | None = None) -> int:
-    value = _opt_int(body, key, path, lo=lo, hi=hi)
-    if value is None:
-        raise SpecError(_field(path, key), "must be set")
-    return value
-
-
-def _opt_num(body: Mapping[str, object], key: str, path: str, *, lo: float | None = None, hi: float | None = None,
-             lo_open: bool = False, hi_open: bool = False) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    where = _field(path, key)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise SpecError(where, f"must be a finite number, got {value!r}")
-    _check_range(where, float(value), lo, hi, lo_open, hi_open)
-    return float(value)
-
-
-def _num(body: Mapping[str, object], key: str, path: str, *, default: float, lo: float | None = None,
-         hi: float | None = None, lo_open: bool = False, hi_open: bool = False) -> float:
-    value = _opt_num(body, key, path, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
-    return default if value is None else value
-
-
-def _req_num(body: Mapping[str, object], key: str, path: str, *, lo: float | None = None, hi: float | None = None,
-             lo_open: bool = False, hi_open: bool = False) -> float:
-    value = _opt_num(body, key, path, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
-    if value is None:
-        raise SpecError(_field(path, key), "must be set")
-    return value
-
-
-def _opt_enum(body: Mapping[str, object], key: str, path: str, choices: Sequence[str]) -> str | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if value not in choices:
-        raise SpecError(_field(path, key), f"unsupported value {value!r}; supported: {', '.join(choices)}")
-    return cast(str, value)
-
-
-def _enum(body: Mapping[str, object], key: str, path: str, choices: Sequence[_E], default: _E | None) -> _E:
-    """The value at body[key], one of choices; default when absent (None = required)."""
-    value = _opt_enum(body, key, path, choices)
-    if value is None:
-        if default is None:
-            raise SpecError(_field(path, key), f"must be set to one of {', '.join(choices)}")
-        return default
-    return cast(_E, value)
+def parse_spec(body: Mapping[str, object], path: str = "spec") -> ModelDeploymentSpec:
+    """``spec`` of a ModelDeployment as its typed view, with the checks the API server cannot make."""
+    try:
+        spec = schema.parse(ModelDeploymentSpec, body, prefix=path)
+    except schema.ApiError as exc:
+        field, _, problem = exc.problems[0].partition(": ")
+        raise SpecError(field, problem) from None
+    parse_image(spec.image, f"{path}.image")
+    if spec.compression is not None:
+        problems = recipe.assess_step_order(list(spec.compression.steps), f"{path}.compression.steps")
+        if problems:
+            field, _, problem = problems[0].partition(": ")
+            raise SpecError(field, problem)
+    for where, resources in ((f"{path}.serving.resources", spec.serving.resources),
+                             (f"{path}.compression.resources", spec.compression.resources
+                              if spec.compression else None)):
+        for kind, values in (("limits", resources.limits if resources else {}),
+                             ("requests", resources.requests if resources else {})):
+            for name, value in values.items():
+                try:
+                    quantity.parse_quantity(value)
+                except ValueError as exc:
+                    raise SpecError(f"{where}.{kind}.{name}", str(exc)) from None
+    return spec
+
+
+def parse_model_deployment(body: Mapping[str, Any]) -> ModelDeployment:
+    """A whole ModelDeployment object (metadata, spec, manual-control annotations) as its typed view."""
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, Mapping) or not isinstance(metadata.get("name"), str):
+        raise SpecError("metadata.name", "must be set")
+    raw_generation = metadata.get("generation")
+    generation = raw_generation if isinstance(raw_generation, int) else 0
+    uid = metadata.get("uid") if isinstance(metadata.get("uid"), str) else None
+    raw_spec = body.get("spec")
+    if raw_spec is None:
+        raise SpecError("spec", "must be set")
+    if not isinstance(raw_spec, Mapping):
+        raise SpecError("spec", f"must be an object, got {type(raw_spec).__name__}")
+    spec = parse_spec(raw_spec)
+    annotations = metadata.get("annotations") or {}
+    return ModelDeployment(name=metadata["name"], namespace=metadata.get("namespace"), generation=generation,
+                           uid=uid, spec=spec, controls=parse_controls(annotations if isinstance(annotations, Mapping)
+                                                                         else {}))

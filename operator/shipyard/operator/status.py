@@ -1,0 +1,258 @@
+"""The ModelDeployment's status: the one definition of the fields the operator writes (its CRD schema). Pure.
+
+The planner builds status as plain dicts (``planning._build_status``); these types are what the CRD's status
+schema is generated from (``shipyard.operator.crd``), and a unit test checks every status the planner writes against
+that schema, so a field the API server would prune cannot appear. Enumerations come from the state machine
+(``rollout``), the evaluator (``analysis.Phase``) and the provider registry.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from shipyard.contract import schema
+from shipyard.operator import analysis, rollout
+from shipyard.operator.spec import PROVIDER_KEYS
+
+Int64 = Annotated[int, Field(json_schema_extra=schema.k8s(format="int64"))]
+Count = Annotated[int, Field(ge=0)]
+Time = Annotated[str, Field(json_schema_extra=schema.k8s(format="date-time"))]
+NullableTime = Annotated[str, Field(json_schema_extra=schema.k8s(format="date-time", nullable=True))]
+
+
+def _text(limit: int, *, nullable: bool = False) -> object:
+    return Field(max_length=limit, json_schema_extra=schema.k8s(nullable=nullable))
+
+
+def _enum(values: tuple[str, ...]) -> object:
+    return Field(json_schema_extra={"enum": list(values)})
+
+
+Verdict = Annotated[str, _enum(("Successful", "Failed", "Inconclusive", "Error", "Pending"))]
+
+
+class Condition(schema.ApiModel):
+    """A condition (the shape of metav1.Condition)."""
+
+    type: Annotated[str, Field(max_length=316)]
+    """Type of condition in CamelCase."""
+    status: Literal["True", "False", "Unknown"]
+    """Status of the condition, one of True, False, Unknown."""
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+    """Programmatic identifier of the reason for the last transition, in CamelCase."""
+    message: Annotated[str, Field(max_length=32768)] | None = None
+    """Human-readable details of the last transition."""
+    last_transition_time: Time | None = None
+    """Last time the condition changed status."""
+    observed_generation: Annotated[int, Field(ge=0, json_schema_extra=schema.k8s(format="int64"))] | None = None
+    """metadata.generation the condition was set for."""
+
+
+class HistoryEntry(schema.ApiModel):
+    """One version's outcome."""
+
+    version: Annotated[str, Field(max_length=256)] | None = None
+    """The version (image tag or sha256-<hex>)."""
+    image: Annotated[str, Field(max_length=512)] | None = None
+    """The full image reference."""
+    artifact: Annotated[str, Field(max_length=256)] | None = None
+    """Key of the compressed artifact served, if any."""
+    outcome: Annotated[str, _enum(tuple(o.value for o in rollout.Outcome))] | None = None
+    """Promoted (became stable), Superseded (replaced by a newer stable, or by a newer spec before it was promoted:
+    reason Replaced), RolledBack (failed analysis or startup), Aborted (manual abort), Failed (compression or other
+    failure)."""
+    reason: Annotated[str, Field(max_length=1024)] | None = None
+    """Reason of the outcome in CamelCase, e.g. AnalysisFailed."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """Details of the outcome."""
+    time: Time | None = None
+    """When the outcome happened."""
+    retry: Int64 | None = None
+    """spec.retry when the outcome happened (a failed version is retried when it grows)."""
+    retried: bool | None = None
+    """A failure retried with the shipyard.dev/retry annotation (it no longer blocks the version)."""
+    generation: Int64 | None = None
+    """metadata.generation when the outcome happened."""
+
+
+class Artifact(schema.ApiModel):
+    """One content-addressed artifact and its compression report."""
+
+    key: Annotated[str, Field(max_length=256)] | None = None
+    """Content address, a hash of the source image (digest) and the recipe."""
+    version: Annotated[str, Field(max_length=256)] | None = None
+    """Version the artifact was made from."""
+    path: Annotated[str, Field(max_length=1024)] | None = None
+    """Directory of the artifact inside the artifacts volume."""
+    digest: Annotated[str, Field(max_length=256)] | None = None
+    """Digest of the artifact's content (verified when loaded)."""
+    job: Annotated[str, Field(max_length=253)] | None = None
+    """Name of the compression Job."""
+    attempt: Count | None = None
+    """Compression attempts retried with the shipyard.dev/retry annotation (each one runs a new Job, suffixed
+    -a<attempt>)."""
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] | None = None
+    """State of the artifact's compression."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """Summary from the Job (the gate's figures on failure)."""
+    created_at: Time | None = None
+    """When the artifact was completed."""
+    source_bytes: Int64 | None = None
+    """Size of the source model, bytes."""
+    compressed_bytes: Int64 | None = None
+    """Size of the artifact, bytes."""
+    source_accuracy: float | None = None
+    """Accuracy of the source model on the evaluation dataset."""
+    compressed_accuracy: float | None = None
+    """Accuracy of the compressed model on the evaluation dataset."""
+    relative_accuracy_loss: float | None = None
+    """(source - compressed) / source accuracy."""
+    source_latency_ms: float | None = None
+    """p50 latency of the source model at batch 1, milliseconds."""
+    compressed_latency_ms: float | None = None
+    """p50 latency of the compressed model at batch 1, milliseconds."""
+
+
+NullableNumber = Annotated[float, Field(json_schema_extra=schema.k8s(nullable=True))]
+
+
+class MetricSample(schema.ApiModel):
+    """One measurement of a metric in its recent series (what the dashboard charts)."""
+
+    time: Time | None = None
+    """When the measurement was taken."""
+    value: NullableNumber | None = None
+    """Value measured for the candidate; null without data or on an error."""
+    stable_value: NullableNumber | None = None
+    """Value measured for the stable (metrics compared with the stable); null otherwise."""
+    verdict: Annotated[str, _enum(("Successful", "Failed", "Inconclusive", "Error", "Skipped"))] | None = None
+    """Verdict of the measurement; Skipped: no data under noData: Ignore (not counted)."""
+
+
+class MetricResult(schema.ApiModel):
+    """Results of one metric."""
+
+    name: Annotated[str, Field(max_length=63)] | None = None
+    """Name of the metric."""
+    provider: Annotated[str, _enum(PROVIDER_KEYS)] | None = None
+    """Provider of the metric (its field in the spec)."""
+    query: Annotated[str, Field(max_length=4096)] | None = None
+    """The resolved query (templates replaced), the scraped metric, the request or the Job measured."""
+    last_value: NullableNumber | None = None
+    """Last measured value of the candidate."""
+    stable_value: NullableNumber | None = None
+    """Last measured value of the stable (for comparisons with the stable)."""
+    verdict: Verdict | None = None
+    """Verdict of the last measurement."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """Details of the last measurement (e.g. the provider's error)."""
+    successes: Count | None = None
+    """Successful measurements."""
+    failures: Count | None = None
+    """Failed measurements."""
+    inconclusive: Count | None = None
+    """Inconclusive measurements."""
+    errors: Count | None = None
+    """Error measurements."""
+    consecutive_errors: Count | None = None
+    """Error measurements in a row."""
+    measurements: Count | None = None
+    """Measurements folded in, ignored ones (noData: Ignore) included; a job metric's next Job is run number
+    measurements."""
+    last_measured_at: Time | None = None
+    """When the last measurement was taken."""
+    history: Annotated[tuple[MetricSample, ...], Field(max_length=analysis.METRIC_HISTORY_LIMIT,
+                                                       json_schema_extra=schema.k8s(list_type="atomic"))] | None = None
+    """The recent measurements, oldest first: the last 30, Skipped ones included."""
+
+
+class AnalysisStatus(schema.ApiModel):
+    """The candidate's current analysis."""
+
+    version: Annotated[str, Field(max_length=256)] | None = None
+    """Version analysed."""
+    phase: Annotated[str, _enum(("Pending", "Running", "Successful", "Failed", "Inconclusive", "Error"))] | None = None
+    """Overall verdict so far."""
+    started_at: Time | None = None
+    """When the analysis started (candidate Ready)."""
+    detection_bound_seconds: float | None = None
+    """Worst-case time from a failing candidate to rollback, initialDelay + (failureLimit + 1) x (interval + the
+    longest job metric's activeDeadlineSeconds)."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """Summary of the verdict."""
+    metrics: Annotated[tuple[MetricResult, ...], Field(max_length=16, json_schema_extra=schema.k8s(
+        list_type="atomic"))] | None = None
+    """Per-metric results."""
+
+
+class Replicas(schema.ApiModel):
+    """Replica counts."""
+
+    stable: Count | None = None
+    """Desired replicas of the stable version."""
+    candidate: Count | None = None
+    """Desired replicas of the candidate version."""
+    ready: Count | None = None
+    """Ready replicas over all live versions."""
+
+
+class Controls(schema.ApiModel):
+    """Values of the manual-control annotations already acted upon, so that each is acted upon once (the operator
+    never writes spec or annotations)."""
+
+    promote: Annotated[str, Field(max_length=256)] | None = None
+    """Last shipyard.dev/promote value acted upon."""
+    abort: Annotated[str, Field(max_length=256)] | None = None
+    """Last shipyard.dev/abort value acted upon."""
+    retry: Annotated[str, Field(max_length=256)] | None = None
+    """Last shipyard.dev/retry value acted upon."""
+    rollback_to: Annotated[str, Field(max_length=256)] | None = None
+    """Last shipyard.dev/rollback-to value acted upon."""
+
+
+class ModelDeploymentStatus(schema.ApiModel):
+    """Observed state, written by the operator only."""
+
+    observed_generation: Int64 | None = None
+    """metadata.generation of the spec this status describes."""
+    phase: Annotated[str, _enum(tuple(p.value for p in rollout.Phase))] | None = None
+    """Pending (nothing served yet), Compressing (compression Job running), Progressing (canary steps), Paused
+    (waiting at a manual step or for a manual decision), Healthy (stable serving the spec's version), RolledBack (the
+    spec's version failed, the previous stable serves), Failed (nothing healthy to serve), Degraded (stable serving
+    with fewer ready pods than wanted). The transitions: docs/operator.md."""
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    """Human-readable summary of the current state."""
+    stable_version: Annotated[str, _text(256, nullable=True)] | None = None
+    """Version serving as stable (receives all traffic at rest)."""
+    stable_image: Annotated[str, _text(512, nullable=True)] | None = None
+    """Image of the stable version."""
+    candidate_version: Annotated[str, _text(256, nullable=True)] | None = None
+    """Version being rolled out; null when none."""
+    candidate_image: Annotated[str, _text(512, nullable=True)] | None = None
+    """Image of the candidate version."""
+    current_step_index: Annotated[int, Field(ge=0, json_schema_extra=schema.k8s(nullable=True))] | None = None
+    """Index in spec.rollout.steps of the candidate's current step."""
+    step_started_at: NullableTime | None = None
+    """When the current step started (its startupTimeoutSeconds counts from here)."""
+    step_ready_at: NullableTime | None = None
+    """When the current step's candidate pods were all ready (its pause counts from here)."""
+    paused_reason: Annotated[str, _text(1024, nullable=True)] | None = None
+    """Why the rollout is paused (manual step, manual rollback policy, inconclusive analysis)."""
+    conditions: Annotated[tuple[Condition, ...], Field(max_length=32, json_schema_extra=schema.k8s(
+        list_type="map", list_map_keys=["type"]))] | None = None
+    """kstatus conditions Ready, Reconciling, Stalled and domain conditions such as Compressed and Serving."""
+    history: Annotated[tuple[HistoryEntry, ...], Field(max_length=128, json_schema_extra=schema.k8s(
+        list_type="atomic"))] | None = None
+    """Versions rolled out, oldest first."""
+    artifacts: Annotated[tuple[Artifact, ...], Field(max_length=64, json_schema_extra=schema.k8s(
+        list_type="atomic"))] | None = None
+    """Compressed artifacts of the versions in use or in history."""
+    analysis: Annotated[AnalysisStatus, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
+    """The candidate's current analysis."""
+    replicas: Replicas | None = None
+    """Replica counts."""
+    controls: Controls | None = None
+    """Values of the manual-control annotations already acted upon, so that each is acted upon once (the operator
+    never writes spec or annotations)."""
