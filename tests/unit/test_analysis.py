@@ -1,4 +1,6 @@
-"""The analysis evaluator: thresholds, noData, comparison with the stable, verdicts, queries and scrape math."""
+"""The analysis evaluator: thresholds, noData, comparison with the stable, verdicts, folding and scheduling.
+
+The providers' own arithmetic (PromQL, scrape increases, histogram quantiles) is in test_provider_queries.py."""
 
 from __future__ import annotations
 
@@ -9,13 +11,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from shipyard import contract
 from shipyard.operator import analysis
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.analysis import Phase
+from shipyard.operator.providers import prometheus
+from shipyard.operator.providers import scrape as scrape_provider
 
 NOW = datetime.datetime(2025, 3, 1, 12, 0, 0, tzinfo=datetime.UTC)
 INF = math.inf
@@ -26,20 +27,20 @@ def metric(
     max: float | None = None,
     min: float | None = None,
     rel: float | None = None,
-    provider: spec_mod.MetricProvider | None = None,
+    provider: dict[str, Any] | None = None,
     name: str = "m",
 ) -> spec_mod.Metric:
     return spec_mod.Metric(
         name=name,
-        provider=provider or spec_mod.PrometheusProvider(query='q{version="{{version}}"}'),
+        **(provider or {"prometheus": prometheus.Query(query='q{version="{{version}}"}')}),
         max=max,
         min=min,
         max_relative_to_stable=rel,
     )
 
 
-ERROR_RATE = spec_mod.BuiltinProvider(metric="errorRate")
-LATENCY = spec_mod.BuiltinProvider(metric="latencyP99")
+ERROR_RATE: dict[str, Any] = {"builtin": "errorRate"}
+LATENCY: dict[str, Any] = {"builtin": "latencyP99"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,9 +110,9 @@ def test_relative_to_stable(spec: spec_mod.Metric, candidate: float, stable: flo
 def test_relative_floor_is_documented_per_builtin() -> None:
     assert analysis.build_relative_floor(metric(rel=0.1, provider=ERROR_RATE)) == 0.001
     assert analysis.build_relative_floor(metric(rel=0.1, provider=LATENCY)) == 0.005
-    assert analysis.build_relative_floor(metric(rel=0.1)) == analysis.DEFAULT_RELATIVE_FLOOR
-    scrape = spec_mod.ScrapeProvider(metric="x")
-    assert analysis.build_relative_floor(metric(rel=0.1, provider=scrape)) == analysis.DEFAULT_RELATIVE_FLOOR
+    assert analysis.build_relative_floor(metric(rel=0.1)) == prometheus.DEFAULT_RELATIVE_FLOOR == 0.001
+    scraped = {"scrape": scrape_provider.Scrape(metric="x")}
+    assert analysis.build_relative_floor(metric(rel=0.1, provider=scraped)) == scrape_provider.DEFAULT_RELATIVE_FLOOR
 
 
 @pytest.mark.parametrize(
@@ -254,9 +255,65 @@ def test_fold_records_query_values_and_time() -> None:
     assert result == {
         "name": "m", "provider": "prometheus", "query": "resolved query", "lastValue": 0.2, "stableValue": 0.1,
         "verdict": "Failed", "message": result["message"], "successes": 0, "failures": 1, "inconclusive": 0,
-        "errors": 0, "consecutiveErrors": 0, "lastMeasuredAt": "2025-03-01T12:00:00Z",
+        "errors": 0, "consecutiveErrors": 0, "measurements": 1, "lastMeasuredAt": "2025-03-01T12:00:00Z",
+        "history": [{"time": "2025-03-01T12:00:00Z", "value": 0.2, "stableValue": 0.1, "verdict": "Failed"}],
     }
     assert "0.2 > stable 0.1" in result["message"]
+
+
+def point(second: int, value: float | None, verdict: str, stable: float | None = None) -> dict[str, Any]:
+    """One entry of status.analysis.metrics[].history, `second` seconds after NOW."""
+    return {"time": analysis.build_timestamp(NOW + datetime.timedelta(seconds=second)), "value": value,
+            "stableValue": stable, "verdict": verdict}
+
+
+FULL = [point(i, float(i), "Successful") for i in range(analysis.METRIC_HISTORY_LIMIT)]
+
+
+@pytest.mark.parametrize(
+    ("previous", "spec", "measurement", "policy", "expected"),
+    [
+        pytest.param(None, metric(max=1), OK, "Fail", [point(99, 0.001, "Successful")], id="first-measurement"),
+        pytest.param({"history": [point(1, 0.5, "Successful")]}, metric(max=1), analysis.Measurement(sample(2.0)),
+                     "Fail", [point(1, 0.5, "Successful"), point(99, 2.0, "Failed")], id="appended-oldest-first"),
+        pytest.param({"history": FULL}, metric(max=100), analysis.Measurement(sample(7.0)), "Fail",
+                     [*FULL[1:], point(99, 7.0, "Successful")], id="bounded-drops-the-oldest"),
+        pytest.param({"history": FULL + FULL}, metric(max=100), OK, "Fail",
+                     [*FULL[1:], point(99, 0.001, "Successful")], id="over-long-previous-trimmed"),
+        pytest.param(None, metric(rel=0.1), analysis.Measurement(sample(0.2), sample(0.1)), "Fail",
+                     [point(99, 0.2, "Failed", stable=0.1)], id="with-the-stable-value"),
+        pytest.param(None, metric(max=1), analysis.Measurement(analysis.Sample(None, "q", error="down")), "Fail",
+                     [point(99, None, "Error")], id="error-has-no-value"),
+        pytest.param(None, metric(max=1), analysis.Measurement(sample(None)), "Ignore",
+                     [point(99, None, "Skipped")], id="ignored-no-data-is-recorded-as-skipped"),
+        pytest.param(None, metric(max=1), analysis.Measurement(sample(NAN)), "Inconclusive",
+                     [point(99, None, "Inconclusive")], id="nan-stored-as-null"),
+        pytest.param(None, metric(max=1), analysis.Measurement(sample(INF)), "Fail",
+                     [point(99, None, "Failed")], id="infinite-stored-as-null"),
+        pytest.param({"history": "garbage"}, metric(max=1), OK, "Fail", [point(99, 0.001, "Successful")],
+                     id="garbage-previous-history-ignored"),
+        pytest.param({"history": [7, point(1, 0.5, "Successful")]}, metric(max=1), OK, "Fail",
+                     [point(1, 0.5, "Successful"), point(99, 0.001, "Successful")], id="non-object-entries-dropped"),
+    ],
+)
+def test_fold_appends_to_the_bounded_history(
+    previous: Mapping[str, Any] | None, spec: spec_mod.Metric, measurement: analysis.Measurement,
+    policy: spec_mod.NoDataPolicy, expected: list[dict[str, Any]],
+) -> None:
+    result = analysis.build_metric_result(previous, spec, measurement, policy,
+                                          NOW + datetime.timedelta(seconds=99))
+    assert result["history"] == expected
+    assert len(result["history"]) <= analysis.METRIC_HISTORY_LIMIT
+    json.dumps(result, allow_nan=False)
+
+
+def test_history_survives_a_pass_without_measurement_and_resets_with_the_version() -> None:
+    spec = spec_mod.Analysis(metrics=(metric(max=1),))
+    first = analysis.build_analysis_status(None, spec, "1.1.0", {"m": OK}, NOW, NOW)
+    later = analysis.build_analysis_status(first, spec, "1.1.0", {}, NOW, NOW + datetime.timedelta(seconds=5))
+    assert later["metrics"][0]["history"] == [point(0, 0.001, "Successful")]
+    other = analysis.build_analysis_status(later, spec, "1.2.0", {"m": OK}, NOW, NOW + datetime.timedelta(seconds=9))
+    assert other["metrics"][0]["history"] == [point(9, 0.001, "Successful")]
 
 
 @pytest.mark.parametrize(
@@ -312,8 +369,12 @@ def result(name: str = "m", successes: int = 0, failures: int = 0, inconclusive:
                      id="limits-are-per-metric"),
         pytest.param([result(successes=5, failures=1), result("n", successes=5, failures=1)], 1, 4, 1,
                      Phase.SUCCESSFUL, id="failures-not-summed-over-metrics"),
-        pytest.param([result(errors=4, consecutive=4, verdict="Error")], 1, 4, 1, Phase.RUNNING,
-                     id="errors-at-limit-tolerated"),
+        pytest.param([result(errors=4, consecutive=4, verdict="Error")], 1, 4, 1, Phase.INCONCLUSIVE,
+                     id="errors-at-limit-tolerated-but-hold"),
+        pytest.param([result(successes=3), result("n", successes=3, errors=1, consecutive=1, verdict="Error")], 1, 4,
+                     1, Phase.INCONCLUSIVE, id="an-erring-metric-holds-a-passing-analysis"),
+        pytest.param([result(successes=3), result("n", successes=3, errors=1, consecutive=0)], 1, 4, 1,
+                     Phase.SUCCESSFUL, id="an-error-since-recovered-does-not-hold"),
         pytest.param([result(errors=5, consecutive=5, verdict="Error")], 1, 4, 1, Phase.ERROR,
                      id="errors-beyond-limit"),
         pytest.param([result(errors=1, consecutive=1, verdict="Error")], 1, 0, 1, Phase.ERROR,
@@ -347,20 +408,26 @@ def test_assess_analysis(
     assert assessment.message
 
 
+JOB = {"job": {"template": {"spec": {"containers": [{"name": "e"}]}}, "activeDeadlineSeconds": 120}}
+
+
 @pytest.mark.parametrize(
-    ("initial_delay", "failure_limit", "interval", "bound"),
+    ("initial_delay", "failure_limit", "interval", "job", "bound"),
     [
-        pytest.param(0.0, 0, 30.0, 30.0, id="defaults-limit0"),
-        pytest.param(0.0, 1, 30.0, 60.0, id="default-limit1"),
-        pytest.param(60.0, 2, 15.0, 105.0, id="delay-limit2"),
-        pytest.param(10.0, 100, 1.0, 111.0, id="fast"),
+        pytest.param(0.0, 0, 30.0, False, 30.0, id="defaults-limit0"),
+        pytest.param(0.0, 1, 30.0, False, 60.0, id="default-limit1"),
+        pytest.param(60.0, 2, 15.0, False, 105.0, id="delay-limit2"),
+        pytest.param(10.0, 100, 1.0, False, 111.0, id="fast"),
+        pytest.param(0.0, 1, 10.0, True, 2 * (10.0 + 120.0), id="a-job-metric-adds-its-deadline"),
     ],
 )
-def test_detection_bound(initial_delay: float, failure_limit: int, interval: float, bound: float) -> None:
-    assert analysis.build_detection_bound_seconds(initial_delay, failure_limit, interval) == bound
-    spec = spec_mod.Analysis(metrics=(), interval_seconds=interval, initial_delay_seconds=initial_delay,
+def test_detection_bound(initial_delay: float, failure_limit: int, interval: float, job: bool, bound: float) -> None:
+    metrics = (metric(max=1),) + ((metric(min=0.9, name="accuracy", provider=JOB),) if job else ())
+    spec = spec_mod.Analysis(metrics=metrics, interval=f"{interval:g}s", initial_delay=f"{initial_delay:g}s",
                              failure_limit=failure_limit)
-    assert spec.detection_bound_seconds == bound  # the same rule as the spec's
+    assert spec.detection_bound_seconds == bound
+    status = analysis.build_analysis_status(None, spec, "1.1", {}, NOW, NOW)
+    assert status["detectionBoundSeconds"] == bound  # what status shows is the spec's rule
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,8 +436,8 @@ def test_detection_bound(initial_delay: float, failure_limit: int, interval: flo
 
 def analysis_spec(*metrics: spec_mod.Metric, failure_limit: int = 1, min_samples: int = 2,
                   no_data: spec_mod.NoDataPolicy = "Inconclusive") -> spec_mod.Analysis:
-    return spec_mod.Analysis(metrics=metrics, interval_seconds=15.0, initial_delay_seconds=30.0,
-                             failure_limit=failure_limit, min_samples=min_samples, no_data=no_data)
+    return spec_mod.Analysis(metrics=metrics, interval="15s", initial_delay="30s", failure_limit=failure_limit,
+                             min_samples=min_samples, no_data=no_data)
 
 
 ERR = metric(max=0.01, name="error-rate", provider=ERROR_RATE)
@@ -399,7 +466,7 @@ def run(spec: spec_mod.Analysis, rounds: Sequence[Mapping[str, analysis.Measurem
         pytest.param([{"error-rate": BAD, "p99": OK}, {"error-rate": BAD, "p99": OK}], "Failed", id="fails"),
         pytest.param([{"error-rate": BAD, "p99": OK}, {"error-rate": BAD}, {"error-rate": OK, "p99": OK}] * 2,
                      "Failed", id="failed-is-final"),
-        pytest.param([{"error-rate": DOWN, "p99": OK}] * 4, "Running", id="errors-tolerated"),
+        pytest.param([{"error-rate": DOWN, "p99": OK}] * 4, "Inconclusive", id="errors-tolerated-hold"),
         pytest.param([{"error-rate": DOWN, "p99": OK}] * 5, "Error", id="errors-beyond-limit"),
         pytest.param([{"error-rate": EMPTY, "p99": OK}] * 3, "Inconclusive", id="no-data"),
         pytest.param([{"error-rate": EMPTY, "p99": OK}] * 3 + [{"error-rate": OK}] * 2, "Successful",
@@ -452,312 +519,32 @@ def test_metrics_removed_from_spec_are_dropped() -> None:
     assert status["metrics"][0]["successes"] == 1
 
 
-@pytest.mark.parametrize(
-    ("status", "due"),
-    [
-        pytest.param(None, NOW + datetime.timedelta(seconds=30), id="initial-delay"),
-        pytest.param({"metrics": [{"name": "m"}]}, NOW + datetime.timedelta(seconds=30), id="never-measured"),
-        pytest.param({"metrics": [{"lastMeasuredAt": "2025-03-01T12:01:00Z"},
-                                  {"lastMeasuredAt": "2025-03-01T12:02:00Z"}]},
-                     NOW + datetime.timedelta(seconds=135), id="latest-plus-interval"),
-        pytest.param({"metrics": [{"lastMeasuredAt": "garbage"}]}, NOW + datetime.timedelta(seconds=30),
-                     id="malformed-time"),
-    ],
-)
-def test_next_measurement_at(status: Mapping[str, Any] | None, due: datetime.datetime) -> None:
-    assert analysis.build_next_measurement_at(status, analysis_spec(ERR), NOW) == due
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Queries
+T = "2025-03-01T12:{:02d}:00Z".format
 
 
 @pytest.mark.parametrize(
-    ("builtin", "namespace_label", "expected"),
+    ("status", "now", "due", "next_due"),
     [
-        pytest.param(
-            "errorRate", "namespace",
-            '(sum(rate(shipyard_requests_total{namespace="ml",model="digits",version="1.4.0",code=~"5.."}[60s]))'
-            ' or vector(0)) / sum(rate(shipyard_requests_total{namespace="ml",model="digits",version="1.4.0"}[60s]))',
-            id="error-rate",
-        ),
-        pytest.param(
-            "latencyP99", "namespace",
-            "histogram_quantile(0.99, sum by (le) (rate(shipyard_request_duration_seconds_bucket"
-            '{namespace="ml",model="digits",version="1.4.0"}[60s])))',
-            id="latency-p99",
-        ),
-        pytest.param(
-            "latencyP99", None,
-            'histogram_quantile(0.99, sum by (le) (rate(shipyard_request_duration_seconds_bucket'
-            '{model="digits",version="1.4.0"}[60s])))',
-            id="without-namespace-label",
-        ),
-        pytest.param(
-            "errorRate", "kubernetes_namespace",
-            '(sum(rate(shipyard_requests_total{kubernetes_namespace="ml",model="digits",version="1.4.0",code=~"5.."}'
-            '[60s])) or vector(0)) / sum(rate(shipyard_requests_total{kubernetes_namespace="ml",model="digits",'
-            'version="1.4.0"}[60s]))',
-            id="custom-namespace-label",
-        ),
+        pytest.param(None, NOW, (), NOW + datetime.timedelta(seconds=30), id="initial-delay"),
+        pytest.param(None, NOW + datetime.timedelta(seconds=30), ("error-rate", "p99"), None, id="first-due"),
+        pytest.param({"metrics": [{"name": "error-rate"}]}, NOW, (), NOW + datetime.timedelta(seconds=30),
+                     id="never-measured"),
+        pytest.param({"metrics": [{"name": "error-rate", "lastMeasuredAt": T(1)},
+                                  {"name": "p99", "lastMeasuredAt": T(2)}]},
+                     NOW + datetime.timedelta(seconds=80), ("error-rate",), NOW + datetime.timedelta(seconds=135),
+                     id="each-metric-on-its-own-schedule"),
+        pytest.param({"metrics": [{"name": "error-rate", "lastMeasuredAt": "garbage"}]}, NOW, (),
+                     NOW + datetime.timedelta(seconds=30), id="malformed-time"),
+        pytest.param({"phase": "Failed", "metrics": []}, NOW + datetime.timedelta(hours=1), (), None,
+                     id="failed-measures-nothing"),
     ],
 )
-def test_builtin_queries(builtin: spec_mod.BuiltinMetric, namespace_label: str | None, expected: str) -> None:
-    query = analysis.build_builtin_query(builtin, "ml", "digits", "1.4.0", "60s", namespace_label=namespace_label)
-    assert query == expected
-    assert contract.METRIC_REQUESTS_TOTAL in query or contract.METRIC_REQUEST_DURATION in query
+def test_plan_due(status: Mapping[str, Any] | None, now: datetime.datetime, due: tuple[str, ...],
+                  next_due: datetime.datetime | None) -> None:
+    assert analysis.plan_due(status, analysis_spec(ERR, P99), NOW, now) == (due, next_due)
+    if status is None or status.get("phase") != "Failed":
+        earliest = min([now + datetime.timedelta(seconds=15)] if due else [], default=next_due)
+        assert analysis.build_next_measurement_at(status, analysis_spec(ERR, P99), NOW) <= (earliest or now)
 
 
-def test_builtin_query_escapes_label_values() -> None:
-    query = analysis.build_builtin_query("errorRate", "ml", 'a"b\\c', "1", "60s")
-    assert 'model="a\\"b\\\\c"' in query
 
-
-def test_unknown_builtin_is_refused() -> None:
-    with pytest.raises(ValueError, match="unknown builtin"):
-        analysis.build_builtin_query("throughput", "ml", "m", "1", "60s")  # type: ignore[arg-type, unused-ignore]
-
-
-@pytest.mark.parametrize(
-    ("interval", "minimum", "window"),
-    [
-        pytest.param(15.0, 60.0, "60s", id="at-least-a-minute"),
-        pytest.param(120.0, 60.0, "120s", id="interval"),
-        pytest.param(2.5, 1.0, "3s", id="rounded-up"),
-    ],
-)
-def test_query_window(interval: float, minimum: float, window: str) -> None:
-    assert analysis.build_query_window(interval, minimum) == window
-
-
-@pytest.mark.parametrize(
-    ("template", "stable", "expected"),
-    [
-        pytest.param('x{namespace="{{namespace}}",model="{{name}}",version="{{version}}"}', "1.3",
-                     'x{namespace="ml",model="digits",version="1.4"}', id="all-placeholders"),
-        pytest.param('a{version="{{version}}"} / a{version="{{stableVersion}}"}', "1.3",
-                     'a{version="1.4"} / a{version="1.3"}', id="stable-version"),
-        pytest.param('a{version="{{stableVersion}}"}', None, 'a{version=""}', id="no-stable-version"),
-        pytest.param("sum(up)", "1.3", "sum(up)", id="no-placeholders"),
-        pytest.param("{{version}}{{version}}", "1.3", "1.41.4", id="repeated"),
-        pytest.param("{{ version }} {{unknown}}", "1.3", "{{ version }} {{unknown}}", id="unknown-left-alone"),
-    ],
-)
-def test_render_query(template: str, stable: str | None, expected: str) -> None:
-    assert analysis.render_query(template, "ml", "digits", "1.4", stable) == expected
-
-
-@pytest.mark.parametrize(
-    ("value", "escaped"),
-    [
-        pytest.param('1"} or vector(1) #', '1\\"} or vector(1) #', id="quote-injection"),
-        pytest.param("a\\b", "a\\\\b", id="backslash"),
-        pytest.param("a\nb", "a\\nb", id="newline"),
-        pytest.param("{{name}}", "{{name}}", id="placeholder-in-value-not-replaced"),
-    ],
-)
-def test_render_query_escapes_values(value: str, escaped: str) -> None:
-    assert analysis.render_query('v="{{version}}"', "ml", "digits", value, None) == f'v="{escaped}"'
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Histogram quantile (as Prometheus' histogram_quantile)
-
-BUCKETS = [(0.1, 10.0), (0.2, 20.0), (0.5, 100.0), (INF, 100.0)]
-
-
-@pytest.mark.parametrize(
-    ("q", "buckets", "expected"),
-    [
-        pytest.param(0.99, BUCKETS, 0.2 + 0.3 * 79 / 80, id="p99-interpolated"),
-        pytest.param(0.5, BUCKETS, 0.2 + 0.3 * 30 / 80, id="p50"),
-        pytest.param(0.1, BUCKETS, 0.1, id="rank-at-bucket-edge"),
-        pytest.param(0.05, BUCKETS, 0.05, id="first-bucket-from-zero"),
-        pytest.param(1.0, BUCKETS, 0.2 + 0.3 * 80 / 80, id="q1"),
-        pytest.param(0.0, BUCKETS, 0.0, id="q0"),
-        pytest.param(0.0, [(0.1, 0.0), (0.2, 5.0), (INF, 5.0)], NAN, id="q0-empty-first-bucket-nan-as-prometheus"),
-        pytest.param(0.99, [(0.1, 0.0), (0.5, 1.0), (INF, 10.0)], 0.5, id="rank-in-inf-bucket"),
-        pytest.param(0.5, [(INF, 10.0), (0.5, 10.0), (0.1, 0.0)], 0.3, id="unsorted-input"),
-        pytest.param(0.5, [(-1.0, 6.0), (0.0, 8.0), (INF, 10.0)], -1.0, id="negative-first-bound"),
-        pytest.param(0.5, [(0.1, 5.0), (0.2, 4.0), (INF, 10.0)], 0.1, id="non-monotonic-forced"),
-        pytest.param(0.5, [(0.1, 2.0), (0.1, 3.0), (1.0, 10.0), (INF, 10.0)], 0.1, id="equal-bounds-merged"),
-        pytest.param(0.99, [(0.1, 0.0), (0.2, 0.0), (INF, 0.0)], NAN, id="no-observations"),
-        pytest.param(0.99, [(0.1, 1.0), (0.2, 2.0)], NAN, id="no-inf-bucket"),
-        pytest.param(0.99, [(INF, 5.0)], NAN, id="only-inf-bucket"),
-        pytest.param(0.99, [], NAN, id="empty"),
-        pytest.param(-0.1, BUCKETS, -INF, id="q-below-0"),
-        pytest.param(1.1, BUCKETS, INF, id="q-above-1"),
-        pytest.param(NAN, BUCKETS, NAN, id="q-nan"),
-    ],
-)
-def test_histogram_quantile(q: float, buckets: Sequence[tuple[float, float]], expected: float) -> None:
-    got = analysis.build_histogram_quantile(q, buckets)
-    if math.isnan(expected):
-        assert math.isnan(got)
-    else:
-        assert got == pytest.approx(expected)
-
-
-@given(
-    counts=st.lists(st.integers(min_value=0, max_value=1000), min_size=1, max_size=10),
-    q=st.floats(min_value=0.0, max_value=1.0),
-)
-def test_histogram_quantile_stays_within_its_bucket(counts: list[int], q: float) -> None:
-    """For any histogram, the quantile lies in the bucket whose cumulative count first reaches the rank."""
-    bounds = [0.001 * 2**i for i in range(len(counts))]
-    cumulative = [sum(counts[: i + 1]) for i in range(len(counts))]
-    buckets = [*zip(bounds, map(float, cumulative), strict=True), (INF, float(cumulative[-1]))]
-    got = analysis.build_histogram_quantile(q, buckets)
-    if cumulative[-1] == 0:
-        assert math.isnan(got)
-        return
-    rank = q * cumulative[-1]
-    b = next(i for i, c in enumerate(cumulative) if c >= rank)
-    if counts[b] == 0:  # rank 0 in an empty bucket: 0/0, NaN in Prometheus too
-        assert rank == 0 and math.isnan(got)
-        return
-    low = bounds[b - 1] if b > 0 else 0.0
-    assert low - 1e-12 <= got <= bounds[b] + 1e-12
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Direct scrape: increases with counter resets, error rate, latency
-
-
-def key(name: str, **labels: str) -> analysis.SeriesKey:
-    return analysis.build_series_key(name, labels)
-
-
-REQ = contract.METRIC_REQUESTS_TOTAL
-OK_SERIES = key(REQ, model="m", version="1", code="200")
-ERR_SERIES = key(REQ, model="m", version="1", code="503")
-
-
-def pod(ok: float, err: float | None = None, created: float | None = 100.0) -> dict[
-        analysis.SeriesKey, analysis.SeriesSample]:
-    out = {OK_SERIES: analysis.SeriesSample(ok, created)}
-    if err is not None:
-        out[ERR_SERIES] = analysis.SeriesSample(err, created)
-    return out
-
-
-@pytest.mark.parametrize(
-    ("previous", "current", "expected"),
-    [
-        pytest.param({"a": pod(10, 1)}, {"a": pod(25, 2)}, {OK_SERIES: 15, ERR_SERIES: 1}, id="increase"),
-        pytest.param({"a": pod(10, 1), "b": pod(5, 0)}, {"a": pod(20, 1), "b": pod(8, 3)},
-                     {OK_SERIES: 13, ERR_SERIES: 3}, id="summed-over-pods"),
-        pytest.param({"a": pod(100, 9)}, {"a": pod(7, 1)}, {OK_SERIES: 7, ERR_SERIES: 1}, id="reset-value-dropped"),
-        pytest.param({"a": pod(10, 1, created=100.0)}, {"a": pod(30, 2, created=200.0)},
-                     {OK_SERIES: 30, ERR_SERIES: 2}, id="reset-created-changed"),
-        pytest.param({"a": pod(10, 1, created=None)}, {"a": pod(30, 2, created=None)},
-                     {OK_SERIES: 20, ERR_SERIES: 1}, id="no-created-timestamps"),
-        pytest.param({"a": pod(10)}, {"a": pod(12, 4)}, {OK_SERIES: 2, ERR_SERIES: 4}, id="new-series-from-zero"),
-        pytest.param({"a": pod(10, 1)}, {"a": pod(12, 1), "b": pod(3, 1)}, {OK_SERIES: 5, ERR_SERIES: 1},
-                     id="new-pod-from-zero"),
-        pytest.param({"a": pod(10, 1), "gone": pod(50, 50)}, {"a": pod(12, 1)}, {OK_SERIES: 2, ERR_SERIES: 0},
-                     id="pod-gone"),
-        pytest.param(None, {"a": pod(10, 1), "b": pod(5, 0)}, {OK_SERIES: 15, ERR_SERIES: 1},
-                     id="first-snapshot-since-start"),
-    ],
-)
-def test_series_increase(
-    previous: Mapping[str, analysis.TargetSnapshot] | None,
-    current: Mapping[str, analysis.TargetSnapshot],
-    expected: Mapping[analysis.SeriesKey, float],
-) -> None:
-    assert analysis.build_series_increase(previous, current) == expected
-
-
-@pytest.mark.parametrize(
-    ("increase", "expected"),
-    [
-        pytest.param({OK_SERIES: 90.0, ERR_SERIES: 10.0}, 0.1, id="ten-percent"),
-        pytest.param({OK_SERIES: 90.0}, 0.0, id="no-errors"),
-        pytest.param({OK_SERIES: 0.0, ERR_SERIES: 0.0}, None, id="no-requests"),
-        pytest.param({}, None, id="no-series"),
-        pytest.param({ERR_SERIES: 4.0, key(REQ, model="m", version="1", code="429"): 4.0}, 0.5, id="4xx-not-errors"),
-        pytest.param({key(REQ, code="500"): 1.0, key(REQ, code="504"): 1.0, key(REQ, code="200"): 2.0}, 0.5,
-                     id="all-5xx"),
-        pytest.param({OK_SERIES: 1.0, key("other_total", code="500"): 100.0}, 0.0, id="other-metrics-ignored"),
-    ],
-)
-def test_error_rate(increase: Mapping[analysis.SeriesKey, float], expected: float | None) -> None:
-    assert analysis.build_error_rate(increase) == expected
-
-
-def buckets(counts: Mapping[str, float], **labels: str) -> dict[analysis.SeriesKey, float]:
-    name = contract.METRIC_REQUEST_DURATION + "_bucket"
-    return {key(name, le=le, **labels): c for le, c in counts.items()}
-
-
-@pytest.mark.parametrize(
-    ("increase", "expected"),
-    [
-        pytest.param(buckets({"0.1": 10, "0.2": 20, "0.5": 100, "+Inf": 100}), 0.2 + 0.3 * 79 / 80, id="p99"),
-        pytest.param({**buckets({"0.1": 5, "0.5": 5, "+Inf": 5}, pod="a"),
-                      **buckets({"0.1": 0, "0.5": 95, "+Inf": 95}, pod="b")},
-                     0.1 + 0.4 * (99 - 5) / 95, id="summed-by-le"),
-        pytest.param(buckets({"0.1": 0, "0.5": 0, "+Inf": 0}), None, id="no-requests"),
-        pytest.param({}, None, id="no-series"),
-        pytest.param(buckets({"0.1": 0, "bogus": 3, "+Inf": 10}), 0.1, id="malformed-le-skipped"),
-    ],
-)
-def test_latency_quantile(increase: Mapping[analysis.SeriesKey, float], expected: float | None) -> None:
-    got = analysis.build_latency_quantile(increase)
-    assert got == (None if expected is None else pytest.approx(expected))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Direct scrape: user scrape metrics
-
-G = "shipyard_inflight_requests"
-C = "jobs_total"
-
-
-def snap(**pods: Mapping[analysis.SeriesKey, float]) -> dict[str, dict[analysis.SeriesKey, analysis.SeriesSample]]:
-    return {p: {k: analysis.SeriesSample(v) for k, v in series.items()} for p, series in pods.items()}
-
-
-GAUGES = snap(a={key(G, kind="x"): 2.0, key(G, kind="y"): 10.0}, b={key(G, kind="x"): 4.0})
-
-
-@pytest.mark.parametrize(
-    ("selector", "expected"),
-    [
-        pytest.param(spec_mod.ScrapeProvider(metric=G), 16.0, id="sum"),
-        pytest.param(spec_mod.ScrapeProvider(metric=G, aggregation="avg"), 16.0 / 3, id="avg"),
-        pytest.param(spec_mod.ScrapeProvider(metric=G, aggregation="max"), 10.0, id="max"),
-        pytest.param(spec_mod.ScrapeProvider(metric=G, aggregation="min"), 2.0, id="min"),
-        pytest.param(spec_mod.ScrapeProvider(metric=G, labels={"kind": "x"}), 6.0, id="label-filter"),
-        pytest.param(spec_mod.ScrapeProvider(metric=G, labels={"kind": "z"}), None, id="no-match"),
-        pytest.param(spec_mod.ScrapeProvider(metric="absent"), None, id="absent"),
-    ],
-)
-def test_scrape_value(selector: spec_mod.ScrapeProvider, expected: float | None) -> None:
-    got = analysis.build_scrape_value(selector, None, GAUGES, None)
-    assert got == (None if expected is None else pytest.approx(expected))
-
-
-@pytest.mark.parametrize(
-    ("previous", "current", "elapsed", "expected"),
-    [
-        pytest.param(snap(a={key(C): 10.0}), snap(a={key(C): 40.0}), 15.0, 2.0, id="per-second"),
-        pytest.param(snap(a={key(C): 10.0}, b={key(C): 0.0}), snap(a={key(C): 40.0}, b={key(C): 15.0}), 15.0, 3.0,
-                     id="summed-over-pods"),
-        pytest.param(snap(a={key(C): 100.0}), snap(a={key(C): 30.0}), 15.0, 2.0, id="reset"),
-        pytest.param(snap(a={key(C): 10.0}), snap(a={key(C): 40.0}, b={key(C): 999.0}), 15.0, 2.0,
-                     id="new-pod-left-out"),
-        pytest.param(None, snap(a={key(C): 40.0}), None, None, id="first-measurement-no-data"),
-        pytest.param(snap(a={key(C): 10.0}), snap(a={key(C): 40.0}), 0.0, None, id="no-elapsed-time"),
-    ],
-)
-def test_scrape_rate(
-    previous: Mapping[str, analysis.TargetSnapshot] | None,
-    current: Mapping[str, analysis.TargetSnapshot],
-    elapsed: float | None,
-    expected: float | None,
-) -> None:
-    selector = spec_mod.ScrapeProvider(metric=C, rate=True)
-    got = analysis.build_scrape_value(selector, previous, current, elapsed)
-    assert got == (None if expected is None else pytest.approx(expected))

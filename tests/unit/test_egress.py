@@ -64,7 +64,7 @@ def allow_list(operator: str | None = "http://prometheus.monitoring:9090", flags
 def test_spec_addresses_are_allowed_only_by_an_entry(address: str, allowed: tuple[egress.Allowed, ...],
                                                      allowed_by: str | None) -> None:
     field = "spec.rollout.analysis.prometheus.address"
-    decision = egress.assess_prometheus_address(address, field, allowed)
+    decision = egress.assess_address(address, field, allowed)
     assert decision.allowed is (allowed_by is not None), decision.reason
     assert decision.reason.startswith(field + ": ")
     if allowed_by is not None:
@@ -74,11 +74,11 @@ def test_spec_addresses_are_allowed_only_by_an_entry(address: str, allowed: tupl
 
 def test_a_refusal_names_the_field_and_the_rule() -> None:
     field = "spec.rollout.analysis.metrics[2].prometheus.address"
-    refused = egress.assess_prometheus_address("http://evil:9090", field, allow_list())
+    refused = egress.assess_address("http://evil:9090", field, allow_list())
     assert refused.reason == f"{field}: http://evil:9090 is not an allowed Prometheus address: {egress.RULE}"
     for needle in ("--prometheus-address", "--allowed-prometheus-address", egress.ANNOTATION_ALLOWED):
         assert needle in refused.reason
-    creds = egress.assess_prometheus_address("http://admin:s3cret@prometheus.monitoring:9090", field, allow_list())
+    creds = egress.assess_address("http://admin:s3cret@prometheus.monitoring:9090", field, allow_list())
     assert not creds.allowed and "carries credentials" in creds.reason and "s3cret" not in creds.reason
     assert "admin" not in creds.reason
 

@@ -1,8 +1,9 @@
 """What a ModelDeployment may make the operator contact, and what is redacted before text leaves it. Pure, no I/O.
 
-Anyone who may create a ModelDeployment chooses its Prometheus addresses (``spec.rollout.analysis.prometheus.address``,
-``metrics[].prometheus.address``); unchecked, that lets a tenant make the operator send requests anywhere its network
-reaches (server-side request forgery). The rule (``assess_prometheus_address``):
+Anyone who may create a ModelDeployment chooses the addresses its analysis contacts (Prometheus:
+``spec.rollout.analysis.prometheus.address``, ``metrics[].prometheus.address``; web metrics: ``metrics[].web.url``);
+unchecked, that lets a tenant make the operator send requests anywhere its network reaches (server-side request
+forgery). The rule (``assess_address``), the same for every provider that contacts a spec-supplied address:
 
 - an address with userinfo (``user:password@``) is always refused: credentials never belong in a spec;
 - otherwise it is queried only if it matches an allowed entry: the operator's own ``--prometheus-address``, an
@@ -38,7 +39,7 @@ FLAG_OPERATOR: Final = "--prometheus-address"
 MAX_ERROR_TEXT: Final = 300  # an error body or message quoted in a measurement
 REDACTED: Final = "REDACTED"
 DEFAULT_PORTS: Final[Mapping[str, int]] = {"http": 80, "https": 443}
-RULE: Final = (f"a spec-supplied Prometheus address must match the operator's {FLAG_OPERATOR}, an "
+RULE: Final = (f"a spec-supplied address must match the operator's {FLAG_OPERATOR}, an "
                f"{FLAG_ALLOWED}, or an entry of the annotation {ANNOTATION_ALLOWED} on the namespace "
                "(see docs/security.md)")
 _SECRET_PARAM_RE: Final = re.compile(
@@ -84,7 +85,7 @@ class Decision:
 def build_endpoint(address: str) -> Endpoint:
     """The normalized endpoint of an http(s) URL; ValueError (naming the problem, not echoing userinfo) otherwise.
 
-    Userinfo is accepted here (``assess_prometheus_address`` refuses it): operator-side configuration may carry it.
+    Userinfo is accepted here (``assess_address`` refuses it): operator-side configuration may carry it.
     """
     try:
         parts = urllib.parse.urlsplit(address.strip())
@@ -142,12 +143,14 @@ def parse_address_list(text: str | Iterable[str] | None, source: str, *, userinf
     return tuple(entries), tuple(problems)
 
 
-def assess_prometheus_address(address: str, field: str, allowed: Sequence[Allowed]) -> Decision:
-    """Whether the operator may query a spec-supplied ``address`` (from ``field``); the rules are the module's."""
+def assess_address(address: str, field: str, allowed: Sequence[Allowed], *, what: str = "Prometheus address",
+                   ) -> Decision:
+    """Whether the operator may contact a spec-supplied ``address`` (from ``field``); the rules are the module's.
+    ``what`` names the kind of address in the refusal."""
     shown = redact_url(address)
     if has_userinfo(address):
         return Decision(False, f"{field}: {shown} carries credentials (user:password@), which are never accepted in "
-                               "a spec; put the address without them on an allow-list and let Prometheus (or a "
+                               "a spec; put the address without them on an allow-list and let the server (or a "
                                "proxy) authenticate")
     try:
         endpoint = build_endpoint(address)
@@ -156,7 +159,7 @@ def assess_prometheus_address(address: str, field: str, allowed: Sequence[Allowe
     for entry in allowed:
         if entry.endpoint.covers(endpoint):
             return Decision(True, f"{field}: {shown} is allowed by {entry.source} ({entry.endpoint})")
-    return Decision(False, f"{field}: {shown} is not an allowed Prometheus address: {RULE}")
+    return Decision(False, f"{field}: {shown} is not an allowed {what}: {RULE}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
