@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -60,15 +60,6 @@ class FakePrometheus:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture
-def prometheus(cluster: Cluster, namespace: str) -> Iterator[FakePrometheus]:
-    fake = FakePrometheus()
-    # The specs name this address: the namespace's administrator allows it (docs/security.md).
-    cluster.kubectl("annotate", "namespace", namespace, f"shipyard.dev/allowed-prometheus-addresses={fake.address}")
-    yield fake
-    fake.close()
 
 
 def model(name: str, tag: str, replicas: int = 4, **spec: Any) -> dict[str, Any]:

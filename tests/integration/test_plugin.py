@@ -180,16 +180,21 @@ def token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path)
     return str(path)
 
 
+def reader_kubeconfig(cluster: Cluster, namespace: str, account: str, resources: str, path: Path) -> str:
+    """A ServiceAccount that may get, list and watch `resources` in the namespace (no more), as a kubeconfig."""
+    cluster.kubectl("create", "serviceaccount", account, "-n", namespace)
+    cluster.kubectl("create", "role", f"{account}-reads", "-n", namespace, "--verb=get,list,watch",
+                    f"--resource={resources}")
+    cluster.kubectl("create", "rolebinding", f"{account}-reads", "-n", namespace, f"--role={account}-reads",
+                    f"--serviceaccount={namespace}:{account}")
+    return token_kubeconfig(cluster, namespace, account, path)
+
+
 def test_missing_rbac_is_reported_as_such(cluster: Cluster, namespace: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     create_model(cluster, namespace, PROGRESSING)
-    cluster.kubectl("create", "serviceaccount", "reader", "-n", namespace)
     cluster.kubectl("create", "serviceaccount", "nobody", "-n", namespace)
-    cluster.kubectl("create", "role", "md-reader", "-n", namespace, "--verb=get,list,watch",
-                    "--resource=modeldeployments.shipyard.dev")
-    cluster.kubectl("create", "rolebinding", "md-reader", "-n", namespace, "--role=md-reader",
-                    f"--serviceaccount={namespace}:reader")
-    reader = token_kubeconfig(cluster, namespace, "reader", tmp_path / "reader")
+    reader = reader_kubeconfig(cluster, namespace, "reader", "modeldeployments.shipyard.dev", tmp_path / "reader")
     nobody = token_kubeconfig(cluster, namespace, "nobody", tmp_path / "nobody")
     code, out, _ = shipyard(reader, namespace, "status", "digits", capsys=capsys)
     assert code == 0 and "Candidate:   1.1.0" in out

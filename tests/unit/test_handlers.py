@@ -1,12 +1,21 @@
-"""The shell's pure helpers: which child events wake the owner, job phases and messages, scrape targets."""
+"""The Kopf shell: its pure decisions (which child events wake the owner, scrape targets, the cache's ordering, peering
+pauses, what an API error means) and whole reconcile passes against a fake of the API server (``FakeKube``): the
+shell writes what the plan says and nothing else, once, and stalls on a refused child without touching anything
+else. No Kopf, no network."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import logging
+from collections.abc import Mapping
 from typing import Any
 
+import lightkube
 import pytest
+from lightkube.core.exceptions import ApiError as LightkubeApiError
 
-from shipyard.operator import handlers
+from shipyard.operator import handlers, naming, providers
 
 
 def pod(component: str, terminated: bool = False, ready: bool = True, ip: str = "127.0.0.9",
@@ -29,29 +38,12 @@ def pod(component: str, terminated: bool = False, ready: bool = True, ip: str = 
     pytest.param(pod("serving"), False, id="serving-pod"),
     pytest.param(pod("compression"), False, id="compression-pod-running"),
     pytest.param(pod("compression", terminated=True), True, id="compression-pod-terminated"),
+    pytest.param(pod("analysis"), False, id="analysis-pod-running"),
+    pytest.param(pod("analysis", terminated=True), True, id="analysis-pod-terminated"),
+    pytest.param(pod("other", terminated=True), False, id="another-component-terminated"),
 ])
 def test_which_child_events_wake_the_owner(body: dict[str, Any], wakes: bool) -> None:
     assert handlers.assess_wakes_owner(body) is wakes
-
-
-@pytest.mark.parametrize(("conditions", "active", "phase"), [
-    pytest.param([{"type": "Complete", "status": "True"}], 0, "Succeeded", id="complete"),
-    pytest.param([{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}], 0, "Failed", id="failed"),
-    pytest.param([], 1, "Running", id="running"),
-    pytest.param([], 0, "Pending", id="pending"),
-])
-def test_job_phase_and_termination_message(conditions: list[dict[str, str]], active: int, phase: str) -> None:
-    job = {"metadata": {"name": "digits-compress-abc", "labels": {"shipyard.dev/artifact": "k"}},
-           "status": {"conditions": conditions, "active": active}}
-    view = handlers.build_job_view(job, {"p": pod("compression", terminated=True)})
-    assert view.phase == phase and view.key == "k"
-    assert view.message == "Rejected: accuracy"
-
-
-def test_a_failed_job_without_a_pod_message_says_why() -> None:
-    job = {"metadata": {"name": "j"}, "status": {"conditions": [
-        {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer"}]}}
-    assert handlers.build_job_view(job, {}).message == "DeadlineExceeded: Job was active longer"
 
 
 def owned(body: dict[str, Any], host_network: bool = False) -> dict[str, Any]:
@@ -108,25 +100,18 @@ def test_kopf_peering_lines_pause_and_resume_the_work_queue(message: str, paused
 
 
 def test_a_paused_replica_reconciles_nothing_and_looks_again_later() -> None:
-    import asyncio
-    import logging
-
-    follower = handlers.PeeringPauseFollower()
-    before = handlers.RUNTIME.paused, dict(handlers.RUNTIME.caches.models)
-    try:
-        handlers.RUNTIME.caches.models["ml/digits"] = {"metadata": {"name": "digits", "namespace": "ml"}}
-        follower.emit(logging.LogRecord("kopf._core.engines.peering", logging.INFO, __file__, 1,
-                                        "Pausing operations in favour of %s.", (["b"],), None))
-        assert handlers.RUNTIME.paused
-        # No Kube client is configured here: a paused reconcile must return before it would need one.
-        assert asyncio.run(handlers.reconcile("ml/digits")) == handlers.PAUSED_RETRY_SECONDS
-        follower.emit(logging.LogRecord("kopf._core.engines.peering", logging.INFO, __file__, 1,
-                                        "Resuming operations after the pause.", (), None))
-        assert not handlers.RUNTIME.paused
-    finally:
-        handlers.RUNTIME.paused = before[0]
-        handlers.RUNTIME.caches.models.clear()
-        handlers.RUNTIME.caches.models.update(before[1])
+    kube = FakeKube()
+    op = handlers.Operator(kube=kube, providers=providers.Providers())
+    follower = handlers.PeeringPauseFollower(op)
+    op.caches.models["ml/digits"] = model()
+    follower.emit(logging.LogRecord("kopf._core.engines.peering", logging.INFO, __file__, 1,
+                                    "Pausing operations in favour of %s.", (["b"],), None))
+    assert op.paused
+    assert asyncio.run(handlers.reconcile(op, "ml/digits")) == handlers.PAUSED_RETRY_SECONDS
+    assert kube.calls == []  # nothing asked of the API server
+    follower.emit(logging.LogRecord("kopf._core.engines.peering", logging.INFO, __file__, 1,
+                                    "Resuming operations after the pause.", (), None))
+    assert not op.paused
 
 
 @pytest.mark.parametrize(("body", "unobserved"), [
@@ -137,3 +122,172 @@ def test_a_paused_replica_reconciles_nothing_and_looks_again_later() -> None:
 ])
 def test_specs_not_acted_on_yet_are_urgent(body: dict[str, Any], unobserved: bool) -> None:
     assert handlers.assess_unobserved(body) is unobserved
+
+
+@pytest.mark.parametrize(("code", "message", "retry"), [
+    pytest.param(404, "not found", None, id="deleted-meanwhile-dropped"),
+    pytest.param(409, "the object has been modified", handlers.CONFLICT_RETRY, id="stale-cache-soon"),
+    pytest.param(403, "namespace ml is being terminated", None, id="namespace-going-away-dropped"),
+    pytest.param(403, "forbidden: cannot patch", handlers.API_ERROR_BACKOFF, id="forbidden-backs-off"),
+    pytest.param(500, "etcd timeout", handlers.API_ERROR_BACKOFF, id="server-error-backs-off"),
+    pytest.param(429, "too many requests", handlers.API_ERROR_BACKOFF, id="throttled-backs-off"),
+])
+def test_what_an_api_error_means(code: int, message: str, retry: float | None) -> None:
+    assert handlers.plan_api_error(code, message) == retry
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole passes against a fake API server
+
+
+def api_error(code: int, message: str) -> lightkube.ApiError:
+    response = type("Response", (), {"json": lambda self: {"code": code, "message": message, "status": "Failure"},
+                                     "status_code": code})()
+    return LightkubeApiError(response=response)  # type: ignore[arg-type]
+
+
+class FakeKube:
+    """Records every call; applies return the object with a resourceVersion, as the API server does."""
+
+    def __init__(self, reject: Mapping[str, str] | None = None, pvcs: tuple[str, ...] = ()) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.reject = dict(reject or {})  # kind -> message of a 422
+        self.pvcs = pvcs
+        self.version = 100
+        self.models: dict[str, dict[str, Any]] = {}  # the stored objects (the operator's cache stands in for them)
+
+    def _stamp(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        body = copy.deepcopy(dict(obj))
+        body["metadata"]["resourceVersion"] = str(self.version)
+        return body
+
+    async def apply_object(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        self.calls.append(("apply", (obj["kind"], obj["metadata"]["name"])))
+        if obj["kind"] in self.reject:
+            raise api_error(422, self.reject[obj["kind"]])
+        return self._stamp(obj)
+
+    async def scale_deployment(self, namespace: str, name: str, replicas: int) -> dict[str, Any]:
+        self.calls.append(("scale", (name, replicas)))
+        return self._stamp({"kind": "Deployment", "metadata": {"name": name, "namespace": namespace}})
+
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.calls.append(("delete", (kind, name)))
+
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        """A merge patch of status: the whole object comes back, as from the API server."""
+        self.calls.append(("status", dict(status)))
+        stored = self.models.get(f"{namespace}/{name}", {"metadata": {"name": name, "namespace": namespace}})
+        merged = {k: v for k, v in {**(stored.get("status") or {}), **status}.items() if v is not None}
+        return self._stamp({**stored, "status": merged})
+
+    async def post_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.calls.append(("event", reason))
+
+    async def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        self.calls.append(("list_pods", dict(labels)))
+        return []
+
+    async def pvc_exists(self, namespace: str, name: str) -> bool:
+        self.calls.append(("pvc", name))
+        return name in self.pvcs
+
+    async def fetch_namespace_annotations(self, namespace: str) -> dict[str, str]:
+        self.calls.append(("namespace", namespace))
+        return {}
+
+    async def close(self) -> None:
+        return None
+
+    def of(self, verb: str) -> list[Any]:
+        return [arg for v, arg in self.calls if v == verb]
+
+
+def operator_with(kube: FakeKube) -> handlers.Operator:
+    op = handlers.Operator(kube=kube, providers=providers.Providers())
+    kube.models = op.caches.models
+    return op
+
+
+def model(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": naming.API_VERSION, "kind": naming.KIND,
+            "metadata": {"name": "digits", "namespace": "ml", "uid": "u-1", "generation": 1, "resourceVersion": "7"},
+            "spec": {"image": "registry.example/digits:1.0.0", "model": {"path": "/models/digits"},
+                     "serving": {"replicas": 2}, **spec}}
+
+
+async def _pass(op: handlers.Operator, key: str = "ml/digits") -> float | None:
+    retry = await handlers.reconcile(op, key)
+    if op.background:
+        await asyncio.wait(list(op.background))
+    return retry
+
+
+def test_a_new_model_gets_its_deployment_and_service_and_one_status_write() -> None:
+    kube = FakeKube()
+    op = operator_with(kube)
+    op.caches.models["ml/digits"] = model()
+    asyncio.run(_pass(op))
+    assert sorted(kube.of("apply")) == [("Deployment", "digits-1-0-0"), ("Service", "digits")]
+    (status,) = kube.of("status")
+    assert status["phase"] == "Progressing" and status["observedGeneration"] == 1
+    assert kube.of("event") == ["Deploying"]
+    assert kube.of("list_pods") == [] and kube.of("pvc") == []  # nothing needed them
+    # What was applied is in the cache: the next pass plans from it and writes nothing new.
+    assert set(op.caches.children["ml/digits"]) == {"Deployment", "Service"}
+    kube.calls.clear()
+    asyncio.run(_pass(op))
+    assert kube.of("apply") == [] and kube.of("scale") == [] and kube.of("delete") == []
+
+
+def test_a_refused_child_stalls_the_model_and_nothing_else_is_written() -> None:
+    kube = FakeKube(reject={"Deployment": 'Deployment.apps "digits-1-0-0" is invalid: nodeSelector'})
+    op = handlers.Operator(kube=kube, providers=providers.Providers())
+    op.caches.models["ml/digits"] = model()
+    asyncio.run(_pass(op))
+    (status,) = kube.of("status")
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", "ChildRejected")
+    assert "Deployment digits-1-0-0 was rejected by the API server" in status["message"]
+    assert kube.of("scale") == [] and kube.of("delete") == []
+    assert kube.of("event") == ["ChildRejected"]
+
+
+def test_an_invalid_spec_is_stalled_without_any_other_request() -> None:
+    kube = FakeKube()
+    op = handlers.Operator(kube=kube, providers=providers.Providers())
+    op.caches.models["ml/digits"] = model(serving={"replicas": -1})
+    asyncio.run(_pass(op))
+    assert [v for v, _ in kube.calls] == ["status", "event"]
+    (status,) = kube.of("status")
+    assert status["message"].startswith("spec.serving.replicas: ")
+
+
+def test_a_missing_artifacts_claim_is_looked_up_and_stalls_before_any_job() -> None:
+    compression = {"steps": [{"quantize": {"scheme": "int8-dynamic"}}], "evaluation": {"dataset": "builtin:digits"},
+                   "artifacts": {"pvc": "shipyard-artifacts"}}
+    kube = FakeKube()
+    op = operator_with(kube)
+    op.caches.models["ml/digits"] = model(compression=compression)
+    retry = asyncio.run(_pass(op))
+    assert kube.of("pvc") == ["shipyard-artifacts"]
+    assert not any(kind in ("Job", "ConfigMap", "Deployment") for kind, _ in kube.of("apply"))
+    assert retry == pytest.approx(10.0, abs=0.5)  # PVCs are not watched: look again
+    kube.pvcs = ("shipyard-artifacts",)
+    kube.calls.clear()
+    asyncio.run(_pass(op))
+    assert {kind for kind, _ in kube.of("apply")} >= {"ConfigMap", "Job"}
+
+
+def test_a_deleted_model_is_dropped_and_an_api_error_is_retried() -> None:
+    kube = FakeKube()
+    op = handlers.Operator(kube=kube, providers=providers.Providers())
+    assert asyncio.run(_pass(op, "ml/gone")) is None
+
+    async def refused(namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        raise api_error(500, "etcd timeout")
+
+    kube.patch_status = refused  # type: ignore[method-assign]
+    op.caches.models["ml/digits"] = model()
+    assert asyncio.run(_pass(op)) == handlers.API_ERROR_BACKOFF

@@ -1,206 +1,22 @@
-"""Pure planning: the rollout state machine driven through every transition by a small simulated cluster.
+"""Pure planning: the rollout state machine driven through every transition by a small simulated cluster
+(tests/plansim.py: a fake API server, controllers, kubelet and clock around the planner).
 
-``Sim`` plays the API server and the Deployment/Job controllers: it applies each plan (pods of a version become
-ready at once unless the version is "broken"), persists the planned status as the API server would (a merge
-patch: None removes a field), advances a fake clock and feeds metric measurements when the planner asks for them.
 Because the planner keeps everything in status, a restarted operator is the same planner on the same inputs:
 ``test_restart_in_every_phase_plans_the_same`` checks exactly that at every pass of every scenario.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import datetime
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from shipyard.operator import analysis, naming, objects, planning
-
-T0 = datetime.datetime(2026, 11, 28, 12, 0, 0, tzinfo=datetime.UTC)
-CRD = Path(__file__).resolve().parents[2] / "crds" / "modeldeployments.shipyard.dev.yaml"
-IMAGE = "registry.example/acme/digits-model"
-
-Measure = Callable[[str, datetime.datetime], float | None | ConnectionError]
-
-
-def md(tag: str = "1.0.0", replicas: int = 4, **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "shipyard.dev/v1alpha1",
-        "kind": "ModelDeployment",
-        "metadata": {"name": "digits", "namespace": "ml", "uid": "uid-1", "generation": 1, "annotations": {}},
-        "spec": {"image": f"{IMAGE}:{tag}", "model": {"path": "/models/digits"},
-                 "serving": {"replicas": replicas}, **spec},
-        "status": {},
-    }
-
-
-ANALYSIS = {"interval": "10s", "failureLimit": 1, "minSamples": 2, "noData": "Inconclusive",
-            "metrics": [{"name": "error-rate", "builtin": "errorRate", "max": 0.05}]}
-STEPS = [{"weight": 25, "pause": "60s"}, {"weight": 50, "pause": "60s"}]
-COMPRESSION = {"steps": [{"prune": {"amount": 0.5}}, {"quantize": {"scheme": "int8-dynamic"}}],
-               "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "shipyard-artifacts"}}
-
-
-def good(version: str, now: datetime.datetime) -> float | None:
-    return 0.0
-
-
-class Sim:
-    """A tiny fake cluster + clock around plan_reconcile."""
-
-    def __init__(self, body: dict[str, Any], measure: Measure = good, tick: float = 5.0) -> None:
-        self.body = body
-        self.now = T0
-        self.tick = tick
-        self.measure = measure
-        self.deployments: dict[str, planning.DeploymentView] = {}
-        self.jobs: dict[str, planning.JobView] = {}
-        self.config_maps: dict[str, str] = {}
-        self.service_hash: str | None = None
-        self.broken: set[str] = set()  # versions whose pods never become ready
-        self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
-        self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
-        self._catching_up: dict[str, planning.DeploymentView] = {}
-        self.job_outcome: tuple[str, str] = ("Succeeded", "accepted: sourceBytes=1000 compressedBytes=100")
-        self.missing_pvc: str | None = None
-        self.plans: list[planning.Plan] = []
-        self.measured = 0
-        self.peak_replicas = 0  # the most Deployment replicas at once, after any single write (the operator's order)
-
-    # --- what the operator observes
-    def observed(self) -> planning.Observed:
-        return planning.Observed(deployments=dict(self.deployments), service_hash=self.service_hash,
-                                 jobs=dict(self.jobs), config_maps=dict(self.config_maps),
-                                 missing_pvc=self.missing_pvc)
-
-    @property
-    def status(self) -> dict[str, Any]:
-        return self.body["status"]
-
-    def set_spec(self, **changes: Any) -> None:
-        self.body["spec"].update(changes)
-        self.body["metadata"]["generation"] += 1
-
-    def annotate(self, key: str, value: str) -> None:
-        self.body["metadata"]["annotations"][f"shipyard.dev/{key}"] = value
-
-    def _ready(self, version: str, replicas: int) -> planning.DeploymentView:
-        old = self.deployments.get(version)
-        ready = 0 if version in self.broken else replicas
-        if version in self.frozen and old is not None:
-            ready = min(replicas, old.ready_replicas)
-        return planning.DeploymentView(
-            name=naming.build_deployment_name("digits", version), version=version,
-            image=old.image if old else "", replicas=replicas, ready_replicas=ready, available_replicas=ready,
-            updated_replicas=replicas, generation=1, observed_generation=1, spec_hash=old.spec_hash if old else "")
-
-    def plan(self) -> planning.Plan:
-        measurements = None
-        request = planning.plan_measurement(self.body, self.observed(), self.now)
-        if request is not None:
-            self.measured += 1
-            value = self.measure(request.candidate, self.now)
-            sample = analysis.Sample(value=None, query="q", error=str(value)) \
-                if isinstance(value, ConnectionError) else analysis.Sample(value=value, query="q")
-            measurements = {m["name"]: analysis.Measurement(candidate=sample, stable=analysis.Sample(0.0, "q"))
-                            for m in self.body["spec"]["rollout"]["analysis"]["metrics"]}
-        return planning.plan_reconcile(copy.deepcopy(self.body), self.observed(), self.now, measurements)
-
-    def _lag(self, version: str, old: planning.DeploymentView, caught_up: planning.DeploymentView) -> None:
-        """spec.replicas changed; the status still describes the old generation until the next pass."""
-        generation = old.generation + 1
-        self.deployments[version] = dataclasses.replace(old, replicas=caught_up.replicas, generation=generation)
-        self._catching_up[version] = dataclasses.replace(caught_up, generation=generation,
-                                                         observed_generation=generation)
-
-    def step(self) -> planning.Plan:
-        lagged, self._catching_up = self._catching_up, {}  # what the last pass saw lagging catches up after this one
-        plan = self.plan()
-        self.plans.append(plan)
-        for obj in plan.apply:
-            kind, name = obj["kind"], obj["metadata"]["name"]
-            if kind == "Deployment":
-                version = obj["metadata"]["labels"][naming.LABEL_VERSION]
-                old = self.deployments.get(version)
-                view = dataclasses.replace(
-                    self._ready(version, obj["spec"]["replicas"]),
-                    image=obj["spec"]["template"]["spec"]["containers"][0]["image"],
-                    spec_hash=objects.spec_hash_of(obj))
-                if version in self.lagging and old is not None and old.replicas != view.replicas:
-                    self._lag(version, old, view)
-                else:
-                    self.deployments[version] = view
-                self._note_peak()
-            elif kind == "Service":
-                self.service_hash = objects.spec_hash_of(obj)
-            elif kind == "ConfigMap":
-                self.config_maps[name] = objects.spec_hash_of(obj)
-            elif kind == "Job":
-                self.jobs[name] = planning.JobView(name=name, key=obj["metadata"]["labels"][naming.LABEL_ARTIFACT],
-                                                   phase="Running", spec_hash=objects.spec_hash_of(obj))
-        for name, replicas in plan.scale:
-            version = next(v for v, d in self.deployments.items() if d.name == name)
-            old, view = self.deployments[version], self._ready(version, replicas)
-            if version in self.lagging:
-                self._lag(version, old, view)
-            else:
-                self.deployments[version] = view
-            self._note_peak()
-        for _, kind, name in plan.delete:
-            if kind == "Deployment":
-                self.deployments = {v: d for v, d in self.deployments.items() if d.name != name}
-            elif kind == "Job":
-                self.jobs.pop(name, None)
-            elif kind == "ConfigMap":
-                self.config_maps.pop(name, None)
-        for version, view in lagged.items():
-            if version in self.deployments and version not in self._catching_up:
-                self.deployments[version] = view
-        # Running Jobs finish by the next pass, as the fake kubelet decides.
-        for name, job in list(self.jobs.items()):
-            if job.phase == "Running":
-                phase, message = self.job_outcome
-                self.jobs[name] = dataclasses.replace(job, phase=phase, message=message)
-        merged = {**self.status, **plan.status}
-        self.body["status"] = {k: v for k, v in merged.items() if v is not None}
-        self.now += datetime.timedelta(seconds=self.tick)
-        return plan
-
-    def _note_peak(self) -> None:
-        self.peak_replicas = max(self.peak_replicas, sum(self.replicas().values()))
-
-    def run(self, until: Callable[[Sim], bool], max_passes: int = 200) -> Sim:
-        for _ in range(max_passes):
-            self.step()
-            if until(self):
-                return self
-        raise AssertionError(f"did not settle: phase={self.status.get('phase')} message={self.status.get('message')}")
-
-    def settle(self) -> Sim:
-        """Runs until a pass plans nothing: no writes, no events, no status change, no timer."""
-        def settled(s: Sim) -> bool:
-            p = s.plans[-1]
-            return not (p.apply or p.scale or p.delete or p.events) and p.requeue_after is None and \
-                len(s.plans) > 1 and not planning.assess_status_changed(s.plans[-2].status, p.status)
-        return self.run(settled)
-
-    def replicas(self) -> dict[str, int]:
-        return {v: d.replicas for v, d in self.deployments.items()}
-
-    def reasons(self) -> list[str]:
-        return [e.reason for p in self.plans for e in p.events]
-
-    def history(self) -> list[tuple[str, str]]:
-        return [(h["version"], h["outcome"]) for h in self.status.get("history", [])]
-
-    def condition(self, type_: str) -> tuple[str, str]:
-        c = next(c for c in self.status["conditions"] if c["type"] == type_)
-        return c["status"], c["reason"]
+from shipyard.operator import planning, providers, rollout
+from shipyard.operator.spec import SpecError
+from tests.plansim import ANALYSIS, COMPRESSION, CRD, IMAGE, JOB_ANALYSIS, STEPS, T0, Measure, Sim, good, md
 
 
 def stable_sim(**spec: Any) -> Sim:
@@ -733,13 +549,13 @@ def test_a_missing_model_volume_is_stalled_until_it_exists(compression: dict[str
                  {"artifacts": [{"version": "1.0.0", "phase": "Succeeded"}]}, (), id="artifact-ready"),
     pytest.param({"model": {"uri": "pvc://shipyard-artifacts/d"}, "compression": COMPRESSION}, {},
                  ("shipyard-artifacts",), id="same-claim-once"),
-    pytest.param({"model": {"uri": "pvc://models/d"}, "serving": {"replicas": -1}}, {}, (), id="invalid-spec"),
 ])
 def test_volume_checks(spec: dict[str, Any], status: dict[str, Any], expected: tuple[str, ...]) -> None:
     body = md("1.0.0")
     body["spec"].update(spec)
-    body["status"] = status
-    assert planning.plan_volume_checks(body) == expected
+    parsed = planning.parse(body)
+    assert not isinstance(parsed, SpecError)
+    assert planning.plan_volume_checks(parsed, status) == expected
 
 
 @pytest.mark.parametrize("uri", ["s3://bucket/digits", "gs://bucket/digits", "https://models.example/digits"])
@@ -766,9 +582,11 @@ SCENARIOS: dict[str, Callable[[], Sim]] = {
     "manual-step": lambda: stable_sim(rollout={"steps": [{"weight": 25, "manual": True}]}),
     "failed-compression": lambda: Sim(md("1.0.0", compression=COMPRESSION)),
     "startup-timeout": lambda: Sim(md("1.0.0", rollout={"startupTimeoutSeconds": 60})),
+    "job-metric": lambda: stable_sim(rollout={"steps": STEPS, "analysis": JOB_ANALYSIS}),
+    "job-metric-failing": lambda: stable_sim(rollout={"steps": STEPS, "analysis": JOB_ANALYSIS}),
 }
 END_PHASES = {"manual-pause": "Paused", "manual-step": "Paused", "failed-compression": "Failed",
-              "startup-timeout": "Failed"}
+              "startup-timeout": "Failed", "rollback": "RolledBack", "job-metric-failing": "RolledBack"}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -781,12 +599,14 @@ def test_restart_in_every_phase_plans_the_same(scenario: str) -> None:
         sim.job_outcome = ("Failed", "rejected: relative loss 0.361 > 0.01")
     if scenario == "startup-timeout":
         sim.broken.add("1.0.0")
+    if scenario == "job-metric-failing":
+        sim.analysis_outcome = lambda version: ("Succeeded", "accuracy 0.80 [value=0.8]", 0)
     for _ in range(60):
         first = sim.plan()
         again = sim.plan()  # a restarted operator: same stored inputs, nothing in memory
         assert first == again
         sim.step()
-    assert sim.status["phase"] == END_PHASES.get(scenario, "Healthy" if scenario != "rollback" else "RolledBack")
+    assert sim.status["phase"] == END_PHASES.get(scenario, "Healthy")
 
 
 def test_a_settled_model_plans_no_writes() -> None:
@@ -849,6 +669,8 @@ def test_every_status_field_the_planner_writes_is_in_the_crd_schema() -> None:
             sim.measure = lambda version, now: 0.5 if version == "1.1.0" else 0.0
         if scenario == "failed-compression":
             sim.job_outcome = ("Failed", "rejected: relative loss 0.361 > 0.01")
+        if scenario == "job-metric-failing":
+            sim.analysis_outcome = lambda version: ("Failed", "could not reach the endpoint", 2)
         for _ in range(40):
             statuses.append(sim.step().status)
         if scenario == "failed-compression":
@@ -857,3 +679,91 @@ def test_every_status_field_the_planner_writes_is_in_the_crd_schema() -> None:
             statuses += [sim.step().status for _ in range(5)]
     lost = sorted({p for status in statuses for p in unknown_fields(status, status_schema)})
     assert lost == []
+
+
+
+# --- job metrics: a Job per measurement, created and read back by the planner ------------------------------------
+
+
+def test_a_job_metric_runs_one_job_per_measurement_against_the_candidates_own_service() -> None:
+    sim = stable_sim(rollout={"steps": STEPS, "analysis": JOB_ANALYSIS})
+    sim.run(lambda s: bool(s.analysis_jobs))
+    first = sim.analysis_jobs[0]
+    assert first["metadata"]["name"] == providers.job.build_job_name("digits", "1.1.0", "accuracy", 0)
+    env = {e["name"]: e["value"] for e in first["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SHIPYARD_ENDPOINT"] == "http://digits-1-1-0.ml.svc:8080"
+    assert env["SHIPYARD_REFERENCE_ENDPOINT"] == "http://digits-1-0-0.ml.svc:8080"
+    assert env["SHIPYARD_MODEL_VERSION"] == "1.1.0" and env["SHIPYARD_STABLE_VERSION"] == "1.0.0"
+    assert env["SHIPYARD_MODEL_NAME"] == "digits"  # the operator's value wins over a copy in the template
+    assert set(sim.services) == {"digits", "digits-1-1-0", "digits-1-0-0"}  # the version Services the Job reaches
+    sim.settle()
+    assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.1.0"
+    accuracy = sim.plans[-1].status["history"][-1]
+    assert accuracy["outcome"] == "Promoted"
+    # Two measurements (minSamples) per Job run, numbered 0, 1, ...; each Job's value judged by min 0.9.
+    runs = sorted(int(j["metadata"]["labels"]["shipyard.dev/run"]) for j in sim.analysis_jobs)
+    assert runs[:2] == [0, 1] and len(runs) == len(set(runs))
+    # After the promotion, the version Services and every analysis Job are gone.
+    assert set(sim.services) == {"digits"}
+    assert not [j for j in sim.jobs.values() if not j.key]
+
+
+@pytest.mark.parametrize(("outcome", "verdict", "message"), [
+    pytest.param(("Succeeded", "accuracy 0.80 [value=0.8]", 0), "Failed", "0.8 < min 0.9", id="value-below-min-fails"),
+    pytest.param(("Failed", "accuracy 0.80 below --min", 1), "Failed", "exit code 1: accuracy 0.80 below --min",
+                 id="exit-1-fails"),
+    pytest.param(("Failed", "could not reach the endpoint", 2), "Error",
+                 "the Job could not measure (exit code 2): could not reach the endpoint",
+                 id="errors-beyond-the-limit-fail"),
+])
+def test_a_failing_job_metric_rolls_the_candidate_back(outcome: tuple[str, str, int], verdict: str,
+                                                        message: str) -> None:
+    sim = stable_sim(rollout={"steps": STEPS, "analysis": JOB_ANALYSIS})
+    sim.analysis_outcome = lambda version: outcome
+    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    assert sim.condition("Stalled") == ("True", "AnalysisFailed")
+    assert sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
+    metric = next(m for m in sim.plans[-1].status["analysis"]["metrics"] if m["name"] == "accuracy")
+    assert metric["verdict"] == verdict and message in metric["message"]
+
+
+def test_an_erring_job_holds_the_step_until_it_measures_again() -> None:
+    sim = stable_sim(rollout={"steps": STEPS, "analysis": JOB_ANALYSIS})
+    answers = iter([("Failed", "endpoint not ready", 2)])
+    sim.analysis_outcome = lambda version: next(answers, ("Succeeded", "[value=0.95]", 0))
+    sim.run(lambda s: s.status.get("pausedReason") == "AnalysisInconclusive")
+    assert sim.status["phase"] == "Paused"
+    sim.settle()
+    assert sim.status["phase"] == "Healthy" and sim.status["stableVersion"] == "1.1.0"
+
+
+def test_a_restarted_operator_finds_the_running_job_instead_of_starting_another() -> None:
+    sim = stable_sim(rollout={"steps": STEPS, "analysis": JOB_ANALYSIS})
+    sim.run(lambda s: bool(s.analysis_jobs))
+    name = sim.analysis_jobs[-1]["metadata"]["name"]
+    sim.jobs[name] = dataclasses.replace(sim.jobs[name], phase="Running")
+    again = sim.plan()
+    assert not [o for o in again.apply if o["kind"] == "Job"]  # the same run's Job exists: none is created
+
+
+# --- the state machine --------------------------------------------------------------------------------------------
+
+
+def test_every_phase_and_reason_the_planner_writes_is_an_enum_member() -> None:
+    phases, reasons = set(), set()
+    for scenario, make in SCENARIOS.items():
+        sim = make()
+        if scenario in ("rollback", "manual-pause"):
+            sim.measure = lambda version, now: 0.5 if version == "1.1.0" else 0.0
+        if scenario == "job-metric-failing":
+            sim.analysis_outcome = lambda version: ("Succeeded", "[value=0.1]", 0)
+        for _ in range(40):
+            plan = sim.step()
+            phases.add(plan.status["phase"])
+            reasons |= {e.reason for e in plan.events}
+            reasons |= {c["reason"] for c in plan.status["conditions"]}
+            reasons |= {h["reason"] for h in plan.status.get("history") or []}
+            if plan.status.get("pausedReason"):
+                reasons.add(plan.status["pausedReason"])
+    assert phases <= {p.value for p in rollout.Phase}
+    assert reasons - {r.value for r in rollout.Reason} - {p.value for p in rollout.Phase} == set()

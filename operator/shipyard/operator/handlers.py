@@ -1,13 +1,18 @@
-"""The only module with Kopf decorators (I/O shell): watch -> cache -> work queue -> observe, measure, plan, apply.
+"""The Kopf shell (I/O): watch -> cache -> work queue -> observe, measure, plan, apply. The only module with Kopf.
 
 Kopf supplies the watches (with its reconnects, peering and liveness). Its event handlers only update an
 in-memory cache of ModelDeployments and of the children Shipyard manages (Deployments, Services, Jobs,
-ConfigMaps and their Pods; server-side filtered by the ``app.kubernetes.io/managed-by=shipyard`` label) and
-enqueue the owning ModelDeployment. A few queue workers then reconcile each object level-triggered: observe from
-the cache, measure the analysis metrics when they are due (``providers``, never raising), ``planning.plan_reconcile``
-(pure), server-side apply what differs, one status patch when it changed, events. Kopf itself stores nothing on the
-objects (no finalizer, no progress annotations), so an idle operator writes nothing, deletion cascades through
-ownerReferences, and a restart resumes from the initial listing.
+ConfigMaps and the pods of Jobs; server-side filtered by the ``app.kubernetes.io/managed-by=shipyard`` label) and
+enqueue the owning ModelDeployment. Queue workers then reconcile each object level-triggered (``reconcile``): parse
+its spec once, observe its children from the cache (``observed``), measure the analysis metrics that are due
+(``providers``, never raising), plan (``planning.plan_reconcile``, pure), server-side apply what differs, one status
+patch when it changed, events. Kopf itself stores nothing on the objects (no finalizer, no progress annotations), so
+an idle operator writes nothing, deletion cascades through ownerReferences, and a restart resumes from the initial
+listing.
+
+Everything the shell needs at run time (the API client, the providers, the caches, the queue) is one ``Operator``
+object created at start-up and kept in Kopf's memo: no module global, so one pass (``reconcile(op, key)``) is
+unit-tested with a fake of the API (tests/unit/test_handlers.py).
 """
 
 from __future__ import annotations
@@ -20,21 +25,40 @@ import os
 import time
 from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, Protocol
 
 import kopf
 import lightkube
 
 from shipyard import contract
-from shipyard.operator import egress, metrics, naming, planning, providers
+from shipyard.operator import egress, metrics, naming, observed, planning, providers
 from shipyard.operator import kube as kube_mod
 from shipyard.operator import spec as spec_mod
+from shipyard.operator.rollout import Reason
 from shipyard.operator.workqueue import Workqueue
 
 logger = logging.getLogger("shipyard.operator")
-API_ERROR_BACKOFF = 5.0
-PEERING_LIFETIME_SECONDS = 15
-CHILD_KINDS = ("Deployment", "Service", "Job", "ConfigMap", "Pod")
+API_ERROR_BACKOFF: Final = 5.0
+CONFLICT_RETRY: Final = 0.5
+PAUSED_RETRY_SECONDS: Final = 2.0
+PEERING_LIFETIME_SECONDS: Final = 15
+CHILD_KINDS: Final = ("Deployment", "Service", "Job", "ConfigMap", "Pod")
+# The pods whose termination messages and exit codes count: compression and analysis Jobs'.
+WATCHED_POD_COMPONENTS: Final = ("compression", providers.base.MEASUREMENT_COMPONENT)
+
+
+class KubeApi(Protocol):
+    """What the shell asks of the API server (``kube.Kube``; a fake in the unit tests)."""
+
+    async def apply_object(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def scale_deployment(self, namespace: str, name: str, replicas: int) -> dict[str, Any]: ...
+    async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> None: ...
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def post_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
+    async def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]: ...
+    async def pvc_exists(self, namespace: str, name: str) -> bool: ...
+    async def fetch_namespace_annotations(self, namespace: str) -> dict[str, str]: ...
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -48,18 +72,41 @@ class Caches:
 
 
 @dataclass
-class Runtime:
-    kube: kube_mod.Kube | None = None
-    providers: providers.Providers | None = None
+class Operator:
+    """The run-time state of one operator process."""
+
+    kube: KubeApi
+    providers: providers.Providers
     queue: Workqueue = field(default_factory=Workqueue)
     caches: Caches = field(default_factory=Caches)
     workers: int = 128
     task: asyncio.Task[None] | None = None
     paused: bool = False  # Kopf's peering paused this replica in favour of another: act on nothing
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Runs a best-effort coroutine in the background, keeping a reference until it ends."""
+        task = asyncio.create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def remember_child(self, body: Mapping[str, Any], deleted: bool) -> str | None:
+        """Caches (or forgets) a child; returns its owner's key, None when it is not a child of a ModelDeployment."""
+        key = owner_key(body)
+        kind = body.get("kind")
+        if key is None or kind not in CHILD_KINDS:
+            return None
+        children = self.caches.children.setdefault(key, {}).setdefault(str(kind), {})
+        name = body["metadata"]["name"]
+        if deleted:
+            children.pop(name, None)
+        elif assess_newer(body, children.get(name)):
+            children[name] = dict(body)
+        return key
 
 
-RUNTIME = Runtime()
-PAUSED_RETRY_SECONDS = 2.0
+# ---------------------------------------------------------------------------------------------------------------
+# Pure decisions of the shell
 
 
 def assess_peering_message(message: str) -> bool | None:
@@ -76,24 +123,25 @@ def assess_peering_message(message: str) -> bool | None:
     return None
 
 
-class PeeringPauseFollower(logging.Handler):
-    """Sets RUNTIME.paused from Kopf's peering log lines (see assess_peering_message)."""
+def plan_api_error(code: int, message: str) -> float | None:
+    """What to do after the API server refused a pass: seconds until the next look, None to drop the key.
 
-    def emit(self, record: logging.LogRecord) -> None:
-        paused = assess_peering_message(record.getMessage())
-        if paused is not None and paused != RUNTIME.paused:
-            RUNTIME.paused = paused
-            logger.info("Peering %s this replica's reconciles", "paused" if paused else "resumed")
+    404: the object was deleted while we worked (nothing left to do). 409: the cache was stale (look again soon).
+    403 "being terminated": its namespace is going away. Anything else: retry after a back-off.
+    """
+    if code == 404:
+        return None
+    if code == 409:
+        return CONFLICT_RETRY
+    if code == 403 and "being terminated" in message:
+        return None
+    return API_ERROR_BACKOFF
 
 
-_BACKGROUND: set[asyncio.Task[None]] = set()
-
-
-def _spawn(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Runs a best-effort coroutine in the background, keeping a reference until it ends."""
-    task = asyncio.create_task(coroutine)
-    _BACKGROUND.add(task)
-    task.add_done_callback(_BACKGROUND.discard)
+def assess_rejected(error: BaseException) -> bool:
+    """Whether an apply failed because the API server refused the object itself (400, 422): that needs the user,
+    not a retry loop."""
+    return isinstance(error, lightkube.ApiError) and error.status.code in (400, 422)
 
 
 def model_key(namespace: str, name: str) -> str:
@@ -110,71 +158,6 @@ def owner_key(body: Mapping[str, Any]) -> str | None:
     if body.get("kind") == "Pod" and model:
         return model_key(meta.get("namespace", ""), model)
     return None
-
-
-def build_deployment_view(body: Mapping[str, Any]) -> planning.DeploymentView:
-    meta, spec, status = body["metadata"], body.get("spec", {}), body.get("status", {})
-    annotations = meta.get("annotations") or {}
-    return planning.DeploymentView(
-        name=meta["name"],
-        version=meta.get("labels", {}).get(naming.LABEL_VERSION, ""),
-        image=annotations.get(naming.ANNOTATION_IMAGE, ""),
-        replicas=int(spec.get("replicas", 1)),
-        ready_replicas=int(status.get("readyReplicas", 0)),
-        available_replicas=int(status.get("availableReplicas", 0)),
-        updated_replicas=int(status.get("updatedReplicas", 0)),
-        generation=int(meta.get("generation", 1)),
-        observed_generation=int(status.get("observedGeneration", 0)),
-        spec_hash=annotations.get(naming.ANNOTATION_SPEC_HASH, ""),
-    )
-
-
-def build_job_view(body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]]) -> planning.JobView:
-    """A Job's phase from its conditions, and its pod's termination message (the compression summary)."""
-    meta, status = body["metadata"], body.get("status", {})
-    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
-    if conditions.get("Complete") == "True" or conditions.get("SuccessCriteriaMet") == "True":
-        phase = "Succeeded"
-    elif conditions.get("Failed") == "True" or conditions.get("FailureTarget") == "True":
-        phase = "Failed"
-    elif status.get("active"):
-        phase = "Running"
-    else:
-        phase = "Pending"
-    message = ""
-    newest = ""
-    for pod in pods.values():
-        if (pod["metadata"].get("labels") or {}).get("job-name") != meta["name"]:
-            continue
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            terminated = (cs.get("state") or {}).get("terminated") or {}
-            finished = str(terminated.get("finishedAt") or "")
-            if terminated.get("message") and finished >= newest:
-                message, newest = egress.redact_text(str(terminated["message"]).strip()), finished
-    if phase == "Failed" and not message:
-        failed: Mapping[str, Any] = next(
-            (c for c in status.get("conditions") or [] if c.get("type") == "Failed"), {})
-        message = egress.redact_text(f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": "))
-    annotations = meta.get("annotations") or {}
-    return planning.JobView(name=meta["name"], key=(meta.get("labels") or {}).get(naming.LABEL_ARTIFACT, ""),
-                            phase=phase, message=message, spec_hash=annotations.get(naming.ANNOTATION_SPEC_HASH, ""))
-
-
-def build_observed(caches: Caches, key: str, missing_pvc: str | None = None) -> planning.Observed:
-    deployments = {}
-    for body in caches.of(key, "Deployment").values():
-        view = build_deployment_view(body)
-        deployments[view.version] = view
-    service = next(iter(caches.of(key, "Service").values()), None)
-    service_hash = None
-    if service is not None:
-        service_hash = (service["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
-    pods = caches.of(key, "Pod")
-    jobs = {name: build_job_view(body, pods) for name, body in caches.of(key, "Job").items()}
-    config_maps = {name: (body["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
-                   for name, body in caches.of(key, "ConfigMap").items()}
-    return planning.Observed(deployments=deployments, service_hash=service_hash, jobs=jobs,
-                             config_maps=config_maps, missing_pvc=missing_pvc)
 
 
 def build_pod_targets(pods: Iterable[Mapping[str, Any]], name: str, version: str) -> list[str]:
@@ -220,94 +203,124 @@ def assess_newer(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
         return True
 
 
-def _remember_child(body: Mapping[str, Any], deleted: bool) -> str | None:
-    key = owner_key(body)
-    kind = body.get("kind")
-    if key is None or kind not in CHILD_KINDS:
-        return None
-    children = RUNTIME.caches.children.setdefault(key, {}).setdefault(str(kind), {})
-    name = body["metadata"]["name"]
-    if deleted:
-        children.pop(name, None)
-    elif assess_newer(body, children.get(name)):
-        children[name] = dict(body)
-    return key
+def assess_wakes_owner(body: Mapping[str, Any]) -> bool:
+    """Whether a child's change can change a decision. Serving pods only feed the cache (their readiness reaches the
+    planner through their Deployment's status), so their many status updates do not cost reconciles; a Job's pod
+    matters once it has terminated (its termination message and exit code)."""
+    if body.get("kind") != "Pod":
+        return True
+    labels = body.get("metadata", {}).get("labels") or {}
+    if labels.get(naming.LABEL_COMPONENT) not in WATCHED_POD_COMPONENTS:
+        return False
+    statuses = (body.get("status") or {}).get("containerStatuses") or []
+    return any((cs.get("state") or {}).get("terminated") for cs in statuses)
 
 
-async def _missing_pvc(kube: kube_mod.Kube, body: Mapping[str, Any], namespace: str) -> str | None:
+# ---------------------------------------------------------------------------------------------------------------
+# One pass
+
+
+async def _missing_pvc(op: Operator, md: spec_mod.ModelDeployment, status: Mapping[str, Any],
+                       namespace: str) -> str | None:
     """The first PVC this pass needs (planning.plan_volume_checks) that does not exist; one GET each, only then."""
-    for claim in planning.plan_volume_checks(body):
-        if not await kube.pvc_exists(namespace, claim):
+    for claim in planning.plan_volume_checks(md, status):
+        if not await op.kube.pvc_exists(namespace, claim):
             return claim
     return None
 
 
-async def reconcile(key: str) -> float | None:
+async def _measure(op: Operator, md: spec_mod.ModelDeployment, status: Mapping[str, Any], now: datetime.datetime,
+                   namespace: str, name: str) -> dict[str, Any] | None:
+    request = planning.plan_measurement(md, status, now)
+    analysis_spec = md.spec.rollout.analysis
+    if request is None or analysis_spec is None:
+        return None
+    pods: list[dict[str, Any]] = []
+    if op.providers.uses_pods(analysis_spec):
+        # Serving pods are not watched (their status churn is large); they are listed when a measurement needs them.
+        pods = await op.kube.list_pods(namespace, naming.build_selector_labels(name))
+    allowed: tuple[egress.Allowed, ...] = ()
+    if op.providers.needs_namespace_allow_list(analysis_spec):  # one GET, only then
+        annotations = await op.kube.fetch_namespace_annotations(namespace)
+        allowed, _ = egress.parse_address_list(annotations.get(egress.ANNOTATION_ALLOWED),
+                                               f"annotation {egress.ANNOTATION_ALLOWED} of namespace {namespace}")
+    return await op.providers.query_measurements(
+        analysis_spec, namespace=namespace, name=name, model=md.served_model_name,
+        candidate_version=request.candidate, stable_version=request.stable,
+        candidate_targets=build_pod_targets(pods, name, request.candidate),
+        stable_targets=build_pod_targets(pods, name, request.stable) if request.stable else (),
+        metric_names=request.metrics, namespace_allowed=allowed,
+    )
+
+
+async def _apply(op: Operator, plan: planning.Plan, body: Mapping[str, Any], namespace: str) -> planning.Plan:
+    """Writes the plan's objects, scales and deletes; returns the plan, or the stall that replaces it when the API
+    server refused an object the spec asked for (nothing else is touched then)."""
+    # ConfigMaps first (a Job mounts its own), then everything else concurrently.
+    for group in ([o for o in plan.apply if o["kind"] == "ConfigMap"],
+                  [o for o in plan.apply if o["kind"] != "ConfigMap"]):
+        results = await asyncio.gather(*(op.kube.apply_object(o) for o in group), return_exceptions=True)
+        rejected: tuple[dict[str, Any], lightkube.ApiError] | None = None
+        for obj, result in zip(group, results, strict=True):
+            if isinstance(result, lightkube.ApiError) and assess_rejected(result):
+                rejected = rejected or (obj, result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                op.remember_child(result, deleted=False)
+                logger.info("Applied %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
+        if rejected is not None:
+            obj, error = rejected
+            message = (f"{obj['kind']} {obj['metadata']['name']} was rejected by the API server: "
+                       f"{egress.build_capped(str(error.status.message), 1024)}")
+            return planning.plan_invalid(planning.build_meta(body), body.get("status") or {}, message,
+                                         datetime.datetime.now(datetime.UTC), reason=Reason.CHILD_REJECTED)
+    scaled = await asyncio.gather(*(op.kube.scale_deployment(namespace, child, n) for child, n in plan.scale))
+    for (child, replicas), result in zip(plan.scale, scaled, strict=True):
+        op.remember_child(result, deleted=False)
+        logger.info("Scaled Deployment %s/%s to %d replica(s)", namespace, child, replicas)
+    await asyncio.gather(*(op.kube.delete_object(v, k, namespace, c) for v, k, c in plan.delete))
+    for _, kind, child in plan.delete:
+        logger.info("Deleted %s %s/%s", kind, namespace, child)
+    return plan
+
+
+async def reconcile(op: Operator, key: str) -> float | None:
     """One level-triggered pass over one ModelDeployment; returns seconds until it wants another look."""
-    body = RUNTIME.caches.models.get(key)
+    body = op.caches.models.get(key)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
-    if RUNTIME.paused:  # another replica acts; look again when this one may have resumed
+    if op.paused:  # another replica acts; look again when this one may have resumed
         return PAUSED_RETRY_SECONDS
-    kube, provs = RUNTIME.kube, RUNTIME.providers
-    assert kube is not None and provs is not None
     started = time.perf_counter()
     namespace, name = key.split("/", 1)
-    logger.debug("Reconciling %s (%d waiting)", key, len(RUNTIME.queue))
+    status: Mapping[str, Any] = body.get("status") or {}
+    logger.debug("Reconciling %s (%d waiting)", key, len(op.queue))
     try:
-        observed = build_observed(RUNTIME.caches, key, await _missing_pvc(kube, body, namespace))
+        parsed = planning.parse(body)  # once per pass
+        missing = None if isinstance(parsed, spec_mod.SpecError) else await _missing_pvc(op, parsed, status,
+                                                                                          namespace)
+        seen = observed.build_observed(op.caches.children.get(key, {}), missing)
         now = datetime.datetime.now(datetime.UTC)
-        measurements = await _measure(provs, body, observed, now, key, namespace, name)
-        plan = planning.plan_reconcile(body, observed, now, measurements)
-        # ConfigMaps first (a Job mounts its own), then everything else concurrently.
-        rejected: tuple[dict[str, Any], lightkube.ApiError] | None = None
-        for group in ([o for o in plan.apply if o["kind"] == "ConfigMap"],
-                      [o for o in plan.apply if o["kind"] != "ConfigMap"]):
-            results = await asyncio.gather(*(kube.apply_object(o) for o in group), return_exceptions=True)
-            for obj, result in zip(group, results, strict=True):
-                if isinstance(result, lightkube.ApiError) and result.status.code in (400, 422):
-                    rejected = rejected or (obj, result)
-                elif isinstance(result, BaseException):
-                    raise result
-                else:
-                    _remember_child(result, deleted=False)
-                    logger.info("Applied %s %s/%s", obj["kind"], namespace, obj["metadata"]["name"])
-            if rejected is not None:
-                # The API server refused what the spec asked for (e.g. an invalid nodeSelector value): that needs
-                # the user, not a retry loop. Stalled with the server's words; nothing else touched.
-                obj, error = rejected
-                message = f"{obj['kind']} {obj['metadata']['name']} was rejected by the API server: " \
-                          f"{egress.build_capped(str(error.status.message), 1024)}"
-                plan = planning.plan_invalid(planning.build_meta(body), body.get("status") or {}, message,
-                                             datetime.datetime.now(datetime.UTC), reason="ChildRejected")
-                break
-        scaled = await asyncio.gather(*(kube.scale_deployment(namespace, child, n) for child, n in plan.scale))
-        for (child, replicas), result in zip(plan.scale, scaled, strict=True):
-            _remember_child(result, deleted=False)
-            logger.info("Scaled Deployment %s/%s to %d replica(s)", namespace, child, replicas)
-        await asyncio.gather(*(kube.delete_object(v, k, namespace, c) for v, k, c in plan.delete))
-        for _, kind, child in plan.delete:
-            logger.info("Deleted %s %s/%s", kind, namespace, child)
-        previous = body.get("status") or {}
-        if planning.assess_status_changed(previous, plan.status):
-            patched = await kube.patch_status(namespace, name, plan.status)
-            if key in RUNTIME.caches.models and assess_newer(patched, RUNTIME.caches.models[key]):
-                RUNTIME.caches.models[key] = patched
-            if previous.get("phase") != plan.status.get("phase"):
+        measurements = None if isinstance(parsed, spec_mod.SpecError) else await _measure(
+            op, parsed, status, now, namespace, name)
+        plan = planning.plan_reconcile(body, seen, now, measurements, parsed=parsed)
+        plan = await _apply(op, plan, body, namespace)
+        if planning.assess_status_changed(status, plan.status):
+            patched = await op.kube.patch_status(namespace, name, plan.status)
+            if key in op.caches.models and assess_newer(patched, op.caches.models[key]):
+                op.caches.models[key] = patched
+            if status.get("phase") != plan.status.get("phase"):
                 logger.info("Moved %s to phase %s: %s", key, plan.status.get("phase"), plan.status.get("message"))
         for event in plan.events:  # best effort, off the reconcile's critical path
-            _spawn(kube.post_event(body, event.type, event.reason, event.message))
+            op.spawn(op.kube.post_event(body, event.type, event.reason, event.message))
     except lightkube.ApiError as e:
-        code, message = e.status.code, str(e.status.message or "")
-        if code == 404:  # deleted while we worked: nothing left to do
-            return None
-        if code == 409:  # conflict: the cache was stale; look again soon
-            return 0.5
-        if code == 403 and "being terminated" in message:  # its namespace is going away
-            return None
-        logger.warning("Reconcile of %s was refused by the API server (%s): %s; retrying in %.0f s",
-                       key, code, message, API_ERROR_BACKOFF)
-        return API_ERROR_BACKOFF
+        code, message = e.status.code or 0, str(e.status.message or "")
+        retry = plan_api_error(code, message)
+        if retry == API_ERROR_BACKOFF:
+            logger.warning("Reconcile of %s was refused by the API server (%s): %s; retrying in %.0f s",
+                           key, code, message, retry)
+        return retry
     finally:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
     if plan.rollbacks:
@@ -320,31 +333,8 @@ async def reconcile(key: str) -> float | None:
     return plan.requeue_after
 
 
-async def _measure(provs: providers.Providers, body: Mapping[str, Any], observed: planning.Observed,
-                   now: datetime.datetime, key: str, namespace: str, name: str,
-                   ) -> dict[str, Any] | None:
-    request = planning.plan_measurement(body, observed, now)
-    if request is None:
-        return None
-    md = spec_mod.parse_model_deployment(body)
-    assert md.spec.rollout.analysis is not None
-    pods: list[dict[str, Any]] = []
-    if any(isinstance(m.provider, spec_mod.ScrapeProvider) or provs.build_address(m, md.spec.rollout.analysis) is None
-           for m in md.spec.rollout.analysis.metrics):
-        # Serving pods are not watched (their status churn is large); the scraper lists them when it measures.
-        pods = await RUNTIME.kube.list_pods(namespace, naming.build_selector_labels(name)) if RUNTIME.kube else []
-    allowed: tuple[egress.Allowed, ...] = ()
-    if RUNTIME.kube and provs.needs_namespace_allow_list(md.spec.rollout.analysis):  # one GET, only then
-        annotations = await RUNTIME.kube.fetch_namespace_annotations(namespace)
-        allowed, _ = egress.parse_address_list(annotations.get(egress.ANNOTATION_ALLOWED),
-                                               f"annotation {egress.ANNOTATION_ALLOWED} of namespace {namespace}")
-    return await provs.query_measurements(
-        md.spec.rollout.analysis, namespace=namespace, name=name, model=md.served_model_name,
-        candidate_version=request.candidate, stable_version=request.stable,
-        candidate_targets=build_pod_targets(pods, name, request.candidate),
-        stable_targets=build_pod_targets(pods, name, request.stable) if request.stable else (),
-        namespace_allowed=allowed,
-    )
+# ---------------------------------------------------------------------------------------------------------------
+# Kopf
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -359,6 +349,27 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
         return None
+
+
+class PeeringPauseFollower(logging.Handler):
+    """Sets ``Operator.paused`` from Kopf's peering log lines (see assess_peering_message)."""
+
+    def __init__(self, op: Operator) -> None:
+        super().__init__()
+        self.op = op
+
+    def emit(self, record: logging.LogRecord) -> None:
+        paused = assess_peering_message(record.getMessage())
+        if paused is not None and paused != self.op.paused:
+            self.op.paused = paused
+            logger.info("Peering %s this replica's reconciles", "paused" if paused else "resumed")
+
+
+def _operator(memo: Any) -> Operator:
+    op = getattr(memo, "operator", None)
+    if not isinstance(op, Operator):
+        raise RuntimeError("the operator's start-up handler has not run")
+    return op
 
 
 @kopf.on.login()
@@ -388,88 +399,84 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     for resource in (("apps", "v1", "deployments"), ("v1", "services"), ("batch", "v1", "jobs"),
                      ("v1", "configmaps")):
         settings.watching.label_selectors[resource] = selector
-    # Of the pods, only the compression Jobs' (their termination messages); serving pods are listed on demand.
-    settings.watching.label_selectors["v1", "pods"] = f"{selector},{naming.LABEL_COMPONENT}=compression"
+    # Of the pods, only the Jobs' (compression, analysis: their termination messages); serving pods are listed when
+    # a measurement needs them.
+    settings.watching.label_selectors["v1", "pods"] = (
+        f"{selector},{naming.LABEL_COMPONENT} in ({','.join(WATCHED_POD_COMPONENTS)})")
     # Only watch-event handlers here: no diff-base to compute per event (Kopf's default deep-copies every body).
     settings.persistence.diffbase_storage = NoDiffBase()
     options: Mapping[str, Any] = memo.get("options", {}) if isinstance(memo, Mapping) else {}
-    RUNTIME.kube = kube_mod.Kube.from_env(options.get("kubeconfig"))
-    RUNTIME.providers = providers.Providers(
-        options.get("prometheus_address") or os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS") or None,
-        allowed_addresses=options.get("allowed_prometheus_addresses") or [os.environ.get(egress.ENV_ALLOWED, "")])
-    RUNTIME.queue = Workqueue()
-    RUNTIME.caches = Caches()
-    RUNTIME.workers = int(options.get("workers", 128))
-    RUNTIME.paused = False
+    op = Operator(
+        kube=kube_mod.Kube.from_env(options.get("kubeconfig")),
+        providers=providers.Providers(
+            options.get("prometheus_address") or os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS") or None,
+            allowed_addresses=options.get("allowed_prometheus_addresses") or [
+                os.environ.get(egress.ENV_ALLOWED, "")]),
+        workers=int(options.get("workers", 128)),
+    )
+    memo.operator = op
     peering_log = logging.getLogger("kopf._core.engines.peering")
-    if not any(isinstance(h, PeeringPauseFollower) for h in peering_log.handlers):
-        peering_log.addHandler(PeeringPauseFollower())
+    for handler in [h for h in peering_log.handlers if isinstance(h, PeeringPauseFollower)]:
+        peering_log.removeHandler(handler)  # one from an earlier run in the same process (tests)
+    peering_log.addHandler(PeeringPauseFollower(op))
     if not peering_log.isEnabledFor(logging.INFO):  # a quiet log level must not hide a pause from the queue
         peering_log.setLevel(logging.INFO)
-    RUNTIME.task = asyncio.create_task(RUNTIME.queue.run(reconcile, workers=RUNTIME.workers))
-    logger.info("Started %d reconcile workers", RUNTIME.workers)
+
+    async def work(key: str) -> float | None:
+        return await reconcile(op, key)
+
+    op.task = asyncio.create_task(op.queue.run(work, workers=op.workers))
+    logger.info("Started %d reconcile workers", op.workers)
 
 
 @kopf.on.cleanup()
-async def shutdown(**_: Any) -> None:
-    RUNTIME.queue.close()
-    if RUNTIME.task is not None:
-        RUNTIME.task.cancel()
+async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    op = _operator(memo)
+    op.queue.close()
+    if op.task is not None:
+        op.task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
-            await RUNTIME.task
-    if _BACKGROUND:
-        await asyncio.wait(list(_BACKGROUND), timeout=5)
-    if RUNTIME.providers is not None:
-        await RUNTIME.providers.close()
-    if RUNTIME.kube is not None:
-        await RUNTIME.kube.close()
+            await op.task
+    if op.background:
+        await asyncio.wait(list(op.background), timeout=5)
+    await op.providers.close()
+    await op.kube.close()
     logger.info("Stopped the reconcile workers")
 
 
 @kopf.on.event(naming.GROUP, naming.VERSION, naming.PLURAL)
-async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, name: str,
+async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo,
                       **_: Any) -> None:
+    op = _operator(memo)
     key = model_key(namespace or "", name)
     if event.get("type") == "DELETED":
-        RUNTIME.caches.models.pop(key, None)
-        RUNTIME.caches.children.pop(key, None)
-        RUNTIME.queue.forget(key)
+        op.caches.models.pop(key, None)
+        op.caches.children.pop(key, None)
+        op.queue.forget(key)
         metrics.forget(namespace or "", name)
         return
-    if assess_newer(body, RUNTIME.caches.models.get(key)):
-        RUNTIME.caches.models[key] = dict(body)
-    RUNTIME.queue.add(key, urgent=assess_unobserved(body))
+    if assess_newer(body, op.caches.models.get(key)):
+        op.caches.models[key] = dict(body)
+    op.queue.add(key, urgent=assess_unobserved(body))
 
 
-async def _child_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
-    key = _remember_child(body, deleted=event.get("type") == "DELETED")
+async def _child_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    op = _operator(memo)
+    key = op.remember_child(body, deleted=event.get("type") == "DELETED")
     if key is not None and assess_wakes_owner(body):
-        RUNTIME.queue.add(key)
+        op.queue.add(key)
 
 
-def assess_wakes_owner(body: Mapping[str, Any]) -> bool:
-    """Whether a child's change can change a decision. Serving pods only feed the cache (scrape targets; their
-    readiness reaches the planner through their Deployment's status), so their many status updates do not cost
-    reconciles; a compression pod matters once it has terminated (its termination message)."""
-    if body.get("kind") != "Pod":
-        return True
-    labels = body.get("metadata", {}).get("labels") or {}
-    if labels.get(naming.LABEL_COMPONENT) != "compression":
-        return False
-    statuses = (body.get("status") or {}).get("containerStatuses") or []
-    return any((cs.get("state") or {}).get("terminated") for cs in statuses)
-
-
-def _index_child(body: kopf.Body, **_: Any) -> None:
+def _index_child(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Caches a child before any handler runs. Kopf calls index handlers first for every event, and holds all other
     handlers (the ModelDeployments' too) until the initial listing of every indexed resource is done: so the first
     reconcile after a start sees every child. Without this, a restarted operator could reconcile a model before its
     stable Deployment was listed and deploy the candidate at full size, skipping the canary. Kopf stores nothing
     (None is not indexed)."""
-    _remember_child(body, deleted=False)
+    _operator(memo).remember_child(body, deleted=False)
 
 
-MANAGED = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
+MANAGED: Final = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 for _group, _version, _plural in (("apps", "v1", "deployments"), ("", "v1", "services"), ("batch", "v1", "jobs"),
                                   ("", "v1", "configmaps"), ("", "v1", "pods")):
     kopf.index(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_index")(_index_child)

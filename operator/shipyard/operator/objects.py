@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from shipyard import contract
+from shipyard.contract import quantity
 from shipyard.operator import naming
 from shipyard.operator import spec as spec_mod
 
 ARTIFACTS_VOLUME = "artifacts"
 CONFIG_VOLUME = "compression-config"
+TMP_VOLUME = "tmp"  # an emptyDir at /tmp: the containers' root filesystems are read-only
 MODEL_VOLUME = "model-source"
 MODEL_SOURCE_MOUNT = "/model-source"  # a pvc:// source model is mounted here (read-only)
 SERVING_USER = 10001  # the runtime image's user (Dockerfile): model pods and compression Jobs run as it
@@ -114,7 +116,9 @@ def build_compression_config(md: spec_mod.ModelDeployment, meta: Meta, key: str)
     """The `shipyard-runtime compress --config` document for this version (the runtime's recipe format)."""
     compression = md.spec.compression
     assert compression is not None
-    recipe = spec_mod.build_recipe(compression)
+    recipe = compression.model_dump(mode="json", include={"steps", "evaluation", "compiled"}, exclude_none=True)
+    if recipe["compiled"].get("mode") == "auto":  # the runtime's default: left out, so that configs (and the Jobs of
+        del recipe["compiled"]["mode"]  # runtime images from before the field) stay as they were
     return {
         "source": build_source_path(md),
         "output": build_artifact_path(meta, key),
@@ -158,6 +162,8 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
         "volumeMounts": [
             {"name": ARTIFACTS_VOLUME, "mountPath": contract.ARTIFACTS_MOUNT},
             {"name": CONFIG_VOLUME, "mountPath": contract.COMPRESSION_CONFIG_MOUNT, "readOnly": True},
+            # the root filesystem is read-only: TorchInductor compiles the AOTInductor package under /tmp
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
         ],
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -169,6 +175,7 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
     volumes: list[dict[str, Any]] = [
         {"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {"claimName": compression.artifacts_pvc}},
         {"name": CONFIG_VOLUME, "configMap": {"name": name}},
+        {"name": TMP_VOLUME, "emptyDir": {}},
     ]
     _add_model_source_volume(md, container, volumes)
     job = _with_hash({
@@ -197,26 +204,35 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
 
 
 def _cpu_threads(resources: spec_mod.Resources) -> int:
-    """Torch threads from the CPU limit (oversubscription makes torch ~10x slower); 2 when unlimited."""
+    """Torch threads from the CPU limit, else the request (oversubscription makes torch ~10x slower); 2 when
+    neither is set. Any quantity the API server accepts works (``1k`` is 1000 cores, ``250000u`` a quarter)."""
     cpu = resources.limits.get("cpu") or resources.requests.get("cpu")
     if not cpu:
         return 2
-    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-    return max(1, math.floor(cores))
+    return max(1, math.floor(quantity.build_cpu_cores(cpu)))
 
 
 # --- serving -----------------------------------------------------------------------------------------------------
 
 
-def build_pod_env(md: spec_mod.ModelDeployment, version: str, artifact_path: str) -> list[dict[str, Any]]:
+def build_pod_env(md: spec_mod.ModelDeployment, version: str, artifact_path: str,
+                  compressed: bool = False) -> list[dict[str, Any]]:
+    """The inference container's environment. A compressed artifact served in a form pinned by
+    spec.compression.compiled.mode (on or off) carries the pin; auto, the server's default (serve the form the
+    compression Job measured fastest), is left out, so that the pod templates of existing Deployments stay as they
+    were (no restart on an operator upgrade)."""
     batching = md.spec.serving.batching
-    return [
+    env = [
         {"name": contract.ENV_MODEL_NAME, "value": md.served_model_name},
         {"name": contract.ENV_MODEL_VERSION, "value": version},
         {"name": contract.ENV_ARTIFACT_PATH, "value": artifact_path},
         {"name": contract.ENV_MAX_BATCH_SIZE, "value": str(batching.max_batch_size)},
         {"name": contract.ENV_MAX_DELAY_MS, "value": str(batching.max_delay_ms)},
     ]
+    compression = md.spec.compression
+    if compressed and compression is not None and compression.compiled.mode != "auto":
+        env.append({"name": contract.ENV_COMPILED, "value": compression.compiled.mode})
+    return env
 
 
 def _container_security() -> dict[str, Any]:
@@ -244,7 +260,7 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
         "name": "server",
         "image": image,
         "command": [contract.RUNTIME_COMMAND, contract.SERVE_SUBCOMMAND, "--port", str(contract.SERVING_PORT)],
-        "env": build_pod_env(md, version, path),
+        "env": build_pod_env(md, version, path, compressed=artifact_path is not None),
         "ports": [{"name": contract.SERVING_PORT_NAME, "containerPort": contract.SERVING_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": contract.PATH_READY, **probe}, "periodSeconds": 2,
                            "failureThreshold": 2},
@@ -253,9 +269,9 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
         "startupProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, "periodSeconds": 2,
                          "failureThreshold": max(1, spec.rollout.startup_timeout_seconds // 2)},
         "securityContext": _container_security(),
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
     }
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    volumes: list[dict[str, Any]] = [{"name": TMP_VOLUME, "emptyDir": {}}]
     if artifact_path and spec.compression is not None:
         container["volumeMounts"].append(
             {"name": ARTIFACTS_VOLUME, "mountPath": contract.ARTIFACTS_MOUNT, "readOnly": True})
@@ -292,6 +308,22 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
                 "metadata": {"labels": {**labels, naming.LABEL_MANAGED_BY: naming.MANAGED_BY}},
                 "spec": pod_spec,
             },
+        },
+    })
+
+
+def build_version_service(meta: Meta, version: str, port: int) -> dict[str, Any]:
+    """A Service over one version's pods only (named as its Deployment): the address analysis Jobs measure the
+    candidate (and compare with the stable) at."""
+    labels = naming.build_version_labels(meta.name, version)
+    return _with_hash({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": build_object_meta(meta, naming.build_deployment_name(meta.name, version), labels),
+        "spec": {
+            "selector": labels,
+            "ports": [{"name": contract.SERVING_PORT_NAME, "port": port, "targetPort": contract.SERVING_PORT_NAME,
+                       "protocol": "TCP"}],
         },
     })
 

@@ -30,6 +30,14 @@ Lifecycle of a new version (the *target*, from ``spec.image``) next to the *stab
 
 The first version of a model has nothing to compare with: it is deployed at full size (no steps, no analysis)
 and becomes stable once available.
+
+The phase is never set directly: each pass concludes one ``rollout.Event`` and the phase is
+``rollout.transition(previous phase, event)`` (the table in ``rollout``). The spec is parsed once per pass, by the
+shell (``plan_reconcile(..., parsed=...)``). Whether and since when the candidate is under analysis is decided in one
+place (``plan_analysis_gate``), for the shell's measurements and the planner's folding alike; which metrics are due
+is ``analysis.plan_due``. Metrics of planned providers (``job``) are measured by a child (a Job) per measurement
+that the planner creates and reads back through the provider (``providers.base.PlannedBackend``), with a Service per
+version for it to reach.
 """
 
 from __future__ import annotations
@@ -41,13 +49,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard import contract
-from shipyard.operator import analysis, objects
+from shipyard.operator import analysis, naming, objects, providers, rollout
 from shipyard.operator import spec as spec_mod
+from shipyard.operator.observed import Observed
+from shipyard.operator.rollout import Event, Outcome, Phase, Reason
 
 CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Compressed", "Serving")
 HISTORY_MAX = 50
 ARTIFACTS_MAX = 20
-FAILED_OUTCOMES = ("RolledBack", "Failed", "Aborted")
+FAILED_OUTCOMES = rollout.FAILED_OUTCOMES
 VOLUME_POLL = datetime.timedelta(seconds=10)  # a missing PVC is looked for again this often (PVCs are not watched)
 GPU = spec_mod.GPU_RESOURCE
 
@@ -59,60 +69,6 @@ build_deployment = objects.build_deployment
 
 
 @dataclass(frozen=True)
-class DeploymentView:
-    """What the planner needs to know about one observed Deployment of the model."""
-
-    name: str
-    version: str
-    image: str
-    replicas: int
-    ready_replicas: int = 0
-    available_replicas: int = 0
-    updated_replicas: int = 0
-    generation: int = 1
-    observed_generation: int = 0
-    spec_hash: str = ""
-
-    @property
-    def rolled_out(self) -> bool:
-        """The Deployment controller has caught up and every desired replica is updated and available."""
-        return (
-            self.observed_generation >= self.generation
-            and self.updated_replicas >= self.replicas
-            and self.available_replicas >= self.replicas
-        )
-
-    @property
-    def ready(self) -> int:
-        """Ready pods that count for the current spec (0 while the controller has not caught up)."""
-        return self.serving if self.observed_generation >= self.generation else 0
-
-    @property
-    def serving(self) -> int:
-        """Pods ready and available now, whether or not the controller has caught up with a scale: capacity that
-        serves traffic (a scale-up does not stop the pods already running)."""
-        return min(self.available_replicas, self.ready_replicas)
-
-
-@dataclass(frozen=True)
-class JobView:
-    name: str
-    key: str
-    phase: str  # Pending | Running | Succeeded | Failed
-    message: str = ""  # the compression pod's termination message (the gate's one-line summary)
-    spec_hash: str = ""
-
-
-@dataclass(frozen=True)
-class Observed:
-    deployments: Mapping[str, DeploymentView] = field(default_factory=dict)  # by version
-    service_hash: str | None = None  # None: no Service yet
-    jobs: Mapping[str, JobView] = field(default_factory=dict)  # by Job name
-    config_maps: Mapping[str, str] = field(default_factory=dict)  # ConfigMap name -> spec hash
-    missing_pvc: str | None = None  # the artifacts PVC, when the shell found it missing
-
-
-@dataclass(frozen=True)
 class EventSpec:
     type: str  # Normal | Warning
     reason: str
@@ -121,10 +77,20 @@ class EventSpec:
 
 @dataclass(frozen=True)
 class MeasureRequest:
-    """The shell should measure the analysis metrics now: candidate (and stable) version of this model."""
+    """The shell should measure these pulled metrics now: candidate (and stable) version of this model."""
 
     candidate: str
     stable: str | None
+    metrics: tuple[str, ...]  # names of the due metrics the shell measures (pulled providers)
+
+
+@dataclass(frozen=True)
+class AnalysisGate:
+    """The candidate is under analysis: since ``started``; ``prior`` is its analysis status so far (None: none)."""
+
+    candidate: str
+    started: datetime.datetime
+    prior: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -199,16 +165,18 @@ def plan_step_replicas(total: int, canary: int, candidate_ready: int, surge: int
 
 
 def plan_invalid(meta: Meta, previous: Mapping[str, Any], message: str, now: datetime.datetime,
-                 reason: str = "InvalidSpec") -> Plan:
-    """What the schema could not reject: Stalled with the message, and nothing touched in the cluster.
+                 reason: Reason = Reason.INVALID_SPEC) -> Plan:
+    """What the schema could not reject (or a child the API server refused): Stalled with the message, and nothing
+    touched in the cluster.
 
     Everything already stored (stable version, history) is kept; the children keep serving as they are.
     """
     prev_conditions = previous.get("conditions") or []
+    event = Event.SPEC_REFUSED_WHILE_SERVING if previous.get("stableVersion") else Event.SPEC_REFUSED
     status = {
         **{k: v for k, v in previous.items() if k != "conditions"},
         "observedGeneration": meta.generation,
-        "phase": previous.get("phase") if previous.get("stableVersion") else "Failed",
+        "phase": rollout.transition(previous.get("phase"), event).value,
         "message": message,
         "conditions": [
             build_condition("Ready", False, reason, message, meta.generation, prev_conditions, now),
@@ -237,7 +205,7 @@ class _State:
     artifacts: list[dict[str, Any]]
     analysis: dict[str, Any] | None
     controls: dict[str, str]
-    phase: str = "Progressing"
+    phase: Phase = Phase.PROGRESSING
     message: str = ""
     stalled_reason: str | None = None
     rollbacks: int = 0
@@ -250,6 +218,10 @@ class _State:
 
     def event(self, type_: str, reason: str, message: str) -> None:
         self.events.append(EventSpec(type_, reason, message))
+
+    def conclude(self, event: Event) -> None:
+        """What this pass concluded: the phase follows from the previous one by the transition table."""
+        self.phase = rollout.transition(self.previous_phase, event)
 
     def wake_at(self, when: datetime.datetime | None) -> None:
         if when is not None:
@@ -301,15 +273,11 @@ def assess_blocked(history: Sequence[Mapping[str, Any]], image: str, retry: int)
     return None
 
 
-def plan_volume_checks(body: Mapping[str, Any]) -> tuple[str, ...]:
+def plan_volume_checks(md: spec_mod.ModelDeployment, status: Mapping[str, Any]) -> tuple[str, ...]:
     """The PersistentVolumeClaims the shell should check exist before this pass (one GET each, only while needed):
     the artifacts claim while the target's artifact is not there yet, the model's pvc:// claim while its version is
     not serving yet (the compression Job or the new pods read it). Pure."""
-    try:
-        spec = spec_mod.parse_model_deployment(body).spec
-    except spec_mod.SpecError:
-        return ()
-    status = body.get("status") or {}
+    spec = md.spec
     artifacts = status.get("artifacts") or []
     artifact_ready = any(a.get("version") == spec.version and a.get("phase") == "Succeeded" for a in artifacts)
     claims: list[str] = []
@@ -320,52 +288,68 @@ def plan_volume_checks(body: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(claims))
 
 
-def plan_measurement(body: Mapping[str, Any], observed: Observed, now: datetime.datetime) -> MeasureRequest | None:
-    """Whether the analysis metrics are due for a measurement now (the shell measures before planning)."""
-    try:
-        md = spec_mod.parse_model_deployment(body)
-    except spec_mod.SpecError:
-        return None
-    previous: Mapping[str, Any] = body.get("status") or {}
+def plan_analysis_gate(md: spec_mod.ModelDeployment, candidate: str | None, stable: str | None,
+                       step_ready: datetime.datetime | None, status_analysis: Mapping[str, Any] | None,
+                       ) -> AnalysisGate | None:
+    """Whether the spec's version is under analysis now, since when, and its analysis so far. Pure.
+
+    From the candidate's first ready step until it is promoted or fails. Between steps (the next step's pods
+    starting) the analysis of a candidate already under analysis goes on: its ready pods keep serving, and a
+    failure must not wait for the new pods' startup. The model's first version (no stable) is not analysed.
+    """
     spec = md.spec
-    candidate = previous.get("candidateVersion")
-    if spec.rollout.analysis is None or candidate != spec.version or previous.get("stableVersion") is None:
+    if spec.rollout.analysis is None or candidate is None or candidate != spec.version or stable is None:
         return None
-    if previous.get("phase") not in ("Progressing", "Paused"):
+    prior = status_analysis if status_analysis is not None and status_analysis.get("version") == candidate else None
+    if step_ready is None and prior is None:
         return None
-    status_analysis = previous.get("analysis") if isinstance(previous.get("analysis"), Mapping) else None
-    # Between steps (the next step's pods starting) the analysis of a candidate already under analysis goes on: its
-    # ready pods keep serving, and a failure must not wait for the new pods' startup.
-    if not previous.get("stepReadyAt") and (status_analysis is None or status_analysis.get("version") != candidate):
-        return None
-    if status_analysis is not None and status_analysis.get("phase") in ("Failed", "Error"):
-        return None
-    started = parse_time((status_analysis or {}).get("startedAt")) if status_analysis and \
-        status_analysis.get("version") == candidate else parse_time(previous.get("stepReadyAt"))
+    started = parse_time((prior or {}).get("startedAt")) or step_ready
     if started is None:
         return None
-    prior = status_analysis if status_analysis and status_analysis.get("version") == candidate else None
-    due = analysis.build_next_measurement_at(prior, spec.rollout.analysis, started)
-    if due > now:
+    return AnalysisGate(candidate=candidate, started=started, prior=prior)
+
+
+def plan_measurement(md: spec_mod.ModelDeployment, status: Mapping[str, Any],
+                     now: datetime.datetime) -> MeasureRequest | None:
+    """The pulled metrics due for a measurement now (the shell measures them before planning); None: none."""
+    if status.get("phase") not in (Phase.PROGRESSING, Phase.PAUSED) or md.spec.rollout.analysis is None:
         return None
-    return MeasureRequest(candidate=candidate, stable=previous.get("stableVersion"))
+    status_analysis = status.get("analysis") if isinstance(status.get("analysis"), Mapping) else None
+    gate = plan_analysis_gate(md, status.get("candidateVersion"), status.get("stableVersion"),
+                              parse_time(status.get("stepReadyAt")), status_analysis)
+    if gate is None:
+        return None
+    due, _ = analysis.plan_due(gate.prior, md.spec.rollout.analysis, gate.started, now)
+    pulled = {m.name for m in providers.plan_pulled(md.spec.rollout.analysis)}
+    names = tuple(n for n in due if n in pulled)
+    if not names:
+        return None
+    return MeasureRequest(candidate=gate.candidate, stable=status.get("stableVersion"), metrics=names)
+
+
+def parse(body: Mapping[str, Any]) -> spec_mod.ModelDeployment | spec_mod.SpecError:
+    """The typed view of a ModelDeployment, or why there is none (once per pass: the shell passes it on)."""
+    try:
+        return spec_mod.parse_model_deployment(body)
+    except spec_mod.SpecError as error:
+        return error
 
 
 def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.datetime,
-                   measurements: Mapping[str, analysis.Measurement] | None = None) -> Plan:
-    """The whole decision for one ModelDeployment."""
+                   measurements: Mapping[str, analysis.Measurement] | None = None, *,
+                   parsed: spec_mod.ModelDeployment | spec_mod.SpecError | None = None) -> Plan:
+    """The whole decision for one ModelDeployment (``parsed``: its ``parse``, when the caller has it already)."""
     meta = build_meta(body)
     previous: Mapping[str, Any] = body.get("status") or {}
-    try:
-        md = spec_mod.parse_model_deployment(body)
-    except spec_mod.SpecError as e:
-        return plan_invalid(meta, previous, str(e), now)
+    md = parse(body) if parsed is None else parsed
+    if isinstance(md, spec_mod.SpecError):
+        return plan_invalid(meta, previous, str(md), now)
     spec = md.spec
     if spec.model.uri is not None and spec.model.pvc is None:
         return plan_invalid(meta, previous, (
             f"spec.model.uri: {spec.model.uri_scheme}:// sources are not supported by this operator version; put "
             "the model in the image (spec.model.path) or on a PersistentVolumeClaim (pvc://<claim>/<path>)"),
-            now, reason="UnsupportedModelSource")
+            now, reason=Reason.UNSUPPORTED_MODEL_SOURCE)
     target, image = spec.version, spec.image
     st = _load_state(previous)
     apply: list[dict[str, Any]] = []
@@ -380,13 +364,13 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     if token and token != st.controls.get("retry"):
         st.controls["retry"] = token
         if blocked is not None:
-            st.event("Normal", "Retrying", f"Retrying version {target} (shipyard.dev/retry={token})")
+            st.event("Normal", Reason.RETRYING, f"Retrying version {target} (shipyard.dev/retry={token})")
             for h in st.history:
                 if h is blocked:
                     h["retried"] = True  # keeps the record; no longer blocks
             blocked = None
             for job in observed.jobs.values():  # a failed compression Job is replaced by a new one
-                if job.phase == "Failed":
+                if job.key and job.phase == "Failed":
                     deletes.append(("batch/v1", "Job", job.name))
                     if job.name in observed.config_maps:  # its config (same name) goes with it
                         deletes.append(("v1", "ConfigMap", job.name))
@@ -395,7 +379,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     # Compression of the target (it reads the source model, so a missing model volume stops it first).
     model_claim = spec.model.pvc[0] if spec.model.pvc else None
     if observed.missing_pvc is not None and observed.missing_pvc == model_claim and blocked is None:
-        st.stalled_reason = "ModelVolumeMissing"
+        st.stalled_reason = Reason.MODEL_VOLUME_MISSING
         st.message = (f"The model's PersistentVolumeClaim {model_claim!r} (spec.model.uri) does not exist in "
                       f"namespace {meta.namespace}")
         st.wake_at(now + VOLUME_POLL)
@@ -415,7 +399,9 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     elif st.stable is None or st.stable not in observed.deployments:
         _plan_first(md, st, observed, desired, now)
     else:
-        _plan_canary(md, meta, st, observed, desired, now, measurements or {})
+        _plan_canary(md, meta, st, observed, desired, now, measurements or {}, apply)
+
+    _plan_analysis_children(md, meta, st, observed, apply, deletes)
 
     # Older versions: scaled to zero and kept up to revisionHistoryLimit; the oldest beyond it deleted.
     order = {h.get("version"): i for i, h in enumerate(st.history)}
@@ -443,10 +429,13 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         if view is not None and view.replicas != count and view.name not in applied:
             scales.append((view.name, count))
     service = build_service(meta, spec.serving.port)
-    if observed.service_hash != objects.spec_hash_of(service):
+    if observed.services.get(service["metadata"]["name"]) != objects.spec_hash_of(service):
         apply.append(service)
 
-    status = _build_status(md, meta, st, previous, observed, now, settled=not apply and not scales and not deletes,
+    settled = not apply and not scales and not deletes
+    if st.phase == Phase.HEALTHY and not settled:  # reported Healthy only once nothing is left to write
+        st.conclude(Event.SETTLING)
+    status = _build_status(md, meta, st, previous, observed, now, settled=settled,
                            compression_state=compression_state)
     waits = [w for w in st.waits if w > now]
     requeue = max(0.05, (min(waits) - now).total_seconds()) if waits else None
@@ -459,7 +448,7 @@ def _retry_compression(md: spec_mod.ModelDeployment, st: _State) -> None:
     Job keeps its name until it is deleted, and must not be read as the new attempt's outcome)."""
     if md.spec.compression is None:
         return
-    key = objects.build_artifact_key(md.spec.image, spec_mod.build_recipe(md.spec.compression))
+    key = objects.build_artifact_key(md.spec.image, md.spec.compression.build_recipe())
     entry = next((a for a in st.artifacts if a.get("key") == key), None)
     if entry is not None and entry.get("phase") == "Failed":
         entry["attempt"] = int(entry.get("attempt") or 0) + 1
@@ -470,7 +459,7 @@ def _plan_transition_events(st: _State) -> None:
     """An Event for every entry into a pause, a stall or Degraded that no planning step has already told about."""
     told = {e.reason for e in st.events}
     if st.paused_reason and st.paused_reason != st.previous_paused and st.paused_reason not in told:
-        st.event("Normal" if st.paused_reason == "ManualStep" else "Warning", st.paused_reason, st.message)
+        st.event("Normal" if st.paused_reason == Reason.MANUAL_STEP else "Warning", st.paused_reason, st.message)
     warned = any(e.type == "Warning" for e in st.events)  # e.g. RolledBack or StartupTimeout: the stall is told
     if st.stalled_reason and st.stalled_reason != st.previous_stalled and not warned:
         st.event("Warning", st.stalled_reason, st.message)
@@ -487,24 +476,24 @@ def _handle_rollback_to(md: spec_mod.ModelDeployment, st: _State, observed: Obse
     if view is None or wanted == st.stable and st.candidate is None:
         kept = ", ".join(sorted(observed.deployments)) or "none"
         if wanted != st.stable:
-            st.event("Warning", "RollbackRefused", f"Version {wanted} is not kept (kept versions: {kept})")
+            st.event("Warning", Reason.ROLLBACK_REFUSED, f"Version {wanted} is not kept (kept versions: {kept})")
         return
     spec = md.spec
     leaving = st.candidate or st.stable
     if leaving is not None:
         leaving_image = st.candidate_image if st.candidate else st.stable_image
         # The spec's version is marked rolled back so that it is not rolled out again until the spec changes.
-        st.record(leaving, leaving_image or spec.image, "RolledBack", "ManualRollback",
+        st.record(leaving, leaving_image or spec.image, Outcome.ROLLED_BACK, Reason.MANUAL_ROLLBACK,
                   f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
         if leaving != spec.version:
-            st.record(spec.version, spec.image, "RolledBack", "ManualRollback",
+            st.record(spec.version, spec.image, Outcome.ROLLED_BACK, Reason.MANUAL_ROLLBACK,
                       f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
     st.stable, st.stable_image = wanted, view.image
     st.candidate = st.candidate_image = None
     st.analysis = None
     st.paused_reason = None
     st.rollbacks += 1
-    st.event("Warning", "RolledBack", f"Rolled back to version {wanted} (shipyard.dev/rollback-to)")
+    st.event("Warning", Reason.ROLLED_BACK, f"Rolled back to version {wanted} (shipyard.dev/rollback-to)")
 
 
 def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
@@ -513,7 +502,7 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
     spec = md.spec
     if spec.compression is None:
         return None, "none"
-    key = objects.build_artifact_key(spec.image, spec_mod.build_recipe(spec.compression))
+    key = objects.build_artifact_key(spec.image, spec.compression.build_recipe())
     path = objects.build_artifact_path(meta, key)
     entry = next((a for a in st.artifacts if a.get("key") == key), None)
     if entry is not None and entry.get("phase") == "Succeeded":
@@ -521,7 +510,7 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
     if blocked:
         return None, "failed"
     if observed.missing_pvc:
-        st.stalled_reason = "ArtifactVolumeMissing"
+        st.stalled_reason = Reason.ARTIFACT_VOLUME_MISSING
         st.message = (f"The artifacts PersistentVolumeClaim {observed.missing_pvc!r} "
                       f"(spec.compression.artifacts.pvc) does not exist in namespace {meta.namespace}")
         st.wake_at(now + VOLUME_POLL)
@@ -534,7 +523,7 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
                  "createdAt": build_timestamp(now)}
         st.artifacts.append(entry)
         del st.artifacts[:-ARTIFACTS_MAX]
-        st.event("Normal", "Compressing", f"Compressing version {spec.version} in Job {name} (artifact {key})")
+        st.event("Normal", Reason.COMPRESSING, f"Compressing version {spec.version} in Job {name} (artifact {key})")
     entry["job"] = name
     if observed.config_maps.get(name) != objects.spec_hash_of(config_map):
         apply.append(config_map)
@@ -545,14 +534,14 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
     if view.phase == "Succeeded":
         entry.update(phase="Succeeded", message=view.message[:1024])
         entry.update(contract.parse_summary_fields(view.message))
-        st.event("Normal", "Compressed", f"Compressed version {spec.version}: {view.message}")
+        st.event("Normal", Reason.COMPRESSED, f"Compressed version {spec.version}: {view.message}")
         return path, "ready"
     if view.phase == "Failed":
         message = view.message or "the compression Job failed without a message"
         entry.update(phase="Failed", message=message[:1024])
         entry.update(contract.parse_summary_fields(message))
-        st.record(spec.version, spec.image, "Failed", "CompressionFailed", message, now, spec.retry)
-        st.event("Warning", "CompressionFailed", f"Compression of version {spec.version} failed: {message}")
+        st.record(spec.version, spec.image, Outcome.FAILED, Reason.COMPRESSION_FAILED, message, now, spec.retry)
+        st.event("Warning", Reason.COMPRESSION_FAILED, f"Compression of version {spec.version} failed: {message}")
         if st.candidate == spec.version:
             st.candidate = st.candidate_image = None
         return None, "failed"
@@ -567,21 +556,26 @@ def _plan_steady(md: spec_mod.ModelDeployment, st: _State, observed: Observed, d
     st.paused_reason = None
     view = observed.deployments.get(spec.version)
     if view is not None and view.replicas == spec.serving.replicas and view.rolled_out:
-        st.phase, st.message = "Healthy", f"Version {spec.version} serves with {spec.serving.replicas} replica(s)"
-        if st.previous_phase == "Degraded":
-            st.event("Normal", "Recovered", f"Version {spec.version}: all {spec.serving.replicas} replica(s) ready")
-    elif (view is not None and st.previous_phase in ("Healthy", "Degraded") and view.replicas == spec.serving.replicas
-          and view.observed_generation >= view.generation and view.updated_replicas >= view.replicas):
-        # Rolled out before, nothing changed since, yet pods were lost (evicted, crashing, node gone): the
-        # Deployment controller replaces them; the model serves with less capacity meanwhile.
-        st.phase = "Degraded"
-        st.message = (f"Version {spec.version} serves with {view.serving}/{spec.serving.replicas} replica(s) ready; "
-                      "the Deployment is replacing the others")
-        if st.previous_phase != "Degraded":
-            st.event("Warning", "Degraded", st.message)
+        st.conclude(Event.SERVING)
+        st.message = f"Version {spec.version} serves with {spec.serving.replicas} replica(s)"
+        if st.previous_phase == Phase.DEGRADED:
+            st.event("Normal", Reason.RECOVERED,
+                     f"Version {spec.version}: all {spec.serving.replicas} replica(s) ready")
+        return
+    if (view is not None and view.replicas == spec.serving.replicas
+            and view.observed_generation >= view.generation and view.updated_replicas >= view.replicas):
+        # Its Deployment caught up with the spec, yet pods are missing: after a rollout (Healthy or Degraded before)
+        # they were lost (evicted, crashing, node gone) and the Deployment controller replaces them: Degraded.
+        st.conclude(Event.PODS_LOST)
+    else:
+        st.conclude(Event.DEPLOYING)
+    if st.phase == Phase.DEGRADED:
+        st.message = (f"Version {spec.version} serves with {view.serving if view else 0}/{spec.serving.replicas} "
+                      "replica(s) ready; the Deployment is replacing the others")
+        if st.previous_phase != Phase.DEGRADED:
+            st.event("Warning", Reason.DEGRADED, st.message)
     else:
         ready = view.ready if view else 0
-        st.phase = "Progressing"
         st.message = f"Scaling version {spec.version}: {ready}/{spec.serving.replicas} replica(s) ready"
 
 
@@ -595,7 +589,8 @@ def _plan_blocked(md: spec_mod.ModelDeployment, st: _State, observed: Observed, 
         desired[spec.version] = 0
     st.candidate = st.candidate_image = None
     outcome, reason = str(blocked.get("outcome")), str(blocked.get("reason") or "Failed")
-    st.phase = "RolledBack" if outcome in ("RolledBack", "Aborted") and st.stable else "Failed"
+    st.conclude(Event.VERSION_ROLLED_BACK if outcome in (Outcome.ROLLED_BACK, Outcome.ABORTED) and st.stable
+                else Event.VERSION_FAILED)
     st.stalled_reason = reason
     serving = f"; version {st.stable} keeps serving" if st.stable else ""
     said = {"RolledBack": "was rolled back", "Aborted": "was aborted", "Failed": "failed"}.get(outcome, outcome)
@@ -609,9 +604,9 @@ def _plan_waiting_for_artifact(md: spec_mod.ModelDeployment, st: _State, observe
     if st.stable is not None and st.stable in observed.deployments:
         desired[st.stable] = spec.serving.replicas
     if state == "stalled":
-        st.phase = "Failed" if st.stable is None else "Progressing"
+        st.conclude(Event.SOURCE_MISSING if st.stable is None else Event.SOURCE_MISSING_WHILE_SERVING)
         return
-    st.phase = "Compressing"
+    st.conclude(Event.COMPRESSION_RUNNING)
     st.message = f"Compressing version {spec.version} before rolling it out"
 
 
@@ -623,7 +618,7 @@ def _plan_first(md: spec_mod.ModelDeployment, st: _State, observed: Observed, de
     if st.candidate != target:
         st.candidate, st.candidate_image = target, spec.image
         st.step, st.step_started, st.step_ready = 0, now, None
-        st.event("Normal", "Deploying", f"Deploying version {target} with {replicas} replica(s)")
+        st.event("Normal", Reason.DEPLOYING, f"Deploying version {target} with {replicas} replica(s)")
     desired[target] = replicas
     view = observed.deployments.get(target)
     if view is not None and view.replicas == replicas and view.rolled_out:
@@ -632,73 +627,78 @@ def _plan_first(md: spec_mod.ModelDeployment, st: _State, observed: Observed, de
     started = st.step_started or now
     deadline = started + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds)
     if now >= deadline:
-        st.record(target, spec.image, "Failed", "StartupTimeout",
+        st.record(target, spec.image, Outcome.FAILED, Reason.STARTUP_TIMEOUT,
                   f"not ready within startupTimeoutSeconds ({spec.rollout.startup_timeout_seconds} s)", now,
                   spec.retry)
-        st.event("Warning", "StartupTimeout", f"Version {target} was not ready within "
-                                              f"{spec.rollout.startup_timeout_seconds} s")
+        st.event("Warning", Reason.STARTUP_TIMEOUT, f"Version {target} was not ready within "
+                                                    f"{spec.rollout.startup_timeout_seconds} s")
         desired[target] = 0
         st.candidate = st.candidate_image = None
-        st.phase, st.stalled_reason = "Failed", "StartupTimeout"
+        st.conclude(Event.VERSION_FAILED)
+        st.stalled_reason = Reason.STARTUP_TIMEOUT
         st.message = f"Version {target} was not ready within {spec.rollout.startup_timeout_seconds} s"
         return
     st.wake_at(deadline)
     ready = view.ready if view else 0
-    st.phase, st.message = "Progressing", f"Deploying version {target}: {ready}/{replicas} replica(s) ready"
+    st.conclude(Event.DEPLOYING)
+    st.message = f"Deploying version {target}: {ready}/{replicas} replica(s) ready"
 
 
 def _promote(md: spec_mod.ModelDeployment, st: _State, now: datetime.datetime) -> None:
     spec = md.spec
     for h in st.history:
-        if h.get("version") == st.stable and h.get("outcome") == "Promoted":
-            h["outcome"] = "Superseded"
+        if h.get("version") == st.stable and h.get("outcome") == Outcome.PROMOTED:
+            h["outcome"] = Outcome.SUPERSEDED.value
     artifact = next((a.get("path") for a in st.artifacts if a.get("version") == spec.version
                      and a.get("phase") == "Succeeded"), None)
-    st.record(spec.version, spec.image, "Promoted", "RolledOut", "", now, spec.retry, artifact=artifact)
-    st.event("Normal", "Promoted", f"Version {spec.version} is stable and serves all traffic")
+    st.record(spec.version, spec.image, Outcome.PROMOTED, Reason.ROLLED_OUT, "", now, spec.retry, artifact=artifact)
+    st.event("Normal", Reason.PROMOTED, f"Version {spec.version} is stable and serves all traffic")
     st.stable, st.stable_image = spec.version, spec.image
     st.candidate = st.candidate_image = None
     st.step, st.step_started, st.step_ready, st.paused_reason = 0, None, None, None
-    st.phase = "Healthy"  # reported as Progressing until the previous stable is scaled down (_build_status)
+    st.conclude(Event.PROMOTED)  # reported as Progressing until the previous stable is scaled down (Event.SETTLING)
     st.message = f"Version {spec.version} serves with {spec.serving.replicas} replica(s)"
 
 
-def _fail_candidate(md: spec_mod.ModelDeployment, st: _State, desired: dict[str, int], reason: str, message: str,
-                    now: datetime.datetime, outcome: str = "RolledBack") -> None:
+def _fail_candidate(md: spec_mod.ModelDeployment, st: _State, desired: dict[str, int], reason: Reason, message: str,
+                    now: datetime.datetime, outcome: Outcome = Outcome.ROLLED_BACK) -> None:
     spec = md.spec
     target = spec.version
-    if spec.rollback.policy == "Manual" and outcome == "RolledBack":
+    if spec.rollback.policy == "Manual" and outcome == Outcome.ROLLED_BACK:
         if st.paused_reason != reason:
             st.event("Warning", reason, f"Version {target}: {message}; paused (rollback policy Manual)")
-        st.phase, st.paused_reason = "Paused", reason
+        st.conclude(Event.FAILURE_HELD)
+        st.paused_reason = reason
         st.message = (f"Version {target} failed ({reason}): {message}. Paused (rollback policy Manual): set "
                       f"shipyard.dev/abort={target} to roll back or shipyard.dev/promote={target} to promote")
         return
     st.record(target, spec.image, outcome, reason, message, now, spec.retry)
-    st.event("Warning", "RolledBack", f"Rolled back version {target} to {st.stable} ({reason}): {message}")
+    st.event("Warning", Reason.ROLLED_BACK, f"Rolled back version {target} to {st.stable} ({reason}): {message}")
     st.rollbacks += 1
     desired[target] = 0
     if st.stable is not None:
         desired[st.stable] = spec.serving.replicas
     st.candidate = st.candidate_image = None
     st.paused_reason = None
-    st.phase, st.stalled_reason = "RolledBack", reason
+    st.conclude(Event.ROLLED_BACK)
+    st.stalled_reason = reason
     st.message = f"Version {target} rolled back ({reason}): {message}; version {st.stable} serves all traffic"
 
 
 def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed, desired: dict[str, int],
-                 now: datetime.datetime, measurements: Mapping[str, analysis.Measurement]) -> None:
+                 now: datetime.datetime, measurements: Mapping[str, analysis.Measurement],
+                 apply: list[dict[str, Any]]) -> None:
     spec = md.spec
     target, total = spec.version, spec.serving.replicas
     steps = spec.rollout.effective_steps
     if st.candidate != target:
         if st.candidate is not None:
-            st.record(st.candidate, st.candidate_image or "", "Superseded", "Replaced",
+            st.record(st.candidate, st.candidate_image or "", Outcome.SUPERSEDED, Reason.REPLACED,
                       f"replaced by version {target} before it was promoted", now, spec.retry)
         st.candidate, st.candidate_image = target, spec.image
         st.step, st.step_started, st.step_ready, st.paused_reason, st.analysis = 0, now, None, None, None
-        st.event("Normal", "RolloutStarted", f"Rolling out version {target} next to stable {st.stable} in "
-                                             f"{len(steps)} step(s)")
+        st.event("Normal", Reason.ROLLOUT_STARTED, f"Rolling out version {target} next to stable {st.stable} in "
+                                                   f"{len(steps)} step(s)")
     assert st.stable is not None
     cand_view = observed.deployments.get(target)
     cand_ready = cand_view.ready if cand_view is not None else 0
@@ -706,18 +706,19 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     # Manual controls on this candidate.
     if md.controls.abort == target and st.controls.get("abort") != target:
         st.controls["abort"] = target
-        _fail_candidate(md, st, desired, "Aborted", "aborted by shipyard.dev/abort", now, outcome="Aborted")
+        _fail_candidate(md, st, desired, Reason.ABORTED, "aborted by shipyard.dev/abort", now,
+                        outcome=Outcome.ABORTED)
         return
     if md.controls.promote == target and st.controls.get("promote") != target:
         st.controls["promote"] = target
         st.step = len(steps)
         st.step_started, st.step_ready, st.paused_reason = now, None, None
-        st.event("Normal", "PromotedManually", f"Promoting version {target} now (shipyard.dev/promote)")
-    if st.paused_reason == "AnalysisFailed" and st.phase != "Aborted":
+        st.event("Normal", Reason.PROMOTED_MANUALLY, f"Promoting version {target} now (shipyard.dev/promote)")
+    if st.paused_reason == Reason.ANALYSIS_FAILED:
         # Manual rollback policy: hold where the failure happened until abort or promote.
         desired[target] = cand_view.replicas if cand_view else 0
         desired[st.stable] = observed.deployments[st.stable].replicas
-        st.phase = "Paused"
+        st.conclude(Event.FAILURE_HELD)
         st.message = (f"Version {target} failed its analysis; paused (rollback policy Manual): set "
                       f"shipyard.dev/abort={target} or shipyard.dev/promote={target}")
         return
@@ -746,39 +747,41 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     if not step_done_ready:
         deadline = started + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds)
         if now >= deadline:
-            _fail_candidate(md, st, desired, "StartupTimeout",
+            _fail_candidate(md, st, desired, Reason.STARTUP_TIMEOUT,
                             f"{cand_ready}/{canary} pod(s) ready after startupTimeoutSeconds "
                             f"({spec.rollout.startup_timeout_seconds} s)", now)
             return
         st.wake_at(deadline)
-        st.phase = "Progressing"
+        st.conclude(Event.STEP_PROGRESSING)
         st.message = (f"Step {min(st.step, len(steps) - 1) + 1}/{len(steps)} of version {target}: "
                       f"{cand_ready}/{canary} canary pod(s) ready" if not promoting else
                       f"Promoting version {target}: {cand_ready}/{total} pod(s) ready")
     elif st.step_ready is None:
         st.step_ready = now
-        st.event("Normal", "StepReady", f"Step {st.step + 1}/{len(steps)}: {canary}/{total} pod(s) of version "
+        st.event("Normal", Reason.STEP_READY, f"Step {st.step + 1}/{len(steps)}: {canary}/{total} pod(s) of version "
                                         f"{target} ready ({steps[st.step].weight}%)")
 
     # Analysis runs from the first ready step until promotion.
-    verdict = _plan_analysis(md, meta, st, now, measurements)
+    verdict = _plan_analysis(md, meta, st, observed, now, measurements, apply)
     if verdict is not None and verdict.phase in (analysis.Phase.FAILED, analysis.Phase.ERROR):
-        _fail_candidate(md, st, desired, "AnalysisFailed", verdict.message, now)
+        _fail_candidate(md, st, desired, Reason.ANALYSIS_FAILED, verdict.message, now)
         return
     if not step_done_ready:
         return
     if verdict is not None and verdict.phase is analysis.Phase.INCONCLUSIVE:
-        if st.paused_reason != "AnalysisInconclusive":
-            st.event("Warning", "AnalysisInconclusive", f"Version {target}: {verdict.message}")
-        st.phase, st.paused_reason = "Paused", "AnalysisInconclusive"
+        if st.paused_reason != Reason.ANALYSIS_INCONCLUSIVE:
+            st.event("Warning", Reason.ANALYSIS_INCONCLUSIVE, f"Version {target}: {verdict.message}")
+        st.conclude(Event.ANALYSIS_INCONCLUSIVE)
+        st.paused_reason = Reason.ANALYSIS_INCONCLUSIVE
         st.message = f"Holding version {target} at step {st.step + 1}/{len(steps)}: {verdict.message}"
         return
-    if st.paused_reason == "AnalysisInconclusive":
+    if st.paused_reason == Reason.ANALYSIS_INCONCLUSIVE:
         st.paused_reason = None
     step = steps[st.step]
     assert st.step_ready is not None
     if step.manual:
-        st.phase, st.paused_reason = "Paused", "ManualStep"
+        st.conclude(Event.STEP_WAITING_FOR_PROMOTION)
+        st.paused_reason = Reason.MANUAL_STEP
         st.message = (f"Version {target} at step {st.step + 1}/{len(steps)} ({step.weight}%): waiting for "
                       f"shipyard.dev/promote={target}")
         return
@@ -786,20 +789,20 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         resume = st.step_ready + datetime.timedelta(seconds=step.pause_seconds)
         if now < resume:
             st.wake_at(resume)
-            st.phase = "Progressing"
+            st.conclude(Event.STEP_PROGRESSING)
             st.message = (f"Step {st.step + 1}/{len(steps)} of version {target} ({step.weight}%, {canary} pod(s)): "
                           f"pausing until {build_timestamp(resume)}")
             return
     last = st.step == len(steps) - 1
     if last and verdict is not None and verdict.phase is not analysis.Phase.SUCCESSFUL:
-        st.phase = "Progressing"
+        st.conclude(Event.STEP_PROGRESSING)
         st.message = f"Version {target} completed its steps; analysis: {verdict.message}"
         return
-    st.event("Normal", "StepCompleted", f"Step {st.step + 1}/{len(steps)} ({step.weight}%) of version {target} "
-                                        "completed")
+    st.event("Normal", Reason.STEP_COMPLETED, f"Step {st.step + 1}/{len(steps)} ({step.weight}%) of version "
+                                              f"{target} completed")
     st.step += 1
     st.step_started, st.step_ready = now, None
-    st.phase = "Progressing"
+    st.conclude(Event.STEP_PROGRESSING)
     promoting = st.step >= len(steps)
     canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
     desired[target], desired[st.stable] = plan_step_replicas(total, canary, cand_ready, build_surge_pods(spec),
@@ -809,28 +812,86 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     st.wake_at(now + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds))
 
 
-def _plan_analysis(md: spec_mod.ModelDeployment, meta: Meta, st: _State, now: datetime.datetime,
-                   measurements: Mapping[str, analysis.Measurement]) -> analysis.Assessment | None:
+def _plan_analysis(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                   now: datetime.datetime, measurements: Mapping[str, analysis.Measurement],
+                   apply: list[dict[str, Any]]) -> analysis.Assessment | None:
+    """Folds this pass' measurements into the candidate's analysis and judges it (None: not under analysis).
+
+    Pulled metrics arrive in ``measurements`` (the shell measured them); job metrics are read from their Jobs here,
+    and a Job is created for each one that is due and not running yet.
+    """
     spec_analysis = md.spec.rollout.analysis
-    if spec_analysis is None or st.step_ready is None and (st.analysis is None or
-                                                           st.analysis.get("version") != md.spec.version):
+    gate = plan_analysis_gate(md, st.candidate, st.stable, st.step_ready, st.analysis)
+    if spec_analysis is None or gate is None:
         return None
-    prior = st.analysis if st.analysis is not None and st.analysis.get("version") == md.spec.version else None
-    started = parse_time((prior or {}).get("startedAt")) or st.step_ready or now
-    st.analysis = analysis.build_analysis_status(prior, spec_analysis, md.spec.version, measurements, started, now)
-    st.wake_at(analysis.build_next_measurement_at(st.analysis, spec_analysis, started))
-    phase = analysis.Phase(st.analysis["phase"])
-    unmeasured = [m for m in st.analysis.get("metrics") or [] if m.get("verdict") == analysis.Phase.ERROR.value]
-    if unmeasured and phase in (analysis.Phase.RUNNING, analysis.Phase.SUCCESSFUL):
-        # The provider erred on the latest measurement (within consecutiveErrorLimit): nothing is known about the
-        # candidate now, so hold as with no data; counts from before the outage must not advance or promote it.
-        first = unmeasured[0]
-        st.analysis["phase"] = phase = analysis.Phase.INCONCLUSIVE
-        st.analysis["message"] = (
-            f"Metric {first.get('name')} could not be measured ({first.get('consecutiveErrors')} time(s) in a row, "
-            f"consecutiveErrorLimit {spec_analysis.consecutive_error_limit}): {first.get('message', '')}; "
-            "holding.")[:analysis.MAX_TEXT]
-    return analysis.Assessment(phase, str(st.analysis.get("message", "")))
+    folded = dict(measurements)
+    folded.update(_plan_child_measurements(md, meta, st, observed, gate, now, apply))
+    st.analysis = analysis.build_analysis_status(gate.prior, spec_analysis, md.spec.version, folded, gate.started,
+                                                 now)
+    _, next_due = analysis.plan_due(st.analysis, spec_analysis, gate.started, now)
+    st.wake_at(next_due)
+    return analysis.Assessment(analysis.Phase(st.analysis["phase"]), str(st.analysis.get("message", "")))
+
+
+def _plan_child_measurements(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                           gate: AnalysisGate, now: datetime.datetime,
+                           apply: list[dict[str, Any]]) -> dict[str, analysis.Measurement]:
+    """Metrics of planned providers (job): the finished child of each one's current run is its measurement; a due
+    metric without a child for its run gets one (run = measurements counted so far, so a restarted operator finds
+    the same child)."""
+    spec_analysis = md.spec.rollout.analysis
+    assert spec_analysis is not None
+    due, _ = analysis.plan_due(gate.prior, spec_analysis, gate.started, now)
+    results = {str(m.get("name")): m for m in (gate.prior or {}).get("metrics") or () if isinstance(m, Mapping)}
+    out: dict[str, analysis.Measurement] = {}
+    for metric in spec_analysis.metrics:
+        backend = providers.planned_backend(metric)
+        if backend is None:
+            continue
+        run = analysis.build_measurement_count(results.get(metric.name))
+        name = backend.build_child_name(meta.name, gate.candidate, metric.name, run)
+        view = observed.jobs.get(name)
+        if view is not None:
+            sample = backend.build_sample(view)
+            if sample is not None:
+                out[metric.name] = analysis.Measurement(candidate=sample)
+        elif metric.name in due:
+            apply.append(backend.build_child(
+                object_meta=lambda n, labels: objects.build_object_meta(meta, n, labels), metric=metric,
+                model=meta.name, served_model=md.served_model_name, namespace=meta.namespace,
+                candidate=gate.candidate, stable=st.stable, port=md.spec.serving.port, run=run))
+    return out
+
+
+def _plan_analysis_children(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                            apply: list[dict[str, Any]], deletes: list[tuple[str, str, str]]) -> None:
+    """What job metrics need besides their Jobs: a Service per version for the Job to reach the candidate (and
+    compare with the stable) while a candidate is rolled out; finished analysis Jobs of earlier runs, and every
+    analysis Job once its candidate is gone, are deleted."""
+    spec_analysis = md.spec.rollout.analysis
+    wants_services = (spec_analysis is not None and st.candidate is not None and st.candidate == md.spec.version
+                      and any(providers.planned_backend(m) is not None for m in spec_analysis.metrics))
+    versions = [v for v in (st.candidate, st.stable) if v is not None] if wants_services else []
+    wanted = {naming.build_deployment_name(meta.name, v): v for v in versions}
+    model_service = naming.build_service_name(meta.name)
+    for name, version in wanted.items():
+        service = objects.build_version_service(meta, version, md.spec.serving.port)
+        if observed.services.get(name) != objects.spec_hash_of(service):
+            apply.append(service)
+    for name in observed.services:
+        if name != model_service and name not in wanted:
+            deletes.append(("v1", "Service", name))
+    current_runs = {(str(m.get("name")), analysis.build_measurement_count(m))
+                    for m in (st.analysis or {}).get("metrics") or () if isinstance(m, Mapping)}
+    for view in observed.jobs.values():
+        if view.labels.get(naming.LABEL_COMPONENT) != providers.base.MEASUREMENT_COMPONENT:
+            continue
+        same_candidate = view.labels.get(naming.LABEL_VERSION) == naming.build_label_value(st.candidate or "")
+        metric, run = view.labels.get(providers.base.LABEL_METRIC, ""), view.labels.get(providers.base.LABEL_RUN, "")
+        latest = run.isdigit() and (metric, int(run) + 1) in current_runs  # the run just folded: kept to look at
+        running = view.phase in ("Pending", "Running") and run.isdigit() and (metric, int(run)) in current_runs
+        if not same_candidate or not (latest or running):
+            deletes.append(("batch/v1", "Job", view.name))
 
 
 def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous: Mapping[str, Any],
@@ -839,9 +900,7 @@ def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous
     spec = md.spec
     g = meta.generation
     prev_conditions = previous.get("conditions") or []
-    healthy = st.phase == "Healthy" and settled
-    if st.phase == "Healthy" and not settled:
-        st.phase = "Progressing"
+    healthy = st.phase == Phase.HEALTHY and settled
     stalled = st.stalled_reason is not None
     ready_total = sum(v.ready for v in observed.deployments.values())
     reason = st.stalled_reason or st.paused_reason or ("RolledOut" if healthy else st.phase)

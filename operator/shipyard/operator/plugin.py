@@ -7,6 +7,7 @@
     kubectl shipyard retry digits               # retry the failed version once (shipyard.dev/retry)
     kubectl shipyard rollback digits --to 1.3.2 # return to a kept version (shipyard.dev/rollback-to)
     kubectl shipyard watch digits               # live view until Ctrl-C (or --timeout)
+    kubectl shipyard dashboard -A               # a local web UI of every ModelDeployment (http://127.0.0.1:8484)
 
 The controls only set the annotations the operator acts on (it records what it acted on in status.controls);
 the plugin never writes spec, so a GitOps tool sees no drift in the fields it owns.
@@ -30,12 +31,14 @@ from typing import Any, TextIO
 
 import httpx2
 import lightkube
-from lightkube.config.kubeconfig import KubeConfig
+from lightkube.config.kubeconfig import KubeConfig, SingleConfig
 from lightkube.types import PatchType
 
 from shipyard.operator import kube, naming, planning, spec
 
 FIELD_MANAGER = "kubectl-shipyard"
+DASHBOARD_PORT = 8484
+CONTROLS = ("promote", "abort", "retry", "rollback")  # the commands that set a control annotation
 
 
 class PluginError(Exception):
@@ -241,7 +244,8 @@ class Session:
     namespace: str
 
 
-def build_session(kubeconfig: str | None, context: str | None, namespace: str | None) -> Session:
+def fetch_kubeconfig(kubeconfig: str | None, context: str | None) -> SingleConfig:
+    """The user's kubeconfig (the file given, else $KUBECONFIG or ~/.kube/config) at the context given."""
     try:
         config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
         single = config.get(context_name=context)
@@ -249,6 +253,11 @@ def build_session(kubeconfig: str | None, context: str | None, namespace: str | 
         raise PluginError(f"cannot load the kubeconfig: {e}") from None
     if single is None:
         raise PluginError(f"context {context!r} is not in the kubeconfig")
+    return single
+
+
+def build_session(kubeconfig: str | None, context: str | None, namespace: str | None) -> Session:
+    single = fetch_kubeconfig(kubeconfig, context)
     client = lightkube.Client(config=single, field_manager=FIELD_MANAGER)
     return Session(client, namespace or single.namespace or "default")
 
@@ -339,30 +348,48 @@ def fetch_watch(session: Session, name: str, timeout: float | None) -> Iterator[
 
 # --- command line --------------------------------------------------------------------------------------------------
 
+def _add_connection_options(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-n", "--namespace", default=default,
+                        help="namespace (default: the context's, else 'default')")
+    parser.add_argument("--kubeconfig", default=default,
+                        help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", default=default, help="kubeconfig context")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubectl shipyard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-n", "--namespace", help="namespace (default: the context's, else 'default')")
-    parser.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
-    parser.add_argument("--context", default=None, help="kubeconfig context")
+    _add_connection_options(parser, None)
+    # The same options after the command (`kubectl shipyard status digits -n ml`); SUPPRESS keeps the value given
+    # before the command when they are not repeated after it.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_connection_options(common, argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command, text in (("status", "versions, current step, conditions and the analysis table"),
                           ("history", "every version tried, with its outcome")):
-        sub.add_parser(command, help=text).add_argument("name", help="ModelDeployment name")
+        sub.add_parser(command, help=text, parents=[common]).add_argument("name", help="ModelDeployment name")
     for command, text in (("promote", "promote the candidate now, skipping remaining steps and analysis"),
                           ("abort", "abort the candidate's rollout (the stable keeps serving)")):
-        p = sub.add_parser(command, help=text)
+        p = sub.add_parser(command, help=text, parents=[common])
         p.add_argument("name", help="ModelDeployment name")
         p.add_argument("--version", default=None, help="the candidate version (checked; default: the current one)")
-    p = sub.add_parser("retry", help="retry the failed version of the current spec once")
+    p = sub.add_parser("retry", help="retry the failed version of the current spec once", parents=[common])
     p.add_argument("name", help="ModelDeployment name")
     p.add_argument("--token", default=None, help="retry token (default: a new one from the time)")
-    p = sub.add_parser("rollback", help="return to a kept version from the history")
+    p = sub.add_parser("rollback", help="return to a kept version from the history", parents=[common])
     p.add_argument("name", help="ModelDeployment name")
     p.add_argument("--to", required=True, dest="to", metavar="VERSION", help="a version in status.history")
-    p = sub.add_parser("watch", help="live view of the status until Ctrl-C")
+    p = sub.add_parser("watch", help="live view of the status until Ctrl-C", parents=[common])
     p.add_argument("name", help="ModelDeployment name")
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    p = sub.add_parser("dashboard", help="a local web UI of every ModelDeployment (needs the 'dashboard' extra)",
+                       parents=[common])
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace the kubeconfig may list")
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT,
+                   help=f"port to listen on (default {DASHBOARD_PORT}; 0: any free port)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; the UI acts with your credentials: keep it local)")
+    p.add_argument("--read-only", action="store_true", help="no actions (promote, abort, retry, rollback)")
     return parser
 
 
@@ -370,7 +397,41 @@ def build_retry_token(now: datetime.datetime) -> str:
     return now.strftime("r%Y%m%d%H%M%S")
 
 
+def apply_control(session: Session, command: str, name: str, *, version: str | None = None,
+                  token: str | None = None, to: str | None = None) -> Control:
+    """What `kubectl shipyard promote|abort|retry|rollback` does (the dashboard's actions too): read the object,
+    choose and check the annotation (``build_*``), set it. Raises PluginError with the reason it refused."""
+    md = fetch_model(session, name)
+    if command == "promote":
+        control = build_promote(md, version)
+    elif command == "abort":
+        control = build_abort(md, version)
+    elif command == "retry":
+        control = build_retry(md, token or build_retry_token(datetime.datetime.now(datetime.UTC)))
+    elif command == "rollback":
+        if not to:
+            raise PluginError("rollback needs the version to return to")
+        control = build_rollback(md, to, fetch_kept_versions(session, name))
+    else:
+        raise PluginError(f"unknown control {command!r} (one of {', '.join(CONTROLS)})")
+    patch_control(session, name, control)
+    return control
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    if args.all_namespaces and args.namespace:
+        raise PluginError("--namespace and --all-namespaces exclude each other")
+    try:
+        from shipyard.operator.dashboard import server
+    except ImportError as e:  # the extra's libraries (jinja2, plotly, aiohttp-sse) are missing
+        raise PluginError(f"the dashboard needs the 'dashboard' extra: pip install 'shipyard-operator[dashboard]' "
+                          f"({e})") from None
+    return server.main(args)
+
+
 def run(args: argparse.Namespace, out: TextIO) -> int:
+    if args.command == "dashboard":
+        return run_dashboard(args)
     session = build_session(args.kubeconfig, args.context, args.namespace)
     if args.command == "watch":
         clear = out.isatty()
@@ -383,22 +444,12 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             out.write(build_status_view(body) + "\n")
             out.flush()
         return 0
-    md = fetch_model(session, args.name)
-    if args.command == "status":
-        out.write(build_status_view(md) + "\n")
+    if args.command in ("status", "history"):
+        md = fetch_model(session, args.name)
+        out.write((build_status_view(md) if args.command == "status" else build_history_table(md)) + "\n")
         return 0
-    if args.command == "history":
-        out.write(build_history_table(md) + "\n")
-        return 0
-    if args.command == "promote":
-        control = build_promote(md, args.version)
-    elif args.command == "abort":
-        control = build_abort(md, args.version)
-    elif args.command == "retry":
-        control = build_retry(md, args.token or build_retry_token(datetime.datetime.now(datetime.UTC)))
-    else:
-        control = build_rollback(md, args.to, fetch_kept_versions(session, args.name))
-    patch_control(session, args.name, control)
+    control = apply_control(session, args.command, args.name, version=getattr(args, "version", None),
+                            token=getattr(args, "token", None), to=getattr(args, "to", None))
     out.write(f"{control.summary} ({control.annotation}={control.value}); "
               f"follow it with: kubectl shipyard watch {args.name} -n {session.namespace}\n")
     return 0

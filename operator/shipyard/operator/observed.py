@@ -1,0 +1,152 @@
+"""What the operator observed of a ModelDeployment's children, as the planner reads it. Pure, no I/O.
+
+The shell keeps the raw bodies of the children Shipyard manages (Deployments, Services, Jobs, ConfigMaps and the
+pods of Jobs) in its cache; ``build_observed`` turns them into the small views the planner decides on. The decisions
+about what a child's status means live here, next to the views: when a Deployment's pods count as ready
+(``DeploymentView.ready``), what phase a Job is in and what its pod reported (``build_job_view``: the termination
+message, the exit code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shipyard.operator import egress, naming
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """What the planner needs to know about one observed Deployment of the model."""
+
+    name: str
+    version: str
+    image: str
+    replicas: int
+    ready_replicas: int = 0
+    available_replicas: int = 0
+    updated_replicas: int = 0
+    generation: int = 1
+    observed_generation: int = 0
+    spec_hash: str = ""
+
+    @property
+    def rolled_out(self) -> bool:
+        """The Deployment controller has caught up and every desired replica is updated and available."""
+        return (
+            self.observed_generation >= self.generation
+            and self.updated_replicas >= self.replicas
+            and self.available_replicas >= self.replicas
+        )
+
+    @property
+    def ready(self) -> int:
+        """Ready pods that count for the current spec (0 while the controller has not caught up)."""
+        return self.serving if self.observed_generation >= self.generation else 0
+
+    @property
+    def serving(self) -> int:
+        """Pods ready and available now, whether or not the controller has caught up with a scale: capacity that
+        serves traffic (a scale-up does not stop the pods already running)."""
+        return min(self.available_replicas, self.ready_replicas)
+
+
+@dataclass(frozen=True)
+class JobView:
+    name: str
+    key: str  # the artifact key of a compression Job ("" for an analysis Job)
+    phase: str  # Pending | Running | Succeeded | Failed
+    message: str = ""  # the pod's termination message (a compression Job's summary, an analysis Job's value)
+    spec_hash: str = ""
+    exit_code: int | None = None  # of the pod's container that terminated last
+    reason: str = ""  # why a failed Job failed (its Failed condition: BackoffLimitExceeded, DeadlineExceeded, ...)
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observed:
+    deployments: Mapping[str, DeploymentView] = field(default_factory=dict)  # by version
+    services: Mapping[str, str] = field(default_factory=dict)  # Service name -> spec hash
+    jobs: Mapping[str, JobView] = field(default_factory=dict)  # by Job name
+    config_maps: Mapping[str, str] = field(default_factory=dict)  # ConfigMap name -> spec hash
+    missing_pvc: str | None = None  # the artifacts PVC, when the shell found it missing
+
+
+
+
+def build_deployment_view(body: Mapping[str, Any]) -> DeploymentView:
+    meta, spec, status = body["metadata"], body.get("spec", {}), body.get("status", {})
+    annotations = meta.get("annotations") or {}
+    return DeploymentView(
+        name=meta["name"],
+        version=meta.get("labels", {}).get(naming.LABEL_VERSION, ""),
+        image=annotations.get(naming.ANNOTATION_IMAGE, ""),
+        replicas=int(spec.get("replicas", 1)),
+        ready_replicas=int(status.get("readyReplicas", 0)),
+        available_replicas=int(status.get("availableReplicas", 0)),
+        updated_replicas=int(status.get("updatedReplicas", 0)),
+        generation=int(meta.get("generation", 1)),
+        observed_generation=int(status.get("observedGeneration", 0)),
+        spec_hash=annotations.get(naming.ANNOTATION_SPEC_HASH, ""),
+    )
+
+
+def build_job_view(body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]]) -> JobView:
+    """A Job's phase from its conditions, and what its pod reported when it terminated: the termination message
+    (redacted: a compression summary, an analysis Job's value) and the exit code, of the container that finished
+    last."""
+    meta, status = body["metadata"], body.get("status") or {}
+    conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+    if conditions.get("Complete") == "True" or conditions.get("SuccessCriteriaMet") == "True":
+        phase = "Succeeded"
+    elif conditions.get("Failed") == "True" or conditions.get("FailureTarget") == "True":
+        phase = "Failed"
+    elif status.get("active"):
+        phase = "Running"
+    else:
+        phase = "Pending"
+    message = ""
+    exit_code: int | None = None
+    newest = ""
+    for pod in pods.values():
+        if (pod["metadata"].get("labels") or {}).get("job-name") != meta["name"]:
+            continue
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+            finished = str(terminated.get("finishedAt") or "")
+            if terminated and finished >= newest:
+                newest = finished
+                code = terminated.get("exitCode")
+                exit_code = code if isinstance(code, int) and not isinstance(code, bool) else exit_code
+                if terminated.get("message"):
+                    message = egress.redact_text(str(terminated["message"]).strip())
+    failed: Mapping[str, Any] = next((c for c in status.get("conditions") or []
+                                      if c.get("type") in ("Failed", "FailureTarget") and c.get("status") == "True"),
+                                     {})
+    reason = str(failed.get("reason") or "")
+    if phase == "Failed" and not message:
+        message = egress.redact_text(f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": "))
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    return JobView(name=meta["name"], key=labels.get(naming.LABEL_ARTIFACT, ""), phase=phase, message=message,
+                   spec_hash=annotations.get(naming.ANNOTATION_SPEC_HASH, ""), exit_code=exit_code, reason=reason,
+                   labels=dict(labels))
+
+
+def build_observed(children: Mapping[str, Mapping[str, Mapping[str, Any]]], missing_pvc: str | None = None,
+                   ) -> Observed:
+    """The planner's view of one model's cached children (kind -> name -> body)."""
+    deployments = {}
+    for body in (children.get("Deployment") or {}).values():
+        view = build_deployment_view(body)
+        deployments[view.version] = view
+    services = children.get("Service") or {}
+    service_hashes = {name: (body["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
+                      for name, body in services.items()}
+    pods = children.get("Pod") or {}
+    jobs = {name: build_job_view(body, pods) for name, body in (children.get("Job") or {}).items()}
+    config_maps = {name: (body["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
+                   for name, body in (children.get("ConfigMap") or {}).items()}
+    return Observed(deployments=deployments, services=service_hashes, jobs=jobs, config_maps=config_maps,
+                    missing_pvc=missing_pvc)

@@ -1,0 +1,224 @@
+"""A small simulated cluster and clock around the pure planner (``planning.plan_reconcile``).
+
+``Sim`` plays the API server and the Deployment/Job controllers: it applies each plan (pods of a version become
+ready at once unless the version is "broken"), persists the planned status as the API server would (a merge
+patch: None removes a field), advances a fake clock, feeds metric measurements when the planner asks for them and
+finishes Jobs (compression and analysis) as a fake kubelet would. Used by the planner's unit tests and by the
+property test over generated specs (tests/integration/test_valid_specs.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shipyard.operator import analysis, naming, objects, observed, planning, spec
+
+T0 = datetime.datetime(2026, 11, 28, 12, 0, 0, tzinfo=datetime.UTC)
+CRD = Path(__file__).resolve().parents[1] / "crds" / "modeldeployments.shipyard.dev.yaml"
+IMAGE = "registry.example/acme/digits-model"
+
+Measure = Callable[[str, datetime.datetime], float | None | ConnectionError]
+
+
+def md(tag: str = "1.0.0", replicas: int = 4, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "shipyard.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "digits", "namespace": "ml", "uid": "uid-1", "generation": 1, "annotations": {}},
+        "spec": {"image": f"{IMAGE}:{tag}", "model": {"path": "/models/digits"},
+                 "serving": {"replicas": replicas}, **spec},
+        "status": {},
+    }
+
+
+ANALYSIS = {"interval": "10s", "failureLimit": 1, "minSamples": 2, "noData": "Inconclusive",
+            "metrics": [{"name": "error-rate", "builtin": "errorRate", "max": 0.05}]}
+EVALUATE = {"spec": {"containers": [{"name": "evaluate", "image": "registry.example/acme/digits-model:1.1.0",
+                                     "command": ["shipyard-runtime", "evaluate", "--dataset", "builtin:digits"],
+                                     "env": [{"name": "SHIPYARD_MODEL_NAME", "value": "mine"}]}]}}
+JOB_ANALYSIS = {"interval": "10s", "failureLimit": 0, "consecutiveErrorLimit": 2, "minSamples": 2,
+                "metrics": [{"name": "error-rate", "builtin": "errorRate", "max": 0.05},
+                            {"name": "accuracy", "job": {"template": EVALUATE}, "min": 0.9}]}
+STEPS = [{"weight": 25, "pause": "60s"}, {"weight": 50, "pause": "60s"}]
+COMPRESSION = {"steps": [{"prune": {"amount": 0.5}}, {"quantize": {"scheme": "int8-dynamic"}}],
+               "evaluation": {"dataset": "builtin:digits"}, "artifacts": {"pvc": "shipyard-artifacts"}}
+
+
+def good(version: str, now: datetime.datetime) -> float | None:
+    return 0.0
+
+
+class Sim:
+    """A tiny fake cluster + clock around plan_reconcile."""
+
+    def __init__(self, body: dict[str, Any], measure: Measure = good, tick: float = 5.0) -> None:
+        self.body = body
+        self.now = T0
+        self.tick = tick
+        self.measure = measure
+        self.deployments: dict[str, observed.DeploymentView] = {}
+        self.jobs: dict[str, observed.JobView] = {}
+        self.config_maps: dict[str, str] = {}
+        self.services: dict[str, str] = {}  # name -> spec hash
+        self.broken: set[str] = set()  # versions whose pods never become ready
+        self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
+        self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
+        self._catching_up: dict[str, observed.DeploymentView] = {}
+        self.job_outcome: tuple[str, str] = ("Succeeded", "accepted: sourceBytes=1000 compressedBytes=100")
+        # An analysis Job (job metric) finishes with (phase, termination message, exit code) for its candidate.
+        self.analysis_outcome: Callable[[str], tuple[str, str, int | None]] = lambda version: (
+            "Succeeded", "accuracy 0.97 [value=0.97]", 0)
+        self.analysis_jobs: list[dict[str, Any]] = []  # every analysis Job applied
+        self.missing_pvc: str | None = None
+        self.plans: list[planning.Plan] = []
+        self.measured = 0
+        self.peak_replicas = 0  # the most Deployment replicas at once, after any single write (the operator's order)
+
+    # --- what the operator observes
+    def observed(self) -> observed.Observed:
+        return observed.Observed(deployments=dict(self.deployments), services=dict(self.services),
+                                 jobs=dict(self.jobs), config_maps=dict(self.config_maps),
+                                 missing_pvc=self.missing_pvc)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.body["status"]
+
+    def set_spec(self, **changes: Any) -> None:
+        self.body["spec"].update(changes)
+        self.body["metadata"]["generation"] += 1
+
+    def annotate(self, key: str, value: str) -> None:
+        self.body["metadata"]["annotations"][f"shipyard.dev/{key}"] = value
+
+    def _ready(self, version: str, replicas: int) -> observed.DeploymentView:
+        old = self.deployments.get(version)
+        ready = 0 if version in self.broken else replicas
+        if version in self.frozen and old is not None:
+            ready = min(replicas, old.ready_replicas)
+        return observed.DeploymentView(
+            name=naming.build_deployment_name("digits", version), version=version,
+            image=old.image if old else "", replicas=replicas, ready_replicas=ready, available_replicas=ready,
+            updated_replicas=replicas, generation=1, observed_generation=1, spec_hash=old.spec_hash if old else "")
+
+    def plan(self) -> planning.Plan:
+        measurements = None
+        body = copy.deepcopy(self.body)
+        parsed = planning.parse(body)  # once per pass, as the shell does
+        request = None if isinstance(parsed, spec.SpecError) else planning.plan_measurement(
+            parsed, body.get("status") or {}, self.now)
+        if request is not None:
+            self.measured += 1
+            value = self.measure(request.candidate, self.now)
+            sample = analysis.Sample(value=None, query="q", error=str(value)) \
+                if isinstance(value, ConnectionError) else analysis.Sample(value=value, query="q")
+            measurements = {name: analysis.Measurement(candidate=sample, stable=analysis.Sample(0.0, "q"))
+                            for name in request.metrics}
+        return planning.plan_reconcile(body, self.observed(), self.now, measurements, parsed=parsed)
+
+    def _lag(self, version: str, old: observed.DeploymentView, caught_up: observed.DeploymentView) -> None:
+        """spec.replicas changed; the status still describes the old generation until the next pass."""
+        generation = old.generation + 1
+        self.deployments[version] = dataclasses.replace(old, replicas=caught_up.replicas, generation=generation)
+        self._catching_up[version] = dataclasses.replace(caught_up, generation=generation,
+                                                         observed_generation=generation)
+
+    def step(self) -> planning.Plan:
+        lagged, self._catching_up = self._catching_up, {}  # what the last pass saw lagging catches up after this one
+        plan = self.plan()
+        self.plans.append(plan)
+        for obj in plan.apply:
+            kind, name = obj["kind"], obj["metadata"]["name"]
+            if kind == "Deployment":
+                version = obj["metadata"]["labels"][naming.LABEL_VERSION]
+                old = self.deployments.get(version)
+                view = dataclasses.replace(
+                    self._ready(version, obj["spec"]["replicas"]),
+                    image=obj["spec"]["template"]["spec"]["containers"][0]["image"],
+                    spec_hash=objects.spec_hash_of(obj))
+                if version in self.lagging and old is not None and old.replicas != view.replicas:
+                    self._lag(version, old, view)
+                else:
+                    self.deployments[version] = view
+                self._note_peak()
+            elif kind == "Service":
+                self.services[name] = objects.spec_hash_of(obj)
+            elif kind == "ConfigMap":
+                self.config_maps[name] = objects.spec_hash_of(obj)
+            elif kind == "Job":
+                labels = obj["metadata"]["labels"]
+                self.jobs[name] = observed.JobView(name=name, key=labels.get(naming.LABEL_ARTIFACT, ""),
+                                                   phase="Running", spec_hash=objects.spec_hash_of(obj),
+                                                   labels=dict(labels))
+                if not labels.get(naming.LABEL_ARTIFACT):
+                    self.analysis_jobs.append(obj)
+        for name, replicas in plan.scale:
+            version = next(v for v, d in self.deployments.items() if d.name == name)
+            old, view = self.deployments[version], self._ready(version, replicas)
+            if version in self.lagging:
+                self._lag(version, old, view)
+            else:
+                self.deployments[version] = view
+            self._note_peak()
+        for _, kind, name in plan.delete:
+            if kind == "Deployment":
+                self.deployments = {v: d for v, d in self.deployments.items() if d.name != name}
+            elif kind == "Job":
+                self.jobs.pop(name, None)
+            elif kind == "ConfigMap":
+                self.config_maps.pop(name, None)
+            elif kind == "Service":
+                self.services.pop(name, None)
+        for version, view in lagged.items():
+            if version in self.deployments and version not in self._catching_up:
+                self.deployments[version] = view
+        # Running Jobs finish by the next pass, as the fake kubelet decides.
+        for name, job in list(self.jobs.items()):
+            if job.phase == "Running" and job.key:
+                phase, message = self.job_outcome
+                self.jobs[name] = dataclasses.replace(job, phase=phase, message=message)
+            elif job.phase == "Running":
+                phase, message, code = self.analysis_outcome(job.labels[naming.LABEL_VERSION])
+                self.jobs[name] = dataclasses.replace(job, phase=phase, message=message, exit_code=code)
+        merged = {**self.status, **plan.status}
+        self.body["status"] = {k: v for k, v in merged.items() if v is not None}
+        self.now += datetime.timedelta(seconds=self.tick)
+        return plan
+
+    def _note_peak(self) -> None:
+        self.peak_replicas = max(self.peak_replicas, sum(self.replicas().values()))
+
+    def run(self, until: Callable[[Sim], bool], max_passes: int = 200) -> Sim:
+        for _ in range(max_passes):
+            self.step()
+            if until(self):
+                return self
+        raise AssertionError(f"did not settle: phase={self.status.get('phase')} message={self.status.get('message')}")
+
+    def settle(self) -> Sim:
+        """Runs until a pass plans nothing: no writes, no events, no status change, no timer."""
+        def settled(s: Sim) -> bool:
+            p = s.plans[-1]
+            return not (p.apply or p.scale or p.delete or p.events) and p.requeue_after is None and \
+                len(s.plans) > 1 and not planning.assess_status_changed(s.plans[-2].status, p.status)
+        return self.run(settled)
+
+    def replicas(self) -> dict[str, int]:
+        return {v: d.replicas for v, d in self.deployments.items()}
+
+    def reasons(self) -> list[str]:
+        return [e.reason for p in self.plans for e in p.events]
+
+    def history(self) -> list[tuple[str, str]]:
+        return [(h["version"], h["outcome"]) for h in self.status.get("history", [])]
+
+    def condition(self, type_: str) -> tuple[str, str]:
+        c = next(c for c in self.status["conditions"] if c["type"] == type_)
+        return c["status"], c["reason"]
+
+
