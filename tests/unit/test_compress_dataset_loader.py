@@ -20,6 +20,7 @@ import torch
 
 from shipyard.runtime import cli, compress, datasets, recipe
 from shipyard.runtime.artifacts import store
+from tests.modules import load_file
 
 LOADER_SOURCE = '''
 import torch
@@ -141,6 +142,7 @@ def config_doc(tmp_path: Path, source: Path, dataset: str, **evaluation: Any) ->
         "evaluation": {"dataset": dataset, "maxRelativeAccuracyLoss": 1.0, **evaluation},
         "terminationLog": str(tmp_path / "termination-log"),
         "latency": {"batchSizes": [1], "budgetSeconds": 0.01},
+        "compiled": {"mode": "off"},  # the loader is under test, not the package (compiling takes 15-50 s)
     }
 
 
@@ -230,3 +232,20 @@ def test_assess_inputs_is_pure(shapes: list[tuple[int, ...]], problems: list[str
         assert datasets.assess_dataset(dataset) == problems
         return
     assert datasets.assess_inputs(dataset, INPUTS) == problems
+
+
+def test_the_real_sentences_ship_with_their_licence() -> None:
+    """builtin:python-docs-sentences: 640 real sentences (not generated here) with the PSF licence next to them, and
+    the file is what hack/extract-sentences.py selects from the Python documentation it names."""
+    lines = datasets.load_sentence_lines()
+    header = [line for line in datasets.SENTENCES_FILE.read_text().splitlines() if line.startswith("#")]
+    assert len(lines) == len(set(lines)) == 640
+    assert "PSF License Version 2" in header[1] and "pydoc_data.topics" in header[0]
+    licence = (datasets.SENTENCES_FILE.parent / "LICENSE-PSF.txt").read_text()
+    assert "PYTHON SOFTWARE FOUNDATION LICENSE VERSION 2" in licence
+    extract = load_file("extract_sentences", Path(__file__).resolve().parents[2] / "hack" / "extract-sentences.py")
+    assert all(extract.PROSE.fullmatch(line) for line in lines)
+    dataset = datasets.load_dataset("builtin:python-docs-sentences")
+    assert (dataset.task, dataset.synthetic, dataset.eval_size, dataset.train_size) == ("embedding", False, 512, 128)
+    ids, mask = dataset.eval_inputs
+    assert ids.dtype == torch.int64 and ids.shape == mask.shape and ids.shape[1] <= 64

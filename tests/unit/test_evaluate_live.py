@@ -89,6 +89,7 @@ def compressed(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "evaluation": {"dataset": "builtin:digits", "maxRelativeAccuracyLoss": 0.05},
         "terminationLog": str(work / "termination-log"),
         "latency": {"batchSizes": [1], "budgetSeconds": 0.02},
+        "compiled": {"mode": "off"},  # scoring is under test, not the served form (compiling takes 15-50 s)
     }
     (work / "compression.json").write_text(json.dumps(config))
     code = cli.main(["compress", "--config", str(work / "compression.json")])

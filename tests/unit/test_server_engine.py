@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,34 @@ def test_warmup_runs_every_batch_size() -> None:
     specs = ([Spec("x", "FP32", (-1, 2))], [Spec("y", "FP32", (-1, 2))])
     engine.Engine(Model(Recorder(), *specs), "cpu").warmup([1, 8], iterations=2)
     assert seen == [1, 1, 8, 8]
+
+
+def test_time_batches_times_every_size_in_interleaved_rounds() -> None:
+    seen: list[int] = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return x
+
+    specs = ([Spec("x", "FP32", (-1, 2))], [Spec("y", "FP32", (-1, 2))])
+    timings = engine.Engine(Model(Recorder(), *specs), "cpu").time_batches([1, 4], rounds=3)
+    assert seen == [1, 4] + [1, 4] * 3  # once untimed, then interleaved rounds
+    assert set(timings) == {1, 4} and all(spent > 0 for spent in timings.values())
+
+
+def test_time_batches_keeps_two_rounds_past_its_budget() -> None:
+    seen: list[int] = []
+
+    class Slow(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            time.sleep(0.01)
+            return x
+
+    specs = ([Spec("x", "FP32", (-1, 2))], [Spec("y", "FP32", (-1, 2))])
+    engine.Engine(Model(Slow(), *specs), "cpu").time_batches([1, 2], rounds=10, budget_s=0.001)
+    assert seen == [1, 2] + [1, 2] * 2
 
 
 def test_fetch_gpu_stats_is_empty_on_cpu() -> None:

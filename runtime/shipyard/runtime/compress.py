@@ -5,9 +5,22 @@ Does I/O: reads the config, the source model directory and the dataset; writes t
 TensorBoard event files when `logDir` is set, the one-line termination message, and the report on stdout.
 
 Flow: load and validate the config -> load the source model (digest verified) -> load the dataset ->
-evaluate the source (metrics, p50 latency) -> apply the steps in order -> write the candidate into a staging
-directory -> load it back from there (digest verified, exactly as the server will) -> evaluate it -> gate:
-accepted = rename the staging directory to `output`; rejected = remove it and exit 1 naming the metric.
+evaluate the source (metrics) -> apply the steps in order -> write the candidate into a staging directory ->
+build its AOTInductor package there (`compiled.mode` auto or on, on a CPU Job; the compile time is reported apart,
+`durations.compile`) -> load both back from there (digest verified, exactly as the server will) -> evaluate and gate
+them -> time the source, the eager model and the package side by side (interleaved rounds) and record the faster form
+in the manifest (`fastest`, with the figures) -> gate: accepted = rename the staging directory to `output`;
+rejected = remove it and exit 1 naming the metric.
+
+The served form. The compressed model has to be faster than the fp32 source where it is served by default, not only
+smaller: torchao's int8 layers are slower than fp32 in eager mode on small models (dispatch and per-call activation
+quantization), and faster in an AOTInductor package, whose graph fuses them; on other models eager wins. So with
+`compiled.mode: auto` (the default) the Job builds the package when it can (a CPU Job; a model that cannot be
+exported or compiled, or a package that fails the gate, leaves the eager model, with the reason recorded), measures
+both where it runs, and records the faster one per device kind (`programs.build_fastest_form`); the inference server
+serves that one when it fits (`serve --compiled auto`). `on` requires and serves the package; `off` never builds it.
+`latency.after`, the summary line and `compressedLatencyMs` are the served form's; `served` in the report has both
+forms' figures and why.
 
 Exit codes: 0 accepted; 1 rejected by the gate or failed (bad model, dataset, step); 2 invalid config.
 """
@@ -29,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard import contract
+from shipyard.contract import recipe as shared
 from shipyard.runtime import recipe, report
 
 log = logging.getLogger("shipyard.runtime.compress")
@@ -36,6 +50,9 @@ log = logging.getLogger("shipyard.runtime.compress")
 EXIT_ACCEPTED = 0
 EXIT_FAILED = 1
 EXIT_INVALID_CONFIG = 2
+
+
+SOURCE_FORM = "source"  # the fp32 source model, timed next to the compressed forms
 
 
 class CompressionError(RuntimeError):
@@ -125,7 +142,7 @@ def _train_tensors(dataset: Any, reference: Any) -> tuple[list[Any], str]:
 
 
 def apply_fine_tune(
-    candidate: Candidate, dataset: Any, source: Any, step: recipe.PruneStep, index: int, seed: int, writer: _Writer
+    candidate: Candidate, dataset: Any, source: Any, step: shared.Prune, index: int, seed: int, writer: _Writer
 ) -> list[float]:
     """Fine-tune the (pruned) candidate on the training split with the task loss."""
     from shipyard.runtime import distill, evaluate
@@ -155,7 +172,7 @@ def apply_fine_tune(
 
 
 def apply_prune_step(
-    candidate: Candidate, step: recipe.PruneStep, index: int, dataset: Any, source: Any, seed: int, writer: _Writer
+    candidate: Candidate, step: shared.Prune, index: int, dataset: Any, source: Any, seed: int, writer: _Writer
 ) -> dict[str, Any]:
     from shipyard.runtime import evaluate, prune
 
@@ -169,7 +186,7 @@ def apply_prune_step(
         details["layers"] = len(attached)
     else:
         example = evaluate.build_batch(dataset.eval_inputs, 2)
-        plans = prune.plan_structured_prune(candidate.module, example, step.amount, step.norm)
+        plans = prune.plan_structured_prune(candidate.module, example, step.amount, step.structured_norm)
         details["layers"] = prune.apply_structured_prune(candidate.module, plans)
         if step.fine_tune_epochs:
             details["fineTuneLosses"] = apply_fine_tune(candidate, dataset, source, step, index, seed, writer)
@@ -178,7 +195,7 @@ def apply_prune_step(
     return details
 
 
-def apply_quantize_step(candidate: Candidate, step: recipe.QuantizeStep) -> dict[str, Any]:
+def apply_quantize_step(candidate: Candidate, step: shared.Quantize) -> dict[str, Any]:
     from shipyard.runtime import quantize
 
     try:
@@ -190,7 +207,7 @@ def apply_quantize_step(candidate: Candidate, step: recipe.QuantizeStep) -> dict
 
 
 def apply_distill_step(
-    candidate: Candidate, step: recipe.DistillStep, index: int, dataset: Any, seed: int, writer: _Writer
+    candidate: Candidate, step: shared.Distill, index: int, dataset: Any, seed: int, writer: _Writer
 ) -> tuple[Candidate, list[float]]:
     import torch
 
@@ -236,8 +253,8 @@ def apply_distill_step(
     return Candidate(student, step.student, dict(step.student_kwargs), []), losses
 
 
-def _step_label(step: recipe.Step) -> str:
-    return ", ".join(f"{k} {v}" for k, v in step.params().items() if k not in ("studentKwargs",))
+def _step_label(step: shared.CompressionStep) -> str:
+    return ", ".join(f"{k} {v}" for k, v in recipe.build_step_params(step).items() if k not in ("studentKwargs",))
 
 
 def _environment() -> dict[str, Any]:
@@ -259,18 +276,18 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
     import torch
 
     from shipyard.runtime import datasets, evaluate
-    from shipyard.runtime.artifacts import manifests, store
+    from shipyard.runtime.artifacts import manifests, programs, store
 
     started = time.perf_counter()
     durations: dict[str, float] = {}
     cuda = torch.cuda.is_available()
-    device_problems = recipe.assess_device(config.steps, cuda_available=cuda)
+    device_problems = recipe.assess_device(config.steps, cuda_available=cuda, compiled=config.compiled)
     if device_problems:
         raise CompressionError("; ".join(device_problems))
     device = (
         "cuda"
         if cuda
-        and any(isinstance(s, recipe.QuantizeStep) and s.scheme in recipe.CUDA_ONLY_SCHEMES for s in config.steps)
+        and any(s.quantize is not None and s.quantize.needs_cuda for s in config.steps)
         else "cpu"
     )
     output = Path(config.output)
@@ -326,12 +343,9 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         ) from exc
     _check_outputs(dataset.task, source_outputs, dataset.name, "source model")
     metrics_before = evaluate.evaluate_metrics(dataset.task, source_outputs, dataset.eval_labels, source_outputs)
-    latency_before = {
-        b: evaluate.query_latency(source.module, dataset.eval_inputs, b, budget_s=config.latency.budget_seconds)
-        for b in config.latency.batch_sizes
-    }
     durations["evaluateSource"] = time.perf_counter() - t0
-    log.info("Evaluated source model: %s; %s", _metrics_text(metrics_before), _latency_text(latency_before))
+    log.info("Evaluated source model: %s (its latency is timed with the compressed forms)",
+             _metrics_text(metrics_before))
 
     candidate = Candidate(
         module=copy.deepcopy(source.module),
@@ -347,12 +361,15 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             t0 = time.perf_counter()
             log.info("Started step %d/%d: %s (%s)", index + 1, len(config.steps), step.kind, _step_label(step))
             try:
-                if isinstance(step, recipe.PruneStep):
-                    details = apply_prune_step(candidate, step, index, dataset, source.module, config.seed, writer)
-                elif isinstance(step, recipe.QuantizeStep):
-                    details = apply_quantize_step(candidate, step)
+                if step.prune is not None:
+                    details = apply_prune_step(candidate, step.prune, index, dataset, source.module, config.seed,
+                                               writer)
+                elif step.quantize is not None:
+                    details = apply_quantize_step(candidate, step.quantize)
                 else:
-                    candidate, losses = apply_distill_step(candidate, step, index, dataset, config.seed, writer)
+                    assert step.distill is not None
+                    candidate, losses = apply_distill_step(candidate, step.distill, index, dataset, config.seed,
+                                                           writer)
                     details = {"losses": losses, "parameters": _count_parameters(candidate.module)}
             except CompressionError as exc:
                 raise CompressionError(f"steps[{index}].{step.kind}: {exc}") from exc
@@ -363,7 +380,7 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
                 {
                     "index": index,
                     "kind": step.kind,
-                    "params": step.params(),
+                    "params": recipe.build_step_params(step),
                     "durationSeconds": elapsed,
                     "details": details,
                 }
@@ -382,13 +399,15 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
 
     encoding = config.encoding
     if encoding == "auto":
-        encoding = "safetensors+zstd" if any(isinstance(s, recipe.PruneStep) for s in config.steps) else "safetensors"
+        encoding = "safetensors+zstd" if any(s.prune is not None for s in config.steps) else "safetensors"
     candidate.module.eval()
+    build_package, no_package = recipe.plan_compiled_build(config.compiled, device)
     with store.stage_directory(output, overwrite=config.overwrite) as staging:
         t0 = time.perf_counter()
+        module_cpu = candidate.module.to("cpu") if device != "cpu" else candidate.module
         manifest = store.write_model_files(
             staging,
-            candidate.module.to("cpu") if device != "cpu" else candidate.module,
+            module_cpu,
             name=name,
             factory=candidate.factory,
             factory_kwargs=candidate.factory_kwargs,
@@ -398,11 +417,8 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             quantization=candidate.quantization,
             metadata={
                 "source": {"path": str(config.source), "digest": source.digest},
-                "steps": [{"kind": s.kind, "params": s.params()} for s in config.steps],
+                "steps": [{"kind": s.kind, "params": recipe.build_step_params(s)} for s in config.steps],
             },
-            compile_inputs=evaluate.build_batch(dataset.eval_inputs, 8) if config.compiled.aot_inductor else None,
-            compile_max_batch=config.compiled.max_batch_size,
-            compile_max_autotune=config.compiled.max_autotune,
         )
         durations["save"] = time.perf_counter() - t0
         log.info(
@@ -412,23 +428,14 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             encoding,
             durations["save"],
         )
+        if build_package:
+            manifest, no_package = apply_compiled_package(staging, manifest, module_cpu, dataset, config, durations)
 
         t0 = time.perf_counter()
         result = store.load_model(staging, device=device, expected_digest=manifest["digest"])
         outputs_after = evaluate.query_outputs(result.module, dataset.eval_inputs)
         _check_outputs(dataset.task, outputs_after, dataset.name, "compressed model")
         metrics_after = evaluate.evaluate_metrics(dataset.task, outputs_after, dataset.eval_labels, source_outputs)
-        latency_after = {
-            b: evaluate.query_latency(result.module, dataset.eval_inputs, b, budget_s=config.latency.budget_seconds)
-            for b in config.latency.batch_sizes
-        }
-        durations["evaluateResult"] = time.perf_counter() - t0
-        log.info(
-            "Evaluated compressed model (loaded back from the artifact): %s; %s",
-            _metrics_text(metrics_after),
-            _latency_text(latency_after),
-        )
-
         gate = evaluate.evaluate_gate(
             dataset.task,
             metrics_before,
@@ -436,16 +443,59 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             config.evaluation.max_relative_accuracy_loss,
             config.evaluation.max_relative_loss,
         )
-        compiled_section = None
-        if config.compiled.aot_inductor:
-            compiled_section, compiled_gate = evaluate_compiled(
-                staging, manifest, dataset, metrics_before, source_outputs, latency_before, config
+        compiled_section: dict[str, Any] | None = None
+        forms: dict[str, Any] = {SOURCE_FORM: source.module, programs.FORM_EAGER: result.module}
+        if manifest.get("compiled"):
+            compiled_module, compiled_section, compiled_gate = evaluate_compiled(
+                staging, manifest, dataset, metrics_before, source_outputs, config
             )
-            gate = evaluate.GateDecision(
-                accepted=gate.accepted and compiled_gate.accepted,
-                checks=gate.checks
-                + tuple(dataclasses.replace(c, metric=f"{c.metric} (compiled)") for c in compiled_gate.checks),
-            )
+            compiled_section["compileSeconds"] = durations.get("compile")
+            if compiled_gate.accepted or config.compiled.requires_package:
+                forms[programs.FORM_COMPILED] = compiled_module
+                gate = evaluate.GateDecision(
+                    accepted=gate.accepted and compiled_gate.accepted,
+                    checks=gate.checks
+                    + tuple(dataclasses.replace(c, metric=f"{c.metric} (compiled)") for c in compiled_gate.checks),
+                )
+            else:  # mode auto: a package that fails the gate is dropped, the eager model serves
+                no_package = "the package failed the gate: " + "; ".join(c.describe() for c in compiled_gate.failures)
+                log.warning("Dropped the AOTInductor package: %s", no_package)
+                manifest = store.remove_compiled_package(staging, manifest)
+                compiled_section["kept"] = False
+                del compiled_module
+        # The source and both forms timed side by side (interleaved rounds) at every batch size, so that load on the
+        # node hits them alike: the faster form is recorded and served, and compared with the source.
+        measured = evaluate.query_interleaved_latency(
+            forms, dataset.eval_inputs, config.latency.batch_sizes, budget_s=config.latency.budget_seconds
+        )
+        latency_before = measured.pop(SOURCE_FORM)
+        fastest = programs.build_fastest_form(
+            {b: v["p50_ms"] for b, v in measured[programs.FORM_EAGER].items()},
+            {b: v["p50_ms"] for b, v in measured[programs.FORM_COMPILED].items()}
+            if programs.FORM_COMPILED in measured else None,
+            unavailable=no_package,
+        )
+        if config.compiled.requires_package:
+            fastest = {**fastest, "form": programs.FORM_COMPILED, "why": "compiled.mode on; " + fastest["why"]}
+        fastest["threads"] = torch.get_num_threads()
+        if config.compiled.mode != "off":  # off: nothing to choose, and the digest stays reproducible
+            manifest = store.record_fastest(staging, manifest, device, fastest)
+            manifests.load_verified_manifest(staging, expected_digest=manifest["digest"])
+        served = fastest["form"]
+        latency_after = measured[served]
+        durations["evaluateResult"] = time.perf_counter() - t0
+        log.info(
+            "Evaluated compressed model (loaded back from the artifact): %s; %s",
+            _metrics_text(metrics_after),
+            "; ".join(f"{form}: {_latency_text(values)}" for form, values in measured.items()),
+        )
+        log.info("Chose the %s form for %s: %s", served, device, fastest["why"])
+        if compiled_section is not None and programs.FORM_COMPILED in measured:
+            compiled_section["latency"] = {f"batch{b}": dict(v) for b, v in measured[programs.FORM_COMPILED].items()}
+            compiled_section["speedupP50"] = {
+                f"batch{b}": latency_before[b]["p50_ms"] / v["p50_ms"]
+                for b, v in measured[programs.FORM_COMPILED].items()
+            }
         durations["total"] = time.perf_counter() - started
         body = report.build_report(
             status="accepted" if gate.accepted else "rejected",
@@ -475,6 +525,8 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
             durations=durations,
             environment=_environment(),
             compiled=compiled_section,
+            served={"device": device, **fastest, "latency": {
+                form: {f"batch{b}": dict(v) for b, v in values.items()} for form, values in measured.items()}},
             created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         body["recipeDigest"] = recipe_digest
@@ -492,8 +544,7 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
 def build_recipe_digest(config: recipe.CompressionConfig, source_digest: object) -> str:
     """What decides an artifact's content: the source model's digest and every recipe field that changes the result
     (not where it is written, logged or how latency is timed). Pure."""
-    fields = {k: v for k, v in dataclasses.asdict(config).items()
-              if k not in ("source", "output", "termination_log", "log_dir", "latency", "overwrite", "reuse_existing")}
+    fields = recipe.build_recipe_fields(config)
     text = json.dumps({"source": source_digest, **fields}, sort_keys=True, default=str)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
@@ -519,16 +570,46 @@ def reuse_existing_artifact(output: Path, recipe_digest: str, device: str) -> di
     return {**body, "reused": True}
 
 
+def apply_compiled_package(
+    staging: Path, manifest: dict[str, Any], module: Any, dataset: Any, config: recipe.CompressionConfig,
+    durations: dict[str, float],
+) -> tuple[dict[str, Any], str | None]:
+    """Build the AOTInductor package into the staging directory (a one-off cost, `durations["compile"]`, never part of
+    the latencies); returns the manifest and, when mode auto could not build it, why (mode on fails the Job)."""
+    from shipyard.runtime import artifacts, evaluate
+    from shipyard.runtime.artifacts import store
+
+    t0 = time.perf_counter()
+    log.info("Started compiling the AOTInductor package (max batch %d%s)", config.compiled.max_batch_size,
+             ", max-autotune" if config.compiled.max_autotune else "")
+    try:
+        manifest = store.add_compiled_package(
+            staging, manifest, module, evaluate.build_batch(dataset.eval_inputs, 8),
+            max_batch=config.compiled.max_batch_size, max_autotune=config.compiled.max_autotune,
+        )
+    except artifacts.ArtifactError as exc:
+        durations["compile"] = time.perf_counter() - t0
+        if config.compiled.requires_package:
+            raise CompressionError(f"compiled.mode on: {exc}") from exc
+        log.warning("Serving the eager model: could not build the AOTInductor package in %.1fs: %s",
+                    durations["compile"], exc)
+        return manifest, str(exc)
+    durations["compile"] = time.perf_counter() - t0
+    log.info("Compiled the AOTInductor package (%s) in %.1fs",
+             report.build_bytes_text(store.build_compiled_bytes(manifest)), durations["compile"])
+    return manifest, None
+
+
 def evaluate_compiled(
     staging: Path,
     manifest: Mapping[str, Any],
     dataset: Any,
     metrics_before: Mapping[str, float],
     source_outputs: Any,
-    latency_before: Mapping[int, Mapping[str, float]],
     config: recipe.CompressionConfig,
-) -> tuple[dict[str, Any], Any]:
-    """Load the AOTInductor package back, measure it and gate it like the eager model."""
+) -> tuple[Any, dict[str, Any], Any]:
+    """Load the AOTInductor package back and gate it like the eager model (its latency is measured next to the eager
+    model's by the caller)."""
     from shipyard.runtime import evaluate
     from shipyard.runtime.artifacts import store
 
@@ -536,10 +617,6 @@ def evaluate_compiled(
     compiled = store.load_model(staging, expected_digest=manifest["digest"], compiled=True)
     outputs = evaluate.query_outputs(compiled.module, dataset.eval_inputs)
     metrics = evaluate.evaluate_metrics(dataset.task, outputs, dataset.eval_labels, source_outputs)
-    latency = {
-        b: evaluate.query_latency(compiled.module, dataset.eval_inputs, b, budget_s=config.latency.budget_seconds)
-        for b in config.latency.batch_sizes
-    }
     gate = evaluate.evaluate_gate(
         dataset.task,
         metrics_before,
@@ -547,20 +624,14 @@ def evaluate_compiled(
         config.evaluation.max_relative_accuracy_loss,
         config.evaluation.max_relative_loss,
     )
-    log.info(
-        "Evaluated the AOTInductor package: %s; %s in %.2fs",
-        _metrics_text(metrics),
-        _latency_text(latency),
-        time.perf_counter() - t0,
-    )
+    log.info("Evaluated the AOTInductor package: %s in %.2fs", _metrics_text(metrics), time.perf_counter() - t0)
     section = {
         "file": manifest["compiled"]["file"],
         "bytes": store.build_compiled_bytes(manifest),
         "metrics": dict(metrics),
-        "latency": {f"batch{b}": dict(v) for b, v in latency.items()},
-        "speedupP50": {f"batch{b}": latency_before[b]["p50_ms"] / v["p50_ms"] for b, v in latency.items()},
+        "kept": True,
     }
-    return section, gate
+    return compiled.module, section, gate
 
 
 def _dataset_to(dataset: Any, device: str) -> Any:

@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,15 +337,40 @@ class Engine:
                 host.append(tensor.detach())
         return host
 
+    def _zeros(self, batch_sizes: Sequence[int]) -> list[list[np.ndarray]]:
+        """Inputs of zeros for each batch size (one array per declared input)."""
+        batches = []
+        for shapes in build_warmup_shapes(self.inputs, batch_sizes):
+            dtypes = [oip.NUMPY_BY_DATATYPE[spec.datatype] for spec in self.inputs]
+            batches.append([np.zeros(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes, strict=True)])
+        return batches
+
     def warmup(self, batch_sizes: Sequence[int], iterations: int) -> None:
         """Run the model on zeros at each batch size (compiles kernels, fills allocator caches)."""
-        for shapes in build_warmup_shapes(self.inputs, batch_sizes):
-            arrays = [
-                np.zeros(shape, dtype=oip.NUMPY_BY_DATATYPE[spec.datatype])
-                for shape, spec in zip(shapes, self.inputs, strict=True)
-            ]
+        for arrays in self._zeros(batch_sizes):
             for _ in range(max(1, iterations)):
                 self.run(arrays)
+
+    def time_batches(self, batch_sizes: Sequence[int], rounds: int = 5, budget_s: float = 3.0) -> dict[int, float]:
+        """Seconds per forward pass (inputs in, outputs on the host) at each batch size: the fastest of `rounds`
+        interleaved rounds (a busy moment slows every size alike, and the minimum discards it); fewer rounds, at
+        least two, when they would take longer than `budget_s`. On a CPU with one torch thread, all the work is
+        this thread's: its CPU time is timed, which other processes on a busy node do not inflate."""
+        sized = list(zip(batch_sizes, self._zeros(batch_sizes), strict=True))
+        for _, arrays in sized:  # once each: shapes not seen in warm-up
+            self.run(arrays)
+        clock = time.thread_time if not self.cuda and torch.get_num_threads() == 1 else time.perf_counter
+        best: dict[int, float] = {}
+        started = time.perf_counter()
+        for round_ in range(max(1, rounds)):
+            for size, arrays in sized:
+                begin = clock()
+                self.run(arrays)
+                spent = clock() - begin
+                best[size] = min(best.get(size, spent), spent)
+            if round_ >= 1 and time.perf_counter() - started > budget_s:
+                break
+        return best
 
 
 def run_jobs(engine: Engine, jobs: list[batching.Job]) -> list[batching.JobResult]:

@@ -183,6 +183,37 @@ def build_batch(inputs: Sequence[torch.Tensor], batch_size: int) -> list[torch.T
     return [t[index].contiguous() for t in inputs]
 
 
+def query_interleaved_latency(
+    modules: Mapping[str, Any],
+    inputs: Sequence[torch.Tensor],
+    batch_sizes: Sequence[int],
+    *,
+    budget_s: float = 1.0,
+    rounds: int = 3,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Latency of several forms of a model measured side by side: at each batch size, `rounds` rounds that time
+    every module once for `budget_s / rounds` seconds; p50 and p90 are the medians of the rounds' (so that load on a
+    shared node hits every form alike). Returns {name: {batch: {p50_ms, p90_ms, iterations}}}."""
+    samples: dict[str, dict[int, list[dict[str, float]]]] = {n: {b: [] for b in batch_sizes} for n in modules}
+    for batch in batch_sizes:
+        for _ in range(rounds):
+            for name, module in modules.items():
+                samples[name][batch].append(
+                    query_latency(module, inputs, batch, budget_s=budget_s / rounds, min_iterations=5, warmup=3)
+                )
+    return {
+        name: {
+            batch: {
+                "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+                "p90_ms": statistics.median(r["p90_ms"] for r in runs),
+                "iterations": float(sum(r["iterations"] for r in runs)),
+            }
+            for batch, runs in per.items()
+        }
+        for name, per in samples.items()
+    }
+
+
 def query_latency(
     module: Any,
     inputs: Sequence[torch.Tensor],

@@ -18,7 +18,8 @@ and the weights file named by `weights`. Kinds (the model contract, docs/model-c
 factory `module:function` building the `nn.Module` whose weights the weights file holds (`eager`, `weights`), and
 `export`, a `torch.export` program (`programs`). `structure` records the layers structured pruning resized
 (`eager`); `quantization` the torchao scheme re-applied on load and `tensors` the subclass layouts of quantized
-parameters (`weights`); `compiled` the optional AOTInductor package (`programs`).
+parameters (`weights`); `compiled` the optional AOTInductor package (`programs`); `fastest`, in a compressed
+artifact, the form (eager or compiled) the compression Job measured faster, per device kind, with its figures.
 
 Digest. `files` holds the sha256 and size of every file the model is made of, and `digest` is the sha256 of
 the canonical JSON of the manifest without `digest` (sorted keys, no spaces): it covers the weights through
@@ -107,6 +108,24 @@ def build_tensor_specs(raw: Any, where: str) -> tuple[TensorSpec, ...]:
     return specs
 
 
+FORMS = ("eager", "compiled")
+
+
+def _assess_fastest(fastest: Any, *, has_compiled: bool) -> list[str]:
+    """`fastest`: per device kind, the form the compression Job measured faster ({form, why, p50Ms, ...})."""
+    if fastest is None:
+        return []
+    if not isinstance(fastest, Mapping):
+        return ["fastest: must be an object of device -> {form, why}"]
+    problems = []
+    for device, entry in fastest.items():
+        if not isinstance(entry, Mapping) or entry.get("form") not in FORMS:
+            problems.append(f"fastest[{device!r}]: must be {{form: eager | compiled, why: <text>}}")
+        elif entry["form"] == "compiled" and not has_compiled:
+            problems.append(f"fastest[{device!r}]: names the compiled form, and the model has no compiled package")
+    return problems
+
+
 def build_digest(manifest: Mapping[str, Any]) -> str:
     """`sha256:<hex>` of the canonical JSON of the manifest without its `digest` field. Pure."""
     body = {k: v for k, v in manifest.items() if k != "digest"}
@@ -154,6 +173,7 @@ def assess_manifest(manifest: Any) -> list[str]:
             problems.append(f"compiled: must be {{format: {COMPILED_FORMAT}, file: <name>, device, torch}}")
         elif isinstance(manifest.get("files"), Mapping) and compiled["file"] not in manifest["files"]:
             problems.append(f"files: does not list the compiled package {compiled['file']!r}")
+    problems += _assess_fastest(manifest.get("fastest"), has_compiled=compiled is not None)
     problems += _assess_quantization(manifest.get("quantization", []))
     files = manifest.get("files")
     if files is not None:

@@ -11,8 +11,11 @@ from a `torch.export` program:
   "<version that compiled it>", "maxBatchSize": 1024}`, listed in `files` (so covered by the digest). It is
   native code (a shared library inside the zip): `store.load_model(..., compiled=True)` loads it only on
   explicit request, after the digest check, and only with the torch version that built it; by default the eager
-  module is built from the weights. The inference server asks for it when it fits its configuration
-  (`serve --compiled`, `assess_compiled`). Shapes: the first dimension of every input is the batch
+  module is built from the weights. Which of the two forms serves is measured, not assumed (torchao's int8 layers
+  are slower than fp32 in eager mode on small models, faster compiled; elsewhere eager may win): the compression
+  Job times both and records the faster per device kind in the manifest's `fastest` (`build_fastest_form`, pure),
+  and the inference server serves that form when the package fits its configuration (`serve --compiled`,
+  `assess_compiled`, `server.loading.plan_served_form`). Shapes: the first dimension of every input is the batch
   (1..maxBatchSize); any other -1 dimension is dynamic too, with the range torch.export infers from the model
   (e.g. at most 512 tokens).
 """
@@ -20,6 +23,7 @@ from a `torch.export` program:
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,18 +31,69 @@ from typing import Any
 
 from shipyard.runtime.artifacts import ArtifactError, manifests, weights
 
+COMPILED_FILE = "model.cpu.pt2"
+FORM_EAGER = "eager"
+FORM_COMPILED = "compiled"
+
+
+def build_fastest_form(
+    eager_p50_ms: Mapping[int, float], compiled_p50_ms: Mapping[int, float] | None, *, unavailable: str | None = None
+) -> dict[str, Any]:
+    """Which form of a compressed model serves faster, from p50 latencies per batch size measured in the same
+    interleaved rounds, with why (pure): `{form, why, p50Ms: {eager: {batch1: ms, ...}, compiled: {...}}, ratio}`.
+
+    The package wins when its p50s, averaged geometrically over the batch sizes measured for both forms, are below
+    the eager model's (one number for every batch size: a form that is 5x faster at batch 1 and 1.1x slower at
+    batch 64 wins; a tie leaves the eager model, which needs no native code). Without a package (`compiled_p50_ms`
+    None), the eager model, because of `unavailable`. Keys are strings (`batch1`), as JSON and the digest keep them.
+    """
+    eager = {int(b): float(v) for b, v in eager_p50_ms.items()}
+    figures = {FORM_EAGER: _batch_keys(eager)}
+    if not compiled_p50_ms:
+        return {"form": FORM_EAGER, "why": unavailable or "no compiled package", "p50Ms": figures}
+    compiled = {int(b): float(v) for b, v in compiled_p50_ms.items()}
+    figures[FORM_COMPILED] = _batch_keys(compiled)
+    common = sorted(b for b in eager if b in compiled and eager[b] > 0 and compiled[b] > 0)
+    if not common:
+        return {"form": FORM_EAGER, "why": "no batch size measured for both forms", "p50Ms": figures}
+    ratio = math.exp(sum(math.log(compiled[b] / eager[b]) for b in common) / len(common))
+    detail = ", ".join(f"batch {b} {compiled[b]:.4g} vs {eager[b]:.4g} ms" for b in common)
+    if ratio < 1:
+        why = f"package faster than eager: {detail} (p50 ratio {ratio:.3g}, geometric mean)"
+        return {"form": FORM_COMPILED, "why": why, "p50Ms": figures, "ratio": ratio}
+    why = f"eager not slower than the package: {detail} (p50 ratio {ratio:.3g}, geometric mean)"
+    return {"form": FORM_EAGER, "why": why, "p50Ms": figures, "ratio": ratio}
+
+
+def _batch_keys(values: Mapping[int, float]) -> dict[str, float]:
+    return {f"batch{b}": v for b, v in sorted(values.items())}
+
 
 class CompiledModule:
-    """Callable wrapper of an AOTInductor runner with the bits of the nn.Module API callers use."""
+    """Callable wrapper of an AOTInductor package with the bits of the nn.Module API callers use.
+
+    Calls the package's loader directly with the flat input list: `AOTICompiledModel.__call__` parses the call's
+    pytree specs from JSON on every call (~20 us on a 2-core Xeon, twice the whole forward pass of the int8 digits
+    MLP at batch 1). The specs are read once here instead; inputs are positional tensors (the manifest's inputs in
+    order), so the flat list is the inputs themselves.
+    """
 
     def __init__(self, runner: Any, path: Path) -> None:
+        from torch.utils import _pytree
+
         self.runner = runner
         self.path = path
         self.training = False
+        self.loader = runner.loader
+        in_spec, out_spec = (_pytree.treespec_loads(s) for s in self.loader.get_call_spec())
+        self.input_count = in_spec.num_leaves
+        self.out_spec = out_spec
 
     def __call__(self, *inputs: Any) -> Any:
-        out = self.runner(*inputs)
-        return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
+        if len(inputs) != self.input_count:
+            raise ValueError(f"compiled package takes {self.input_count} input tensor(s), got {len(inputs)}")
+        out = self.loader.run([x.contiguous() for x in inputs])
+        return out[0] if len(out) == 1 else tuple(out)
 
     def eval(self) -> CompiledModule:
         return self
@@ -127,7 +182,7 @@ def write_compiled_package(
     """
     import torch
 
-    name = "model.cpu.pt2"
+    name = COMPILED_FILE
     options: dict[str, Any] = {"freezing": True}
     if max_autotune:
         options.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")

@@ -138,15 +138,64 @@ def write_model_files(
         "files": {weights_name: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}},
         "metadata": dict(metadata or {}),
     }
+    manifest = _finish_manifest(directory, manifest)
     if compile_inputs is not None:
-        specs = manifests.build_tensor_specs(list(inputs), "inputs")
+        manifest = add_compiled_package(directory, manifest, module, compile_inputs, max_batch=compile_max_batch,
+                                        max_autotune=compile_max_autotune)
+    return manifest
+
+
+def add_compiled_package(
+    directory: Path,
+    manifest: Mapping[str, Any],
+    module: Any,
+    compile_inputs: Sequence[Any],
+    *,
+    max_batch: int = 1024,
+    max_autotune: bool = False,
+) -> dict[str, Any]:
+    """Compile `module` into an AOTInductor package next to the weights written in `directory` and rewrite the
+    manifest with it (`compiled`, listed in `files`); returns the new manifest. Raises ArtifactError when the model
+    cannot be exported or compiled (a partial package file is removed)."""
+    specs = manifests.build_tensor_specs(list(manifest["inputs"]), "inputs")
+    try:
         entry = programs.write_compiled_package(
-            directory, module, compile_inputs, specs, max_batch=compile_max_batch, max_autotune=compile_max_autotune
+            directory, module, compile_inputs, specs, max_batch=max_batch, max_autotune=max_autotune
         )
-        sha, size = manifests.fetch_file_sha256(directory / entry["file"])
-        manifest["files"][entry["file"]] = {"sha256": sha, "bytes": size}
-        manifest["compiled"] = entry
-    return _finish_manifest(directory, manifest)
+    except BaseException:
+        (directory / programs.COMPILED_FILE).unlink(missing_ok=True)
+        raise
+    sha, size = manifests.fetch_file_sha256(directory / entry["file"])
+    updated = {k: v for k, v in manifest.items() if k != "digest"}
+    updated["files"] = {**manifest["files"], entry["file"]: {"sha256": sha, "bytes": size}}
+    updated["compiled"] = entry
+    return _finish_manifest(directory, updated)
+
+
+def remove_compiled_package(directory: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Delete the AOTInductor package from `directory` and from the manifest (and any record naming it as the
+    fastest form); returns the rewritten manifest."""
+    entry = manifest.get("compiled")
+    updated = {k: v for k, v in manifest.items() if k not in ("digest", "compiled")}
+    if entry:
+        (directory / entry["file"]).unlink(missing_ok=True)
+        updated["files"] = {k: v for k, v in manifest["files"].items() if k != entry["file"]}
+    fastest = {d: e for d, e in (manifest.get("fastest") or {}).items() if e.get("form") != "compiled"}
+    updated.pop("fastest", None)
+    if fastest:
+        updated["fastest"] = fastest
+    return _finish_manifest(directory, updated)
+
+
+def record_fastest(
+    directory: Path, manifest: Mapping[str, Any], device: str, entry: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Record in the manifest the form measured fastest on `device` (a device kind: cpu, cuda) with its figures
+    (`fastest[device]`, see `programs.build_fastest_form`); returns the rewritten manifest. The digest covers it, so
+    the choice the server reads is the one the Job made."""
+    updated = {k: v for k, v in manifest.items() if k != "digest"}
+    updated["fastest"] = {**(manifest.get("fastest") or {}), device.split(":")[0]: dict(entry)}
+    return _finish_manifest(directory, updated)
 
 
 def write_export_files(

@@ -129,11 +129,13 @@ class Server:
             gc.collect()
             gc.freeze()
         log.info(
-            "Became ready: model %s version %s on %s, %d torch thread(s), max batch %d, max delay %g ms",
+            "Became ready: model %s version %s on %s, %d torch thread(s), batches up to %d rows (max batch %d), "
+            "max delay %g ms",
             config.model_name,
             config.model_version,
             ",".join(result.devices),
             result.threads,
+            result.batch_limit or config.max_batch_size,
             config.max_batch_size,
             config.max_delay_ms,
         )
@@ -148,7 +150,7 @@ class Server:
         batcher = batching.Batcher(
             loop,
             self._workers,
-            max_batch=self.config.max_batch_size,
+            max_batch=loaded.batch_limit or self.config.max_batch_size,
             max_delay_s=self.config.max_delay_ms / 1000.0,
             max_queue=self.config.max_queue,
             on_result=app.on_result,

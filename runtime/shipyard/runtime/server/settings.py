@@ -25,6 +25,7 @@ DEFAULT_DRAIN_PROPAGATION_S = 5.0
 DEFAULT_GRACE_PERIOD_S = 30.0
 UNVERSIONED = "unknown"
 COMPILED_MODES = ("auto", "on", "off")
+BATCH_SIZING_MODES = ("measured", "max")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ServerConfig:
     compile: bool = False
     compile_mode: str | None = None
     compiled: str = "auto"  # the artifact's AOTInductor package: auto (when it fits) | on (required) | off
+    batch_sizing: str = "measured"  # batches up to the fastest timed size within max_batch_size | max: up to it
     threads: int | None = None  # torch intra-op threads; None = from the CPU limit
     warmup_iterations: int = 3
     log_level: str = "INFO"
@@ -69,6 +71,18 @@ def _env_number(env: Mapping[str, str], name: str, kind: Callable[[str], Any]) -
         return kind(raw.strip())
     except ValueError:
         raise ConfigError(f"environment variable {name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _pick_compiled(flag: str | None, env: Mapping[str, str]) -> str:
+    if flag is not None:
+        return flag
+    raw = env.get(contract.ENV_COMPILED, "").strip()
+    if not raw:
+        return "auto"
+    if raw not in COMPILED_MODES:
+        raise ConfigError(f"environment variable {contract.ENV_COMPILED}={raw!r} is not one of "
+                          f"{', '.join(COMPILED_MODES)}")
+    return raw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,10 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", default="float32", help="float32 | float16 | bfloat16 (default float32)")
     add("--compile", action="store_true", help="torch.compile the model before warm-up")
     add("--compile-mode", help="torch.compile mode, e.g. reduce-overhead or max-autotune")
-    add("--compiled", choices=COMPILED_MODES, default="auto",
-        help="serve the artifact's AOTInductor package: auto (default: when the artifact has one that fits the "
-        "device, torch version, dtype and max batch size; else the eager model, saying why) | on (fail without "
-        "it) | off (always the eager model)")
+    add("--compiled", choices=COMPILED_MODES, default=None,
+        help="the served form (env " + contract.ENV_COMPILED + "): auto (default: the form the compression Job "
+        "measured faster on this device kind, the AOTInductor package only when it fits the device, torch version, "
+        "dtype and max batch size; else the eager model, saying why) | on (the package; fail without it) | off "
+        "(always the eager model)")
+    add("--batch-sizing", choices=BATCH_SIZING_MODES, default="measured",
+        help="measured (default): time the model at start-up at batch sizes 1, 2, 4, ... up to the max batch size "
+        "and fill batches up to the size with the most rows per second (a backlog goes out as several such "
+        "batches) | max: fill batches up to the max batch size")
     add("--threads", type=int, help="torch intra-op threads (default: OMP_NUM_THREADS when set, else the cgroup CPU "
         "limit / affinity)")
     add("--warmup-iterations", type=int, default=3, help="forward passes per warm-up batch size (default 3)")
@@ -190,7 +209,8 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> ServerConfig:
         dtype=args.dtype,
         compile=args.compile,
         compile_mode=args.compile_mode,
-        compiled=args.compiled,
+        compiled=_pick_compiled(args.compiled, env),
+        batch_sizing=args.batch_sizing,
         threads=args.threads,
         warmup_iterations=args.warmup_iterations,
         log_level=args.log_level.upper(),
