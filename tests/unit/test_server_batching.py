@@ -37,6 +37,34 @@ def test_plan_batch_stops_at_a_different_shape() -> None:
     assert batching.plan_batch(queue, 8) == (2, 2)
 
 
+@pytest.mark.parametrize(("max_batch", "expected"), [
+    pytest.param(1, [1], id="1"), pytest.param(2, [1, 2], id="2"), pytest.param(32, [1, 2, 4, 8, 16, 32], id="32"),
+    pytest.param(48, [1, 2, 4, 8, 16, 32, 48], id="not-a-power-of-two"),
+])  # fmt: skip
+def test_plan_sizing_batches(max_batch: int, expected: list[int]) -> None:
+    assert batching.plan_sizing_batches(max_batch) == expected
+
+
+# rows/s as measured by the serving benchmark's in-process loop (bench/results/serving.json) and made-up edge cases
+PLAN_BATCH_LIMIT = [
+    pytest.param({1: 470, 8: 1037, 16: 791, 32: 717}, 32, 8, id="compute-bound-cnn:-8-rows-beat-32"),
+    pytest.param({1: 24987, 8: 180374, 16: 278263, 32: 465988}, 32, 32, id="overhead-bound-mlp:-the-max"),
+    pytest.param({4: 1000, 8: 1015}, 32, 4, id="a-smaller-size-within-2%-wins"),
+    pytest.param({4: 1000, 8: 1030}, 32, 8, id="3%-faster-is-faster"),
+    pytest.param({8: 1037, 64: 5000}, 32, 8, id="sizes-above-the-max-are-ignored"),
+    pytest.param({}, 32, 32, id="not-timed:-the-max"),
+    pytest.param({8: 0.0}, 16, 16, id="no-usable-timing"),
+]
+
+
+@pytest.mark.parametrize(("rows_per_s", "max_batch", "expected"), PLAN_BATCH_LIMIT)
+def test_plan_batch_limit_fills_batches_up_to_the_fastest_size(
+    rows_per_s: dict[int, float], max_batch: int, expected: int
+) -> None:
+    seconds = {size: (size / rate if rate else 0.0) for size, rate in rows_per_s.items()}
+    assert batching.plan_batch_limit(seconds, max_batch) == expected
+
+
 PLAN_DISPATCH = [
     # rows, oldest wait, arrived idle, last full, max batch, max delay -> wait
     pytest.param(1, 0.0, True, True, 8, 0.005, 0.0, id="empty-queue-never-waits"),

@@ -141,6 +141,8 @@ CONFIGS = [
     pytest.param([], {**ENV, contract.ENV_MAX_BATCH_SIZE: " "}, {"max_batch_size": 32}, id="blank-env-is-default"),
     pytest.param([], ENV, {"compiled": "auto"}, id="compiled-package-when-it-fits-by-default"),
     pytest.param(["--compiled", "off"], ENV, {"compiled": "off"}, id="compiled-off"),
+    pytest.param([], ENV, {"batch_sizing": "measured"}, id="batches-sized-by-measurement-by-default"),
+    pytest.param(["--batch-sizing", "max"], ENV, {"batch_sizing": "max"}, id="batch-sizing-max"),
 ]
 
 
@@ -212,23 +214,105 @@ def test_plan_warmup_batches(max_batch: int, compiled: bool, expected: list[int]
 
 
 @pytest.mark.parametrize(
-    ("mode", "problem", "expected"),
+    ("mode", "problem", "fastest", "expected"),
     [
-        pytest.param("auto", None, (True, "the artifact's AOTInductor package"), id="auto-fits"),
-        pytest.param("auto", "no compiled package", (False, "the eager model (no compiled package)"),
-                     id="auto-falls-back-saying-why"),
-        pytest.param("on", None, (True, "the artifact's AOTInductor package"), id="on-fits"),
-        pytest.param("off", None, (False, "the eager model (--compiled off)"), id="off-even-when-it-fits"),
-        pytest.param("off", "no compiled package", (False, "the eager model (--compiled off)"), id="off"),
+        pytest.param("auto", None, None, (True, "the artifact's AOTInductor package (no measurement recorded for "
+                     "this device)"), id="auto-fits-no-record-serves-the-package-as-before"),
+        pytest.param("auto", None, {"form": "compiled", "why": "1 vs 9 ms"},
+                     (True, "the artifact's AOTInductor package (the compression Job measured it faster: 1 vs 9 ms)"),
+                     id="auto-recorded-compiled"),
+        pytest.param("auto", None, {"form": "eager", "why": "9 vs 1 ms"},
+                     (False, "the eager model (the compression Job measured it faster: 9 vs 1 ms)"),
+                     id="auto-recorded-eager"),
+        pytest.param("auto", "no compiled package", {"form": "compiled", "why": "x"},
+                     (False, "the eager model (no compiled package)"), id="auto-record-but-the-package-does-not-fit"),
+        pytest.param("on", None, {"form": "eager", "why": "x"},
+                     (True, "the artifact's AOTInductor package (--compiled on)"), id="on-over-the-record"),
+        pytest.param("off", None, {"form": "compiled", "why": "x"}, (False, "the eager model (--compiled off)"),
+                     id="off-over-the-record"),
+        pytest.param("off", "no compiled package", None, (False, "the eager model (--compiled off)"), id="off"),
     ],
 )
-def test_plan_compiled(mode: str, problem: str | None, expected: tuple[bool, str]) -> None:
-    assert loading.plan_compiled(mode, problem) == expected
+def test_plan_compiled(mode: str, problem: str | None, fastest: dict[str, str] | None,
+                       expected: tuple[bool, str]) -> None:
+    assert loading.plan_compiled(mode, problem, fastest) == expected
 
 
 def test_plan_compiled_on_without_a_fitting_package_is_a_config_error() -> None:
     with pytest.raises(settings.ConfigError, match="--compiled on: compiled package computes in float32"):
         loading.plan_compiled("on", "compiled package computes in float32, not bfloat16")
+
+
+PACKAGE = {"file": "model.cpu.pt2", "format": "aotinductor", "device": "cpu", "torch": "2.13.0", "maxBatchSize": 128}
+FASTER = {"form": "compiled", "why": "package faster"}
+SLOWER = {"form": "eager", "why": "eager not slower"}
+
+
+@pytest.mark.parametrize(
+    ("manifest", "server", "serves_package", "why"),
+    [
+        # the form the Job measured faster on the server's device kind, when the package fits
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": FASTER}}, {}, True, "measured it faster",
+                     id="cpu-package-measured-faster"),
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": SLOWER}}, {}, False, "measured it faster",
+                     id="cpu-eager-measured-faster"),
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": FASTER}}, {"device": "cpu:0"}, True, "measured",
+                     id="device-index-is-the-kind"),
+        # the package does not fit: eager whatever the record says
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": FASTER}}, {"device": "cuda:0"}, False,
+                     "is for device 'cpu'", id="gpu-pod"),
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": FASTER}}, {"torch_version": "2.14.0"}, False,
+                     "built by torch 2.13.0", id="other-torch"),
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": FASTER}}, {"max_batch_size": 256}, False,
+                     "batches up to 128", id="max-batch-over-the-package"),
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": FASTER}}, {"max_batch_size": 128}, True,
+                     "measured", id="max-batch-equal"),
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": FASTER}}, {"dtype": "bfloat16"}, False,
+                     "float32, not bfloat16", id="dtype"),
+        # no package (mode off, a model that could not be compiled, a CUDA Job): eager
+        pytest.param({"fastest": {"cpu": {"form": "eager", "why": "export failed"}}}, {}, False,
+                     "has no compiled package", id="no-package"),
+        pytest.param({"fastest": {"cuda": {"form": "eager", "why": "CUDA Job"}}}, {"device": "cuda:0"}, False,
+                     "has no compiled package", id="cuda-job"),
+        # the pin
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": SLOWER}}, {"mode": "on"}, True, "--compiled on",
+                     id="pin-on"),
+        pytest.param({"compiled": PACKAGE, "fastest": {"cpu": FASTER}}, {"mode": "off"}, False, "--compiled off",
+                     id="pin-off"),
+        # an artifact from before the Job measured both forms: the package when it fits, as before
+        pytest.param({"compiled": PACKAGE}, {}, True, "no measurement recorded", id="legacy-artifact"),
+    ],
+)
+def test_plan_served_form(manifest: dict[str, Any], server: dict[str, Any], serves_package: bool, why: str) -> None:
+    config = {"mode": "auto", "device": "cpu", "torch_version": "2.13.0", "max_batch_size": 32, **server}
+    got, reason = loading.plan_served_form({"name": "digits", **manifest}, **config)
+    assert got is serves_package and why in reason, reason
+
+
+@pytest.mark.parametrize(("server", "message"), [
+    pytest.param({"device": "cuda:0"}, "--compiled on: compiled package is for device 'cpu'", id="gpu"),
+    pytest.param({"max_batch_size": 256}, "--compiled on: compiled package takes batches up to 128", id="batch"),
+])
+def test_plan_served_form_pinned_on_fails_where_the_package_cannot_serve(server: dict[str, Any],
+                                                                        message: str) -> None:
+    config = {"mode": "on", "device": "cpu", "torch_version": "2.13.0", "max_batch_size": 32, **server}
+    with pytest.raises(settings.ConfigError, match=message):
+        loading.plan_served_form({"name": "digits", "compiled": PACKAGE}, **config)
+
+
+@pytest.mark.parametrize(("env", "flags", "expected"), [
+    pytest.param({}, [], "auto", id="default-auto"),
+    pytest.param({contract.ENV_COMPILED: "on"}, [], "on", id="env-pin"),
+    pytest.param({contract.ENV_COMPILED: "off"}, ["--compiled", "auto"], "auto", id="flag-over-env"),
+    pytest.param({contract.ENV_COMPILED: " "}, [], "auto", id="blank-env"),
+])
+def test_the_compiled_pin_from_flag_or_env(env: dict[str, str], flags: list[str], expected: str) -> None:
+    assert settings.build_config(["--artifact", "/a", *flags], env).compiled == expected
+
+
+def test_an_unknown_compiled_pin_in_the_env_is_a_config_error() -> None:
+    with pytest.raises(settings.ConfigError, match="SHIPYARD_COMPILED='yes' is not one of auto, on, off"):
+        settings.build_config(["--artifact", "/a"], {contract.ENV_COMPILED: "yes"})
 
 
 def test_compiled_mode_must_be_known(capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,7 +336,8 @@ def _infer(port: int, pixels: list[list[float]]) -> tuple[int, Any]:
 @pytest.mark.parametrize(
     ("flags", "served"),
     [
-        pytest.param([], "Serving the artifact's AOTInductor package on cpu", id="auto-serves-the-package"),
+        pytest.param([], "Serving the artifact's AOTInductor package (the compression Job measured it faster: "
+                     "package faster than eager", id="auto-serves-the-package-the-job-measured-faster"),
         pytest.param(["--max-batch-size", "256"], "Serving the eager model (compiled package takes batches up to "
                      "128, the server's max batch size is 256) on cpu", id="auto-eager-when-batches-do-not-fit"),
         pytest.param(["--compiled", "off"], "Serving the eager model (--compiled off) on cpu", id="off"),

@@ -83,6 +83,7 @@ def base_config(**overrides: Any) -> settings.ServerConfig:
         threads=1,
         warmup_iterations=1,
         uvloop=False,
+        batch_sizing="max",  # batches fill up to max_batch_size; measured sizing has its own tests
     )
     return replace(config, **overrides)
 
@@ -605,6 +606,39 @@ def test_batched_results_are_identical_to_unbatched_over_http() -> None:
         assert module.batch_rows == [1, total_rows]  # really one batch
         assert batched == unbatched  # bit for bit
         assert all(any(v != 0 for v in out) for out in batched)
+
+
+class FasterPerRowAtTwo(torch.nn.Module):
+    """Busy for 1 ms of CPU a pass of up to 2 rows, 3 ms a row beyond (2000 rows/s at 2, 333 at 8): the server times
+    its one torch thread's CPU time, which a sleep would not use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_rows: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batch_rows.append(x.shape[0])
+        done = time.thread_time() + (0.001 if x.shape[0] <= 2 else 0.003 * x.shape[0])
+        while time.thread_time() < done:
+            pass
+        return x[:, :3] * 2
+
+
+@pytest.mark.parametrize(("sizing", "limit"), [
+    pytest.param("measured", 2, id="measured:-the-fastest-size-per-row"),
+    pytest.param("max", 8, id="max:-up-to-the-max-batch-size"),
+])  # fmt: skip
+def test_batches_fill_up_to_the_size_measured_fastest_at_start_up(sizing: str, limit: int) -> None:
+    module = FasterPerRowAtTwo()
+    with Harness(base_config(max_batch_size=8, batch_sizing=sizing), module=module) as running:
+        running.thread.wait_ready()
+        assert running.thread.app.batcher is not None and running.thread.app.batcher.max_batch == limit
+        timed = len(module.batch_rows)
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(lambda i: running.infer([[i, 0, 0, 0]]), range(12)))
+        assert [status for status, _ in answers] == [200] * 12
+        assert [out["outputs"][0]["data"] for _, out in answers] == [[2.0 * i, 0.0, 0.0] for i in range(12)]
+        assert max(module.batch_rows[timed:]) <= limit
 
 
 def test_float_model_batched_matches_unbatched_within_float32_rounding() -> None:

@@ -2,7 +2,7 @@
 
 Prometheus' ``rate()`` and a ``scrape`` metric with ``rate: true`` only count increases of a series they saw
 before, so the error series must exist before the first error. Pure: the runtime's exposition text is parsed with
-the operator's own scrape parser (``providers.build_target_snapshot``) and evaluated with ``analysis``.
+the operator's own scrape parser (``providers.scrape.build_target_snapshot``) and evaluated with its arithmetic.
 """
 
 from __future__ import annotations
@@ -11,12 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard import contract
-from shipyard.operator import analysis, providers
-from shipyard.operator import spec as spec_mod
+from shipyard.operator.providers import scrape
 from shipyard.runtime import metrics, oip
 
 MODEL, VERSION = "digits", "1.2.0"
-ERRORS = spec_mod.ScrapeProvider(metric=contract.METRIC_REQUESTS_TOTAL, labels={"code": "500"}, rate=True)
+ERRORS = scrape.Scrape(metric=contract.METRIC_REQUESTS_TOTAL, labels={"code": "500"}, rate=True)
 
 
 def requests_by_code(server: metrics.ServerMetrics) -> dict[str, float]:
@@ -31,9 +30,9 @@ def requests_by_code(server: metrics.ServerMetrics) -> dict[str, float]:
     return out
 
 
-def snapshot(server: metrics.ServerMetrics) -> dict[str, analysis.TargetSnapshot]:
+def snapshot(server: metrics.ServerMetrics) -> dict[str, scrape.TargetSnapshot]:
     text = server.build_exposition().decode()
-    return {"10.0.0.1:8080": providers.build_target_snapshot(text, lambda name, labels: True)}
+    return {"10.0.0.1:8080": scrape.build_target_snapshot(text, lambda name, labels: True)}
 
 
 def test_a_fresh_server_exports_success_and_every_mapped_error_code_at_zero() -> None:
@@ -68,8 +67,8 @@ def test_the_first_errors_count_in_a_rate_over_a_direct_scrape() -> None:
     for status in [200] * 8 + [500] * 2:
         server.observe_request(status, 0.01)
     after = snapshot(server)
-    assert analysis.build_scrape_value(ERRORS, before, after, elapsed_seconds=2.0) == pytest.approx(1.0)
-    errors = analysis.build_error_rate(analysis.build_series_increase(before, after),
+    assert scrape.build_scrape_value(ERRORS, before, after, elapsed_seconds=2.0) == pytest.approx(1.0)
+    errors = scrape.build_error_rate(scrape.build_series_increase(before, after),
                                        {contract.LABEL_VERSION: VERSION})
     assert errors == pytest.approx(0.2)
 
@@ -77,6 +76,6 @@ def test_the_first_errors_count_in_a_rate_over_a_direct_scrape() -> None:
 def test_no_requests_is_still_no_data_for_the_builtin_error_rate() -> None:
     """Zero-valued series must not turn an idle canary into a measured 0% (noData policy applies)."""
     server = metrics.ServerMetrics(MODEL, VERSION)
-    increase = analysis.build_series_increase(snapshot(server), snapshot(server))
-    assert analysis.build_error_rate(increase, {contract.LABEL_VERSION: VERSION}) is None
-    assert analysis.build_error_rate(analysis.build_series_increase(None, snapshot(server))) is None
+    increase = scrape.build_series_increase(snapshot(server), snapshot(server))
+    assert scrape.build_error_rate(increase, {contract.LABEL_VERSION: VERSION}) is None
+    assert scrape.build_error_rate(scrape.build_series_increase(None, snapshot(server))) is None
