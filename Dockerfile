@@ -55,6 +55,11 @@ RUN groupadd --system --gid 10001 shipyard \
 WORKDIR /tmp
 
 FROM base AS runtime
+# A C++ compiler: the compression Job builds the model's AOTInductor package with it (spec.compression.compiled.mode
+# auto, the default, serves it where it is faster than the eager model; without a compiler the Job serves eager).
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends g++=4:12.2.0-3 \
+ && rm -rf /var/lib/apt/lists/*
 COPY --from=runtime-build /opt/venv /opt/venv
 USER 10001:10001
 EXPOSE 8080

@@ -6,14 +6,14 @@ VENV ?= .venv
 PIP_GROUPS ?= dev
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test unit integration e2e soak lint typecheck cluster-up cluster-down binaries clean venv
+.PHONY: demo test unit integration harness e2e soak lint typecheck crd cluster-up cluster-down binaries clean venv
 
 # The venv is rebuilt when a pyproject.toml changes: the three distributions (editable: each folder's package is
 # imported from the checkout) and the workspace's dependency groups (pip >= 25.1 reads --group).
 $(VENV)/.installed: pyproject.toml contract/pyproject.toml operator/pyproject.toml runtime/pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade 'pip>=25.1'
-	$(VENV)/bin/pip install --quiet -e ./contract -e ./operator -e ./runtime $(foreach g,$(subst $(comma), ,$(PIP_GROUPS)),--group $(g))
+	$(VENV)/bin/pip install --quiet -e ./contract -e './operator[dashboard]' -e ./runtime $(foreach g,$(subst $(comma), ,$(PIP_GROUPS)),--group $(g))
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -33,13 +33,23 @@ unit: venv
 integration: venv binaries
 	$(VENV)/bin/pytest -q -m integration tests/integration
 
-# Real pods (hack/node_agent.py, needs root) and a real Prometheus (Debian's package); see docs/e2e.md.
+# The test machinery's own checks: the node agent as a kubelet (real pods, CPU limits), the skip rules.
+harness: venv binaries
+	$(VENV)/bin/pytest -q -m harness tests/harness
+
+# Shipyard end to end: real pods (hack/node_agent.py, needs root) and a real Prometheus (Debian's package); see
+# docs/e2e.md.
 e2e: venv binaries
 	$(VENV)/bin/pytest -q -m e2e tests/e2e
 
 # The inference server under 200,000 generated hostile requests (tests/integration/test_server_fuzz.py; no cluster).
 soak: venv
 	SHIPYARD_SOAK=1 OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -s tests/integration/test_server_fuzz.py
+
+# The CRD (and the chart's copy) generated from the API's types (operator/shipyard/operator/spec.py, status.py), and
+# the state diagram of docs/operator.md printed from the transition table (paste it between its markers).
+crd: venv
+	$(VENV)/bin/python -m shipyard.operator.crd
 
 lint: venv
 	$(VENV)/bin/ruff check contract operator runtime tests bench hack

@@ -14,7 +14,8 @@ Job pods Succeeded (plus the project's own test stages in ``hack/kwok/``). Nodes
 alone (the e2e node agent runs its own).
 
 State (PKI, logs, kubeconfig, pids) lives in ``$SHIPYARD_CLUSTER_DIR`` (default ``<repo>/.cluster``).
-Only the Python standard library, openssl and kubectl are used, so this runs before any virtualenv exists. The
+Only the Python standard library (and hack/proc.py, the stack's one process lifecycle), openssl and kubectl are
+used, so this runs before any virtualenv exists. The
 kubectl is the one built at the cluster's version (``kubernetes-<version>/kubectl`` in the cache): `up` puts its
 directory first on this process' PATH (so tests and their children use it) and prints the same export for a shell.
 """
@@ -22,11 +23,9 @@ directory first on this process' PATH (so tests and their children use it) and p
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -38,6 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 HACK = Path(__file__).resolve().parent
+if str(HACK) not in sys.path:  # hack/ holds scripts, not a package: siblings import by name (see hack/proc.py)
+    sys.path.insert(0, str(HACK))
+import proc  # noqa: E402
+
 REPO = HACK.parent
 VERSIONS_FILE = HACK / "versions.env"
 NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -228,38 +231,15 @@ current-context: shipyard-local
 def spawn(state: State, name: str, argv: list[str]) -> None:
     logs = state.path / "logs"
     logs.mkdir(exist_ok=True)
-    out = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    state.pids[name] = proc.pid
+    state.pids[name] = proc.spawn(argv, logs / f"{name}.log").pid
     state.argv[name] = list(argv)
     state.save()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie counts as dead once reaped; another process' zombie is its parent's to reap. Our own child's is
-    # alive until waitpid collects it: a multi-threaded (Go) process' leader is a zombie that cannot be reaped while
-    # its other threads still exit, and `down` must not return with one left behind.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    return True
-            return False
-    return True
 
 
 def wait_for(what: str, check: object, timeout: float, state: State, name: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not alive(state.pids[name]):
+        if not proc.alive(state.pids[name]):
             tail = (state.path / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{name} exited while starting:\n{tail}")
         if check():  # type: ignore[operator]
@@ -332,7 +312,7 @@ def up(state_dir: Path, nodes: tuple[dict[str, object], ...] = DEFAULT_NODES,
     """Starts the control plane. With `audit_users`, each gets a client certificate and kubeconfig
     (`<state>/kubeconfig-<user>`) and their requests are written to `<state>/audit.log`."""
     existing = State.load(state_dir)
-    if existing and all(alive(p) for p in existing.pids.values()) and existing.pids:
+    if existing and all(proc.alive(p) for p in existing.pids.values()) and existing.pids:
         log(f"Found a running cluster in {state_dir}")
         use_pinned_kubectl()
         return existing
@@ -447,21 +427,11 @@ STOP_ORDER = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserv
 
 
 def stop_processes(state: State, timeout: float = 10.0) -> None:
+    """Stops the components in STOP_ORDER (proc.stop: SIGTERM, SIGKILL after `timeout`, each waited for until it is
+    gone and, when this process started it, reaped)."""
     order = [n for n in STOP_ORDER if n in state.pids] + [n for n in state.pids if n not in STOP_ORDER]
     for name in order:
-        pid = state.pids[name]
-        if not alive(pid):
-            continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            while alive(pid):
-                time.sleep(0.05)
+        proc.stop(state.pids[name], timeout)
     state.pids = {}
 
 
@@ -506,7 +476,7 @@ def start_components(state_dir: Path, names: tuple[str, ...], timeout: float = 9
     for name in sorted(names, key=lambda n: COMPONENTS.index(n) if n in COMPONENTS else len(COMPONENTS)):
         if name not in state.argv:
             raise ValueError(f"unknown component {name!r} (known: {', '.join(state.argv)})")
-        if name in state.pids and alive(state.pids[name]):
+        if name in state.pids and proc.alive(state.pids[name]):
             continue
         spawn(state, name, state.argv[name])
         check = _ready_check(state, name)
@@ -572,8 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         print_exports(state)
         return 0
     for name, pid in state.pids.items():
-        print(f"{name}\tpid {pid}\t{'running' if alive(pid) else 'stopped'}")
-    return 0 if state.pids and all(alive(p) for p in state.pids.values()) else 1
+        print(f"{name}\tpid {pid}\t{'running' if proc.alive(pid) else 'stopped'}")
+    return 0 if state.pids and all(proc.alive(p) for p in state.pids.values()) else 1
 
 
 if __name__ == "__main__":

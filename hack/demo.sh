@@ -18,12 +18,9 @@ say() { printf '\n\033[1m==> %s\033[0m (+%ds)\n' "$*" "$(( $(date +%s) - started
 die() { printf '\033[31mdemo: %s\033[0m\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root: the node agent bind-mounts volumes in each pod's own mount namespace"
-# kubectl: hack/cluster.py up builds it at the cluster's version and puts it first on PATH.
-for tool in unshare setpriv curl; do command -v "$tool" >/dev/null || die "$tool is required"; done
-if [ ! -x /usr/bin/prometheus ]; then
-  say "Installing Prometheus (Debian package)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
-fi
+# kubectl: hack/cluster.py up builds it at the cluster's version and puts it first on PATH. The rest: Debian packages
+# (hack/debian-packages.txt), installed when missing.
+bash hack/install-packages.sh openssl flock unshare setpriv mount /usr/bin/prometheus curl || die "missing packages"
 
 agent_pid= operator_pid= load_pid=
 stop_all() {
@@ -108,9 +105,9 @@ stop_load() { kill "$load_pid" 2>/dev/null; wait "$load_pid" 2>/dev/null || true
 say "Applying the digits ModelDeployment ($image:1.0.0) and its artifacts volume"
 kubectl create namespace $ns >/dev/null
 "$py" - "$state/agent/pvc/$ns/shipyard-artifacts" <<'PY' | kubectl apply -f - >/dev/null
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("node_agent", "hack/node_agent.py")
-agent = importlib.util.module_from_spec(spec); sys.modules["node_agent"] = agent; spec.loader.exec_module(agent)
+import json, pathlib, sys
+from tests.modules import load_file
+agent = load_file("shipyard_hack_node_agent", pathlib.Path("hack/node_agent.py"))
 print(json.dumps({"apiVersion": "v1", "kind": "List",
                   "items": agent.build_local_volume("demo", "shipyard-artifacts", sys.argv[1])}))
 PY

@@ -13,17 +13,23 @@ What it does, like a kubelet and kube-proxy on one machine:
   where the volumes (emptyDir, configMap, secret, PVC -> its bound PV's hostPath, hostPath), the
   termination-message file and the image's contents (the local image catalogue, ``hack/e2e-images.yaml``) are
   bind-mounted at their paths; the user of ``securityContext.runAsUser`` (``setpriv``); a CPU limit as a CFS quota
-  in a cgroup (v1) that the process sees as its own; env with ``fieldRef``; the virtualenv's bin on PATH;
+  in a cgroup (v1 or v2, whichever the machine has: hack/cgroups.py) that the process sees as its own (with
+  ``--require-cpu-limits`` the agent refuses to start where it cannot enforce them); env with ``fieldRef``; the
+  virtualenv's bin on PATH;
 - gives each pod its own loopback address 127.0.N.M as pod IP (a ``shipyard-runtime serve`` gets ``--host <pod
   IP>`` appended: the runtime has no environment variable for its bind address);
 - reports pod status as a kubelet does: phase, pod IPs, conditions (Ready from the real readiness probe),
   container states with exit codes and termination messages (FallbackToLogsOnError), restarts with back-off on
   crashes and failed liveness probes; a deleted pod gets SIGTERM, then SIGKILL after its grace period, then its
   object is deleted with grace 0;
-- proxies every Service with a selector: a listener on 127.0.0.1 per Service port that forwards each TCP
-  connection to a random Ready, not terminating local pod (``<workdir>/services.json``: ``ns/name`` -> port
-  name -> local port); each forwarded connection is recorded in ``<workdir>/conntrack.jsonl`` (client port ->
-  pod), as ``conntrack -L`` would show;
+- proxies every Service with a selector: a virtual IP of its own (``--service-ip-prefix``, default
+  ``127.0.254``: ``<workdir>/service-ips.json``) listening on each Service port, and a listener on 127.0.0.1 per
+  Service port (``<workdir>/services.json``: ``ns/name`` -> port name -> local port); each forwards every TCP
+  connection to a random Ready, not terminating local pod, and each forwarded connection is recorded in
+  ``<workdir>/conntrack.jsonl`` (client port -> pod), as ``conntrack -L`` would show;
+- resolves Service names inside pods as cluster DNS would: each pod's /etc/hosts is a file of its own, bound over
+  it in its mount namespace and rewritten in place as Services come and go (``name.ns.svc.cluster.local``,
+  ``name.ns.svc``, ``name.ns``, and ``name`` in the same namespace -> the virtual IP);
 - writes Prometheus file_sd targets of running pods' named ports ``http``/``metrics``
   (``<workdir>/prometheus-targets.json``, labels namespace, pod) and each container's output under
   ``<workdir>/logs/``.
@@ -75,7 +81,13 @@ from lightkube.resources.core_v1 import (
 )
 from lightkube.types import PatchType
 
-REPO = Path(__file__).resolve().parents[1]
+HACK = Path(__file__).resolve().parent
+if str(HACK) not in sys.path:  # hack/ holds scripts, not a package: siblings import by name (see hack/proc.py)
+    sys.path.insert(0, str(HACK))
+import cgroups  # noqa: E402
+import proc  # noqa: E402
+
+REPO = HACK.parent
 log = logging.getLogger("node-agent")
 
 FIELD_MANAGER = "shipyard-node-agent"
@@ -90,7 +102,6 @@ BACKOFF_INITIAL_S = 10.0
 BACKOFF_MAX_S = 300.0
 MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
-CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 AGENTS_DIR = Path("/run/shipyard-node-agents")  # one file per live agent: shared host mountpoints stay while any runs
 SERVE_ARGV = ("shipyard-runtime", "serve")
 
@@ -152,7 +163,9 @@ class Catalogue:
         for rule in entry.get("tags", []):
             if fnmatch.fnmatchcase(tag, str(rule["match"])):
                 env = {str(k): str(v) for k, v in (rule.get("env") or {}).items()}
-                contents = {str(p): str(v["build"]) for p, v in (entry.get("contents") or {}).items()}
+                # The tag's own contents take the place of the repository's at the same path.
+                contents = {str(p): str(v["build"]) for p, v in {**(entry.get("contents") or {}),
+                                                                 **(rule.get("contents") or {})}.items()}
                 digest = hashlib.sha256(json.dumps([reference, contents, env], sort_keys=True).encode()).hexdigest()
                 return Image(reference, contents, env, f"{repo}@sha256:{digest}")
         raise ImagePullError(f'Failed to pull image "{reference}": manifest for tag {tag!r} unknown '
@@ -223,27 +236,13 @@ class HostMountpoints:
 
     def cleanup(self) -> None:
         self.marker.unlink(missing_ok=True)
-        others = [p for p in AGENTS_DIR.iterdir() if p.name.isdigit() and _pid_alive(int(p.name))]
+        others = [p for p in AGENTS_DIR.iterdir() if p.name.isdigit() and proc.alive(int(p.name))]
         if others:
             log.info("Left %d host mountpoint(s) in place: another node agent runs", len(self.created))
             return
         for p in reversed(self.created):
             with contextlib.suppress(OSError):
                 p.unlink() if p.is_file() else p.rmdir()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def parse_cpu(quantity: str) -> float:
-    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
 
 
 class IPPool:
@@ -266,6 +265,80 @@ class IPPool:
     def release(self, ip: str) -> None:
         if ip and ip not in self.free:
             self.free.append(ip)
+
+
+class ServiceIPPool:
+    """Virtual IPs of Services (what kube-proxy serves a ClusterIP at, here a loopback address): <prefix>.1-254, one
+    per Service for as long as it exists (kept when its ports change); released addresses go to the back of the queue
+    (no quick reuse, as for pod IPs). Pure bookkeeping: the proxy tries the addresses `candidates` offers, in order,
+    and `assign`s the first it can listen on (another agent on the machine may hold one)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.free = [f"{prefix}.{i}" for i in range(1, 255)]
+        for ip in self.free:
+            if not ipaddress.ip_address(ip).is_loopback:
+                raise ValueError(f"service IPs must be loopback addresses, got {ip}")
+        self.held: dict[str, str] = {}  # "ns/name" -> its virtual IP
+
+    def candidates(self, key: str) -> list[str]:
+        """The addresses to try for Service `key`: the one it holds first, then the free ones, oldest released last."""
+        held = self.held.get(key)
+        return [held, *self.free] if held else list(self.free)
+
+    def assign(self, key: str, ip: str) -> None:
+        previous = self.held.get(key)
+        if previous == ip:
+            return
+        if ip not in self.free:
+            raise ValueError(f"{ip} is not a free service IP")
+        self.free.remove(ip)
+        self.held[key] = ip
+        if previous:
+            self.free.append(previous)
+
+    def release(self, key: str) -> None:
+        ip = self.held.pop(key, None)
+        if ip:
+            self.free.append(ip)
+
+
+def build_service_hostnames(namespace: str, service_key: str) -> list[str]:
+    """The names a pod in `namespace` resolves to the Service `service_key` ("ns/name") with cluster DNS (pure):
+    ``name.ns.svc.cluster.local`` and ``name.ns.svc``; ``name.ns`` (the search domain ``svc.cluster.local``); and
+    ``name`` alone from the Service's own namespace (the search domain ``<ns>.svc.cluster.local``)."""
+    service_ns, name = service_key.split("/", 1)
+    names = [f"{name}.{service_ns}.svc.cluster.local", f"{name}.{service_ns}.svc", f"{name}.{service_ns}"]
+    return [*names, name] if service_ns == namespace else names
+
+
+def build_hosts_file(namespace: str, pod: str, pod_ip: str, services: Mapping[str, str], node_hosts: str = "") -> str:
+    """A pod's /etc/hosts (pure): localhost and the pod's own name as a kubelet writes them, then each Service
+    (``"ns/name"`` -> virtual IP) under the names cluster DNS would answer for it in the pod's namespace, then the
+    node's own /etc/hosts (the pods share its network), whose names come after the cluster's as a pod's resolver
+    would find them."""
+    lines = ["# Kubernetes-managed hosts file (the shipyard node agent's: kubelet's entries, then Services as cluster "
+             "DNS would resolve them).", "127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    if pod_ip:
+        lines.append(f"{pod_ip}\t{pod}")
+    if services:
+        lines.append("# Services: their virtual IPs at the node agent's Service proxy")
+        lines += [f"{ip}\t{' '.join(build_service_hostnames(namespace, key))}" for key, ip in sorted(services.items())]
+    node_lines = [line for line in node_hosts.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if node_lines:
+        lines += ["# The node's /etc/hosts", *node_lines]
+    return "\n".join(lines) + "\n"
+
+
+def write_in_place(path: Path, text: str) -> None:
+    """Rewrites a file without replacing it: a bind mount holds the file's inode, so a rename would not reach the
+    mount namespaces it is bound into. One write, then the old tail cut (a reader never sees an empty file)."""
+    data = text.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
 
 
 def _port_free(ip: str, port: int) -> bool:
@@ -325,6 +398,7 @@ class PodWorker:
         self.transitions: dict[str, tuple[str, str]] = {}
         self._dirty = asyncio.Event()
         self._last_status: str = ""
+        self._hosts = ""  # what the pod's hosts file holds
         self._task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
@@ -359,6 +433,18 @@ class PodWorker:
 
     def running(self) -> bool:
         return any(c.proc is not None and c.proc.returncode is None for c in self.containers)
+
+    @property
+    def hosts_path(self) -> Path:
+        """The pod's /etc/hosts (bound over it in each container's mount namespace)."""
+        return self.dir / "hosts"
+
+    def write_hosts(self) -> None:
+        """(Re)writes the pod's /etc/hosts in place when the Services it names changed (also at start)."""
+        text = build_hosts_file(self.ns, self.name, self.ip, self.agent.proxy.virtual_ips(), self.agent.node_hosts)
+        if text != self._hosts:
+            write_in_place(self.hosts_path, text)
+            self._hosts = text
 
     def port_by_name(self, name: str) -> int | None:
         for c in self.containers:
@@ -398,6 +484,7 @@ class PodWorker:
         ports = [int(p["containerPort"]) for c in self.containers for p in c.spec.get("ports") or []]
         self.ip = self.agent.ips.allocate(ports)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.write_hosts()
         self.changed()
         volumes = await self._prepare_volumes()
         if volumes is None:
@@ -620,6 +707,7 @@ class PodWorker:
         termination.write_bytes(b"")
         os.chmod(termination, 0o666)
         mounts.append(Mount(termination, spec.get("terminationMessagePath", "/dev/termination-log"), False))
+        mounts.append(Mount(self.hosts_path, "/etc/hosts", True))  # Service names, as cluster DNS resolves them
         user = self._user(c)
         if user is None or user[0] == 0:
             env["HOME"] = "/root"
@@ -644,14 +732,12 @@ class PodWorker:
                      user: tuple[int, int, list[int]] | None) -> None:
         lines = ["set -e"]
         cpu = ((c.spec.get("resources") or {}).get("limits") or {}).get("cpu")
-        if cpu and self.agent.cgroups:
-            c.cgroup = self.agent.cgroup_root / f"{self.uid}-{c.name}"
-            c.cgroup.mkdir(parents=True, exist_ok=True)
-            period = 100_000
-            (c.cgroup / "cpu.cfs_period_us").write_text(str(period))
-            (c.cgroup / "cpu.cfs_quota_us").write_text(str(max(1000, int(parse_cpu(str(cpu)) * period))))
+        if cpu and self.agent.cgroups is not None:
+            plan = cgroups.plan_cpu_limit(self.agent.cgroups.version, self.agent.cgroup_name, f"{self.uid}-{c.name}",
+                                          str(cpu))
+            c.cgroup = cgroups.apply_cpu_limit(self.agent.cgroups, plan)
             lines.append(f"echo $$ > {shlex.quote(str(c.cgroup / 'cgroup.procs'))}")
-            mounts = [*mounts, Mount(c.cgroup, str(CGROUP_CPU), True)]  # the process sees its own limit
+            mounts = [*mounts, Mount(c.cgroup, plan.pod_mount, True)]  # the process sees its own limit
         # The "image" is this checkout and its Python: a volume mounted above them (an emptyDir at /tmp over a
         # checkout under /tmp) must not hide them, so they are bound back in, read-only, beneath that volume.
         targets = [Path(m.target) for m in mounts]
@@ -684,15 +770,10 @@ class PodWorker:
         lines.append(f'exec {prefix}"$@"')
         script = self.dir / c.name / "start.sh"
         script.write_text("\n".join(lines) + "\n")
-        log_path = self.agent.workdir / "logs" / f"{self.ns}_{self.name}_{c.name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-        log_file.write(f"--- {now_iso()} started {shlex.join(argv)}\n".encode())
-        log_file.flush()
-        c.proc = await asyncio.create_subprocess_exec(
-            "unshare", "-m", "--propagation", "private", "/bin/bash", str(script), *argv,
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        log_file.close()
+        c.proc = await proc.spawn_async(
+            ["unshare", "-m", "--propagation", "private", "/bin/bash", str(script), *argv],
+            self.agent.workdir / "logs" / f"{self.ns}_{self.name}_{c.name}.log", env=env,
+            header=f"--- {now_iso()} started {shlex.join(argv)}\n")
         c.container_id = f"shipyard-local://{self.uid}/{c.name}/{c.restart_count}/{c.proc.pid}"
         log.info("Started container %s/%s as pid %d on %s: %s", self.key, c.name, c.proc.pid, self.ip,
                  shlex.join(argv))
@@ -813,21 +894,9 @@ class PodWorker:
 
     # -- termination
     async def _stop_container(self, c: ContainerRun, grace_s: float) -> None:
-        proc = c.proc
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), max(0.0, grace_s))
-        except TimeoutError:
+        # SIGTERM, SIGKILL after the grace period; anything the container left in its process group goes with it.
+        if c.proc is not None and await proc.stop_async(c.proc, grace_s):
             log.warning("Killed container %s/%s after its grace period of %.0f s", self.key, c.name, grace_s)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-        # Anything the container left in its process group goes with it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
     async def _stop_all(self, grace_s: float) -> None:
         self.changed()
@@ -1000,19 +1069,29 @@ def build_local_volume(namespace: str, claim: str, path: str, size: str = "1Gi")
 @dataclasses.dataclass
 class ServicePort:
     name: str
+    port: int  # the Service's port: where its virtual IP listens
     target: int | str
-    server: asyncio.AbstractServer
+    server: asyncio.AbstractServer  # 127.0.0.1:<local port> (services.json)
     local_port: int
+    virtual: asyncio.AbstractServer | None = None  # <virtual IP>:<port>
 
 
 class ServiceProxy:
-    """kube-proxy's job for local pods: one listener per Service port, one random ready endpoint per connection."""
+    """kube-proxy's job for local pods: each Service port listens at the Service's virtual IP on its own port (what
+    pods reach by name, through their hosts file) and at 127.0.0.1 on a free port (what the tests and the load
+    generator use); each connection goes to one random ready endpoint."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.services: dict[str, tuple[dict[str, str], list[ServicePort]]] = {}
+        self.ips = ServiceIPPool(agent.args.service_ip_prefix)
         self.conntrack = open(agent.workdir / "conntrack.jsonl", "a", buffering=1)  # noqa: SIM115 - lives on
         self.connections = 0
+        self.write()  # none yet
+
+    def virtual_ips(self) -> dict[str, str]:
+        """The virtual IP of every proxied Service that has one, by "ns/name"."""
+        return {key: ip for key, ip in self.ips.held.items() if key in self.services}
 
     async def sync(self, service: dict[str, Any], deleted: bool = False) -> None:
         meta = service["metadata"]
@@ -1022,34 +1101,74 @@ class ServiceProxy:
         if deleted or not selector:
             await self.remove(key)
             return
-        wanted = [(str(p.get("name") or p["port"]), p.get("targetPort", p["port"])) for p in spec.get("ports") or []
-                  if p.get("protocol", "TCP") == "TCP"]
+        wanted = [(str(p.get("name") or p["port"]), int(p["port"]), p.get("targetPort", p["port"]))
+                  for p in spec.get("ports") or [] if p.get("protocol", "TCP") == "TCP"]
         current = self.services.get(key)
-        if current and [(p.name, p.target) for p in current[1]] == wanted:
+        if current and [(p.name, p.port, p.target) for p in current[1]] == wanted:
             self.services[key] = (selector, current[1])
             return
-        await self.remove(key)
+        self._close(key)  # its virtual IP stays its own
         ports = []
-        for name, target in wanted:
-            server = await asyncio.start_server(
-                lambda r, w, k=key, t=target: self._forward(r, w, k, t), "127.0.0.1", 0)
+        for name, port, target in wanted:
+            server = await asyncio.start_server(self._handler(key, target), "127.0.0.1", 0)
             local = server.sockets[0].getsockname()[1]
-            ports.append(ServicePort(name, target, server, local))
-            log.info("Proxied service %s port %s at 127.0.0.1:%d", key, name, local)
+            ports.append(ServicePort(name, port, target, server, local))
+        ip = await self._listen_virtual(key, ports)
+        for p in ports:
+            log.info("Proxied service %s port %s at %s and 127.0.0.1:%d", key, p.name,
+                     f"{ip}:{p.port}" if ip else "no virtual IP", p.local_port)
         self.services[key] = (selector, ports)
         self.write()
 
-    async def remove(self, key: str) -> None:
+    def _handler(self, key: str, target: int | str) -> Any:
+        return lambda r, w: self._forward(r, w, key, target)
+
+    async def _listen_virtual(self, key: str, ports: list[ServicePort]) -> str | None:
+        """Listens on every port of the Service at the first virtual IP free for all of them (its own first); None
+        when none is (an error in the log: pods cannot reach it by name)."""
+        problems: list[str] = []
+        for ip in self.ips.candidates(key):
+            servers: list[asyncio.AbstractServer] = []
+            try:
+                for p in ports:
+                    servers.append(await asyncio.start_server(self._handler(key, p.target), ip, p.port))
+            except OSError as error:
+                for server in servers:
+                    server.close()
+                problems.append(f"{ip}: {error.strerror or error}")
+                continue
+            for p, server in zip(ports, servers, strict=True):
+                p.virtual = server
+            self.ips.assign(key, ip)
+            return ip
+        self.ips.release(key)
+        log.error("Could not give service %s a virtual IP: ports %s are taken at every address (%s)", key,
+                  [p.port for p in ports], "; ".join(problems[:3]))
+        return None
+
+    def _close(self, key: str) -> None:
         entry = self.services.pop(key, None)
-        if entry:
-            for p in entry[1]:
-                p.server.close()
+        for p in entry[1] if entry else []:
+            p.server.close()
+            if p.virtual is not None:
+                p.virtual.close()
+
+    async def remove(self, key: str) -> None:
+        if key in self.services:
+            self._close(key)
+            self.ips.release(key)
             log.info("Stopped proxying service %s", key)
             self.write()
 
     def write(self) -> None:
+        """services.json (the local ports), service-ips.json (the virtual IPs) and every pod's hosts file."""
         doc = {key: {p.name: p.local_port for p in ports} for key, (_, ports) in sorted(self.services.items())}
         write_atomic(self.agent.workdir / "services.json", json.dumps(doc, indent=2) + "\n")
+        write_atomic(self.agent.workdir / "service-ips.json",
+                     json.dumps(dict(sorted(self.virtual_ips().items())), indent=2) + "\n")
+        for worker in list(self.agent.workers.values()):
+            if worker.ip and not worker.done.is_set():
+                worker.write_hosts()
 
     def endpoints(self, key: str, target: int | str) -> list[tuple[str, int, str]]:
         namespace = key.split("/", 1)[0]
@@ -1071,14 +1190,16 @@ class ServiceProxy:
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: str,
                        target: int | str) -> None:
         peer = writer.get_extra_info("peername") or ("", 0)
+        front = writer.get_extra_info("sockname") or ("", 0)
+        frontend = f"{front[0]}:{front[1]}"  # the virtual IP and Service port, or 127.0.0.1 and the local port
         endpoints = self.endpoints(key, target)
         if not endpoints:
             writer.close()
-            self._record(key, peer[1], None)
+            self._record(key, frontend, peer[1], None)
             return
         ip, port, pod = random.choice(endpoints)
         assert ipaddress.ip_address(ip).is_loopback, ip  # traffic only ever goes to 127.0.0.0/8
-        self._record(key, peer[1], (ip, port, pod))
+        self._record(key, frontend, peer[1], (ip, port, pod))
         try:
             up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 5)
         except (OSError, TimeoutError) as error:
@@ -1091,9 +1212,9 @@ class ServiceProxy:
             for w in (writer, up_writer):
                 w.close()
 
-    def _record(self, key: str, client_port: int, endpoint: tuple[str, int, str] | None) -> None:
+    def _record(self, key: str, frontend: str, client_port: int, endpoint: tuple[str, int, str] | None) -> None:
         self.connections += 1
-        entry = {"t": round(time.time(), 4), "service": key, "clientPort": client_port}
+        entry = {"t": round(time.time(), 4), "service": key, "frontend": frontend, "clientPort": client_port}
         if endpoint:
             entry.update(endpoint=f"{endpoint[0]}:{endpoint[1]}", pod=endpoint[2])
         self.conntrack.write(json.dumps(entry) + "\n")
@@ -1131,11 +1252,16 @@ class Agent:
         self.venv_bin = str(Path(args.venv).resolve() / "bin")
         self.catalogue = Catalogue(args.images, args.image_cache, str(Path(self.venv_bin) / "python"))
         self.ips = IPPool(args.pod_ip_prefix)
+        if args.service_ip_prefix == args.pod_ip_prefix:
+            raise ValueError(f"--service-ip-prefix and --pod-ip-prefix must differ (both {args.pod_ip_prefix})")
+        self.node_hosts = ""  # the machine's /etc/hosts, which pods' hosts files end with
+        with contextlib.suppress(OSError):
+            self.node_hosts = Path("/etc/hosts").read_text()
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()  # uids of pods whose processes have been stopped and that were deleted
         self.stopping = False
-        self.cgroup_root = CGROUP_CPU / f"shipyard-{self.node}-{os.getpid()}"
-        self.cgroups = False
+        self.cgroup_name = f"shipyard-{self.node}-{os.getpid()}"
+        self.cgroups: cgroups.Hierarchy | None = None  # where CPU limits go; None: not enforced
         self._topology = asyncio.Event()
         self.client: lightkube.AsyncClient
         self.http: aiohttp.ClientSession
@@ -1178,6 +1304,9 @@ class Agent:
 
     # -- main
     async def run(self, stop: asyncio.Event) -> None:
+        self.cgroups = self._setup_cgroups()
+        if self.cgroups is None and self.args.require_cpu_limits:
+            raise SystemExit(1)
         ensure_traversable(REPO, Path(sys.prefix), Path(sys.base_prefix))
         for sub in ("logs", "pods", "pvc"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
@@ -1186,7 +1315,6 @@ class Agent:
         self.http = aiohttp.ClientSession()
         self.mountpoints = HostMountpoints()
         self.proxy = ServiceProxy(self)
-        self.cgroups = self._setup_cgroups()
         try:
             if self.args.prepare_images:
                 for build in sorted(self.catalogue.builds):
@@ -1197,7 +1325,10 @@ class Agent:
             loops = [self._heartbeat(), self._watch_pods(), self._watch_services(), self._write_targets()]
             background = [asyncio.create_task(coro) for coro in loops]
             self.write_targets()
-            (self.workdir / "agent-ready").write_text(json.dumps({"pid": os.getpid(), "node": self.node}) + "\n")
+            cpu_limits = {"version": self.cgroups.version, "mount": str(self.cgroups.mount),
+                          "cgroup": self.cgroup_name} if self.cgroups else None
+            (self.workdir / "agent-ready").write_text(json.dumps({"pid": os.getpid(), "node": self.node,
+                                                                  "cpuLimits": cpu_limits}) + "\n")
             log.info("Became ready: node %s, work directory %s", self.node, self.workdir)
             await stop.wait()
             log.info("Received termination; stopping %d pod(s)", len(self.workers))
@@ -1218,24 +1349,23 @@ class Agent:
                 log.info("Deleted node %s", self.node)
         finally:
             self.mountpoints.cleanup()
-            if self.cgroups:
-                for child in self.cgroup_root.glob("*"):
-                    with contextlib.suppress(OSError):
-                        child.rmdir()
-                with contextlib.suppress(OSError):
-                    self.cgroup_root.rmdir()
+            if self.cgroups is not None:
+                cgroups.remove(self.cgroups.mount / self.cgroup_name)
             await self.http.close()
             await self.client.close()
             (self.workdir / "agent-ready").unlink(missing_ok=True)
             log.info("Stopped")
 
-    def _setup_cgroups(self) -> bool:
-        try:
-            self.cgroup_root.mkdir(exist_ok=True)
-            return True
-        except OSError as error:
-            log.warning("Did not find a writable cgroup v1 cpu controller (%s): CPU limits are not enforced", error)
-            return False
+    def _setup_cgroups(self) -> cgroups.Hierarchy | None:
+        hierarchy, problems = cgroups.setup(self.cgroup_name, self.args.mounts_file)
+        if hierarchy is not None:
+            log.info("Enforced CPU limits with %s (cgroup %s)%s", hierarchy.describe(), self.cgroup_name,
+                     f"; before it: {'; '.join(problems)}" if problems else "")
+            return hierarchy
+        log.error("Found no cgroup v1 or v2 cpu controller this agent can use (%s): CPU LIMITS ARE NOT ENFORCED, pods "
+                  "with resources.limits.cpu run unlimited and see no limit of their own%s", "; ".join(problems),
+                  " (--require-cpu-limits: refusing to start)" if self.args.require_cpu_limits else "")
+        return None
 
     def build_node(self) -> dict[str, Any]:
         return {
@@ -1404,6 +1534,8 @@ def build_parser() -> argparse.ArgumentParser:
                         / "e2e-images")
     parser.add_argument("--venv", default=str(REPO / ".venv"), help="virtualenv whose bin/ is on pods' PATH")
     parser.add_argument("--pod-ip-prefix", default="127.0.10", help="pod IPs are <prefix>.2-254 (loopback only)")
+    parser.add_argument("--service-ip-prefix", default="127.0.254",
+                        help="Services' virtual IPs are <prefix>.1-254 (loopback only, apart from the pod IPs)")
     parser.add_argument("--cpu", default="16")
     parser.add_argument("--memory", default="64Gi")
     parser.add_argument("--max-pods", type=int, default=50)
@@ -1412,6 +1544,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prepare-images", action="store_true", help="build the catalogue's contents before ready")
     parser.add_argument("--shutdown-grace", type=float, default=15.0,
                         help="at shutdown, the longest a pod's processes get after SIGTERM")
+    parser.add_argument("--require-cpu-limits", action="store_true",
+                        help="exit 1 where CPU limits cannot be enforced (no usable cgroup v1 or v2 cpu controller)")
+    parser.add_argument("--mounts-file", type=Path, default=Path("/proc/self/mounts"),
+                        help="the mount table read to find the cgroup hierarchies (tests point it elsewhere)")
     parser.add_argument("--log-level", default="INFO")
     return parser
 

@@ -7,24 +7,26 @@
 The configuration scrapes every second through file-based discovery (the node agent writes the targets file,
 labels ``namespace`` and ``pod``), so the operator's builtin queries (which select on namespace, model and version)
 find the runtime's series. Listens on 127.0.0.1 only; its TSDB, log and pid live in the state directory.
-Standard library only (runs before any virtualenv exists).
+Standard library only, with hack/proc.py for the process (runs before any virtualenv exists).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+if str(HACK) not in sys.path:  # hack/ holds scripts, not a package: siblings import by name (see hack/proc.py)
+    sys.path.insert(0, str(HACK))
+import proc  # noqa: E402
 
 BINARY = os.environ.get("SHIPYARD_PROMETHEUS", "/usr/bin/prometheus")
 SCRAPE_INTERVAL = "1s"
@@ -69,59 +71,33 @@ def start(state_dir: Path, targets: Path, timeout: float = 60.0) -> tuple[int, s
     config.write_text(build_config(targets.resolve()))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(state_dir / "prometheus.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
+    server = proc.spawn(
         [BINARY, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
          f"--storage.tsdb.path={state_dir / 'data'}", "--storage.tsdb.retention.time=1d", "--web.enable-lifecycle",
-         "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-    log.close()
-    (state_dir / "prometheus.json").write_text(json.dumps({"pid": proc.pid, "url": url}) + "\n")
+         "--log.level=warn"], state_dir / "prometheus.log")
+    (state_dir / "prometheus.json").write_text(json.dumps({"pid": server.pid, "url": url}) + "\n")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if server.poll() is not None:
             tail = (state_dir / "prometheus.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"prometheus exited with {proc.returncode}:\n{tail}")
+            (state_dir / "prometheus.json").unlink()
+            raise RuntimeError(f"prometheus exited with {server.returncode}:\n{tail}")
         if ready(url):
-            return proc.pid, url
+            return server.pid, url
         time.sleep(0.2)
     stop(state_dir)
     raise RuntimeError(f"prometheus was not ready within {timeout:.0f} s (see {state_dir / 'prometheus.log'})")
 
 
 def stop(state_dir: Path, timeout: float = 15.0, remove: bool = True) -> None:
+    """Stops the Prometheus that `start` recorded in the state directory (proc.stop: SIGTERM, SIGKILL after
+    `timeout`, waited for until gone); removes its TSDB unless `remove` is false."""
     info = state_dir / "prometheus.json"
     if info.exists():
-        pid = int(json.loads(info.read_text())["pid"])
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        proc.stop(int(json.loads(info.read_text())["pid"]), timeout)
         info.unlink()
     if remove:
         shutil.rmtree(state_dir / "data", ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)
-        if waited == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:

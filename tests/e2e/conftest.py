@@ -5,7 +5,8 @@ pods run as real processes, the Service proxy, Prometheus targets; the KWOK node
 Debian's package (hack/prometheus.py, file_sd, 1 s scrapes) and the operator as a subprocess
 (``shipyard-operator --prometheus-address``). Stops them in the reverse order (operator, agent with its pods,
 Prometheus, control plane) and checks that no pod process is left. The package scope makes the e2e cluster go
-away before the integration tier starts its own.
+away before the next tier starts its own. The agent is started as tests/stack.py says: a machine where it cannot
+enforce pods' CPU limits fails the fixture.
 
 Results (timings, requests per version) are collected in RESULTS, written to tests/e2e/results/last-run.json and
 printed as a table at the end of the run (with or without -s). Logs of a run are copied to tests/e2e/results/logs/.
@@ -13,11 +14,9 @@ printed as a table at the end of the run (with or without -s). Logs of a run are
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -35,20 +34,16 @@ import pytest
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.generic_resource import create_namespaced_resource
 
+from tests import stack
 from tests.integration.conftest import Cluster, install_crds, wait_until
-from tests.modules import load_file
 
-REPO = Path(__file__).resolve().parents[2]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAMESPACE = "e2e"
 POD_IP_PREFIX = "127.0.11"
+SERVICE_IP_PREFIX = "127.0.253"  # Services' virtual IPs, apart from the demo's default 127.0.254
 RESULTS: dict[str, Any] = {"scenarios": {}}
 
 ModelDeployment = create_namespaced_resource("shipyard.dev", "v1alpha1", "ModelDeployment", "modeldeployments")
-
-
-def load_hack_module(name: str) -> Any:
-    return load_file(f"shipyard_e2e_{name}", REPO / "hack" / f"{name}.py")
 
 
 def free_port() -> int:
@@ -92,54 +87,11 @@ class E2E:
         return result
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    return int(proc.returncode)
-
-
-def _started_pids(agent_log: Path) -> list[int]:
-    pids = []
-    for line in agent_log.read_text(errors="replace").splitlines():
-        if "Started container" in line and " as pid " in line:
-            pids.append(int(line.split(" as pid ", 1)[1].split()[0]))
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _check_host() -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("the e2e tier needs root (mount namespaces and bind mounts for pods)")
-    for tool in ("unshare", "setpriv", "mount"):  # kubectl: built at the cluster's version, put on PATH by up()
-        if shutil.which(tool) is None:
-            problems.append(f"{tool} not found")
-    prometheus = os.environ.get("SHIPYARD_PROMETHEUS", "/usr/bin/prometheus")
-    if not Path(prometheus).exists():
-        problems.append(f"{prometheus} not found: apt-get install -y prometheus")
-    if problems:
-        pytest.fail("; ".join(problems), pytrace=False)
-
-
 @pytest.fixture(scope="package")
 def e2e() -> Iterator[E2E]:
-    _check_host()
-    cluster_mod = load_hack_module("cluster")
-    prometheus_mod = load_hack_module("prometheus")
+    stack.check_host(prometheus=True)
+    cluster_mod = stack.load_hack_module("cluster")
+    prometheus_mod = stack.load_hack_module("prometheus")
     base = Path(tempfile.mkdtemp(prefix="shipyard-e2e-"))
     workdir = base / "agent"
     venv = Path(sys.prefix)
@@ -157,30 +109,18 @@ def e2e() -> Iterator[E2E]:
         cluster = Cluster(kubeconfig=str(state.kubeconfig))
         install_crds(cluster)
         mark = time.monotonic()
-        with open(base / "agent.log", "ab") as log:
-            procs["agent"] = subprocess.Popen(
-                [str(venv / "bin" / "python"), str(REPO / "hack" / "node_agent.py"), "--kubeconfig",
-                 str(state.kubeconfig), "--workdir", str(workdir), "--venv", str(venv), "--taint-fake-nodes",
-                 "--prepare-images", "--pod-ip-prefix", POD_IP_PREFIX],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-        def agent_ready() -> bool:
-            assert procs["agent"].poll() is None, (base / "agent.log").read_text()[-3000:]
-            return (workdir / "agent-ready").exists()
-
-        # The first run on a machine trains the digits model of the image catalogue (cached afterwards).
-        wait_until(agent_ready, timeout=600, interval=0.5, message="the node agent")
+        procs["agent"] = stack.start_agent(state.kubeconfig, workdir, base / "agent.log", POD_IP_PREFIX,
+                                           service_ip_prefix=SERVICE_IP_PREFIX)
         timings["agentReadySeconds"] = round(time.monotonic() - mark, 1)
         mark = time.monotonic()
         _, prometheus_url = prometheus_mod.start(prometheus_dir, workdir / "prometheus-targets.json")
         timings["prometheusReadySeconds"] = round(time.monotonic() - mark, 1)
         liveness = free_port()
-        with open(base / "operator.log", "ab") as log:
-            procs["operator"] = subprocess.Popen(
-                [str(venv / "bin" / "shipyard-operator"), "--all-namespaces", "--kubeconfig", str(state.kubeconfig),
-                 "--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1",
-                 "--liveness", f"http://127.0.0.1:{liveness}/healthz", "--prometheus-address", prometheus_url],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        procs["operator"] = stack.proc.spawn(
+            [str(venv / "bin" / "shipyard-operator"), "--all-namespaces", "--kubeconfig", str(state.kubeconfig),
+             "--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1",
+             "--liveness", f"http://127.0.0.1:{liveness}/healthz", "--prometheus-address", prometheus_url],
+            base / "operator.log")
 
         def operator_live() -> bool:
             assert procs["operator"].poll() is None, (base / "operator.log").read_text()[-3000:]
@@ -200,15 +140,14 @@ def e2e() -> Iterator[E2E]:
         mark = time.monotonic()
         codes = {}
         if "operator" in procs:
-            codes["operator"] = _stop(procs["operator"], 30)
+            codes["operator"] = stack.proc.stop(procs["operator"], 30)
         if "agent" in procs:
-            codes["agent"] = _stop(procs["agent"], 90)
+            codes["agent"] = stack.proc.stop(procs["agent"], 90)
         prometheus_mod.stop(prometheus_dir)
         cluster_mod.down(base / "cluster")
         timings["teardownSeconds"] = round(time.monotonic() - mark, 1)
         _keep_logs(base)
-        stray = [pid for pid in _started_pids(base / "agent.log") if _alive(pid)] if (base / "agent.log").exists() \
-            else []
+        stray = stack.stray_pod_processes(base / "agent.log")
         RESULTS["teardown"] = {"exitCodes": codes, "strayPodProcesses": stray}
         if not failed and not stray:
             shutil.rmtree(base, ignore_errors=True)

@@ -4,12 +4,13 @@ Does network I/O (127.0.0.0/8 only). Each request opens its own TCP connection (
 behind kube-proxy would see every new connection balanced afresh, and records its client port so that the proxy's
 connection log (``conntrack.jsonl``) tells which pod answered it, failed requests included. Requests are sent at a
 fixed rate with at most ``concurrency`` in flight; the run stops at ``stop``, after ``max_seconds`` or after
-``max_requests``, whichever comes first.
+``max_requests``, whichever comes first. `attribute` (pure) then tells each result's pod and version from that log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import ipaddress
@@ -140,6 +141,30 @@ class LoadGenerator:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         if tasks:
             await asyncio.wait(tasks, timeout=RESPONSE_TIMEOUT_S + CONNECT_TIMEOUT_S)
+
+
+def attribute(results: list[Result], conntrack: list[dict[str, Any]], pod_versions: dict[str, str],
+              ) -> list[tuple[Result, str | None, str]]:
+    """(result, pod, version) per request: the proxy's record of the same client port closest to its start
+    (pure). Version from the response when there is one, else from the pod's label; '?' when unknown."""
+    by_port: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
+    for entry in conntrack:
+        by_port[int(entry["clientPort"])].append(entry)
+    out = []
+    for result in results:
+        candidates = [e for e in by_port.get(result.client_port, []) if -1.0 <= e["t"] - result.started <= 5.0]
+        entry = min(candidates, key=lambda e: abs(e["t"] - result.started)) if candidates else None
+        pod = entry.get("pod") if entry else None
+        version = result.version or (pod_versions.get(pod, "?") if pod else "no endpoint")
+        out.append((result, pod, version))
+    return out
+
+
+def count_by_version(attributed: list[tuple[Result, str | None, str]]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"served": 0, "failed": 0})
+    for result, _, version in attributed:
+        counts[version]["failed" if result.failed else "served"] += 1
+    return dict(sorted(counts.items()))
 
 
 def build_summary(results: Sequence[Result]) -> str:

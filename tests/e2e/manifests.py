@@ -1,6 +1,6 @@
 """The e2e variant of examples/digits.yaml (pure), also printed for `make demo`:
 
-    python -m tests.e2e.manifests TAG [--namespace NS]    # the ModelDeployment as YAML
+    python -m tests.e2e.manifests TAG [--namespace NS] [--accuracy]    # the ModelDeployment as YAML
 
 Changes to the example, so that a whole rollout fits a few minutes on 2 shared cores:
 - 3 replicas with a CPU limit of 1 (the runtime sizes its torch threads from it) instead of 4 unlimited;
@@ -10,6 +10,10 @@ Changes to the example, so that a whole rollout fits a few minutes on 2 shared c
 - the compression recipe of examples/models/digits.compression.yaml (structured 70% + global 80% pruning, each
   fine-tuned, then int8): the example's one-shot 90% global prune with 2 fine-tuning epochs fails its own 1%
   accuracy gate on the digits model the catalogue builds.
+
+`build_digits_accuracy` is the variant of the accuracy scenario: no compression (the image's model is served as it
+is), and besides the error rate a `job` metric that scores the candidate's own Service with `shipyard-runtime
+evaluate` on the digits eval split, in the digits image, and needs an accuracy of ACCURACY_MIN.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ ARTIFACTS_PVC = "shipyard-artifacts"
 ANALYSIS_INTERVAL_S = 2
 FAILURE_LIMIT = 1
 INITIAL_DELAY_S = 0
+ACCURACY_MIN = 0.9
+EVALUATION_SAMPLES = 450  # the whole eval split of builtin:digits
+EVALUATION_IMAGE_TAG = "1.0.0"  # the image the accuracy Job runs in: the runtime (its model is not used)
 
 
 def build_digits(tag: str, namespace: str | None = None) -> dict[str, Any]:
@@ -59,12 +66,41 @@ def build_digits(tag: str, namespace: str | None = None) -> dict[str, Any]:
     return md
 
 
+def build_digits_accuracy(tag: str, namespace: str | None = None) -> dict[str, Any]:
+    """`build_digits` without compression, analysed by its error rate and by the accuracy a Job measures (pure)."""
+    md = build_digits(tag, namespace)
+    spec = md["spec"]
+    del spec["compression"]
+    spec["rollout"]["analysis"]["metrics"] = [
+        {"name": "error-rate", "builtin": "errorRate", "max": 0.01},
+        {"name": "accuracy", "min": ACCURACY_MIN, "job": {
+            "activeDeadlineSeconds": 120,
+            "template": {"spec": {
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001},
+                "containers": [{
+                    "name": "evaluate",
+                    "image": f"{IMAGE_REPOSITORY}:{EVALUATION_IMAGE_TAG}",
+                    # The endpoint, model name and the stable's endpoint come from the operator's env.
+                    "command": ["shipyard-runtime", "evaluate", "--dataset", "builtin:digits",
+                                "--samples", str(EVALUATION_SAMPLES)],
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                  "limits": {"cpu": "1", "memory": "1Gi"}},
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                }],
+            }},
+        }},
+    ]
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tag")
     parser.add_argument("--namespace")
+    parser.add_argument("--accuracy", action="store_true", help="the accuracy scenario's variant")
     args = parser.parse_args(argv)
-    sys.stdout.write(yaml.safe_dump(build_digits(args.tag, args.namespace), sort_keys=False))
+    build = build_digits_accuracy if args.accuracy else build_digits
+    sys.stdout.write(yaml.safe_dump(build(args.tag, args.namespace), sort_keys=False))
     return 0
 
 

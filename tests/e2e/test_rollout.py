@@ -6,13 +6,16 @@
    canary's failures are bounded (by the load rate, the canary's replica share and the detection bound); the time
    from the first failed response to the rollback vs the analytic bound;
 4. readiness as a GitOps tool reads it: kstatus (observedGeneration, Ready, Reconciling, Stalled) and
-   ``kubectl wait --for=condition=Ready``, after the rollback and after a fixed tag.
+   ``kubectl wait --for=condition=Ready``, after the rollback and after a fixed tag;
+5. an inaccurate tag under load (a model answering half of the digits wrong, every answer an HTTP 200), in a namespace
+   of its own: its error rate stays 0, and a ``job`` metric (``shipyard-runtime evaluate`` in a Job, scoring the
+   candidate's own Service by name) fails it on accuracy and the operator rolls it back, after promoting a good tag
+   the same Job passed.
 """
 
 from __future__ import annotations
 
 import calendar
-import collections
 import dataclasses
 import json
 import math
@@ -26,8 +29,9 @@ from lightkube.resources.core_v1 import Pod
 
 from shipyard.operator import naming
 from shipyard.operator.planning import build_canary_replicas
+from tests import stack
 from tests.e2e import loadgen, manifests
-from tests.e2e.conftest import E2E, RESULTS, load_hack_module
+from tests.e2e.conftest import E2E, RESULTS, SERVICE_IP_PREFIX
 from tests.integration.conftest import wait_until
 from tests.integration.test_kstatus import compute as compute_kstatus  # cli-utils' kstatus library (Go)
 
@@ -35,6 +39,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 MODEL = "digits"
 V1, V2, BAD, V4 = "1.0.0", "1.1.0", "1.2.0-bad", "1.3.0"
+INACCURATE = "1.2.0-inaccurate"  # the catalogue ships a worse model for *-inaccurate tags
+ACCURACY_NAMESPACE = "e2e-accuracy"  # scenario 5's own: it starts from nothing, and runs alone with -k
 LOAD_RATE = 20.0  # requests per second, each on a new connection through the Service proxy
 LOAD_CONCURRENCY = 16  # the load generator's cap on requests in flight (its default)
 BOUND_S = manifests.INITIAL_DELAY_S + (manifests.FAILURE_LIMIT + 1) * manifests.ANALYSIS_INTERVAL_S
@@ -105,6 +111,7 @@ class Observation:
     observed_generation: int | None
     kstatus: str
     conditions: dict[str, str]
+    step_ready_at: str | None = None  # status.stepReadyAt: the candidate's current step had its pods ready
 
 
 class Watcher:
@@ -134,7 +141,8 @@ class Watcher:
             t=time.time(), phase=str(status.get("phase")), stable=status.get("stableVersion"),
             candidate=status.get("candidateVersion"), step=status.get("currentStepIndex"),
             generation=int(md["metadata"]["generation"]), observed_generation=status.get("observedGeneration"),
-            kstatus=assess_kstatus(md), conditions={k: v["status"] for k, v in conditions(md).items()}))
+            kstatus=assess_kstatus(md), conditions={k: v["status"] for k, v in conditions(md).items()},
+            step_ready_at=status.get("stepReadyAt")))
         for pod in self.e2e.client.list(Pod, namespace=self.e2e.namespace,
                                         labels={naming.LABEL_MODEL: MODEL}):
             version = (pod.metadata.labels or {}).get(naming.LABEL_VERSION)
@@ -157,30 +165,6 @@ class Watcher:
         found: Observation = wait_until(lambda: self.first(predicate), timeout=timeout, interval=0.25,
                                         message=f"{message}; last={last}")
         return found
-
-
-def attribute(results: list[loadgen.Result], conntrack: list[dict[str, Any]], pod_versions: dict[str, str],
-              ) -> list[tuple[loadgen.Result, str | None, str]]:
-    """(result, pod, version) per request: the proxy's record of the same client port closest to its start
-    (pure). Version from the response when there is one, else from the pod's label; '?' when unknown."""
-    by_port: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
-    for entry in conntrack:
-        by_port[int(entry["clientPort"])].append(entry)
-    out = []
-    for result in results:
-        candidates = [e for e in by_port.get(result.client_port, []) if -1.0 <= e["t"] - result.started <= 5.0]
-        entry = min(candidates, key=lambda e: abs(e["t"] - result.started)) if candidates else None
-        pod = entry.get("pod") if entry else None
-        version = result.version or (pod_versions.get(pod, "?") if pod else "no endpoint")
-        out.append((result, pod, version))
-    return out
-
-
-def count_by_version(attributed: list[tuple[loadgen.Result, str | None, str]]) -> dict[str, dict[str, int]]:
-    counts: dict[str, dict[str, int]] = collections.defaultdict(lambda: {"served": 0, "failed": 0})
-    for result, _, version in attributed:
-        counts[version]["failed" if result.failed else "served"] += 1
-    return dict(sorted(counts.items()))
 
 
 def start_load(e2e: E2E) -> loadgen.LoadGenerator:
@@ -246,7 +230,7 @@ ROLLBACK_SEEN: dict[str, float] = {}
 def test_1_compression_job_runs_torch_and_pods_serve_correct_predictions(e2e: E2E) -> None:
     name = "1 compress + serve"
     started = time.time()
-    volume = load_hack_module("node_agent").build_local_volume(
+    volume = stack.load_hack_module("node_agent").build_local_volume(
         e2e.namespace, manifests.ARTIFACTS_PVC, str(e2e.workdir / "pvc" / e2e.namespace / manifests.ARTIFACTS_PVC))
     for obj in volume:
         e2e.cluster.apply(obj)
@@ -338,8 +322,8 @@ def test_2_good_tag_under_load_promotes_with_zero_failed_requests(e2e: E2E) -> N
         finally:
             results = load.stop()
     conntrack = e2e.conntrack()
-    attributed = attribute(results, conntrack, watcher.pod_versions)
-    counts = count_by_version(attributed)
+    attributed = loadgen.attribute(results, conntrack, watcher.pod_versions)
+    counts = loadgen.count_by_version(attributed)
     failed = [(r, pod, v) for r, pod, v in attributed if r.failed]
     first_v2 = min(r.finished for r in results if r.version == V2)
     steps_seen = sorted({o.step for o in watcher.observations if o.candidate == V2 and o.step is not None})
@@ -389,8 +373,8 @@ def test_3_bad_tag_under_load_is_rolled_back_and_only_the_canary_fails(e2e: E2E)
         finally:
             results = load.stop()
     md = e2e.md(MODEL)
-    attributed = attribute(results, e2e.conntrack(), watcher.pod_versions)
-    counts = count_by_version(attributed)
+    attributed = loadgen.attribute(results, e2e.conntrack(), watcher.pod_versions)
+    counts = loadgen.count_by_version(attributed)
     failed = [(r, pod, v) for r, pod, v in attributed if r.failed]
     canary = [(r, pod, v) for r, pod, v in attributed if v == BAD]
     first_failed = min((r.finished for r, _, _ in failed), default=None)
@@ -464,8 +448,8 @@ def test_4_readiness_as_gitops_reads_it(e2e: E2E, case: str, tag: str | None, ex
             finally:
                 results = load.stop()
             failed = [r for r in results if r.failed]
-            record(name, requests={f"{tag} rollout: {v}": c for v, c in count_by_version(
-                attribute(results, e2e.conntrack(), watcher.pod_versions)).items()})
+            record(name, requests={f"{tag} rollout: {v}": c for v, c in loadgen.count_by_version(
+                loadgen.attribute(results, e2e.conntrack(), watcher.pod_versions)).items()})
             assert not failed, failed[:3]
             wait = e2e.cluster.kubectl("wait", "-n", e2e.namespace, "--for=condition=Ready", "--timeout=30s",
                                        f"modeldeployment/{MODEL}", check=False, timeout=40)
@@ -499,6 +483,117 @@ def test_4_readiness_as_gitops_reads_it(e2e: E2E, case: str, tag: str | None, ex
     if expected_kstatus == "Failed":
         assert conditions(md)["Stalled"].get("reason") == "AnalysisFailed"
         assert md["status"]["stableVersion"] == V2
+    record(name, outcome="passed")
+
+
+def test_5_inaccurate_tag_is_rolled_back_by_its_accuracy_job_while_its_error_rate_stays_0(e2e: E2E) -> None:
+    name = "5 inaccurate canary, accuracy Job"
+    acc = dataclasses.replace(e2e, namespace=ACCURACY_NAMESPACE)
+    if acc.cluster.get("namespace", ACCURACY_NAMESPACE) is None:
+        acc.cluster.kubectl("create", "namespace", ACCURACY_NAMESPACE)
+
+    def apply(tag: str) -> None:
+        acc.cluster.apply(manifests.build_digits_accuracy(tag), ACCURACY_NAMESPACE)
+
+    started = time.time()
+    apply(V1)  # the first version: no stable to compare with, no analysis
+    wait_until(lambda: assess_kstatus(acc.md(MODEL)) == "Current", timeout=300, interval=1,
+               message=f"{V1} to be Ready in {ACCURACY_NAMESPACE}")
+    first_ready = time.time()
+    with Watcher(acc) as watcher:
+        load = start_load(acc)
+        try:
+            time.sleep(3)
+            good_patched = time.time()
+            apply(V2)
+            promoted = watcher.wait(lambda o: o.stable == V2 and o.phase == "Healthy" and o.kstatus == "Current",
+                                    300, f"{V2} to be promoted on its accuracy Job")
+            good_analysis = (acc.md(MODEL)["status"].get("analysis") or {})
+            time.sleep(3)
+            patched = time.time()
+            apply(INACCURATE)
+            candidate_ready = watcher.wait(lambda o: o.candidate == INACCURATE and o.step_ready_at is not None, 240,
+                                           f"the first canary step of {INACCURATE} to be ready")
+            rolled_back = watcher.wait(lambda o: o.phase == "RolledBack", 240, f"the rollback of {INACCURATE}")
+            serving = {naming.LABEL_VERSION: INACCURATE, naming.LABEL_COMPONENT: "serving"}
+            wait_until(lambda: not list(acc.client.list(Pod, namespace=ACCURACY_NAMESPACE, labels=serving)),
+                       timeout=90, message=f"the pods of {INACCURATE} to be gone")
+            gone = time.time()
+            time.sleep(3)  # traffic after the rollback: the stable's alone
+        finally:
+            results = load.stop()
+    md = acc.md(MODEL)
+    status = md["status"]
+    model_service = f"{ACCURACY_NAMESPACE}/{MODEL}"
+    conntrack = acc.conntrack()
+    attributed = loadgen.attribute(results, [e for e in conntrack if e["service"] == model_service],
+                                   watcher.pod_versions)
+    counts = loadgen.count_by_version(attributed)
+    failed = [(r, pod, v) for r, pod, v in attributed if r.failed]
+    candidate = [r for r in results if r.version == INACCURATE]
+    after_rollback = [r for r in results if r.started > gone]
+    analysis = status.get("analysis") or {}
+    metrics = {m["name"]: m for m in analysis.get("metrics") or []}
+    accuracy, error_rate = metrics.get("accuracy", {}), metrics.get("error-rate", {})
+    good_accuracy = {m["name"]: m for m in good_analysis.get("metrics") or []}.get("accuracy", {})
+    # What the accuracy Jobs reached: the version Services by name, i.e. their virtual IPs at the serving port.
+    by_service: dict[str, set[str]] = {}
+    frontends: set[str] = set()
+    for entry in conntrack:
+        if entry.get("pod") and entry["service"] != model_service and entry["service"].startswith(ACCURACY_NAMESPACE):
+            by_service.setdefault(entry["service"], set()).add(watcher.pod_versions.get(entry["pod"], "?"))
+            frontends.add(entry["frontend"])
+    version_service = {v: f"{ACCURACY_NAMESPACE}/{naming.build_deployment_name(MODEL, v)}" for v in (V2, INACCURATE)}
+
+    def served_accuracy(rows: list[loadgen.Result]) -> str:
+        judged = [r.correct for r in rows if r.correct is not None]
+        return f"{sum(judged) / len(judged):.3f} of {len(judged)}" if judged else "none"
+
+    record(name, requests=counts, timings={
+        f"apply {V1} -> Ready (3 pods, no compression) (s)": round(first_ready - started, 1),
+        f"patch {V2} -> promoted, accuracy Job passed (s)": round(promoted.t - good_patched, 1),
+        f"patch {INACCURATE} -> its first step ready (s)": round(candidate_ready.t - patched, 1),
+        "candidate ready -> RolledBack (time to detect) (s)": round(rolled_back.t - candidate_ready.t, 1),
+        "analysis startedAt -> RolledBack (s, +-1)": round(rolled_back.t - calendar.timegm(time.strptime(
+            analysis["startedAt"], "%Y-%m-%dT%H:%M:%SZ")), 0) if analysis.get("startedAt") else None,
+        "RolledBack -> canary pods gone (s)": round(gone - rolled_back.t, 1),
+    }, facts={
+        f"accuracy of {V2} (its Job)": f"{good_accuracy.get('lastValue')} ({good_accuracy.get('verdict')}, "
+                                       f"{good_accuracy.get('measurements')} measurement(s))",
+        f"accuracy of {INACCURATE} (its Jobs)": f"{accuracy.get('lastValue')} ({accuracy.get('verdict')}, "
+                                                f"{accuracy.get('failures')} failure(s) of "
+                                                f"{accuracy.get('measurements')} measurement(s))",
+        f"error rate of {INACCURATE}": f"{error_rate.get('lastValue')} ({error_rate.get('verdict')}, "
+                                       f"{error_rate.get('measurements')} measurement(s))",
+        "accuracy of the answers to the load, by version": {v: served_accuracy([r for r in results if r.version == v])
+                                                            for v in (V1, V2, INACCURATE)},
+        "connections of the accuracy Jobs, by version Service": {k: sorted(v) for k, v in sorted(by_service.items())},
+        "the accuracy Jobs' connections went to": sorted(frontends),
+        "requests sent": len(results),
+        "status": f"{status['phase']}, stable {status.get('stableVersion')}: {status.get('message')}",
+    })
+
+    # The good tag went through the same Job and passed it.
+    assert good_analysis.get("version") == V2 and good_accuracy.get("verdict") == "Successful", good_analysis
+    assert good_accuracy["lastValue"] >= manifests.ACCURACY_MIN
+    # The inaccurate one failed on accuracy only, well below the threshold, while its error rate stayed 0.
+    assert analysis.get("version") == INACCURATE and analysis.get("phase") == "Failed", analysis
+    assert accuracy.get("verdict") == "Failed" and accuracy["failures"] > manifests.FAILURE_LIMIT, accuracy
+    assert accuracy["lastValue"] is not None and accuracy["lastValue"] <= manifests.ACCURACY_MIN - 0.2, accuracy
+    assert error_rate.get("verdict") == "Successful" and error_rate["failures"] == 0, error_rate
+    assert error_rate["lastValue"] == 0, error_rate
+    assert status["stableVersion"] == V2 and conditions(md)["Stalled"].get("reason") == "AnalysisFailed", status
+    assert status["history"][-1]["version"] == INACCURATE and status["history"][-1]["outcome"] == "RolledBack"
+    # The Jobs reached each version's own Service by its name, and only that version's pods answered there.
+    assert by_service.get(version_service[INACCURATE]) == {INACCURATE}, by_service
+    assert by_service.get(version_service[V2]) == {V2}, by_service  # the stable, as the reference
+    port = 8080  # spec.serving.port (the default)
+    assert frontends and all(f.startswith(f"{SERVICE_IP_PREFIX}.") and f.endswith(f":{port}") for f in frontends), \
+        frontends  # the Services' virtual IPs at the Service's own port, as the names in the pods' hosts files say
+    # Under load: not one request failed; the candidate answered (wrongly, with HTTP 200), then the stable alone.
+    assert not failed, f"{len(failed)} failed request(s), first: {failed[:3]}"
+    assert candidate and any(r.correct is False for r in candidate), "the candidate answered no request wrongly"
+    assert after_rollback and all(r.version == V2 for r in after_rollback), {r.version for r in after_rollback}
     record(name, outcome="passed")
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from kopf.testing import KopfRunner
 
+from tests.browser import Browser, DashboardProcess, launch_chromium
 from tests.modules import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,3 +184,57 @@ class OperatorProcess:
             self.proc.wait()
         self.handle.close()
         return self.log.read_text()
+
+
+@pytest.fixture
+def prometheus(cluster: Cluster, namespace: str) -> Iterator[Any]:
+    """A fake Prometheus (test_operator_rollout.FakePrometheus) whose address the test namespace allows."""
+    from tests.integration.test_operator_rollout import FakePrometheus
+
+    fake = FakePrometheus()
+    # The specs name this address: the namespace's administrator allows it (docs/security.md).
+    cluster.kubectl("annotate", "namespace", namespace, f"shipyard.dev/allowed-prometheus-addresses={fake.address}")
+    yield fake
+    fake.close()
+
+
+# --- the dashboard in a browser (tests/integration/test_dashboard*.py) ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """Debian's Chromium, headless, one per test module (tests/browser.py)."""
+    from playwright.sync_api import sync_playwright  # a dev dependency, only for the dashboard's tests
+
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def browser(chromium: Any, dashboards: Callable[..., DashboardProcess],
+            tmp_path: Path) -> Iterator[Browser]:
+    """Closed before the dashboards stop (it depends on them), so no page sees its server go away."""
+    shots = Path(os.environ.get("SHIPYARD_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    state = Browser(chromium.new_context(), shots)
+    yield state
+    state.context.close()
+    unexpected = [e for e in state.errors if not any(x in e for x in state.expected)]
+    assert unexpected == []  # no CSP violation, no script error, no failed request on any page
+
+
+@pytest.fixture
+def dashboards(cluster: Cluster, tmp_path: Path) -> Iterator[Callable[..., DashboardProcess]]:
+    started: list[DashboardProcess] = []
+
+    def start(*args: str, kubeconfig: str | None = None) -> DashboardProcess:
+        d = DashboardProcess(kubeconfig or cluster.kubeconfig, tmp_path / f"dashboard-{len(started)}.log", *args)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        log = d.stop()
+        assert "Traceback" not in log, log
+        assert d.returncode == 0, log

@@ -12,9 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="session")
 def compiled_digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An artifact made by `shipyard-runtime compress` with `compiled.aotInductor`: a small digits MLP (64-32-16-10)
-    int8-quantized, with its AOTInductor package for batches 1..128 (gated like the eager model). Built once per
-    session: AOTInductor compiles C++ (15-50 s on 2 cores). Read-only for tests: copy it before changing it."""
+    """An artifact made by `shipyard-runtime compress` with the default `compiled.mode` (auto): a small digits MLP
+    (64-32-16-10) int8-quantized, with its AOTInductor package for batches 1..128 (gated like the eager model) and
+    the form the Job measured faster (`fastest`). Built once per session: AOTInductor compiles C++ (15-50 s on 2
+    cores). Read-only for tests: copy it before changing it."""
     import torch
 
     from shipyard.runtime import cli
@@ -33,7 +34,7 @@ def compiled_digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "evaluation": {"dataset": "builtin:digits", "maxRelativeAccuracyLoss": 0.02},
             "terminationLog": str(work / "termination-log"),
             "latency": {"batchSizes": [1, 8], "budgetSeconds": 0.02},
-            "compiled": {"aotInductor": True, "maxBatchSize": 128},
+            "compiled": {"maxBatchSize": 128},
         }
         (work / "compression.json").write_text(json.dumps(config))
         code = cli.main(["compress", "--config", str(work / "compression.json")])

@@ -1,0 +1,296 @@
+"""The node agent as a kubelet, on a real control plane (hack/node_agent.py; its pure parts are in
+tests/unit/test_node_agent.py): what it reports for a pod whose image is not in the catalogue, for a volume it
+cannot provide and for containers that finish; that a CPU limit really holds (a busy loop under 500m uses about half
+a core, next to one under a limit it cannot reach, and sees its limit where the runtime reads it); that pods reach
+Services by name at the Service's port, and see Services come and go while they run; and that it refuses to start
+where it cannot enforce CPU limits, which is what fails the e2e and harness fixtures there."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import stack
+from tests.harness.conftest import SERVICE_IP_PREFIX, Node
+from tests.integration.conftest import wait_until
+
+pytestmark = [pytest.mark.harness, pytest.mark.timeout(600)]
+
+DIGITS = "registry.example/shipyard/digits-model"
+LIMITED_MAX_CORES = 0.65  # 500m, with room for the CFS period's rounding; no limit would be ~1.0
+BUSY_SECONDS = 4.0
+REFERENCE_MIN_CORES = 0.8  # the loop under a limit it cannot reach: ~1.0
+REFERENCE_ATTEMPTS = 3
+
+
+def _pod(name: str, image: str, command: list[str], restart: str = "Never") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": restart, "terminationGracePeriodSeconds": 2,
+                     "automountServiceAccountToken": False,
+                     "containers": [{"name": "main", "image": image, "command": command,
+                                     "terminationMessagePolicy": "FallbackToLogsOnError"}]}}
+
+
+def _container_state(node: Node, namespace: str, name: str) -> dict[str, Any] | None:
+    pod = node.cluster.get("pod", name, namespace)
+    statuses = ((pod or {}).get("status") or {}).get("containerStatuses") or []
+    return statuses[0] if statuses else None
+
+
+def _namespace(node: Node, namespace: str) -> str:
+    if node.cluster.get("namespace", namespace) is None:
+        node.cluster.kubectl("create", "namespace", namespace)
+    return namespace
+
+
+def _terminated(node: Node, namespace: str, name: str, timeout: float = 120) -> dict[str, Any]:
+    status = wait_until(lambda: (s := _container_state(node, namespace, name)) and "terminated" in s["state"] and s,
+                        timeout=timeout, message=f"pod {name} to finish")
+    terminated: dict[str, Any] = status["state"]["terminated"]
+    return terminated
+
+
+def test_unknown_image_stays_pending_with_err_image_pull(node: Node) -> None:
+    namespace = _namespace(node, "agent-pull")
+    node.cluster.apply(_pod("nope", "registry.example/not-there:1.0", ["true"]), namespace)
+    status = wait_until(lambda: (s := _container_state(node, namespace, "nope")) and "waiting" in s["state"]
+                        and s["state"]["waiting"].get("reason") == "ErrImagePull" and s,
+                        timeout=60, message="ErrImagePull")
+    pod = node.cluster.get("pod", "nope", namespace)
+    assert pod is not None and pod["status"]["phase"] == "Pending" and pod["spec"]["nodeName"] == "local-0"
+    assert "not in the local image catalogue" in status["state"]["waiting"]["message"]
+    started = time.monotonic()
+    node.cluster.kubectl("delete", "namespace", namespace, "--timeout=60s")
+    assert time.monotonic() - started < 60
+
+
+def test_unsupported_volume_fails_the_pod_with_a_message(node: Node) -> None:
+    namespace = _namespace(node, "agent-volume")
+    pod = _pod("token", f"{DIGITS}:1.0.0", ["true"])
+    pod["spec"]["automountServiceAccountToken"] = True  # a projected service account token volume
+    node.cluster.apply(pod, namespace)
+    status = wait_until(lambda: (s := _container_state(node, namespace, "token")) and "waiting" in s["state"]
+                        and s["state"]["waiting"].get("reason") == "CreateContainerConfigError" and s,
+                        timeout=60, message="CreateContainerConfigError")
+    assert "not supported by the local node agent" in status["state"]["waiting"]["message"]
+
+
+@pytest.mark.parametrize(("name", "script", "exit_code", "message"), [
+    pytest.param("writes-message", "echo done > /dev/termination-log; exit 0", 0, "done", id="termination-log"),
+    pytest.param("fails-with-logs", "echo boom-in-logs; exit 3", 3, "boom-in-logs", id="fallback-to-logs"),
+])
+def test_finished_container_reports_exit_code_and_message(node: Node, name: str, script: str, exit_code: int,
+                                                          message: str) -> None:
+    namespace = _namespace(node, "agent-exit")
+    node.cluster.apply(_pod(name, f"{DIGITS}:1.0.0", ["sh", "-c", script]), namespace)
+    terminated = _terminated(node, namespace, name)
+    assert terminated["exitCode"] == exit_code and message in terminated.get("message", ""), json.dumps(terminated)
+    phase = "Succeeded" if exit_code == 0 else "Failed"
+    wait_until(lambda: (node.cluster.get("pod", name, namespace) or {}).get("status", {}).get("phase") == phase,
+               timeout=30, message=f"phase {phase}")
+
+
+# A busy loop that reports the cores it used (its own CPU time over wall time, measured around the loop only), what
+# it sees of its CPU limit at the paths the runtime reads (shipyard.runtime.engine.fetch_cpu_limit), and how often
+# its cgroup's quota held it back (cpu.stat's nr_throttled, v1 or v2).
+BUSY_LOOP = textwrap.dedent(f"""
+    import json, time
+    def read(path):
+        try:
+            return open(path).read().strip()
+        except OSError:
+            return None
+    cpu, wall = time.process_time(), time.monotonic()
+    while time.monotonic() - wall < {BUSY_SECONDS}:
+        pass
+    cores = (time.process_time() - cpu) / (time.monotonic() - wall)
+    names = ("cpu.max", "cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")
+    seen = {{name: read("/sys/fs/cgroup/" + name) for name in names}}
+    stat = read("/sys/fs/cgroup/cpu.stat") or read("/sys/fs/cgroup/cpu/cpu.stat") or ""
+    throttled = dict(line.split() for line in stat.splitlines()).get("nr_throttled")
+    report = {{"cores": cores, "seen": seen, "throttled": None if throttled is None else int(throttled)}}
+    open("/dev/termination-log", "w").write(json.dumps(report))
+""")
+
+
+@contextlib.contextmanager
+def _outweighing_the_machine(cpu_limits: dict[str, Any]) -> Iterator[None]:
+    """While the loops run, the agent's cgroup (both pods' parent) gets the largest CPU weight, so that the other
+    processes of a shared machine do not decide what the loops get: each gets what its quota allows (restored
+    after)."""
+    weight = Path(cpu_limits["mount"]) / cpu_limits["cgroup"] / ("cpu.shares" if cpu_limits["version"] == 1
+                                                                  else "cpu.weight")
+    before = weight.read_text().strip()
+    weight.write_text("262144" if cpu_limits["version"] == 1 else "10000")
+    try:
+        yield
+    finally:
+        weight.write_text(before)
+
+
+def _busy_loops(node: Node, namespace: str, attempt: int) -> dict[str, dict[str, Any]]:
+    """Runs the busy loop in two pods side by side, under ``limits.cpu`` 500m and 2 (which one thread cannot
+    reach: the reference); their reports."""
+    for name, cpu in (("limited", "500m"), ("reference", "2")):
+        pod = _pod(f"{name}-{attempt}", f"{DIGITS}:1.0.0", ["python3", "-c", BUSY_LOOP])
+        pod["spec"]["containers"][0]["resources"] = {"limits": {"cpu": cpu}}
+        node.cluster.apply(pod, namespace)
+    reports = {}
+    for name in ("limited", "reference"):
+        terminated = _terminated(node, namespace, f"{name}-{attempt}")
+        assert terminated["exitCode"] == 0, terminated
+        reports[name] = json.loads(terminated["message"])
+    print(f"\nbusy loop for {BUSY_SECONDS:.0f} s, attempt {attempt}: limit 500m {reports['limited']['cores']:.3f} "
+          f"cores (throttled {reports['limited']['throttled']} times), limit 2 {reports['reference']['cores']:.3f} "
+          f"cores (throttled {reports['reference']['throttled']} times); the 500m one saw "
+          f"{reports['limited']['seen']}")
+    return reports
+
+
+def test_a_cpu_limit_holds(node: Node) -> None:
+    """A busy loop under ``limits.cpu: 500m`` uses about half a core at most, its cgroup's quota throttled it, and
+    it sees a limit that makes the runtime size one thread. The same loop under a limit of 2, beside it, is the
+    reference: it uses (nearly) a whole core, so the measurement tells a quota that binds from one that does not (a
+    missing 500m limit would show as a core, and never as a throttle). A run where the reference got less than
+    REFERENCE_MIN_CORES (a machine too busy for the weight to help) is repeated, REFERENCE_ATTEMPTS times at most."""
+    from shipyard.runtime import engine  # the runtime's own reading of a cgroup's limit
+
+    def runtime_threads(seen: dict[str, str | None]) -> int:
+        quota, period = seen["cpu/cpu.cfs_quota_us"], seen["cpu/cpu.cfs_period_us"]
+        return int(engine.build_cpu_threads(seen["cpu.max"], int(quota) if quota else None,
+                                            int(period) if period else None, affinity=16))
+
+    namespace = _namespace(node, "agent-cpu")
+    references = []
+    with _outweighing_the_machine(node.cpu_limits):
+        for attempt in range(1, REFERENCE_ATTEMPTS + 1):
+            reports = _busy_loops(node, namespace, attempt)
+            assert runtime_threads(reports["limited"]["seen"]) == 1, reports["limited"]
+            assert runtime_threads(reports["reference"]["seen"]) == 2, reports["reference"]
+            assert reports["limited"]["cores"] <= LIMITED_MAX_CORES, reports  # contention only ever lowers it
+            references.append(round(reports["reference"]["cores"], 2))
+            if reports["reference"]["cores"] >= REFERENCE_MIN_CORES:
+                break
+        else:
+            pytest.fail(f"the machine was too busy to show a CPU limit: the loop under a limit of 2 got {references} "
+                        f"cores (needs {REFERENCE_MIN_CORES} once in {REFERENCE_ATTEMPTS} runs)")
+    assert (reports["limited"]["throttled"] or 0) > 0, reports  # a missing limit is never throttled
+
+
+# A client inside a pod: fetches each URL (retrying while the name does not resolve or nothing answers yet) and
+# reports the address each name resolved to and the HTTP status, in its termination message.
+FETCH = textwrap.dedent("""
+    import json, socket, sys, time, urllib.parse, urllib.request
+    report = {}
+    for url in sys.argv[1:]:
+        host = urllib.parse.urlsplit(url).hostname
+        deadline, outcome = time.monotonic() + 30, None
+        while outcome is None or (time.monotonic() < deadline and outcome.get("error")):
+            try:
+                ip = socket.gethostbyname(host)
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    outcome = {"ip": ip, "status": response.status}
+            except OSError as error:
+                outcome = {"error": f"{type(error).__name__}: {error}"}
+                time.sleep(0.5)
+        report[url] = outcome
+    open("/dev/termination-log", "w").write(json.dumps(report))
+""")
+
+# Waits for a Service created after the pod started to resolve, then for it to stop resolving once deleted: the
+# pod's hosts file follows the Services while the pod runs.
+FOLLOW = textwrap.dedent("""
+    import json, socket, sys, time
+    def resolve(name):
+        try:
+            return socket.gethostbyname(name)
+        except OSError:
+            return None
+    name, seen = sys.argv[1], None
+    deadline = time.monotonic() + 120
+    while seen is None and time.monotonic() < deadline:
+        seen = resolve(name)
+        time.sleep(0.2)
+    while resolve(name) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    open("/dev/termination-log", "w").write(json.dumps({"appeared": seen, "gone": resolve(name) is None}))
+""")
+
+
+def _service(name: str, port: int, selector: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"selector": selector, "ports": [{"name": "http", "port": port, "targetPort": "http"}]}}
+
+
+def _virtual_ip(node: Node, namespace: str, name: str) -> str | None:
+    ip: str | None = json.loads((node.workdir / "service-ips.json").read_text()).get(f"{namespace}/{name}")
+    return ip
+
+
+def _web_server(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A pod serving HTTP on its own IP, port 8000 (named http), ready once it listens."""
+    pod = _pod(name, f"{DIGITS}:1.0.0", ["python3", "-m", "http.server", "8000", "--bind", "$(POD_IP)"],
+               restart="Always")
+    pod["metadata"]["labels"] = labels
+    container = pod["spec"]["containers"][0]
+    container["env"] = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+    container["ports"] = [{"name": "http", "containerPort": 8000}]
+    container["readinessProbe"] = {"tcpSocket": {"port": "http"}, "periodSeconds": 1}
+    return pod
+
+
+def test_pods_reach_services_by_name_at_the_service_port(node: Node) -> None:
+    """Kube-proxy's and cluster DNS's job: a Service's names resolve inside pods (the short name only in its own
+    namespace) to its virtual IP, where it listens on the Service's own port and forwards to a ready pod."""
+    namespace, other = _namespace(node, "agent-svc"), _namespace(node, "agent-svc-other")
+    node.cluster.apply(_web_server("web", {"app": "web"}), namespace)
+    node.cluster.apply(_service("web", 80, {"app": "web"}), namespace)
+    vip = wait_until(lambda: _virtual_ip(node, namespace, "web"), timeout=30, message="the Service's virtual IP")
+    assert vip.startswith(f"{SERVICE_IP_PREFIX}.")
+    qualified = [f"http://web.{namespace}.svc.cluster.local/", f"http://web.{namespace}.svc/",
+                 f"http://web.{namespace}/"]
+    node.cluster.apply(_pod("same-ns", f"{DIGITS}:1.0.0", ["python3", "-c", FETCH, *qualified, "http://web/"]),
+                       namespace)
+    node.cluster.apply(_pod("other-ns", f"{DIGITS}:1.0.0", ["python3", "-c", FETCH, qualified[1], "http://web/"]),
+                       other)
+    same = json.loads(_terminated(node, namespace, "same-ns")["message"])
+    assert same == {url: {"ip": vip, "status": 200} for url in [*qualified, "http://web/"]}, same
+    elsewhere = json.loads(_terminated(node, other, "other-ns")["message"])
+    assert elsewhere[qualified[1]] == {"ip": vip, "status": 200}, elsewhere
+    assert "error" in elsewhere["http://web/"], elsewhere  # the short name is the Service's namespace's only
+    forwarded = [json.loads(line) for line in (node.workdir / "conntrack.jsonl").read_text().splitlines()]
+    assert any(e["service"] == f"{namespace}/web" and e["frontend"] == f"{vip}:80" and e.get("pod") == "web"
+               for e in forwarded)
+
+
+def test_a_running_pod_sees_services_come_and_go(node: Node) -> None:
+    namespace = _namespace(node, "agent-svc-late")
+    node.cluster.apply(_pod("follower", f"{DIGITS}:1.0.0", ["python3", "-c", FOLLOW, f"late.{namespace}.svc"]),
+                       namespace)
+    wait_until(lambda: (s := _container_state(node, namespace, "follower")) and "running" in s["state"],
+               timeout=60, message="the follower pod to run")
+    node.cluster.apply(_service("late", 8080, {"app": "late"}), namespace)
+    vip = wait_until(lambda: _virtual_ip(node, namespace, "late"), timeout=30, message="the late Service's virtual IP")
+    time.sleep(2)  # the follower polls every 0.2 s
+    node.cluster.kubectl("delete", "service", "late", "-n", namespace)
+    report = json.loads(_terminated(node, namespace, "follower", timeout=60)["message"])
+    assert report == {"appeared": vip, "gone": True}, report
+
+
+def test_the_agent_refuses_to_start_without_cpu_limits(tmp_path: Path) -> None:
+    """What makes the e2e and harness fixtures fail on a machine without a usable cgroup cpu controller: here a
+    mount table that lists none. (The agent exits before it reads its kubeconfig.)"""
+    (tmp_path / "mounts").write_text("proc /proc proc rw 0 0\n")
+    log = tmp_path / "agent.log"
+    with pytest.raises(AssertionError, match="the node agent exited with 1") as failure:
+        stack.start_agent(tmp_path / "no-kubeconfig", tmp_path / "agent", log, "127.0.13", "--mounts-file",
+                          str(tmp_path / "mounts"), timeout=60)
+    assert "CPU LIMITS ARE NOT ENFORCED" in str(failure.value)
+    assert "--require-cpu-limits: refusing to start" in log.read_text()

@@ -1,0 +1,164 @@
+"""The e2e node agent's pure parts (hack/node_agent.py): image references, the local image catalogue's tags, the
+files of configMap and secret volumes, Services' virtual IPs and pods' hosts files. What it does with real pods is
+the harness tier's (tests/harness/test_node_agent.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import stack
+
+agent = stack.load_hack_module("node_agent")
+DIGITS = "registry.example/shipyard/digits-model"
+
+
+@pytest.mark.parametrize(("reference", "repository", "tag"), [
+    pytest.param(f"{DIGITS}:1.0.0", DIGITS, "1.0.0", id="tag"),
+    pytest.param("localhost:5000/a/b", "localhost:5000/a/b", "latest", id="registry-port-no-tag"),
+    pytest.param("localhost:5000/a/b:2", "localhost:5000/a/b", "2", id="registry-port-tag"),
+    pytest.param("a/b@sha256:abc", "a/b", "sha256:abc", id="digest"),
+])
+def test_parse_image(reference: str, repository: str, tag: str) -> None:
+    assert agent.parse_image(reference) == (repository, tag)
+
+
+MODEL = {"/models/digits": "digits"}
+
+
+@pytest.mark.parametrize(("image", "env", "contents", "error"), [
+    pytest.param(f"{DIGITS}:1.1.0", {}, MODEL, None, id="good-tag"),
+    pytest.param(f"{DIGITS}:1.2.0-bad", {"SHIPYARD_FAULT_ERROR_RATE": "0.5"}, MODEL, None, id="bad-tag-fails-half"),
+    pytest.param(f"{DIGITS}:1.2.0-slow", {"SHIPYARD_FAULT_EXTRA_LATENCY_MS": "300"}, MODEL, None, id="slow-tag"),
+    pytest.param(f"{DIGITS}:1.2.0-inaccurate", {}, {"/models/digits": "digits-inaccurate"}, None,
+                 id="inaccurate-tag-ships-another-model"),
+    pytest.param(f"{DIGITS}:latest", None, None, "manifest for tag 'latest' unknown", id="unlisted-tag"),
+    pytest.param("registry.example/other:1.0.0", None, None, "not in the local image catalogue", id="unknown-repo"),
+])
+def test_catalogue_maps_tags_to_behaviour(tmp_path: Path, image: str, env: dict[str, str] | None,
+                                          contents: dict[str, str] | None, error: str | None) -> None:
+    catalogue = agent.Catalogue(stack.REPO / "hack" / "e2e-images.yaml", tmp_path, "python")
+    if error:
+        with pytest.raises(agent.ImagePullError, match=error):
+            catalogue.resolve(image)
+        return
+    resolved = catalogue.resolve(image)
+    assert resolved.env == env
+    assert resolved.contents == contents
+    assert set(resolved.contents.values()) <= set(catalogue.builds)  # every build it names exists
+
+
+@pytest.mark.parametrize(("kind", "obj", "items", "files"), [
+    pytest.param("configMap", {"data": {"a.json": "{}"}}, None, {"a.json": b"{}"}, id="configmap"),
+    pytest.param("secret", {"data": {"k": "aGk="}}, None, {"k": b"hi"}, id="secret-base64"),
+    pytest.param("configMap", {"data": {"a": "1", "b": "2"}}, [{"key": "b", "path": "sub/b.txt"}],
+                 {"sub/b.txt": b"2"}, id="items"),
+])
+def test_projected_volume_files(kind: str, obj: dict[str, Any], items: list[dict[str, str]] | None,
+                                files: dict[str, bytes]) -> None:
+    assert agent.write_projection(kind, obj, items) == files
+
+
+# ------------------------------------------------------------------------------------- Services' virtual IPs
+
+
+def _replay(pool: Any, steps: list[tuple[str, str, str | None]]) -> list[str]:
+    """Runs ("assign", key, ip) / ("release", key, None) steps on a pool; returns the candidates of the last key."""
+    for op, key, ip in steps:
+        pool.assign(key, ip) if op == "assign" else pool.release(key)
+    return list(pool.candidates(steps[-1][1]))[:3] if steps else list(pool.candidates("x/y"))[:3]
+
+
+@pytest.mark.parametrize(("steps", "held", "candidates"), [
+    pytest.param([], {}, ["127.0.254.1", "127.0.254.2", "127.0.254.3"], id="fresh-pool-offers-the-lowest"),
+    pytest.param([("assign", "ns/a", "127.0.254.1")], {"ns/a": "127.0.254.1"},
+                 ["127.0.254.1", "127.0.254.2", "127.0.254.3"], id="a-service-keeps-its-own-first"),
+    pytest.param([("assign", "ns/a", "127.0.254.1"), ("assign", "ns/b", "127.0.254.2")],
+                 {"ns/a": "127.0.254.1", "ns/b": "127.0.254.2"}, ["127.0.254.2", "127.0.254.3", "127.0.254.4"],
+                 id="held-addresses-are-not-offered-to-others"),
+    pytest.param([("assign", "ns/a", "127.0.254.1"), ("release", "ns/a", None)], {},
+                 ["127.0.254.2", "127.0.254.3", "127.0.254.4"], id="released-goes-to-the-back"),
+    pytest.param([("assign", "ns/a", "127.0.254.1"), ("assign", "ns/a", "127.0.254.5")], {"ns/a": "127.0.254.5"},
+                 ["127.0.254.5", "127.0.254.2", "127.0.254.3"], id="moving-frees-the-old-address"),
+    pytest.param([("release", "ns/never", None)], {}, ["127.0.254.1", "127.0.254.2", "127.0.254.3"],
+                 id="releasing-an-unknown-service-is-a-no-op"),
+])
+def test_service_ip_pool(steps: list[tuple[str, str, str | None]], held: dict[str, str],
+                         candidates: list[str]) -> None:
+    pool = agent.ServiceIPPool("127.0.254")
+    assert _replay(pool, steps) == candidates
+    assert pool.held == held
+    assert len(pool.free) + len(pool.held) == 254  # every address is free or held, once
+    if any(op == "release" and key == "ns/a" for op, key, _ in steps):
+        assert pool.free[-1] == "127.0.254.1"  # no quick reuse
+
+
+@pytest.mark.parametrize(("prefix", "error"), [
+    pytest.param("10.0.0", "must be loopback", id="not-loopback"),
+    pytest.param("127.1.2", None, id="any-loopback-range"),
+])
+def test_service_ip_pool_stays_on_loopback(prefix: str, error: str | None) -> None:
+    if error:
+        with pytest.raises(ValueError, match=error):
+            agent.ServiceIPPool(prefix)
+    else:
+        assert agent.ServiceIPPool(prefix).candidates("ns/a")[0] == f"{prefix}.1"
+
+
+def test_service_ip_pool_refuses_an_address_it_does_not_offer() -> None:
+    pool = agent.ServiceIPPool("127.0.254")
+    pool.assign("ns/a", "127.0.254.1")
+    with pytest.raises(ValueError, match="not a free service IP"):
+        pool.assign("ns/b", "127.0.254.1")
+
+
+@pytest.mark.parametrize(("namespace", "key", "names"), [
+    pytest.param("ml", "ml/digits", ["digits.ml.svc.cluster.local", "digits.ml.svc", "digits.ml", "digits"],
+                 id="same-namespace-short-name-too"),
+    pytest.param("other", "ml/digits", ["digits.ml.svc.cluster.local", "digits.ml.svc", "digits.ml"],
+                 id="other-namespace-qualified-only"),
+    pytest.param("ml", "ml/digits-1-1-0", ["digits-1-1-0.ml.svc.cluster.local", "digits-1-1-0.ml.svc",
+                                          "digits-1-1-0.ml", "digits-1-1-0"], id="version-service"),
+])
+def test_service_hostnames(namespace: str, key: str, names: list[str]) -> None:
+    assert agent.build_service_hostnames(namespace, key) == names
+
+
+HEADER = "# Kubernetes-managed hosts file"
+
+
+@pytest.mark.parametrize(("services", "node_hosts", "expected"), [
+    pytest.param({}, "", ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback",
+                          "127.0.11.5\tpod-a"], id="no-services"),
+    pytest.param({"ml/digits": "127.0.254.1", "ml/digits-1-1-0": "127.0.254.2", "other/db": "127.0.254.3"}, "",
+                 ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", "127.0.11.5\tpod-a",
+                  "127.0.254.1\tdigits.ml.svc.cluster.local digits.ml.svc digits.ml digits",
+                  "127.0.254.2\tdigits-1-1-0.ml.svc.cluster.local digits-1-1-0.ml.svc digits-1-1-0.ml digits-1-1-0",
+                  "127.0.254.3\tdb.other.svc.cluster.local db.other.svc db.other"], id="services-sorted"),
+    pytest.param({"ml/digits": "127.0.254.1"}, "# comment\n127.0.0.1 localhost vm\n\n10.1.2.3 registry\n",
+                 ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", "127.0.11.5\tpod-a",
+                  "127.0.254.1\tdigits.ml.svc.cluster.local digits.ml.svc digits.ml digits",
+                  "127.0.0.1 localhost vm", "10.1.2.3 registry"], id="node-hosts-last-without-comments"),
+])
+def test_hosts_file(services: dict[str, str], node_hosts: str, expected: list[str]) -> None:
+    text = agent.build_hosts_file("ml", "pod-a", "127.0.11.5", services, node_hosts)
+    assert text.startswith(HEADER) and text.endswith("\n")
+    assert [line for line in text.splitlines() if not line.startswith("#")] == expected
+
+
+@pytest.mark.parametrize(("before", "after"), [
+    pytest.param("", "127.0.254.1\ta\n", id="creates"),
+    pytest.param("127.0.254.1\ta-long-name\n127.0.254.2\tb\n", "127.0.254.2\tb\n", id="shrinks"),
+    pytest.param("x\n", "127.0.254.1\ta\n127.0.254.2\tb\n", id="grows"),
+])
+def test_write_in_place_keeps_the_inode(tmp_path: Path, before: str, after: str) -> None:
+    path = tmp_path / "hosts"
+    if before:
+        path.write_text(before)
+    inode = path.stat().st_ino if before else None
+    agent.write_in_place(path, after)
+    assert path.read_text() == after
+    if inode is not None:
+        assert path.stat().st_ino == inode  # a bind mount of the file sees the new content
