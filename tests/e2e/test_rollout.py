@@ -314,7 +314,10 @@ def test_2_good_tag_under_load_promotes_with_zero_failed_requests(e2e: E2E) -> N
         patched = time.time()
         apply_md(e2e, V2)
         try:
-            watcher.wait(lambda o: o.candidate == V2 and o.step == 0, 120, "the first canary step")
+            # Waits, not timings (those are recorded below): the first step includes the new version's compression
+            # Job, which builds and times the AOTInductor package (about 1 min cold on 2 idle cores, several on a busy
+            # machine).
+            watcher.wait(lambda o: o.candidate == V2 and o.step == 0, 480, "the first canary step")
             watcher.wait(lambda o: o.candidate == V2 and o.step == 1, 240, "the second canary step")
             promoted = watcher.wait(lambda o: o.stable == V2 and o.phase == "Healthy" and o.kstatus == "Current",
                                     300, f"{V2} to be promoted")
@@ -363,7 +366,7 @@ def test_3_bad_tag_under_load_is_rolled_back_and_only_the_canary_fails(e2e: E2E)
         patched = time.time()
         apply_md(e2e, BAD)
         try:
-            rolled_back = watcher.wait(lambda o: o.phase == "RolledBack", 240, f"the rollback of {BAD}")
+            rolled_back = watcher.wait(lambda o: o.phase == "RolledBack", 600, f"the rollback of {BAD}")  # incl. compression
             # The canary's pods terminate; wait until none is left, then a little more traffic to the stable.
             serving = {naming.LABEL_VERSION: BAD, naming.LABEL_COMPONENT: "serving"}
             wait_until(lambda: not list(e2e.client.list(Pod, namespace=e2e.namespace, labels=serving)),
