@@ -217,7 +217,7 @@ class App:
         if kind == METRICS:
             return 200, self.metrics.build_exposition(), prometheus_client.CONTENT_TYPE_LATEST.encode()
         if kind == SERVER_META:
-            document = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
+            document = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": [oip.BINARY_EXTENSION]}
             return 200, orjson.dumps(document), httpproto.JSON
         self._check_model(route)
         if kind == MODEL_READY:
@@ -248,7 +248,7 @@ class App:
             batcher = self.batcher
             if batcher is None:
                 raise oip.NotReady(self.not_ready_reason)
-            parsed = oip.build_infer_request(request.body, self.inputs, self.outputs)
+            parsed = oip.build_infer_request(request.body, self.inputs, self.outputs, request.inference_header)
             if self.faults.should_fail():
                 raise oip.InjectedFault("injected fault (fault injection is on)")
             job = batching.Job(parsed, context)
@@ -267,20 +267,33 @@ class App:
         self._inflight_jobs.pop(job, None)
         context: InferContext = job.context
         if isinstance(result, list):
+            parsed = job.request
+            header_length = None
             try:
-                body = oip.build_infer_response(
-                    self.model_name,
-                    self.model_version,
-                    job.request.request_id,
-                    self.outputs,
-                    result,
-                    job.request.output_indices,
-                )
+                if parsed.binary_outputs is None:
+                    body = oip.build_infer_response(
+                        self.model_name,
+                        self.model_version,
+                        parsed.request_id,
+                        self.outputs,
+                        result,
+                        parsed.output_indices,
+                    )
+                else:  # the binary tensor data extension: a JSON header, then raw output bytes
+                    body, header_length = oip.build_binary_infer_response(
+                        self.model_name,
+                        self.model_version,
+                        parsed.request_id,
+                        self.outputs,
+                        result,
+                        parsed.output_indices,
+                        parsed.binary_outputs,
+                    )
             except Exception as error:  # e.g. an output orjson cannot encode: this request fails, not its batch
                 log.exception("Failed to encode an inference response")
                 self._finish(context, 500, oip.build_error_body(f"could not encode the outputs: {error}"))
                 return
-            self._finish(context, 200, body)
+            self._finish(context, 200, body, header_length)
         else:
             failure = result if isinstance(result, BaseException) else oip.ModelFailure("no result")
             self._finish(context, oip.build_error_status(failure), oip.build_error_body(str(failure)))
@@ -288,20 +301,26 @@ class App:
     def on_batch_started(self, jobs: list[batching.Job], rows: int, now: float) -> None:
         self.metrics.observe_batch(rows, [now - job.enqueued_at for job in jobs])
 
-    def _finish(self, context: InferContext, status: int, body: bytes) -> None:
+    def _finish(self, context: InferContext, status: int, body: bytes, header_length: int | None = None) -> None:
         delay = self.faults.config.extra_latency_s
         if delay > 0 and self._loop is not None:
-            self._loop.call_later(delay, self._send, context, status, body)
+            self._loop.call_later(delay, self._send, context, status, body, header_length)
         else:
-            self._send(context, status, body)
+            self._send(context, status, body, header_length)
 
-    def _send(self, context: InferContext, status: int, body: bytes) -> None:
+    def _send(self, context: InferContext, status: int, body: bytes, header_length: int | None = None) -> None:
+        """Answer an inference request; `header_length`: the body is a JSON header of that length and binary
+        outputs (the binary tensor data extension)."""
         request = context.request
         elapsed = time.perf_counter() - request.started
         self.metrics.observe_request(status, elapsed)
         self.metrics.observe_http(request.method, context.template, status, elapsed)
         self.metrics.inflight.dec()
         self.inflight_infer -= 1
+        if header_length is not None:
+            extra = b"inference-header-content-length: %d\r\n" % header_length
+            context.conn.respond(request, status, body, httpproto.OCTET_STREAM, extra)
+            return
         # 503 = overloaded or not ready: tell clients (and retrying proxies) when to come back.
         context.conn.respond(request, status, body, httpproto.JSON, RETRY_AFTER if status == 503 else b"")
 
