@@ -1,0 +1,167 @@
+"""Client conformance: Triton's own Python clients (tritonclient, which speaks KServe's V2 protocol) against the real
+`shipyard-runtime serve` in its own process, serving a real model directory (store.save_model).
+
+Health, readiness, server and model metadata, inference with JSON tensors and with the binary tensor data
+extension (inputs, outputs, both, and the binary outputs tritonclient asks for when no output is named), and a bad
+shape answered 400 with the server still serving. Starts a subprocess listening on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
+
+from shipyard.runtime import models
+from shipyard.runtime.artifacts import store
+
+MODEL = "digits"
+VERSION = "1.4.0"
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[str]
+    http_port: int
+    log: list[str]
+    module: torch.nn.Module
+
+    def expected(self, pixels: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            result: np.ndarray = self.module(torch.from_numpy(pixels)).numpy()
+            return result
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    torch.manual_seed(0)
+    module = models.build_digits_mlp(hidden=(32, 16)).eval()
+    path = tmp_path_factory.mktemp("clients") / MODEL
+    store.save_model(module, path, name=MODEL, factory="shipyard.runtime.models:build_digits_mlp",
+                     factory_kwargs={"hidden": [32, 16]},
+                     inputs=[{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
+                     outputs=[{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}])
+    command = [sys.executable, "-m", "shipyard.runtime.cli", "serve", "--artifact", str(path), "--host", "127.0.0.1",
+               "--port", "0", "--model-version", VERSION, "--threads", "1", "--drain-propagation-s", "0",
+               "--warmup-iterations", "1"]
+    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    ports: dict[str, int] = {}
+    listening = threading.Event()
+
+    def pump() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line.rstrip())
+            match = re.search(r"Listened on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                ports["http"] = int(match.group(1))
+                listening.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        assert listening.wait(120), "\n".join(log)
+        served = Served(process, ports["http"], log, module)
+        client = triton_http.InferenceServerClient(f"127.0.0.1:{served.http_port}")
+        deadline = time.monotonic() + 120
+        while not client.is_server_ready():
+            assert process.poll() is None and time.monotonic() < deadline, "\n".join(log)
+            time.sleep(0.05)
+        client.close()
+        yield served
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
+@pytest.fixture
+def client(served: Served) -> Iterator[triton_http.InferenceServerClient]:
+    client = triton_http.InferenceServerClient(f"127.0.0.1:{served.http_port}", network_timeout=30)
+    yield client
+    client.close()
+
+
+PIXELS = (np.arange(3 * 64, dtype=np.float32).reshape(3, 64) % 17) / 16
+
+
+def test_health_and_readiness(client: triton_http.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready(MODEL)
+    assert client.is_model_ready(MODEL, VERSION)
+    assert not client.is_model_ready("other")
+
+
+def test_server_and_model_metadata(client: triton_http.InferenceServerClient) -> None:
+    server = client.get_server_metadata()
+    assert server["name"] == "shipyard" and "binary_tensor_data" in server["extensions"]
+    model = client.get_model_metadata(MODEL)
+    assert model["name"] == MODEL and model["versions"] == [VERSION]
+    assert model["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    assert model["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+    assert client.get_model_metadata(MODEL, VERSION)["name"] == MODEL
+
+
+ENCODINGS = [
+    pytest.param(False, False, id="json-in-json-out"),
+    pytest.param(True, False, id="binary-in-json-out"),
+    pytest.param(False, True, id="json-in-binary-out"),
+    pytest.param(True, True, id="binary-in-binary-out"),
+]
+
+
+@pytest.mark.parametrize(("binary_input", "binary_output"), ENCODINGS)
+def test_infer(served: Served, client: triton_http.InferenceServerClient, binary_input: bool,
+               binary_output: bool) -> None:
+    pixels = triton_http.InferInput("pixels", list(PIXELS.shape), "FP32")
+    pixels.set_data_from_numpy(PIXELS, binary_data=binary_input)
+    logits = triton_http.InferRequestedOutput("logits", binary_data=binary_output)
+    result = client.infer(MODEL, [pixels], outputs=[logits], request_id="c1")
+    got = result.as_numpy("logits")
+    assert got is not None and got.dtype == np.float32 and got.shape == (3, 10)
+    np.testing.assert_allclose(got, served.expected(PIXELS), rtol=1e-5, atol=1e-5)
+    response = result.get_response()
+    assert response["id"] == "c1" and response["model_version"] == VERSION
+    assert ("parameters" in response["outputs"][0]) == binary_output  # binary_data_size instead of data
+
+
+def test_infer_without_named_outputs_gets_every_output_as_binary(served: Served,
+                                                                   client: triton_http.InferenceServerClient) -> None:
+    pixels = triton_http.InferInput("pixels", [1, 64], "FP32")
+    pixels.set_data_from_numpy(PIXELS[:1], binary_data=True)
+    result = client.infer(MODEL, [pixels], model_version=VERSION)  # tritonclient sets binary_data_output
+    assert result.get_response()["outputs"][0]["parameters"]["binary_data_size"] == 40
+    np.testing.assert_allclose(result.as_numpy("logits"), served.expected(PIXELS[:1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("binary_input", [False, True], ids=["json", "binary"])
+def test_a_bad_shape_is_400_and_the_server_keeps_serving(served: Served, client: triton_http.InferenceServerClient,
+                                                         binary_input: bool) -> None:
+    wrong = np.zeros((1, 63), dtype=np.float32)
+    pixels = triton_http.InferInput("pixels", [1, 63], "FP32")
+    pixels.set_data_from_numpy(wrong, binary_data=binary_input)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(MODEL, [pixels])
+    assert caught.value.status() == "400"
+    assert "shape [1, 63] does not match the model's [-1, 64]" in caught.value.message()
+    good = triton_http.InferInput("pixels", [1, 64], "FP32")
+    good.set_data_from_numpy(PIXELS[:1], binary_data=binary_input)
+    assert client.infer(MODEL, [good]).as_numpy("logits").shape == (1, 10)
+    assert served.process.poll() is None
