@@ -153,10 +153,11 @@ def harness() -> Iterator[Harness]:
 
 
 MODEL_LABELS = (("model", "mlp"), ("version", "1.4.0"))
+HTTP_LABELS = (("model", "mlp"), ("protocol", "http"), ("version", "1.4.0"))  # sorted, as metrics() keys them
 
 
 def requests_total(samples: dict[Any, float], code: int) -> float:
-    return samples.get(("shipyard_requests_total", (("code", str(code)), *MODEL_LABELS)), 0.0)
+    return samples.get(("shipyard_requests_total", (("code", str(code)), *HTTP_LABELS)), 0.0)
 
 
 def http_count(samples: dict[Any, float], method: str, path: str, status: int) -> float:
@@ -612,7 +613,7 @@ def test_fault_extra_latency_delays_inference_responses_only() -> None:
         assert running.call("GET", "/v2/health/live")[0] == 200
         assert time.monotonic() - started < 0.2
         samples = running.metrics()
-        assert samples[("shipyard_request_duration_seconds_sum", MODEL_LABELS)] >= 0.25
+        assert samples[("shipyard_request_duration_seconds_sum", HTTP_LABELS)] >= 0.25
 
 
 # ------------------------------------------------------------------------------------------ readiness
@@ -752,7 +753,7 @@ def test_metrics_change_as_the_requests_predict(harness: Harness) -> None:
     assert requests_total(after, 200) - requests_total(before, 200) == 3
     assert requests_total(after, 400) - requests_total(before, 400) == 1
     assert requests_total(after, 404) - requests_total(before, 404) == 1
-    assert delta("shipyard_request_duration_seconds_count") == 5
+    assert delta("shipyard_request_duration_seconds_count", HTTP_LABELS) == 5
     assert delta("shipyard_batch_size_count") == 3  # sequential: one batch each
     assert delta("shipyard_batch_size_sum") == 6  # of two rows
     assert delta("shipyard_queue_duration_seconds_count") == 3

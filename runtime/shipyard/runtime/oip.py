@@ -190,7 +190,7 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike, maybe_bools: bool
     `maybe_bools=False` skips the search for booleans among numbers (the body has no ``true``/``false``).
     """
     name = spec.name
-    datatype, shape, count = _build_header(item, spec)
+    datatype, shape, count = build_tensor_header(item, spec)
     data = item.get("data", _MISSING)
     if type(data) is not list:
         if data is _MISSING:
@@ -234,7 +234,7 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike, maybe_bools: bool
     return array.reshape(shape)
 
 
-def _build_header(item: Mapping[str, Any], spec: TensorSpecLike) -> tuple[str, list[int], int]:
+def build_tensor_header(item: Mapping[str, Any], spec: TensorSpecLike) -> tuple[str, list[int], int]:
     """An input's datatype, shape and element count, checked against its spec (JSON and binary inputs alike)."""
     name = spec.name
     datatype = item.get("datatype")
@@ -529,7 +529,7 @@ def _build_raw_binary_request(
 
 def build_binary_array(buffer: memoryview, item: Mapping[str, Any], spec: TensorSpecLike) -> np.ndarray:
     """One binary input: its bytes checked against its shape and datatype, as a writable native numpy array."""
-    datatype, shape, count = _build_header(item, spec)
+    datatype, shape, count = build_tensor_header(item, spec)
     name = spec.name
     if datatype == "BYTES":
         elements = build_bytes_elements(buffer, count, name)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote
 
 import orjson
@@ -97,14 +98,24 @@ _ROUTE_CACHE_SIZE = 256
 
 
 class InferContext:
-    """Per-inference-request state carried through the batcher (the job's context)."""
+    """Per-inference-request state carried through the batcher (the job's context): an HTTP request."""
 
-    __slots__ = ("conn", "request", "template")
+    __slots__ = ("conn", "request", "template", "started")
 
     def __init__(self, conn: httpproto.Connection, request: httpproto.Request, template: str) -> None:
         self.conn = conn
         self.request = request
         self.template = template
+        self.started = request.started
+
+
+class ForeignContext(Protocol):
+    """The context of a job another front end submitted (`App.submit`, e.g. gRPC): it answers its own client."""
+
+    @property
+    def started(self) -> float: ...  # time.perf_counter() at arrival (the per-request timeout counts from it)
+
+    def deliver(self, result: batching.JobResult) -> None: ...  # the outputs, or the exception to answer with
 
 
 class App:
@@ -230,6 +241,10 @@ class App:
             raise oip.NotReady(self.not_ready_reason)
         return 200, self._metadata_body, httpproto.JSON
 
+    def check_model(self, model: str, version: str | None) -> None:
+        """Raise oip.ModelNotFound unless this server serves that model (and version, when given)."""
+        self._check_model(Route("", MODEL_READY, model, version))
+
     def _check_model(self, route: Route) -> None:
         if route.model != self.model_name:
             raise oip.ModelNotFound(f"unknown model {route.model!r}; this server serves {self.model_name!r}")
@@ -262,10 +277,30 @@ class App:
             return
         self._inflight_jobs[job] = None
 
+    def submit(
+        self, request: oip.InferRequest, context: ForeignContext, model: str, version: str | None
+    ) -> batching.Job:
+        """Queue an inference request another front end parsed (the gRPC one): the same model check, readiness,
+        fault injection, queue bound and per-request timeout as HTTP; the answer goes to `context.deliver`.
+        Raises oip.ServingError."""
+        self.check_model(model, version)
+        batcher = self.batcher
+        if batcher is None:
+            raise oip.NotReady(self.not_ready_reason)
+        if self.faults.should_fail():
+            raise oip.InjectedFault("injected fault (fault injection is on)")
+        job = batching.Job(request, context)
+        batcher.submit(job)
+        self._inflight_jobs[job] = None
+        return job
+
     def on_result(self, job: batching.Job, result: batching.JobResult) -> None:
         """Batcher callback: a job's outputs (or error) are in."""
         self._inflight_jobs.pop(job, None)
-        context: InferContext = job.context
+        context = job.context
+        if type(context) is not InferContext:  # another front end's job
+            context.deliver(result)
+            return
         if isinstance(result, list):
             parsed = job.request
             header_length = None
@@ -329,7 +364,7 @@ class App:
         limit = time.perf_counter() - self.config.request_timeout_s
         expired = []
         for job in self._inflight_jobs:
-            if job.context.request.started > limit:
+            if job.context.started > limit:
                 break
             expired.append(job)
         for job in expired:
@@ -337,6 +372,9 @@ class App:
             if self.batcher is not None:
                 self.batcher.cancel(job)
             error = oip.RequestTimeout(f"no answer within {self.config.request_timeout_s:g} s")
+            if type(job.context) is not InferContext:
+                job.context.deliver(error)
+                continue
             self._finish(job.context, 504, oip.build_error_body(str(error)))
         if self._loop is not None:
             self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep_timeouts)
@@ -347,4 +385,13 @@ class App:
             del self._inflight_jobs[job]
             if self.batcher is not None:
                 self.batcher.cancel(job)
+            if type(job.context) is not InferContext:
+                job.context.deliver(oip.NotReady(message))
+                continue
             self._send(job.context, 503, oip.build_error_body(message))
+
+    def forget(self, job: batching.Job) -> None:
+        """Drop a job whose client went away (gRPC cancellation): out of the queue and the timeout sweep."""
+        self._inflight_jobs.pop(job, None)
+        if self.batcher is not None:
+            self.batcher.cancel(job)
