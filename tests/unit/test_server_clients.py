@@ -281,3 +281,19 @@ def test_grpc_requests_are_counted_with_a_protocol_label(served: Served,
     assert after[("grpc", "200")] == before[("grpc", "200")] + 1
     assert after[("grpc", "400")] == before[("grpc", "400")] + 1
     assert after[("http", "200")] == before[("http", "200")]
+
+
+def test_grpc_garbage_is_invalid_argument_unserved_methods_unimplemented(served: Served) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+        for method in ("ModelInfer", "ModelReady"):
+            raw = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")  # bytes in, bytes out
+            with pytest.raises(grpc.RpcError) as caught:
+                raw(b"\xff\xff\xff\xff garbage", timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "is not a valid" in caught.value.details()
+        statistics = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics
+        with pytest.raises(grpc.RpcError) as caught:
+            statistics(service_pb2.ModelStatisticsRequest(name=MODEL), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        live = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(service_pb2.ServerLiveRequest())
+        assert live.live and served.process.poll() is None

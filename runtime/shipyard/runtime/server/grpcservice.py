@@ -2,10 +2,11 @@
 
 I/O: listens on its own port (`--grpc-port`) on the server's event loop and answers ServerLive, ServerReady,
 ModelReady, ServerMetadata, ModelMetadata and ModelInfer; the service's other methods (Triton's additions) answer
-UNIMPLEMENTED. Inference goes through the same `App` as REST (`App.submit`): the same batcher and queue bound,
-per-request timeout, fault injection, readiness and drain; requests are counted in the same metrics with
-protocol="grpc" and the HTTP status of the same outcome as `code`. Messages over `--max-payload-bytes` are refused
-by grpcio with RESOURCE_EXHAUSTED before they are parsed. Tensors are converted by `grpcproto` (pure).
+UNIMPLEMENTED, and a message that does not parse INVALID_ARGUMENT. Inference goes through the same `App` as REST
+(`App.submit`): the same batcher and queue bound, per-request timeout, fault injection, readiness and drain;
+requests are counted in the same metrics with protocol="grpc" and the HTTP status of the same outcome as `code`.
+Messages over `--max-payload-bytes` are refused by grpcio with RESOURCE_EXHAUSTED before they are parsed. Tensors
+are converted by `grpcproto` (pure); the messages are tritonclient's generated `service_pb2`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import time
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2
 
 from shipyard.runtime import batching, grpcproto, oip
 from shipyard.runtime.server import endpoints, settings
@@ -25,6 +27,27 @@ from shipyard.runtime.server import endpoints, settings
 log = logging.getLogger("shipyard.runtime.server")
 
 CLIENT_CLOSED = 499  # the metrics' code for a request whose client cancelled it (nginx's convention)
+SERVICE = "inference.GRPCInferenceService"
+
+
+class Malformed:
+    """A request message that does not parse: answered INVALID_ARGUMENT by its method (grpcio would answer
+    INTERNAL, as for a server fault, had the deserializer raised)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def build_parser(message_type: Any) -> Any:
+    def parse(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as error:
+            return Malformed(f"the request is not a valid {message_type.DESCRIPTOR.name}: {error}")
+
+    return parse
 
 
 class GrpcContext:
@@ -41,11 +64,39 @@ class GrpcContext:
             self.future.set_result(result)
 
 
-class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+class InferenceService:
     """The service's methods, answered from the App's state (everything on the server's event loop)."""
 
     def __init__(self, app: endpoints.App) -> None:
         self.app = app
+
+    def build_handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler of the six methods served; grpcio answers UNIMPLEMENTED for the rest."""
+        methods = {
+            "ServerLive": (service_pb2.ServerLiveRequest, service_pb2.ServerLiveResponse),
+            "ServerReady": (service_pb2.ServerReadyRequest, service_pb2.ServerReadyResponse),
+            "ModelReady": (service_pb2.ModelReadyRequest, service_pb2.ModelReadyResponse),
+            "ServerMetadata": (service_pb2.ServerMetadataRequest, service_pb2.ServerMetadataResponse),
+            "ModelMetadata": (service_pb2.ModelMetadataRequest, service_pb2.ModelMetadataResponse),
+            "ModelInfer": (service_pb2.ModelInferRequest, service_pb2.ModelInferResponse),
+        }
+        handlers = {}
+        for name, (request_type, response_type) in methods.items():
+            method = getattr(self, name)
+
+            async def call(request: Any, context: aio.ServicerContext[Any, Any], method: Any = method) -> Any:
+                if type(request) is Malformed:
+                    if method == self.ModelInfer:  # counted, as a 400 would be on REST
+                        self.app.metrics.observe_grpc_request(400, 0.0)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+                return await method(request, context)
+
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                call,
+                request_deserializer=build_parser(request_type),
+                response_serializer=response_type.SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     async def ServerLive(self, request: Any, context: aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802
         return service_pb2.ServerLiveResponse(live=True)
@@ -143,7 +194,7 @@ async def apply_grpc_server(app: endpoints.App, config: settings.ServerConfig) -
         ],
         maximum_concurrent_rpcs=max(64, config.max_queue * 2),
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(app), server)
+    server.add_generic_rpc_handlers((InferenceService(app).build_handler(),))
     host = config.host
     address = f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
     port = server.add_insecure_port(address)
