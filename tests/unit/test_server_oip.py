@@ -309,6 +309,7 @@ BAD_BINARY = [
     pytest.param(*framed({"inputs": [x_binary(size=10**30)]}, X_BYTES), "non-negative integer", id="size-past-int64"),
     pytest.param(*framed({"inputs": [x_binary(size=12.0)]}, X_BYTES), "non-negative integer", id="float-size"),
     pytest.param(*framed({"inputs": [x_binary(size="12")]}, X_BYTES), "non-negative integer", id="string-size"),
+    pytest.param(*framed({"inputs": [x_binary(size=None)]}, X_BYTES), "non-negative integer", id="null-size"),
     pytest.param(*framed({"inputs": [x_binary(size=8)]}, X_BYTES[:8]), "does not match shape", id="size-vs-shape"),
     pytest.param(*framed({"inputs": [x_binary(datatype="FP64", size=24)]}, X_BYTES * 2), "does not match the model",
                  id="wrong-datatype"),

@@ -452,8 +452,8 @@ def build_binary_infer_request(
         item_parameters = item.get("parameters")
         if item_parameters is not None and type(item_parameters) is not dict:
             raise _fail(f"input {name!r}: 'parameters' must be an object")
-        size = None if item_parameters is None else item_parameters.get("binary_data_size")
-        if size is None:  # this input's data is JSON
+        size = _MISSING if item_parameters is None else item_parameters.get("binary_data_size", _MISSING)
+        if size is _MISSING:  # this input's data is JSON
             by_name[name] = build_array(item, spec)
             continue
         if type(size) is not int or size < 0:
