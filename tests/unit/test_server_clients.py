@@ -5,12 +5,14 @@ REST: health, readiness, server and model metadata, inference with JSON tensors 
 extension (inputs, outputs, both, and the binary outputs tritonclient asks for when no output is named), and a bad
 shape answered 400 with the server still serving. gRPC (inference.GRPCInferenceService on --grpc-port): the same
 calls with raw_input_contents/raw_output_contents, typed contents, INVALID_ARGUMENT for a bad shape,
-RESOURCE_EXHAUSTED for a message over the payload limit, and the requests counted with protocol="grpc". Starts a
+RESOURCE_EXHAUSTED for a message over the payload limit, garbage INVALID_ARGUMENT, and the requests counted with
+protocol="grpc". Then tritonclient's asyncio clients (REST and gRPC) with many requests in flight. Starts a
 subprocess listening on 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import re
@@ -27,7 +29,9 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as triton_grpc
+import tritonclient.grpc.aio as triton_grpc_aio
 import tritonclient.http as triton_http
+import tritonclient.http.aio as triton_http_aio
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -297,3 +301,34 @@ def test_grpc_garbage_is_invalid_argument_unserved_methods_unimplemented(served:
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         live = service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerLive(service_pb2.ServerLiveRequest())
         assert live.live and served.process.poll() is None
+
+
+# ------------------------------------------------------------------------------------------- asyncio clients
+
+
+async def test_asyncio_clients_over_rest_and_grpc(served: Served) -> None:
+    """tritonclient's asyncio clients (aiohttp for REST, grpc.aio), many requests in flight at once."""
+    rest = triton_http_aio.InferenceServerClient(f"127.0.0.1:{served.http_port}")
+    rpc = triton_grpc_aio.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    try:
+        assert await rest.is_server_ready() and await rpc.is_server_ready()
+
+        async def rest_infer(row: int) -> np.ndarray:
+            pixels = triton_http_aio.InferInput("pixels", [1, 64], "FP32")
+            pixels.set_data_from_numpy(PIXELS[row : row + 1], binary_data=True)
+            result = await rest.infer(MODEL, [pixels],
+                                      outputs=[triton_http_aio.InferRequestedOutput("logits", binary_data=True)])
+            return result.as_numpy("logits")
+
+        async def rpc_infer(row: int) -> np.ndarray:
+            pixels = triton_grpc_aio.InferInput("pixels", [1, 64], "FP32")
+            pixels.set_data_from_numpy(PIXELS[row : row + 1])
+            return (await rpc.infer(MODEL, [pixels])).as_numpy("logits")
+
+        answers = await asyncio.gather(*(call(row) for row in range(3) for call in (rest_infer, rpc_infer) * 4))
+        for index, got in enumerate(answers):
+            row = index // 8
+            np.testing.assert_allclose(got, served.expected(PIXELS[row : row + 1]), rtol=1e-5, atol=1e-5)
+    finally:
+        await rest.close()
+        await rpc.close()
