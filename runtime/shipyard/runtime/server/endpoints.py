@@ -4,7 +4,8 @@
 serving, draining; readiness) and runs on the event loop: it answers health, metadata and metrics requests at
 once, submits inference requests to the batcher and answers them when their batch is done, applies fault
 injection, answers 504 past the per-request timeout, and counts every request in the metrics. No socket I/O of
-its own: it answers through `httpproto.Connection.respond`.
+its own: it answers through `httpproto.Connection.respond`. Other front ends (`grpcservice`) queue their parsed
+requests with `App.submit` and get the results through their job context's `deliver`.
 """
 
 from __future__ import annotations
