@@ -280,10 +280,10 @@ def test_grpc_drain_is_bounded_by_the_grace_period(processes: list[ServerProcess
         stuck = [pool.submit(proc.grpc_infer, 1.0) for _ in range(2)]
         while proc.inflight() < 2:
             time.sleep(0.01)
-        sent = time.monotonic()
         proc.process.send_signal(signal.SIGTERM)
+        # as for REST: both answered UNAVAILABLE and the give-up line show the server stopped at its deadline rather
+        # than finishing 5 s of work (no wall-clock bound: it fails on a busy machine)
         assert proc.process.wait(10) == 0
-        elapsed = time.monotonic() - sent
         codes = [future.result(timeout=10)[0] for future in stuck]
-    assert elapsed < 2.5
     assert codes == [grpc.StatusCode.UNAVAILABLE] * 2  # answered (503's counterpart), not dropped
+    assert any("Gave up on 2 request(s)" in line for line in proc.lines)

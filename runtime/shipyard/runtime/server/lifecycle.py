@@ -186,8 +186,11 @@ class Server:
         while not self._forced and time.monotonic() < end_of_window:
             await asyncio.sleep(min(0.05, max(0.0, end_of_window - time.monotonic())))
         server.close()
-        # gRPC: no new RPCs from now on; those in flight finish (counted in app.inflight_infer) until the deadline
-        grpc_stopped = asyncio.ensure_future(self._stop_grpc(max(0.0, deadline - time.monotonic())))
+        # gRPC: no new RPCs from now on; those in flight finish (counted in app.inflight_infer) until the deadline,
+        # where fail_remaining answers them as it does HTTP's. grpcio's own grace ends a little later (within the
+        # exit margin): ending first, it would cancel them itself.
+        grpc_grace = max(0.0, deadline - time.monotonic()) + EXIT_MARGIN_S / 2
+        grpc_stopped = asyncio.ensure_future(self._stop_grpc(grpc_grace))
         connections = self.connections
         connections.begin_close()
         log.info(
