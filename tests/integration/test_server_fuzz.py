@@ -2,7 +2,8 @@
 
 A seeded generator writes requests over raw sockets: malformed request lines and headers, bad or missing
 Content-Length, chunked garbage, wrong methods and paths, invalid JSON, valid JSON with wrong shapes, datatypes
-and huge dimensions, oversized and truncated bodies, pipelined mixes, slow clients sending a byte at a time,
+and huge dimensions, binary tensor data (the extension's framing, valid and with lying header lengths and sizes),
+oversized and truncated bodies, pipelined mixes, slow clients sending a byte at a time,
 binary junk, with valid inference requests interleaved. Meanwhile clients that stall half-way through a request
 hold connections open. The server must never die, answer every client error with a 4xx (never a 5xx), keep
 answering valid requests correctly, answer the stalled clients with 408 and close them, keep its memory bounded
@@ -20,6 +21,7 @@ import random
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -236,8 +238,16 @@ class Fuzz:
             (7, self.bad_content_length), (7, self.chunked_garbage), (9, self.wrong_method_or_path),
             (9, self.invalid_json), (14, self.wrong_tensors), (3, self.oversized), (3, self.truncated),
             (4, self.binary_junk), (3, self.pipelined), (2, self.slow_valid), (1, self.expect_continue),
-            (1, self.http10),
+            (1, self.http10), (4, self.valid_binary), (10, self.wrong_binary),
         ]
+        # the same valid requests in the binary tensor data extension's framing: (JSON header, tensor bytes)
+        self.valid_binary_parts: list[tuple[bytes, bytes]] = []
+        for i, (body, _) in enumerate(self.valid):
+            item = json.loads(body)["inputs"][0]
+            raw = struct.pack(f"<{len(item['data'])}f", *item["data"])
+            header = {"id": f"v{i}", "inputs": [{"name": "pixels", "datatype": "FP32", "shape": item["shape"],
+                                                 "parameters": {"binary_data_size": len(raw)}}]}
+            self.valid_binary_parts.append((json.dumps(header).encode(), raw))
 
     def probe(self) -> Probe:
         makers, weights = zip(*((m, w) for w, m in self.makers), strict=True)
@@ -293,6 +303,75 @@ class Fuzz:
 
     def http10(self) -> Probe:
         return Probe("http-1.0", [request(b"GET", b"/v2/health/live", version=b"HTTP/1.0")], [OK])
+
+    # -- the binary tensor data extension
+    def binary_checker(self, expected: torch.Tensor, request_id: str,
+                       binary_output: bool) -> Callable[[Response], None]:
+        def check(response: Response) -> None:
+            length = int(response.headers.get("inference-header-content-length", len(response.body)))
+            document = json.loads(response.body[:length])
+            assert document["id"] == request_id, document
+            (output,) = document["outputs"]
+            if binary_output:
+                size = output["parameters"]["binary_data_size"]
+                assert size == len(response.body) - length == expected.numel() * 4
+                got = torch.tensor(struct.unpack(f"<{expected.numel()}f", response.body[length:]))
+            else:
+                got = torch.tensor(output["data"])
+            torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+        return check
+
+    def valid_binary(self) -> Probe:
+        i = self.rng.randrange(len(self.valid))
+        header, raw = self.valid_binary_parts[i]
+        binary_output = self.rng.random() < 0.5
+        if binary_output:
+            document = json.loads(header)
+            document["parameters"] = {"binary_data_output": True}
+            header = json.dumps(document).encode()
+        wire = request(b"POST", INFER, header + raw, [b"inference-header-content-length: %d" % len(header)])
+        return Probe("valid-binary", [wire], [OK], self.binary_checker(self.valid[i][1], f"v{i}", binary_output))
+
+    def wrong_binary(self) -> Probe:
+        header, raw = self.valid_binary_parts[self.rng.randrange(len(self.valid))]
+        document = json.loads(header)
+        item = document["inputs"][0]
+        length: bytes = b"%d" % len(header)
+        mutation = self.rng.randrange(12)
+        if mutation == 0:  # the header length points past the body, into it, or is not a number
+            length = self.rng.choice([b"%d" % (len(header) + len(raw) + self.rng.randint(1, 10**6)), b"-1", b"0x10",
+                                      b"1e3", b"", b" ", b"99999999999999999999999999", b"%d" % (len(header) // 2)])
+        elif mutation == 1:  # sizes that do not add up to the binary part
+            item["parameters"]["binary_data_size"] += self.rng.choice([-4, -1, 1, 4, 10**9, 2**63, 10**40])
+        elif mutation == 2:
+            item["parameters"]["binary_data_size"] = self.rng.choice([-1, -(2**63), 1.5, "64", None, [], True, {}])
+        elif mutation == 3:  # a dtype whose element size disagrees with the bytes
+            item["datatype"] = self.rng.choice(["FP64", "FP16", "BF16", "INT8", "BOOL", "BYTES", "UINT64"])
+        elif mutation == 4:
+            item["shape"] = [item["shape"][0], self.rng.choice([32, 63, 65, 128, 10**12])]
+        elif mutation == 5:
+            item["data"] = [0.0] * 64
+        elif mutation == 6:
+            raw = raw[: self.rng.randrange(len(raw))]
+        elif mutation == 7:
+            raw = raw + self.junk(1, 64)
+        elif mutation == 8:
+            document["parameters"] = {"binary_data_output": self.rng.choice(["true", 1, None, [True]])}
+        elif mutation == 9:
+            document["outputs"] = [{"name": "logits", "parameters": self.rng.choice(
+                [{"binary_data": "yes"}, {"binary_data": 1}, {"classification": 3}, [True]])}]
+        elif mutation == 10:
+            item["parameters"] = self.rng.choice([[], "binary", 7])
+        else:  # junk where the JSON header should be
+            header_junk = self.junk(1, 200)
+            wire = request(b"POST", INFER, header_junk + raw,
+                           [b"inference-header-content-length: %d" % len(header_junk)])
+            return Probe("wrong-binary", [wire], [CLIENT_ERROR])
+        header = json.dumps(document).encode()
+        if mutation != 0:
+            length = b"%d" % len(header)
+        wire = request(b"POST", INFER, header + raw, [b"inference-header-content-length: " + length])
+        return Probe("wrong-binary", [wire], [CLIENT_ERROR])
 
     # -- malformed HTTP
     def bad_request_line(self) -> Probe:

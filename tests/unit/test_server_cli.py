@@ -143,6 +143,8 @@ CONFIGS = [
     pytest.param(["--compiled", "off"], ENV, {"compiled": "off"}, id="compiled-off"),
     pytest.param([], ENV, {"batch_sizing": "measured"}, id="batches-sized-by-measurement-by-default"),
     pytest.param(["--batch-sizing", "max"], ENV, {"batch_sizing": "max"}, id="batch-sizing-max"),
+    pytest.param([], ENV, {"grpc_port": None}, id="grpc-off-by-default"),
+    pytest.param(["--grpc-port", "8081"], ENV, {"grpc_port": 8081, "port": 8080}, id="grpc-port"),
 ]
 
 
@@ -162,6 +164,8 @@ BAD_CONFIGS = [
     pytest.param(["--max-queue", "0"], ENV, "--max-queue", id="zero-queue"),
     pytest.param(["--grace-period-s", "0"], ENV, "--grace-period-s", id="zero-grace"),
     pytest.param(["--port", "70000"], ENV, "--port", id="bad-port"),
+    pytest.param(["--grpc-port", "-1"], ENV, "--grpc-port must be within", id="bad-grpc-port"),
+    pytest.param(["--grpc-port", "8080"], ENV, "--grpc-port must differ", id="grpc-port-is-the-http-port"),
     pytest.param(["--model-name", "a/b"], ENV, "model name", id="slash-in-name"),
 ]
 

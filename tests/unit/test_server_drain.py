@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -16,7 +17,9 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 # A server process whose model sleeps `SLOW_S` per batch once it sees non-zero input (warm-up uses zeros), and
 # whose loading can be made slow with SHIPYARD_TEST_LOAD_S. Everything else is the real `serve` path.
@@ -83,7 +86,9 @@ class ServerProcess:
         self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.port = 0
+        self.grpc_port = 0
         listening = threading.Event()
+        with_grpc = "--grpc-port" in args
 
         def pump() -> None:
             assert self.process.stderr is not None
@@ -92,6 +97,11 @@ class ServerProcess:
                 match = re.search(r"Listened on 127\.0\.0\.1:(\d+)", line)
                 if match:
                     self.port = int(match.group(1))
+                    if not with_grpc:
+                        listening.set()
+                match = re.search(r"Listened for gRPC .* on 127\.0\.0\.1:(\d+)", line)
+                if match:
+                    self.grpc_port = int(match.group(1))
                     listening.set()
 
         threading.Thread(target=pump, daemon=True).start()
@@ -111,6 +121,23 @@ class ServerProcess:
     def infer(self, value: float) -> tuple[int, bytes]:
         body = json.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [value, value]}]})
         return self.call("POST", "/v2/models/slow/infer", body.encode())
+
+    def grpc_infer(self, value: float) -> tuple[grpc.StatusCode, list[float]]:
+        """ModelInfer over gRPC (raw contents); the status code and the output values."""
+        request = service_pb2.ModelInferRequest(model_name="slow")
+        request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+        request.raw_input_contents.append(struct.pack("<2f", value, value))
+        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
+            try:
+                response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=20)
+            except grpc.RpcError as error:
+                return error.code(), []
+        return grpc.StatusCode.OK, list(struct.unpack("<2f", response.raw_output_contents[0]))
+
+    def grpc_ready(self) -> bool:
+        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            return bool(stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready)
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -220,3 +247,43 @@ def test_sigterm_while_loading_exits_promptly(processes: list[ServerProcess]) ->
     proc.process.send_signal(signal.SIGTERM)
     assert proc.process.wait(10) == 0
     assert time.monotonic() - sent < 3
+
+
+def test_grpc_requests_in_flight_at_sigterm_complete_and_new_rpcs_are_refused_after_the_window(
+    processes: list[ServerProcess],
+) -> None:
+    proc = ServerProcess(["--max-batch-size", "2", "--drain-propagation-s", "0.8", "--grace-period-s", "20",
+                          "--grpc-port", "0"], slow_s=0.4)
+    processes.append(proc)
+    proc.wait_ready()
+    assert proc.grpc_ready()
+    with ThreadPoolExecutor(8) as pool:
+        inflight = [pool.submit(proc.grpc_infer, float(i + 1)) for i in range(4)]  # 2 batches of 2, 0.4 s each
+        while proc.inflight() < 4:
+            time.sleep(0.01)
+        proc.process.send_signal(signal.SIGTERM)
+        while proc.grpc_ready():  # readiness turns false on gRPC too...
+            time.sleep(0.01)
+        assert proc.grpc_infer(50.0) == (grpc.StatusCode.OK, [100.0, 100.0])  # ...and it serves during the window
+        results = [future.result(timeout=20) for future in inflight]
+    assert sorted(values[0] for _, values in results) == [2.0, 4.0, 6.0, 8.0]
+    assert {code for code, _ in results} == {grpc.StatusCode.OK}
+    assert proc.process.wait(20) == 0
+
+
+def test_grpc_drain_is_bounded_by_the_grace_period(processes: list[ServerProcess]) -> None:
+    proc = ServerProcess(["--max-batch-size", "1", "--drain-propagation-s", "0.5", "--grace-period-s", "2.5",
+                          "--grpc-port", "0"], slow_s=5)
+    processes.append(proc)
+    proc.wait_ready()
+    with ThreadPoolExecutor(2) as pool:
+        stuck = [pool.submit(proc.grpc_infer, 1.0) for _ in range(2)]
+        while proc.inflight() < 2:
+            time.sleep(0.01)
+        proc.process.send_signal(signal.SIGTERM)
+        # as for REST: both answered UNAVAILABLE and the give-up line show the server stopped at its deadline rather
+        # than finishing 5 s of work (no wall-clock bound: it fails on a busy machine)
+        assert proc.process.wait(10) == 0
+        codes = [future.result(timeout=10)[0] for future in stuck]
+    assert codes == [grpc.StatusCode.UNAVAILABLE] * 2  # answered (503's counterpart), not dropped
+    assert any("Gave up on 2 request(s)" in line for line in proc.lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -152,10 +153,11 @@ def harness() -> Iterator[Harness]:
 
 
 MODEL_LABELS = (("model", "mlp"), ("version", "1.4.0"))
+HTTP_LABELS = (("model", "mlp"), ("protocol", "http"), ("version", "1.4.0"))  # sorted, as metrics() keys them
 
 
 def requests_total(samples: dict[Any, float], code: int) -> float:
-    return samples.get(("shipyard_requests_total", (("code", str(code)), *MODEL_LABELS)), 0.0)
+    return samples.get(("shipyard_requests_total", (("code", str(code)), *HTTP_LABELS)), 0.0)
 
 
 def http_count(samples: dict[Any, float], method: str, path: str, status: int) -> float:
@@ -330,6 +332,83 @@ def test_bad_input_is_a_counted_400_and_the_server_keeps_serving(harness: Harnes
     assert not any(key[0] == "shipyard_requests_total" and dict(key[1])["code"].startswith("5") and value
                    for key, value in after.items())  # the 5xx series exist from the start, at 0
     assert harness.infer([[1, 2, 3, 4]])[0] == 200
+
+
+# The binary tensor data extension: raw tensor bytes after a JSON header whose length the
+# Inference-Header-Content-Length header gives (bodies framed by hand here, as the spec describes them).
+
+X_ROW = struct.pack("<4f", 1.0, -2.0, 3.0, 0.5)
+
+
+def binary_body(document: dict[str, Any], *chunks: bytes) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps(document).encode()
+    return header + b"".join(chunks), {"inference-header-content-length": str(len(header)),
+                                       "content-type": "application/octet-stream"}
+
+
+def x_binary(rows: int = 1, size: int | None = None) -> dict[str, Any]:
+    return {"name": "x", "shape": [rows, 4], "datatype": "FP32",
+            "parameters": {"binary_data_size": 16 * rows if size is None else size}}
+
+
+def test_binary_request_and_response_round_trip(harness: Harness) -> None:
+    body, headers = binary_body(
+        {"id": "b7", "inputs": [x_binary(2)], "outputs": [{"name": "y", "parameters": {"binary_data": True}}]},
+        X_ROW, X_ROW,
+    )
+    status, response_headers, raw = harness.call("POST", "/v2/models/mlp/infer", body, headers)
+    assert status == 200, raw
+    assert response_headers["content-type"] == "application/octet-stream"
+    header_length = int(response_headers["inference-header-content-length"])
+    document = json.loads(raw[:header_length])
+    assert document["id"] == "b7"
+    assert document["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [2, 3],
+                                    "parameters": {"binary_data_size": 24}}]
+    expected = harness.module(torch.tensor(struct.unpack("<8f", X_ROW * 2)).reshape(2, 4)).detach()
+    assert list(struct.unpack("<6f", raw[header_length:])) == expected.reshape(-1).tolist()
+
+
+def test_binary_input_with_json_output_and_json_input_with_binary_output(harness: Harness) -> None:
+    body, headers = binary_body({"inputs": [x_binary()]}, X_ROW)
+    status, response_headers, raw = harness.call("POST", "/v2/models/mlp/infer", body, headers)
+    assert status == 200 and "inference-header-content-length" not in response_headers
+    json_answer = json.loads(raw)["outputs"][0]["data"]
+    document = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, -2.0, 3.0, 0.5]}],
+                "parameters": {"binary_data_output": True}}
+    status, response_headers, raw = harness.call("POST", "/v2/models/mlp/infer", json.dumps(document).encode())
+    header_length = int(response_headers["inference-header-content-length"])
+    assert status == 200 and list(struct.unpack("<3f", raw[header_length:])) == json_answer
+
+
+BAD_BINARY_INFER = [
+    pytest.param(*binary_body({"inputs": [x_binary()]}, X_ROW + b"\0"), "add up to", id="body-longer-than-sizes"),
+    pytest.param(*binary_body({"inputs": [x_binary()]}, X_ROW[:10]), "runs past the end", id="body-shorter"),
+    pytest.param(*binary_body({"inputs": [x_binary(size=-16)]}, X_ROW), "non-negative integer", id="negative-size"),
+    pytest.param(*binary_body({"inputs": [x_binary(size=2**62)]}, X_ROW), "runs past the end", id="huge-size"),
+    pytest.param(*binary_body({"inputs": [x_binary(size=8)]}, X_ROW[:8]), "does not match shape", id="dtype-size"),
+    pytest.param(X_ROW, {"inference-header-content-length": "-3"}, "non-negative decimal", id="negative-header"),
+    pytest.param(X_ROW, {"inference-header-content-length": "1000"}, "exceeds the body", id="header-past-body"),
+    pytest.param(b"nope" + X_ROW, {"inference-header-content-length": "4"}, "not valid JSON", id="header-not-json"),
+    pytest.param(json.dumps({"inputs": [x_binary()]}).encode() + X_ROW, {},
+                 "needs the Inference-Header-Content-Length header", id="sizes-without-header"),
+]
+
+
+@pytest.mark.parametrize(("body", "headers", "message"), BAD_BINARY_INFER)
+def test_bad_binary_input_is_a_counted_400_and_the_server_keeps_serving(
+    harness: Harness, body: bytes, headers: dict[str, str], message: str
+) -> None:
+    before = harness.metrics()
+    status, _, raw = harness.call("POST", "/v2/models/mlp/infer", body, headers)
+    assert status == 400 and message in json.loads(raw)["error"], raw
+    after = harness.metrics()
+    assert requests_total(after, 400) == requests_total(before, 400) + 1
+    assert harness.infer([[1, 2, 3, 4]])[0] == 200
+
+
+def test_server_metadata_lists_the_binary_tensor_data_extension(harness: Harness) -> None:
+    _, _, raw = harness.call("GET", "/v2")
+    assert json.loads(raw)["extensions"] == ["binary_tensor_data"]
 
 
 def test_oversized_payload_is_413_before_the_body_is_read() -> None:
@@ -534,7 +613,7 @@ def test_fault_extra_latency_delays_inference_responses_only() -> None:
         assert running.call("GET", "/v2/health/live")[0] == 200
         assert time.monotonic() - started < 0.2
         samples = running.metrics()
-        assert samples[("shipyard_request_duration_seconds_sum", MODEL_LABELS)] >= 0.25
+        assert samples[("shipyard_request_duration_seconds_sum", HTTP_LABELS)] >= 0.25
 
 
 # ------------------------------------------------------------------------------------------ readiness
@@ -674,7 +753,7 @@ def test_metrics_change_as_the_requests_predict(harness: Harness) -> None:
     assert requests_total(after, 200) - requests_total(before, 200) == 3
     assert requests_total(after, 400) - requests_total(before, 400) == 1
     assert requests_total(after, 404) - requests_total(before, 404) == 1
-    assert delta("shipyard_request_duration_seconds_count") == 5
+    assert delta("shipyard_request_duration_seconds_count", HTTP_LABELS) == 5
     assert delta("shipyard_batch_size_count") == 3  # sequential: one batch each
     assert delta("shipyard_batch_size_sum") == 6  # of two rows
     assert delta("shipyard_queue_duration_seconds_count") == 3

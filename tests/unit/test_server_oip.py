@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,3 +219,179 @@ def test_true_elsewhere_in_the_body_does_not_refuse_numbers() -> None:
     request = oip.build_infer_request(body(id="true false", parameters={"flag": True}, inputs=[x_input()]), INPUTS,
                                       OUTPUTS)
     assert request.arrays[0].tolist() == [[1.0, 2.0, 3.0]]
+
+
+# ------------------------------------------------------------------------ the binary tensor data extension
+# Bodies are framed here by hand (struct and numpy), not with the server's encoder: the tests pin the wire format.
+
+
+def framed(document: dict[str, Any], *chunks: bytes) -> tuple[bytes, bytes]:
+    """A binary request: (body, Inference-Header-Content-Length value)."""
+    header = json.dumps(document).encode()
+    return header + b"".join(chunks), str(len(header)).encode()
+
+
+def x_binary(size: int = 12, **overrides: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"name": "x", "shape": [1, 3], "datatype": "FP32", "parameters": {"binary_data_size": size}}
+    item.update(overrides)
+    return item
+
+
+X_BYTES = struct.pack("<3f", 1.0, 2.5, -3.0)
+
+
+def test_binary_input_becomes_the_array_it_encodes() -> None:
+    raw, header = framed({"id": "b1", "inputs": [x_binary()]}, X_BYTES)
+    request = oip.build_infer_request(raw, INPUTS, OUTPUTS, header)
+    (array,) = request.arrays
+    assert array.dtype == np.float32 and array.shape == (1, 3) and array.tolist() == [[1.0, 2.5, -3.0]]
+    assert array.flags.writeable  # torch.from_numpy needs no warning
+    assert request.request_id == "b1" and request.binary_outputs is None  # no output asked for binary
+
+
+def test_binary_and_json_inputs_mix_in_the_order_of_the_header() -> None:
+    specs = [Spec("ids", "INT64", (-1, 2)), Spec("mask", "BOOL", (-1, 2)), Spec("h", "BF16", (-1, 1))]
+    document = {"inputs": [
+        {"name": "mask", "shape": [1, 2], "datatype": "BOOL", "parameters": {"binary_data_size": 2}},
+        {"name": "ids", "shape": [1, 2], "datatype": "INT64", "data": [7, -8]},
+        {"name": "h", "shape": [1, 1], "datatype": "BF16", "parameters": {"binary_data_size": 2}},
+    ]}
+    bf16_of_1_5 = struct.pack("<H", struct.unpack("<I", struct.pack("<f", 1.5))[0] >> 16)
+    raw, header = framed(document, b"\x01\x00", bf16_of_1_5)
+    ids, mask, h = oip.build_infer_request(raw, specs, OUTPUTS, header).arrays
+    assert ids.tolist() == [[7, -8]] and mask.tolist() == [[True, False]] and h.tolist() == [[1.5]]
+
+
+def test_raw_binary_request_is_one_input_of_batch_one_with_every_output_binary() -> None:
+    request = oip.build_infer_request(X_BYTES * 1, INPUTS, OUTPUTS, b"0")
+    assert request.arrays[0].tolist() == [[1.0, 2.5, -3.0]] and request.rows == 1
+    assert request.binary_outputs == [True, True]
+    variable = oip.build_infer_request(X_BYTES * 2, [Spec("v", "FP32", (-1, -1))], OUTPUTS, b"0")
+    assert variable.arrays[0].shape == (1, 6)
+
+
+OUTPUT_FLAGS = [
+    pytest.param({}, None, id="none"),
+    pytest.param({"parameters": {"binary_data_output": True}}, [True, True], id="all"),
+    pytest.param({"outputs": [{"name": "label", "parameters": {"binary_data": True}}]}, [True], id="one"),
+    pytest.param(
+        {"parameters": {"binary_data_output": True},
+         "outputs": [{"name": "label", "parameters": {"binary_data": False}}, {"name": "logits"}]},
+        [False, True],
+        id="override",
+    ),
+    pytest.param({"outputs": [{"name": "label", "parameters": {"binary_data": False}}]}, None, id="all-json"),
+]
+
+
+@pytest.mark.parametrize(("extra", "flags"), OUTPUT_FLAGS)
+def test_binary_outputs_are_asked_for_in_json_and_binary_requests(extra: dict[str, Any], flags: Any) -> None:
+    json_request = oip.build_infer_request(body(inputs=[x_input()], **extra), INPUTS, OUTPUTS)
+    raw, header = framed({"inputs": [x_binary()], **extra}, X_BYTES)
+    binary_request = oip.build_infer_request(raw, INPUTS, OUTPUTS, header)
+    assert json_request.binary_outputs == flags and binary_request.binary_outputs == flags
+
+
+BAD_BINARY = [
+    pytest.param(*framed({"inputs": [x_binary()]}, X_BYTES), "", id="valid"),
+    pytest.param(X_BYTES, b"-5", "non-negative decimal integer", id="negative-header-length"),
+    pytest.param(X_BYTES, b"12abc", "non-negative decimal integer", id="header-length-not-a-number"),
+    pytest.param(X_BYTES, b"", "non-negative decimal integer", id="header-length-empty"),
+    pytest.param(X_BYTES, b"99999999999999999999999", "non-negative decimal integer", id="header-length-huge"),
+    pytest.param(framed({"inputs": [x_binary()]}, X_BYTES)[0], b"500", "exceeds the body", id="header-past-body"),
+    pytest.param(framed({"inputs": [x_binary()]}, X_BYTES)[0], b"20", "not valid JSON", id="header-cut-short"),
+    pytest.param(b"\xff\xfe{{{{" + X_BYTES, b"6", "not valid JSON", id="header-not-json"),
+    pytest.param(*framed({"inputs": [x_binary()]}, X_BYTES + b"\x00"), "add up to 12", id="trailing-bytes"),
+    pytest.param(*framed({"inputs": [x_binary()]}, X_BYTES[:-1]), "runs past the end", id="too-few-bytes"),
+    pytest.param(*framed({"inputs": [x_binary(size=-4)]}, X_BYTES), "non-negative integer", id="negative-size"),
+    pytest.param(*framed({"inputs": [x_binary(size=2**40)]}, X_BYTES), "runs past the end", id="huge-size"),
+    # orjson reads integers past 64 bits as floats: refused as not an integer
+    pytest.param(*framed({"inputs": [x_binary(size=10**30)]}, X_BYTES), "non-negative integer", id="size-past-int64"),
+    pytest.param(*framed({"inputs": [x_binary(size=12.0)]}, X_BYTES), "non-negative integer", id="float-size"),
+    pytest.param(*framed({"inputs": [x_binary(size="12")]}, X_BYTES), "non-negative integer", id="string-size"),
+    pytest.param(*framed({"inputs": [x_binary(size=None)]}, X_BYTES), "non-negative integer", id="null-size"),
+    pytest.param(*framed({"inputs": [x_binary(size=8)]}, X_BYTES[:8]), "does not match shape", id="size-vs-shape"),
+    pytest.param(*framed({"inputs": [x_binary(datatype="FP64", size=24)]}, X_BYTES * 2), "does not match the model",
+                 id="wrong-datatype"),
+    pytest.param(*framed({"inputs": [x_binary(shape=[1, 4], size=16)]}, X_BYTES + b"\0" * 4), "does not match",
+                 id="wrong-shape"),
+    pytest.param(*framed({"inputs": [x_binary(shape=[10**12, 3], size=12)]}, X_BYTES), "does not match shape",
+                 id="huge-shape"),
+    pytest.param(*framed({"inputs": [x_binary(data=[1, 2, 3])]}, X_BYTES), "both 'data' and", id="data-and-size"),
+    pytest.param(*framed({"inputs": [x_binary(parameters=[1])]}, X_BYTES), "'parameters' must be an object",
+                 id="input-parameters-not-object"),
+    pytest.param(*framed({"inputs": [x_binary(name="q")]}, X_BYTES), "unknown input 'q'", id="unknown-input"),
+    pytest.param(*framed([x_binary()], X_BYTES), "JSON object", id="header-not-object"),
+    pytest.param(*framed({"inputs": [x_binary()], "parameters": {"binary_data_output": "yes"}}, X_BYTES),
+                 "'binary_data_output' must be a boolean", id="binary-data-output-not-bool"),
+    pytest.param(*framed({"inputs": [x_binary()], "outputs": [{"name": "label", "parameters": {"binary_data": 1}}]},
+                         X_BYTES), "'binary_data' must be a boolean", id="binary-data-not-bool"),
+    pytest.param(*framed({"inputs": [x_binary()], "outputs": [{"name": "label", "parameters": {"classification": 2}}]},
+                         X_BYTES), "classification extension", id="classification"),
+    pytest.param(X_BYTES[:8], b"0", "does not match shape", id="raw-wrong-size"),
+]
+
+
+@pytest.mark.parametrize(("raw", "header", "message"), BAD_BINARY)
+def test_bad_binary_requests_raise_bad_request_with_a_message(raw: bytes, header: bytes, message: str) -> None:
+    if not message:
+        assert oip.build_infer_request(raw, INPUTS, OUTPUTS, header).arrays[0].shape == (1, 3)
+        return
+    with pytest.raises(oip.BadRequest, match=message) as caught:
+        oip.build_infer_request(raw, INPUTS, OUTPUTS, header)
+    assert oip.build_error_status(caught.value) == 400
+
+
+def test_binary_bool_input_must_be_zero_or_one_bytes() -> None:
+    spec = [Spec("m", "BOOL", (-1,))]
+    raw, header = framed({"inputs": [{"name": "m", "shape": [2], "datatype": "BOOL",
+                                      "parameters": {"binary_data_size": 2}}]}, b"\x01\x02")
+    with pytest.raises(oip.BadRequest, match="BOOL elements must be the bytes 0 or 1"):
+        oip.build_infer_request(raw, spec, OUTPUTS, header)
+
+
+def test_binary_data_size_without_the_header_names_the_header() -> None:
+    with pytest.raises(oip.BadRequest, match="no Inference-Header-Content-Length header"):
+        oip.build_infer_request(body(inputs=[x_binary()]), INPUTS, OUTPUTS)
+
+
+def test_raw_binary_request_needs_a_deducible_shape() -> None:
+    with pytest.raises(oip.BadRequest, match="needs a model with one input"):
+        oip.build_infer_request(b"\0" * 8, TWO_INPUTS, OUTPUTS, b"0")
+    with pytest.raises(oip.BadRequest, match="cannot be deduced"):
+        oip.build_infer_request(b"\0" * 8, [Spec("v", "FP32", (-1, -1, -1))], OUTPUTS, b"0")
+
+
+def test_bytes_elements_are_length_prefixed_little_endian() -> None:
+    wire = struct.pack("<I", 3) + b"abc" + struct.pack("<I", 0) + struct.pack("<I", 2) + "é".encode()
+    assert oip.build_bytes_elements(wire, 3) == [b"abc", b"", "é".encode()]
+    assert oip.build_bytes_buffer([b"abc", b"", "é".encode()]) == wire
+    for broken, message in [(wire[:-1], "only 1 remain"), (wire + b"x", "left after"), (wire[:2], "4-byte length")]:
+        with pytest.raises(oip.BadRequest, match=message):
+            oip.build_bytes_elements(broken, 3)
+
+
+def test_binary_response_is_a_json_header_then_raw_bytes_in_output_order() -> None:
+    logits = np.array([[0.5, -1.25], [2.0, 3.0]], dtype=np.float32)
+    labels = np.array([1, 0], dtype=np.int64)
+    raw, header_length = oip.build_binary_infer_response(
+        "m", "1", "r", OUTPUTS, [logits, labels], [1, 0], [True, True]
+    )
+    document = json.loads(raw[:header_length])
+    assert document["id"] == "r"
+    assert document["outputs"] == [
+        {"name": "label", "datatype": "INT64", "shape": [2], "parameters": {"binary_data_size": 16}},
+        {"name": "logits", "datatype": "FP32", "shape": [2, 2], "parameters": {"binary_data_size": 16}},
+    ]
+    assert raw[header_length:] == struct.pack("<2q", 1, 0) + struct.pack("<4f", 0.5, -1.25, 2.0, 3.0)
+    mixed, mixed_length = oip.build_binary_infer_response("m", "1", None, OUTPUTS, [logits, labels], None,
+                                                          [False, True])
+    outputs = json.loads(mixed[:mixed_length])["outputs"]
+    assert outputs[0]["data"] == [0.5, -1.25, 2.0, 3.0] and mixed[mixed_length:] == struct.pack("<2q", 1, 0)
+
+
+def test_binary_bf16_and_bool_outputs() -> None:
+    assert oip.build_binary_bytes(np.array([1.5, -2.0], dtype=np.float32), "BF16") == struct.pack("<2H", 0x3FC0,
+                                                                                                   0xC000)
+    assert oip.build_binary_bytes(np.array([np.nan], dtype=np.float32), "BF16") == struct.pack("<H", 0x7FC0)
+    assert oip.build_binary_bytes(np.array([True, False]), "BOOL") == b"\x01\x00"

@@ -60,8 +60,8 @@ SUMMARY_FIELDS: dict[str, type] = {
 }
 
 # Metric names the runtime exports and the operator's analysis reads.
-METRIC_REQUESTS_TOTAL = "shipyard_requests_total"  # labels: model, version, code
-METRIC_REQUEST_DURATION = "shipyard_request_duration_seconds"  # histogram; labels: model, version
+METRIC_REQUESTS_TOTAL = "shipyard_requests_total"  # labels: model, version, code, protocol
+METRIC_REQUEST_DURATION = "shipyard_request_duration_seconds"  # histogram; labels: model, version, protocol
 METRIC_BATCH_SIZE = "shipyard_batch_size"  # histogram
 METRIC_QUEUE_DURATION = "shipyard_queue_duration_seconds"  # histogram
 METRIC_INFLIGHT = "shipyard_inflight_requests"  # gauge
@@ -75,6 +75,9 @@ LABEL_MODEL = "model"
 LABEL_VERSION = "version"
 LABEL_CODE = "code"
 LABEL_DEVICE = "device"
+LABEL_PROTOCOL = "protocol"  # on shipyard_requests_total and shipyard_request_duration_seconds: http | grpc
+PROTOCOL_HTTP = "http"
+PROTOCOL_GRPC = "grpc"
 
 
 def build_summary_fields(values: Mapping[str, object]) -> str:

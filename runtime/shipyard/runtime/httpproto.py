@@ -30,6 +30,7 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 64  # stop reading a connection with this many requests waiting for their answers
 DISCARD_LINGER_S = 2.0  # after a 413, keep draining the client's body for at most this long, then close
 JSON = b"application/json"
+OCTET_STREAM = b"application/octet-stream"
 
 REASONS = {
     100: b"Continue",
@@ -76,7 +77,9 @@ class _Abort(Exception):
 class Request:
     """One parsed request; also its slot in the connection's response order."""
 
-    __slots__ = ("method", "url", "body", "started", "keep_alive", "response", "close_after", "context")
+    __slots__ = (
+        "method", "url", "body", "started", "keep_alive", "response", "close_after", "context", "inference_header"
+    )
 
     def __init__(self, started: float) -> None:
         self.method = ""
@@ -87,6 +90,8 @@ class Request:
         self.response: bytes | None = None
         self.close_after = False
         self.context: Any = None  # the application's per-request state
+        # the raw Inference-Header-Content-Length value (the binary tensor data extension); None when absent
+        self.inference_header: bytes | None = None
 
     @property
     def path(self) -> bytes:
@@ -175,6 +180,10 @@ class Connection(asyncio.Protocol):
                 raise _Abort(413, f"the request body ({length} bytes) exceeds the limit of {self.max_body_bytes} bytes")
         elif lowered == b"expect" and value.lower() == b"100-continue":
             self._expect_continue = True
+        elif lowered == b"inference-header-content-length":
+            request = self._current
+            assert request is not None
+            request.inference_header = value
 
     def on_headers_complete(self) -> None:
         request = self._current

@@ -109,7 +109,22 @@ class ServerMetrics:
         self.inflight = Gauge()
         self.model_ready = Gauge()
         self.http: dict[tuple[str, str, int], Histogram] = {}
+        # the gRPC front end's inference requests (`enable_grpc`), by the HTTP status of the same outcome
+        self.grpc_requests: dict[int, int] | None = None
+        self.grpc_request_duration: Histogram | None = None
         self.registry.register(_ServerCollector(self))
+
+    def enable_grpc(self) -> None:
+        """Export gRPC inference requests too (protocol="grpc"), their codes pre-created at 0 as for HTTP."""
+        self.grpc_requests = dict.fromkeys(PRECREATED_CODES, 0)
+        self.grpc_request_duration = Histogram(LATENCY_BUCKETS)
+
+    def observe_grpc_request(self, status: int, seconds: float) -> None:
+        """One gRPC inference request answered after `seconds`, with the outcome HTTP would answer `status`."""
+        requests = self.grpc_requests
+        assert requests is not None and self.grpc_request_duration is not None
+        requests[status] = requests.get(status, 0) + 1
+        self.grpc_request_duration.observe(seconds)
 
     def observe_request(self, status: int, seconds: float) -> None:
         """One inference request answered with `status` after `seconds`."""
@@ -153,18 +168,27 @@ class _ServerCollector(Collector):
         labels = [contract.LABEL_MODEL, contract.LABEL_VERSION]
         requests = CounterMetricFamily(
             contract.METRIC_REQUESTS_TOTAL,
-            "Inference requests by HTTP status code.",
-            labels=[*labels, contract.LABEL_CODE],
+            "Inference requests by HTTP status code (for gRPC, the status HTTP answers for the same outcome).",
+            labels=[*labels, contract.LABEL_CODE, contract.LABEL_PROTOCOL],
         )
         for code, count in sorted(m.requests.items()):
-            requests.add_metric([*values, str(code)], count)
+            requests.add_metric([*values, str(code), contract.PROTOCOL_HTTP], count)
+        if m.grpc_requests is not None:
+            for code, count in sorted(m.grpc_requests.items()):
+                requests.add_metric([*values, str(code), contract.PROTOCOL_GRPC], count)
         yield requests
+        duration = HistogramMetricFamily(
+            contract.METRIC_REQUEST_DURATION,
+            "Inference request latency, from the first byte of the request to the response (seconds).",
+            labels=[*labels, contract.LABEL_PROTOCOL],
+        )
+        duration.add_metric([*values, contract.PROTOCOL_HTTP], m.request_duration.build_buckets(),
+                            m.request_duration.sum)
+        if m.grpc_request_duration is not None:
+            duration.add_metric([*values, contract.PROTOCOL_GRPC], m.grpc_request_duration.build_buckets(),
+                                m.grpc_request_duration.sum)
+        yield duration
         for name, documentation, histogram in (
-            (
-                contract.METRIC_REQUEST_DURATION,
-                "Inference request latency, from the first byte of the request to the response (seconds).",
-                m.request_duration,
-            ),
             (contract.METRIC_BATCH_SIZE, "Rows per batch handed to the model.", m.batch_size),
             (
                 contract.METRIC_QUEUE_DURATION,

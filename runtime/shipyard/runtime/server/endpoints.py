@@ -4,7 +4,8 @@
 serving, draining; readiness) and runs on the event loop: it answers health, metadata and metrics requests at
 once, submits inference requests to the batcher and answers them when their batch is done, applies fault
 injection, answers 504 past the per-request timeout, and counts every request in the metrics. No socket I/O of
-its own: it answers through `httpproto.Connection.respond`.
+its own: it answers through `httpproto.Connection.respond`. Other front ends (`grpcservice`) queue their parsed
+requests with `App.submit` and get the results through their job context's `deliver`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote
 
 import orjson
@@ -97,14 +99,24 @@ _ROUTE_CACHE_SIZE = 256
 
 
 class InferContext:
-    """Per-inference-request state carried through the batcher (the job's context)."""
+    """Per-inference-request state carried through the batcher (the job's context): an HTTP request."""
 
-    __slots__ = ("conn", "request", "template")
+    __slots__ = ("conn", "request", "template", "started")
 
     def __init__(self, conn: httpproto.Connection, request: httpproto.Request, template: str) -> None:
         self.conn = conn
         self.request = request
         self.template = template
+        self.started = request.started
+
+
+class ForeignContext(Protocol):
+    """The context of a job another front end submitted (`App.submit`, e.g. gRPC): it answers its own client."""
+
+    @property
+    def started(self) -> float: ...  # time.perf_counter() at arrival (the per-request timeout counts from it)
+
+    def deliver(self, result: batching.JobResult) -> None: ...  # the outputs, or the exception to answer with
 
 
 class App:
@@ -217,7 +229,7 @@ class App:
         if kind == METRICS:
             return 200, self.metrics.build_exposition(), prometheus_client.CONTENT_TYPE_LATEST.encode()
         if kind == SERVER_META:
-            document = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": []}
+            document = {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": [oip.BINARY_EXTENSION]}
             return 200, orjson.dumps(document), httpproto.JSON
         self._check_model(route)
         if kind == MODEL_READY:
@@ -229,6 +241,10 @@ class App:
         if self.batcher is None:
             raise oip.NotReady(self.not_ready_reason)
         return 200, self._metadata_body, httpproto.JSON
+
+    def check_model(self, model: str, version: str | None) -> None:
+        """Raise oip.ModelNotFound unless this server serves that model (and version, when given)."""
+        self._check_model(Route("", MODEL_READY, model, version))
 
     def _check_model(self, route: Route) -> None:
         if route.model != self.model_name:
@@ -248,7 +264,7 @@ class App:
             batcher = self.batcher
             if batcher is None:
                 raise oip.NotReady(self.not_ready_reason)
-            parsed = oip.build_infer_request(request.body, self.inputs, self.outputs)
+            parsed = oip.build_infer_request(request.body, self.inputs, self.outputs, request.inference_header)
             if self.faults.should_fail():
                 raise oip.InjectedFault("injected fault (fault injection is on)")
             job = batching.Job(parsed, context)
@@ -262,25 +278,58 @@ class App:
             return
         self._inflight_jobs[job] = None
 
+    def submit(
+        self, request: oip.InferRequest, context: ForeignContext, model: str, version: str | None
+    ) -> batching.Job:
+        """Queue an inference request another front end parsed (the gRPC one): the same model check, readiness,
+        fault injection, queue bound and per-request timeout as HTTP; the answer goes to `context.deliver`.
+        Raises oip.ServingError."""
+        self.check_model(model, version)
+        batcher = self.batcher
+        if batcher is None:
+            raise oip.NotReady(self.not_ready_reason)
+        if self.faults.should_fail():
+            raise oip.InjectedFault("injected fault (fault injection is on)")
+        job = batching.Job(request, context)
+        batcher.submit(job)
+        self._inflight_jobs[job] = None
+        return job
+
     def on_result(self, job: batching.Job, result: batching.JobResult) -> None:
         """Batcher callback: a job's outputs (or error) are in."""
         self._inflight_jobs.pop(job, None)
-        context: InferContext = job.context
+        context = job.context
+        if type(context) is not InferContext:  # another front end's job
+            context.deliver(result)
+            return
         if isinstance(result, list):
+            parsed = job.request
+            header_length = None
             try:
-                body = oip.build_infer_response(
-                    self.model_name,
-                    self.model_version,
-                    job.request.request_id,
-                    self.outputs,
-                    result,
-                    job.request.output_indices,
-                )
+                if parsed.binary_outputs is None:
+                    body = oip.build_infer_response(
+                        self.model_name,
+                        self.model_version,
+                        parsed.request_id,
+                        self.outputs,
+                        result,
+                        parsed.output_indices,
+                    )
+                else:  # the binary tensor data extension: a JSON header, then raw output bytes
+                    body, header_length = oip.build_binary_infer_response(
+                        self.model_name,
+                        self.model_version,
+                        parsed.request_id,
+                        self.outputs,
+                        result,
+                        parsed.output_indices,
+                        parsed.binary_outputs,
+                    )
             except Exception as error:  # e.g. an output orjson cannot encode: this request fails, not its batch
                 log.exception("Failed to encode an inference response")
                 self._finish(context, 500, oip.build_error_body(f"could not encode the outputs: {error}"))
                 return
-            self._finish(context, 200, body)
+            self._finish(context, 200, body, header_length)
         else:
             failure = result if isinstance(result, BaseException) else oip.ModelFailure("no result")
             self._finish(context, oip.build_error_status(failure), oip.build_error_body(str(failure)))
@@ -288,20 +337,26 @@ class App:
     def on_batch_started(self, jobs: list[batching.Job], rows: int, now: float) -> None:
         self.metrics.observe_batch(rows, [now - job.enqueued_at for job in jobs])
 
-    def _finish(self, context: InferContext, status: int, body: bytes) -> None:
+    def _finish(self, context: InferContext, status: int, body: bytes, header_length: int | None = None) -> None:
         delay = self.faults.config.extra_latency_s
         if delay > 0 and self._loop is not None:
-            self._loop.call_later(delay, self._send, context, status, body)
+            self._loop.call_later(delay, self._send, context, status, body, header_length)
         else:
-            self._send(context, status, body)
+            self._send(context, status, body, header_length)
 
-    def _send(self, context: InferContext, status: int, body: bytes) -> None:
+    def _send(self, context: InferContext, status: int, body: bytes, header_length: int | None = None) -> None:
+        """Answer an inference request; `header_length`: the body is a JSON header of that length and binary
+        outputs (the binary tensor data extension)."""
         request = context.request
         elapsed = time.perf_counter() - request.started
         self.metrics.observe_request(status, elapsed)
         self.metrics.observe_http(request.method, context.template, status, elapsed)
         self.metrics.inflight.dec()
         self.inflight_infer -= 1
+        if header_length is not None:
+            extra = b"inference-header-content-length: %d\r\n" % header_length
+            context.conn.respond(request, status, body, httpproto.OCTET_STREAM, extra)
+            return
         # 503 = overloaded or not ready: tell clients (and retrying proxies) when to come back.
         context.conn.respond(request, status, body, httpproto.JSON, RETRY_AFTER if status == 503 else b"")
 
@@ -310,7 +365,7 @@ class App:
         limit = time.perf_counter() - self.config.request_timeout_s
         expired = []
         for job in self._inflight_jobs:
-            if job.context.request.started > limit:
+            if job.context.started > limit:
                 break
             expired.append(job)
         for job in expired:
@@ -318,6 +373,9 @@ class App:
             if self.batcher is not None:
                 self.batcher.cancel(job)
             error = oip.RequestTimeout(f"no answer within {self.config.request_timeout_s:g} s")
+            if type(job.context) is not InferContext:
+                job.context.deliver(error)
+                continue
             self._finish(job.context, 504, oip.build_error_body(str(error)))
         if self._loop is not None:
             self._sweeper = self._loop.call_later(self._sweep_interval, self._sweep_timeouts)
@@ -328,4 +386,13 @@ class App:
             del self._inflight_jobs[job]
             if self.batcher is not None:
                 self.batcher.cancel(job)
+            if type(job.context) is not InferContext:
+                job.context.deliver(oip.NotReady(message))
+                continue
             self._send(job.context, 503, oip.build_error_body(message))
+
+    def forget(self, job: batching.Job) -> None:
+        """Drop a job whose client went away (gRPC cancellation): out of the queue and the timeout sweep."""
+        self._inflight_jobs.pop(job, None)
+        if self.batcher is not None:
+            self.batcher.cancel(job)

@@ -2,7 +2,8 @@
 
 I/O: it listens on a socket at once (liveness answers while the model loads), loads the artifact and warms it up
 on every device in the background (readiness turns true only then), batches requests dynamically in front of one
-worker thread per device, exports Prometheus metrics on the same port, and drains gracefully on SIGTERM:
+worker thread per device (REST, and gRPC on its own port with --grpc-port, share the batcher), exports Prometheus
+metrics on the REST port, and drains gracefully on SIGTERM:
 readiness 503 first, a propagation window during which it keeps serving, then no new connections, in-flight
 requests finish, exit within the grace period. `main` is `shipyard-runtime serve`.
 """
@@ -41,6 +42,8 @@ class Server:
         self.app = endpoints.App(config, self.metrics)
         self.connections = httpproto.Connections(config.keep_alive_timeout_s)
         self.port: int | None = None
+        self.grpc_port: int | None = None  # with config.grpc_port: where the gRPC front end listens
+        self._grpc: Any = None  # its grpc.aio.Server
         self.started = threading.Event()  # set once listening (port known)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -83,6 +86,11 @@ class Server:
         )
         self.port = server.sockets[0].getsockname()[1]
         log.info("Listened on %s:%d; liveness is up, readiness waits for the model", config.host, self.port)
+        if config.grpc_port is not None:
+            from shipyard.runtime.server import grpcservice  # grpcio only when gRPC is on
+
+            self._grpc, self.grpc_port = await grpcservice.apply_grpc_server(app, config)
+            log.info("Listened for gRPC (inference.GRPCInferenceService) on %s:%d", config.host, self.grpc_port)
         if install_signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._on_signal)
@@ -110,6 +118,7 @@ class Server:
         if not loaded.done():
             log.info("Stopped before the model finished loading")
             server.close()
+            await self._stop_grpc(0)
             app.stop()
             connections.stop()
             return 0
@@ -117,6 +126,7 @@ class Server:
         if error is not None:
             log.error("Failed to load model %s from %s: %s", config.model_name, config.artifact, error)
             server.close()
+            await self._stop_grpc(0)
             app.stop()
             connections.stop()
             stop_wait.cancel()
@@ -176,6 +186,11 @@ class Server:
         while not self._forced and time.monotonic() < end_of_window:
             await asyncio.sleep(min(0.05, max(0.0, end_of_window - time.monotonic())))
         server.close()
+        # gRPC: no new RPCs from now on; those in flight finish (counted in app.inflight_infer) until the deadline,
+        # where fail_remaining answers them as it does HTTP's. grpcio's own grace ends a little later (within the
+        # exit margin): ending first, it would cancel them itself.
+        grpc_grace = max(0.0, deadline - time.monotonic()) + EXIT_MARGIN_S / 2
+        grpc_stopped = asyncio.ensure_future(self._stop_grpc(grpc_grace))
         connections = self.connections
         connections.begin_close()
         log.info(
@@ -188,6 +203,7 @@ class Server:
             log.warning("Gave up on %d request(s) at the end of the grace period", remaining)
             app.fail_remaining("the server shut down before this request finished")
             await asyncio.sleep(0)
+        await grpc_stopped
         connections.close_all()
         connections.stop()
         app.stop()
@@ -197,6 +213,11 @@ class Server:
             worker.join(timeout=max(0.0, deadline - time.monotonic()))
         log.info("Drained in %.2f s; exited", time.monotonic() - started)
         return 0
+
+
+    async def _stop_grpc(self, grace: float) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

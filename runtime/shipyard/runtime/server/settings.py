@@ -33,6 +33,7 @@ class ServerConfig:
     artifact: str
     host: str = "0.0.0.0"
     port: int = contract.SERVING_PORT
+    grpc_port: int | None = None  # the gRPC front end's port (0: any free one); None: no gRPC
     model_name: str = ""
     model_version: str = UNVERSIONED
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -88,7 +89,8 @@ def _pick_compiled(flag: str | None, env: Mapping[str, str]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{contract.RUNTIME_COMMAND} {contract.SERVE_SUBCOMMAND}",
-        description="Serve a model artifact over the Open Inference Protocol v2 (REST). Flags override the "
+        description="Serve a model artifact over the Open Inference Protocol v2 (REST, and gRPC with --grpc-port). "
+        "Flags override the "
         "environment the operator sets.",
     )
     add = parser.add_argument
@@ -99,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=contract.SERVING_PORT,
         help=f"listen port (default {contract.SERVING_PORT})",
+    )
+    add(
+        "--grpc-port",
+        type=int,
+        help="also serve inference.GRPCInferenceService (KServe V2 / Triton gRPC) on this port (0: any free one); "
+        "default: off",
     )
     add(
         "--model-name",
@@ -192,6 +200,7 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> ServerConfig:
         artifact=artifact,
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         model_name=model_name,
         model_version=model_version,
         max_batch_size=pick(args.max_batch_size, contract.ENV_MAX_BATCH_SIZE, int, DEFAULT_MAX_BATCH_SIZE),
@@ -223,6 +232,11 @@ def assess_config(config: ServerConfig) -> ServerConfig:
     """Check value ranges; raises ConfigError naming the setting (pure)."""
     checks = [
         (1 <= config.port <= 65535 or config.port == 0, "--port must be within 0..65535"),
+        (config.grpc_port is None or 0 <= config.grpc_port <= 65535, "--grpc-port must be within 0..65535"),
+        (
+            config.grpc_port is None or config.grpc_port == 0 or config.grpc_port != config.port,
+            "--grpc-port must differ from --port",
+        ),
         (config.max_batch_size >= 1, f"max batch size must be >= 1 ({contract.ENV_MAX_BATCH_SIZE})"),
         (config.max_delay_ms >= 0, f"max delay must be >= 0 ms ({contract.ENV_MAX_DELAY_MS})"),
         (config.max_queue >= 1, "--max-queue must be >= 1"),
