@@ -366,7 +366,8 @@ def test_3_bad_tag_under_load_is_rolled_back_and_only_the_canary_fails(e2e: E2E)
         patched = time.time()
         apply_md(e2e, BAD)
         try:
-            rolled_back = watcher.wait(lambda o: o.phase == "RolledBack", 600, f"the rollback of {BAD}")  # incl. compression
+            # A wait, not a timing: it includes the bad version's compression Job.
+            rolled_back = watcher.wait(lambda o: o.phase == "RolledBack", 600, f"the rollback of {BAD}")
             # The canary's pods terminate; wait until none is left, then a little more traffic to the stable.
             serving = {naming.LABEL_VERSION: BAD, naming.LABEL_COMPONENT: "serving"}
             wait_until(lambda: not list(e2e.client.list(Pod, namespace=e2e.namespace, labels=serving)),
