@@ -297,6 +297,14 @@ def _cel(at: tuple[str | int, ...], values: st.SearchStrategy[Any], field: tuple
     return at, values, field_name(field if field is not None else at)
 
 
+def _cuda_quantize_compiled_on(scheme: str) -> dict[str, Any]:
+    """The example's compression quantizing for CUDA with compiled.mode on: two fields in one mutation."""
+    compression: dict[str, Any] = digits()["spec"]["compression"]
+    compression["steps"][-1] = {"quantize": {"scheme": scheme}}
+    compression["compiled"] = {"mode": "on"}
+    return compression
+
+
 STEPS, METRICS = ("spec", "compression", "steps"), ("spec", "rollout", "analysis", "metrics")
 RESOURCES = {"compression": ("spec", "compression", "resources"), "serving": ("spec", "serving", "resources")}
 CEL_VIOLATIONS: dict[tuple[str, str], list[tuple[tuple[str | int, ...], st.SearchStrategy[Any], str]]] = {
@@ -313,6 +321,21 @@ CEL_VIOLATIONS: dict[tuple[str, str], list[tuple[tuple[str | int, ...], st.Searc
         _cel(("spec", "serving", "batching", "maxBatchSize"), I(65, 4096)),
         _cel(("spec", "compression", "compiled", "maxBatchSize"), I(2, 31),
              ("spec", "serving", "batching", "maxBatchSize"))],
+    ("spec.compression.compiled", "spec.compression.compiled.aotInductor cannot be true with mode off"): [
+        _cel(("spec", "compression", "compiled", "mode"), st.just("off"),
+             ("spec", "compression", "compiled", "aotInductor"))],  # the base sets aotInductor true
+    ("spec", "spec.serving.batching.maxBatchSize must not exceed spec.compression.compiled.maxBatchSize with "
+             "compiled.mode on: the pods must serve the compiled package"): [
+        _cel(("spec", "compression", "compiled"), I(2, 31).map(lambda n: {"mode": "on", "maxBatchSize": n}),
+             ("spec", "serving", "batching", "maxBatchSize"))],  # the base serves batches of up to 32
+    ("spec", "spec.compression.compiled.mode on serves the AOTInductor package, which is CPU code: GPU inference "
+             "pods (spec.serving.resources nvidia.com/gpu) cannot serve it; use mode auto"): [
+        _cel(("spec", "compression", "compiled", "mode"), st.just("on"),
+             ("spec", "compression", "compiled"))],  # the base's pods ask for a GPU
+    ("spec", "spec.compression.compiled.mode on needs a CPU package, and fp8 and int4-weight-only quantize for "
+             "CUDA; use mode auto"): [
+        _cel(("spec", "compression"), st.sampled_from(["fp8", "int4-weight-only"]).map(_cuda_quantize_compiled_on),
+             ("spec", "compression", "compiled"))],
     ("spec.model", "spec.model must set path or uri"): [
         _cel(("spec", "model"), st.sampled_from([{}, {"name": "digits"}]))],
     ("spec.model", "spec.model must set only one of path and uri"): [
