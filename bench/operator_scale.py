@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import calendar
 import contextlib
 import json
 import os
@@ -133,8 +134,12 @@ class Run:
     cpu_seconds: float = 0.0
     api_requests: int = 0
     api_writes: int = 0
+    api_by_verb: dict[str, int] = field(default_factory=dict)
     reconciles: int = 0
     requests_per_reconcile: float = float("nan")
+    # CPU seconds of each control-plane process from the first create to all Ready (+10 s): the API server's share
+    control_plane_cpu: dict[str, float] = field(default_factory=dict)
+    reconcile_errors: int = 0  # reconciles that failed and were retried (from the operator's log)
     idle_writes_per_minute: float = float("nan")
     load_before: list[float] = field(default_factory=list)
     load_after: list[float] = field(default_factory=list)
@@ -171,8 +176,10 @@ class ProcessStats:
         self._stop = True
 
 
-def count_audit(path: Path, user: str, since: float = 0.0, until: float = float("inf")) -> tuple[int, int]:
-    """(requests, writes) of `user` in the audit log between two wall-clock times."""
+def count_audit(path: Path, user: str, since: float = 0.0, until: float = float("inf"),
+                breakdown: dict[str, int] | None = None) -> tuple[int, int]:
+    """(requests, writes) of `user` in the audit log between two wall-clock times; `breakdown` gets the count per
+    "verb resource[/subresource]"."""
     requests = writes = 0
     if not path.exists():
         return 0, 0
@@ -191,13 +198,18 @@ def count_audit(path: Path, user: str, since: float = 0.0, until: float = float(
             if not since <= t <= until:
                 continue
         requests += 1
+        if breakdown is not None:
+            ref = event.get("objectRef") or {}
+            what = f"{event.get('verb')} {ref.get('resource', '?')}" + (f"/{ref['subresource']}"
+                                                                          if ref.get("subresource") else "")
+            breakdown[what] = breakdown.get(what, 0) + 1
         if event.get("verb") in ("create", "update", "patch", "delete", "deletecollection"):
             writes += 1
     return requests, writes
 
 
 async def create_all(client: lightkube.AsyncClient, resource: Any, bodies: list[dict[str, Any]],
-                     created: dict[str, float], concurrency: int = 16) -> None:
+                     created: dict[str, float], created_wall: dict[str, float], concurrency: int = 16) -> None:
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
@@ -206,6 +218,7 @@ async def create_all(client: lightkube.AsyncClient, resource: Any, bodies: list[
         while not queue.empty():
             body = queue.get_nowait()
             created[body["metadata"]["name"]] = time.monotonic()
+            created_wall[body["metadata"]["name"]] = time.time()
             await client.create(resource(body))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -342,7 +355,7 @@ def summarize_profile(collapsed: Path, top: int = 25) -> str:
 
 async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | None, timeout: float,
                   profile_dir: Path | None = None, operator_args: tuple[str, ...] = (),
-                  setting: str = "defaults") -> Run:
+                  setting: str = "defaults", idle_window: float = IDLE_WINDOW) -> Run:
     run = Run(system=system, n=n, setting=setting, flags=list(operator_args),
               load_before=[round(x, 2) for x in os.getloadavg()])
     nodes = tuple(cluster_mod.build_node(f"kwok-bench-{i}", cpu="1000", memory="4Ti", gpus=0, pods=n + 50)
@@ -394,23 +407,17 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
         await asyncio.sleep(1.0)
         client = lightkube.AsyncClient(config=admin)
         created: dict[str, float] = {}
-        deployed: dict[str, float] = {}
+        created_wall: dict[str, float] = {}
         deployment_owners: dict[str, str] = {}  # Deployment name -> ModelDeployment
         replicasets: dict[str, float] = {}  # "Kind/name" of the ReplicaSet's owner -> first seen
         readied: dict[str, float] = {}
         names = [f"m{i:05d}" for i in range(n)]
-
-        def record_deployment(body: dict[str, Any]) -> str | None:
-            owner = deployment_owner(body)
-            if owner is not None:
-                deployment_owners[str(body["metadata"]["name"])] = owner
-            return owner
-
-        watches = [watch_until(client, REPLICASET, replicaset_owner, replicasets, n, timeout),
-                   watch_until(client, resource, ready, readied, n, timeout)]
-        if system == "shipyard":
-            watches.append(watch_until(client, DEPLOYMENT, record_deployment, deployed, n, timeout))
-        watchers = asyncio.gather(*watches)
+        # The same two watches for both systems (a third, on Shipyard's Deployments, would cost the shared cores
+        # thousands of decoded status updates in Shipyard's runs only): the Deployments are listed once at the end.
+        watchers = asyncio.gather(watch_until(client, REPLICASET, replicaset_owner, replicasets, n, timeout),
+                                  watch_until(client, resource, ready, readied, n, timeout))
+        plane = {name: ProcessStats(pid) for name, pid in state.pids.items()}
+        plane_before = {name: stats_.cpu_seconds() for name, stats_ in plane.items()}
         started = time.monotonic()
         await create_all(client, resource, [build(name) for name in names], created)
         run.create_seconds = time.monotonic() - started
@@ -420,7 +427,17 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
                       async for o in client.list(resource, namespace=NAMESPACE)]
             really = sum(1 for o in listed if ready(o))
             run.notes.append(f"watch saw {len(readied)} Ready, the API lists {really} Ready")
-        to_dep = [deployed[k] - created[k] for k in names if k in deployed]
+        to_dep: list[float] = []
+        if system == "shipyard":  # create -> Deployment from its creationTimestamp (1 s resolution, wall clock)
+            async for o in client.list(DEPLOYMENT, namespace=NAMESPACE):
+                body = o.to_dict() if hasattr(o, "to_dict") else dict(o)
+                owner = deployment_owner(body)
+                if owner is not None:
+                    deployment_owners[str(body["metadata"]["name"])] = owner
+                    if owner in created_wall:
+                        text = str(body["metadata"]["creationTimestamp"]).replace(" ", "T")[:19]
+                        stamp = calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+                        to_dep.append(max(0.0, stamp - created_wall[owner]))
         replicaset_times = build_replicaset_times(replicasets, deployment_owners)
         to_rs = [replicaset_times[k] - created[k] for k in names if k in replicaset_times]
         run.to_replicaset_p50, run.to_replicaset_p99 = percentile(to_rs, 50), percentile(to_rs, 99)
@@ -437,16 +454,18 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
         if system == "shipyard":
             run.reconciles = int(scrape_counter(metrics_port, "shipyard_operator_reconcile_duration_seconds_count"))
         await asyncio.sleep(10.0)  # let the last status writes and events land
+        run.control_plane_cpu = {name: round(stats_.cpu_seconds() - plane_before[name], 1)
+                                 for name, stats_ in plane.items()}
         audit = state_dir / "audit.log"
         time.sleep(2.0)  # audit batch flush
-        run.api_requests, run.api_writes = count_audit(audit, user)
+        run.api_requests, run.api_writes = count_audit(audit, user, breakdown=run.api_by_verb)
         if run.reconciles:
             run.requests_per_reconcile = run.api_requests / run.reconciles
         idle_from = time.time()
-        await asyncio.sleep(IDLE_WINDOW)
+        await asyncio.sleep(idle_window)
         time.sleep(2.0)
-        _, idle_writes = count_audit(audit, user, since=idle_from, until=idle_from + IDLE_WINDOW)
-        run.idle_writes_per_minute = idle_writes * 60.0 / IDLE_WINDOW
+        _, idle_writes = count_audit(audit, user, since=idle_from, until=idle_from + idle_window)
+        run.idle_writes_per_minute = idle_writes * 60.0 / idle_window if idle_window > 0 else float("nan")
         stats.sample()
         run.cpu_seconds = stats.cpu_seconds()
         run.load_after = [round(x, 2) for x in os.getloadavg()]
@@ -472,6 +491,11 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            log_text = (state_dir / f"{system}.log").read_text(errors="replace")
+            if system == "shipyard":
+                run.reconcile_errors = log_text.count("failed; retrying") + log_text.count("refused by the API server")
+            if profile_dir is not None:
+                (profile_dir / f"{system}-{setting}-{n}.log").write_text(log_text)
         cluster_mod.down(state_dir)
     return run
 
@@ -481,8 +505,9 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 
 TABLE_HEADER = ("system", "setting", "N", "create s", "->RS p50", "->RS p99", "->Dep p50", "->Dep p99",
-                "->Ready p50", "->Ready p99", "all Ready s", "RSS MB", "CPU s", "API req", "req/reconcile",
-                "idle writes/min", "load 1m before/after")
+                "->Ready p50", "->Ready p99", "all Ready s", "RSS MB", "CPU s", "apiserver CPU s",
+                "control plane CPU s", "API req", "req/reconcile", "retried reconciles", "idle writes/min",
+                "load 1m before/after")
 
 
 def build_rows(runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
@@ -495,7 +520,11 @@ def build_rows(runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
              fmt(r.get("to_replicaset_p50"), 1), fmt(r.get("to_replicaset_p99"), 1), fmt(r["to_deployment_p50"], 1),
              fmt(r["to_deployment_p99"], 1), fmt(r["to_ready_p50"], 1), fmt(r["to_ready_p99"], 1),
              fmt(r["all_ready_seconds"], 1), fmt(r["rss_peak_mb"], 0), fmt(r["cpu_seconds"], 1),
-             str(r["api_requests"]), fmt(r["requests_per_reconcile"]), fmt(r["idle_writes_per_minute"], 1), load(r))
+             fmt((r.get("control_plane_cpu") or {}).get("kube-apiserver"), 1),
+             fmt(sum((r.get("control_plane_cpu") or {}).values()) if r.get("control_plane_cpu") else None, 1),
+             str(r["api_requests"]), fmt(r["requests_per_reconcile"]),
+             str(r.get("reconcile_errors", 0)) if r["system"] == "shipyard" else "-",
+             fmt(r["idle_writes_per_minute"], 1), load(r))
             for r in runs]
 
 
@@ -611,6 +640,8 @@ def run_bench(argv: list[str]) -> int:
                         help="which Argo Rollouts settings to run (names of PEER_SETTINGS, comma-separated)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for all Ready per run")
     parser.add_argument("--operator-args", default="", help="extra operator flags, e.g. '--workers=32'")
+    parser.add_argument("--idle-seconds", type=float, default=IDLE_WINDOW,
+                        help="how long the controller idles after all Ready (idle writes are counted then)")
     parser.add_argument("--profile", type=Path, default=None, help="sample the operator with py-spy into this folder")
     parser.add_argument("--output", type=Path, default=RESULTS / "operator_scale.json",
                         help="where to write the JSON (default bench/results/operator_scale.json)")
@@ -636,7 +667,7 @@ def run_bench(argv: list[str]) -> int:
         for system, setting, flags in plans:
             print(f"[bench] {system} ({setting}) N={n} ...", file=sys.stderr, flush=True)
             runs.append(asyncio.run(run_one(cluster_mod, system, n, argo, args.timeout, args.profile, flags,
-                                            setting)))
+                                            setting, args.idle_seconds)))
             print(f"[bench] {asdict(runs[-1])}", file=sys.stderr, flush=True)
 
     dicts = [asdict(r) for r in runs]
