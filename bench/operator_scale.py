@@ -329,8 +329,42 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Where a sample of the operator's main thread is spent, by the first of these that its stack contains.
+PROFILE_LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("waiting in the event loop's selector (idle)", ("selectors.py",)),
+    ("TLS handshakes (new connections)", ("do_handshake",)),
+    ("Shipyard's API calls (lightkube, httpx2, httpcore2 or the aiohttp transport)",
+     ("lightkube/core", "httpx2/", "httpcore2/", "httptransport.py")),
+    ("Kopf's watch streams and their JSON", ("kopf/_cogs/clients/watching", "kopf/_cogs/clients/api")),
+    ("Kopf's per-event processing (queueing, indexing, handlers)",
+     ("kopf/_core/reactor/processing", "kopf/_core/reactor/queueing", "kopf/_core/engines/indexing",
+      "kopf/_core/actions")),
+    ("the work queue waking workers (asyncio Event.wait / wait_for)", ("Event.wait", "wait_for (asyncio")),
+    ("Shipyard's reconcile (planning, observed, spec)",
+     ("handlers.py:", "planning.py", "observed.py", "spec.py", "workqueue.py")),
+    ("aiohttp (Kopf's client)", ("aiohttp/",)),
+)
+
+
+def summarize_layers(collapsed: Path) -> list[str]:
+    """The main thread's samples by PROFILE_LAYERS (threads of the executor, idle, left out)."""
+    layers: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit() or "concurrent/futures/thread.py" in stack:
+            continue
+        total += int(count_text)
+        name = next((n for n, keys in PROFILE_LAYERS if any(k in stack for k in keys)), "other")
+        layers[name] = layers.get(name, 0) + int(count_text)
+    ordered = sorted(layers.items(), key=lambda kv: -kv[1])
+    return [f"--- main thread by layer ({total} samples)",
+            *(f"{100.0 * c / max(1, total):5.1f}%  {name}" for name, c in ordered)]
+
+
 def summarize_profile(collapsed: Path, top: int = 25) -> str:
-    """The functions with the most py-spy samples in a collapsed-stack file: own (leaf) and cumulative."""
+    """The functions with the most py-spy samples in a collapsed-stack file: own (leaf) and cumulative, and the main
+    thread's samples by layer."""
     own: dict[str, int] = {}
     cumulative: dict[str, int] = {}
     total = 0
@@ -345,7 +379,7 @@ def summarize_profile(collapsed: Path, top: int = 25) -> str:
             own[frames[-1]] = own.get(frames[-1], 0) + count
         for frame in set(frames):
             cumulative[frame] = cumulative.get(frame, 0) + count
-    lines = [f"{total} samples"]
+    lines = [f"{total} samples", *summarize_layers(collapsed)]
     for title, table in (("own", own), ("cumulative", cumulative)):
         lines.append(f"--- {title}")
         for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
