@@ -453,7 +453,7 @@ async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | Non
         plane = {name: ProcessStats(pid) for name, pid in state.pids.items()}
         plane_before = {name: stats_.cpu_seconds() for name, stats_ in plane.items()}
         started = time.monotonic()
-        await create_all(client, resource, [build(name) for name in names], created)
+        await create_all(client, resource, [build(name) for name in names], created, created_wall)
         run.create_seconds = time.monotonic() - started
         await watchers
         if len(readied) < n:  # tell a slow controller from a watch that missed events
