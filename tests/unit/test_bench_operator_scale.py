@@ -5,6 +5,8 @@ other: regenerate with `python bench/operator_scale.py report`). No I/O besides 
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,14 @@ def test_the_ratio_target_can_fail(shipyard: float, met: bool) -> None:
     targets = dict(bench.assess_targets(runs, bench.build_ratios(runs)))
     name = next(t for t in targets if "ratio <= 1.0" in t)
     assert targets[name] is met
+
+
+def test_the_readme_section_is_generated_from_the_results() -> None:
+    data = json.loads((REPO / "bench" / "results" / "operator_scale.json").read_text())
+    readme = (REPO / "bench" / "README.md").read_text()
+    assert bench.apply_readme_section(readme, bench.build_readme_section(data)) == readme
+    runs = data["runs"]
+    assert {r["setting"] for r in runs if r["system"] == "argo-rollouts"} >= {"defaults", "qps200", "qps400"}
+    assert all(r["flags"] or r["setting"] == "defaults" for r in runs if r["system"] == "argo-rollouts")
+    assert any(t["name"].endswith("(ratio <= 1.0)") for t in data["targets"])
+    assert all(not math.isnan(r["to_replicaset_p50"]) for r in runs)
