@@ -143,3 +143,89 @@ async def test_a_forgotten_urgent_key_is_skipped() -> None:
     q.forget("a")
     assert await q._next() == "b"
     assert len(q) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Waking idle workers: one per due key, one timekeeper for the delayed ones
+
+
+async def idle_queue(workers: int) -> tuple[Workqueue, list[str], asyncio.Task[None]]:
+    q = Workqueue()
+    calls: list[str] = []
+
+    async def reconcile(key: str) -> float | None:
+        calls.append(key)
+        return None
+
+    task = asyncio.create_task(q.run(reconcile, workers=workers))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return q, calls, task
+
+
+async def test_an_add_wakes_one_idle_worker_not_all() -> None:
+    q, calls, task = await idle_queue(16)
+    waiting = list(q._waiters)
+    assert len(waiting) == 16 and q._timekeeper is None
+    q.add("ns/a")
+    assert sum(w.done() for w in waiting) == 1
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert calls == ["ns/a"] and len(q._waiters) == 16
+    q.close()
+    await task
+
+
+async def test_only_the_timekeeper_sleeps_on_a_delayed_key() -> None:
+    q, calls, task = await idle_queue(16)
+    q.add("ns/later", 30.0)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert q._timekeeper is not None and not q._timekeeper.done()
+    assert len(q._waiters) == 15 and not any(w.done() for w in q._waiters)
+    q.close()
+    await task
+    assert calls == []
+
+
+async def test_an_earlier_delayed_key_wakes_the_timekeeper() -> None:
+    """The timekeeper sleeps for the 30 s key; a key due in 20 ms must not wait for it."""
+    q = Workqueue()
+    done = asyncio.Event()
+
+    async def reconcile(key: str) -> float | None:
+        if key == "ns/soon":
+            done.set()
+        return None
+
+    task = asyncio.create_task(q.run(reconcile, workers=8))
+    q.add("ns/late", 30.0)
+    await asyncio.sleep(0.01)
+    q.add("ns/soon", 0.02)
+    await asyncio.wait_for(done.wait(), 10.0)
+    assert "ns/late" in q._due
+    q.close()
+    await task
+
+
+async def test_a_burst_of_due_keys_is_spread_over_the_workers() -> None:
+    """Each taken key wakes the next idle worker while more are due: 8 slow reconciles of distinct keys overlap."""
+    q = Workqueue()
+    running = peak = 0
+
+    async def reconcile(key: str) -> float | None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.05)
+        running -= 1
+        return None
+
+    task = asyncio.create_task(q.run(reconcile, workers=8))
+    await asyncio.sleep(0)
+    for i in range(8):
+        q.add(f"ns/k{i}", 0.01)  # delayed: the timekeeper takes the first, then wakes the others
+    await asyncio.sleep(0.2)
+    q.close()
+    await task
+    assert peak == 8

@@ -407,7 +407,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = NoDiffBase()
     options: Mapping[str, Any] = memo.get("options", {}) if isinstance(memo, Mapping) else {}
     op = Operator(
-        kube=kube_mod.Kube.from_env(options.get("kubeconfig")),
+        kube=kube_mod.Kube.from_env(options.get("kubeconfig"), options.get("api_transport", "aiohttp")),
         providers=providers.Providers(
             options.get("prometheus_address") or os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS") or None,
             allowed_addresses=options.get("allowed_prometheus_addresses") or [

@@ -11,14 +11,20 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import httpx2
 import lightkube
+from lightkube.config import client_adapter
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.types import CascadeType, PatchType
 
-from shipyard.operator import naming
+from shipyard.operator import httptransport, naming
 
 logger = logging.getLogger(__name__)
+# Per-request timeout (connect, pool wait, each read). lightkube's default of 10 s failed writes that were only
+# queued behind others on a busy API server (N = 1,000 on 2 shared cores), each failure costing a retry.
+REQUEST_TIMEOUT_SECONDS = 60.0
+TRANSPORTS = ("aiohttp", "httpx")
 
 _RESOURCES: dict[tuple[str, str], Any] = {
     ("apps/v1", "Deployment"): create_namespaced_resource("apps", "v1", "Deployment", "deployments"),
@@ -51,9 +57,21 @@ class Kube:
         self.client = client
 
     @classmethod
-    def from_env(cls, kubeconfig: str | None = None) -> Kube:
-        config = KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
-        return cls(lightkube.AsyncClient(config=config, field_manager=naming.FIELD_MANAGER))
+    def from_env(cls, kubeconfig: str | None = None, transport: str = "aiohttp") -> Kube:
+        """A client from a kubeconfig (else $KUBECONFIG, else in-cluster). `transport`: "aiohttp" (default; see
+        httptransport) or "httpx" (lightkube's own, httpx2 over httpcore2)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown API transport {transport!r} (one of {', '.join(TRANSPORTS)})")
+        config = (KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()).get()
+        timeout = httpx2.Timeout(REQUEST_TIMEOUT_SECONDS)
+        if transport == "httpx":
+            return cls(lightkube.AsyncClient(config=config, field_manager=naming.FIELD_MANAGER, timeout=timeout))
+        if config is None or config.user is None:
+            raise ValueError("the kubeconfig has no current context with a user")
+        secure = str(config.cluster.server).startswith("https")
+        ssl_context = client_adapter.verify_cluster(config.cluster, config.user, config.abs_file) if secure else False
+        return cls(lightkube.AsyncClient(config=config, field_manager=naming.FIELD_MANAGER, timeout=timeout,
+                                         transport=httptransport.AiohttpTransport(ssl_context)))
 
     async def close(self) -> None:
         await self.client.close()

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import kopf
 import prometheus_client
 
-from shipyard.operator import egress
+from shipyard.operator import egress, kube
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-address", default="0.0.0.0")
     parser.add_argument("--workers", type=int, default=128,
                         help="parallel reconcile workers (reconciles wait on the API server, not the CPU)")
+    parser.add_argument("--api-transport", choices=kube.TRANSPORTS, default="aiohttp",
+                        help="HTTP client under the operator's own API calls (Kopf's watches use aiohttp either way)")
     parser.add_argument("--prometheus-address", default=os.environ.get("SHIPYARD_PROMETHEUS_ADDRESS"),
                         help="default Prometheus for analysis (else built-in metrics are scraped from the pods)")
     parser.add_argument("--allowed-prometheus-address", action="append", dest="allowed_prometheus_addresses",
@@ -69,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port, addr=args.metrics_address)
     memo = kopf.Memo(options={"kubeconfig": args.kubeconfig, "workers": args.workers,
+                              "api_transport": args.api_transport,
                               "prometheus_address": args.prometheus_address,
                               "allowed_prometheus_addresses": args.allowed_prometheus_addresses})
     kopf.run(

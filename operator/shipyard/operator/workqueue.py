@@ -6,6 +6,11 @@ it is processed once more afterwards (no lost updates, no parallel reconciles of
 already waiting keeps the earliest due time. This mirrors client-go's rate-limited work queue, sized for an
 operator that owns thousands of objects with a handful of workers.
 
+Idle workers wait each on its own future: adding a key that is due wakes one of them (the one waiting longest), a
+worker that takes a key while more are due wakes the next, and only one idle worker (the timekeeper) sleeps until the
+earliest delayed key is due. A shared event with a timeout in every worker would wake every idle worker (128 by
+default) on each add and each timer, of which one finds work.
+
 One addition: a key added as `urgent` (a spec the operator has not acted on yet: a new object, a changed image)
 is due now and goes before every other due key, in the order such keys arrived. A burst of status-driven wakes
 (hundreds of Deployments becoming available) then does not delay acting on what a user just applied.
@@ -38,7 +43,8 @@ class Workqueue:
         self._urgent: set[str] = set()  # pending keys that go first
         self._urgent_order: deque[str] = deque()
         self._dirty_urgent: set[str] = set()
-        self._wakeup = asyncio.Event()
+        self._waiters: deque[asyncio.Future[None]] = deque()  # idle workers, longest waiting first
+        self._timekeeper: asyncio.Future[None] | None = None  # the idle worker sleeping until the heap's first is due
         self._closed = False
 
     def __len__(self) -> int:
@@ -57,14 +63,15 @@ class Workqueue:
                 self._urgent.add(key)
                 self._urgent_order.append(key)
             self._due[key] = min(due, self._due.get(key, due))
-            self._wakeup.set()
+            self._wake_one()
             return
         current = self._due.get(key)
         if current is not None and current <= due:
             return
         self._due[key] = due
         heapq.heappush(self._heap, (due, next(self._seq), key))
-        self._wakeup.set()
+        if self._heap[0][2] == key:  # due now, or earlier than what the timekeeper sleeps for
+            self._wake_timekeeper()
 
     def forget(self, key: str) -> None:
         """Drops a pending entry (the object was deleted); a running reconcile finishes normally."""
@@ -75,12 +82,33 @@ class Workqueue:
 
     def close(self) -> None:
         self._closed = True
-        self._wakeup.set()
+        while self._waiters:
+            self._wake_one()
+        self._wake_timekeeper()
+
+    def _wake_one(self) -> None:
+        """Wakes the idle worker waiting longest, else the timekeeper (none idle: a busy worker looks before it waits
+        again)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._wake_timekeeper(fallback=False)
+
+    def _wake_timekeeper(self, fallback: bool = True) -> None:
+        """Wakes the timekeeper (the earliest due time changed); with none, any idle worker, which becomes it."""
+        if self._timekeeper is not None and not self._timekeeper.done():
+            self._timekeeper.set_result(None)
+        elif fallback:
+            self._wake_one()
 
     def _take(self, key: str) -> str:
         del self._due[key]
         self._urgent.discard(key)
         self._processing.add(key)
+        if self._urgent or (self._heap and (self._heap[0][0] <= self._clock() or self._timekeeper is None)):
+            self._wake_one()  # more is due (the next idle worker takes it), or a delayed key needs a timekeeper
         return key
 
     async def _next(self) -> str | None:
@@ -99,10 +127,24 @@ class Workqueue:
                     break
                 heapq.heappop(self._heap)
                 return self._take(key)
-            timeout = (self._heap[0][0] - now) if self._heap else None
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            waiter = asyncio.get_running_loop().create_future()
+            timed = bool(self._heap) and (self._timekeeper is None or self._timekeeper.done())
+            if timed:
+                self._timekeeper = waiter
+            else:
+                self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(self._heap[0][0] - now if timed else None):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                if self._timekeeper is waiter:
+                    self._timekeeper = None
+                if not waiter.done():  # timed out or cancelled
+                    waiter.cancel()
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
         return None
 
     def _done(self, key: str, requeue_after: float | None) -> None:
