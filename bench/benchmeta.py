@@ -58,3 +58,28 @@ def build_meta(
         "finishedAt": utc(finished),
         "seconds": round(finished - started, 1),
     }
+
+
+def summarize_profile(collapsed: Path, top: int = 30, preamble: tuple[str, ...] = ()) -> str:
+    """The functions with the most py-spy samples in a collapsed-stack file (py-spy record --format raw): own (leaf)
+    and cumulative, in percent of all samples; `preamble` lines go after the sample count."""
+    own: dict[str, int] = {}
+    cumulative: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [f.strip() for f in stack.split(";") if f.strip()]
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            cumulative[frame] = cumulative.get(frame, 0) + count
+    lines = [f"{total} samples", *preamble]
+    for title, table in (("own", own), ("cumulative", cumulative)):
+        lines.append(f"--- {title}")
+        for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"{100.0 * count / max(1, total):5.1f}%  {frame}")
+    return "\n".join(lines)

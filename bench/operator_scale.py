@@ -363,28 +363,8 @@ def summarize_layers(collapsed: Path) -> list[str]:
 
 
 def summarize_profile(collapsed: Path, top: int = 25) -> str:
-    """The functions with the most py-spy samples in a collapsed-stack file: own (leaf) and cumulative, and the main
-    thread's samples by layer."""
-    own: dict[str, int] = {}
-    cumulative: dict[str, int] = {}
-    total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        frames = [f.strip() for f in stack.split(";") if f.strip()]
-        if frames:
-            own[frames[-1]] = own.get(frames[-1], 0) + count
-        for frame in set(frames):
-            cumulative[frame] = cumulative.get(frame, 0) + count
-    lines = [f"{total} samples", *summarize_layers(collapsed)]
-    for title, table in (("own", own), ("cumulative", cumulative)):
-        lines.append(f"--- {title}")
-        for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
-            lines.append(f"{100.0 * count / max(1, total):5.1f}%  {frame}")
-    return "\n".join(lines)
+    """benchmeta's summary of a py-spy profile with the main thread's samples by layer after the sample count."""
+    return benchmeta.summarize_profile(collapsed, top, tuple(summarize_layers(collapsed)))
 
 
 async def run_one(cluster_mod: Any, system: str, n: int, argo_binary: Path | None, timeout: float,

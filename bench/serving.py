@@ -73,7 +73,7 @@ from torch import nn
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))  # the benchmarks' shared helpers
-from benchmeta import build_meta, fetch_git_state  # noqa: E402
+from benchmeta import build_meta, fetch_git_state, summarize_profile  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "serving.json"
 README = BENCH_DIR / "README.md"
@@ -1223,30 +1223,6 @@ def fetch_limit(model_name: str, model_dir: Path, round_: int, cores: str, quick
     print(f"Measured the in-process limit of {model_name}: { {b: round(v) for b, v in limit.wall.items()} }",
           file=sys.stderr)  # fmt: skip
     return limit
-
-
-def summarize_profile(collapsed: Path, top: int = 30) -> str:
-    """The functions with the most py-spy samples in a collapsed-stack file: own (leaf) and cumulative."""
-    own: dict[str, int] = {}
-    cumulative: dict[str, int] = {}
-    total = 0
-    for line in collapsed.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        frames = [f.strip() for f in stack.split(";") if f.strip()]
-        if frames:
-            own[frames[-1]] = own.get(frames[-1], 0) + count
-        for frame in set(frames):
-            cumulative[frame] = cumulative.get(frame, 0) + count
-    lines = [f"{total} samples"]
-    for title, table in (("own", own), ("cumulative", cumulative)):
-        lines.append(f"--- {title}")
-        for frame, count in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
-            lines.append(f"{100.0 * count / max(1, total):5.1f}%  {frame}")
-    return "\n".join(lines)
 
 
 def run_profiled(served: Served, model: str, script: Path, level: int, seconds: float, client_cores: str | None,
