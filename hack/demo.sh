@@ -168,6 +168,7 @@ hint() { printf '  %-64s # %s\n' "$1" "$2"; }
 hint "eval \"\$(python3 hack/cluster.py env --dir $state/cluster)\"" "KUBECONFIG and the kubectl of its version"
 hint "kubectl get md -n $ns -w" "phase, stable, candidate, step"
 hint "kubectl describe md -n $ns digits" "conditions, analysis, history, events"
+hint ".venv/bin/kubectl-shipyard dashboard -n $ns" "the rollout dashboard: open the URL it prints"
 hint "kubectl get pods -n $ns -o wide" "real processes on node local-0 (pod IPs 127.0.10.x)"
 hint "cat $state/agent/services.json" "the Service's local port PORT; then e.g."
 hint ".venv/bin/python -m tests.e2e.loadgen --port PORT --seconds 30" "20 requests/s, answers counted per version"
