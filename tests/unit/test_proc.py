@@ -85,7 +85,8 @@ def test_stop_kills_after_the_grace_period_and_returns_the_exit_code(tmp_path: P
 
 def test_stop_takes_the_whole_process_group(tmp_path: Path) -> None:
     """A grandchild in the leader's group that ignores SIGTERM and outlives the leader is killed too."""
-    script = "(trap '' TERM; exec sleep 60) & echo $! > grandchild; trap 'exit 0' TERM; wait"
+    # Each process sets its own SIGTERM disposition before the file says it is ready (no window for the signal).
+    script = "trap 'exit 0' TERM; (trap '' TERM; echo $BASHPID > g.tmp && mv g.tmp grandchild; exec sleep 60) & wait"
     child = PROC.spawn(["bash", "-c", script], tmp_path / "log", cwd=tmp_path)
     deadline = time.monotonic() + 10
     while not (tmp_path / "grandchild").exists() or not (tmp_path / "grandchild").read_text().strip():
