@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -675,8 +676,8 @@ class PodWorker:
         values = {"metadata.name": self.name, "metadata.namespace": self.ns, "metadata.uid": self.uid,
                   "status.podIP": self.ip, "status.hostIP": "127.0.0.1", "spec.nodeName": self.agent.node}
         for item in spec.get("env") or []:
-            if "value" in item:
-                env[item["name"]] = str(item["value"])
+            if "value" in item:  # $(VAR) names a variable defined before it, as the kubelet expands it
+                env[item["name"]] = _expand(str(item["value"]), env)
             elif (item.get("valueFrom") or {}).get("fieldRef"):
                 path = item["valueFrom"]["fieldRef"]["fieldPath"]
                 if path not in values:
@@ -684,7 +685,7 @@ class PodWorker:
                 env[item["name"]] = values[path]
             else:
                 raise ContainerConfigError(f"env {item['name']}: only value and fieldRef are supported")
-        if "$(" in " ".join(argv):
+        if "$" in " ".join(argv):
             argv = [_expand(a, env) for a in argv]
         if tuple(argv[:2]) == SERVE_ARGV and "--host" not in argv:
             argv += ["--host", self.ip]  # the runtime reads its bind address from flags only
@@ -1028,9 +1029,12 @@ class ContainerConfigError(Exception):
 
 
 def _expand(arg: str, env: Mapping[str, str]) -> str:
-    for key, value in env.items():
-        arg = arg.replace(f"$({key})", value)
-    return arg
+    """Kubernetes' ``$(VAR)`` expansion of a command, argument or env value (pure): ``$(NAME)`` of a defined
+    variable is replaced by its value, ``$$`` is a literal ``$``, anything else stays as written."""
+    return _EXPANSION.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), arg)
+
+
+_EXPANSION = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
 def write_projection(kind: str, obj: Mapping[str, Any], items: list[dict[str, Any]] | None) -> dict[str, bytes]:

@@ -162,3 +162,15 @@ def test_write_in_place_keeps_the_inode(tmp_path: Path, before: str, after: str)
     assert path.read_text() == after
     if inode is not None:
         assert path.stat().st_ino == inode  # a bind mount of the file sees the new content
+
+
+@pytest.mark.parametrize(("text", "env", "expected"), [
+    ("--host=$(POD_IP)", {"POD_IP": "127.0.11.3"}, "--host=127.0.11.3"),
+    ("http://$(POD_IP):$(PORT)", {"POD_IP": "127.0.11.3", "PORT": "8080"}, "http://127.0.11.3:8080"),
+    ("$(UNDEFINED) stays", {}, "$(UNDEFINED) stays"),
+    ("$$(POD_IP) is escaped", {"POD_IP": "x"}, "$(POD_IP) is escaped"),
+    ("cost $$5", {}, "cost $5"),
+    ("no reference", {"A": "b"}, "no reference"),
+])
+def test_expansion_as_the_kubelet_does_it(text: str, env: dict[str, str], expected: str) -> None:
+    assert agent._expand(text, env) == expected
