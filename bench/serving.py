@@ -27,7 +27,7 @@ figures:
   measurement in the run; and the same per CPU-second, the lower counting).
 
 Needs: wrk (Debian package `wrk`; installed with apt-get when missing and running as root), the `bench`
-dependency group (`pip install --group bench`: LitServe, TorchServe, torch-model-archiver, uvicorn, py-spy) and a
+dependency group (`pip install --group bench`: LitServe, uvicorn, py-spy; TorchServe is in the dev group) and a
 Java runtime for TorchServe (`apt-get install -y openjdk-17-jre-headless`). A system that cannot run is reported as
 skipped, and the targets that need it count as not met.
 
@@ -1146,7 +1146,7 @@ def apply_tools(systems: list[str]) -> tuple[list[str], dict[str, str]]:
         if system == "litserve" and importlib.util.find_spec("litserve") is None:
             skipped[system] = "litserve is not installed: pip install --group bench"
         elif system == "torchserve" and importlib.util.find_spec("ts") is None:
-            skipped[system] = "torchserve is not installed: pip install --group bench"
+            skipped[system] = "torchserve is not installed: make venv (the dev group)"
         elif system == "torchserve" and shutil.which("java") is None:
             skipped[system] = "TorchServe needs Java: apt-get install -y openjdk-17-jre-headless"
         elif system == "shipyard-uvicorn" and importlib.util.find_spec("uvicorn") is None:
