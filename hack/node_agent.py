@@ -37,6 +37,8 @@ What it does, like a kubelet and kube-proxy on one machine:
 Why not EndpointSlices for the proxy: the API server rejects loopback addresses in EndpointSlices, so the agent
 balances over its own view of the pods (the one it reports), updated at once on readiness and deletion.
 Traffic goes only to 127.0.0.0/8. Not supported (the pod fails with a message): init containers, exec probes.
+Probes: httpGet, tcpSocket and grpc (grpc.health.v1). A container without a command runs its image's ENTRYPOINT and CMD
+from the catalogue.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class Image:
     contents: dict[str, str]  # path inside the pod -> build name
     env: dict[str, str]
     image_id: str
+    entrypoint: tuple[str, ...] = ()  # ENTRYPOINT: run when the container sets no command
+    cmd: tuple[str, ...] = ()  # CMD: the entrypoint's arguments when the container sets neither command nor args
 
 
 def parse_image(reference: str) -> tuple[str, str]:
@@ -167,8 +171,11 @@ class Catalogue:
                 # The tag's own contents take the place of the repository's at the same path.
                 contents = {str(p): str(v["build"]) for p, v in {**(entry.get("contents") or {}),
                                                                  **(rule.get("contents") or {})}.items()}
-                digest = hashlib.sha256(json.dumps([reference, contents, env], sort_keys=True).encode()).hexdigest()
-                return Image(reference, contents, env, f"{repo}@sha256:{digest}")
+                entrypoint = tuple(str(a) for a in entry.get("entrypoint") or ())
+                cmd = tuple(str(a) for a in entry.get("cmd") or ())
+                digest = hashlib.sha256(json.dumps([reference, contents, env, entrypoint, cmd],
+                                                   sort_keys=True).encode()).hexdigest()
+                return Image(reference, contents, env, f"{repo}@sha256:{digest}", entrypoint, cmd)
         raise ImagePullError(f'Failed to pull image "{reference}": manifest for tag {tag!r} unknown '
                              f"(no tag pattern of {repo} in the local image catalogue matches)")
 
@@ -497,11 +504,17 @@ class PodWorker:
             return "init containers are not supported by the local node agent"
         for c in self.containers:
             if not c.spec.get("command"):
-                return f"container {c.name}: the local node agent needs an explicit command (images have no entrypoint)"
+                try:
+                    entrypoint = self.agent.catalogue.resolve(c.spec.get("image", "")).entrypoint
+                except ImagePullError:
+                    entrypoint = ("(the pull reports it)",)
+                if not entrypoint:
+                    return (f"container {c.name}: sets no command and its image has no entrypoint in the local image "
+                            "catalogue (hack/e2e-images.yaml)")
             for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
                 probe = c.spec.get(kind) or {}
-                if probe and not (probe.get("httpGet") or probe.get("tcpSocket")):
-                    return f"container {c.name}: {kind}: only httpGet and tcpSocket probes are supported"
+                if probe and not (probe.get("httpGet") or probe.get("tcpSocket") or probe.get("grpc")):
+                    return f"container {c.name}: {kind}: only httpGet, tcpSocket and grpc probes are supported"
         return ""
 
     async def _prepare_volumes(self) -> dict[str, Path] | None:
@@ -665,13 +678,15 @@ class PodWorker:
                           ) -> tuple[list[str], dict[str, str], list[Mount], tuple[int, int, list[int]] | None]:
         assert c.image is not None
         spec = c.spec
-        argv = [*spec.get("command", []), *spec.get("args", [])]
+        argv = build_argv(spec, c.image)
         env: dict[str, str] = {
             "PATH": f"{self.agent.venv_bin}:/usr/local/bin:/usr/bin:/bin",
             "HOSTNAME": self.name,
             "HOME": "/",
             "PYTHONUNBUFFERED": "1",
-            **c.image.env,
+            # {pod_ip} in an image's env: the stand-in for a pod's own network namespace, where a third-party
+            # server binding 0.0.0.0 would not clash with the other pods (they all share this machine's here)
+            **{k: v.replace("{pod_ip}", self.ip) for k, v in c.image.env.items()},
         }
         values = {"metadata.name": self.name, "metadata.namespace": self.ns, "metadata.uid": self.uid,
                   "status.podIP": self.ip, "status.hostIP": "127.0.0.1", "spec.nodeName": self.agent.node}
@@ -873,6 +888,9 @@ class PodWorker:
                 return True, ""
             except (OSError, TimeoutError) as error:
                 return False, f"dial tcp {self.ip}:{port}: {error}"
+        if probe.get("grpc"):
+            return await check_grpc_health(self.ip, int(probe["grpc"]["port"]), str(probe["grpc"].get("service", "")),
+                                           timeout)
         get = probe["httpGet"]
         port = self._resolve_port(get["port"])
         url = f"http://{self.ip}:{port}{get.get('path', '/')}"
@@ -1026,6 +1044,33 @@ class UnsupportedVolume(Exception):
 
 class ContainerConfigError(Exception):
     """The container cannot be configured (the kubelet's CreateContainerConfigError)."""
+
+
+async def check_grpc_health(host: str, port: int, service: str, timeout: float) -> tuple[bool, str]:
+    """A gRPC probe as the kubelet runs it: grpc.health.v1.Health/Check, healthy when the answer is SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+        try:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            return False, f"gRPC probe {host}:{port}: {error.code().name} {error.details()}"
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        return False, f'service unhealthy (responded with "{status}")'
+    return True, ""
+
+
+def build_argv(container: Mapping[str, Any], image: Image) -> list[str]:
+    """A container's argv as a container runtime builds it from the image (pure): ``command`` replaces the image's
+    ENTRYPOINT (and drops its CMD), ``args`` replace CMD."""
+    command = container.get("command") or []
+    args = container.get("args") or []
+    if command:
+        return [*command, *args]
+    return [*image.entrypoint, *(args or image.cmd)]
 
 
 def _expand(arg: str, env: Mapping[str, str]) -> str:

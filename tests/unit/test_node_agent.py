@@ -174,3 +174,16 @@ def test_write_in_place_keeps_the_inode(tmp_path: Path, before: str, after: str)
 ])
 def test_expansion_as_the_kubelet_does_it(text: str, env: dict[str, str], expected: str) -> None:
     assert agent._expand(text, env) == expected
+
+
+@pytest.mark.parametrize(("container", "entrypoint", "cmd", "argv"), [
+    ({"command": ["serve"], "args": ["--port", "1"]}, ("ep",), ("c",), ["serve", "--port", "1"]),
+    ({"command": ["serve"]}, ("ep",), ("c",), ["serve"]),  # a command drops the image's CMD
+    ({"args": ["--x"]}, ("ep", "-a"), ("c",), ["ep", "-a", "--x"]),  # args replace CMD
+    ({}, ("ep",), ("c", "d"), ["ep", "c", "d"]),
+    ({}, (), (), []),
+])
+def test_argv_from_command_args_and_the_image(container: dict[str, Any], entrypoint: tuple[str, ...],
+                                              cmd: tuple[str, ...], argv: list[str]) -> None:
+    image = agent.Image("r/i:1", {}, {}, "r/i@sha256:0", entrypoint, cmd)
+    assert agent.build_argv(container, image) == argv
