@@ -134,6 +134,7 @@ class Image:
     image_id: str
     entrypoint: tuple[str, ...] = ()  # ENTRYPOINT: run when the container sets no command
     cmd: tuple[str, ...] = ()  # CMD: the entrypoint's arguments when the container sets neither command nor args
+    user: tuple[int, int] | None = None  # USER uid:gid, when the pod's securityContext sets no runAsUser; None: root
 
 
 def parse_image(reference: str) -> tuple[str, str]:
@@ -173,9 +174,13 @@ class Catalogue:
                                                                  **(rule.get("contents") or {})}.items()}
                 entrypoint = tuple(str(a) for a in entry.get("entrypoint") or ())
                 cmd = tuple(str(a) for a in entry.get("cmd") or ())
-                digest = hashlib.sha256(json.dumps([reference, contents, env, entrypoint, cmd],
+                user = None
+                if entry.get("user") is not None:
+                    uid, _, gid = str(entry["user"]).partition(":")
+                    user = (int(uid), int(gid or uid))
+                digest = hashlib.sha256(json.dumps([reference, contents, env, entrypoint, cmd, user],
                                                    sort_keys=True).encode()).hexdigest()
-                return Image(reference, contents, env, f"{repo}@sha256:{digest}", entrypoint, cmd)
+                return Image(reference, contents, env, f"{repo}@sha256:{digest}", entrypoint, cmd, user)
         raise ImagePullError(f'Failed to pull image "{reference}": manifest for tag {tag!r} unknown '
                              f"(no tag pattern of {repo} in the local image catalogue matches)")
 
@@ -732,13 +737,14 @@ class PodWorker:
     def _user(self, c: ContainerRun) -> tuple[int, int, list[int]] | None:
         pod_sc = self.spec.get("securityContext") or {}
         sc = c.spec.get("securityContext") or {}
-        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        image_user = c.image.user if c.image is not None else None
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser", image_user[0] if image_user else None))
         non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
         if uid is None:
             if non_root:
                 raise ContainerConfigError("container has runAsNonRoot and image will run as root")
             return None
-        gid = int(sc.get("runAsGroup", pod_sc.get("runAsGroup", 0)))
+        gid = int(sc.get("runAsGroup", pod_sc.get("runAsGroup", image_user[1] if image_user else 0)))
         groups = [int(g) for g in [pod_sc.get("fsGroup"), *(pod_sc.get("supplementalGroups") or [])] if g is not None]
         if non_root and int(uid) == 0:
             raise ContainerConfigError("container's runAsUser breaks non-root policy")
