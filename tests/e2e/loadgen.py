@@ -79,9 +79,10 @@ class LoadGenerator:
 
     def __init__(self, port: int, model: str, samples: Sequence[Sequence[float]], labels: Sequence[int], *,
                  rate: float = 20.0, concurrency: int = 16, max_seconds: float = 300.0,
-                 max_requests: int = 20_000) -> None:
+                 max_requests: int = 20_000, path: str | None = None) -> None:
         self.port = port
         self.model = model
+        self.path = path or f"/v2/models/{model}/infer"  # another runtime's route for the same OIP JSON body
         self.samples = samples
         self.labels = labels
         self.rate = rate
@@ -109,7 +110,7 @@ class LoadGenerator:
         try:
             async with semaphore:
                 started = time.time()
-                status, payload, client_port = await send(self.port, f"/v2/models/{self.model}/infer",
+                status, payload, client_port = await send(self.port, self.path,
                                                           build_request(self.model, [self.samples[i]]))
         except (OSError, ConnectionError, TimeoutError, ValueError) as error:
             self.results.append(Result(started, time.time(), 0, None, f"{type(error).__name__}: {error}",
