@@ -63,15 +63,28 @@ async def send(port: int, path: str, body: bytes, host: str = "127.0.0.1") -> tu
         writer.write(b"POST %s HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                      b"connection: close\r\n\r\n" % (path.encode(), host.encode(), port, len(body)) + body)
         await writer.drain()
-        raw = await asyncio.wait_for(reader.read(-1), RESPONSE_TIMEOUT_S)
+        head, payload = await asyncio.wait_for(read_response(reader), RESPONSE_TIMEOUT_S)
     finally:
         writer.close()
         with contextlib.suppress(OSError, ConnectionError):
             await writer.wait_closed()
-    head, _, payload = raw.partition(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1."):
-        raise ConnectionError(f"no HTTP response ({len(raw)} bytes)")
+        raise ConnectionError(f"no HTTP response ({len(head)} bytes)")
     return int(head.split(b" ", 2)[1]), payload, client_port
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """(head, body) of one HTTP/1.1 response: the body by its Content-Length, else up to the connection's end (a
+    server may keep the connection open despite ``connection: close``, as TorchServe does)."""
+    try:
+        head = (await reader.readuntil(b"\r\n\r\n"))[:-4]
+    except asyncio.IncompleteReadError as error:
+        return error.partial, b""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            return head, await reader.readexactly(int(value.strip()))
+    return head, await reader.read(-1)
 
 
 class LoadGenerator:
