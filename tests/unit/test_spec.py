@@ -638,7 +638,7 @@ ERRORS = [
     ("full", "spec.rollout.analysis.metrics[0].scrape", {"metric": "m"}, 'spec.rollout.analysis.metrics[0]',
      'must set only one of builtin, prometheus, scrape, web, job, got builtin, scrape', 'metric-two-providers'),
     ("full", "spec.rollout.analysis.metrics[0].builtin", "successRate", 'spec.rollout.analysis.metrics[0].builtin',
-     "Input should be 'errorRate' or 'latencyP99', got 'successRate'", 'metric-builtin'),
+     "Input should be 'errorRate', 'latencyP99', 'ttftP99' or 'tpotP99', got 'successRate'", 'metric-builtin'),
     ("full", "spec.rollout.analysis.metrics[1].prometheus", {}, 'spec.rollout.analysis.metrics[1].prometheus.query',
      'Field required', 'prometheus-no-query'),
     ("full", "spec.rollout.analysis.prometheus", {}, 'spec.rollout.analysis.prometheus.address',
