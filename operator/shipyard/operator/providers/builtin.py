@@ -110,6 +110,13 @@ def build_mapped_query(builtin: Builtin, mapping: runtimes.ErrorRateMapping | ru
     return quantile if scale == 1.0 else f"{quantile} / {round(1 / scale)}"
 
 
+def _counter_names(metric: str) -> tuple[str, str]:
+    """The names a counter's samples may have once parsed: prometheus_client's text parser names the samples of a
+    counter family ``<family>_total`` even where the runtime exposes them without the suffix (Triton's
+    ``nv_inference_request_success``, TorchServe's ``Requests5XX``), which is the name Prometheus itself stores."""
+    return metric, metric + "_total"
+
+
 def _matches_regex(labels: tuple[tuple[str, str], ...], wanted: Mapping[str, str]) -> bool:
     have = dict(labels)
     return all(re.fullmatch(pattern, have.get(name, "")) is not None for name, pattern in wanted.items())
@@ -122,7 +129,7 @@ def build_mapped_value(mapping: runtimes.ErrorRateMapping | runtimes.QuantileMap
     if isinstance(mapping, runtimes.ErrorRateMapping):
         def total(counters: tuple[runtimes.Counter, ...]) -> float:
             return sum(value for (name, labels), value in increase.items() for c in counters
-                       if name == c.metric and _matches_regex(labels, c.labels))
+                       if name in _counter_names(c.metric) and _matches_regex(labels, c.labels))
         all_requests = total(mapping.total)
         return total(mapping.errors) / all_requests if all_requests > 0 else None
     bucket = mapping.histogram + "_bucket"
@@ -135,7 +142,7 @@ def build_mapped_value(mapping: runtimes.ErrorRateMapping | runtimes.QuantileMap
 def build_mapped_names(mapping: runtimes.ErrorRateMapping | runtimes.QuantileMapping) -> frozenset[str]:
     """The sample names a mapping reads."""
     if isinstance(mapping, runtimes.ErrorRateMapping):
-        return frozenset(c.metric for c in (*mapping.errors, *mapping.total))
+        return frozenset(n for c in (*mapping.errors, *mapping.total) for n in _counter_names(c.metric))
     return frozenset({mapping.histogram + "_bucket"})
 
 
