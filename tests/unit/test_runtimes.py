@@ -289,6 +289,8 @@ REFUSALS = [
                  "spec.rollout.analysis.metrics[0].builtin", "the pods have no HTTP /metrics", id="grpc-only-builtin"),
     pytest.param({"runtime": {"metrics": {"latencyP99": {"histogram": "x", "unit": "hours"}}, "ports": {"http": 1}}},
                  {}, "spec.serving.runtime.metrics.latencyP99.unit", "Input should be", id="bad-unit"),
+    pytest.param({"runtime": {"preset": "triton"}, "port": 8001}, {}, "spec.serving.port",
+                 "8001 is also the runtime's gRPC port", id="service-port-clash-with-the-presets-grpc"),
 ]
 
 

@@ -328,8 +328,10 @@ class Serving(schema.ApiModel):
         schema.Cel("!has(self.grpc) || !has(self.runtime)",
                    "spec.serving.grpc turns on Shipyard's server's gRPC; a runtime declares its gRPC port in "
                    "spec.serving.runtime.ports.grpc", field_path=".grpc", reason="FieldValueForbidden"),
-        schema.Cel("!has(self.grpc) || self.grpc.http || self.port != self.grpc.port",
-                   "spec.serving.grpc.port must differ from spec.serving.port", field_path=".grpc.port"),
+        schema.Cel("!has(self.grpc) || (has(self.grpc.http) && !self.grpc.http) || !has(self.grpc.port) || "
+                   "self.port != self.grpc.port",
+                   "spec.serving.grpc.port must differ from spec.serving.port (both are ports of the Services)",
+                   field_path=".grpc.port"),
         schema.Cel("!has(self.runtime) || !has(self.runtime.ports) || !has(self.runtime.ports.grpc) || "
                    "!has(self.runtime.ports.http) || self.runtime.ports.grpc != self.runtime.ports.http",
                    "spec.serving.runtime.ports.grpc must differ from ports.http", field_path=".runtime.ports.grpc"),
@@ -717,6 +719,11 @@ def _check_runtime(spec: ModelDeploymentSpec, path: str) -> None:
     if spec.serving.grpc is not None and runtime is not None:
         raise SpecError(f"{path}.serving.grpc", "turns on Shipyard's server's gRPC; a runtime declares its gRPC port "
                                                 "in spec.serving.runtime.ports.grpc")
+    if runtime is not None:
+        ports = runtimes.resolve_runtime(runtime).ports
+        if "http" in ports and ports.get("grpc") == spec.serving.port:
+            raise SpecError(f"{path}.serving.port", f"{spec.serving.port} is also the runtime's gRPC port, which the "
+                                                    "Services expose at the same number: choose another")
     analysis = spec.rollout.analysis
     if analysis is None:
         return
