@@ -288,6 +288,12 @@ REFUSALS = [
                  "spec.rollout.analysis.metrics[0].builtin", "the pods have no HTTP /metrics", id="grpc-only-builtin"),
     pytest.param({"runtime": {"metrics": {"latencyP99": {"histogram": "x", "unit": "hours"}}, "ports": {"http": 1}}},
                  {}, "spec.serving.runtime.metrics.latencyP99.unit", "Input should be", id="bad-unit"),
+    pytest.param({"runtime": {"ports": {"grpc": 5001}, "probes": {"readiness": {"path": "/ready"}}}}, {},
+                 "spec.serving.runtime.probes.readiness.port", "the runtime has no http port", id="probe-port-absent"),
+    pytest.param({"runtime": {"ports": {"grpc": 5001}, "metrics": {"errorRate": {
+        "errors": [{"metric": "e"}], "total": [{"metric": "t"}]}}}}, {"rollout": _metric("errorRate")},
+                 "spec.rollout.analysis.metrics[0].builtin", "set spec.serving.runtime.ports.metrics",
+                 id="grpc-only-runtime-without-a-metrics-port"),
     pytest.param({"runtime": {"preset": "triton"}, "port": 8001}, {}, "spec.serving.port",
                  "8001 is also the runtime's gRPC port", id="service-port-clash-with-the-presets-grpc"),
 ]

@@ -719,11 +719,16 @@ def _check_runtime(spec: ModelDeploymentSpec, path: str) -> None:
     if spec.serving.grpc is not None and runtime is not None:
         raise SpecError(f"{path}.serving.grpc", "turns on Shipyard's server's gRPC; a runtime declares its gRPC port "
                                                 "in spec.serving.runtime.ports.grpc")
-    if runtime is not None:
-        ports = runtimes.resolve_runtime(runtime).ports
+    resolved = runtimes.resolve_runtime(runtime) if runtime is not None else None
+    if resolved is not None:
+        ports = resolved.ports
         if "http" in ports and ports.get("grpc") == spec.serving.port:
             raise SpecError(f"{path}.serving.port", f"{spec.serving.port} is also the runtime's gRPC port, which the "
                                                     "Services expose at the same number: choose another")
+        for kind, probe in resolved.probes.items():
+            if probe.port not in ports:
+                raise SpecError(f"{path}.serving.runtime.probes.{kind}.port",
+                                f"the runtime has no {probe.port} port (spec.serving.runtime.ports)")
     analysis = spec.rollout.analysis
     if analysis is None:
         return
@@ -736,6 +741,9 @@ def _check_runtime(spec: ModelDeploymentSpec, path: str) -> None:
             problem = runtimes.assess_builtin(metric.builtin, runtime)
             if problem is not None:
                 raise SpecError(f"{where}.builtin", problem)
+        if (metric.builtin or metric.scrape) and resolved is not None and "metrics" not in resolved.ports:
+            raise SpecError(f"{where}.{metric.provider_key}", "the runtime has no HTTP port to read its metrics from: "
+                                                              "set spec.serving.runtime.ports.metrics")
 
 
 def parse_model_deployment(body: Mapping[str, Any]) -> ModelDeployment:
