@@ -444,6 +444,62 @@ def schema_rules() -> set[tuple[str, str]]:
             for rule in node.get("x-kubernetes-validations", [])}
 
 
+def _rule(path: str, starts: str) -> tuple[str, str]:
+    """The (schema path, message) of the CRD's rule at ``path`` whose message starts with ``starts``."""
+    found = [(p, m) for p, m in schema_rules() if p == path and m.startswith(starts)]
+    assert len(found) == 1, (path, starts, found)
+    return found[0]
+
+
+# Serving runtimes and gRPC (docs/runtimes.md). The base compresses, which a preset refuses too: those cases are
+# rejected with both messages, and each must name its own field and say its own message.
+RUNTIME, SERVING = ("spec", "serving", "runtime"), ("spec", "serving")
+CUSTOM = {"ports": {"http": 8080}}
+
+
+def _labelled(where: str) -> dict[str, Any]:
+    """A custom runtime whose mapping has a label name Prometheus does not allow, at ``where``."""
+    bad = {"not a label": "x"}
+    counter = {"metric": "requests_total"}
+    mapping: dict[str, Any] = {
+        "errors": {"errorRate": {"errors": [{**counter, "labels": bad}], "total": [counter]}},
+        "total": {"errorRate": {"errors": [counter], "total": [{**counter, "labels": bad}]}},
+    }.get(where, {where: {"histogram": "h", "labels": bad}})
+    return {**CUSTOM, "metrics": mapping}
+
+
+CEL_VIOLATIONS.update({
+    _rule("spec", "spec.compression makes an artifact"): [
+        _cel(RUNTIME, st.sampled_from([{"preset": p} for p in ("vllm", "triton")]), ("spec", "compression"))],
+    _rule("spec", "spec.serving.grpc.http false"): [
+        _cel(("spec", "serving", "grpc"), st.just({"http": False}), METRICS)],
+    _rule("spec", "spec.rollout.analysis.metrics: builtin errorRate"): [_cel(RUNTIME, st.just(CUSTOM), METRICS)],
+    _rule("spec", "spec.rollout.analysis.metrics: builtin latencyP99"): [
+        _cel(RUNTIME, st.sampled_from([{"preset": "torchserve"}, {"preset": "triton"}]), METRICS)],
+    **{_rule("spec", f"spec.rollout.analysis.metrics: builtin {name}"): [
+        _cel((*METRICS, 0, "builtin"), st.just(name), METRICS)] for name in ("ttftP99", "tpotP99")},
+    _rule("spec.serving", "spec.serving.grpc turns on"): [
+        _cel(SERVING, st.just({"grpc": {}, "runtime": {"preset": "vllm"}}), ("spec", "serving", "grpc"))],
+    _rule("spec.serving", "spec.serving.grpc.port must differ"): [
+        _cel(("spec", "serving", "grpc"), st.just({"port": 80}), ("spec", "serving", "grpc", "port"))],
+    _rule("spec.serving", "spec.serving.runtime.ports.grpc must differ"): [
+        _cel(RUNTIME, I(1, 65535).map(lambda n: {"ports": {"http": n, "grpc": n}}), (*RUNTIME, "ports", "grpc"))],
+    _rule("spec.serving.runtime", "spec.serving.runtime without a preset"): [
+        _cel(RUNTIME, st.sampled_from([{"command": ["/serve"]}, {"ports": {"metrics": 9100}}]),
+             (*RUNTIME, "ports"))],
+    **{_rule(f"spec.serving.runtime.metrics.errorRate.{where}[].labels", "counter label names"): [
+        _cel(RUNTIME, st.just(_labelled(where)), (*RUNTIME, "metrics", "errorRate", where, 0, "labels"))]
+       for where in ("errors", "total")},
+    **{_rule(f"spec.serving.runtime.metrics.{name}.labels", "histogram label names"): [
+        _cel(RUNTIME, st.just(_labelled(name)), (*RUNTIME, "metrics", name, "labels"))]
+       for name in ("latencyP99", "ttftP99", "tpotP99")},
+    **{_rule(f"spec.serving.runtime.probes.{kind}", "a runtime probe sets a path"): [
+        _cel(RUNTIME, st.sampled_from([{"preset": "vllm", "probes": {kind: probe}} for probe in (
+            {"port": "http"}, {"port": "grpc", "path": "/health"})]), (*RUNTIME, "probes", kind, "path"))]
+       for kind in ("readiness", "liveness", "startup")},
+})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The strategy: pick a kind, then a field of that kind, then a violating value
 

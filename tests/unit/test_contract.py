@@ -18,7 +18,9 @@ from shipyard.operator import spec as spec_mod
 from shipyard.runtime import cli, recipe
 from shipyard.runtime.server import settings
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+# Examples served by Shipyard's own server (a spec.serving.runtime example runs another server: test_runtimes.py).
+EXAMPLES = [p for p in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+            if "runtime" not in (yaml.safe_load(p.read_text())["spec"].get("serving") or {})]
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -291,3 +291,16 @@ def test_a_deleted_model_is_dropped_and_an_api_error_is_retried() -> None:
     kube.patch_status = refused  # type: ignore[method-assign]
     op.caches.models["ml/digits"] = model()
     assert asyncio.run(_pass(op)) == handlers.API_ERROR_BACKOFF
+
+
+@pytest.mark.parametrize(("ports", "target"), [
+    pytest.param([{"name": "http", "containerPort": 8080}], "127.0.0.10:8080", id="shipyard-http"),
+    pytest.param([{"name": "http", "containerPort": 8080}, {"name": "grpc", "containerPort": 7070},
+                  {"name": "metrics", "containerPort": 8082}], "127.0.0.10:8082", id="runtime-metrics-port"),
+    pytest.param([{"name": "http", "containerPort": 8000}, {"name": "grpc", "containerPort": 8001}],
+                 "127.0.0.10:8000", id="runtime-metrics-on-http"),
+])
+def test_scrape_targets_use_the_metrics_port_where_there_is_one(ports: list[dict[str, Any]], target: str) -> None:
+    serving = owned(pod("serving", ip="127.0.0.10"))
+    serving["spec"]["containers"][0]["ports"] = ports
+    assert handlers.build_pod_targets([serving], "digits", "1.0.0") == [target]

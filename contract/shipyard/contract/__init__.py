@@ -22,6 +22,12 @@ ENV_MODEL_NAME = "SHIPYARD_MODEL_NAME"  # the ModelDeployment's name, used as th
 ENV_MODEL_VERSION = "SHIPYARD_MODEL_VERSION"  # the image tag (or digest) = the version
 ENV_ARTIFACT_PATH = "SHIPYARD_ARTIFACT_PATH"  # directory of the model artifact to serve
 ENV_MAX_BATCH_SIZE = "SHIPYARD_MAX_BATCH_SIZE"
+# On the container of a runtime other than Shipyard's (spec.serving.runtime): the model's directory and its ports,
+# for its command and args to reference as $(NAME).
+ENV_MODEL_PATH = "SHIPYARD_MODEL_PATH"
+ENV_HTTP_PORT = "SHIPYARD_HTTP_PORT"
+ENV_GRPC_PORT = "SHIPYARD_GRPC_PORT"
+ENV_METRICS_PORT = "SHIPYARD_METRICS_PORT"
 ENV_MAX_DELAY_MS = "SHIPYARD_MAX_DELAY_MS"
 # The served form (spec.compression.compiled.mode: auto | on | off), set on inference pods of a compressed artifact;
 # `serve --compiled` overrides it. An env var, not a flag, so that an older runtime image ignores it.
@@ -42,6 +48,14 @@ EXIT_FAILED = 1
 # Serving.
 SERVING_PORT = 8080
 SERVING_PORT_NAME = "http"
+GRPC_PORT = 9000  # `serve --grpc-port` on inference pods with spec.serving.grpc
+GRPC_PORT_NAME = "grpc"
+METRICS_PORT_NAME = "metrics"  # a runtime's metrics port, where it is not its http port
+GRPC_APP_PROTOCOL = "kubernetes.io/h2c"  # a Service port's appProtocol for gRPC (HTTP/2 without TLS)
+SERVE_GRPC_PORT_FLAG = "--grpc-port"
+# `serve` without its HTTP front end (gRPC only; probes then use grpc.health.v1). Provisional name: aligned with the
+# server's flag at merge.
+SERVE_NO_HTTP_FLAG = "--no-http"
 PATH_LIVE = "/v2/health/live"
 PATH_READY = "/v2/health/ready"
 PATH_METRICS = "/metrics"

@@ -31,7 +31,7 @@ import kopf
 import lightkube
 
 from shipyard import contract
-from shipyard.operator import egress, metrics, naming, observed, planning, providers
+from shipyard.operator import egress, metrics, naming, observed, planning, providers, runtimes
 from shipyard.operator import kube as kube_mod
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.rollout import Reason
@@ -170,13 +170,15 @@ def build_pod_targets(pods: Iterable[Mapping[str, Any]], name: str, version: str
 
 
 def _pod_port(pod: Mapping[str, Any]) -> int:
-    """The serving port: a ``shipyard.dev/port`` annotation (pods run as local processes), else the container's."""
+    """The port serving the pod's metrics: a ``shipyard.dev/port`` annotation (pods run as local processes), else the
+    container's ``metrics`` port (a runtime whose metrics have a port of their own), else its ``http`` port."""
     override = (pod["metadata"].get("annotations") or {}).get(f"{naming.GROUP}/port")
     if override and str(override).isdigit():
         return int(override)
-    for container in pod.get("spec", {}).get("containers") or []:
-        for port in container.get("ports") or []:
-            if port.get("name") == contract.SERVING_PORT_NAME:
+    ports = [p for c in pod.get("spec", {}).get("containers") or [] for p in c.get("ports") or []]
+    for name in (contract.METRICS_PORT_NAME, contract.SERVING_PORT_NAME):
+        for port in ports:
+            if port.get("name") == name:
                 return int(port.get("containerPort", contract.SERVING_PORT))
     return contract.SERVING_PORT
 
@@ -250,6 +252,7 @@ async def _measure(op: Operator, md: spec_mod.ModelDeployment, status: Mapping[s
         candidate_targets=build_pod_targets(pods, name, request.candidate),
         stable_targets=build_pod_targets(pods, name, request.stable) if request.stable else (),
         metric_names=request.metrics, namespace_allowed=allowed,
+        runtime=runtimes.resolve_runtime(md.spec.serving.runtime) if md.spec.serving.runtime is not None else None,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from shipyard import contract
 from shipyard.contract import quantity
-from shipyard.operator import naming
+from shipyard.operator import naming, runtimes
 from shipyard.operator import spec as spec_mod
 
 ARTIFACTS_VOLUME = "artifacts"
@@ -249,36 +249,150 @@ def _pod_security() -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
+def _probe_timings(spec: spec_mod.ModelDeploymentSpec) -> dict[str, dict[str, int]]:
+    """periodSeconds and failureThreshold of the readiness, liveness and startup probes: the startup probe is retried
+    for spec.rollout.startupTimeoutSeconds."""
+    return {"readinessProbe": {"periodSeconds": 2, "failureThreshold": 2},
+            "livenessProbe": {"periodSeconds": 10, "failureThreshold": 3},
+            "startupProbe": {"periodSeconds": 2,
+                             "failureThreshold": max(1, spec.rollout.startup_timeout_seconds // 2)}}
+
+
+def _build_shipyard_container(md: spec_mod.ModelDeployment, version: str, image: str,
+                              artifact_path: str | None) -> dict[str, Any]:
+    """Shipyard's own server (shipyard-runtime serve). Without spec.serving.grpc exactly the template it always had
+    (existing Deployments are not restarted by an operator upgrade)."""
+    spec = md.spec
+    grpc = spec.serving.grpc
+    http = grpc is None or grpc.http
+    path = artifact_path or build_source_path(md) or contract.ARTIFACTS_MOUNT
+    command = [contract.RUNTIME_COMMAND, contract.SERVE_SUBCOMMAND, "--port", str(contract.SERVING_PORT)]
+    ports = [{"name": contract.SERVING_PORT_NAME, "containerPort": contract.SERVING_PORT, "protocol": "TCP"}]
+    if grpc is not None:
+        command += [contract.SERVE_GRPC_PORT_FLAG, str(contract.GRPC_PORT)]
+        grpc_port = {"name": contract.GRPC_PORT_NAME, "containerPort": contract.GRPC_PORT, "protocol": "TCP"}
+        if http:
+            ports.append(grpc_port)
+        else:
+            command.append(contract.SERVE_NO_HTTP_FLAG)
+            ports = [grpc_port]
+    timings = _probe_timings(spec)
+    probes: dict[str, Any]
+    if http:
+        probe = {"port": contract.SERVING_PORT_NAME}
+        probes = {"readinessProbe": {"httpGet": {"path": contract.PATH_READY, **probe}, **timings["readinessProbe"]},
+                  "livenessProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, **timings["livenessProbe"]},
+                  "startupProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, **timings["startupProbe"]}}
+    else:
+        probes = {kind: {"grpc": {"port": contract.GRPC_PORT}, **timing} for kind, timing in timings.items()}
+    return {
+        "name": "server",
+        "image": image,
+        "command": command,
+        "env": build_pod_env(md, version, path, compressed=artifact_path is not None),
+        "ports": ports,
+        **probes,
+        "securityContext": _container_security(),
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
+    }
+
+
+def _build_runtime_probe(probe: runtimes.Probe | None, resolved: runtimes.ResolvedRuntime) -> dict[str, Any]:
+    """An HTTP GET, a gRPC health check, or (no probe given) a TCP check of the serving port."""
+    if probe is None:
+        return {"tcpSocket": {"port": resolved.serving_port_name}}
+    if probe.port == "grpc":
+        return {"grpc": {"port": resolved.ports["grpc"]}}  # a gRPC probe takes a number, not a port name
+    name = contract.METRICS_PORT_NAME if probe.port == "metrics" and _separate_metrics(resolved) else "http"
+    return {"httpGet": {"path": probe.path, "port": name}}
+
+
+def _separate_metrics(resolved: runtimes.ResolvedRuntime) -> bool:
+    return "metrics" in resolved.ports and resolved.ports.get("metrics") != resolved.ports.get("http")
+
+
+def build_runtime_ports(resolved: runtimes.ResolvedRuntime) -> list[dict[str, Any]]:
+    """The container ports of a runtime: http, grpc, and metrics where it is a port of its own."""
+    roles: tuple[runtimes.PortName, ...] = ("http", "grpc")
+    ports = [{"name": name, "containerPort": resolved.ports[name], "protocol": "TCP"}
+             for name in roles if name in resolved.ports]
+    if _separate_metrics(resolved):
+        ports.append({"name": contract.METRICS_PORT_NAME, "containerPort": resolved.ports["metrics"],
+                      "protocol": "TCP"})
+    return ports
+
+
+def _build_runtime_container(md: spec_mod.ModelDeployment, runtime: runtimes.Runtime, version: str, image: str,
+                             artifact_path: str | None) -> dict[str, Any]:
+    """Another runtime's container: its command, args, env and ports (the preset's, overridden by the spec's), the
+    model mounted at its modelMountPath (a pvc:// source or a compressed artifact; a model in the image is where
+    spec.model.path says), its probes with the startup probe retried for startupTimeoutSeconds."""
+    resolved = runtimes.resolve_runtime(runtime)
+    spec = md.spec
+    mounted = artifact_path is not None or spec.model.pvc is not None
+    model_path = resolved.model_mount_path if mounted else (spec.model.path or resolved.model_mount_path)
+    env = [{"name": contract.ENV_MODEL_NAME, "value": md.served_model_name},
+           {"name": contract.ENV_MODEL_VERSION, "value": version},
+           {"name": contract.ENV_MODEL_PATH, "value": model_path}]
+    port_env: tuple[tuple[runtimes.PortName, str], ...] = (
+        ("http", contract.ENV_HTTP_PORT), ("grpc", contract.ENV_GRPC_PORT), ("metrics", contract.ENV_METRICS_PORT))
+    for role, name in port_env:
+        if role in resolved.ports:
+            env.append({"name": name, "value": str(resolved.ports[role])})
+    env += [{"name": k, "value": v} for k, v in resolved.env]
+    timings = _probe_timings(spec)
+    container: dict[str, Any] = {"name": "server", "image": image}
+    if resolved.command:
+        container["command"] = list(resolved.command)
+    if resolved.args:
+        container["args"] = list(resolved.args)
+    container.update({
+        "env": env,
+        "ports": build_runtime_ports(resolved),
+        "readinessProbe": {**_build_runtime_probe(resolved.probes.get("readiness"), resolved),
+                           **timings["readinessProbe"]},
+        "livenessProbe": {**_build_runtime_probe(resolved.probes.get("liveness"), resolved),
+                          **timings["livenessProbe"]},
+        "startupProbe": {**_build_runtime_probe(resolved.probes.get("startup"), resolved),
+                         **timings["startupProbe"]},
+        # Servers write logs and caches under their home: the root filesystem stays writable, privileges dropped.
+        "securityContext": {**_container_security(), "readOnlyRootFilesystem": False},
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
+    })
+    return container
+
+
 def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, image: str, replicas: int,
                      artifact_path: str | None = None) -> dict[str, Any]:
     """One version's Deployment. With artifact_path (a compressed artifact), the artifacts PVC is mounted."""
     spec = md.spec
     labels = naming.build_version_labels(meta.name, version)
-    probe = {"port": contract.SERVING_PORT_NAME}
-    path = artifact_path or build_source_path(md) or contract.ARTIFACTS_MOUNT
-    container: dict[str, Any] = {
-        "name": "server",
-        "image": image,
-        "command": [contract.RUNTIME_COMMAND, contract.SERVE_SUBCOMMAND, "--port", str(contract.SERVING_PORT)],
-        "env": build_pod_env(md, version, path, compressed=artifact_path is not None),
-        "ports": [{"name": contract.SERVING_PORT_NAME, "containerPort": contract.SERVING_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": contract.PATH_READY, **probe}, "periodSeconds": 2,
-                           "failureThreshold": 2},
-        "livenessProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, "periodSeconds": 10,
-                          "failureThreshold": 3},
-        "startupProbe": {"httpGet": {"path": contract.PATH_LIVE, **probe}, "periodSeconds": 2,
-                         "failureThreshold": max(1, spec.rollout.startup_timeout_seconds // 2)},
-        "securityContext": _container_security(),
-        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
-    }
+    runtime = spec.serving.runtime
     volumes: list[dict[str, Any]] = [{"name": TMP_VOLUME, "emptyDir": {}}]
-    if artifact_path and spec.compression is not None:
-        container["volumeMounts"].append(
-            {"name": ARTIFACTS_VOLUME, "mountPath": contract.ARTIFACTS_MOUNT, "readOnly": True})
-        volumes.append({"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {
-            "claimName": spec.compression.artifacts_pvc, "readOnly": True}})
-    elif not artifact_path:
-        _add_model_source_volume(md, container, volumes)
+    if runtime is None:
+        container = _build_shipyard_container(md, version, image, artifact_path)
+        if artifact_path and spec.compression is not None:
+            container["volumeMounts"].append(
+                {"name": ARTIFACTS_VOLUME, "mountPath": contract.ARTIFACTS_MOUNT, "readOnly": True})
+            volumes.append({"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {
+                "claimName": spec.compression.artifacts_pvc, "readOnly": True}})
+        elif not artifact_path:
+            _add_model_source_volume(md, container, volumes)
+    else:
+        container = _build_runtime_container(md, runtime, version, image, artifact_path)
+        mount = runtimes.resolve_runtime(runtime).model_mount_path
+        if artifact_path and spec.compression is not None:  # the artifact's own directory, at modelMountPath
+            container["volumeMounts"].append({"name": ARTIFACTS_VOLUME, "mountPath": mount, "readOnly": True,
+                                              "subPath": artifact_path.removeprefix(contract.ARTIFACTS_MOUNT + "/")})
+            volumes.append({"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {
+                "claimName": spec.compression.artifacts_pvc, "readOnly": True}})
+        elif not artifact_path and spec.model.pvc is not None:  # the claim's directory, at modelMountPath
+            claim, inside = spec.model.pvc
+            volume_mount: dict[str, Any] = {"name": MODEL_VOLUME, "mountPath": mount, "readOnly": True}
+            if inside.strip("/"):
+                volume_mount["subPath"] = inside.strip("/")
+            container["volumeMounts"].append(volume_mount)
+            volumes.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
     resources = spec.serving.resources.as_k8s()
     if resources:
         container["resources"] = resources
@@ -286,7 +400,9 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
         "containers": [container],
         "volumes": volumes,
         "terminationGracePeriodSeconds": 30,
-        "securityContext": _pod_security(),
+        # A runtime's image runs as its own (non-root) user; Shipyard's as the runtime image's user.
+        "securityContext": _pod_security() if runtime is None else {
+            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
     }
@@ -312,9 +428,30 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
     })
 
 
-def build_version_service(meta: Meta, version: str, port: int) -> dict[str, Any]:
+def build_service_ports(serving: spec_mod.Serving) -> list[dict[str, Any]]:
+    """The ports of the model's Service and of the per-version Services: http at spec.serving.port (while the pods
+    serve HTTP), grpc for Shipyard's server at spec.serving.grpc.port, for a runtime at its gRPC port's number."""
+    http = {"name": contract.SERVING_PORT_NAME, "port": serving.port, "targetPort": contract.SERVING_PORT_NAME,
+            "protocol": "TCP"}
+    grpc_port: int | None = None
+    has_http = True
+    if serving.runtime is not None:
+        resolved = runtimes.resolve_runtime(serving.runtime)
+        grpc_port = resolved.ports.get("grpc")
+        has_http = "http" in resolved.ports
+    elif serving.grpc is not None:
+        grpc_port, has_http = serving.grpc.port, serving.grpc.http
+    ports = [http] if has_http else []
+    if grpc_port is not None:
+        ports.append({"name": contract.GRPC_PORT_NAME, "port": grpc_port, "targetPort": contract.GRPC_PORT_NAME,
+                      "protocol": "TCP", "appProtocol": contract.GRPC_APP_PROTOCOL})
+    return ports
+
+
+def build_version_service(meta: Meta, version: str, port: int,
+                          ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A Service over one version's pods only (named as its Deployment): the address analysis Jobs measure the
-    candidate (and compare with the stable) at."""
+    candidate (and compare with the stable) at. ``ports``: ``build_service_ports`` (default: http at ``port``)."""
     labels = naming.build_version_labels(meta.name, version)
     return _with_hash({
         "apiVersion": "v1",
@@ -322,14 +459,15 @@ def build_version_service(meta: Meta, version: str, port: int) -> dict[str, Any]
         "metadata": build_object_meta(meta, naming.build_deployment_name(meta.name, version), labels),
         "spec": {
             "selector": labels,
-            "ports": [{"name": contract.SERVING_PORT_NAME, "port": port, "targetPort": contract.SERVING_PORT_NAME,
-                       "protocol": "TCP"}],
+            "ports": ports or [{"name": contract.SERVING_PORT_NAME, "port": port,
+                                "targetPort": contract.SERVING_PORT_NAME, "protocol": "TCP"}],
         },
     })
 
 
-def build_service(meta: Meta, port: int) -> dict[str, Any]:
-    """One Service over every serving pod of the model: traffic splits between versions by ready replicas."""
+def build_service(meta: Meta, port: int, ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One Service over every serving pod of the model: traffic splits between versions by ready replicas.
+    ``ports``: ``build_service_ports`` (default: http at ``port``)."""
     return _with_hash({
         "apiVersion": "v1",
         "kind": "Service",
@@ -337,7 +475,7 @@ def build_service(meta: Meta, port: int) -> dict[str, Any]:
                                       naming.build_selector_labels(meta.name)),
         "spec": {
             "selector": naming.build_selector_labels(meta.name),
-            "ports": [{"name": contract.SERVING_PORT_NAME, "port": port, "targetPort": contract.SERVING_PORT_NAME,
-                       "protocol": "TCP"}],
+            "ports": ports or [{"name": contract.SERVING_PORT_NAME, "port": port,
+                                "targetPort": contract.SERVING_PORT_NAME, "protocol": "TCP"}],
         },
     })

@@ -428,7 +428,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         # and wanted again) is only scaled: its stored hash still describes the replicas it was applied with.
         if view is not None and view.replicas != count and view.name not in applied:
             scales.append((view.name, count))
-    service = build_service(meta, spec.serving.port)
+    service = build_service(meta, spec.serving.port, objects.build_service_ports(spec.serving))
     if observed.services.get(service["metadata"]["name"]) != objects.spec_hash_of(service):
         apply.append(service)
 
@@ -875,7 +875,8 @@ def _plan_analysis_children(md: spec_mod.ModelDeployment, meta: Meta, st: _State
     wanted = {naming.build_deployment_name(meta.name, v): v for v in versions}
     model_service = naming.build_service_name(meta.name)
     for name, version in wanted.items():
-        service = objects.build_version_service(meta, version, md.spec.serving.port)
+        service = objects.build_version_service(meta, version, md.spec.serving.port,
+                                                objects.build_service_ports(md.spec.serving))
         if observed.services.get(name) != objects.spec_hash_of(service):
             apply.append(service)
     for name in observed.services:

@@ -30,6 +30,7 @@ from docker_image import reference as image_reference
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from shipyard.contract import quantity, recipe, schema
+from shipyard.operator import runtimes
 from shipyard.operator.providers import builtin as builtin_provider
 from shipyard.operator.providers import job as job_provider
 from shipyard.operator.providers import prometheus as prometheus_provider
@@ -309,8 +310,32 @@ class Toleration(schema.ApiModel):
         return self.model_dump(by_alias=True, exclude_none=True)
 
 
+class Grpc(schema.ApiModel):
+    """gRPC (Open Inference Protocol v2) of Shipyard's own server: the pods serve it on container port 9000 (name
+    grpc), the model's Service and the per-version Services expose it at port (appProtocol kubernetes.io/h2c)."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 9000
+    """Port of the Services for gRPC. Default 9000."""
+    http: bool = True
+    """Keep the HTTP front end. false: gRPC only (probes are Kubernetes' gRPC probes, grpc.health.v1), and the pods
+    have no HTTP /metrics, so builtin and scrape metrics are refused. Default true."""
+
+
 class Serving(schema.ApiModel):
     """The inference pods of every version."""
+
+    __cel__ = (
+        schema.Cel("!has(self.grpc) || !has(self.runtime)",
+                   "spec.serving.grpc turns on Shipyard's server's gRPC; a runtime declares its gRPC port in "
+                   "spec.serving.runtime.ports.grpc", field_path=".grpc", reason="FieldValueForbidden"),
+        schema.Cel("!has(self.grpc) || (has(self.grpc.http) && !self.grpc.http) || !has(self.grpc.port) || "
+                   "self.port != self.grpc.port",
+                   "spec.serving.grpc.port must differ from spec.serving.port (both are ports of the Services)",
+                   field_path=".grpc.port"),
+        schema.Cel("!has(self.runtime) || !has(self.runtime.ports) || !has(self.runtime.ports.grpc) || "
+                   "!has(self.runtime.ports.http) || self.runtime.ports.grpc != self.runtime.ports.http",
+                   "spec.serving.runtime.ports.grpc must differ from ports.http", field_path=".runtime.ports.grpc"),
+    )
 
     replicas: Annotated[int, Field(ge=0, le=1000)] = 1
     """Replicas of the stable version at rest; canary steps split them by weight. Default 1."""
@@ -333,7 +358,14 @@ class Serving(schema.ApiModel):
         list_type="atomic"))] = ()
     """Tolerations of the inference pods (e.g. for tainted GPU nodes), as in a pod spec."""
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
-    """Port of the model's Service (the pods themselves listen on 8080, port name http). Default 8080."""
+    """Port of the model's Service for HTTP (Shipyard's server listens on 8080, a runtime on its ports.http; port
+    name http). Default 8080."""
+    grpc: Grpc | None = None
+    """gRPC of Shipyard's own server (absent: HTTP only). A runtime's gRPC is its ports.grpc instead."""
+    runtime: runtimes.Runtime | None = None
+    """The serving runtime when it is not Shipyard's own server: a preset (torchserve, triton, vllm) and/or an
+    explicit container (command, args, env, ports, probes, modelMountPath, metrics mapping). Absent: shipyard-runtime
+    serve, whose pods are as before. Batching applies to Shipyard's server only (configure the runtime's own)."""
 
 
 class RolloutStep(schema.ApiModel):
@@ -390,9 +422,11 @@ class Metric(schema.ApiModel):
     name: Annotated[str, Field(max_length=63, pattern=DNS_LABEL_PATTERN)]
     """Name of the metric (a DNS label), unique in the analysis."""
     builtin: builtin_provider.Builtin | None = None
-    """A built-in metric of the runtime's own metrics: errorRate (fraction of 5xx responses) or latencyP99 (99th
-    percentile request duration, seconds), measured for the candidate and the stable; read from Prometheus when one
-    is configured, else scraped from the pods' /metrics."""
+    """A built-in metric of the runtime's own metrics: errorRate (fraction of failed requests), latencyP99 (99th
+    percentile request duration, seconds), and for LLM servers ttftP99 (time to first token) and tpotP99 (time per
+    output token), measured for the candidate and the stable; read from Prometheus when one is configured, else
+    scraped from the pods' metrics. Shipyard's server gives errorRate and latencyP99; another runtime those its
+    metric mapping (spec.serving.runtime.metrics or its preset's) has."""
     prometheus: prometheus_provider.Query | None = None
     """A PromQL query returning one number."""
     scrape: scrape_provider.Scrape | None = None
@@ -556,7 +590,22 @@ class ModelDeploymentSpec(schema.ApiModel):
         "self.compression.compiled.mode != 'on' || !self.compression.steps.exists(s, has(s.quantize) && "
         "s.quantize.scheme in ['fp8', 'int4-weight-only'])",
         "spec.compression.compiled.mode on needs a CPU package, and fp8 and int4-weight-only quantize for CUDA; use "
-        "mode auto", field_path=".compression.compiled"),)
+        "mode auto", field_path=".compression.compiled"),
+        schema.Cel(
+        "!has(self.compression) || !has(self.serving) || !has(self.serving.runtime) || "
+        "!has(self.serving.runtime.preset)",
+        "spec.compression makes an artifact in Shipyard's format, which the torchserve, triton and vllm presets "
+        "cannot load (they read their own formats): remove spec.compression, or serve the artifact with Shipyard's "
+        "server or a runtime without a preset built to load it", field_path=".compression",
+        reason="FieldValueForbidden"),
+        schema.Cel(
+        "!has(self.serving) || !has(self.serving.grpc) || !has(self.serving.grpc.http) || self.serving.grpc.http || "
+        "!has(self.rollout) || !has(self.rollout.analysis) || "
+        "!self.rollout.analysis.metrics.exists(m, has(m.builtin) || has(m.scrape))",
+        "spec.serving.grpc.http false leaves the pods without HTTP, where their /metrics is served: builtin and "
+        "scrape metrics cannot be measured; keep http, or use prometheus, web or job metrics",
+        field_path=".rollout.analysis.metrics", reason="FieldValueForbidden"),
+        *runtimes.build_builtin_rules())
 
     image: Annotated[str, Field(min_length=1, max_length=512, json_schema_extra=schema.k8s(validations=[
         schema.Cel(f"self.matches('{IMAGE_PATTERN}')",
@@ -642,6 +691,7 @@ def parse_spec(body: Mapping[str, object], path: str = "spec") -> ModelDeploymen
         field, _, problem = exc.problems[0].partition(": ")
         raise SpecError(field, problem) from None
     parse_image(spec.image, f"{path}.image")
+    _check_runtime(spec, path)
     if spec.compression is not None:
         problems = recipe.assess_step_order(list(spec.compression.steps), f"{path}.compression.steps")
         if problems:
@@ -658,6 +708,42 @@ def parse_spec(body: Mapping[str, object], path: str = "spec") -> ModelDeploymen
                 except ValueError as exc:
                     raise SpecError(f"{where}.{kind}.{name}", str(exc)) from None
     return spec
+
+
+def _check_runtime(spec: ModelDeploymentSpec, path: str) -> None:
+    """The runtime rules admission checks in CEL, again with the offending field's path (one SpecError)."""
+    runtime = spec.serving.runtime
+    if runtime is not None and runtime.preset is not None and spec.compression is not None:
+        raise SpecError(f"{path}.compression", f"cannot be served by runtime preset {runtime.preset}: compression "
+                                               "makes an artifact in Shipyard's format, and the preset loads its own")
+    if spec.serving.grpc is not None and runtime is not None:
+        raise SpecError(f"{path}.serving.grpc", "turns on Shipyard's server's gRPC; a runtime declares its gRPC port "
+                                                "in spec.serving.runtime.ports.grpc")
+    resolved = runtimes.resolve_runtime(runtime) if runtime is not None else None
+    if resolved is not None:
+        ports = resolved.ports
+        if "http" in ports and ports.get("grpc") == spec.serving.port:
+            raise SpecError(f"{path}.serving.port", f"{spec.serving.port} is also the runtime's gRPC port, which the "
+                                                    "Services expose at the same number: choose another")
+        for kind, probe in resolved.probes.items():
+            if probe.port not in ports:
+                raise SpecError(f"{path}.serving.runtime.probes.{kind}.port",
+                                f"the runtime has no {probe.port} port (spec.serving.runtime.ports)")
+    analysis = spec.rollout.analysis
+    if analysis is None:
+        return
+    for i, metric in enumerate(analysis.metrics):
+        where = f"{path}.rollout.analysis.metrics[{i}]"
+        if spec.serving.grpc is not None and not spec.serving.grpc.http and (metric.builtin or metric.scrape):
+            raise SpecError(f"{where}.{metric.provider_key}", "cannot be measured with spec.serving.grpc.http false: "
+                                                              "the pods have no HTTP /metrics")
+        if metric.builtin is not None:
+            problem = runtimes.assess_builtin(metric.builtin, runtime)
+            if problem is not None:
+                raise SpecError(f"{where}.builtin", problem)
+        if (metric.builtin or metric.scrape) and resolved is not None and "metrics" not in resolved.ports:
+            raise SpecError(f"{where}.{metric.provider_key}", "the runtime has no HTTP port to read its metrics from: "
+                                                              "set spec.serving.runtime.ports.metrics")
 
 
 def parse_model_deployment(body: Mapping[str, Any]) -> ModelDeployment:

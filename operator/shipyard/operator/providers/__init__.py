@@ -25,10 +25,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
+from shipyard import contract
 from shipyard.operator import analysis, egress
 from shipyard.operator.providers import base, builtin, job, prometheus, scrape, web
 
 if TYPE_CHECKING:
+    from shipyard.operator import runtimes
     from shipyard.operator import spec as spec_mod
 
 logger = logging.getLogger(__name__)
@@ -145,18 +147,22 @@ class Providers:
         stable_targets: Sequence[str] = (),
         metric_names: Sequence[str] | None = None,
         namespace_allowed: Sequence[egress.Allowed] = (),
+        runtime: runtimes.ResolvedRuntime | None = None,
     ) -> dict[str, analysis.Measurement]:
         """Measures every pulled metric (or those in ``metric_names``) concurrently, by metric name; never raises.
 
         The stable version is measured too for metrics with ``maxRelativeToStable`` when there is one.
-        ``namespace_allowed`` are the entries of the namespace's allow-list annotation (``egress``).
+        ``namespace_allowed`` are the entries of the namespace's allow-list annotation (``egress``); ``runtime`` the
+        serving runtime when it is not Shipyard's server (its metrics path, its builtins' mapping).
         """
         metrics = [m for m in plan_pulled(analysis_spec) if metric_names is None or m.name in metric_names]
 
         def request(metric: spec_mod.Metric, version: str, targets: Sequence[str]) -> base.MeasurementRequest:
             return base.MeasurementRequest(namespace=namespace, name=name, metric=metric, analysis=analysis_spec,
                                            model=model, version=version, stable_version=stable_version,
-                                           targets=tuple(targets), allowed=tuple(namespace_allowed))
+                                           targets=tuple(targets), allowed=tuple(namespace_allowed),
+                                           runtime=runtime, metrics_path=runtime.metrics_path if runtime is not None
+                                           else contract.PATH_METRICS)
 
         async def one(metric: spec_mod.Metric) -> analysis.Measurement:
             if metric.compares_with_stable and stable_version is not None:

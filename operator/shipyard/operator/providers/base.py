@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, runtime_checka
 
 import aiohttp
 
+from shipyard import contract
 from shipyard.operator import analysis, egress, naming
 
 if TYPE_CHECKING:
     from shipyard.operator import observed as observed_mod
+    from shipyard.operator import runtimes
     from shipyard.operator import spec as spec_mod
 
 DEFAULT_TIMEOUT_SECONDS: Final = 5.0
@@ -44,7 +46,9 @@ class MeasurementRequest:
     """One metric to measure for one version of a model.
 
     ``name`` is the ModelDeployment's, ``model`` the runtime's ``model`` label (the served model name);
-    ``targets`` are the ``host:port`` of the version's ready pods (for backends that read the pods).
+    ``targets`` are the ``host:port`` of the version's ready pods (for backends that read the pods), whose metrics
+    are at ``metrics_path``; ``runtime`` is the serving runtime when it is not Shipyard's own server (builtins then
+    follow its metric mapping and select the version by its pods).
     """
 
     namespace: str
@@ -56,6 +60,8 @@ class MeasurementRequest:
     stable_version: str | None
     targets: tuple[str, ...] = ()
     allowed: tuple[egress.Allowed, ...] = ()  # the namespace's allow-list entries (the operator's are in Env)
+    runtime: runtimes.ResolvedRuntime | None = None
+    metrics_path: str = contract.PATH_METRICS
 
     @property
     def key(self) -> tuple[str, ...]:

@@ -9,26 +9,35 @@ measurement of a version covers its pods' lifetime so far).
 errorRate: the 5xx share (no 5xx series is 0, no requests at all is no data). latencyP99: the 99th percentile of
 the request duration histogram (no requests: no data). In ``maxRelativeToStable`` comparisons the stable's value
 is raised to a floor (``RELATIVE_FLOORS``), so that a near-zero stable does not fail a near-zero candidate.
+
+With another serving runtime (``spec.serving.runtime``) each builtin follows the runtime's metric mapping
+(``runtimes.RuntimeMetrics``: errors / total counters, or a histogram's p99 converted to seconds), and since such a
+runtime does not label its metrics with the model and version, the version is its pods: scraped directly (the
+runtime's metrics port and path), or in Prometheus ``{<namespace label>="<ns>", pod=~"<its Deployment's pods>"}``
+(``runtimes.build_pod_regex``). A runtime that does not export the mapped metrics gives no data (``noData``
+decides).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar, Final, Literal, TypeAlias
 
 from shipyard import contract
-from shipyard.operator import analysis
+from shipyard.operator import analysis, naming, runtimes
 from shipyard.operator.providers import base, prometheus, scrape
 
 if TYPE_CHECKING:
     from shipyard.operator import spec as spec_mod
 
-Builtin: TypeAlias = Literal["errorRate", "latencyP99"]
-BUILTINS: Final[tuple[Builtin, ...]] = ("errorRate", "latencyP99")
+Builtin: TypeAlias = Literal["errorRate", "latencyP99", "ttftP99", "tpotP99"]
+BUILTINS: Final[tuple[Builtin, ...]] = ("errorRate", "latencyP99", "ttftP99", "tpotP99")
 # errorRate 0.001 = one error in a thousand requests; latencyP99 0.005 s, the resolution of the latency histogram's
-# low buckets.
-RELATIVE_FLOORS: Final[Mapping[str, float]] = {"errorRate": 0.001, "latencyP99": 0.005}
+# low buckets (and of the LLM servers' token timing histograms).
+RELATIVE_FLOORS: Final[Mapping[str, float]] = {"errorRate": 0.001, "latencyP99": 0.005, "ttftP99": 0.005,
+                                               "tpotP99": 0.005}
 
 
 def build_query_window(interval_seconds: float, minimum_seconds: float) -> str:
@@ -68,6 +77,75 @@ def build_builtin_query(builtin: Builtin, namespace: str, name: str, version: st
     raise ValueError(f"unknown builtin metric {builtin!r}")
 
 
+def build_matchers(exact: Mapping[str, str], regex: Mapping[str, str]) -> str:
+    """A PromQL selector: ``label="value"`` for ``exact``, ``label=~"regex"`` for ``regex``."""
+    parts = [f'{k}="{prometheus.build_label_value(v)}"' for k, v in exact.items()]
+    parts += [f'{k}=~"{prometheus.build_label_value(v)}"' for k, v in regex.items()]
+    return "{" + ",".join(parts) + "}"
+
+
+def build_mapped_query(builtin: Builtin, mapping: runtimes.ErrorRateMapping | runtimes.QuantileMapping,
+                       namespace: str, deployment: str, window: str, *,
+                       namespace_label: str | None = "namespace") -> str:
+    """PromQL of a builtin of another runtime for one version: its mapping over the series of the version's pods
+    (``pod`` label, ``runtimes.build_pod_regex``), in the namespace.
+
+    errorRate: the sums of the errors' and of the totals' rates (each ``or vector(0)``: no series counts 0), so that
+    no requests at all is 0/0, NaN, no data. A quantile: ``histogram_quantile(0.99, ...)`` of the histogram's
+    buckets, divided into seconds.
+    """
+    exact = {namespace_label: namespace} if namespace_label else {}
+    pods = {"pod": runtimes.build_pod_regex(deployment)}
+
+    def rate(metric: str, labels: Mapping[str, str]) -> str:
+        return f"rate({metric}{build_matchers(exact, {**pods, **labels})}[{window}])"
+
+    if isinstance(mapping, runtimes.ErrorRateMapping):
+        def total(counters: tuple[runtimes.Counter, ...]) -> str:
+            return " + ".join(f"(sum({rate(c.metric, c.labels)}) or vector(0))" for c in counters)
+        return f"({total(mapping.errors)}) / ({total(mapping.total)})"
+    quantile = (f"histogram_quantile({scrape.LATENCY_QUANTILE}, sum by (le) "
+                f"({rate(mapping.histogram + '_bucket', mapping.labels)}))")
+    scale = runtimes.UNIT_SECONDS[mapping.unit]
+    return quantile if scale == 1.0 else f"{quantile} / {round(1 / scale)}"
+
+
+def _counter_names(metric: str) -> tuple[str, str]:
+    """The names a counter's samples may have once parsed: prometheus_client's text parser names the samples of a
+    counter family ``<family>_total`` even where the runtime exposes them without the suffix (Triton's
+    ``nv_inference_request_success``, TorchServe's ``Requests5XX``), which is the name Prometheus itself stores."""
+    return metric, metric + "_total"
+
+
+def _matches_regex(labels: tuple[tuple[str, str], ...], wanted: Mapping[str, str]) -> bool:
+    have = dict(labels)
+    return all(re.fullmatch(pattern, have.get(name, "")) is not None for name, pattern in wanted.items())
+
+
+def build_mapped_value(mapping: runtimes.ErrorRateMapping | runtimes.QuantileMapping,
+                       increase: Mapping[scrape.SeriesKey, float]) -> float | None:
+    """A builtin of another runtime from the increases of its pods' series (scraped): errors / total, or the
+    histogram's p99 in seconds; None: no requests (no total, no observations)."""
+    if isinstance(mapping, runtimes.ErrorRateMapping):
+        def total(counters: tuple[runtimes.Counter, ...]) -> float:
+            return sum(value for (name, labels), value in increase.items() for c in counters
+                       if name in _counter_names(c.metric) and _matches_regex(labels, c.labels))
+        all_requests = total(mapping.total)
+        return total(mapping.errors) / all_requests if all_requests > 0 else None
+    bucket = mapping.histogram + "_bucket"
+    chosen = {key: value for key, value in increase.items()
+              if key[0] == bucket and _matches_regex(key[1], mapping.labels)}
+    value = scrape.build_latency_quantile(chosen, metric=mapping.histogram)
+    return None if value is None else value * runtimes.UNIT_SECONDS[mapping.unit]
+
+
+def build_mapped_names(mapping: runtimes.ErrorRateMapping | runtimes.QuantileMapping) -> frozenset[str]:
+    """The sample names a mapping reads."""
+    if isinstance(mapping, runtimes.ErrorRateMapping):
+        return frozenset(n for c in (*mapping.errors, *mapping.total) for n in _counter_names(c.metric))
+    return frozenset({mapping.histogram + "_bucket"})
+
+
 def build_address(analysis_spec: spec_mod.Analysis, env: base.Env) -> str | None:
     """The Prometheus builtins are read from; None: scraped from the pods."""
     return analysis_spec.prometheus_address or env.prometheus_address
@@ -91,6 +169,8 @@ class BuiltinBackend:
         metric = request.metric.builtin
         assert metric is not None
         address = build_address(request.analysis, env)
+        if request.runtime is not None:
+            return await self._measure_mapped(metric, request, env, address)
         if address is not None:
             window = build_query_window(request.analysis.interval_seconds, env.min_window_seconds)
             query = build_builtin_query(metric, request.namespace, request.model, request.version, window,
@@ -98,6 +178,33 @@ class BuiltinBackend:
             value, error = await prometheus.query_prometheus(env, address, query)
             return analysis.Sample(value=value, query=query, error=error)
         return await self._scrape(metric, request, env)
+
+    async def _measure_mapped(self, metric: Builtin, request: base.MeasurementRequest, env: base.Env,
+                              address: str | None) -> analysis.Sample:
+        """A builtin of another runtime, by its metric mapping (admission refused builtins it lacks; one that
+        lacks it anyway measures nothing: an Error naming the mapping)."""
+        assert request.runtime is not None
+        mapping = request.runtime.metrics.mapping(metric)
+        if mapping is None:
+            return analysis.Sample(value=None, query="", error=f"builtin {metric} is not mapped for this runtime "
+                                                                "(spec.serving.runtime.metrics)")
+        deployment = naming.build_deployment_name(request.name, request.version)
+        if address is not None:
+            window = build_query_window(request.analysis.interval_seconds, env.min_window_seconds)
+            query = build_mapped_query(metric, mapping, request.namespace, deployment, window,
+                                       namespace_label=env.namespace_label)
+            value, error = await prometheus.query_prometheus(env, address, query)
+            return analysis.Sample(value=value, query=query, error=error)
+        names = build_mapped_names(mapping)
+        scraped = await scrape.query_snapshots(env, request, lambda sample, labels: sample in names)
+        what = (f"{metric} of {', '.join(sorted(names))} (the runtime's metrics at {request.metrics_path} of "
+                f"{deployment}'s pods)")
+        query = scrape.build_description(request, what, scraped, windowed=True,
+                                         first_note=" since the pods started (first scrape)")
+        if scraped is None:
+            return analysis.Sample(value=None, query=query)
+        increase = scrape.build_series_increase(scraped.before, scraped.current)
+        return analysis.Sample(value=build_mapped_value(mapping, increase), query=query)
 
     async def _scrape(self, metric: Builtin, request: base.MeasurementRequest, env: base.Env) -> analysis.Sample:
         model, version = request.model, request.version

@@ -228,8 +228,9 @@ def build_scrape_value(
     return sum(values)
 
 
-def build_scrape_url(target: str) -> str:
-    """``http://host:port/metrics`` for a ``host:port`` target (IPv4, [IPv6] or a hostname); else ValueError."""
+def build_scrape_url(target: str, path: str = contract.PATH_METRICS) -> str:
+    """``http://host:port<path>`` (``/metrics`` by default) for a ``host:port`` target (IPv4, [IPv6] or a hostname);
+    else ValueError."""
     host, sep, port = target.rpartition(":")
     if not sep or not _PORT_RE.fullmatch(port) or int(port) > 65535:
         raise ValueError(f"scrape target {target!r} is not host:port")
@@ -245,7 +246,9 @@ def build_scrape_url(target: str) -> str:
             ipaddress.IPv4Address(host)
         except ValueError:
             raise ValueError(f"scrape target {target!r} has an invalid IPv4 address") from None
-    return f"http://{host}:{port}{contract.PATH_METRICS}"
+    if not path.startswith("/") or any(c in path for c in " ?#"):
+        raise ValueError(f"metrics path {path!r} is not an absolute path")
+    return f"http://{host}:{port}{path}"
 
 
 def build_target_snapshot(text: str, wanted: Callable[[str, Mapping[str, str]], bool]) -> dict[
@@ -303,7 +306,7 @@ async def query_snapshots(env: base.Env, request: base.MeasurementRequest,
                           wanted: Callable[[str, Mapping[str, str]], bool]) -> Scraped | None:
     """Scrapes the request's targets and returns this snapshot with the previous one of the same series (kept in
     ``env.state``); None when there are no ready pods. Raises ProviderError / ValueError on failures."""
-    urls = [build_scrape_url(t) for t in request.targets]
+    urls = [build_scrape_url(t, request.metrics_path) for t in request.targets]
     if not urls:
         return None
     texts = await asyncio.gather(*(fetch_metrics(env, u) for u in urls), return_exceptions=True)
