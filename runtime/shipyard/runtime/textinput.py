@@ -160,8 +160,11 @@ class TextInput:
                 raise oip.BadRequest(f"input {index}: token id {max(row)} is outside the vocabulary "
                                      f"(0..{vocabulary - 1})")
             rows.append(list(row[:limit]))
+        # at least 2 wide, as any tokenized text is ([CLS] [SEP]): a compiled package's dynamic sequence axis starts
+        # at 2 (torch.export specialises sizes 0 and 1); the padding is masked out
+        width = self.length if self.length is not None else max(2, max((len(r) for r in rows), default=0))
         fed = build_token_arrays(rows, [[1] * len(r) for r in rows], [[0] * len(r) for r in rows],
-                                 self.spec.pad_id, self._dtypes, self.length)
+                                 self.spec.pad_id, self._dtypes, width)
         return self._assemble(list(fed), [], len(rows), None), sum(len(r) for r in rows)
 
     def _assemble(

@@ -158,8 +158,8 @@ def write_tokenizer_file(
     files: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Copy the tokenizer file into `directory` under its declared name; returns the manifest fields to update
-    (`tokenizer`, `files` with the file). Raises ArtifactError for a declaration that does not fit the inputs or a
-    missing source file."""
+    (`tokenizer`, normalised with its defaults written out, and `files` with the file). Raises ArtifactError for a
+    declaration that does not fit the inputs or a missing source file."""
     spec = manifests.build_tokenizer_spec(tokenizer, manifests.build_tensor_specs(list(inputs), "inputs"))
     assert spec is not None
     if source is None or not Path(source).is_file():
@@ -168,7 +168,7 @@ def write_tokenizer_file(
         raise ArtifactError(f"tokenizer.file {spec.file!r} clashes with another file of the model directory")
     shutil.copyfile(source, directory / spec.file)
     sha, size = manifests.fetch_file_sha256(directory / spec.file)
-    return {"tokenizer": dict(tokenizer), "files": {**files, spec.file: {"sha256": sha, "bytes": size}}}
+    return {"tokenizer": spec.to_dict(), "files": {**files, spec.file: {"sha256": sha, "bytes": size}}}
 
 
 def add_compiled_package(
