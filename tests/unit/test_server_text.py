@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import openai
 import pytest
@@ -508,3 +510,232 @@ def test_tokenizer_that_does_not_load_fails_the_start(text_model: tuple[Path, to
     finally:
         _stop(served)
     assert source.exists()
+
+
+def test_live_evaluation_feeds_token_ids_to_a_text_model(served: Served) -> None:
+    """The canary's live evaluation (gate datasets of token ids) leaves the BYTES text input out of the metadata."""
+    from shipyard import contract
+    from shipyard.runtime import liveeval
+
+    url = f"http://127.0.0.1:{served.http_port}"
+    config = liveeval.EvalConfig(url=url, model=MODEL, dataset="builtin:sentence-fidelity", samples=64,
+                                 batch_size=16, reference_url=url, retries=1, termination_log=None,
+                                 minimums=(("cosine", 0.999),))
+    outcome = liveeval.run_evaluation(config)
+    assert outcome.code == contract.EXIT_MEASURED, outcome.line
+
+
+@pytest.mark.parametrize(
+    ("inputs", "expected"),
+    [
+        ([{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}, {"name": "text", "datatype": "BYTES",
+                                                                          "shape": [-1]}],
+         ["input_ids"]),
+        ([{"name": "text", "datatype": "BYTES", "shape": [-1]}], ["text"]),  # nothing but text: left for the check
+    ],
+)
+def test_live_evaluation_metadata_without_text(inputs: list[dict[str, Any]], expected: list[str]) -> None:
+    from shipyard.runtime import liveeval
+
+    kept = liveeval.build_tensor_metadata({"name": "m", "inputs": inputs})
+    assert [spec["name"] for spec in kept["inputs"]] == expected
+
+
+def test_tokenizer_file_is_in_the_digest_and_verified(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = models.build_digits_mlp(hidden=(8,)).eval()
+    inputs = [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}]
+    source = tmp_path / "tokenizer-source.json"
+    source.write_text((models.query_minilm_dir() / "tokenizer.json").read_text(encoding="utf-8"), encoding="utf-8")
+    declaration = {"file": "tokenizer.json", "maxLength": 16, "inputs": {"ids": "input_ids"}}
+    path = tmp_path / "model"
+    kwargs: dict[str, Any] = {"name": "m", "factory": "shipyard.runtime.models:build_digits_mlp",
+                              "factory_kwargs": {"hidden": [8]}, "inputs": inputs,
+                              "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]}
+    manifest = store.save_model(module, path, tokenizer=declaration, tokenizer_source=source, **kwargs)
+    assert "tokenizer.json" in manifest["files"] and manifest["tokenizer"]["text"] == "text"
+    assert manifests.load_verified_manifest(path)["digest"] == manifest["digest"]
+    (path / "tokenizer.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ArtifactError, match="digest mismatch: tokenizer.json"):
+        manifests.load_verified_manifest(path)
+    with pytest.raises(ArtifactError, match="tokenizer file .* is missing"):
+        store.save_model(module, tmp_path / "other", tokenizer=declaration, tokenizer_source=tmp_path / "nope",
+                         **kwargs)
+
+
+def test_a_compressed_text_model_keeps_its_tokenizer(text_model: tuple[Path, torch.nn.Module], tmp_path: Path) -> None:
+    """The compression Job carries the tokenizer file and declaration into the artifact (the gate still feeds ids)."""
+    from shipyard.runtime import cli
+
+    source, _ = text_model
+    config = {"source": str(source), "output": str(tmp_path / "out"),
+              "steps": [{"quantize": {"scheme": "int8-dynamic"}}],
+              "evaluation": {"dataset": "builtin:sentence-fidelity", "maxRelativeAccuracyLoss": 0.05},
+              "terminationLog": str(tmp_path / "termination-log"),
+              "latency": {"batchSizes": [1], "budgetSeconds": 0.02}, "compiled": {"mode": "off"}}
+    (tmp_path / "compression.json").write_text(json.dumps(config))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["compress", "--config", str(tmp_path / "compression.json")]) == 0, (
+            (tmp_path / "termination-log").read_text())
+    finally:
+        torch.set_num_threads(threads)
+    manifest = manifests.load_verified_manifest(tmp_path / "out")
+    assert manifest["tokenizer"] == manifests.load_manifest(source)["tokenizer"]
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    loaded = store.load_model(tmp_path / "out")
+    text = textinput.load_text_input(loaded)
+    assert text is not None and [s.name for s in text.served_inputs] == ["input_ids", "attention_mask", "text"]
+
+
+
+# ------------------------------------------------------------------------------------------------------ fuzz
+# Hostile text requests: the parsers raise BadRequest and nothing else (generated inputs), and the server over gRPC
+# answers every generated bad message INVALID_ARGUMENT (never INTERNAL/UNKNOWN), valid ones correctly, and keeps
+# serving. (tests/integration/test_server_fuzz.py fuzzes REST at length; these cover the text and gRPC paths.)
+
+_TEXT: list[textinput.TextInput] = []
+OUTPUTS = [manifests.TensorSpec("embedding", "FP32", (-1, 384))]
+
+
+def _text_input() -> textinput.TextInput:
+    if not _TEXT:
+        from tokenizers import Tokenizer
+
+        spec = manifests.build_tokenizer_spec(DECLARATION, TOKEN_INPUTS)
+        assert spec is not None
+        tokenizer = Tokenizer.from_file(str(models.query_minilm_dir() / "tokenizer.json"))
+        _TEXT.append(textinput.TextInput(spec, tokenizer, TOKEN_INPUTS))
+    return _TEXT[0]
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(buffer=st.binary(max_size=64), count=st.integers(0, 8))
+def test_fuzz_bytes_framing(buffer: bytes, count: int) -> None:
+    try:
+        elements = oip.build_bytes_elements(buffer, count, "text")
+    except oip.BadRequest as error:
+        assert "input 'text'" in str(error)
+    else:
+        assert len(elements) == count and oip.build_bytes_buffer(elements) == buffer
+
+
+_ELEMENTS = st.lists(st.one_of(st.text(max_size=40), st.binary(max_size=40)), min_size=1, max_size=4)
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(elements=_ELEMENTS, shape=st.lists(st.integers(-2, 6), max_size=2), name=st.sampled_from(
+    ["text", "input_ids", "Text"]), datatype=st.sampled_from(["BYTES", "INT64", "FP32"]), binary=st.booleans(),
+    cut=st.integers(-3, 3), lie=st.integers(-8, 8))
+def test_fuzz_text_requests_raise_only_bad_request(elements: list[Any], shape: list[int], name: str, datatype: str,
+                                                   binary: bool, cut: int, lie: int) -> None:
+    """Generated REST text requests (JSON and binary, framing cut and header lengths lied about) either parse into
+    a request of the model's inputs or raise BadRequest."""
+    text = _text_input()
+    item: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape or [len(elements)]}
+    header_length: bytes | None = None
+    if binary:
+        raw = oip.build_bytes_buffer([e if isinstance(e, bytes) else e.encode() for e in elements])
+        raw = raw[: len(raw) + cut] if cut < 0 else raw + b"\x00" * cut
+        item["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps({"inputs": [item]}).encode()
+        body = head + raw
+        header_length = b"%d" % max(0, len(head) + lie)
+    else:
+        item["data"] = [e.decode("latin-1") if isinstance(e, bytes) else e for e in elements]
+        body = json.dumps({"inputs": [item]}).encode()
+    try:
+        parsed = text.build_infer_request(body, header_length, OUTPUTS)
+    except oip.BadRequest:
+        return
+    assert len(parsed.arrays) == len(TOKEN_INPUTS) and parsed.rows == parsed.arrays[0].shape[0]
+
+
+def _grpc_probe(rng: Any, index: int) -> tuple[Any, bool]:
+    """A generated ModelInferRequest for the text model, and whether it is valid."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=MODEL, id=f"f{index}")
+    texts = [rng.choice(SENTENCES).encode() for _ in range(rng.randint(1, 3))]
+    mutation = rng.randrange(12)
+    item = request.inputs.add(name="text", datatype="BYTES", shape=[len(texts)])
+    if mutation == 0:  # valid, raw
+        request.raw_input_contents.append(oip.build_bytes_buffer(texts))
+        return request, True
+    if mutation == 1:  # valid, typed
+        item.contents.bytes_contents.extend(texts)
+        return request, True
+    if mutation == 2:  # invalid UTF-8
+        texts[rng.randrange(len(texts))] = rng.choice([b"\xff", b"\xc3", b"ok\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"])
+        request.raw_input_contents.append(oip.build_bytes_buffer(texts))
+    elif mutation == 3:  # a length prefix overrunning the buffer
+        raw = oip.build_bytes_buffer(texts)
+        request.raw_input_contents.append(struct_pack_first_length(raw, rng.choice([10**6, 2**32 - 1, len(raw)])))
+    elif mutation == 4:  # truncated or padded framing
+        raw = oip.build_bytes_buffer(texts)
+        request.raw_input_contents.append(raw[: rng.randrange(len(raw))] if rng.random() < 0.5 else raw + b"\x01")
+    elif mutation == 5:  # a count of elements that does not fill the shape
+        item.contents.bytes_contents.extend(texts + [b"extra"])
+    elif mutation == 6:
+        del item.shape[:]
+        item.shape.extend(rng.choice([[len(texts), 1], [], [0], [-1]]))
+        request.raw_input_contents.append(oip.build_bytes_buffer(texts))
+    elif mutation == 7:
+        item.datatype = rng.choice(["INT64", "FP32", "bytes", ""])
+        request.raw_input_contents.append(oip.build_bytes_buffer(texts))
+    elif mutation == 8:  # both forms
+        item.contents.bytes_contents.extend(texts)
+        request.raw_input_contents.append(oip.build_bytes_buffer(texts))
+    elif mutation == 9:  # text and token ids mixed
+        request.inputs.add(name="input_ids", datatype="INT64", shape=[1, 2])
+        request.raw_input_contents.extend([oip.build_bytes_buffer(texts), b"\x00" * 16])
+    elif mutation == 10:  # junk where the raw contents go
+        request.raw_input_contents.append(bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 64))))
+    else:  # an unknown output
+        item.contents.bytes_contents.extend(texts)
+        request.outputs.add(name="nope")
+    return request, False
+
+
+def struct_pack_first_length(raw: bytes, length: int) -> bytes:
+    """`raw` with its first BYTES element's 4-byte length replaced by `length`."""
+    import struct
+
+    return struct.pack("<I", length) + raw[4:]
+
+
+def test_fuzz_grpc_text_requests(served: Served) -> None:
+    """Seeded hostile ModelInfer messages over gRPC: INVALID_ARGUMENT for the bad (never INTERNAL), the right
+    embeddings for the valid, garbage bytes refused, and the server still ready at the end."""
+    import random
+
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    rng = random.Random(20261202)
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    codes: dict[str, int] = {}
+    for index in range(150):
+        if index % 25 == 24:  # bytes that are no message at all
+            with pytest.raises(grpc.RpcError) as caught:
+                garbage(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 200))) + b"\xff\xff", timeout=60)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            continue
+        request, valid = _grpc_probe(rng, index)
+        try:
+            response = stub.ModelInfer(request, timeout=60)
+        except grpc.RpcError as error:
+            codes[error.code().name] = codes.get(error.code().name, 0) + 1
+            assert not valid and error.code() == grpc.StatusCode.INVALID_ARGUMENT, (index, error.details())
+            continue
+        assert valid, index
+        rows = request.inputs[0].shape[0]
+        got = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(rows, 384)
+        texts = (list(request.inputs[0].contents.bytes_contents) if not request.raw_input_contents
+                 else oip.build_bytes_elements(request.raw_input_contents[0], rows))
+        np.testing.assert_allclose(got, _expected(served.module, [t.decode() for t in texts]), atol=1e-5)
+    assert codes.get("INVALID_ARGUMENT", 0) > 50, codes
+    assert service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady(service_pb2.ServerReadyRequest()).ready
+    channel.close()
