@@ -739,3 +739,25 @@ def test_fuzz_grpc_text_requests(served: Served) -> None:
     assert codes.get("INVALID_ARGUMENT", 0) > 50, codes
     assert service_pb2_grpc.GRPCInferenceServiceStub(channel).ServerReady(service_pb2.ServerReadyRequest()).ready
     channel.close()
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        ({"id": "text", "inputs": [{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [101, 102]},
+                                   {"name": "attention_mask", "datatype": "INT64", "shape": [1, 2], "data": [1, 1]}]},
+         (1, 2)),  # the text input's name in the id: still a token-id request
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["Hi", "A red fox."]}]}, (2, 6)),
+        ({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1, 1], "data": ["Hi"]}]},
+         "input 'text': shape [1, 1] has rank 2"),  # the text request's own error
+    ],
+)
+def test_text_or_token_request(document: dict[str, Any], expected: Any) -> None:
+    text = _text_input()
+    body = json.dumps(document).encode()
+    if isinstance(expected, tuple):
+        parsed = text.build_infer_request(body, None, OUTPUTS)
+        assert parsed.arrays[0].shape == expected and len(parsed.arrays) == 2
+    else:
+        with pytest.raises(oip.BadRequest, match=re.escape(expected)):
+            text.build_infer_request(body, None, OUTPUTS)

@@ -199,8 +199,14 @@ class TextInput:
             text = inference_header.strip()
             if text.isdigit() and len(text) <= 18 and int(text) > 0:
                 header = body[: int(text)]
-        if self._name_token in header:
-            parsed = oip.build_infer_request(body, self.text_specs, outputs, inference_header)
+        if self._name_token in header:  # a cheap scan; the name may also occur elsewhere (an id, a string)
+            try:
+                parsed = oip.build_infer_request(body, self.text_specs, outputs, inference_header)
+            except oip.BadRequest as error:
+                try:  # not a text request after all: one of the model's inputs, or the text request's error
+                    return oip.build_infer_request(body, self.model_inputs, outputs, inference_header)
+                except oip.BadRequest:
+                    raise error from None
             return self.convert(parsed)
         return oip.build_infer_request(body, self.model_inputs, outputs, inference_header)
 
