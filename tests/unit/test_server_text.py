@@ -761,3 +761,34 @@ def test_text_or_token_request(document: dict[str, Any], expected: Any) -> None:
     else:
         with pytest.raises(oip.BadRequest, match=re.escape(expected)):
             text.build_infer_request(body, None, OUTPUTS)
+
+
+def test_the_compiled_package_takes_tokenized_text(tmp_path: Path) -> None:
+    """The AOTInductor package's sequence axis is dynamic: tokenized batches of any length (2 at least: [CLS] [SEP],
+    and token-id lists are padded to 2) run through it and match the eager model. About a minute on 2 cores."""
+    torch.manual_seed(0)
+    module = models.build_minilm_encoder(num_hidden_layers=1).eval()
+    path = tmp_path / "compiled"
+    example = (torch.ones(2, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.int64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with store.stage_directory(path) as staging:
+            store.write_model_files(
+                staging, module, name=MODEL, factory="shipyard.runtime.models:build_minilm_encoder",
+                factory_kwargs={"num_hidden_layers": 1}, inputs=[s.to_dict() for s in TOKEN_INPUTS],
+                outputs=[{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}], tokenizer=DECLARATION,
+                tokenizer_source=models.query_minilm_dir() / "tokenizer.json", compile_inputs=example,
+                compile_max_batch=8)
+        compiled = store.load_model(path, compiled=True)
+        text = textinput.load_text_input(compiled)
+        assert text is not None
+        requests = [text.build_model_request(texts, [])[0] for texts in (["", "Hi"], [SENTENCES[2]] * 3)]
+        requests.append(text.build_token_request([[101]])[0])
+        for request in requests:
+            tensors = [torch.from_numpy(array) for array in request.arrays]
+            with torch.inference_mode():
+                torch.testing.assert_close(compiled.module(*tensors), module(*tensors), rtol=1e-4, atol=1e-5)
+        assert [r.arrays[0].shape[1] for r in requests] == [3, 13, 2]
+    finally:
+        torch.set_num_threads(threads)
