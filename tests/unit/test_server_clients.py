@@ -332,3 +332,34 @@ async def test_asyncio_clients_over_rest_and_grpc(served: Served) -> None:
     finally:
         await rest.close()
         await rpc.close()
+
+
+# ---------------------------------------------------------------------------------------------- KServe's client
+# kserve.inference_client (KServe's own Python SDK): InferenceRESTClient (httpx, V2 protocol, JSON and binary
+# inputs) and InferenceGRPCClient (grpc.aio, KServe's generated grpc_predict_v2 messages). KServe's generated
+# messages and tritonclient's (which the server and this module import) both define the protobuf package
+# `inference` in the process-wide descriptor pool, which refuses the second: KServe's client runs in a process of its
+# own (tests/unit/kserve_client_probe.py), which prints what each call answered for the assertions here.
+
+
+def test_kserve_clients_over_rest_and_grpc(served: Served) -> None:
+    import json
+
+    probe = os.path.join(os.path.dirname(__file__), "kserve_client_probe.py")
+    command = [sys.executable, probe, "--http-port", str(served.http_port), "--grpc-port", str(served.grpc_port),
+               "--model", MODEL]
+    answer = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            input=json.dumps(PIXELS.tolist()))
+    assert answer.returncode == 0, answer.stderr
+    results = json.loads(answer.stdout)
+    expected = served.expected(PIXELS)
+    assert set(results) == {"rest-json", "rest-binary", "grpc"}
+    for transport, result in results.items():
+        assert result["live"] and result["ready"] and result["model_ready"], transport
+        assert result["metadata"] == {"name": MODEL, "inputs": [["pixels", "FP32", [-1, 64]]],
+                                      "outputs": [["logits", "FP32", [-1, 10]]]}, transport
+        np.testing.assert_allclose(np.array(result["infer"]), expected, rtol=1e-5, atol=1e-5)
+        assert "input 'pixels'" in result["bad_shape"]["message"], transport
+        assert result["ready_after"], transport
+    assert results["rest-json"]["bad_shape"]["status"] == results["rest-binary"]["bad_shape"]["status"] == 400
+    assert results["grpc"]["bad_shape"]["status"] == "INVALID_ARGUMENT"

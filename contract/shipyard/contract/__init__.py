@@ -32,6 +32,7 @@ ENV_MAX_DELAY_MS = "SHIPYARD_MAX_DELAY_MS"
 # The served form (spec.compression.compiled.mode: auto | on | off), set on inference pods of a compressed artifact;
 # `serve --compiled` overrides it. An env var, not a flag, so that an older runtime image ignores it.
 ENV_COMPILED = "SHIPYARD_COMPILED"
+ENV_HTTP = "SHIPYARD_HTTP"  # "off": serve gRPC only (needs a gRPC port); unset or "on": REST on the serving port
 ENV_FAULT_ERROR_RATE = "SHIPYARD_FAULT_ERROR_RATE"  # fault injection, off by default (0)
 ENV_FAULT_EXTRA_LATENCY_MS = "SHIPYARD_FAULT_EXTRA_LATENCY_MS"
 # Environment of analysis Jobs (the `job` metric provider): where the candidate serves, and the stable to compare.
@@ -92,6 +93,7 @@ LABEL_DEVICE = "device"
 LABEL_PROTOCOL = "protocol"  # on shipyard_requests_total and shipyard_request_duration_seconds: http | grpc
 PROTOCOL_HTTP = "http"
 PROTOCOL_GRPC = "grpc"
+PROTOCOL_OPENAI = "openai"  # the OpenAI-compatible endpoints (POST /v1/embeddings), HTTP on the serving port
 
 
 def build_summary_fields(values: Mapping[str, object]) -> str:

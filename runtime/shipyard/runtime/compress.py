@@ -419,6 +419,11 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
                 "source": {"path": str(config.source), "digest": source.digest},
                 "steps": [{"kind": s.kind, "params": recipe.build_step_params(s)} for s in config.steps],
             },
+            # text in: the source's tokenizer file travels into the artifact, so the compressed model takes text too
+            tokenizer=source.manifest.get("tokenizer"),
+            tokenizer_source=(
+                source.path / source.manifest["tokenizer"]["file"] if source.manifest.get("tokenizer") else None
+            ),
         )
         durations["save"] = time.perf_counter() - t0
         log.info(

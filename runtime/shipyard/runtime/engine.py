@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from shipyard.runtime import batching, oip
+from shipyard.runtime.textinput import build_padded_batch
 
 log = logging.getLogger("shipyard.runtime.engine")
 
@@ -382,12 +383,15 @@ def run_jobs(engine: Engine, jobs: list[batching.Job]) -> list[batching.JobResul
     live = [job for job in jobs if job.state != batching.CANCELLED]
     results: dict[int, batching.JobResult] = {}
     if live:
+        pads = live[0].request.pad_values
         if len(live) == 1:
             arrays = live[0].request.arrays
-        else:
+        elif pads is None:
             arrays = [
                 np.concatenate([job.request.arrays[i] for job in live]) for i in range(len(live[0].request.arrays))
             ]
+        else:  # tokenized text: each fed input padded to the batch's longest sequence
+            arrays = build_batch_arrays([job.request.arrays for job in live], pads)
         try:
             outputs = engine.run(arrays)
         except Exception as error:
@@ -403,6 +407,18 @@ def run_jobs(engine: Engine, jobs: list[batching.Job]) -> list[batching.JobResul
                 results[id(job)] = [output[start:stop] for output in outputs]
                 start = stop
     return [results.get(id(job)) for job in jobs]
+
+
+def build_batch_arrays(
+    per_job: Sequence[Sequence[np.ndarray]], pad_values: Sequence[int | None]
+) -> list[np.ndarray]:
+    """One array per input from the jobs' arrays: concatenated on the batch axis, and for an input with a pad value
+    padded on axis 1 to the longest among the jobs (tokenized text). Pure."""
+    arrays = []
+    for i, pad in enumerate(pad_values):
+        parts = [arrays_of_job[i] for arrays_of_job in per_job]
+        arrays.append(np.concatenate(parts) if pad is None else build_padded_batch(parts, pad))
+    return arrays
 
 
 def _model_failure(error: BaseException) -> oip.ServingError:

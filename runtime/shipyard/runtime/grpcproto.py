@@ -99,6 +99,15 @@ def build_grpc_infer_request(
 def _build_from_contents(item: Any, header: dict[str, Any], spec: oip.TensorSpecLike) -> np.ndarray:
     """An input given as typed `contents`: validated as JSON data of the same values would be."""
     datatype = item.datatype
+    if datatype == "BYTES" and spec.datatype == "BYTES":  # strings: bytes_contents, one element each
+        _, shape, count = oip.build_tensor_header(header, spec)
+        values = item.contents.bytes_contents
+        if len(values) != count:
+            raise oip.BadRequest(f"input {spec.name!r}: {len(values)} bytes_contents elements do not fill shape "
+                                 f"{shape} ({count} elements)")
+        array = np.empty(count, dtype=object)
+        array[:] = list(values)
+        return array.reshape(shape)
     field = CONTENTS_FIELD_BY_DATATYPE.get(datatype)
     if field is None or datatype not in oip.NUMPY_BY_DATATYPE:
         oip.build_tensor_header(header, spec)  # names a datatype or shape mismatch first

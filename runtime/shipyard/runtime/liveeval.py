@@ -315,9 +315,19 @@ class ModelIO:
     output: dict[str, Any]  # the first declared output: the one the model's forward returns
 
 
+def build_tensor_metadata(metadata: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The metadata without BYTES inputs: a model that takes text lists its text input beside the token-id inputs
+    (`textinput`), and the gate datasets feed the token ids. Pure."""
+    inputs = metadata.get("inputs")
+    if not isinstance(inputs, list):
+        return metadata
+    kept = [spec for spec in inputs if not (isinstance(spec, dict) and spec.get("datatype") == "BYTES")]
+    return {**metadata, "inputs": kept} if kept else metadata
+
+
 def fetch_model_io(client: oipclient.OipClient, model: str, dataset: datasets.Dataset) -> ModelIO:
     """The model's declared inputs and first output, checked against the dataset's input tensors."""
-    metadata = client.fetch_metadata(model)
+    metadata = build_tensor_metadata(client.fetch_metadata(model))
     inputs = oipclient.build_tensor_specs(metadata, "inputs")
     outputs = oipclient.build_tensor_specs(metadata, "outputs")
     problems = datasets.assess_inputs(dataclasses.replace(dataset, train_inputs=()), inputs)

@@ -112,6 +112,8 @@ class ServerMetrics:
         # the gRPC front end's inference requests (`enable_grpc`), by the HTTP status of the same outcome
         self.grpc_requests: dict[int, int] | None = None
         self.grpc_request_duration: Histogram | None = None
+        # other front ends' requests (protocol -> codes, latency): "openai" for /v1/embeddings, on first use
+        self.protocols: dict[str, tuple[dict[int, int], Histogram]] = {}
         self.registry.register(_ServerCollector(self))
 
     def enable_grpc(self) -> None:
@@ -125,6 +127,14 @@ class ServerMetrics:
         assert requests is not None and self.grpc_request_duration is not None
         requests[status] = requests.get(status, 0) + 1
         self.grpc_request_duration.observe(seconds)
+
+    def observe_protocol_request(self, protocol: str, status: int, seconds: float) -> None:
+        """One request of another front end (`protocol`: contract.PROTOCOL_OPENAI) answered with `status`."""
+        entry = self.protocols.get(protocol)
+        if entry is None:
+            entry = self.protocols[protocol] = (dict.fromkeys(PRECREATED_CODES, 0), Histogram(LATENCY_BUCKETS))
+        entry[0][status] = entry[0].get(status, 0) + 1
+        entry[1].observe(seconds)
 
     def observe_request(self, status: int, seconds: float) -> None:
         """One inference request answered with `status` after `seconds`."""
@@ -176,6 +186,9 @@ class _ServerCollector(Collector):
         if m.grpc_requests is not None:
             for code, count in sorted(m.grpc_requests.items()):
                 requests.add_metric([*values, str(code), contract.PROTOCOL_GRPC], count)
+        for protocol, (codes, _) in sorted(m.protocols.items()):
+            for code, count in sorted(codes.items()):
+                requests.add_metric([*values, str(code), protocol], count)
         yield requests
         duration = HistogramMetricFamily(
             contract.METRIC_REQUEST_DURATION,
@@ -187,6 +200,8 @@ class _ServerCollector(Collector):
         if m.grpc_request_duration is not None:
             duration.add_metric([*values, contract.PROTOCOL_GRPC], m.grpc_request_duration.build_buckets(),
                                 m.grpc_request_duration.sum)
+        for protocol, (_, histogram) in sorted(m.protocols.items()):
+            duration.add_metric([*values, protocol], histogram.build_buckets(), histogram.sum)
         yield duration
         for name, documentation, histogram in (
             (contract.METRIC_BATCH_SIZE, "Rows per batch handed to the model.", m.batch_size),

@@ -176,6 +176,9 @@ class InferRequest:
     # per answered output (output_indices' order, or all): True = raw bytes after the JSON header (the binary tensor
     # data extension); None = every output as JSON data (the plain JSON path)
     binary_outputs: list[bool] | None = None
+    # per input, the value to pad its axis 1 with when requests of different lengths batch together (tokenized
+    # text, `textinput`); None = requests batch only when their non-batch shapes are equal (every tensor request)
+    pad_values: tuple[int | None, ...] | None = None
 
 
 def _fail(message: str) -> BadRequest:
@@ -202,6 +205,8 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike, maybe_bools: bool
                 )
             raise _fail(f"input {name!r}: 'data' is missing")
         raise _fail(f"input {name!r}: 'data' must be a list")
+    if datatype == "BYTES":
+        return _build_json_bytes_array(data, name, shape, count)
     try:
         raw = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as error:  # ragged nesting
@@ -231,6 +236,28 @@ def build_array(item: Mapping[str, Any], spec: TensorSpecLike, maybe_bools: bool
         and not math.isfinite(array.sum(dtype=np.float64))
     ):
         raise _fail(f"input {name!r}: data contains values that do not fit {datatype}")
+    return array.reshape(shape)
+
+
+def _build_json_bytes_array(data: list[Any], name: str, shape: list[int], count: int) -> np.ndarray:
+    """A BYTES input's JSON data: strings (nested lists allowed), one per element, as an object array of str."""
+    flat: list[Any] = []
+    stack = [data]
+    while stack:  # depth first, left to right: row-major order
+        items = stack.pop()
+        for index, item in enumerate(items):
+            if type(item) is list:
+                stack.append(items[index + 1 :])
+                stack.append(item)
+                break
+            flat.append(item)
+    if len(flat) != count:
+        raise _fail(f"input {name!r}: {len(flat)} data elements do not fill shape {shape} ({count} elements)")
+    for index, item in enumerate(flat):
+        if type(item) is not str:
+            raise _fail(f"input {name!r}: BYTES element {index} must be a string, got {type(item).__name__}")
+    array = np.empty(count, dtype=object)
+    array[:] = flat
     return array.reshape(shape)
 
 

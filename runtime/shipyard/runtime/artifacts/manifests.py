@@ -19,7 +19,9 @@ factory `module:function` building the `nn.Module` whose weights the weights fil
 `export`, a `torch.export` program (`programs`). `structure` records the layers structured pruning resized
 (`eager`); `quantization` the torchao scheme re-applied on load and `tensors` the subclass layouts of quantized
 parameters (`weights`); `compiled` the optional AOTInductor package (`programs`); `fastest`, in a compressed
-artifact, the form (eager or compiled) the compression Job measured faster, per device kind, with its figures.
+artifact, the form (eager or compiled) the compression Job measured faster, per device kind, with its figures;
+`tokenizer` the optional text interface (`TokenizerSpec`): a tokenizer file in the directory (listed in `files`, so
+the digest covers it) with which the server turns a BYTES text input into the model's token-id inputs.
 
 Digest. `files` holds the sha256 and size of every file the model is made of, and `digest` is the sha256 of
 the canonical JSON of the manifest without `digest` (sorted keys, no spaces): it covers the weights through
@@ -108,6 +110,98 @@ def build_tensor_specs(raw: Any, where: str) -> tuple[TensorSpec, ...]:
     return specs
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    """The manifest's `tokenizer`: the model takes text through a tokenizer the server applies before batching::
+
+        "tokenizer": {"file": "tokenizer.json", "text": "text", "maxLength": 256,
+                      "inputs": {"ids": "input_ids", "mask": "attention_mask", "typeIds": "token_type_ids"}}
+
+    `file`: a Hugging Face `tokenizers` JSON file in the model directory (listed in `files`); `text`: the name of the
+    BYTES input (shape [-1], one UTF-8 string per row) the server adds to the model's metadata, beside the token-id
+    inputs; `maxLength`: tokens per text at most (longer texts are truncated); `inputs`: which declared inputs take
+    the token ids (required), the attention mask (optional) and the token type ids (optional), each an integer
+    input of shape [-1, -1]; `padId` (optional, default 0): the id padding uses.
+    """
+
+    file: str
+    text: str
+    max_length: int
+    ids: str
+    mask: str | None = None
+    type_ids: str | None = None
+    pad_id: int = 0
+
+    @property
+    def fed_inputs(self) -> tuple[str, ...]:
+        """The declared inputs the tokenizer fills (ids, then mask and type ids when declared)."""
+        return tuple(name for name in (self.ids, self.mask, self.type_ids) if name is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        inputs = {"ids": self.ids}
+        if self.mask is not None:
+            inputs["mask"] = self.mask
+        if self.type_ids is not None:
+            inputs["typeIds"] = self.type_ids
+        return {"file": self.file, "text": self.text, "maxLength": self.max_length, "inputs": inputs,
+                "padId": self.pad_id}
+
+
+TOKENIZER_ROLES = {"ids": "ids", "mask": "mask", "typeIds": "type_ids"}
+TOKEN_DATATYPES = ("INT32", "INT64")
+MAX_TOKENIZER_LENGTH = 1 << 16
+
+
+def build_tokenizer_spec(raw: Any, inputs: Sequence[TensorSpec]) -> TokenizerSpec | None:
+    """Parse the manifest's `tokenizer` against the declared inputs (None when absent); raises ArtifactError naming
+    the field. Pure."""
+    if raw is None:
+        return None
+    where = "tokenizer"
+    if not isinstance(raw, Mapping):
+        raise ArtifactError(f"{where}: must be {{file, text, maxLength, inputs: {{ids, mask?, typeIds?}}}}")
+    unknown = sorted(set(raw) - {"file", "text", "maxLength", "inputs", "padId"})
+    if unknown:
+        raise ArtifactError(f"{where}: unknown field(s) {unknown}")
+    file = raw.get("file")
+    if not isinstance(file, str) or not is_plain_file_name(file):
+        raise ArtifactError(f"{where}.file: must be a file name inside the model directory, got {file!r}")
+    text = raw.get("text", "text")
+    if not isinstance(text, str) or not text:
+        raise ArtifactError(f"{where}.text: must be a non-empty input name, got {text!r}")
+    max_length = raw.get("maxLength")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or not 2 <= max_length <= MAX_TOKENIZER_LENGTH:
+        raise ArtifactError(
+            f"{where}.maxLength: must be an integer within 2..{MAX_TOKENIZER_LENGTH}, got {max_length!r}"
+        )
+    pad_id = raw.get("padId", 0)
+    if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+        raise ArtifactError(f"{where}.padId: must be a non-negative integer, got {pad_id!r}")
+    fed = raw.get("inputs")
+    if not isinstance(fed, Mapping) or "ids" not in fed:
+        raise ArtifactError(f"{where}.inputs: must be {{ids: <input>, mask?: <input>, typeIds?: <input>}}")
+    unknown = sorted(set(fed) - set(TOKENIZER_ROLES))
+    if unknown:
+        raise ArtifactError(f"{where}.inputs: unknown role(s) {unknown}; roles are {', '.join(TOKENIZER_ROLES)}")
+    by_name = {spec.name: spec for spec in inputs}
+    names: dict[str, str] = {}
+    for role, name in fed.items():
+        spec = by_name.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise ArtifactError(f"{where}.inputs.{role}: {name!r} is not one of the declared inputs {list(by_name)}")
+        if spec.datatype not in TOKEN_DATATYPES or len(spec.shape) != 2 or spec.shape[0] != -1:
+            raise ArtifactError(
+                f"{where}.inputs.{role}: input {name!r} must be INT32 or INT64 of shape [-1, -1] or [-1, N], got "
+                f"{spec.datatype} {list(spec.shape)}"
+            )
+        if name in names.values():
+            raise ArtifactError(f"{where}.inputs: input {name!r} takes two roles")
+        names[TOKENIZER_ROLES[role]] = name
+    if text in by_name:
+        raise ArtifactError(f"{where}.text: {text!r} is already a declared input; name the text input apart")
+    return TokenizerSpec(file=file, text=text, max_length=max_length, pad_id=pad_id, **names)
+
+
 FORMS = ("eager", "compiled")
 
 
@@ -174,6 +268,15 @@ def assess_manifest(manifest: Any) -> list[str]:
         elif isinstance(manifest.get("files"), Mapping) and compiled["file"] not in manifest["files"]:
             problems.append(f"files: does not list the compiled package {compiled['file']!r}")
     problems += _assess_fastest(manifest.get("fastest"), has_compiled=compiled is not None)
+    tokenizer = manifest.get("tokenizer")
+    if tokenizer is not None:
+        try:
+            spec = build_tokenizer_spec(tokenizer, build_tensor_specs(manifest.get("inputs"), "inputs"))
+        except ArtifactError as exc:
+            problems.append(str(exc))
+        else:
+            if spec is not None and isinstance(manifest.get("files"), Mapping) and spec.file not in manifest["files"]:
+                problems.append(f"files: does not list the tokenizer file {spec.file!r}")
     problems += _assess_quantization(manifest.get("quantization", []))
     files = manifest.get("files")
     if files is not None:
@@ -276,10 +379,12 @@ def load_verified_manifest(path: str | os.PathLike[str], *, expected_digest: str
     files = manifest.get("files")
     if files is None:
         files = {}
-        for name in [manifest["weights"]]:
+        tokenizer = manifest.get("tokenizer")
+        for name in [manifest["weights"], *([tokenizer["file"]] if tokenizer else [])]:
             file_path = directory / name
             if not file_path.is_file():
-                raise ArtifactError(f"weights file {name} is missing from {directory}")
+                what = "weights" if name == manifest["weights"] else "tokenizer"
+                raise ArtifactError(f"{what} file {name} is missing from {directory}")
             sha, size = fetch_file_sha256(file_path)
             files[name] = {"sha256": sha, "bytes": size}
         manifest["files"] = files

@@ -103,8 +103,13 @@ def write_model_files(
     compile_inputs: Sequence[Any] | None = None,
     compile_max_batch: int = 1024,
     compile_max_autotune: bool = False,
+    tokenizer: Mapping[str, Any] | None = None,
+    tokenizer_source: Path | None = None,
 ) -> dict[str, Any]:
     """Write a factory-kind model (weights + manifest) into an existing directory; returns the manifest.
+
+    `tokenizer` (the manifest's declaration, `manifests.TokenizerSpec`) with `tokenizer_source` (the tokenizer file
+    to copy in under the declared name) makes a model that takes text; the file is listed in `files`.
 
     With `compile_inputs` (example input tensors) an AOTInductor package of `module` is added (`compiled`).
 
@@ -138,11 +143,32 @@ def write_model_files(
         "files": {weights_name: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}},
         "metadata": dict(metadata or {}),
     }
+    if tokenizer is not None:
+        manifest.update(write_tokenizer_file(directory, tokenizer, tokenizer_source, manifest["inputs"],
+                                             manifest["files"]))
     manifest = _finish_manifest(directory, manifest)
     if compile_inputs is not None:
         manifest = add_compiled_package(directory, manifest, module, compile_inputs, max_batch=compile_max_batch,
                                         max_autotune=compile_max_autotune)
     return manifest
+
+
+def write_tokenizer_file(
+    directory: Path, tokenizer: Mapping[str, Any], source: Path | None, inputs: Sequence[Any],
+    files: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Copy the tokenizer file into `directory` under its declared name; returns the manifest fields to update
+    (`tokenizer`, normalised with its defaults written out, and `files` with the file). Raises ArtifactError for a
+    declaration that does not fit the inputs or a missing source file."""
+    spec = manifests.build_tokenizer_spec(tokenizer, manifests.build_tensor_specs(list(inputs), "inputs"))
+    assert spec is not None
+    if source is None or not Path(source).is_file():
+        raise ArtifactError(f"tokenizer file {source} (for {spec.file!r}) is missing")
+    if spec.file in files:
+        raise ArtifactError(f"tokenizer.file {spec.file!r} clashes with another file of the model directory")
+    shutil.copyfile(source, directory / spec.file)
+    sha, size = manifests.fetch_file_sha256(directory / spec.file)
+    return {"tokenizer": spec.to_dict(), "files": {**files, spec.file: {"sha256": sha, "bytes": size}}}
 
 
 def add_compiled_package(
@@ -250,8 +276,11 @@ def save_model(
     metadata: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, bytes] | None = None,
     overwrite: bool = False,
+    tokenizer: Mapping[str, Any] | None = None,
+    tokenizer_source: Path | None = None,
 ) -> dict[str, Any]:
     """Atomically write a factory-kind model directory at `path`; returns the manifest (with `digest`).
+    `tokenizer` + `tokenizer_source`: a model that takes text (`write_model_files`).
 
     `extra_files` (e.g. a report) are written alongside, inside the same atomic rename, and are not part of
     the digest.
@@ -268,6 +297,8 @@ def save_model(
             encoding=encoding,
             quantization=quantization,
             metadata=metadata,
+            tokenizer=tokenizer,
+            tokenizer_source=tokenizer_source,
         )
         for file_name, blob in (extra_files or {}).items():
             if not manifests.is_plain_file_name(file_name) or file_name in manifest["files"]:

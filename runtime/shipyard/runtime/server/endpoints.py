@@ -13,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import orjson
 import prometheus_client
 
 from shipyard import contract
-from shipyard.runtime import batching, faults, httpproto, metrics, oip
+from shipyard.runtime import batching, faults, httpproto, metrics, oip, openaiproto
 from shipyard.runtime.server import settings
 
 log = logging.getLogger("shipyard.runtime.server")
@@ -32,7 +32,7 @@ SERVER_VERSION = "0.1.0"
 RETRY_AFTER = b"retry-after: 1\r\n"
 
 # Route kinds and the methods they accept.
-LIVE, READY, SERVER_META, MODEL_META, MODEL_READY, INFER, METRICS, UNMATCHED = (
+LIVE, READY, SERVER_META, MODEL_META, MODEL_READY, INFER, METRICS, UNMATCHED, EMBEDDINGS = (
     "live",
     "ready",
     "server_meta",
@@ -41,6 +41,7 @@ LIVE, READY, SERVER_META, MODEL_META, MODEL_READY, INFER, METRICS, UNMATCHED = (
     "infer",
     "metrics",
     "unmatched",
+    "embeddings",
 )
 ALLOWED_METHODS = {
     LIVE: ("GET",),
@@ -50,12 +51,14 @@ ALLOWED_METHODS = {
     MODEL_READY: ("GET",),
     INFER: ("POST",),
     METRICS: ("GET",),
+    EMBEDDINGS: ("POST",),
 }
 _STATIC_ROUTES = {
     contract.PATH_LIVE: (contract.PATH_LIVE, LIVE),
     contract.PATH_READY: (contract.PATH_READY, READY),
     contract.PATH_METRICS: (contract.PATH_METRICS, METRICS),
     "/v2": ("/v2", SERVER_META),
+    openaiproto.PATH: (openaiproto.PATH, EMBEDDINGS),
 }
 
 
@@ -110,6 +113,37 @@ class InferContext:
         self.started = request.started
 
 
+class EmbeddingsContext:
+    """A `POST /v1/embeddings` request's place in the batcher: its answer is an OpenAI document."""
+
+    __slots__ = ("app", "conn", "request", "started", "parsed", "tokens")
+
+    def __init__(self, app: App, conn: httpproto.Connection, request: httpproto.Request) -> None:
+        self.app = app
+        self.conn = conn
+        self.request = request
+        self.started = request.started
+        self.parsed: openaiproto.EmbeddingsRequest | None = None
+        self.tokens = 0
+
+    def deliver(self, result: batching.JobResult) -> None:
+        parsed = self.parsed
+        assert parsed is not None
+        if isinstance(result, list):
+            try:
+                body = openaiproto.build_embeddings_response(
+                    parsed.model, result[0], parsed.encoding_format, parsed.dimensions, self.tokens
+                )
+            except openaiproto.OpenAIError as error:
+                self.app.answer_openai(self, error.status, openaiproto.build_error_body(error))
+                return
+            self.app.answer_openai(self, 200, body)
+            return
+        failure = result if isinstance(result, BaseException) else oip.ModelFailure("no result")
+        mapped = openaiproto.build_openai_error(failure)
+        self.app.answer_openai(self, mapped.status, openaiproto.build_error_body(mapped))
+
+
 class ForeignContext(Protocol):
     """The context of a job another front end submitted (`App.submit`, e.g. gRPC): it answers its own client."""
 
@@ -133,14 +167,17 @@ class App:
         self.state = LOADING
         self.ready = False
         self.not_ready_reason = "the model is loading"
-        self.inputs: list[oip.TensorSpecLike] = []
+        self.inputs: list[oip.TensorSpecLike] = []  # what the metadata lists (with text in, the text input too)
         self.outputs: list[oip.TensorSpecLike] = []
+        self.text: Any = None  # textinput.TextInput when the model takes text
+        self.embeddings_problem: str | None = "the model is loading"  # why /v1/embeddings is not served
         self.batcher: batching.Batcher | None = None
         self.inflight_infer = 0
         self._inflight_jobs: dict[batching.Job, None] = {}  # insertion (= arrival) order, for timeouts
         self._routes: dict[bytes, Route] = {}
         self._metadata_body = b""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.readiness_listeners: list[Callable[[bool], None]] = []  # called with `ready` whenever it changes
         self._sweeper: asyncio.TimerHandle | None = None
 
     # -- lifecycle
@@ -155,9 +192,14 @@ class App:
         inputs: Sequence[oip.TensorSpecLike],
         outputs: Sequence[oip.TensorSpecLike],
         batcher: batching.Batcher,
+        text: Any = None,
     ) -> None:
-        self.inputs = list(inputs)
+        """Serve: `inputs`/`outputs` as the model declares them; `text` (a textinput.TextInput) when it takes text,
+        whose served inputs (the declared ones and the text input) the metadata then lists."""
+        self.text = text
+        self.inputs = list(inputs) if text is None else list(text.served_inputs)
         self.outputs = list(outputs)
+        self.embeddings_problem = openaiproto.assess_embedding_model(text is not None, self.outputs)
         self.batcher = batcher
         self._metadata_body = orjson.dumps(
             oip.build_model_metadata(self.model_name, self.model_version, self.inputs, self.outputs)
@@ -165,12 +207,16 @@ class App:
         self.state = SERVING
         self.ready = True
         self.metrics.model_ready.set(1)
+        for listener in self.readiness_listeners:
+            listener(True)
 
     def set_draining(self) -> None:
         self.state = DRAINING if self.batcher is not None else self.state
         self.ready = False
         self.not_ready_reason = "the server is shutting down"
         self.metrics.model_ready.set(0)
+        for listener in self.readiness_listeners:
+            listener(False)
 
     def stop(self) -> None:
         if self._sweeper is not None:
@@ -196,6 +242,9 @@ class App:
         kind = route.kind
         if kind == INFER and request.method == "POST":
             self._infer(conn, request, route)
+            return
+        if kind == EMBEDDINGS and request.method == "POST":
+            self._embeddings(conn, request)
             return
         try:
             if kind == UNMATCHED:
@@ -264,7 +313,11 @@ class App:
             batcher = self.batcher
             if batcher is None:
                 raise oip.NotReady(self.not_ready_reason)
-            parsed = oip.build_infer_request(request.body, self.inputs, self.outputs, request.inference_header)
+            text = self.text
+            if text is None:
+                parsed = oip.build_infer_request(request.body, self.inputs, self.outputs, request.inference_header)
+            else:
+                parsed = text.build_infer_request(request.body, request.inference_header, self.outputs)
             if self.faults.should_fail():
                 raise oip.InjectedFault("injected fault (fault injection is on)")
             job = batching.Job(parsed, context)
@@ -277,6 +330,61 @@ class App:
             self._finish(context, 500, oip.build_error_body(f"internal server error: {type(error).__name__}"))
             return
         self._inflight_jobs[job] = None
+
+    def _embeddings(self, conn: httpproto.Connection, request: httpproto.Request) -> None:
+        """`POST /v1/embeddings`: tokenized, then queued in the same batcher as inference requests."""
+        self.inflight_infer += 1
+        self.metrics.inflight.inc()
+        context = EmbeddingsContext(self, conn, request)
+        try:
+            parsed = openaiproto.build_embeddings_request(request.body)
+            context.parsed = parsed
+            if parsed.model != self.model_name:
+                raise openaiproto.OpenAIError(404, f"The model {parsed.model!r} does not exist; this server serves "
+                                                   f"{self.model_name!r}", param="model", code="model_not_found")
+            batcher = self.batcher
+            if batcher is None:
+                raise oip.NotReady(self.not_ready_reason)
+            if self.embeddings_problem is not None:
+                raise openaiproto.OpenAIError(
+                    404, f"The model {parsed.model!r} does not serve embeddings: {self.embeddings_problem}",
+                    param="model", code="model_not_found")
+            text = self.text
+            if parsed.texts is not None:
+                infer_request, context.tokens = text.build_model_request(parsed.texts, [])
+            else:
+                assert parsed.token_ids is not None
+                infer_request, context.tokens = text.build_token_request(parsed.token_ids)
+            if self.faults.should_fail():
+                raise oip.InjectedFault("injected fault (fault injection is on)")
+            job = batching.Job(infer_request, context)
+            batcher.submit(job)
+        except Exception as error:
+            known: Exception = error
+            if not isinstance(error, oip.ServingError | openaiproto.OpenAIError):
+                log.exception("Failed to handle an embeddings request")
+                known = oip.ModelFailure(f"internal server error: {type(error).__name__}")
+            failure = openaiproto.build_openai_error(known)
+            self.answer_openai(context, failure.status, openaiproto.build_error_body(failure))
+            return
+        self._inflight_jobs[job] = None
+
+    def answer_openai(self, context: EmbeddingsContext, status: int, body: bytes) -> None:
+        """Answer an embeddings request (after the injected latency, if any); counted as protocol "openai"."""
+        delay = self.faults.config.extra_latency_s
+        if delay > 0 and self._loop is not None:
+            self._loop.call_later(delay, self._send_openai, context, status, body)
+        else:
+            self._send_openai(context, status, body)
+
+    def _send_openai(self, context: EmbeddingsContext, status: int, body: bytes) -> None:
+        request = context.request
+        elapsed = time.perf_counter() - request.started
+        self.metrics.observe_protocol_request(contract.PROTOCOL_OPENAI, status, elapsed)
+        self.metrics.observe_http(request.method, openaiproto.PATH, status, elapsed)
+        self.metrics.inflight.dec()
+        self.inflight_infer -= 1
+        context.conn.respond(request, status, body, httpproto.JSON, RETRY_AFTER if status == 503 else b"")
 
     def submit(
         self, request: oip.InferRequest, context: ForeignContext, model: str, version: str | None

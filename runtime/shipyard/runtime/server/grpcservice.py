@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 from tritonclient.grpc import service_pb2
 
-from shipyard.runtime import batching, grpcproto, oip
+from shipyard.runtime import batching, grpcproto, oip, textinput
 from shipyard.runtime.server import endpoints, settings
 
 log = logging.getLogger("shipyard.runtime.server")
@@ -136,7 +136,13 @@ class InferenceService:
         job: batching.Job | None = None
         try:
             try:
-                parsed = grpcproto.build_grpc_infer_request(request, app.inputs, app.outputs)
+                text = app.text
+                if text is None:
+                    parsed = grpcproto.build_grpc_infer_request(request, app.inputs, app.outputs)
+                elif textinput.plan_text_request([item.name for item in request.inputs], text.name):
+                    parsed = text.convert(grpcproto.build_grpc_infer_request(request, text.text_specs, app.outputs))
+                else:
+                    parsed = grpcproto.build_grpc_infer_request(request, text.model_inputs, app.outputs)
                 future: asyncio.Future[batching.JobResult] = asyncio.get_running_loop().create_future()
                 job = app.submit(parsed, GrpcContext(future, started), request.model_name,
                                  request.model_version or None)
@@ -182,6 +188,26 @@ class InferenceService:
             await context.abort(grpcproto.build_grpc_code(oip.build_error_status(error)), str(error))
 
 
+def add_health_service(server: aio.Server, app: endpoints.App) -> Any:
+    """The standard `grpc.health.v1.Health` service (grpcio-health-checking) on the gRPC server: SERVING for the
+    server as a whole ("") and for inference.GRPCInferenceService while the model is ready, NOT_SERVING while it
+    loads and once it drains, so that a Kubernetes gRPC probe (`grpc: {port}`) follows readiness."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    status = health_pb2.HealthCheckResponse
+
+    def follow(ready: bool) -> None:
+        value = status.SERVING if ready else status.NOT_SERVING
+        for service in ("", SERVICE):
+            asyncio.ensure_future(servicer.set(service, value))
+
+    follow(app.ready)
+    app.readiness_listeners.append(follow)
+    return servicer
+
+
 async def apply_grpc_server(app: endpoints.App, config: settings.ServerConfig) -> tuple[aio.Server, int]:
     """Start the gRPC server on the running loop; returns it and the port it listens on."""
     assert config.grpc_port is not None
@@ -195,6 +221,7 @@ async def apply_grpc_server(app: endpoints.App, config: settings.ServerConfig) -
         maximum_concurrent_rpcs=max(64, config.max_queue * 2),
     )
     server.add_generic_rpc_handlers((InferenceService(app).build_handler(),))
+    add_health_service(server, app)
     host = config.host
     address = f"[{host}]:{config.grpc_port}" if ":" in host else f"{host}:{config.grpc_port}"
     port = server.add_insecure_port(address)

@@ -77,15 +77,19 @@ class Server:
         app.start(loop)
         connections = self.connections
         connections.start(loop)
-        server = await loop.create_server(
-            lambda: httpproto.Connection(app, connections, config.max_payload_bytes),
-            config.host,
-            config.port,
-            reuse_address=True,
-            backlog=2048,
-        )
-        self.port = server.sockets[0].getsockname()[1]
-        log.info("Listened on %s:%d; liveness is up, readiness waits for the model", config.host, self.port)
+        server: Any = _NoServer()
+        if config.http:
+            server = await loop.create_server(
+                lambda: httpproto.Connection(app, connections, config.max_payload_bytes),
+                config.host,
+                config.port,
+                reuse_address=True,
+                backlog=2048,
+            )
+            self.port = server.sockets[0].getsockname()[1]
+            log.info("Listened on %s:%d; liveness is up, readiness waits for the model", config.host, self.port)
+        else:
+            log.info("Did not listen for HTTP (--http off): the gRPC port alone serves, without /metrics")
         if config.grpc_port is not None:
             from shipyard.runtime.server import grpcservice  # grpcio only when gRPC is on
 
@@ -169,7 +173,7 @@ class Server:
         if any(device.startswith("cuda") for device in loaded.devices):
             devices = loaded.devices
             self.metrics.register_gpu(lambda: engine.fetch_gpu_stats(devices))
-        app.set_serving(loaded.model.inputs, loaded.model.outputs, batcher)
+        app.set_serving(loaded.model.inputs, loaded.model.outputs, batcher, loaded.text)
 
     async def _drain(self, server: asyncio.AbstractServer) -> int:
         config = self.config
@@ -218,6 +222,13 @@ class Server:
     async def _stop_grpc(self, grace: float) -> None:
         if self._grpc is not None:
             await self._grpc.stop(grace)
+
+
+class _NoServer:
+    """Stands for the HTTP listener with --http off: nothing to close."""
+
+    def close(self) -> None:
+        pass
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

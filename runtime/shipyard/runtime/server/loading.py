@@ -117,6 +117,7 @@ class LoadedWorkers:
     threads: int
     batch_limit: int = 0  # rows a batch is filled up to (<= max batch size); 0 = the max batch size
     timings: dict[int, float] = field(default_factory=dict)  # first device: seconds per forward pass by batch size
+    text: Any = None  # textinput.TextInput when the manifest declares a tokenizer (text in), else None
 
 
 def apply_load(
@@ -173,10 +174,21 @@ def apply_load(
         for worker in workers:
             worker.stop()
         raise errors[0]
+    from shipyard.runtime import textinput
+
+    try:
+        text = textinput.load_text_input(models[devices[0]])
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
+    if text is not None:
+        log.info("Loaded tokenizer %s: input %r (BYTES) feeds %s, up to %d tokens a text", text.spec.file, text.name,
+                 list(text.spec.fed_inputs), text.spec.max_length)
     first = timings.get(devices[0], {})
     limit = batching.plan_batch_limit(first, config.max_batch_size)
     if first:
         figures = ", ".join(f"{size}: {size / spent:.0f}" for size, spent in sorted(first.items()))
         log.info("Timed the model on %s at batch sizes up to %d (rows/s: %s); batches fill up to %d rows",
                  devices[0], config.max_batch_size, figures, limit)  # fmt: skip
-    return LoadedWorkers(models[devices[0]], workers, devices, threads, limit, first)
+    return LoadedWorkers(models[devices[0]], workers, devices, threads, limit, first, text)

@@ -26,6 +26,7 @@ DEFAULT_GRACE_PERIOD_S = 30.0
 UNVERSIONED = "unknown"
 COMPILED_MODES = ("auto", "on", "off")
 BATCH_SIZING_MODES = ("measured", "max")
+HTTP_MODES = ("on", "off")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ServerConfig:
     host: str = "0.0.0.0"
     port: int = contract.SERVING_PORT
     grpc_port: int | None = None  # the gRPC front end's port (0: any free one); None: no gRPC
+    http: bool = True  # False (--http off): no REST listener at all; the gRPC port alone serves (and no /metrics)
     model_name: str = ""
     model_version: str = UNVERSIONED
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
@@ -86,6 +88,14 @@ def _pick_compiled(flag: str | None, env: Mapping[str, str]) -> str:
     return raw
 
 
+def plan_http(flag: str | None, env: Mapping[str, str]) -> bool:
+    """Whether the REST front end listens: `--http` over the environment's SHIPYARD_HTTP (on | off), on by default."""
+    raw = flag if flag is not None else env.get(contract.ENV_HTTP, "").strip().lower() or "on"
+    if raw not in HTTP_MODES:
+        raise ConfigError(f"environment variable {contract.ENV_HTTP}={raw!r} is not one of {', '.join(HTTP_MODES)}")
+    return raw == "on"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{contract.RUNTIME_COMMAND} {contract.SERVE_SUBCOMMAND}",
@@ -108,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve inference.GRPCInferenceService (KServe V2 / Triton gRPC) on this port (0: any free one); "
         "default: off",
     )
+    add("--http", choices=HTTP_MODES, default=None,
+        help=f"on (default) | off: no REST listener (and no /metrics), the --grpc-port alone serves (env "
+        f"{contract.ENV_HTTP})")
     add(
         "--model-name",
         help=f"OIP model name (env {contract.ENV_MODEL_NAME}; default: the artifact folder name)",
@@ -201,6 +214,7 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> ServerConfig:
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,
+        http=plan_http(args.http, env),
         model_name=model_name,
         model_version=model_version,
         max_batch_size=pick(args.max_batch_size, contract.ENV_MAX_BATCH_SIZE, int, DEFAULT_MAX_BATCH_SIZE),
@@ -237,6 +251,7 @@ def assess_config(config: ServerConfig) -> ServerConfig:
             config.grpc_port is None or config.grpc_port == 0 or config.grpc_port != config.port,
             "--grpc-port must differ from --port",
         ),
+        (config.http or config.grpc_port is not None, "--http off needs --grpc-port (nothing else would serve)"),
         (config.max_batch_size >= 1, f"max batch size must be >= 1 ({contract.ENV_MAX_BATCH_SIZE})"),
         (config.max_delay_ms >= 0, f"max delay must be >= 0 ms ({contract.ENV_MAX_DELAY_MS})"),
         (config.max_queue >= 1, "--max-queue must be >= 1"),
