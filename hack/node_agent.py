@@ -37,8 +37,8 @@ What it does, like a kubelet and kube-proxy on one machine:
 Why not EndpointSlices for the proxy: the API server rejects loopback addresses in EndpointSlices, so the agent
 balances over its own view of the pods (the one it reports), updated at once on readiness and deletion.
 Traffic goes only to 127.0.0.0/8. Not supported (the pod fails with a message): init containers, exec probes.
-Probes: httpGet, tcpSocket and grpc (grpc.health.v1). A container without a command runs its image's ENTRYPOINT and CMD
-from the catalogue.
+Probes: httpGet, tcpSocket and grpc (grpc.health.v1); preStop hooks: sleep. A container without a command runs its
+image's ENTRYPOINT and CMD from the catalogue, as the image's USER when the pod sets no runAsUser.
 """
 
 from __future__ import annotations
@@ -919,8 +919,17 @@ class PodWorker:
 
     # -- termination
     async def _stop_container(self, c: ContainerRun, grace_s: float) -> None:
-        # SIGTERM, SIGKILL after the grace period; anything the container left in its process group goes with it.
-        if c.proc is not None and await proc.stop_async(c.proc, grace_s):
+        # The preStop hook first (sleep only: exec and httpGet hooks are not supported), within the grace period, while
+        # the proxy already sends the pod no new connection; then SIGTERM, SIGKILL after what is left of the grace
+        # period; anything the container left in its process group goes with it.
+        sleep_s = float((((c.spec.get("lifecycle") or {}).get("preStop") or {}).get("sleep") or {}).get("seconds", 0))
+        if c.proc is not None and c.proc.returncode is None and grace_s > 0 and sleep_s > 0:
+            hook_s = min(sleep_s, grace_s)
+            log.info("Running the preStop hook of %s/%s: sleep %.0f s", self.key, c.name, hook_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(c.proc.wait()), hook_s)
+            grace_s -= hook_s
+        if c.proc is not None and await proc.stop_async(c.proc, max(grace_s, 0.0)):
             log.warning("Killed container %s/%s after its grace period of %.0f s", self.key, c.name, grace_s)
 
     async def _stop_all(self, grace_s: float) -> None:

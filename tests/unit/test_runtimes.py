@@ -207,7 +207,7 @@ def test_batching_does_not_reach_a_runtime() -> None:
 @pytest.mark.parametrize(("grpc", "command_tail", "ports", "probe"), [
     pytest.param({}, ["--grpc-port", "9000"], {"http": 8080, "grpc": 9000},
                  {"httpGet": {"path": contract.PATH_READY, "port": "http"}}, id="http-and-grpc"),
-    pytest.param({"http": False}, ["--grpc-port", "9000", contract.SERVE_NO_HTTP_FLAG], {"grpc": 9000},
+    pytest.param({"http": False}, ["--grpc-port", "9000", *contract.SERVE_HTTP_OFF_ARGS], {"grpc": 9000},
                  {"grpc": {"port": 9000}}, id="grpc-only-native-grpc-probes"),
 ])
 def test_grpc_of_the_shipyard_server(grpc: dict[str, Any], command_tail: list[str], ports: dict[str, int],

@@ -54,9 +54,8 @@ GRPC_PORT_NAME = "grpc"
 METRICS_PORT_NAME = "metrics"  # a runtime's metrics port, where it is not its http port
 GRPC_APP_PROTOCOL = "kubernetes.io/h2c"  # a Service port's appProtocol for gRPC (HTTP/2 without TLS)
 SERVE_GRPC_PORT_FLAG = "--grpc-port"
-# `serve` without its HTTP front end (gRPC only; probes then use grpc.health.v1). Provisional name: aligned with the
-# server's flag at merge.
-SERVE_NO_HTTP_FLAG = "--no-http"
+# `serve` without its HTTP front end (gRPC only; probes then use grpc.health.v1): the server's --http flag (or ENV_HTTP)
+SERVE_HTTP_OFF_ARGS = ("--http", "off")
 PATH_LIVE = "/v2/health/live"
 PATH_READY = "/v2/health/ready"
 PATH_METRICS = "/metrics"

@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from shipyard import contract
 from shipyard.contract import quantity
@@ -274,7 +274,7 @@ def _build_shipyard_container(md: spec_mod.ModelDeployment, version: str, image:
         if http:
             ports.append(grpc_port)
         else:
-            command.append(contract.SERVE_NO_HTTP_FLAG)
+            command += contract.SERVE_HTTP_OFF_ARGS
             ports = [grpc_port]
     timings = _probe_timings(spec)
     probes: dict[str, Any]
@@ -322,6 +322,9 @@ def build_runtime_ports(resolved: runtimes.ResolvedRuntime) -> list[dict[str, An
     return ports
 
 
+RUNTIME_DRAIN_SECONDS: Final = 5  # the preStop sleep of another runtime's container (the server's drain propagation)
+
+
 def _build_runtime_container(md: spec_mod.ModelDeployment, runtime: runtimes.Runtime, version: str, image: str,
                              artifact_path: str | None) -> dict[str, Any]:
     """Another runtime's container: its command, args, env and ports (the preset's, overridden by the spec's), the
@@ -355,6 +358,10 @@ def _build_runtime_container(md: spec_mod.ModelDeployment, runtime: runtimes.Run
                           **timings["livenessProbe"]},
         "startupProbe": {**_build_runtime_probe(resolved.probes.get("startup"), resolved),
                          **timings["startupProbe"]},
+        # Third-party servers stop at SIGTERM without draining (TorchServe drops the requests in flight): the preStop
+        # sleep keeps the server answering while its removal from the Service's endpoints propagates, as Shipyard's
+        # own server does in-process after SIGTERM.
+        "lifecycle": {"preStop": {"sleep": {"seconds": RUNTIME_DRAIN_SECONDS}}},
         # Servers write logs and caches under their home: the root filesystem stays writable, privileges dropped.
         "securityContext": {**_container_security(), "readOnlyRootFilesystem": False},
         "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
