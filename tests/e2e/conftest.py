@@ -34,6 +34,7 @@ import pytest
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.generic_resource import create_namespaced_resource
 
+from shipyard.operator import naming
 from tests import stack
 from tests.integration.conftest import Cluster, install_crds, wait_until
 
@@ -85,6 +86,23 @@ class E2E:
         assert body["status"] == "success", body
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
+
+
+def compression_job(e2e: E2E, name: str) -> dict[str, Any] | None:
+    """The compression Job of ModelDeployment `name` in the namespace of `e2e`, None before there is one."""
+    out = e2e.cluster.kubectl("get", "jobs", "-n", e2e.namespace, "-l",
+                              f"{naming.LABEL_MODEL}={name},{naming.LABEL_COMPONENT}=compression", "-o", "json")
+    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
+    return items[0] if items else None
+
+
+def job_outcome(e2e: E2E, name: str) -> str | None:
+    """Complete or Failed once Job `name` has finished, else None."""
+    job = e2e.cluster.get("job", name, e2e.namespace)
+    for c in (job or {}).get("status", {}).get("conditions") or []:
+        if c["type"] in ("Complete", "Failed") and c["status"] == "True":
+            return str(c["type"])
+    return None
 
 
 @pytest.fixture(scope="package")

@@ -25,10 +25,9 @@ from typing import Any
 
 import pytest
 
-from shipyard.operator import naming
 from tests import stack
 from tests.e2e import manifests
-from tests.e2e.conftest import E2E
+from tests.e2e.conftest import E2E, compression_job, job_outcome
 from tests.integration.conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
@@ -52,24 +51,9 @@ def delete_namespace(e2e: E2E) -> None:
     e2e.cluster.kubectl("delete", "namespace", e2e.namespace, "--wait=false", check=False)
 
 
-def job_of(e2e: E2E, name: str) -> dict[str, Any] | None:
-    out = e2e.cluster.kubectl("get", "jobs", "-n", e2e.namespace, "-l",
-                              f"{naming.LABEL_MODEL}={name},{naming.LABEL_COMPONENT}=compression", "-o", "json")
-    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
-    return items[0] if items else None
-
-
-def job_outcome(e2e: E2E, name: str) -> str | None:
-    job = e2e.cluster.get("job", name, e2e.namespace)
-    for c in (job or {}).get("status", {}).get("conditions") or []:
-        if c["type"] in ("Complete", "Failed") and c["status"] == "True":
-            return str(c["type"])
-    return None
-
-
 def job_message(e2e: E2E, name: str) -> str:
     """The termination message of the compression Job's succeeded pod (its one-line summary)."""
-    job = job_of(e2e, name)
+    job = compression_job(e2e, name)
     assert job is not None
     out = e2e.cluster.kubectl("get", "pods", "-n", e2e.namespace, "-l", f"job-name={job['metadata']['name']}",
                               "-o", "json")
@@ -100,7 +84,7 @@ def ready(e2e: E2E, name: str) -> dict[str, Any] | None:
 def compress_and_serve(e2e: E2E, name: str, job_timeout: float, ready_timeout: float) -> dict[str, float]:
     """Waits for the compression Job and then for the ModelDeployment to be Ready; their durations (s)."""
     started = time.time()
-    job = wait_until(lambda: job_of(e2e, name), timeout=60, message=f"the compression Job of {name}")
+    job = wait_until(lambda: compression_job(e2e, name), timeout=60, message=f"the compression Job of {name}")
     job_name = job["metadata"]["name"]
     outcome = wait_until(lambda: job_outcome(e2e, job_name), timeout=job_timeout, interval=1,
                          message=f"Job {job_name} to finish")

@@ -31,7 +31,7 @@ from shipyard.operator import naming
 from shipyard.operator.planning import build_canary_replicas
 from tests import stack
 from tests.e2e import loadgen, manifests
-from tests.e2e.conftest import E2E, RESULTS, SERVICE_IP_PREFIX
+from tests.e2e.conftest import E2E, RESULTS, SERVICE_IP_PREFIX, compression_job, job_outcome
 from tests.integration.conftest import wait_until
 from tests.integration.test_kstatus import compute as compute_kstatus  # cli-utils' kstatus library (Go)
 
@@ -236,9 +236,9 @@ def test_1_compression_job_runs_torch_and_pods_serve_correct_predictions(e2e: E2
         e2e.cluster.apply(obj)
     apply_md(e2e, V1)
 
-    job = wait_until(lambda: _compression_job(e2e), timeout=60, message="the compression Job")
+    job = wait_until(lambda: compression_job(e2e, MODEL), timeout=60, message="the compression Job")
     job_name = job["metadata"]["name"]
-    done = wait_until(lambda: _job_finished(e2e, job_name), timeout=600, interval=1,
+    done = wait_until(lambda: job_outcome(e2e, job_name), timeout=600, interval=1,
                       message=f"Job {job_name} to finish")
     compressed = time.time()
     assert done == "Complete", _describe_job_pods(e2e, job_name)
@@ -602,21 +602,6 @@ def test_5_inaccurate_tag_is_rolled_back_by_its_accuracy_job_while_its_error_rat
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-
-
-def _compression_job(e2e: E2E) -> dict[str, Any] | None:
-    out = e2e.cluster.kubectl("get", "jobs", "-n", e2e.namespace, "-l",
-                              f"{naming.LABEL_MODEL}={MODEL},{naming.LABEL_COMPONENT}=compression", "-o", "json")
-    items: list[dict[str, Any]] = json.loads(out.stdout)["items"]
-    return items[0] if items else None
-
-
-def _job_finished(e2e: E2E, name: str) -> str | None:
-    job = e2e.cluster.get("job", name, e2e.namespace)
-    for c in (job or {}).get("status", {}).get("conditions") or []:
-        if c["type"] in ("Complete", "Failed") and c["status"] == "True":
-            return str(c["type"])
-    return None
 
 
 def _describe_job_pods(e2e: E2E, job: str) -> str:

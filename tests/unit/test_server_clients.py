@@ -15,11 +15,8 @@ from __future__ import annotations
 import asyncio
 import http.client
 import os
-import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +35,7 @@ from tritonclient.utils import InferenceServerException
 
 from shipyard.runtime import models
 from shipyard.runtime.artifacts import store
+from tests import serverproc
 
 MODEL = "digits"
 VERSION = "1.4.0"
@@ -67,45 +65,22 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                      factory_kwargs={"hidden": [32, 16]},
                      inputs=[{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
                      outputs=[{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}])
-    command = [sys.executable, "-m", "shipyard.runtime.cli", "serve", "--artifact", str(path), "--host", "127.0.0.1",
-               "--port", "0", "--model-version", VERSION, "--threads", "1", "--drain-propagation-s", "0",
-               "--warmup-iterations", "1", "--grpc-port", "0", "--max-payload-bytes", str(MAX_PAYLOAD)]
-    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    ports: dict[str, int] = {}
-    listening = threading.Event()
-
-    def pump() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            log.append(line.rstrip())
-            match = re.search(r"Listened on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                ports["http"] = int(match.group(1))
-            match = re.search(r"Listened for gRPC .* on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                ports["grpc"] = int(match.group(1))
-                listening.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    server = serverproc.start_server(
+        ["--artifact", str(path), "--host", "127.0.0.1", "--port", "0", "--model-version", VERSION, "--threads", "1",
+         "--drain-propagation-s", "0", "--warmup-iterations", "1", "--grpc-port", "0",
+         "--max-payload-bytes", str(MAX_PAYLOAD)])
     try:
-        assert listening.wait(120), "\n".join(log)
-        served = Served(process, ports["http"], ports["grpc"], log, module)
+        assert server.listening.wait(120), server.output()
+        served = Served(server.process, server.ports["http"], server.ports["grpc"], server.log, module)
         client = triton_http.InferenceServerClient(f"127.0.0.1:{served.http_port}")
         deadline = time.monotonic() + 120
         while not client.is_server_ready():
-            assert process.poll() is None and time.monotonic() < deadline, "\n".join(log)
+            assert server.process.poll() is None and time.monotonic() < deadline, server.output()
             time.sleep(0.05)
         client.close()
         yield served
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+        server.stop()
 
 
 @pytest.fixture

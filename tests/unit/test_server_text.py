@@ -10,12 +10,8 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +32,7 @@ from tritonclient.utils import InferenceServerException
 from shipyard.runtime import datasets, models, oip, openaiproto, textinput
 from shipyard.runtime.artifacts import ArtifactError, manifests, store
 from shipyard.runtime.server import settings
+from tests import serverproc
 
 MODEL = "minilm-text"
 TOKEN_INPUTS = (
@@ -262,45 +259,18 @@ class Served:
 
 
 def _start(path: Path, extra: list[str], wait_ready: bool = True) -> Served:
-    command = [sys.executable, "-m", "shipyard.runtime.cli", "serve", "--artifact", str(path), "--host", "127.0.0.1",
-               "--model-name", MODEL, "--threads", "1", "--drain-propagation-s", "0", "--warmup-iterations", "1",
-               "--max-batch-size", "4", "--batch-sizing", "max", "--grpc-port", "0", *extra]
-    process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-                               stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
-    ports: dict[str, int] = {}
-    events = {"listening": threading.Event(), "ready": threading.Event()}
-
-    def pump() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            log.append(line.rstrip())
-            match = re.search(r"Listened on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                ports["http"] = int(match.group(1))
-            match = re.search(r"Listened for gRPC .* on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                ports["grpc"] = int(match.group(1))
-                events["listening"].set()
-            if "Became ready" in line:
-                events["ready"].set()
-        events["ready"].set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    assert events["listening"].wait(180), "\n".join(log)
+    server = serverproc.start_server(
+        ["--artifact", str(path), "--host", "127.0.0.1", "--model-name", MODEL, "--threads", "1",
+         "--drain-propagation-s", "0", "--warmup-iterations", "1", "--max-batch-size", "4", "--batch-sizing", "max",
+         "--grpc-port", "0", *extra], env={"TOKENIZERS_PARALLELISM": "false"})
+    assert server.listening.wait(180), server.output()
     if wait_ready:
-        assert events["ready"].wait(300) and process.poll() is None, "\n".join(log)
-    return Served(process, ports.get("http"), ports["grpc"], log, torch.nn.Identity())
+        assert server.ready.wait(300) and server.process.poll() is None, server.output()
+    return Served(server.process, server.ports.get("http"), server.ports["grpc"], server.log, torch.nn.Identity())
 
 
 def _stop(served: Served) -> None:
-    if served.process.poll() is None:
-        served.process.send_signal(signal.SIGTERM)
-        try:
-            served.process.wait(30)
-        except subprocess.TimeoutExpired:
-            served.process.kill()
-            served.process.wait(10)
+    serverproc.ServerProcess(served.process).stop()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar, Final, Literal, TypeAlias
 
 from shipyard import contract
@@ -196,15 +196,10 @@ class BuiltinBackend:
             value, error = await prometheus.query_prometheus(env, address, query)
             return analysis.Sample(value=value, query=query, error=error)
         names = build_mapped_names(mapping)
-        scraped = await scrape.query_snapshots(env, request, lambda sample, labels: sample in names)
         what = (f"{metric} of {', '.join(sorted(names))} (the runtime's metrics at {request.metrics_path} of "
                 f"{deployment}'s pods)")
-        query = scrape.build_description(request, what, scraped, windowed=True,
-                                         first_note=" since the pods started (first scrape)")
-        if scraped is None:
-            return analysis.Sample(value=None, query=query)
-        increase = scrape.build_series_increase(scraped.before, scraped.current)
-        return analysis.Sample(value=build_mapped_value(mapping, increase), query=query)
+        return await _scrape_increase(request, env, lambda sample, labels: sample in names, what,
+                                      lambda increase: build_mapped_value(mapping, increase))
 
     async def _scrape(self, metric: Builtin, request: base.MeasurementRequest, env: base.Env) -> analysis.Sample:
         model, version = request.model, request.version
@@ -214,17 +209,25 @@ class BuiltinBackend:
             return (sample in names and labels.get(contract.LABEL_MODEL) == model
                     and labels.get(contract.LABEL_VERSION) == version)
 
-        scraped = await scrape.query_snapshots(env, request, wanted)
         labels = prometheus.build_selector({contract.LABEL_MODEL: model, contract.LABEL_VERSION: version})
         what = (f"5xx share of {contract.METRIC_REQUESTS_TOTAL}{labels}" if metric == "errorRate" else
                 f"p99 of {contract.METRIC_REQUEST_DURATION}{labels}")
-        query = scrape.build_description(request, what, scraped, windowed=True,
-                                         first_note=" since the pods started (first scrape)")
-        if scraped is None:
-            return analysis.Sample(value=None, query=query)
-        increase = scrape.build_series_increase(scraped.before, scraped.current)
-        value = scrape.build_error_rate(increase) if metric == "errorRate" else scrape.build_latency_quantile(increase)
-        return analysis.Sample(value=value, query=query)
+        compute = scrape.build_error_rate if metric == "errorRate" else scrape.build_latency_quantile
+        return await _scrape_increase(request, env, wanted, what, compute)
+
+
+async def _scrape_increase(request: base.MeasurementRequest, env: base.Env,
+                           wanted: Callable[[str, Mapping[str, str]], bool], what: str,
+                           compute: Callable[[Mapping[scrape.SeriesKey, float]], float | None]) -> analysis.Sample:
+    """A windowed builtin scraped from the version's pods: ``compute`` over the increase of the ``wanted`` series
+    since the previous snapshot (the pods' lifetime so far at the first); no snapshot is no data."""
+    scraped = await scrape.query_snapshots(env, request, wanted)
+    query = scrape.build_description(request, what, scraped, windowed=True,
+                                     first_note=" since the pods started (first scrape)")
+    if scraped is None:
+        return analysis.Sample(value=None, query=query)
+    increase = scrape.build_series_increase(scraped.before, scraped.current)
+    return analysis.Sample(value=compute(increase), query=query)
 
 
 BACKEND: Final = BuiltinBackend()
