@@ -105,6 +105,17 @@ def job_outcome(e2e: E2E, name: str) -> str | None:
     return None
 
 
+def record(name: str, **fields: Any) -> dict[str, Any]:
+    """Adds a scenario's results (timings, requests per version, facts, outcome) to RESULTS; dicts are merged."""
+    scenario: dict[str, Any] = RESULTS["scenarios"].setdefault(name, {"outcome": "failed"})
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(scenario.get(key), dict):
+            scenario[key].update(value)
+        else:
+            scenario[key] = value
+    return scenario
+
+
 @pytest.fixture(scope="package")
 def e2e() -> Iterator[E2E]:
     stack.check_host(prometheus=True)

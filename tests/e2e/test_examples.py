@@ -27,7 +27,7 @@ import pytest
 
 from tests import stack
 from tests.e2e import manifests
-from tests.e2e.conftest import E2E, compression_job, job_outcome
+from tests.e2e.conftest import E2E, compression_job, job_outcome, record
 from tests.integration.conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
@@ -104,17 +104,6 @@ def post_json(port: int, path: str, body: dict[str, Any]) -> tuple[int, dict[str
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, {"raw": error.read()[:500].decode(errors="replace")}
-
-
-def record(name: str, **fields: Any) -> None:
-    from tests.e2e.conftest import RESULTS
-
-    scenario: dict[str, Any] = RESULTS["scenarios"].setdefault(name, {"outcome": "failed"})
-    for key, value in fields.items():
-        if isinstance(value, dict) and isinstance(scenario.get(key), dict):
-            scenario[key].update(value)
-        else:
-            scenario[key] = value
 
 
 # ---------------------------------------------------------------------------------------------------- scenarios

@@ -31,7 +31,7 @@ from shipyard.operator import naming
 from shipyard.operator.planning import build_canary_replicas
 from tests import stack
 from tests.e2e import loadgen, manifests
-from tests.e2e.conftest import E2E, RESULTS, SERVICE_IP_PREFIX, compression_job, job_outcome
+from tests.e2e.conftest import E2E, SERVICE_IP_PREFIX, compression_job, job_outcome, record
 from tests.integration.conftest import wait_until
 from tests.integration.test_kstatus import compute as compute_kstatus  # cli-utils' kstatus library (Go)
 
@@ -65,16 +65,6 @@ def load_digits_eval() -> tuple[list[list[float]], list[int]]:
 
 
 SAMPLES, LABELS = load_digits_eval()
-
-
-def record(name: str, **fields: Any) -> dict[str, Any]:
-    scenario: dict[str, Any] = RESULTS["scenarios"].setdefault(name, {"outcome": "failed"})
-    for key, value in fields.items():
-        if isinstance(value, dict) and isinstance(scenario.get(key), dict):
-            scenario[key].update(value)
-        else:
-            scenario[key] = value
-    return scenario
 
 
 def apply_md(e2e: E2E, tag: str) -> None:

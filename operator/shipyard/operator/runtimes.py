@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Final, Literal, TypeAlias
+from typing import Annotated, Any, Final, Literal, TypeAlias
 
 from pydantic import Field
 
@@ -301,23 +301,24 @@ class ResolvedRuntime:
         return "http" if "http" in self.ports else "grpc"
 
 
+def _overlay(base: Mapping[Any, Any], override: object | None, names: tuple[str, ...]) -> dict[Any, Any]:
+    """``base`` with each of ``names`` that ``override`` sets (not None) replaced by its value. Pure."""
+    out = dict(base)
+    for name in names:
+        value = getattr(override, name, None)
+        if value is not None:
+            out[name] = value
+    return out
+
+
 def resolve_runtime(runtime: Runtime) -> ResolvedRuntime:
     """The runtime with its preset's values under every field it leaves unset. Pure."""
     preset = PRESET_SPECS[runtime.preset] if runtime.preset is not None else None
-    ports: dict[PortName, int] = dict(preset.ports) if preset else {}
-    if runtime.ports is not None:
-        for name in ("http", "grpc", "metrics"):
-            value = getattr(runtime.ports, name)
-            if value is not None:
-                ports[name] = value
+    ports: dict[PortName, int] = _overlay(preset.ports if preset else {}, runtime.ports, ("http", "grpc", "metrics"))
     if "metrics" not in ports and "http" in ports:
         ports["metrics"] = ports["http"]
-    probes: dict[str, Probe] = dict(preset.probes) if preset else {}
-    if runtime.probes is not None:
-        for kind in ("readiness", "liveness", "startup"):
-            probe = getattr(runtime.probes, kind)
-            if probe is not None:
-                probes[kind] = probe
+    probes: dict[str, Probe] = _overlay(preset.probes if preset else {}, runtime.probes,
+                                        ("readiness", "liveness", "startup"))
     if "readiness" in probes:
         probes.setdefault("liveness", probes["readiness"])
     if "liveness" in probes:
