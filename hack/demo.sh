@@ -173,5 +173,7 @@ hint "kubectl get pods -n $ns -o wide" "real processes on node local-0 (pod IPs 
 hint "cat $state/agent/services.json" "the Service's local port PORT; then e.g."
 hint ".venv/bin/python -m tests.e2e.loadgen --port PORT --seconds 30" "20 requests/s, answers counted per version"
 hint "ls $state/agent/logs/" "each container's output"
+hint "kubectl apply -n $ns -f examples/torchserve.yaml" "the digits model on TorchServe, same canary and rollback"
+hint "kubectl apply -n $ns -f examples/recommender.yaml" "the recommender example (its own compression Job)"
 echo "  # requests per version and status code in Prometheus:"
 echo "  $prometheus/graph?g0.expr=sum%20by%20(version,code)(rate(shipyard_requests_total[1m]))"
