@@ -7,7 +7,9 @@
    and answers OpenAI's client on ``/v1/embeddings``;
 8. examples/torchserve.yaml: TorchServe (Java frontend, Python workers) as the runtime; a good tag is promoted
    through its canary steps, a bad tag (its handler fails half of its batches with a 5xx) is rolled back on
-   TorchServe's own request metrics.
+   TorchServe's own request metrics;
+9. Shipyard's server with gRPC only (``spec.serving.grpc.http: false``): its pods become Ready on Kubernetes' gRPC
+   probes (grpc.health.v1), the Service exposes port grpc (h2c) alone, and Triton's gRPC client infers through it.
 
 Each scenario deletes its namespace at the end, so that the pods of one do not load the machine under the next.
 """
@@ -305,5 +307,57 @@ def test_8_torchserve_runtime_canary_promoted_then_bad_tag_rolled_back_on_its_ow
             "rollback": f"{status_['phase']}: {status_.get('message')}",
         })
         assert not good_failed, good_failed[:3]
+    finally:
+        delete_namespace(scoped)
+
+
+def test_9_grpc_only_pods_are_probed_over_grpc_and_answer_tritons_client_through_the_service(e2e: E2E) -> None:
+    name = "9 gRPC only: probes and Service"
+    import numpy as np
+    import tritonclient.grpc as triton_grpc
+
+    from tests.e2e.test_rollout import LABELS, SAMPLES
+
+    scoped = in_namespace(e2e, "e2e-grpc")
+    md = {"apiVersion": "shipyard.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "digits-grpc"},
+          "spec": {"image": f"{manifests.IMAGE_REPOSITORY}:1.0.0",
+                   "model": {"path": "/models/digits", "name": "digits"},
+                   "serving": {"replicas": 2, "grpc": {"port": 9000, "http": False},
+                               "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}}
+    try:
+        started = time.time()
+        scoped.cluster.apply(md, scoped.namespace)
+        wait_until(lambda: ready(scoped, "digits-grpc"), timeout=300, interval=1,
+                   message=f"digits-grpc to become Ready\n{pod_logs(scoped, 'digits-grpc')[-3000:]}")
+        became_ready = time.time()
+        deployment = scoped.cluster.get("deployment", "digits-grpc-1-0-0", scoped.namespace)
+        assert deployment is not None
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["readinessProbe"]["grpc"]["port"] == 9000, container["readinessProbe"]
+        assert [p["name"] for p in container["ports"]] == ["grpc"]
+        service = scoped.cluster.get("service", "digits-grpc", scoped.namespace)
+        assert service is not None
+        assert [(p["name"], p["port"], p.get("appProtocol")) for p in service["spec"]["ports"]] == [
+            ("grpc", 9000, "kubernetes.io/h2c")]
+
+        # Triton's gRPC client through the Service proxy: ready, metadata, an inference of 50 digits.
+        client = triton_grpc.InferenceServerClient(f"127.0.0.1:{scoped.service_port('digits-grpc', 'grpc')}")
+        try:
+            assert client.is_server_ready() and client.is_model_ready("digits")
+            metadata = client.get_model_metadata("digits", as_json=True)
+            (first,) = metadata["inputs"]
+            rows = np.asarray(SAMPLES[:50], dtype=np.float32)
+            tensor = triton_grpc.InferInput(first["name"], list(rows.shape), "FP32")
+            tensor.set_data_from_numpy(rows)
+            result = client.infer("digits", [tensor])
+            logits = result.as_numpy(metadata["outputs"][0]["name"])
+            assert result.get_response(as_json=True)["model_version"] == "1.0.0"
+        finally:
+            client.close()
+        accuracy = float(np.mean(np.argmax(logits, axis=1) == np.asarray(LABELS[:50])))
+        assert accuracy >= 0.9, accuracy
+        record(name, outcome="passed", timings={"apply -> Ready on gRPC probes (s)": round(became_ready - started, 1)},
+               facts={"Service ports": "grpc 9000 (h2c), no http",
+                      "Triton gRPC client, 50 eval digits via the Service": f"accuracy {accuracy:.2f}"})
     finally:
         delete_namespace(scoped)
