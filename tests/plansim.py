@@ -65,6 +65,8 @@ class Sim:
         self.jobs: dict[str, observed.JobView] = {}
         self.config_maps: dict[str, str] = {}
         self.services: dict[str, str] = {}  # name -> spec hash
+        self.selectors: dict[str, dict[str, str]] = {}  # Service name -> its selector
+        self.min_serving: int | None = None  # the fewest ready pods the model's Service selected after any write
         self.broken: set[str] = set()  # versions whose pods never become ready
         self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
         self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
@@ -148,6 +150,8 @@ class Sim:
                 self._note_peak()
             elif kind == "Service":
                 self.services[name] = objects.spec_hash_of(obj)
+                self.selectors[name] = dict(obj["spec"]["selector"])
+                self._note_peak()
             elif kind == "ConfigMap":
                 self.config_maps[name] = objects.spec_hash_of(obj)
             elif kind == "Job":
@@ -174,6 +178,7 @@ class Sim:
                 self.config_maps.pop(name, None)
             elif kind == "Service":
                 self.services.pop(name, None)
+                self.selectors.pop(name, None)
         for version, view in lagged.items():
             if version in self.deployments and version not in self._catching_up:
                 self.deployments[version] = view
@@ -192,6 +197,22 @@ class Sim:
 
     def _note_peak(self) -> None:
         self.peak_replicas = max(self.peak_replicas, sum(self.replicas().values()))
+        serving = self.serving_ready()
+        if serving is not None:
+            self.min_serving = serving if self.min_serving is None else min(self.min_serving, serving)
+
+    def selected_versions(self, service: str = "digits") -> set[str] | None:
+        """The versions a Service's selector picks (None: no such Service)."""
+        selector = self.selectors.get(service)
+        if selector is None:
+            return None
+        wanted = selector.get(naming.LABEL_VERSION)
+        return {v for v in self.deployments if wanted is None or naming.build_label_value(v) == wanted}
+
+    def serving_ready(self, service: str = "digits") -> int | None:
+        """Ready pods behind a Service now (None: no such Service)."""
+        versions = self.selected_versions(service)
+        return None if versions is None else sum(self.deployments[v].ready_replicas for v in versions)
 
     def run(self, until: Callable[[Sim], bool], max_passes: int = 200) -> Sim:
         for _ in range(max_passes):

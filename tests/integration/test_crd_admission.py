@@ -86,6 +86,10 @@ VALID_VARIANTS = [
                  id="mode-off-any-serving-batch"),
     pytest.param(["spec", "compression", "compiled"], {"mode": "auto", "maxBatchSize": 16},
                  id="mode-auto-serves-eager-above-the-package-batch"),
+    pytest.param(["spec", "rollout"], {"strategy": "blueGreen", "scaleDownDelaySeconds": 120, "blueGreen": {
+        "autoPromotion": False, "postPromotionAnalysis": {"metrics": [
+            {"name": "error-rate", "builtin": "errorRate", "max": 0.05}]}}}, id="blue-green"),
+    pytest.param(["spec", "rollout", "scaleDownDelaySeconds"], 600, id="canary-rollback-window"),
 ]
 
 
@@ -127,6 +131,7 @@ def test_defaults_are_applied_and_read_back(cluster: Any, namespace: str) -> Non
         "serving": {"replicas": 1, "batching": {"maxBatchSize": 32, "maxDelayMs": 5}, "port": 8080},
         "rollout": {
             "steps": [{"weight": 50, "manual": False}],
+            "strategy": "canary",
             "startupTimeoutSeconds": 900,
             "analysis": {
                 "interval": "30s", "initialDelay": "0s", "failureLimit": 1, "consecutiveErrorLimit": 4,
@@ -255,6 +260,14 @@ INVALID = [
                  id="unknown-field"),
     pytest.param(["spec", "serving", "gpus"], 1, ".spec.serving.gpus", "field not declared in schema",
                  id="unknown-nested-field"),
+    pytest.param(["spec", "rollout"], {"strategy": "blueGreen", "steps": [{"weight": 50}]}, "spec.rollout.steps",
+                 "blue-green (spec.rollout.strategy blueGreen) has none", id="blue-green-with-canary-steps"),
+    pytest.param(["spec", "rollout"], {"blueGreen": {"autoPromotion": False}}, "spec.rollout.blueGreen",
+                 "only allowed with strategy blueGreen", id="blue-green-settings-on-a-canary"),
+    pytest.param(["spec", "rollout", "strategy"], "redBlack", "spec.rollout.strategy", "Unsupported value",
+                 id="unknown-strategy"),
+    pytest.param(["spec", "rollout", "scaleDownDelaySeconds"], -1, "spec.rollout.scaleDownDelaySeconds",
+                 "should be greater than or equal to 0", id="negative-scale-down-delay"),
 ]
 
 

@@ -120,13 +120,13 @@ def test_analysis_success_is_needed_before_promotion() -> None:
 def test_failing_analysis_rolls_back_and_gitops_reapply_does_not_loop() -> None:
     sim = stable_sim(rollout={"steps": STEPS, "analysis": ANALYSIS})
     sim.measure = lambda version, now: 0.5 if version == "1.1.0" else 0.0
-    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    sim.run(lambda s: s.status.get("phase") == "RolledBack").step()  # scaled down once the Service switched
     assert sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
     assert sim.status["stableVersion"] == "1.0.0" and "candidateVersion" not in sim.status
     assert sim.condition("Stalled") == ("True", "AnalysisFailed")
     assert sim.condition("Ready")[0] == "False"
     assert sim.history()[-1] == ("1.1.0", "RolledBack")
-    assert sim.plans[-1].rollbacks == 1
+    assert sum(p.rollbacks for p in sim.plans) == 1
     assert sim.status["analysis"]["phase"] == "Failed"
     assert sim.measured == 2  # failureLimit 1: the second failure decides
     # A GitOps tool applies the same manifest again and again: nothing restarts.
@@ -142,7 +142,7 @@ def test_failing_analysis_rolls_back_and_gitops_reapply_does_not_loop() -> None:
 def test_a_failed_version_is_retried_only_when_asked(how: str) -> None:
     sim = stable_sim(rollout={"analysis": ANALYSIS})
     sim.measure = lambda version, now: 0.5
-    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    sim.run(lambda s: s.status.get("phase") == "RolledBack").step()  # scaled down once the Service switched
     sim.measure = good
     if how == "spec-retry":
         sim.set_spec(retry=1)
@@ -218,7 +218,7 @@ def test_a_provider_outage_holds_the_step_until_it_answers_again(
 def test_a_candidate_never_ready_times_out_and_rolls_back() -> None:
     sim = stable_sim(rollout={"steps": STEPS, "startupTimeoutSeconds": 30})
     sim.broken.add("1.1.0")
-    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    sim.run(lambda s: s.status.get("phase") == "RolledBack").step()  # scaled down once the Service switched
     assert sim.condition("Stalled") == ("True", "StartupTimeout")
     assert sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
     assert 30 <= (sim.now - T0).total_seconds() <= 60
@@ -295,7 +295,7 @@ def test_analysis_keeps_measuring_while_the_next_steps_pods_start() -> None:
     sim.run(lambda s: s.status.get("currentStepIndex") == 1)
     assert sim.status.get("stepReadyAt") is None
     measured, bad["now"] = sim.measured, True
-    sim.run(lambda s: s.status.get("phase") == "RolledBack", max_passes=20)  # 100 s, well before startup timeout
+    sim.run(lambda s: s.status.get("phase") == "RolledBack", max_passes=20).step()  # 100 s, before startup timeout
     assert sim.measured > measured
     assert "error-rate" in sim.status["message"] and sim.status.get("stepReadyAt") is None
     assert sim.replicas()["1.1.0"] == 0 and sim.replicas()["1.0.0"] == 4
@@ -352,7 +352,7 @@ def test_gpu_rollout_with_one_spare_pod_never_exceeds_it() -> None:
     serving = {"replicas": 4, "resources": {"limits": {"nvidia.com/gpu": "2"}}}
     sim = stable_sim(serving=serving, rollout={"steps": [{"weight": 25}, {"weight": 75}], "maxSurgeGPUs": 3})
     sim.peak_replicas = 0
-    sim.run(lambda s: s.status.get("stableVersion") == "1.1.0" and not s.plans[-1].scale)
+    sim.run(lambda s: s.status.get("stableVersion") == "1.1.0" and not s.plans[-1].scale and not s.plans[-1].apply)
     assert sim.peak_replicas <= 5  # 3 spare GPUs = one spare pod of 2 GPUs
     assert sim.replicas() == {"1.0.0": 0, "1.1.0": 4}
 
@@ -720,7 +720,7 @@ def test_a_failing_job_metric_rolls_the_candidate_back(outcome: tuple[str, str, 
                                                         message: str) -> None:
     sim = stable_sim(rollout={"steps": STEPS, "analysis": JOB_ANALYSIS})
     sim.analysis_outcome = lambda version: outcome
-    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    sim.run(lambda s: s.status.get("phase") == "RolledBack").step()  # scaled down once the Service switched
     assert sim.condition("Stalled") == ("True", "AnalysisFailed")
     assert sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
     metric = next(m for m in sim.plans[-1].status["analysis"]["metrics"] if m["name"] == "accuracy")

@@ -524,7 +524,7 @@ def test_a_runtime_never_ready_times_out_and_rolls_back() -> None:
     assert sim.status["phase"] == "Healthy"
     sim.set_spec(image="registry.example/acme/digits-model:1.1.0")
     sim.broken.add("1.1.0")
-    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    sim.run(lambda s: s.status.get("phase") == "RolledBack").step()  # scaled down once the Service switched
     assert sim.condition("Stalled") == ("True", "StartupTimeout")
     assert sim.replicas() == {"1.0.0": 4, "1.1.0": 0}
     assert sim.history()[-1] == ("1.1.0", "RolledBack")

@@ -234,7 +234,7 @@ async def _missing_pvc(op: Operator, md: spec_mod.ModelDeployment, status: Mappi
 async def _measure(op: Operator, md: spec_mod.ModelDeployment, status: Mapping[str, Any], now: datetime.datetime,
                    namespace: str, name: str) -> dict[str, Any] | None:
     request = planning.plan_measurement(md, status, now)
-    analysis_spec = md.spec.rollout.analysis
+    analysis_spec = planning.build_active_analysis(md.spec, int(status.get("currentStepIndex") or 0))
     if request is None or analysis_spec is None:
         return None
     pods: list[dict[str, Any]] = []

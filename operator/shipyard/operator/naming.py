@@ -61,6 +61,11 @@ def build_service_name(model: str) -> str:
     return build_name(model)
 
 
+def build_preview_service_name(model: str) -> str:
+    """The blue-green preview Service: the candidate before the switch."""
+    return build_name(model, "preview")
+
+
 def build_selector_labels(model: str) -> dict[str, str]:
     """Labels shared by every serving pod of a model: the Service selects on these."""
     return {LABEL_MODEL: build_label_value(model), LABEL_COMPONENT: "serving"}

@@ -472,17 +472,35 @@ def build_version_service(meta: Meta, version: str, port: int,
     })
 
 
-def build_service(meta: Meta, port: int, ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One Service over every serving pod of the model: traffic splits between versions by ready replicas.
+def build_service(meta: Meta, port: int, ports: list[dict[str, Any]] | None = None,
+                  version: str | None = None) -> dict[str, Any]:
+    """The model's Service. ``version`` None: every serving pod of the model (a canary's traffic splits between
+    versions by ready replicas); a version: that version's pods only (at rest, and blue-green's active version).
     ``ports``: ``build_service_ports`` (default: http at ``port``)."""
+    selector = (naming.build_selector_labels(meta.name) if version is None
+                else naming.build_version_labels(meta.name, version))
     return _with_hash({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": build_object_meta(meta, naming.build_service_name(meta.name),
                                       naming.build_selector_labels(meta.name)),
         "spec": {
-            "selector": naming.build_selector_labels(meta.name),
+            "selector": selector,
             "ports": ports or [{"name": contract.SERVING_PORT_NAME, "port": port,
                                 "targetPort": contract.SERVING_PORT_NAME, "protocol": "TCP"}],
         },
+    })
+
+
+def build_preview_service(meta: Meta, version: str, ports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Blue-green's preview Service (<name>-preview): the candidate's pods only, from the moment they are Ready until
+    the switch, for smoke tests and job metrics."""
+    labels = naming.build_version_labels(meta.name, version)
+    return _with_hash({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": build_object_meta(meta, naming.build_preview_service_name(meta.name),
+                                      {**naming.build_selector_labels(meta.name), naming.LABEL_VERSION:
+                                       naming.build_label_value(version)}),
+        "spec": {"selector": labels, "ports": ports},
     })

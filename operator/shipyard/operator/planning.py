@@ -164,6 +164,18 @@ def plan_step_replicas(total: int, canary: int, candidate_ready: int, surge: int
     return min(canary, max(candidate_now, total + surge - stable_now)), stable
 
 
+def plan_canary_replicas(spec: spec_mod.ModelDeploymentSpec, canary: int, candidate_ready: int,
+                         now: tuple[int, int]) -> tuple[int, int]:
+    """(candidate, stable) replicas of a canary step (``plan_step_replicas``); with a rollback window
+    (spec.rollout.scaleDownDelaySeconds) a step to every replica does not scale the stable down: what it has then is
+    what the window keeps warm after the promotion (within the GPU surge budget). Pure."""
+    total = spec.serving.replicas
+    candidate, stable = plan_step_replicas(total, canary, candidate_ready, build_surge_pods(spec), now)
+    if canary >= total and spec.rollout.effective_scale_down_delay > 0:
+        stable = max(stable, plan_window_replicas(spec, now[1]))
+    return candidate, stable
+
+
 def plan_invalid(meta: Meta, previous: Mapping[str, Any], message: str, now: datetime.datetime,
                  reason: Reason = Reason.INVALID_SPEC) -> Plan:
     """What the schema could not reject (or a child the API server refused): Stalled with the message, and nothing
@@ -205,6 +217,8 @@ class _State:
     artifacts: list[dict[str, Any]]
     analysis: dict[str, Any] | None
     controls: dict[str, str]
+    window: dict[str, Any] | None = None  # status.rollbackWindow
+    restoring: dict[str, Any] | None = None  # status.restoring
     phase: Phase = Phase.PROGRESSING
     message: str = ""
     stalled_reason: str | None = None
@@ -253,6 +267,8 @@ def _load_state(previous: Mapping[str, Any]) -> _State:
         artifacts=[dict(a) for a in previous.get("artifacts") or []],
         analysis=dict(previous["analysis"]) if isinstance(previous.get("analysis"), Mapping) else None,
         controls={k: str(v) for k, v in (previous.get("controls") or {}).items() if v is not None},
+        window=dict(previous["rollbackWindow"]) if isinstance(previous.get("rollbackWindow"), Mapping) else None,
+        restoring=dict(previous["restoring"]) if isinstance(previous.get("restoring"), Mapping) else None,
         previous_phase=previous.get("phase"),
         previous_paused=previous.get("pausedReason"),
         previous_stalled=next((c.get("reason") for c in previous.get("conditions") or []
@@ -288,9 +304,23 @@ def plan_volume_checks(md: spec_mod.ModelDeployment, status: Mapping[str, Any]) 
     return tuple(dict.fromkeys(claims))
 
 
+def build_switched(spec: spec_mod.ModelDeploymentSpec, step: int) -> bool:
+    """Blue-green: whether the candidate at ``step`` is the active version already (step 1: switched, under its
+    post-promotion analysis; step 0: behind the preview Service)."""
+    return spec.rollout.strategy == "blueGreen" and step >= 1
+
+
+def build_active_analysis(spec: spec_mod.ModelDeploymentSpec, step: int) -> spec_mod.Analysis | None:
+    """The analysis the candidate is under at ``step``: spec.rollout.analysis (canary steps, blue-green before the
+    switch), or after a blue-green switch spec.rollout.blueGreen.postPromotionAnalysis. Pure."""
+    if build_switched(spec, step):
+        return spec.rollout.post_promotion_analysis
+    return spec.rollout.analysis
+
+
 def plan_analysis_gate(md: spec_mod.ModelDeployment, candidate: str | None, stable: str | None,
                        step_ready: datetime.datetime | None, status_analysis: Mapping[str, Any] | None,
-                       ) -> AnalysisGate | None:
+                       step: int = 0) -> AnalysisGate | None:
     """Whether the spec's version is under analysis now, since when, and its analysis so far. Pure.
 
     From the candidate's first ready step until it is promoted or fails. Between steps (the next step's pods
@@ -298,7 +328,7 @@ def plan_analysis_gate(md: spec_mod.ModelDeployment, candidate: str | None, stab
     failure must not wait for the new pods' startup. The model's first version (no stable) is not analysed.
     """
     spec = md.spec
-    if spec.rollout.analysis is None or candidate is None or candidate != spec.version or stable is None:
+    if build_active_analysis(spec, step) is None or candidate is None or candidate != spec.version or stable is None:
         return None
     prior = status_analysis if status_analysis is not None and status_analysis.get("version") == candidate else None
     if step_ready is None and prior is None:
@@ -312,15 +342,17 @@ def plan_analysis_gate(md: spec_mod.ModelDeployment, candidate: str | None, stab
 def plan_measurement(md: spec_mod.ModelDeployment, status: Mapping[str, Any],
                      now: datetime.datetime) -> MeasureRequest | None:
     """The pulled metrics due for a measurement now (the shell measures them before planning); None: none."""
-    if status.get("phase") not in (Phase.PROGRESSING, Phase.PAUSED) or md.spec.rollout.analysis is None:
+    step = int(status.get("currentStepIndex") or 0)
+    spec_analysis = build_active_analysis(md.spec, step)
+    if status.get("phase") not in (Phase.PROGRESSING, Phase.PAUSED) or spec_analysis is None:
         return None
     status_analysis = status.get("analysis") if isinstance(status.get("analysis"), Mapping) else None
     gate = plan_analysis_gate(md, status.get("candidateVersion"), status.get("stableVersion"),
-                              parse_time(status.get("stepReadyAt")), status_analysis)
+                              parse_time(status.get("stepReadyAt")), status_analysis, step)
     if gate is None:
         return None
-    due, _ = analysis.plan_due(gate.prior, md.spec.rollout.analysis, gate.started, now)
-    pulled = {m.name for m in providers.plan_pulled(md.spec.rollout.analysis)}
+    due, _ = analysis.plan_due(gate.prior, spec_analysis, gate.started, now)
+    pulled = {m.name for m in providers.plan_pulled(spec_analysis)}
     names = tuple(n for n in due if n in pulled)
     if not names:
         return None
@@ -357,6 +389,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     desired: dict[str, int] = {}  # replicas per version; the target is applied in full, the others scaled
 
     _handle_rollback_to(md, st, observed, now)
+    restoring = st.restoring is not None and _plan_restoring(md, st, observed, desired, now)
 
     # A retry token (annotation) retries a failed target once per new value.
     blocked = assess_blocked(st.history, image, spec.retry) if target != st.stable else None
@@ -390,7 +423,9 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     if compression_state == "failed":
         blocked = assess_blocked(st.history, image, spec.retry)
 
-    if target == st.stable and st.candidate is None:
+    if restoring:
+        pass
+    elif target == st.stable and st.candidate is None:
         _plan_steady(md, st, observed, desired)
     elif blocked is not None:
         _plan_blocked(md, st, observed, desired, blocked)
@@ -398,8 +433,11 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         _plan_waiting_for_artifact(md, st, observed, desired, compression_state)
     elif st.stable is None or st.stable not in observed.deployments:
         _plan_first(md, st, observed, desired, now)
+    elif spec.rollout.strategy == "blueGreen":
+        _plan_blue_green(md, meta, st, observed, desired, now, measurements or {}, apply)
     else:
         _plan_canary(md, meta, st, observed, desired, now, measurements or {}, apply)
+    _plan_window(md, st, observed, desired, now)
 
     _plan_analysis_children(md, meta, st, observed, apply, deletes)
 
@@ -415,6 +453,16 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
 
     _plan_transition_events(st)
 
+    service = build_service(meta, spec.serving.port, objects.build_service_ports(spec.serving),
+                            version=build_active_version(spec, st))
+    if observed.services.get(service["metadata"]["name"]) != objects.spec_hash_of(service):
+        apply.append(service)
+        # Traffic moves first: no version loses pods before the Service that may still select it has switched
+        # (the Service's watch event brings the next pass, which scales down).
+        for version, view in observed.deployments.items():
+            if version in desired and desired[version] < view.replicas:
+                desired[version] = view.replicas
+
     scales: list[tuple[str, int]] = []
     target_view = observed.deployments.get(target)
     if target in desired:
@@ -428,9 +476,6 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         # and wanted again) is only scaled: its stored hash still describes the replicas it was applied with.
         if view is not None and view.replicas != count and view.name not in applied:
             scales.append((view.name, count))
-    service = build_service(meta, spec.serving.port, objects.build_service_ports(spec.serving))
-    if observed.services.get(service["metadata"]["name"]) != objects.spec_hash_of(service):
-        apply.append(service)
 
     settled = not apply and not scales and not deletes
     if st.phase == Phase.HEALTHY and not settled:  # reported Healthy only once nothing is left to write
@@ -467,7 +512,9 @@ def _plan_transition_events(st: _State) -> None:
 
 def _handle_rollback_to(md: spec_mod.ModelDeployment, st: _State, observed: Observed,
                         now: datetime.datetime) -> None:
-    """shipyard.dev/rollback-to=<version>: that kept version becomes stable again at once."""
+    """shipyard.dev/rollback-to=<version>: that kept version becomes stable again, never leaving the model without a
+    ready pod. A warm version (inside the rollback window, or the stable itself) takes traffic at once; a cold one
+    (scaled to 0) is scaled up first while the current version keeps serving (``_plan_restoring``)."""
     wanted = md.controls.rollback_to
     if not wanted or wanted == st.controls.get("rollbackTo"):
         return
@@ -479,21 +526,114 @@ def _handle_rollback_to(md: spec_mod.ModelDeployment, st: _State, observed: Obse
             st.event("Warning", Reason.ROLLBACK_REFUSED, f"Version {wanted} is not kept (kept versions: {kept})")
         return
     spec = md.spec
+    total = spec.serving.replicas
+    if wanted == st.stable or (view.replicas >= total and view.ready >= total):
+        warm = "" if wanted == st.stable else "; it was still Ready (rollback window): no cold start"
+        _switch_back(md, st, wanted, view.image, now, f"Rolled back to version {wanted} (shipyard.dev/rollback-to)"
+                     + warm)
+        return
+    if st.candidate is not None:  # the candidate goes at once; the stable alone serves until the kept one is Ready
+        st.record(st.candidate, st.candidate_image or spec.image, Outcome.ROLLED_BACK, Reason.MANUAL_ROLLBACK,
+                  f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
+        st.candidate = st.candidate_image = None
+        st.analysis = None
+        st.paused_reason = None
+    st.window = None
+    st.restoring = {"version": wanted, "image": view.image, "since": build_timestamp(now)}
+    st.event("Normal", Reason.ROLLBACK_STARTED,
+             f"Scaling kept version {wanted} up to {total} replica(s) before moving traffic to it "
+             f"(shipyard.dev/rollback-to); version {st.stable} serves until then")
+
+
+def _switch_back(md: spec_mod.ModelDeployment, st: _State, wanted: str, image: str, now: datetime.datetime,
+                 message: str) -> None:
+    """``wanted`` (Ready at full size) becomes the stable: the model's Service selects it from this pass on; the
+    version left is marked rolled back (not rolled out again until the spec changes) and scaled down once the
+    Service has switched."""
+    spec = md.spec
     leaving = st.candidate or st.stable
-    if leaving is not None:
+    if leaving is not None and leaving != wanted:
         leaving_image = st.candidate_image if st.candidate else st.stable_image
-        # The spec's version is marked rolled back so that it is not rolled out again until the spec changes.
         st.record(leaving, leaving_image or spec.image, Outcome.ROLLED_BACK, Reason.MANUAL_ROLLBACK,
                   f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
-        if leaving != spec.version:
-            st.record(spec.version, spec.image, Outcome.ROLLED_BACK, Reason.MANUAL_ROLLBACK,
-                      f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
-    st.stable, st.stable_image = wanted, view.image
+    if spec.version != wanted and spec.version != leaving and not assess_blocked(st.history, spec.image, spec.retry):
+        st.record(spec.version, spec.image, Outcome.ROLLED_BACK, Reason.MANUAL_ROLLBACK,
+                  f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
+    st.stable, st.stable_image = wanted, image
     st.candidate = st.candidate_image = None
+    st.step, st.step_started, st.step_ready = 0, None, None
     st.analysis = None
     st.paused_reason = None
+    st.window = st.restoring = None
     st.rollbacks += 1
-    st.event("Warning", Reason.ROLLED_BACK, f"Rolled back to version {wanted} (shipyard.dev/rollback-to)")
+    st.event("Warning", Reason.ROLLED_BACK, message)
+
+
+def _plan_restoring(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int],
+                    now: datetime.datetime) -> bool:
+    """A rollback-to a cold version: it scales up to spec.serving.replicas while the current stable keeps serving
+    all traffic; once it is Ready the Service switches to it (``_switch_back``). True: this pass is decided here."""
+    assert st.restoring is not None
+    spec = md.spec
+    total = spec.serving.replicas
+    wanted = str(st.restoring.get("version"))
+    view = observed.deployments.get(wanted)
+    since = parse_time(st.restoring.get("since")) or now
+    if view is None:
+        st.restoring = None
+        st.event("Warning", Reason.ROLLBACK_REFUSED, f"Version {wanted} is not kept any more; staying on {st.stable}")
+        return False
+    if view.replicas == total and view.rolled_out and view.ready >= total:
+        waited = (now - since).total_seconds()
+        _switch_back(md, st, wanted, view.image, now,
+                     f"Rolled back to version {wanted} (shipyard.dev/rollback-to) once its {total} pod(s) were Ready "
+                     f"(cold start {waited:.1f} s)")
+        return False
+    deadline = since + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds)
+    if now >= deadline:
+        st.restoring = None
+        st.event("Warning", Reason.ROLLBACK_REFUSED,
+                 f"Version {wanted} was not Ready within startupTimeoutSeconds "
+                 f"({spec.rollout.startup_timeout_seconds} s); version {st.stable} keeps serving")
+        desired[wanted] = 0
+        return False
+    desired[wanted] = total
+    if st.stable is not None and st.stable in observed.deployments:
+        desired[st.stable] = max(total, observed.deployments[st.stable].replicas)
+    st.wake_at(deadline)
+    st.conclude(Event.RESTORING)
+    st.message = (f"Rolling back to version {wanted}: {view.ready}/{total} pod(s) ready; version {st.stable} serves "
+                  "all traffic until then")
+    return True
+
+
+def plan_window_replicas(spec: spec_mod.ModelDeploymentSpec, current: int) -> int:
+    """Pods of the previous stable kept through the rollback window: what it has now, at most spec.serving.replicas,
+    and at most what the GPU surge budget allows next to the new stable at full size. Pure."""
+    keep = min(current, spec.serving.replicas)
+    surge = build_surge_pods(spec)
+    return keep if surge is None else min(keep, surge)
+
+
+def _plan_window(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int],
+                 now: datetime.datetime) -> None:
+    """The rollback window: the previous stable keeps its pods (out of traffic) until ``until``; a new rollout, a
+    rollback or the window's end closes it, and the version is then scaled to 0 like any older one."""
+    window = st.window
+    if window is None:
+        return
+    version = str(window.get("version"))
+    until = parse_time(window.get("until"))
+    view = observed.deployments.get(version)
+    if st.candidate is not None or version == st.stable or view is None or until is None or now >= until:
+        st.window = None
+        if view is not None and version != st.stable:
+            why = f"version {st.candidate} rolls out" if st.candidate is not None else "its time is up"
+            st.event("Normal", Reason.ROLLBACK_WINDOW_CLOSED,
+                     f"Rollback window of version {version} closed ({why}): scaling it to 0")
+        return
+    desired[version] = plan_window_replicas(md.spec, view.replicas)
+    st.wake_at(until)
 
 
 def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
@@ -653,6 +793,10 @@ def _promote(md: spec_mod.ModelDeployment, st: _State, now: datetime.datetime) -
                      and a.get("phase") == "Succeeded"), None)
     st.record(spec.version, spec.image, Outcome.PROMOTED, Reason.ROLLED_OUT, "", now, spec.retry, artifact=artifact)
     st.event("Normal", Reason.PROMOTED, f"Version {spec.version} is stable and serves all traffic")
+    delay = spec.rollout.effective_scale_down_delay
+    if st.stable is not None and st.stable != spec.version and delay > 0:
+        st.window = {"version": st.stable, "image": st.stable_image,
+                     "until": build_timestamp(now + datetime.timedelta(seconds=delay))}
     st.stable, st.stable_image = spec.version, spec.image
     st.candidate = st.candidate_image = None
     st.step, st.step_started, st.step_ready, st.paused_reason = 0, None, None, None
@@ -730,17 +874,17 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     # stable back up for a moment at every step.
     cand_serving = cand_view.serving if cand_view is not None else 0
     now_replicas = (cand_view.replicas if cand_view is not None else 0, observed.deployments[st.stable].replicas)
-    cand_replicas, stable_replicas = plan_step_replicas(total, canary, cand_serving, build_surge_pods(spec),
-                                                        now_replicas)
-    desired[target] = cand_replicas
-    desired[st.stable] = stable_replicas
+    desired[target], desired[st.stable] = plan_canary_replicas(spec, canary, cand_serving, now_replicas)
     step_done_ready = cand_view is not None and cand_view.replicas == canary and cand_view.rolled_out \
         and cand_ready >= canary
 
     if promoting and step_done_ready:
+        kept = desired[st.stable]
         _promote(md, st, now)
         desired[target] = total
         desired.pop(st.stable if st.stable != target else "", None)
+        if st.window is not None:
+            desired[str(st.window["version"])] = kept
         return
 
     started = st.step_started or now
@@ -805,11 +949,155 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     st.conclude(Event.STEP_PROGRESSING)
     promoting = st.step >= len(steps)
     canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
-    desired[target], desired[st.stable] = plan_step_replicas(total, canary, cand_ready, build_surge_pods(spec),
-                                                             now_replicas)
+    desired[target], desired[st.stable] = plan_canary_replicas(spec, canary, cand_ready, now_replicas)
     st.message = (f"Promoting version {target}" if promoting else
                   f"Step {st.step + 1}/{len(steps)} of version {target}: scaling to {canary} pod(s)")
     st.wake_at(now + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds))
+
+
+def build_active_version(spec: spec_mod.ModelDeploymentSpec, st: _State) -> str | None:
+    """The version the model's Service selects (None: every version's pods, a canary's split by ready pods). Pure.
+
+    At rest the stable only, so that a kept version (the rollback window, a rollback-to scaling up) never takes
+    traffic; during a canary both; during blue-green the active one (the stable, or the candidate once switched)."""
+    if st.candidate is not None and st.stable is not None:
+        if spec.rollout.strategy != "blueGreen":
+            return None
+        return st.candidate if build_switched(spec, st.step) else st.stable
+    return st.stable
+
+
+def build_preview_version(spec: spec_mod.ModelDeploymentSpec, st: _State) -> str | None:
+    """Blue-green: the candidate the preview Service selects (while it is not the active one yet). Pure."""
+    if spec.rollout.strategy != "blueGreen" or st.candidate is None or st.stable is None:
+        return None
+    return None if build_switched(spec, st.step) else st.candidate
+
+
+def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                     desired: dict[str, int], now: datetime.datetime,
+                     measurements: Mapping[str, analysis.Measurement], apply: list[dict[str, Any]]) -> None:
+    """Blue-green: the candidate at full size behind the preview Service while the stable serves everything (step
+    0, pre-promotion analysis = spec.rollout.analysis); then the model's Service switches to it at once (step 1,
+    post-promotion analysis, the stable still at full size: a failure switches back with no cold start); promoted
+    when that analysis succeeds, the previous stable kept for spec.rollout.scaleDownDelaySeconds."""
+    spec = md.spec
+    target, total = spec.version, spec.serving.replicas
+    assert st.stable is not None
+    if st.candidate != target:
+        if st.candidate is not None:
+            st.record(st.candidate, st.candidate_image or "", Outcome.SUPERSEDED, Reason.REPLACED,
+                      f"replaced by version {target} before it was promoted", now, spec.retry)
+        st.candidate, st.candidate_image = target, spec.image
+        st.step, st.step_started, st.step_ready, st.paused_reason, st.analysis = 0, now, None, None, None
+        st.event("Normal", Reason.ROLLOUT_STARTED,
+                 f"Rolling out version {target} next to stable {st.stable} (blue-green: preview "
+                 f"{naming.build_preview_service_name(meta.name)}, then a switch of the active Service)")
+    switched = build_switched(spec, st.step)
+    cand_view = observed.deployments.get(target)
+    stable_view = observed.deployments[st.stable]
+    cand_ready = cand_view.ready if cand_view is not None else 0
+    if md.controls.abort == target and st.controls.get("abort") != target:
+        st.controls["abort"] = target
+        _fail_candidate(md, st, desired, Reason.ABORTED, "aborted by shipyard.dev/abort", now,
+                        outcome=Outcome.ABORTED)
+        return
+    promote_now = md.controls.promote == target and st.controls.get("promote") != target
+    if promote_now:
+        st.controls["promote"] = target
+        st.event("Normal", Reason.PROMOTED_MANUALLY, f"Promoting version {target} now (shipyard.dev/promote)")
+    if st.paused_reason == Reason.ANALYSIS_FAILED and not promote_now:
+        desired[target] = cand_view.replicas if cand_view else 0
+        desired[st.stable] = stable_view.replicas
+        st.conclude(Event.FAILURE_HELD)
+        st.message = (f"Version {target} failed its analysis; paused (rollback policy Manual): set "
+                      f"shipyard.dev/abort={target} or shipyard.dev/promote={target}")
+        return
+    surge = build_surge_pods(spec)
+    if surge is not None and surge < total and not switched and (cand_view is None or cand_view.replicas < total):
+        # Both versions at full size do not fit the GPU surge budget: wait, the stable untouched.
+        desired[st.stable] = max(total, stable_view.replicas)
+        if cand_view is not None:
+            desired[target] = cand_view.replicas
+        gpus = spec.serving.resources.gpus
+        message = (f"Blue-green needs {total * gpus} GPU(s) for version {target} next to the stable "
+                   f"({total} replica(s) x {gpus}); spec.rollout.maxSurgeGPUs allows {spec.rollout.max_surge_gpus}: "
+                   "raise it, or use the canary strategy")
+        if st.paused_reason != Reason.INSUFFICIENT_GPUS:
+            st.event("Warning", Reason.INSUFFICIENT_GPUS, message)
+        st.paused_reason = Reason.INSUFFICIENT_GPUS
+        st.conclude(Event.WAITING_FOR_CAPACITY)
+        st.message = message
+        return
+    if st.paused_reason == Reason.INSUFFICIENT_GPUS:
+        st.paused_reason = None
+    desired[target] = max(total, cand_view.replicas if cand_view is not None else 0)
+    desired[st.stable] = max(total, stable_view.replicas)
+    ready = cand_view is not None and cand_view.replicas >= total and cand_view.rolled_out and cand_ready >= total
+    if promote_now:
+        if not switched and ready:
+            st.step, switched = 1, True
+            st.event("Normal", Reason.SWITCHED, f"Switched the active Service to version {target}")
+        if switched:
+            _promote(md, st, now)
+            return
+    started = st.step_started or now
+    if not ready:
+        deadline = started + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds)
+        if now >= deadline and not switched:
+            _fail_candidate(md, st, desired, Reason.STARTUP_TIMEOUT,
+                            f"{cand_ready}/{total} pod(s) ready after startupTimeoutSeconds "
+                            f"({spec.rollout.startup_timeout_seconds} s)", now)
+            return
+        st.wake_at(deadline)
+    elif st.step_ready is None:
+        st.step_ready = now
+        st.event("Normal", Reason.STEP_READY, f"Version {target}: {total}/{total} pod(s) ready behind the preview "
+                                              f"Service {naming.build_preview_service_name(meta.name)}")
+    verdict = _plan_analysis(md, meta, st, observed, now, measurements, apply)
+    stage = "post-promotion analysis" if switched else "analysis"
+    if verdict is not None and verdict.phase in (analysis.Phase.FAILED, analysis.Phase.ERROR):
+        if switched and spec.rollback.policy == "Automatic":
+            st.event("Warning", Reason.SWITCHED_BACK,
+                     f"Switched the active Service back to version {st.stable}: {stage} of {target} failed")
+        _fail_candidate(md, st, desired, Reason.ANALYSIS_FAILED, f"{stage}: {verdict.message}", now)
+        return
+    if not ready:
+        st.conclude(Event.STEP_PROGRESSING)
+        st.message = (f"Version {target} (blue-green, {'active' if switched else 'preview'}): {cand_ready}/{total} "
+                      f"pod(s) ready; version {st.stable if not switched else target} serves all traffic")
+        return
+    if verdict is not None and verdict.phase is analysis.Phase.INCONCLUSIVE:
+        if st.paused_reason != Reason.ANALYSIS_INCONCLUSIVE:
+            st.event("Warning", Reason.ANALYSIS_INCONCLUSIVE, f"Version {target}: {verdict.message}")
+        st.conclude(Event.ANALYSIS_INCONCLUSIVE)
+        st.paused_reason = Reason.ANALYSIS_INCONCLUSIVE
+        st.message = f"Holding version {target} ({stage}): {verdict.message}"
+        return
+    if st.paused_reason == Reason.ANALYSIS_INCONCLUSIVE:
+        st.paused_reason = None
+    if verdict is not None and verdict.phase is not analysis.Phase.SUCCESSFUL:
+        st.conclude(Event.STEP_PROGRESSING)
+        st.message = f"Version {target} ({'active' if switched else 'preview'}): {stage}: {verdict.message}"
+        return
+    if switched:
+        _promote(md, st, now)
+        return
+    if spec.rollout.blue_green is not None and not spec.rollout.blue_green.auto_promotion:
+        st.conclude(Event.STEP_WAITING_FOR_PROMOTION)
+        st.paused_reason = Reason.MANUAL_STEP
+        st.message = (f"Version {target} is Ready behind the preview Service "
+                      f"{naming.build_preview_service_name(meta.name)}: waiting for shipyard.dev/promote={target}")
+        return
+    st.paused_reason = None
+    st.step, st.step_started, st.step_ready, st.analysis = 1, now, now, None
+    st.event("Normal", Reason.SWITCHED, f"Switched the active Service to version {target}")
+    if spec.rollout.post_promotion_analysis is None:
+        _promote(md, st, now)
+        return
+    st.conclude(Event.STEP_PROGRESSING)
+    st.message = f"Version {target} is active; post-promotion analysis running, version {st.stable} kept Ready"
+    _plan_analysis(md, meta, st, observed, now, measurements, apply)  # schedules its first measurement
 
 
 def _plan_analysis(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
@@ -820,12 +1108,12 @@ def _plan_analysis(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observe
     Pulled metrics arrive in ``measurements`` (the shell measured them); job metrics are read from their Jobs here,
     and a Job is created for each one that is due and not running yet.
     """
-    spec_analysis = md.spec.rollout.analysis
-    gate = plan_analysis_gate(md, st.candidate, st.stable, st.step_ready, st.analysis)
+    spec_analysis = build_active_analysis(md.spec, st.step)
+    gate = plan_analysis_gate(md, st.candidate, st.stable, st.step_ready, st.analysis, st.step)
     if spec_analysis is None or gate is None:
         return None
     folded = dict(measurements)
-    folded.update(_plan_child_measurements(md, meta, st, observed, gate, now, apply))
+    folded.update(_plan_child_measurements(md, meta, st, observed, gate, spec_analysis, now, apply))
     st.analysis = analysis.build_analysis_status(gate.prior, spec_analysis, md.spec.version, folded, gate.started,
                                                  now)
     _, next_due = analysis.plan_due(st.analysis, spec_analysis, gate.started, now)
@@ -834,13 +1122,11 @@ def _plan_analysis(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observe
 
 
 def _plan_child_measurements(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
-                           gate: AnalysisGate, now: datetime.datetime,
+                           gate: AnalysisGate, spec_analysis: spec_mod.Analysis, now: datetime.datetime,
                            apply: list[dict[str, Any]]) -> dict[str, analysis.Measurement]:
     """Metrics of planned providers (job): the finished child of each one's current run is its measurement; a due
     metric without a child for its run gets one (run = measurements counted so far, so a restarted operator finds
     the same child)."""
-    spec_analysis = md.spec.rollout.analysis
-    assert spec_analysis is not None
     due, _ = analysis.plan_due(gate.prior, spec_analysis, gate.started, now)
     results = {str(m.get("name")): m for m in (gate.prior or {}).get("metrics") or () if isinstance(m, Mapping)}
     out: dict[str, analysis.Measurement] = {}
@@ -868,19 +1154,24 @@ def _plan_analysis_children(md: spec_mod.ModelDeployment, meta: Meta, st: _State
     """What job metrics need besides their Jobs: a Service per version for the Job to reach the candidate (and
     compare with the stable) while a candidate is rolled out; finished analysis Jobs of earlier runs, and every
     analysis Job once its candidate is gone, are deleted."""
-    spec_analysis = md.spec.rollout.analysis
+    spec_analysis = build_active_analysis(md.spec, st.step)
     wants_services = (spec_analysis is not None and st.candidate is not None and st.candidate == md.spec.version
                       and any(providers.planned_backend(m) is not None for m in spec_analysis.metrics))
     versions = [v for v in (st.candidate, st.stable) if v is not None] if wants_services else []
     wanted = {naming.build_deployment_name(meta.name, v): v for v in versions}
     model_service = naming.build_service_name(meta.name)
-    for name, version in wanted.items():
-        service = objects.build_version_service(meta, version, md.spec.serving.port,
-                                                objects.build_service_ports(md.spec.serving))
-        if observed.services.get(name) != objects.spec_hash_of(service):
+    services = [objects.build_version_service(meta, version, md.spec.serving.port,
+                                              objects.build_service_ports(md.spec.serving))
+                for version in wanted.values()]
+    preview = build_preview_version(md.spec, st)
+    if preview is not None:  # blue-green: the candidate's own address from the start (smoke tests, job metrics)
+        services.append(objects.build_preview_service(meta, preview, objects.build_service_ports(md.spec.serving)))
+    for service in services:
+        if observed.services.get(service["metadata"]["name"]) != objects.spec_hash_of(service):
             apply.append(service)
+    keep = {model_service, *(o["metadata"]["name"] for o in services)}
     for name in observed.services:
-        if name != model_service and name not in wanted:
+        if name not in keep:
             deletes.append(("v1", "Service", name))
     current_runs = {(str(m.get("name")), analysis.build_measurement_count(m))
                     for m in (st.analysis or {}).get("metrics") or () if isinstance(m, Mapping)}
@@ -935,6 +1226,10 @@ def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous
         "currentStepIndex": st.step if st.candidate else None,
         "stepStartedAt": build_timestamp(st.step_started) if st.candidate and st.step_started else None,
         "stepReadyAt": build_timestamp(st.step_ready) if st.candidate and st.step_ready else None,
+        "activeVersion": build_active_version(spec, st),
+        "previewVersion": build_preview_version(spec, st),
+        "rollbackWindow": st.window,
+        "restoring": st.restoring,
         "pausedReason": st.paused_reason,
         "conditions": conditions,
         "history": st.history,

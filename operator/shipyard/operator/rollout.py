@@ -53,6 +53,8 @@ class Event(enum.StrEnum):
     SERVING = "Serving"  # the stable is the spec's version and every replica is ready
     PODS_LOST = "PodsLost"  # the stable rolled out before and lost ready pods since
     SETTLING = "Settling"  # promoted or serving, but writes remain (the previous stable is scaled down)
+    RESTORING = "Restoring"  # rollback-to: the kept version scales up while the current one serves
+    WAITING_FOR_CAPACITY = "WaitingForCapacity"  # blue-green: the surge budget cannot hold both versions
 
 
 class Reason(enum.StrEnum):
@@ -93,6 +95,11 @@ class Reason(enum.StrEnum):
     DEGRADED = "Degraded"
     RECOVERED = "Recovered"
     ANALYSIS_JOB_STARTED = "AnalysisJobStarted"
+    SWITCHED = "Switched"  # blue-green: the active Service moved to the new version
+    SWITCHED_BACK = "SwitchedBack"  # blue-green: post-promotion analysis failed, the previous version is active again
+    ROLLBACK_STARTED = "RollbackStarted"  # rollback-to a cold version: it scales up before traffic moves
+    ROLLBACK_WINDOW_CLOSED = "RollbackWindowClosed"
+    INSUFFICIENT_GPUS = "InsufficientGPUs"
 
 
 class Outcome(enum.StrEnum):
@@ -139,6 +146,9 @@ RULES: Final[tuple[Rule, ...]] = (
     _rule(ALL, Event.PROMOTED, Phase.HEALTHY, "the candidate became stable"),
     _rule(ALL, Event.SERVING, Phase.HEALTHY, "every replica of the stable ready"),
     _rule(ALL, Event.SETTLING, Phase.PROGRESSING, "Healthy once nothing is left to write (the old stable scales down)"),
+    _rule(ALL, Event.RESTORING, Phase.PROGRESSING, "rollback-to a cold version: it scales up, the current serves"),
+    _rule(ALL, Event.WAITING_FOR_CAPACITY, Phase.PAUSED,
+          "blue-green needs both versions at full size and the GPU surge budget cannot hold them"),
     _rule({Phase.HEALTHY, Phase.DEGRADED}, Event.PODS_LOST, Phase.DEGRADED,
           "a rolled-out stable lost ready pods: its Deployment replaces them"),
     _rule(ALL - {Phase.HEALTHY, Phase.DEGRADED}, Event.PODS_LOST, Phase.PROGRESSING,

@@ -528,8 +528,37 @@ class Analysis(schema.ApiModel):
         return self.prometheus_address
 
 
+RolloutStrategy: TypeAlias = Literal["canary", "blueGreen"]
+BLUE_GREEN_SCALE_DOWN_DELAY = 30  # seconds the previous version stays warm after a blue-green switch by default
+
+
+class BlueGreen(schema.ApiModel):
+    """Blue-green settings (spec.rollout.strategy blueGreen)."""
+
+    auto_promotion: bool = True
+    """Switch the active Service to the new version as soon as its pods are all Ready and its pre-promotion
+    analysis (spec.rollout.analysis) succeeded. false: wait for shipyard.dev/promote=<version>. Default true."""
+    post_promotion_analysis: Analysis | None = None
+    """Analysis of the new version after the switch, while the previous version stays fully scaled up: a failure
+    switches the active Service back at once (no cold start). The previous version is scaled down only after this
+    analysis succeeded and spec.rollout.scaleDownDelaySeconds passed."""
+
+
 class Rollout(schema.ApiModel):
-    """Progressive rollout of a new version (canary by replica weight)."""
+    """Progressive rollout of a new version: canary (by replica weight) or blue-green."""
+
+    __constraints__ = (schema.requires("blueGreen", "strategy", "blueGreen", what="spec.rollout.blueGreen"),)
+    __cel__ = (schema.Cel(
+        "!has(self.strategy) || self.strategy != 'blueGreen' || !has(self.steps) || size(self.steps) == 0",
+        "spec.rollout.steps are canary steps: blue-green (spec.rollout.strategy blueGreen) has none, it switches all "
+        "traffic at once", field_path=".steps", reason="FieldValueForbidden"),)
+
+    strategy: RolloutStrategy = "canary"
+    """canary: the candidate takes traffic step by step (spec.rollout.steps). blueGreen: the candidate is scaled to
+    spec.serving.replicas behind the preview Service (<name>-preview) while the stable keeps all traffic, analysed
+    (spec.rollout.analysis), then the model's Service switches to it at once; spec.rollout.blueGreen holds the
+    post-promotion analysis. Default canary."""
+    blue_green: BlueGreen | None = None
 
     steps: Annotated[tuple[RolloutStep, ...], Field(max_length=20, json_schema_extra=schema.k8s(
         list_type="atomic", validations=[schema.Cel(
@@ -544,6 +573,22 @@ class Rollout(schema.ApiModel):
     """Most GPUs the candidate may use above the stable's allocation during a rollout. Absent: no limit. 0: replace
     in place (the stable shrinks as the candidate grows), for when no spare GPU exists."""
     analysis: Analysis | None = None
+    scale_down_delay_seconds: Annotated[int, Field(ge=0, le=86400)] | None = None
+    """The rollback window: how long the previous stable keeps its pods Ready (and out of traffic: the model's Service
+    selects the stable version only) after a promotion. shipyard.dev/rollback-to that version inside the window
+    switches back at once, with no cold start; outside it, the kept version is scaled up first and traffic moves
+    only when it is Ready. A new rollout ends the window. With spec.rollout.maxSurgeGPUs the window keeps at most the
+    pods the surge budget allows. Default 0 for canary, 30 for blueGreen."""
+
+    @property
+    def effective_scale_down_delay(self) -> int:
+        if self.scale_down_delay_seconds is not None:
+            return self.scale_down_delay_seconds
+        return BLUE_GREEN_SCALE_DOWN_DELAY if self.strategy == "blueGreen" else 0
+
+    @property
+    def post_promotion_analysis(self) -> Analysis | None:
+        return self.blue_green.post_promotion_analysis if self.blue_green is not None else None
 
     @property
     def effective_steps(self) -> tuple[RolloutStep, ...]:
@@ -624,11 +669,13 @@ class ModelDeploymentSpec(schema.ApiModel):
     serving: Serving = Field(default_factory=Serving, json_schema_extra=schema.k8s(default={}))
     """The inference pods of every version."""
     rollout: Rollout = Field(default_factory=Rollout, json_schema_extra=schema.k8s(default={}))
-    """Progressive rollout of a new version (canary by replica weight)."""
+    """Progressive rollout of a new version: canary by replica weight, or blue-green."""
     rollback: Rollback = Field(default_factory=Rollback, json_schema_extra=schema.k8s(default={}))
     """What happens when a candidate fails."""
     revision_history_limit: Annotated[int, Field(ge=0, le=100)] = 10
-    """Earlier versions kept (Deployments scaled to 0) for instant rollback. Default 10."""
+    """Earlier versions kept as Deployments scaled to 0, for shipyard.dev/rollback-to: such a version is scaled up
+    first and takes traffic once Ready (a cold start; within spec.rollout.scaleDownDelaySeconds of a promotion the
+    previous stable is still warm and the switch is immediate). Default 10."""
     retry: Annotated[int, Field(ge=0, json_schema_extra=schema.k8s(format="int64"))] = 0
     """Retry counter: a failed or rolled-back version is not retried while the spec is unchanged (so a GitOps tool
     re-applying the manifest causes no loop); raising retry retries it once. kubectl users can instead set the

@@ -212,6 +212,28 @@ class Controls(schema.ApiModel):
     """Last shipyard.dev/rollback-to value acted upon."""
 
 
+class RollbackWindow(schema.ApiModel):
+    """The previous stable kept serving-ready after a promotion (spec.rollout.scaleDownDelaySeconds)."""
+
+    version: Annotated[str, Field(max_length=256)]
+    """The previous stable version."""
+    image: Annotated[str, Field(max_length=512)] | None = None
+    """Its image."""
+    until: Time
+    """When its pods are scaled down."""
+
+
+class Restoring(schema.ApiModel):
+    """A shipyard.dev/rollback-to whose version is being scaled up before traffic moves to it."""
+
+    version: Annotated[str, Field(max_length=256)]
+    """The version rolled back to."""
+    image: Annotated[str, Field(max_length=512)] | None = None
+    """Its image."""
+    since: Time
+    """When it started scaling up (its startupTimeoutSeconds counts from here)."""
+
+
 class ModelDeploymentStatus(schema.ApiModel):
     """Observed state, written by the operator only."""
 
@@ -238,6 +260,15 @@ class ModelDeploymentStatus(schema.ApiModel):
     """When the current step started (its startupTimeoutSeconds counts from here)."""
     step_ready_at: NullableTime | None = None
     """When the current step's candidate pods were all ready (its pause counts from here)."""
+    active_version: Annotated[str, _text(256, nullable=True)] | None = None
+    """The version the model's Service sends traffic to; null while a canary splits it between the candidate and
+    the stable by ready pods."""
+    preview_version: Annotated[str, _text(256, nullable=True)] | None = None
+    """Blue-green: the version behind the preview Service (<name>-preview); null when none."""
+    rollback_window: Annotated[RollbackWindow, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
+    """The previous stable, kept Ready for an instant shipyard.dev/rollback-to until ``until``; null when none."""
+    restoring: Annotated[Restoring, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
+    """A rollback-to in progress: the kept version scales up while the current one keeps serving."""
     paused_reason: Annotated[str, _text(1024, nullable=True)] | None = None
     """Why the rollout is paused (manual step, manual rollback policy, inconclusive analysis)."""
     conditions: Annotated[tuple[Condition, ...], Field(max_length=32, json_schema_extra=schema.k8s(
