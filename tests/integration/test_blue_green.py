@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner

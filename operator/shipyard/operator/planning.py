@@ -459,9 +459,9 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         apply.append(service)
         # Traffic moves first: no version loses pods before the Service that may still select it has switched
         # (the Service's watch event brings the next pass, which scales down).
-        for version, view in observed.deployments.items():
-            if version in desired and desired[version] < view.replicas:
-                desired[version] = view.replicas
+        for version, kept in observed.deployments.items():
+            if version in desired and desired[version] < kept.replicas:
+                desired[version] = kept.replicas
 
     scales: list[tuple[str, int]] = []
     target_view = observed.deployments.get(target)
@@ -1002,10 +1002,14 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
         _fail_candidate(md, st, desired, Reason.ABORTED, "aborted by shipyard.dev/abort", now,
                         outcome=Outcome.ABORTED)
         return
-    promote_now = md.controls.promote == target and st.controls.get("promote") != target
+    # shipyard.dev/promote=<candidate>: switch as soon as it is Ready, without waiting for autoPromotion or the
+    # pre-promotion analysis (the post-promotion analysis still runs); while a failure is held (rollback policy
+    # Manual), promote it.
+    forced = md.controls.promote == target
+    promote_now = forced and st.controls.get("promote") != target
     if promote_now:
         st.controls["promote"] = target
-        st.event("Normal", Reason.PROMOTED_MANUALLY, f"Promoting version {target} now (shipyard.dev/promote)")
+        st.event("Normal", Reason.PROMOTED_MANUALLY, f"Promoting version {target} (shipyard.dev/promote)")
     if st.paused_reason == Reason.ANALYSIS_FAILED and not promote_now:
         desired[target] = cand_view.replicas if cand_view else 0
         desired[st.stable] = stable_view.replicas
@@ -1034,13 +1038,10 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
     desired[target] = max(total, cand_view.replicas if cand_view is not None else 0)
     desired[st.stable] = max(total, stable_view.replicas)
     ready = cand_view is not None and cand_view.replicas >= total and cand_view.rolled_out and cand_ready >= total
-    if promote_now:
-        if not switched and ready:
-            st.step, switched = 1, True
-            st.event("Normal", Reason.SWITCHED, f"Switched the active Service to version {target}")
-        if switched:
-            _promote(md, st, now)
-            return
+    if promote_now and st.paused_reason == Reason.ANALYSIS_FAILED:
+        st.paused_reason = None
+        _promote(md, st, now)
+        return
     started = st.step_started or now
     if not ready:
         deadline = started + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds)
@@ -1054,7 +1055,7 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
         st.step_ready = now
         st.event("Normal", Reason.STEP_READY, f"Version {target}: {total}/{total} pod(s) ready behind the preview "
                                               f"Service {naming.build_preview_service_name(meta.name)}")
-    verdict = _plan_analysis(md, meta, st, observed, now, measurements, apply)
+    verdict = None if forced and not switched else _plan_analysis(md, meta, st, observed, now, measurements, apply)
     stage = "post-promotion analysis" if switched else "analysis"
     if verdict is not None and verdict.phase in (analysis.Phase.FAILED, analysis.Phase.ERROR):
         if switched and spec.rollback.policy == "Automatic":
@@ -1083,7 +1084,7 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
     if switched:
         _promote(md, st, now)
         return
-    if spec.rollout.blue_green is not None and not spec.rollout.blue_green.auto_promotion:
+    if spec.rollout.blue_green is not None and not spec.rollout.blue_green.auto_promotion and not forced:
         st.conclude(Event.STEP_WAITING_FOR_PROMOTION)
         st.paused_reason = Reason.MANUAL_STEP
         st.message = (f"Version {target} is Ready behind the preview Service "
