@@ -444,3 +444,62 @@ async def test_nothing_secret_in_logs_or_metrics(caplog: pytest.LogCaptureFixtur
     exported = prometheus_client.generate_latest().decode()
     for text in (caplog.text, exported, repr(n.config)):
         assert TOKEN not in text and KEY.decode() not in text and "hooks.example" not in text
+
+
+# --- the hook in the reconcile (handlers.reconcile) ------------------------------------------------------------
+
+def _operator_with_notifier(receiver: FakeReceiver) -> tuple[Any, nt.Notifier]:
+    from shipyard.operator import handlers, providers
+    from tests.unit.test_handlers import FakeKube, model
+
+    kube = FakeKube()
+    op = handlers.Operator(kube=kube, providers=providers.Providers())
+    kube.models = op.caches.models
+    op.caches.models["ml/digits"] = model()
+    n, _ = notifier(receiver, {"name": "hook", "urlKey": "u"}, u=URL)
+    op.notifier = n
+    return op, n
+
+
+def _make_ready(op: Any) -> None:
+    """The first version's Deployment became available (what the watch would bring)."""
+    (dep,) = op.caches.children["ml/digits"]["Deployment"].values()
+    dep["metadata"]["generation"] = 1
+    dep["status"] = {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "availableReplicas": 2,
+                     "updatedReplicas": 2}
+
+
+async def test_a_reconcile_queues_its_notified_events_without_waiting_for_the_receiver() -> None:
+    from shipyard.operator import handlers
+
+    receiver = FakeReceiver()
+    receiver.gate.clear()  # the receiver never answers while the passes run
+    op, n = _operator_with_notifier(receiver)
+    await n.refresh()
+    await handlers.reconcile(op, "ml/digits")  # Deploying: an Event, not a notification
+    assert n.queued == 0
+    _make_ready(op)
+    await handlers.reconcile(op, "ml/digits")
+    assert op.caches.models["ml/digits"]["status"]["stableVersion"] == "1.0.0"
+    assert n.queued == 1  # Promoted, waiting on the receiver: the pass did not
+    receiver.gate.set()
+    await drain(n)
+    assert [e for _, e, _, _ in receiver.got] == ["Promoted"]
+
+
+async def test_a_failing_notifier_never_fails_the_reconcile(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from shipyard.operator import handlers
+
+    def boom(target: nt.Target, n: nt.Notification) -> bytes:
+        raise RuntimeError(URL)
+
+    monkeypatch.setattr(nt, "build_payload", boom)
+    op, n = _operator_with_notifier(FakeReceiver())
+    await n.refresh()
+    await handlers.reconcile(op, "ml/digits")
+    _make_ready(op)
+    await handlers.reconcile(op, "ml/digits")
+    assert op.caches.models["ml/digits"]["status"]["stableVersion"] == "1.0.0"
+    assert "Queueing notifications of ml/digits failed (RuntimeError)" in caplog.text and TOKEN not in caplog.text
+    await drain(n)

@@ -517,7 +517,10 @@ class Notifier:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.refresh_seconds)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one bad read
+                logger.error("Re-reading the notification configuration failed (%s)", type(exc).__name__)
 
     async def refresh(self) -> None:
         """One read of the ConfigMap and the Secret; on an API error the previous configuration stays."""
@@ -574,10 +577,15 @@ class Notifier:
         """The notifications of a pass's planned events ((type, reason, message), in order)."""
         if not self.config.targets:
             return
-        for type_, reason, message in events:
-            n = build_notification(body, type_, reason, message, status, now, str(uuid.uuid4()))
-            if n is not None:
-                self.submit(n)
+        try:
+            for type_, reason, message in events:
+                n = build_notification(body, type_, reason, message, status, now, str(uuid.uuid4()))
+                if n is not None:
+                    self.submit(n)
+        except Exception as exc:  # noqa: BLE001 - a notification must never fail the reconcile that planned it
+            meta = body.get("metadata") or {}
+            logger.error("Queueing notifications of %s/%s failed (%s)", meta.get("namespace"), meta.get("name"),
+                         type(exc).__name__)
 
     async def _run_lane(self, lane: tuple[str, str]) -> None:
         queue = self._lanes[lane]
