@@ -74,8 +74,10 @@ def all_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # --- the RBAC matrix: what the operator's ServiceAccount may do --------------------------------------------------
 # (verb, resource[/subresource] with its API group, where) -> (cluster-wide release, watchNamespaces release).
-# "watched": a namespace the release watches; "other": one it does not; "cluster": every namespace / cluster scope.
-# For `namespaces`, the object asked about is the namespace in "where". Checked offline against every rule `helm
+# "watched": a namespace the release watches; "other": one it does not; "cluster": every namespace / cluster scope;
+# "release": the webhook notifications' ConfigMap or Secret (by its name) in the release's own namespace,
+# "release-other": another object of that kind there. For `namespaces`, the object asked about is the namespace in
+# "where". Checked offline against every rule `helm
 # template` renders (test_rendered_rbac_gives_exactly_the_matrix) and on the API server's authorizer with the
 # release's own token (the install tests). docs/security.md shows this table (test_security_doc_shows_the_matrix).
 RBAC_MATRIX: list[tuple[str, str, str, str, bool, bool, str]] = [
@@ -114,8 +116,24 @@ RBAC_MATRIX: list[tuple[str, str, str, str, bool, bool, str]] = [
     ("create", "", "events", "watched", True, True, "events on ModelDeployments"),
     ("get", "", "namespaces", "watched", True, True, "the allow-list annotation"),
     ("get", "", "namespaces", "other", True, False, "only watched namespaces"),
+    ("get", "", "secrets", "release", True, True, "the notifications Secret (resourceNames): webhook URLs, HMAC key"),
+    ("get", "", "configmaps", "release", True, True, "the notifications ConfigMap (resourceNames): its targets"),
+    ("list", "", "secrets", "release", False, False, "read by name, with a GET"),
+    ("watch", "", "secrets", "release", False, False, "read by name, with a GET"),
+    ("get", "", "secrets", "release-other", False, False, "no other secret of its own namespace"),
 ]
-WATCHED, OTHER = "ml", "default"
+WATCHED, OTHER, RELEASE = "ml", "default", "shipyard-system"
+NOTIFICATIONS = "shipyard-notifications"  # the chart's default notifications.configMapName and .secretName
+
+
+def build_target(where: str, resource: str, watched: str, other: str, release: str) -> tuple[str | None, str | None]:
+    """(namespace, object name) a matrix row asks about; None: every namespace / any object."""
+    namespace = {"watched": watched, "other": other, "release": release, "release-other": release}.get(where)
+    if where == "release":
+        return namespace, NOTIFICATIONS
+    if where == "release-other":
+        return namespace, "another-one"
+    return namespace, namespace if resource == "namespaces" and namespace else None
 
 
 def build_rbac_matrix_markdown() -> str:
@@ -129,8 +147,9 @@ def build_rbac_matrix_markdown() -> str:
 
 
 def assess_rendered_rbac(docs: list[dict[str, Any]], account: str, verb: str, group: str, resource: str,
-                         namespace: str | None) -> bool:
-    """What the rendered Roles/ClusterRoles bound to ``account`` allow (RBAC's rule matching; no wildcards exist)."""
+                         namespace: str | None, name: str | None = None) -> bool:
+    """What the rendered Roles/ClusterRoles bound to ``account`` allow (RBAC's rule matching; no wildcards exist; a
+    rule with resourceNames matches only a request naming one of them)."""
     roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d.get("rules") or []
              for d in docs if d["kind"] in ("Role", "ClusterRole")}
     for binding in docs:
@@ -143,12 +162,14 @@ def assess_rendered_rbac(docs: list[dict[str, Any]], account: str, verb: str, gr
             continue
         ref = binding["roleRef"]
         rules = roles[(ref["kind"], scope if ref["kind"] == "Role" else None, ref["name"])]
-        if any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules):
+        if any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+               and ("resourceNames" not in r or name in r["resourceNames"]) for r in rules):
             return True
     return False
 
 
-def build_access_reviews(watched: str, other: str, namespaced: bool) -> tuple[dict[str, Any], list[bool]]:
+def build_access_reviews(watched: str, other: str, namespaced: bool,
+                         release: str) -> tuple[dict[str, Any], list[bool]]:
     """A List of SelfSubjectAccessReviews for every matrix row, and the answers the matrix expects."""
     reviews, expected = [], []
     for verb, group, resource, where, cluster, in_namespaces, _ in RBAC_MATRIX:
@@ -156,20 +177,20 @@ def build_access_reviews(watched: str, other: str, namespaced: bool) -> tuple[di
         attributes: dict[str, str] = {"verb": verb, "group": group, "resource": name}
         if sub:
             attributes["subresource"] = sub
-        namespace = {"watched": watched, "other": other}.get(where)
+        namespace, object_name = build_target(where, name, watched, other, release)
         if namespace is not None:
             attributes["namespace"] = namespace
-            if name == "namespaces":
-                attributes["name"] = namespace
+        if object_name is not None:
+            attributes["name"] = object_name
         reviews.append({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                         "spec": {"resourceAttributes": attributes}})
         expected.append(in_namespaces if namespaced else cluster)
     return {"apiVersion": "v1", "kind": "List", "items": reviews}, expected
 
 
-def assert_rbac_matrix(kubeconfig: Path, watched: str, other: str, namespaced: bool) -> None:
+def assert_rbac_matrix(kubeconfig: Path, watched: str, other: str, namespaced: bool, release: str) -> None:
     """Every row of the matrix, answered by the API server's authorizer for the account of ``kubeconfig``."""
-    reviews, expected = build_access_reviews(watched, other, namespaced)
+    reviews, expected = build_access_reviews(watched, other, namespaced, release)
     out = subprocess.run(["kubectl", f"--kubeconfig={kubeconfig}", "create", "-f", "-", "-o", "json"],
                          input=json.dumps(reviews), capture_output=True, text=True, check=True)
     decoder, text, items = json.JSONDecoder(), out.stdout.strip(), []
@@ -232,7 +253,9 @@ def test_rendered_crd_is_the_source_crd_with_helm_metadata() -> None:
 
 def test_cluster_mode_renders_one_cluster_role_with_explicit_verbs() -> None:
     docs = render()
-    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    # The one Role: the notifications' ConfigMap and Secret in the release's namespace (test_notifications_role_...)
+    assert [r["metadata"]["name"] for r in find(docs, "Role") + find(docs, "RoleBinding")] == [
+        "sy-shipyard-notifications"] * 2
     (binding,) = find(docs, "ClusterRoleBinding")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sy-shipyard", "namespace": "shipyard-system"}]
     (role,) = find(docs, "ClusterRole", binding["roleRef"]["name"])
@@ -247,9 +270,10 @@ def test_cluster_mode_renders_one_cluster_role_with_explicit_verbs() -> None:
 
 def test_namespaced_mode_renders_a_role_per_namespace_and_only_cluster_reads() -> None:
     docs = render({"watchNamespaces": "{ml,staging}"})
-    roles = find(docs, "Role")
+    roles = [r for r in find(docs, "Role") if not r["metadata"]["name"].endswith("-notifications")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["ml", "staging"]
-    assert sorted(b["metadata"]["namespace"] for b in find(docs, "RoleBinding")) == ["ml", "staging"]
+    assert sorted(b["metadata"]["namespace"] for b in find(docs, "RoleBinding")
+                  if not b["metadata"]["name"].endswith("-notifications")) == ["ml", "staging"]
     assert all(r["rules"] == roles[0]["rules"] for r in roles)
     (reads,) = [c for c in find(docs, "ClusterRole") if not c["metadata"]["name"].endswith(("-view", "-edit"))]
     assert sorted(res for rule in reads["rules"] for res in rule["resources"]) == [
@@ -267,8 +291,13 @@ def test_namespaced_mode_renders_a_role_per_namespace_and_only_cluster_reads() -
 def test_rbac_has_no_wildcards_secrets_or_rbac_access(values: dict[str, str]) -> None:
     rules = all_rules(render(values))
     assert rules
-    for rule in rules:
-        assert set(rule) <= {"apiGroups", "resources", "verbs"}, rule  # no nonResourceURLs, no resourceNames
+    named = [r for r in rules if "resourceNames" in r]
+    # resourceNames only for the notifications' ConfigMap and Secret: get, by their names (docs/security.md)
+    assert sorted(r["resources"][0] for r in named) == ["configmaps", "secrets"], named
+    for rule in named:
+        assert rule["resourceNames"] == [NOTIFICATIONS] and rule["verbs"] == ["get"] and len(rule["resources"]) == 1
+    for rule in (r for r in rules if "resourceNames" not in r):
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}, rule  # no nonResourceURLs
         for key in ("apiGroups", "resources", "verbs"):
             assert rule[key] and not any("*" in item for item in rule[key]), rule
         assert not {"secrets", "roles", "rolebindings", "clusterroles", "clusterrolebindings",
@@ -279,13 +308,35 @@ def test_rbac_has_no_wildcards_secrets_or_rbac_access(values: dict[str, str]) ->
             assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
 
 
+def test_notifications_role_reads_exactly_the_two_named_objects_and_the_configmap_renders_targets() -> None:
+    docs = render({"notifications.secretName": "hooks", "notifications.configMapName": "targets",
+                   "notifications.targets[0].name": "oncall", "notifications.targets[0].urlKey": "slack",
+                   "notifications.targets[0].preset": "slack"})
+    (role,) = find(docs, "Role", "sy-shipyard-notifications")
+    assert role["metadata"]["namespace"] == "shipyard-system"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["hooks"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["targets"], "verbs": ["get"]}]
+    (binding,) = find(docs, "RoleBinding", "sy-shipyard-notifications")
+    assert binding["roleRef"]["name"] == "sy-shipyard-notifications"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "sy-shipyard", "namespace": "shipyard-system"}]
+    (configmap,) = find(docs, "ConfigMap", "targets")
+    assert yaml.safe_load(configmap["data"]["config.yaml"]) == {
+        "targets": [{"name": "oncall", "urlKey": "slack", "preset": "slack"}]}
+    assert not find(docs, "Secret")  # the administrator's: URLs never sit in values or the release
+    container = operator_container(docs)
+    assert {"--notifications-secret=hooks", "--notifications-configmap=targets"} <= set(container["args"])
+    assert {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}} in container["env"]
+    assert not find(render(), "ConfigMap")  # no targets: no ConfigMap, nothing sent
+
+
 @pytest.mark.parametrize("namespaced", [False, True], ids=["cluster-wide", "watch-namespaces"])
 def test_rendered_rbac_gives_exactly_the_matrix(namespaced: bool) -> None:
     docs = render({"watchNamespaces": f"{{{WATCHED}}}"} if namespaced else {})
     wrong = []
     for verb, group, resource, where, cluster, in_namespaces, _ in RBAC_MATRIX:
-        namespace = {"watched": WATCHED, "other": OTHER}.get(where)
-        got = assess_rendered_rbac(docs, "sy-shipyard", verb, group, resource, namespace)
+        namespace, name = build_target(where, resource, WATCHED, OTHER, RELEASE)
+        got = assess_rendered_rbac(docs, "sy-shipyard", verb, group, resource, namespace, name)
         if got != (in_namespaces if namespaced else cluster):
             wrong.append((verb, resource, where, got))
     assert not wrong, wrong
@@ -493,7 +544,7 @@ def test_install_test_and_run_the_example_to_ready_under_the_chart_rbac(
     assert peering is not None  # the operator kept itself alive in it (or removed itself on exit)
 
     # What the account may and must not do: the whole matrix, on the API server's authorizer.
-    assert_rbac_matrix(sa, namespace, "default", namespaced=False)
+    assert_rbac_matrix(sa, namespace, "default", namespaced=False, release=release_namespace)
     assert can_i(sa, "watch", "pods", "-A") and not can_i(sa, "get", "secrets", "-A")  # kubectl's own view agrees
     installed = cluster.get("deployment", "sy-shipyard", release_namespace)
     assert installed is not None
@@ -521,4 +572,4 @@ def test_namespaced_release_runs_the_example_with_roles_only_in_its_namespace(
     assert can_i(sa, "list", "modeldeployments", "-n", namespace)
     assert not can_i(sa, "list", "modeldeployments", "-n", "default")
     assert not can_i(sa, "list", "modeldeployments", "-A")
-    assert_rbac_matrix(sa, namespace, "default", namespaced=True)
+    assert_rbac_matrix(sa, namespace, "default", namespaced=True, release=release_namespace)

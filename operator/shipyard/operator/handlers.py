@@ -31,7 +31,7 @@ import kopf
 import lightkube
 
 from shipyard import contract
-from shipyard.operator import egress, metrics, naming, observed, planning, providers, runtimes
+from shipyard.operator import egress, metrics, naming, notifications, observed, planning, providers, runtimes
 from shipyard.operator import kube as kube_mod
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.rollout import Reason
@@ -83,6 +83,7 @@ class Operator:
     task: asyncio.Task[None] | None = None
     paused: bool = False  # Kopf's peering paused this replica in favour of another: act on nothing
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    notifier: notifications.Notifier | None = None  # webhook notifications (--notifications-namespace)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Runs a best-effort coroutine in the background, keeping a reference until it ends."""
@@ -317,6 +318,8 @@ async def reconcile(op: Operator, key: str) -> float | None:
                 logger.info("Moved %s to phase %s: %s", key, plan.status.get("phase"), plan.status.get("message"))
         for event in plan.events:  # best effort, off the reconcile's critical path
             op.spawn(op.kube.post_event(body, event.type, event.reason, event.message))
+        if op.notifier is not None and plan.events:  # queued, never awaited (notifications.py)
+            op.notifier.submit_events(body, plan.status, ((e.type, e.reason, e.message) for e in plan.events), now)
     except lightkube.ApiError as e:
         code, message = e.status.code or 0, str(e.status.message or "")
         retry = plan_api_error(code, message)
@@ -417,6 +420,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
                 os.environ.get(egress.ENV_ALLOWED, "")]),
         workers=int(options.get("workers", 128)),
     )
+    notify = options.get("notifications")
+    if isinstance(notify, notifications.Settings) and isinstance(op.kube, kube_mod.Kube):
+        op.notifier = notifications.Notifier(op.kube, notify)
+        await op.notifier.start()
     memo.operator = op
     peering_log = logging.getLogger("kopf._core.engines.peering")
     for handler in [h for h in peering_log.handlers if isinstance(h, PeeringPauseFollower)]:
@@ -442,6 +449,8 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
             await op.task
     if op.background:
         await asyncio.wait(list(op.background), timeout=5)
+    if op.notifier is not None:
+        await op.notifier.close()
     await op.providers.close()
     await op.kube.close()
     logger.info("Stopped the reconcile workers")

@@ -6,6 +6,7 @@ converting them to typed models, so nothing the planner sets is dropped or resha
 
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
 from collections.abc import Mapping
@@ -41,6 +42,9 @@ _RESOURCES: dict[tuple[str, str], Any] = {
 }
 
 _NAMESPACE: Any = create_global_resource("", "v1", "Namespace", "namespaces")
+# Read only, one named object each in the operator's own namespace (notifications.py; RBAC: resourceNames).
+_CONFIGMAP: Any = _RESOURCES[("v1", "ConfigMap")]
+_SECRET: Any = create_namespaced_resource("", "v1", "Secret", "secrets")
 
 
 def resource_for(api_version: str, kind: str) -> Any:
@@ -122,6 +126,28 @@ class Kube:
             return {}
         body: dict[str, Any] = ns.to_dict() if hasattr(ns, "to_dict") else dict(ns)
         return {str(k): str(v) for k, v in ((body.get("metadata") or {}).get("annotations") or {}).items()}
+
+    async def _get_or_none(self, res: Any, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            obj = await self.client.get(res, name, namespace=namespace)
+        except lightkube.ApiError as e:
+            if e.status.code == 404:
+                return None
+            raise
+        body: dict[str, Any] = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+        return body
+
+    async def fetch_configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A ConfigMap's data (one GET); None when it does not exist."""
+        body = await self._get_or_none(_CONFIGMAP, namespace, name)
+        return None if body is None else {str(k): str(v) for k, v in (body.get("data") or {}).items()}
+
+    async def fetch_secret_data(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """A Secret's data, decoded (one GET); None when it does not exist. Its values are never logged."""
+        body = await self._get_or_none(_SECRET, namespace, name)
+        if body is None:
+            return None
+        return {str(k): base64.b64decode(v) for k, v in (body.get("data") or {}).items()}
 
     async def delete_object(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         res = resource_for(api_version, kind)

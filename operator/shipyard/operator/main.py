@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import kopf
 import prometheus_client
 
-from shipyard.operator import egress, kube
+from shipyard.operator import egress, kube, notifications
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,10 +46,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a further Prometheus address a ModelDeployment may name (repeatable; matched by scheme, "
                              "host, port and path prefix; env SHIPYARD_ALLOWED_PROMETHEUS_ADDRESSES, comma-separated; "
                              "see docs/security.md)")
+    parser.add_argument("--notifications-namespace",
+                        default=os.environ.get("SHIPYARD_NOTIFICATIONS_NAMESPACE") or os.environ.get("POD_NAMESPACE"),
+                        help="the operator's own namespace, holding the webhook notifications' ConfigMap and Secret "
+                             "(default: $SHIPYARD_NOTIFICATIONS_NAMESPACE, else $POD_NAMESPACE; none: no "
+                             "notifications; see docs/notifications.md)")
+    parser.add_argument("--notifications-configmap", default=notifications.DEFAULT_NAME,
+                        help="the ConfigMap listing the notification targets")
+    parser.add_argument("--notifications-secret", default=notifications.DEFAULT_NAME,
+                        help="the one Secret holding the targets' URLs and the HMAC key")
+    parser.add_argument("--notifications-refresh-seconds", type=float, default=30.0,
+                        help="how often the ConfigMap and the Secret are read again (changes apply without a restart)")
+    parser.add_argument("--notifications-queue-size", type=int, default=1000,
+                        help="notifications waiting at most (beyond: dropped and counted)")
     parser.add_argument("--peering", default=None, help="Kopf peering object name (enables active/standby)")
     parser.add_argument("--priority", type=int, default=0, help="peering priority (distinct per replica)")
     parser.add_argument("--log-level", default=os.environ.get("SHIPYARD_LOG_LEVEL", "INFO"))
     return parser
+
+
+def build_notification_settings(args: argparse.Namespace) -> notifications.Settings | None:
+    if not args.notifications_namespace:
+        return None
+    return notifications.Settings(namespace=args.notifications_namespace, configmap=args.notifications_configmap,
+                                  secret=args.notifications_secret,
+                                  refresh_seconds=max(0.5, args.notifications_refresh_seconds),
+                                  queue_size=max(1, args.notifications_queue_size))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     memo = kopf.Memo(options={"kubeconfig": args.kubeconfig, "workers": args.workers,
                               "api_transport": args.api_transport,
                               "prometheus_address": args.prometheus_address,
-                              "allowed_prometheus_addresses": args.allowed_prometheus_addresses})
+                              "allowed_prometheus_addresses": args.allowed_prometheus_addresses,
+                              "notifications": build_notification_settings(args)})
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import Counter, Enum, Histogram
+from prometheus_client import Counter, Enum, Gauge, Histogram
 
 PHASES = ["Pending", "Compressing", "Progressing", "Paused", "Healthy", "RolledBack", "Failed", "Degraded"]
 
@@ -24,6 +24,25 @@ PHASE = Enum(
     "shipyard_operator_modeldeployment_phase", "Phase of each ModelDeployment.", ["namespace", "name"],
     states=PHASES,
 )
+
+# Webhook notifications (notifications.py). Labels are the target's name (chosen by the administrator) and the event:
+# never a URL.
+NOTIFICATIONS = Counter(
+    "shipyard_operator_notifications_total",
+    "Webhook notifications by target, event and result (delivered, failed: given up or refused, dropped: queue full).",
+    ["target", "event", "result"],
+)
+NOTIFICATION_ATTEMPTS = Counter(
+    "shipyard_operator_notification_attempts_total",
+    "HTTP attempts of webhook notifications by target and outcome (ok, timeout, connection, 3xx, 4xx, 429, 5xx).",
+    ["target", "outcome"],
+)
+NOTIFICATION_SECONDS = Histogram(
+    "shipyard_operator_notification_delivery_seconds",
+    "From the event to its delivery (or to giving up), retries included, per target.", ["target"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+NOTIFICATION_QUEUE = Gauge("shipyard_operator_notification_queue", "Webhook notifications waiting or in delivery.")
 
 
 def forget(namespace: str, name: str) -> None:
