@@ -225,3 +225,20 @@ def test_rollback_requires_to(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         plugin.build_parser().parse_args(["rollback", "d"])
     assert exit_info.value.code == 2 and "--to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("spec", "status", "expected"), [
+    pytest.param({}, {}, "-", id="nothing-yet"),
+    pytest.param({}, {"stableVersion": "1.0.0", "activeVersion": "1.0.0"}, "all to 1.0.0", id="at-rest"),
+    pytest.param({}, {"stableVersion": "1.0.0", "candidateVersion": "1.1.0"},
+                 "split by ready pods between 1.0.0 and 1.1.0", id="canary"),
+    pytest.param({"rollout": {"strategy": "blueGreen"}},
+                 {"stableVersion": "1.0.0", "candidateVersion": "1.1.0", "activeVersion": "1.0.0",
+                  "previewVersion": "1.1.0"}, "all to 1.0.0 (blue-green); preview 1.1.0", id="blue-green-preview"),
+    pytest.param({}, {"activeVersion": "1.1.0", "rollbackWindow": {"version": "1.0.0", "until": "T"}},
+                 "all to 1.1.0; 1.0.0 kept Ready until T", id="window"),
+    pytest.param({}, {"activeVersion": "1.1.0", "restoring": {"version": "1.0.0", "since": "T"}},
+                 "all to 1.1.0; rolling back to 1.0.0 once Ready (since T)", id="restoring"),
+])
+def test_traffic_line(spec: dict[str, Any], status: dict[str, Any], expected: str) -> None:
+    assert plugin.build_traffic_text(spec, status) == expected

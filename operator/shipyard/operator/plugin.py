@@ -118,6 +118,30 @@ def build_analysis_table(analysis: Mapping[str, Any] | None) -> str:
     return f"{head}\n{table}"
 
 
+def build_traffic_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str:
+    """Where the model's Service sends traffic, the blue-green preview, the rollback window and a rollback-to in
+    progress, e.g. 'all to 1.1.0; preview 1.2.0; 1.0.0 kept Ready until 2026-12-02T21:00:00Z' (pure)."""
+    strategy = (spec.get("rollout") or {}).get("strategy") or "canary"
+    active = status.get("activeVersion")
+    if active:
+        parts = [f"all to {active}"]
+    elif status.get("candidateVersion"):
+        parts = [f"split by ready pods between {status.get('stableVersion')} and {status['candidateVersion']}"]
+    else:
+        parts = ["-"]
+    if strategy == "blueGreen":
+        parts[0] += " (blue-green)"
+    if status.get("previewVersion"):
+        parts.append(f"preview {status['previewVersion']}")
+    window = status.get("rollbackWindow") or {}
+    if window.get("version"):
+        parts.append(f"{window['version']} kept Ready until {window.get('until')}")
+    restoring = status.get("restoring") or {}
+    if restoring.get("version"):
+        parts.append(f"rolling back to {restoring['version']} once Ready (since {restoring.get('since')})")
+    return "; ".join(parts)
+
+
 def build_status_view(md: Mapping[str, Any]) -> str:
     """What `kubectl shipyard status` prints for one ModelDeployment body."""
     meta, body_spec = md.get("metadata") or {}, md.get("spec") or {}
@@ -143,6 +167,7 @@ def build_status_view(md: Mapping[str, Any]) -> str:
         + (f"   started {status['stepStartedAt']}" if status.get("stepStartedAt") else "")
         + (f", ready {status['stepReadyAt']}" if status.get("stepReadyAt") else ""),
         f"Replicas:    {replicas.get('ready', 0)} ready of {(body_spec.get('serving') or {}).get('replicas', 1)}",
+        f"Traffic:     {build_traffic_text(body_spec, status)}",
         f"Conditions:  {build_conditions_text(status.get('conditions') or [])}",
         "",
         build_analysis_table(status.get("analysis")),
