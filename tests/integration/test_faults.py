@@ -6,7 +6,9 @@ installs Kopf's peering CRDs, which must not disturb the session's cluster):
 - etcd and the kube-apiserver restarted mid-rollout under a running operator: it recovers its watches and finishes;
 - Prometheus refusing connections, then answering 503, mid-analysis: the analysis holds (Inconclusive), with no
   rollback and no flapping of phase or conditions, and promotes once Prometheus answers again;
-- two operator replicas with Kopf peering: only the active one writes; killed, the standby takes over and finishes.
+- two operator replicas with Kopf peering: only the active one writes; killed, the standby takes over and finishes;
+- a blue-green switch interrupted by kill -9 (at the Service write, and during the post-promotion analysis): the
+  restarted operator completes it.
 
 Each test prints what it measured (``-s`` shows it): the figures in docs/operator.md come from here.
 """
@@ -395,6 +397,56 @@ def test_operator_killed_in_each_phase_converges_without_duplicates(
         assert run["startedAt"] == at_kill["status"]["analysis"]["startedAt"]  # the run went on, not restarted
         assert run["phase"] == "Successful" and run["metrics"][0]["successes"] >= 3
     print(f"\n[faults] kill -9 in {point}: children at kill {children}; recovered {recovered:.1f} s after restart")
+
+
+@pytest.mark.parametrize("when", ["at-the-service-write", "during-post-promotion-analysis"])
+def test_blue_green_switch_interrupted_by_a_kill_is_completed_on_restart(
+        faults: FaultCluster, flaky: FlakyPrometheus, when: str) -> None:
+    """kill -9 right after the operator wrote the switched Service (its status write may or may not have followed),
+    or while the post-promotion analysis runs: the restarted operator completes the switch and the promotion."""
+    c = faults.cluster
+    ns = new_namespace(c, flaky.address)
+    log = faults.logs / f"kill-blue-green-{when}.log"
+    rollout = {"strategy": "blueGreen", "scaleDownDelaySeconds": 2,
+               "blueGreen": {"postPromotionAnalysis": analysis(flaky.address, interval="1s", minSamples=4)}}
+    switched = f"Applied Service {ns}/bg"
+
+    def selector() -> str | None:
+        body = c.get("service", "bg", ns)
+        return None if body is None else body["spec"]["selector"].get("shipyard.dev/version")
+
+    op = Operator(c, log, "--namespace", ns)
+    try:
+        c.apply(model("bg", "1.0.0", rollout=rollout), ns)
+        wait_status(c, ns, "bg", healthy("1.0.0"), 60, message="1.0.0 healthy")
+        mark = len(op.text())
+        c.apply(model("bg", "1.1.0", rollout=rollout), ns)
+        if when == "at-the-service-write":
+            wait_until(lambda: any(line.endswith(switched) for line in op.text()[mark:].splitlines()), 60,
+                       interval=0.002, message="the switch of the model's Service")
+        else:
+            wait_status(c, ns, "bg", lambda m: m["status"].get("activeVersion") == "1.1.0" and
+                        any(x.get("lastMeasuredAt") for x in (m["status"].get("analysis") or {}).get("metrics") or []),
+                        60, message="the post-promotion analysis measuring")
+        op.kill()
+        at_kill = (c.get("md", "bg", ns) or {}).get("status") or {}
+        at_kill_selector = selector()
+        restarted = time.monotonic()
+        op = Operator(c, log, "--namespace", ns)
+        md = wait_status(c, ns, "bg", lambda m: healthy("1.1.0")(m) and replicas(c, ns) == {"1.0.0": 0, "1.1.0": 4},
+                         90, message="1.1.0 healthy after restart, 1.0.0 scaled down after its window")
+        recovered = time.monotonic() - restarted
+    finally:
+        op.kill()
+    assert selector() == "1.1.0" and c.get("service", "bg-preview", ns) is None
+    assert names(c, "deployments", ns) == ["bg-1-0-0", "bg-1-1-0"]
+    assert history(md) == [("1.0.0", "Superseded"), ("1.1.0", "Promoted")]
+    assert md["status"]["analysis"]["phase"] == "Successful"
+    story = events(c, ns, "bg")
+    assert story.count("RolloutStarted") == 1 and 1 <= story.count("Switched") <= 2, story
+    assert "SwitchedBack" not in story and "RolledBack" not in story, story
+    print(f"\n[faults] blue-green kill {when}: Service on {at_kill_selector}, status activeVersion "
+          f"{at_kill.get('activeVersion')} at the kill; promoted {recovered:.1f} s after restart")
 
 
 # --- 2. etcd and the apiserver restarted mid-rollout ---------------------------------------------------------------
