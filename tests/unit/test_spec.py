@@ -777,8 +777,9 @@ def test_recipe_of_full_spec() -> None:
 # Examples and the CRD file
 
 
-def test_there_are_four_examples() -> None:
-    assert [p.name for p in EXAMPLES] == ["digits.yaml", "recommender.yaml", "sentence-encoder.yaml", "torchserve.yaml"]
+def test_the_examples_are_all_checked() -> None:
+    assert [p.name for p in EXAMPLES] == ["digits-blue-green.yaml", "digits.yaml", "recommender.yaml",
+                                          "sentence-encoder.yaml", "torchserve.yaml"]
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in EXAMPLES])
