@@ -21,13 +21,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import lightkube
 import pytest
@@ -86,6 +87,37 @@ class E2E:
         assert body["status"] == "success", body
         result: list[dict[str, Any]] = body["data"]["result"]
         return result
+
+
+class Poller:
+    """Calls ``poll`` at once and then every ``interval`` seconds in a thread, inside a ``with`` block, for at most
+    15 minutes; a failed poll is retried at the next one."""
+
+    interval = 0.25
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 900
+        while not self._stop.wait(self.interval) and time.monotonic() < deadline:
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - a missed poll is retried at the next
+                continue
 
 
 def compression_job(e2e: E2E, name: str) -> dict[str, Any] | None:

@@ -17,7 +17,6 @@ selected at any poll is the figure held at the spec.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from typing import Any
 
@@ -26,7 +25,7 @@ from lightkube.resources.core_v1 import Pod, Service
 
 from shipyard.operator import naming
 from tests.e2e import loadgen, manifests
-from tests.e2e.conftest import E2E, record
+from tests.e2e.conftest import E2E, Poller, record
 from tests.e2e.test_examples import delete_namespace, in_namespace, post_json, ready
 from tests.e2e.test_rollout import LABELS, LOAD_RATE, SAMPLES
 from tests.integration.conftest import wait_until
@@ -66,26 +65,18 @@ class Sample:
         return sum(n for v, n in self.ready.items() if self.selected in ("", naming.build_label_value(v)))
 
 
-class TrafficWatcher:
+class TrafficWatcher(Poller):
     """Polls the model's Service selector and its pods (10/s) in a thread."""
 
+    interval = 0.1
+
     def __init__(self, e2e: E2E) -> None:
+        super().__init__()
         self.e2e = e2e
         self.samples: list[Sample] = []
         self.pod_versions: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="traffic-watcher", daemon=True)
 
-    def __enter__(self) -> TrafficWatcher:
-        self._poll()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _poll(self) -> None:
+    def poll(self) -> None:
         service = self.e2e.client.get(Service, MODEL, namespace=self.e2e.namespace)
         selector = (service.spec.selector or {}) if service.spec else {}
         counts: dict[str, int] = {}
@@ -97,13 +88,6 @@ class TrafficWatcher:
             if conds.get("Ready") == "True" and pod.metadata.deletionTimestamp is None:
                 counts[version] = counts.get(version, 0) + 1
         self.samples.append(Sample(time.time(), selector.get(naming.LABEL_VERSION, ""), counts))
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            try:
-                self._poll()
-            except Exception:  # noqa: BLE001 - a missed poll is retried 0.1 s later
-                continue
 
     def min_serving(self, since: float) -> int:
         return min(s.serving for s in self.samples if s.t >= since)

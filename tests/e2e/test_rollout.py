@@ -19,7 +19,6 @@ import calendar
 import dataclasses
 import json
 import math
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from shipyard.operator import naming
 from shipyard.operator.planning import build_canary_replicas
 from tests import stack
 from tests.e2e import loadgen, manifests
-from tests.e2e.conftest import E2E, SERVICE_IP_PREFIX, compression_job, job_outcome, record
+from tests.e2e.conftest import E2E, SERVICE_IP_PREFIX, Poller, compression_job, job_outcome, record
 from tests.integration.conftest import wait_until
 from tests.integration.test_kstatus import compute as compute_kstatus  # cli-utils' kstatus library (Go)
 
@@ -104,27 +103,17 @@ class Observation:
     step_ready_at: str | None = None  # status.stepReadyAt: the candidate's current step had its pods ready
 
 
-class Watcher:
+class Watcher(Poller):
     """Polls the ModelDeployment and the model's pods (4 per second) in a thread: status transitions with their
     times, and every pod's version label (pods are gone by the time their requests are attributed)."""
 
     def __init__(self, e2e: E2E) -> None:
+        super().__init__()
         self.e2e = e2e
         self.observations: list[Observation] = []
         self.pod_versions: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="md-watcher", daemon=True)
 
-    def __enter__(self) -> Watcher:
-        self._poll()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _poll(self) -> None:
+    def poll(self) -> None:
         md = self.e2e.md(MODEL)
         status = md.get("status") or {}
         self.observations.append(Observation(
@@ -138,14 +127,6 @@ class Watcher:
             version = (pod.metadata.labels or {}).get(naming.LABEL_VERSION)
             if version:
                 self.pod_versions[pod.metadata.name] = version
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + 900
-        while not self._stop.wait(0.25) and time.monotonic() < deadline:
-            try:
-                self._poll()
-            except Exception:  # noqa: BLE001 - a missed poll is retried 0.25 s later
-                continue
 
     def first(self, predicate: Any) -> Observation | None:
         return next((o for o in self.observations if predicate(o)), None)

@@ -912,15 +912,8 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         return
     if not step_done_ready:
         return
-    if verdict is not None and verdict.phase is analysis.Phase.INCONCLUSIVE:
-        if st.paused_reason != Reason.ANALYSIS_INCONCLUSIVE:
-            st.event("Warning", Reason.ANALYSIS_INCONCLUSIVE, f"Version {target}: {verdict.message}")
-        st.conclude(Event.ANALYSIS_INCONCLUSIVE)
-        st.paused_reason = Reason.ANALYSIS_INCONCLUSIVE
-        st.message = f"Holding version {target} at step {st.step + 1}/{len(steps)}: {verdict.message}"
+    if _hold_inconclusive(st, target, verdict, f"at step {st.step + 1}/{len(steps)}"):
         return
-    if st.paused_reason == Reason.ANALYSIS_INCONCLUSIVE:
-        st.paused_reason = None
     step = steps[st.step]
     assert st.step_ready is not None
     if step.manual:
@@ -1068,15 +1061,8 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
         st.message = (f"Version {target} (blue-green, {'active' if switched else 'preview'}): {cand_ready}/{total} "
                       f"pod(s) ready; version {st.stable if not switched else target} serves all traffic")
         return
-    if verdict is not None and verdict.phase is analysis.Phase.INCONCLUSIVE:
-        if st.paused_reason != Reason.ANALYSIS_INCONCLUSIVE:
-            st.event("Warning", Reason.ANALYSIS_INCONCLUSIVE, f"Version {target}: {verdict.message}")
-        st.conclude(Event.ANALYSIS_INCONCLUSIVE)
-        st.paused_reason = Reason.ANALYSIS_INCONCLUSIVE
-        st.message = f"Holding version {target} ({stage}): {verdict.message}"
+    if _hold_inconclusive(st, target, verdict, f"({stage})"):
         return
-    if st.paused_reason == Reason.ANALYSIS_INCONCLUSIVE:
-        st.paused_reason = None
     if verdict is not None and verdict.phase is not analysis.Phase.SUCCESSFUL:
         st.conclude(Event.STEP_PROGRESSING)
         st.message = f"Version {target} ({'active' if switched else 'preview'}): {stage}: {verdict.message}"
@@ -1099,6 +1085,21 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
     st.conclude(Event.STEP_PROGRESSING)
     st.message = f"Version {target} is active; post-promotion analysis running, version {st.stable} kept Ready"
     _plan_analysis(md, meta, st, observed, now, measurements, apply)  # schedules its first measurement
+
+
+def _hold_inconclusive(st: _State, target: str, verdict: analysis.Assessment | None, where: str) -> bool:
+    """An inconclusive analysis holds the candidate where it is (paused, with an Event on entering the pause);
+    True when it does. A conclusive one ends such a pause."""
+    if verdict is not None and verdict.phase is analysis.Phase.INCONCLUSIVE:
+        if st.paused_reason != Reason.ANALYSIS_INCONCLUSIVE:
+            st.event("Warning", Reason.ANALYSIS_INCONCLUSIVE, f"Version {target}: {verdict.message}")
+        st.conclude(Event.ANALYSIS_INCONCLUSIVE)
+        st.paused_reason = Reason.ANALYSIS_INCONCLUSIVE
+        st.message = f"Holding version {target} {where}: {verdict.message}"
+        return True
+    if st.paused_reason == Reason.ANALYSIS_INCONCLUSIVE:
+        st.paused_reason = None
+    return False
 
 
 def _plan_analysis(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
