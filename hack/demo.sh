@@ -155,6 +155,15 @@ show '{.status.phase}' RolledBack 900
 sleep 3
 stop_load
 
+say "Rollback to 1.0.0, kept at 0 replicas: started first, traffic moves once it is Ready (under load)"
+start_load
+kubectl annotate -n $ns md/digits shipyard.dev/rollback-to=1.0.0 >/dev/null
+show '{.status.stableVersion}' 1.0.0 300
+sleep 2
+stop_load
+kubectl get events -n $ns --field-selector involvedObject.kind=ModelDeployment,reason=RolledBack \
+  -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' | tail -1 | sed 's/^/    /'
+
 say "Where it ended"
 kubectl get md -n $ns
 kubectl get deployments -n $ns -L shipyard.dev/version
@@ -173,6 +182,7 @@ hint "kubectl get pods -n $ns -o wide" "real processes on node local-0 (pod IPs 
 hint "cat $state/agent/services.json" "the Service's local port PORT; then e.g."
 hint ".venv/bin/python -m tests.e2e.loadgen --port PORT --seconds 30" "20 requests/s, answers counted per version"
 hint "ls $state/agent/logs/" "each container's output"
+hint "kubectl apply -n $ns -f examples/digits-blue-green.yaml" "the same model blue-green: preview, promote, a rollback window"
 hint "kubectl apply -n $ns -f examples/torchserve.yaml" "the digits model on TorchServe, same canary and rollback"
 hint "kubectl apply -n $ns -f examples/recommender.yaml" "the recommender example (its own compression Job)"
 echo "  # requests per version and status code in Prometheus:"
