@@ -65,6 +65,7 @@ class Sim:
         self.jobs: dict[str, observed.JobView] = {}
         self.config_maps: dict[str, str] = {}
         self.services: dict[str, str] = {}  # name -> spec hash
+        self.budgets: dict[str, str] = {}  # PodDisruptionBudget name -> spec hash
         self.broken: set[str] = set()  # versions whose pods never become ready
         self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
         self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
@@ -83,7 +84,7 @@ class Sim:
     def observed(self) -> observed.Observed:
         return observed.Observed(deployments=dict(self.deployments), services=dict(self.services),
                                  jobs=dict(self.jobs), config_maps=dict(self.config_maps),
-                                 missing_pvc=self.missing_pvc)
+                                 missing_pvc=self.missing_pvc, budgets=dict(self.budgets))
 
     @property
     def status(self) -> dict[str, Any]:
@@ -150,6 +151,8 @@ class Sim:
                 self.services[name] = objects.spec_hash_of(obj)
             elif kind == "ConfigMap":
                 self.config_maps[name] = objects.spec_hash_of(obj)
+            elif kind == "PodDisruptionBudget":
+                self.budgets[name] = objects.spec_hash_of(obj)
             elif kind == "Job":
                 labels = obj["metadata"]["labels"]
                 self.jobs[name] = observed.JobView(name=name, key=labels.get(naming.LABEL_ARTIFACT, ""),
@@ -174,6 +177,8 @@ class Sim:
                 self.config_maps.pop(name, None)
             elif kind == "Service":
                 self.services.pop(name, None)
+            elif kind == "PodDisruptionBudget":
+                self.budgets.pop(name, None)
         for version, view in lagged.items():
             if version in self.deployments and version not in self._catching_up:
                 self.deployments[version] = view
