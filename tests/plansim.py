@@ -67,6 +67,7 @@ class Sim:
         self.services: dict[str, str] = {}  # name -> spec hash
         self.selectors: dict[str, dict[str, str]] = {}  # Service name -> its selector
         self.min_serving: int | None = None  # the fewest ready pods the model's Service selected after any write
+        self.budgets: dict[str, str] = {}  # PodDisruptionBudget name -> spec hash
         self.broken: set[str] = set()  # versions whose pods never become ready
         self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
         self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
@@ -85,7 +86,7 @@ class Sim:
     def observed(self) -> observed.Observed:
         return observed.Observed(deployments=dict(self.deployments), services=dict(self.services),
                                  jobs=dict(self.jobs), config_maps=dict(self.config_maps),
-                                 missing_pvc=self.missing_pvc)
+                                 missing_pvc=self.missing_pvc, budgets=dict(self.budgets))
 
     @property
     def status(self) -> dict[str, Any]:
@@ -154,6 +155,8 @@ class Sim:
                 self._note_peak()
             elif kind == "ConfigMap":
                 self.config_maps[name] = objects.spec_hash_of(obj)
+            elif kind == "PodDisruptionBudget":
+                self.budgets[name] = objects.spec_hash_of(obj)
             elif kind == "Job":
                 labels = obj["metadata"]["labels"]
                 self.jobs[name] = observed.JobView(name=name, key=labels.get(naming.LABEL_ARTIFACT, ""),
@@ -179,6 +182,8 @@ class Sim:
             elif kind == "Service":
                 self.services.pop(name, None)
                 self.selectors.pop(name, None)
+            elif kind == "PodDisruptionBudget":
+                self.budgets.pop(name, None)
         for version, view in lagged.items():
             if version in self.deployments and version not in self._catching_up:
                 self.deployments[version] = view

@@ -111,6 +111,8 @@ RBAC_MATRIX: list[tuple[str, str, str, str, bool, bool, str]] = [
     ("create", "", "services", "watched", True, True, "the model's Service"),
     ("create", "batch", "jobs", "watched", True, True, "compression Jobs"),
     ("create", "batch", "jobs", "other", True, False, "only watched namespaces"),
+    ("create", "policy", "poddisruptionbudgets", "watched", True, True, "one per live version"),
+    ("delete", "policy", "poddisruptionbudgets", "watched", True, True, "a version scaled to 0 loses its budget"),
     ("watch", "", "pods", "watched", True, True, "readiness, scrape targets, compression summaries"),
     ("get", "", "persistentvolumeclaims", "watched", True, True, "the artifacts volume"),
     ("create", "", "events", "watched", True, True, "events on ModelDeployments"),

@@ -69,7 +69,7 @@ VALID_VARIANTS = [
     pytest.param(["spec", "compression", "steps"],
                  [{"prune": {"amount": 0.5, "scope": "structured", "norm": 1}},
                   {"distill": {"student": "models.small:build", "temperature": 2, "alpha": 0.3}},
-                  {"quantize": {"scheme": "int4-weight-only"}}], id="all-step-kinds"),
+                  {"quantize": {"scheme": "int8-weight-only"}}], id="all-step-kinds"),
     pytest.param(["spec", "serving", "resources"],
                  {"requests": {"nvidia.com/gpu": "2"}, "limits": {"nvidia.com/gpu": 2, "memory": "1Gi"}},
                  id="gpus-requests-equal-limits"),
@@ -272,7 +272,9 @@ INVALID = [
 
 
 @pytest.mark.parametrize(("mutations", "message"), [
-    pytest.param([(["spec", "compression", "steps", 2, "quantize", "scheme"], "fp8")],
+    pytest.param([(["spec", "compression", "steps", 2, "quantize", "scheme"], "fp8"),
+                   # a CUDA-only artifact is served by GPU pods (refused with CPU pods whatever the mode)
+                   (["spec", "serving", "resources"], {"limits": {"nvidia.com/gpu": 1}})],
                  "mode on needs a CPU package, and fp8 and int4-weight-only quantize for CUDA",
                  id="mode-on-after-a-cuda-scheme"),
     pytest.param([(["spec", "serving", "resources"], {"limits": {"nvidia.com/gpu": 1}})],

@@ -500,6 +500,121 @@ CEL_VIOLATIONS.update({
 })
 
 
+# Pod templates (docs/pods.md): each rule of spec.serving.podTemplate and spec.compression.podTemplate, wherever the
+# schema has it, violated by a template that nests one invalid object at the rule's place (the list items around it
+# valid); the error names the rule's object (and its fieldPath).
+_ITEM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "containers": {"name": "side", "image": "registry.example/side:1"},
+    "initContainers": {"name": "init", "image": "registry.example/init:1"},
+    "volumes": {"name": "v", "emptyDir": {}}, "env": {"name": "E"}, "envFrom": {}, "ports": {"containerPort": 1},
+    "volumeMounts": {"name": "v", "mountPath": "/m"}, "sysctls": {"name": "net.ipv4.tcp_syncookies", "value": "1"},
+    "tolerations": {},
+}
+_LEAVES: list[tuple[str, Callable[[str], dict[str, Any]]]] = [  # (message start, invalid object at the rule's place)
+    ("hostNetwork true", lambda m: {"hostNetwork": True}), ("hostPID true", lambda m: {"hostPID": True}),
+    ("hostIPC true", lambda m: {"hostIPC": True}), ("privileged:", lambda m: {"privileged": True}),
+    ("allowPrivilegeEscalation true", lambda m: {"allowPrivilegeEscalation": True}),
+    ("procMount Unmasked", lambda m: {"procMount": "Unmasked"}),
+    ("runAsNonRoot false", lambda m: {"runAsNonRoot": False}), ("runAsUser 0", lambda m: {"runAsUser": 0}),
+    ("capabilities other than", lambda m: {"add": ["SYS_ADMIN"]}),
+    ("keeping capabilities", lambda m: {"drop": ["NET_RAW"]}),
+    ("seccomp Unconfined", lambda m: {"type": "Unconfined"}), ("AppArmor Unconfined", lambda m: {"type": "Unconfined"}),
+    ("SELinux types", lambda m: {"type": "spc_t"}), ("a custom SELinux user", lambda m: {"user": "system_u"}),
+    ("a custom SELinux role", lambda m: {"role": "system_r"}),
+    ("sysctls outside", lambda m: {"name": "kernel.msgmax", "value": "1"}),
+    ("hostPort", lambda m: {"containerPort": 80, "hostPort": 80}),
+    ("volumes artifacts", lambda m: {"name": "tmp", "emptyDir": {}}),
+    ("a volume sets one source", lambda m: {"name": "v", "emptyDir": {}, "secret": {"secretName": "s"}}),
+    ("label ", lambda m: {"labels": {m.split()[1]: "x"}}),
+    ("an AppArmor profile", lambda m: {"annotations": {
+        "container.apparmor.security.beta.kubernetes.io/server": "unconfined"}}),
+    ("labels keys must be at most", lambda m: {"k" * 318: "x"}),
+    ("annotations keys must be at most", lambda m: {"k" * 318: "x"}),
+    ("nodeSelector keys must be at most", lambda m: {"k" * 318: "x"}),
+    ("labels keys must be qualified", lambda m: {"not a key": "x"}),
+    ("annotations keys must be qualified", lambda m: {"not a key": "x"}),
+    ("nodeSelector keys must be qualified", lambda m: {"not a key": "x"}),
+    ("labels values", lambda m: {"k": "not a value"}),
+    ("nodeSelector values", lambda m: {"k": "not a value"}),
+    ("resource names", lambda m: {"r" * 318: "1"}),
+    ("resources has requests", lambda m: {"claims": {}}),
+    ("a toleration with operator Exists", lambda m: {"operator": "Exists", "value": "v"}),
+    ("an env variable sets value or valueFrom", lambda m: {
+        "name": "E", "value": "v", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}),
+    ("valueFrom must set one of", lambda m: {}),
+    ("valueFrom must set only one of", lambda m: {"secretKeyRef": {"name": "s", "key": "k"},
+                                                  "configMapKeyRef": {"name": "c", "key": "k"}}),
+    ("envFrom must set one of", lambda m: {}),
+    ("envFrom must set only one of", lambda m: {"secretRef": {"name": "s"}, "configMapRef": {"name": "c"}}),
+    ("a sidecar container must set image", lambda m: {"name": "side"}),
+    ("an init container must set image", lambda m: {"name": "init"}),
+    ("is the name of Shipyard's container", lambda m: {"name": "server", "image": "registry.example/x:1"}),
+]
+_OWNED: dict[str, Any] = {  # a field of Shipyard's model container -> a value it must not take
+    "image": "registry.example/x:1", "command": ["sh"], "ports": [{"containerPort": 1}],
+    "readinessProbe": {"exec": {"command": ["true"]}}, "livenessProbe": {"exec": {"command": ["true"]}},
+    "startupProbe": {"exec": {"command": ["true"]}}, "resources": {"limits": {"cpu": "1"}},
+    "env": [{"name": "SHIPYARD_MODEL_NAME", "value": "x"}], "volumeMounts": [{"name": "v", "mountPath": "/tmp"}],
+}
+
+
+def _leaf(message: str) -> dict[str, Any]:
+    owned = re.match(r"^(\w+) of the (\w+) container: ", message)
+    if owned:
+        return {"name": owned[2], owned[1]: _OWNED[owned[1]]}
+    volume = re.match(r"^(\w+) volumes: ", message)
+    if volume:
+        return {"name": "v", volume[1]: {}}
+    for start, build in _LEAVES:
+        if message.startswith(start):
+            return build(message)
+    raise AssertionError(f"no violation for the pod template rule {message!r}")
+
+
+def _pod_template_case(path: str, rule: dict[str, Any]) -> tuple[tuple[str | int, ...], st.SearchStrategy[Any], str]:
+    """The podTemplate (of spec.serving or spec.compression) violating ``rule`` of the schema object at ``path``."""
+    head, _, rest = path.partition(".podTemplate")
+    root: tuple[str | int, ...] = (*head.split("."), "podTemplate")
+    value: Any = _leaf(rule["message"])
+    where: list[str | int] = []
+    tokens = re.findall(r"[A-Za-z]+|\[\]|\{\}", rest)
+    for token in tokens:  # the concrete location of the rule's object, list items at index 0, map values at limits
+        where += [0] if token == ITEM else ["\0limits"] if token == VALUE else [token]
+    for i in range(len(tokens) - 1, -1, -1):  # nest the leaf, from the innermost token out
+        token = tokens[i]
+        if token == ITEM and i == len(tokens) - 1:
+            value = [value]  # the rule's object is the item: the leaf is all of it
+        elif token == ITEM:
+            value = [{**_ITEM_DEFAULTS.get(str(tokens[i - 1]), {}), **value}]
+        elif token == VALUE:
+            value = {"limits": value}
+        else:
+            value = {token: value}
+    field = field_name((*root, *where)).replace(".\0limits", "[limits]") + rule.get("fieldPath", "")
+    return root, st.just(value), field
+
+
+CEL_VIOLATIONS.update({
+    (schema_name(path), rule["message"]): [_pod_template_case(schema_name(path), rule)]
+    for path, node in walk(SCHEMA) if ".podTemplate" in schema_name(path)
+    for rule in node.get("x-kubernetes-validations", [])})
+_NO_GPU = {**rich_digits()["spec"], "serving": {**rich_digits()["spec"]["serving"], "resources": {}}}
+CEL_VIOLATIONS.update({
+    _rule("spec", "spec.compression.steps[].quantize.scheme fp8 and int4-weight-only"): [
+        _cel(("spec",), st.just({**_NO_GPU, "compression": {**_NO_GPU["compression"], "steps": [
+            {"quantize": {"scheme": "fp8"}}]}}), ("spec", "serving", "resources"))],
+    _rule("spec.serving", "spec.serving.server configures"): [
+        _cel(("spec", "serving"), st.just({**rich_digits()["spec"]["serving"], "server": {"dtype": "float16"},
+                                           "runtime": CUSTOM}), ("spec", "serving", "server"))],
+    _rule("spec.serving.disruptionBudget", "spec.serving.disruptionBudget sets"): [
+        _cel(("spec", "serving", "disruptionBudget"), st.just({"maxUnavailable": 1, "minAvailable": 1}),
+             ("spec", "serving", "disruptionBudget", "minAvailable"))],
+    **{_rule(f"spec.serving.disruptionBudget.{bound}", "must be a number of pods"): [
+        _cel(("spec", "serving", "disruptionBudget", bound), I(100001, 10**6))]
+       for bound in ("maxUnavailable", "minAvailable")},
+})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The strategy: pick a kind, then a field of that kind, then a violating value
 

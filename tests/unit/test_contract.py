@@ -103,6 +103,8 @@ def test_compression_jobs_run_a_config_the_runtime_accepts(path: Path, recipe_fi
     body = load(path)
     if recipe_fields is not None:
         body["spec"]["compression"].update(recipe_fields)
+    if recipe_fields is CUDA_RECIPE:  # a CUDA-only artifact is served by GPU pods (refused otherwise)
+        body["spec"]["serving"]["resources"] = {"limits": {"nvidia.com/gpu": 1}}
     md = spec_mod.parse_model_deployment(body)
     compression = md.spec.compression
     assert compression is not None

@@ -229,13 +229,15 @@ def test_a_new_model_gets_its_deployment_and_service_and_one_status_write() -> N
     op = operator_with(kube)
     op.caches.models["ml/digits"] = model()
     asyncio.run(_pass(op))
-    assert sorted(kube.of("apply")) == [("Deployment", "digits-1-0-0"), ("Service", "digits")]
+    # two replicas: the version's PodDisruptionBudget too (maxUnavailable 1 by default)
+    assert sorted(kube.of("apply")) == [("Deployment", "digits-1-0-0"), ("PodDisruptionBudget", "digits-1-0-0"),
+                                        ("Service", "digits")]
     (status,) = kube.of("status")
     assert status["phase"] == "Progressing" and status["observedGeneration"] == 1
     assert kube.of("event") == ["Deploying"]
     assert kube.of("list_pods") == [] and kube.of("pvc") == []  # nothing needed them
     # What was applied is in the cache: the next pass plans from it and writes nothing new.
-    assert set(op.caches.children["ml/digits"]) == {"Deployment", "Service"}
+    assert set(op.caches.children["ml/digits"]) == {"Deployment", "PodDisruptionBudget", "Service"}
     kube.calls.clear()
     asyncio.run(_pass(op))
     assert kube.of("apply") == [] and kube.of("scale") == [] and kube.of("delete") == []

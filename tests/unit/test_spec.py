@@ -255,7 +255,7 @@ def test_parse_duration_sums_parts(h: int, m: int, s: int, ms: int) -> None:
                                 "spec.compression", {"steps": [{"prune": {"amount": 0.5}},
                                                                {"prune": {"amount": 0.5, "scope": "structured"}},
                                                                {"distill": {"student": "a:b"}},
-                                                               {"quantize": {"scheme": "fp8"}}],
+                                                               {"quantize": {"scheme": "int8-weight-only"}}],
                                                      "evaluation": {"dataset": "builtin:digits"},
                                                      "artifacts": {"pvc": "a"}}),
                  id="every-defaulted-field-absent"),

@@ -79,6 +79,10 @@ which runs the operator authenticated as this ServiceAccount.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [list, watch, create, patch, delete]
+# One PodDisruptionBudget per live version (spec.serving.disruptionBudget), deleted with its version's replicas.
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [list, watch, create, patch, delete]
 # Pods of the children: readiness, scrape targets, compression summaries (termination messages).
 - apiGroups: [""]
   resources: [pods]

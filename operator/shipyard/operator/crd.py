@@ -95,7 +95,10 @@ def build_crd() -> dict[str, Any]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block style, keys in the order built, long strings folded."""
+    """Block style, keys in the order built, long strings folded, no anchors (a type used twice is written twice)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:

@@ -1,7 +1,7 @@
 """The Kopf shell (I/O): watch -> cache -> work queue -> observe, measure, plan, apply. The only module with Kopf.
 
 Kopf supplies the watches (with its reconnects, peering and liveness). Its event handlers only update an
-in-memory cache of ModelDeployments and of the children Shipyard manages (Deployments, Services, Jobs,
+in-memory cache of ModelDeployments and of the children Shipyard manages (Deployments, Services, Jobs, PDBs,
 ConfigMaps and the pods of Jobs; server-side filtered by the ``app.kubernetes.io/managed-by=shipyard`` label) and
 enqueue the owning ModelDeployment. Queue workers then reconcile each object level-triggered (``reconcile``): parse
 its spec once, observe its children from the cache (``observed``), measure the analysis metrics that are due
@@ -42,7 +42,7 @@ API_ERROR_BACKOFF: Final = 5.0
 CONFLICT_RETRY: Final = 0.5
 PAUSED_RETRY_SECONDS: Final = 2.0
 PEERING_LIFETIME_SECONDS: Final = 15
-CHILD_KINDS: Final = ("Deployment", "Service", "Job", "ConfigMap", "Pod")
+CHILD_KINDS: Final = ("Deployment", "Service", "Job", "ConfigMap", "PodDisruptionBudget", "Pod")
 # The pods whose termination messages and exit codes count: compression and analysis Jobs'.
 WATCHED_POD_COMPONENTS: Final = ("compression", providers.base.MEASUREMENT_COMPONENT)
 
@@ -210,6 +210,8 @@ def assess_wakes_owner(body: Mapping[str, Any]) -> bool:
     """Whether a child's change can change a decision. Serving pods only feed the cache (their readiness reaches the
     planner through their Deployment's status), so their many status updates do not cost reconciles; a Job's pod
     matters once it has terminated (its termination message and exit code)."""
+    if body.get("kind") == "PodDisruptionBudget":
+        return False  # its status follows the pods; the owner is woken when one is deleted (_child_event)
     if body.get("kind") != "Pod":
         return True
     labels = body.get("metadata", {}).get("labels") or {}
@@ -403,7 +405,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Server-side filtering: only the children Shipyard manages are listed, watched and cached.
     selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
     for resource in (("apps", "v1", "deployments"), ("v1", "services"), ("batch", "v1", "jobs"),
-                     ("v1", "configmaps")):
+                     ("v1", "configmaps"), ("policy", "v1", "poddisruptionbudgets")):
         settings.watching.label_selectors[resource] = selector
     # Of the pods, only the Jobs' (compression, analysis: their termination messages); serving pods are listed when
     # a measurement needs them.
@@ -474,8 +476,9 @@ async def model_event(event: Mapping[str, Any], body: kopf.Body, namespace: str 
 
 async def _child_event(event: Mapping[str, Any], body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     op = _operator(memo)
-    key = op.remember_child(body, deleted=event.get("type") == "DELETED")
-    if key is not None and assess_wakes_owner(body):
+    deleted = event.get("type") == "DELETED"
+    key = op.remember_child(body, deleted=deleted)
+    if key is not None and (assess_wakes_owner(body) or deleted and body.get("kind") == "PodDisruptionBudget"):
         op.queue.add(key)
 
 
@@ -490,6 +493,7 @@ def _index_child(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 MANAGED: Final = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 for _group, _version, _plural in (("apps", "v1", "deployments"), ("", "v1", "services"), ("batch", "v1", "jobs"),
-                                  ("", "v1", "configmaps"), ("", "v1", "pods")):
+                                  ("", "v1", "configmaps"), ("policy", "v1", "poddisruptionbudgets"),
+                                  ("", "v1", "pods")):
     kopf.index(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_index")(_index_child)
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_event")(_child_event)

@@ -34,6 +34,8 @@ _RESOURCES: dict[tuple[str, str], Any] = {
     ("v1", "Event"): create_namespaced_resource("", "v1", "Event", "events"),
     ("v1", "ConfigMap"): create_namespaced_resource("", "v1", "ConfigMap", "configmaps"),
     ("v1", "Pod"): create_namespaced_resource("", "v1", "Pod", "pods"),
+    ("policy/v1", "PodDisruptionBudget"): create_namespaced_resource("policy", "v1", "PodDisruptionBudget",
+                                                                     "poddisruptionbudgets"),
     ("v1", "PersistentVolumeClaim"): create_namespaced_resource("", "v1", "PersistentVolumeClaim",
                                                                 "persistentvolumeclaims"),
     (naming.API_VERSION, naming.KIND): create_namespaced_resource(

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from shipyard import contract
 from shipyard.contract import quantity
-from shipyard.operator import naming, runtimes
+from shipyard.operator import naming, podtemplate, runtimes
 from shipyard.operator import spec as spec_mod
 
 ARTIFACTS_VOLUME = "artifacts"
@@ -170,6 +170,9 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
         "securityContext": _container_security(),
     }
     resources = compression.resources.as_k8s()
+    gpus, placement = podtemplate.build_compression_placement(compression, md.spec.serving)
+    if gpus:  # a recipe that needs CUDA, without GPUs in spec.compression.resources
+        resources = {**resources, "limits": {**resources.get("limits", {}), **gpus}}
     if resources:
         container["resources"] = resources
     volumes: list[dict[str, Any]] = [
@@ -187,7 +190,7 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
             "backoffLimit": compression.backoff_limit,
             "activeDeadlineSeconds": compression.active_deadline_seconds,
             "ttlSecondsAfterFinished": 7 * 24 * 3600,
-            "template": {
+            "template": podtemplate.build_merged_template({
                 "metadata": {"labels": {**labels, naming.LABEL_MANAGED_BY: naming.MANAGED_BY}},
                 "spec": {
                     "restartPolicy": "Never",
@@ -196,8 +199,9 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
                     "securityContext": _pod_security(),
                     "enableServiceLinks": False,
                     "automountServiceAccountToken": False,
+                    **placement,
                 },
-            },
+            }, podtemplate.build_overlay(compression.pod_template)),
         },
     })
     return config_map, job
@@ -266,7 +270,8 @@ def _build_shipyard_container(md: spec_mod.ModelDeployment, version: str, image:
     grpc = spec.serving.grpc
     http = grpc is None or grpc.http
     path = artifact_path or build_source_path(md) or contract.ARTIFACTS_MOUNT
-    command = [contract.RUNTIME_COMMAND, contract.SERVE_SUBCOMMAND, "--port", str(contract.SERVING_PORT)]
+    command = [contract.RUNTIME_COMMAND, contract.SERVE_SUBCOMMAND, "--port", str(contract.SERVING_PORT),
+               *podtemplate.build_server_args(spec.serving.server)]
     ports = [{"name": contract.SERVING_PORT_NAME, "containerPort": contract.SERVING_PORT, "protocol": "TCP"}]
     if grpc is not None:
         command += [contract.SERVE_GRPC_PORT_FLAG, str(contract.GRPC_PORT)]
@@ -427,10 +432,10 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
             "revisionHistoryLimit": 2,
             "selector": {"matchLabels": labels},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {
+            "template": podtemplate.build_merged_template({
                 "metadata": {"labels": {**labels, naming.LABEL_MANAGED_BY: naming.MANAGED_BY}},
                 "spec": pod_spec,
-            },
+            }, podtemplate.build_overlay(spec.serving.pod_template)),
         },
     })
 

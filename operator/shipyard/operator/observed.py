@@ -1,6 +1,6 @@
 """What the operator observed of a ModelDeployment's children, as the planner reads it. Pure, no I/O.
 
-The shell keeps the raw bodies of the children Shipyard manages (Deployments, Services, Jobs, ConfigMaps and the
+The shell keeps the raw bodies of the children Shipyard manages (Deployments, Services, Jobs, PDBs, ConfigMaps and the
 pods of Jobs) in its cache; ``build_observed`` turns them into the small views the planner decides on. The decisions
 about what a child's status means live here, next to the views: when a Deployment's pods count as ready
 (``DeploymentView.ready``), what phase a Job is in and what its pod reported (``build_job_view``: the termination
@@ -71,6 +71,7 @@ class Observed:
     jobs: Mapping[str, JobView] = field(default_factory=dict)  # by Job name
     config_maps: Mapping[str, str] = field(default_factory=dict)  # ConfigMap name -> spec hash
     missing_pvc: str | None = None  # the artifacts PVC, when the shell found it missing
+    budgets: Mapping[str, str] = field(default_factory=dict)  # PodDisruptionBudget name -> spec hash
 
 
 
@@ -148,5 +149,7 @@ def build_observed(children: Mapping[str, Mapping[str, Mapping[str, Any]]], miss
     jobs = {name: build_job_view(body, pods) for name, body in (children.get("Job") or {}).items()}
     config_maps = {name: (body["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
                    for name, body in (children.get("ConfigMap") or {}).items()}
+    budgets = {name: (body["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
+               for name, body in (children.get("PodDisruptionBudget") or {}).items()}
     return Observed(deployments=deployments, services=service_hashes, jobs=jobs, config_maps=config_maps,
-                    missing_pvc=missing_pvc)
+                    missing_pvc=missing_pvc, budgets=budgets)

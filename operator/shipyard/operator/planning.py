@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard import contract
-from shipyard.operator import analysis, naming, objects, providers, rollout
+from shipyard.operator import analysis, disruption, naming, objects, providers, rollout
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.observed import Observed
 from shipyard.operator.rollout import Event, Outcome, Phase, Reason
@@ -450,6 +450,9 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
             desired[version] = 0
         else:
             deletes.append(("apps/v1", "Deployment", observed.deployments[version].name))
+    budgets, stale_budgets = disruption.plan_budgets(meta, md, desired, observed)  # one per version with replicas
+    apply += budgets
+    deletes += stale_budgets
 
     _plan_transition_events(st)
 

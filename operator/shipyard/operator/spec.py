@@ -30,7 +30,7 @@ from docker_image import reference as image_reference
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from shipyard.contract import quantity, recipe, schema
-from shipyard.operator import runtimes
+from shipyard.operator import disruption, podtemplate, runtimes
 from shipyard.operator.providers import builtin as builtin_provider
 from shipyard.operator.providers import job as job_provider
 from shipyard.operator.providers import prometheus as prometheus_provider
@@ -265,6 +265,7 @@ class Compression(schema.ApiModel):
     """Retries of the compression Job's pod before the Job fails. Default 1."""
     active_deadline_seconds: Annotated[int, Field(ge=60, le=604800)] = 3600
     """Wall-clock limit of the compression Job, in seconds. Default 3600."""
+    pod_template: podtemplate.CompressionPodTemplate | None = None
 
     @property
     def artifacts_pvc(self) -> str:
@@ -288,26 +289,7 @@ class Batching(schema.ApiModel):
     """Longest wait, in milliseconds, for a batch to fill (never waited on an empty queue). Default 5."""
 
 
-class Toleration(schema.ApiModel):
-    """A toleration, as in a pod spec."""
-
-    __cel__ = (schema.Cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
-                          "a toleration with operator Exists must not set value", field_path=".value"),)
-
-    key: Annotated[str, Field(max_length=317)] | None = None
-    """Taint key; empty with operator Exists matches every taint."""
-    operator: Literal["Exists", "Equal"] | None = None
-    """Exists or Equal (default Equal)."""
-    value: Annotated[str, Field(max_length=63)] | None = None
-    """Taint value matched with operator Equal."""
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    """Taint effect to match; empty matches all effects."""
-    toleration_seconds: Annotated[int, Field(json_schema_extra=schema.k8s(format="int64"))] | None = None
-    """For NoExecute, how long the pod stays bound after the taint appears."""
-
-    def as_k8s(self) -> dict[str, object]:
-        """The toleration as in a pod spec (camelCase, unset fields left out)."""
-        return self.model_dump(by_alias=True, exclude_none=True)
+Toleration = podtemplate.Toleration  # defined with the pod template types (spec.serving.podTemplate)
 
 
 class Grpc(schema.ApiModel):
@@ -324,6 +306,7 @@ class Grpc(schema.ApiModel):
 class Serving(schema.ApiModel):
     """The inference pods of every version."""
 
+    __constraints__ = (podtemplate.SERVER_NOT_WITH_RUNTIME,)
     __cel__ = (
         schema.Cel("!has(self.grpc) || !has(self.runtime)",
                    "spec.serving.grpc turns on Shipyard's server's gRPC; a runtime declares its gRPC port in "
@@ -366,6 +349,9 @@ class Serving(schema.ApiModel):
     """The serving runtime when it is not Shipyard's own server: a preset (torchserve, triton, vllm) and/or an
     explicit container (command, args, env, ports, probes, modelMountPath, metrics mapping). Absent: shipyard-runtime
     serve, whose pods are as before. Batching applies to Shipyard's server only (configure the runtime's own)."""
+    server: podtemplate.Server | None = None
+    pod_template: podtemplate.ServingPodTemplate | None = None
+    disruption_budget: disruption.DisruptionBudget | None = None
 
 
 class RolloutStep(schema.ApiModel):
@@ -611,6 +597,7 @@ class Rollback(schema.ApiModel):
 class ModelDeploymentSpec(schema.ApiModel):
     """Desired state of the ModelDeployment."""
 
+    __constraints__ = (podtemplate.CUDA_ARTIFACT_NEEDS_GPU_PODS,)
     __cel__ = (schema.Cel(
         "!has(self.compression) || !has(self.compression.compiled) || !has(self.compression.compiled.aotInductor) || "
         "!self.compression.compiled.aotInductor || !has(self.serving) || !has(self.serving.batching) || "
@@ -739,6 +726,9 @@ def parse_spec(body: Mapping[str, object], path: str = "spec") -> ModelDeploymen
         raise SpecError(field, problem) from None
     parse_image(spec.image, f"{path}.image")
     _check_runtime(spec, path)
+    pod_problem = podtemplate.assess_spec(spec, path)
+    if pod_problem is not None:
+        raise SpecError(*pod_problem)
     if spec.compression is not None:
         problems = recipe.assess_step_order(list(spec.compression.steps), f"{path}.compression.steps")
         if problems:
