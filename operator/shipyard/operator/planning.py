@@ -450,9 +450,6 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
             desired[version] = 0
         else:
             deletes.append(("apps/v1", "Deployment", observed.deployments[version].name))
-    budgets, stale_budgets = disruption.plan_budgets(meta, md, desired, observed)  # one per version with replicas
-    apply += budgets
-    deletes += stale_budgets
 
     _plan_transition_events(st)
 
@@ -465,6 +462,10 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         for version, kept in observed.deployments.items():
             if version in desired and desired[version] < kept.replicas:
                 desired[version] = kept.replicas
+        deletes[:] = [d for d in deletes if d[1] != "Deployment"]  # (beyond revisionHistoryLimit) the next pass
+    budgets, stale_budgets = disruption.plan_budgets(meta, md, desired, observed)  # one per version with replicas
+    apply += budgets
+    deletes += stale_budgets
 
     scales: list[tuple[str, int]] = []
     target_view = observed.deployments.get(target)
@@ -472,7 +473,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         target_obj = build_deployment(meta, md, target, image, desired[target], artifact_path)
         if target_view is None or target_view.spec_hash != objects.spec_hash_of(target_obj):
             apply.append(target_obj)
-    applied = {o["metadata"]["name"] for o in apply}
+    applied = {o["metadata"]["name"] for o in apply if o["kind"] == "Deployment"}  # (a PDB has its Deployment's name)
     for version, count in sorted(desired.items()):
         view = observed.deployments.get(version)
         # The target is applied when its template changed; a kept one with the same template (a version scaled to 0
