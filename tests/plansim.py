@@ -68,6 +68,10 @@ class Sim:
         self.selectors: dict[str, dict[str, str]] = {}  # Service name -> its selector
         self.min_serving: int | None = None  # the fewest ready pods the model's Service selected after any write
         self.budgets: dict[str, str] = {}  # PodDisruptionBudget name -> spec hash
+        self.scalers: dict[str, observed.ScalerView] = {}  # ScaledObject / HPA name -> view
+        self.scaler_writes = 0  # scaler objects applied
+        self.keda: bool | None = None  # whether the fake API server serves ScaledObjects (None: not looked up)
+        self.prometheus_address: str | None = None  # the operator's --prometheus-address
         self.broken: set[str] = set()  # versions whose pods never become ready
         self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
         self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
@@ -86,7 +90,8 @@ class Sim:
     def observed(self) -> observed.Observed:
         return observed.Observed(deployments=dict(self.deployments), services=dict(self.services),
                                  jobs=dict(self.jobs), config_maps=dict(self.config_maps),
-                                 missing_pvc=self.missing_pvc, budgets=dict(self.budgets))
+                                 missing_pvc=self.missing_pvc, budgets=dict(self.budgets),
+                                 scalers=dict(self.scalers), keda=self.keda)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -122,7 +127,8 @@ class Sim:
                 if isinstance(value, ConnectionError) else analysis.Sample(value=value, query="q")
             measurements = {name: analysis.Measurement(candidate=sample, stable=analysis.Sample(0.0, "q"))
                             for name in request.metrics}
-        return planning.plan_reconcile(body, self.observed(), self.now, measurements, parsed=parsed)
+        return planning.plan_reconcile(body, self.observed(), self.now, measurements, parsed=parsed,
+                                       prometheus_address=self.prometheus_address)
 
     def _lag(self, version: str, old: observed.DeploymentView, caught_up: observed.DeploymentView) -> None:
         """spec.replicas changed; the status still describes the old generation until the next pass."""
@@ -157,6 +163,9 @@ class Sim:
                 self.config_maps[name] = objects.spec_hash_of(obj)
             elif kind == "PodDisruptionBudget":
                 self.budgets[name] = objects.spec_hash_of(obj)
+            elif kind in ("ScaledObject", "HorizontalPodAutoscaler"):
+                self.scalers[name] = observed.ScalerView(kind=kind, spec_hash=objects.spec_hash_of(obj))
+                self.scaler_writes += 1
             elif kind == "Job":
                 labels = obj["metadata"]["labels"]
                 self.jobs[name] = observed.JobView(name=name, key=labels.get(naming.LABEL_ARTIFACT, ""),
@@ -184,6 +193,8 @@ class Sim:
                 self.selectors.pop(name, None)
             elif kind == "PodDisruptionBudget":
                 self.budgets.pop(name, None)
+            elif kind in ("ScaledObject", "HorizontalPodAutoscaler"):
+                self.scalers.pop(name, None)
         for version, view in lagged.items():
             if version in self.deployments and version not in self._catching_up:
                 self.deployments[version] = view

@@ -826,9 +826,11 @@ def test_crd_names_and_columns() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["md", "mds"]
     (version,) = crd["spec"]["versions"]
     assert (version["name"], version["served"], version["storage"], version["subresources"]) == (
-        "v1alpha1", True, True, {"status": {}})
+        "v1alpha1", True, True, {"status": {}, "scale": {"specReplicasPath": ".spec.serving.replicas",
+                                                         "statusReplicasPath": ".status.replicas.current",
+                                                         "labelSelectorPath": ".status.selector"}})
     columns = [c["name"] for c in version["additionalPrinterColumns"] if c.get("priority", 0) == 0]
-    assert columns == ["Phase", "Stable", "Candidate", "Ready", "Age"]
+    assert columns == ["Phase", "Stable", "Candidate", "Ready", "Desired", "Current", "Age"]
 
 
 def test_every_schema_field_is_described_and_every_rule_has_a_message() -> None:

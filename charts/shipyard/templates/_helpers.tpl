@@ -83,6 +83,13 @@ which runs the operator authenticated as this ServiceAccount.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [list, watch, create, patch, delete]
+# The scaler of spec.serving.autoscaling: a HorizontalPodAutoscaler or a KEDA ScaledObject (when KEDA is installed).
+- apiGroups: [autoscaling]
+  resources: [horizontalpodautoscalers]
+  verbs: [list, watch, create, patch, delete]
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [list, watch, create, patch, delete]
 # Pods of the children: readiness, scrape targets, compression summaries (termination messages).
 - apiGroups: [""]
   resources: [pods]

@@ -79,6 +79,8 @@ METRIC_REQUEST_DURATION = "shipyard_request_duration_seconds"  # histogram; labe
 METRIC_BATCH_SIZE = "shipyard_batch_size"  # histogram
 METRIC_QUEUE_DURATION = "shipyard_queue_duration_seconds"  # histogram
 METRIC_INFLIGHT = "shipyard_inflight_requests"  # gauge
+METRIC_QUEUE_DEPTH = "shipyard_queue_depth"  # gauge: requests waiting for a batch
+METRIC_CPU_SECONDS = "shipyard_cpu_seconds_total"  # counter: CPU time of the server process (user + system)
 METRIC_MODEL_READY = "shipyard_model_ready"  # gauge 0/1
 METRIC_HTTP_DURATION = "http_request_duration_seconds"  # labels: method, path (route template), status
 # GPU gauges, one series per CUDA device in use (absent on CPU); labels: model, version, device ("cuda:0").

@@ -82,7 +82,7 @@ def build_budgets(meta: objects.Meta, md: spec_mod.ModelDeployment,
     serving = md.spec.serving
     budget = serving.disruption_budget or DisruptionBudget()
     explicit = budget.max_unavailable is not None or budget.min_available is not None
-    if not budget.enabled or (not explicit and serving.replicas <= 1):
+    if not budget.enabled or (not explicit and serving.effective_replicas <= 1):
         return []
     return [build_budget(meta, version, budget) for version, replicas in sorted(desired.items()) if replicas > 0]
 

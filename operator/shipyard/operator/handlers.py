@@ -31,7 +31,17 @@ import kopf
 import lightkube
 
 from shipyard import contract
-from shipyard.operator import egress, metrics, naming, notifications, observed, planning, providers, runtimes
+from shipyard.operator import (
+    autoscaling,
+    egress,
+    metrics,
+    naming,
+    notifications,
+    observed,
+    planning,
+    providers,
+    runtimes,
+)
 from shipyard.operator import kube as kube_mod
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.rollout import Reason
@@ -42,7 +52,9 @@ API_ERROR_BACKOFF: Final = 5.0
 CONFLICT_RETRY: Final = 0.5
 PAUSED_RETRY_SECONDS: Final = 2.0
 PEERING_LIFETIME_SECONDS: Final = 15
-CHILD_KINDS: Final = ("Deployment", "Service", "Job", "ConfigMap", "PodDisruptionBudget", "Pod")
+CHILD_KINDS: Final = ("Deployment", "Service", "Job", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler",
+                      "ScaledObject", "Pod")
+KEDA_LOOKUP_SECONDS: Final = 30.0  # whether KEDA's ScaledObjects are served is looked up again after this long
 # The pods whose termination messages and exit codes count: compression and analysis Jobs'.
 WATCHED_POD_COMPONENTS: Final = ("compression", providers.base.MEASUREMENT_COMPONENT)
 
@@ -57,6 +69,7 @@ class KubeApi(Protocol):
     async def post_event(self, owner: Mapping[str, Any], type_: str, reason: str, message: str) -> None: ...
     async def list_pods(self, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]: ...
     async def pvc_exists(self, namespace: str, name: str) -> bool: ...
+    async def serves(self, api_version: str, kind: str, namespace: str) -> bool: ...
     async def fetch_namespace_annotations(self, namespace: str) -> dict[str, str]: ...
     async def close(self) -> None: ...
 
@@ -83,6 +96,7 @@ class Operator:
     task: asyncio.Task[None] | None = None
     paused: bool = False  # Kopf's peering paused this replica in favour of another: act on nothing
     background: set[asyncio.Task[None]] = field(default_factory=set)
+    keda_seen: dict[str, tuple[float, bool]] = field(default_factory=dict)  # namespace -> (when, served)
     notifier: notifications.Notifier | None = None  # webhook notifications (--notifications-namespace)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -234,6 +248,20 @@ async def _missing_pvc(op: Operator, md: spec_mod.ModelDeployment, status: Mappi
     return None
 
 
+async def _keda_served(op: Operator, md: spec_mod.ModelDeployment, namespace: str) -> bool | None:
+    """Whether KEDA's ScaledObjects are served, looked up (one LIST, at most every KEDA_LOOKUP_SECONDS per namespace)
+    only for a spec that scales with KEDA; None otherwise."""
+    auto = md.spec.serving.autoscaling
+    if auto is None or auto.provider != "keda":
+        return None
+    seen = op.keda_seen.get(namespace)
+    if seen is not None and time.monotonic() - seen[0] < KEDA_LOOKUP_SECONDS:
+        return seen[1]
+    served = await op.kube.serves(autoscaling.KEDA_API, autoscaling.SCALED_OBJECT, namespace)
+    op.keda_seen[namespace] = (time.monotonic(), served)
+    return served
+
+
 async def _measure(op: Operator, md: spec_mod.ModelDeployment, status: Mapping[str, Any], now: datetime.datetime,
                    namespace: str, name: str) -> dict[str, Any] | None:
     request = planning.plan_measurement(md, status, now)
@@ -306,11 +334,13 @@ async def reconcile(op: Operator, key: str) -> float | None:
         parsed = planning.parse(body)  # once per pass
         missing = None if isinstance(parsed, spec_mod.SpecError) else await _missing_pvc(op, parsed, status,
                                                                                           namespace)
-        seen = observed.build_observed(op.caches.children.get(key, {}), missing)
+        keda = None if isinstance(parsed, spec_mod.SpecError) else await _keda_served(op, parsed, namespace)
+        seen = observed.build_observed(op.caches.children.get(key, {}), missing, keda)
         now = datetime.datetime.now(datetime.UTC)
         measurements = None if isinstance(parsed, spec_mod.SpecError) else await _measure(
             op, parsed, status, now, namespace, name)
-        plan = planning.plan_reconcile(body, seen, now, measurements, parsed=parsed)
+        plan = planning.plan_reconcile(body, seen, now, measurements, parsed=parsed,
+                                       prometheus_address=op.providers.prometheus_address)
         plan = await _apply(op, plan, body, namespace)
         if planning.assess_status_changed(status, plan.status):
             patched = await op.kube.patch_status(namespace, name, plan.status)
@@ -405,7 +435,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # Server-side filtering: only the children Shipyard manages are listed, watched and cached.
     selector = f"{naming.LABEL_MANAGED_BY}={naming.MANAGED_BY}"
     for resource in (("apps", "v1", "deployments"), ("v1", "services"), ("batch", "v1", "jobs"),
-                     ("v1", "configmaps"), ("policy", "v1", "poddisruptionbudgets")):
+                     ("v1", "configmaps"), ("policy", "v1", "poddisruptionbudgets"),
+                     ("autoscaling", "v2", "horizontalpodautoscalers"), ("keda.sh", "v1alpha1", "scaledobjects")):
         settings.watching.label_selectors[resource] = selector
     # Of the pods, only the Jobs' (compression, analysis: their termination messages); serving pods are listed when
     # a measurement needs them.
@@ -494,6 +525,7 @@ def _index_child(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 MANAGED: Final = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY}
 for _group, _version, _plural in (("apps", "v1", "deployments"), ("", "v1", "services"), ("batch", "v1", "jobs"),
                                   ("", "v1", "configmaps"), ("policy", "v1", "poddisruptionbudgets"),
-                                  ("", "v1", "pods")):
+                                  ("autoscaling", "v2", "horizontalpodautoscalers"),
+                                  ("keda.sh", "v1alpha1", "scaledobjects"), ("", "v1", "pods")):
     kopf.index(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_index")(_index_child)
     kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"{_plural}_event")(_child_event)

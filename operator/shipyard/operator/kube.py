@@ -36,6 +36,10 @@ _RESOURCES: dict[tuple[str, str], Any] = {
     ("v1", "Pod"): create_namespaced_resource("", "v1", "Pod", "pods"),
     ("policy/v1", "PodDisruptionBudget"): create_namespaced_resource("policy", "v1", "PodDisruptionBudget",
                                                                      "poddisruptionbudgets"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): create_namespaced_resource(
+        "autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers"),
+    ("keda.sh/v1alpha1", "ScaledObject"): create_namespaced_resource("keda.sh", "v1alpha1", "ScaledObject",
+                                                                     "scaledobjects"),
     ("v1", "PersistentVolumeClaim"): create_namespaced_resource("", "v1", "PersistentVolumeClaim",
                                                                 "persistentvolumeclaims"),
     (naming.API_VERSION, naming.KIND): create_namespaced_resource(
@@ -111,6 +115,22 @@ class Kube:
             await self.client.get(resource_for("v1", "PersistentVolumeClaim"), name, namespace=namespace)
         except lightkube.ApiError as e:
             if e.status.code == 404:
+                return False
+            raise
+        return True
+
+    async def serves(self, api_version: str, kind: str, namespace: str) -> bool:
+        """Whether the API server serves ``kind`` (one LIST of at most one object): False on 404, e.g. a custom
+        resource whose CRD is not installed."""
+        try:
+            async for _ in self.client.list(resource_for(api_version, kind), namespace=namespace, chunk_size=1):
+                break
+        except lightkube.ApiError as e:
+            if e.status.code == 404:
+                return False
+            raise
+        except httpx2.HTTPStatusError as e:  # an unknown API group answers a plain-text 404, not a Status
+            if e.response.status_code == 404:
                 return False
             raise
         return True

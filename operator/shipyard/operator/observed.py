@@ -72,7 +72,19 @@ class Observed:
     config_maps: Mapping[str, str] = field(default_factory=dict)  # ConfigMap name -> spec hash
     missing_pvc: str | None = None  # the artifacts PVC, when the shell found it missing
     budgets: Mapping[str, str] = field(default_factory=dict)  # PodDisruptionBudget name -> spec hash
+    scalers: Mapping[str, ScalerView] = field(default_factory=dict)  # ScaledObject / HPA name -> its view
+    # Whether the API server serves KEDA's ScaledObjects (None: not looked up, as when no spec needs it)
+    keda: bool | None = None
 
+
+@dataclass(frozen=True)
+class ScalerView:
+    """A ScaledObject or HorizontalPodAutoscaler Shipyard owns: its spec hash and status conditions."""
+
+    kind: str
+    spec_hash: str
+    conditions: tuple[Mapping[str, Any], ...] = ()
+    desired_replicas: int | None = None  # the HPA's status.desiredReplicas (the ScaledObject's HPA's, via KEDA)
 
 
 
@@ -135,8 +147,15 @@ def build_job_view(body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]
                    labels=dict(labels))
 
 
+def build_scaler_view(kind: str, body: Mapping[str, Any]) -> ScalerView:
+    status = body.get("status") or {}
+    return ScalerView(kind=kind, spec_hash=(body["metadata"].get("annotations") or {}).get(
+        naming.ANNOTATION_SPEC_HASH, ""), conditions=tuple(status.get("conditions") or ()),
+        desired_replicas=status.get("desiredReplicas"))
+
+
 def build_observed(children: Mapping[str, Mapping[str, Mapping[str, Any]]], missing_pvc: str | None = None,
-                   ) -> Observed:
+                   keda: bool | None = None) -> Observed:
     """The planner's view of one model's cached children (kind -> name -> body)."""
     deployments = {}
     for body in (children.get("Deployment") or {}).values():
@@ -151,5 +170,7 @@ def build_observed(children: Mapping[str, Mapping[str, Mapping[str, Any]]], miss
                    for name, body in (children.get("ConfigMap") or {}).items()}
     budgets = {name: (body["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
                for name, body in (children.get("PodDisruptionBudget") or {}).items()}
+    scalers = {name: build_scaler_view(kind, body) for kind in ("ScaledObject", "HorizontalPodAutoscaler")
+               for name, body in (children.get(kind) or {}).items()}
     return Observed(deployments=deployments, services=service_hashes, jobs=jobs, config_maps=config_maps,
-                    missing_pvc=missing_pvc, budgets=budgets)
+                    missing_pvc=missing_pvc, budgets=budgets, scalers=scalers, keda=keda)

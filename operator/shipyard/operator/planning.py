@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard import contract
-from shipyard.operator import analysis, disruption, naming, objects, providers, rollout
+from shipyard.operator import analysis, autoscaling, disruption, naming, objects, providers, rollout
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.observed import Observed
 from shipyard.operator.rollout import Event, Outcome, Phase, Reason
@@ -169,7 +169,7 @@ def plan_canary_replicas(spec: spec_mod.ModelDeploymentSpec, canary: int, candid
     """(candidate, stable) replicas of a canary step (``plan_step_replicas``); with a rollback window
     (spec.rollout.scaleDownDelaySeconds) a step to every replica does not scale the stable down: what it has then is
     what the window keeps warm after the promotion (within the GPU surge budget). Pure."""
-    total = spec.serving.replicas
+    total = spec.serving.effective_replicas
     candidate, stable = plan_step_replicas(total, canary, candidate_ready, build_surge_pods(spec), now)
     if canary >= total and spec.rollout.effective_scale_down_delay > 0:
         stable = max(stable, plan_window_replicas(spec, now[1]))
@@ -369,8 +369,10 @@ def parse(body: Mapping[str, Any]) -> spec_mod.ModelDeployment | spec_mod.SpecEr
 
 def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.datetime,
                    measurements: Mapping[str, analysis.Measurement] | None = None, *,
-                   parsed: spec_mod.ModelDeployment | spec_mod.SpecError | None = None) -> Plan:
-    """The whole decision for one ModelDeployment (``parsed``: its ``parse``, when the caller has it already)."""
+                   parsed: spec_mod.ModelDeployment | spec_mod.SpecError | None = None,
+                   prometheus_address: str | None = None) -> Plan:
+    """The whole decision for one ModelDeployment (``parsed``: its ``parse``, when the caller has it already;
+    ``prometheus_address``: the operator's Prometheus, which a KEDA trigger reads)."""
     meta = build_meta(body)
     previous: Mapping[str, Any] = body.get("status") or {}
     md = parse(body) if parsed is None else parsed
@@ -440,6 +442,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     _plan_window(md, st, observed, desired, now)
 
     _plan_analysis_children(md, meta, st, observed, apply, deletes)
+    scaler = _plan_scaler(md, meta, st, observed, apply, deletes, prometheus_address)
 
     # Older versions: scaled to zero and kept up to revisionHistoryLimit; the oldest beyond it deleted.
     order = {h.get("version"): i for i, h in enumerate(st.history)}
@@ -485,7 +488,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     if st.phase == Phase.HEALTHY and not settled:  # reported Healthy only once nothing is left to write
         st.conclude(Event.SETTLING)
     status = _build_status(md, meta, st, previous, observed, now, settled=settled,
-                           compression_state=compression_state)
+                           compression_state=compression_state, scaler=scaler)
     waits = [w for w in st.waits if w > now]
     requeue = max(0.05, (min(waits) - now).total_seconds()) if waits else None
     return Plan(apply=tuple(apply), delete=tuple(deletes), status=status, events=tuple(st.events),
@@ -530,7 +533,7 @@ def _handle_rollback_to(md: spec_mod.ModelDeployment, st: _State, observed: Obse
             st.event("Warning", Reason.ROLLBACK_REFUSED, f"Version {wanted} is not kept (kept versions: {kept})")
         return
     spec = md.spec
-    total = spec.serving.replicas
+    total = spec.serving.effective_replicas
     if wanted == st.stable or (view.replicas >= total and view.ready >= total):
         warm = "" if wanted == st.stable else "; it was still Ready (rollback window): no cold start"
         _switch_back(md, st, wanted, view.image, now, f"Rolled back to version {wanted} (shipyard.dev/rollback-to)"
@@ -579,7 +582,7 @@ def _plan_restoring(md: spec_mod.ModelDeployment, st: _State, observed: Observed
     all traffic; once it is Ready the Service switches to it (``_switch_back``). True: this pass is decided here."""
     assert st.restoring is not None
     spec = md.spec
-    total = spec.serving.replicas
+    total = spec.serving.effective_replicas
     wanted = str(st.restoring.get("version"))
     view = observed.deployments.get(wanted)
     since = parse_time(st.restoring.get("since")) or now
@@ -614,7 +617,7 @@ def _plan_restoring(md: spec_mod.ModelDeployment, st: _State, observed: Observed
 def plan_window_replicas(spec: spec_mod.ModelDeploymentSpec, current: int) -> int:
     """Pods of the previous stable kept through the rollback window: what it has now, at most spec.serving.replicas,
     and at most what the GPU surge budget allows next to the new stable at full size. Pure."""
-    keep = min(current, spec.serving.replicas)
+    keep = min(current, spec.serving.effective_replicas)
     surge = build_surge_pods(spec)
     return keep if surge is None else min(keep, surge)
 
@@ -695,18 +698,18 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
 
 def _plan_steady(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int]) -> None:
     spec = md.spec
-    desired[spec.version] = spec.serving.replicas
+    desired[spec.version] = spec.serving.effective_replicas
     st.stable_image = spec.image
     st.paused_reason = None
     view = observed.deployments.get(spec.version)
-    if view is not None and view.replicas == spec.serving.replicas and view.rolled_out:
+    if view is not None and view.replicas == spec.serving.effective_replicas and view.rolled_out:
         st.conclude(Event.SERVING)
-        st.message = f"Version {spec.version} serves with {spec.serving.replicas} replica(s)"
+        st.message = f"Version {spec.version} serves with {spec.serving.effective_replicas} replica(s)"
         if st.previous_phase == Phase.DEGRADED:
             st.event("Normal", Reason.RECOVERED,
-                     f"Version {spec.version}: all {spec.serving.replicas} replica(s) ready")
+                     f"Version {spec.version}: all {spec.serving.effective_replicas} replica(s) ready")
         return
-    if (view is not None and view.replicas == spec.serving.replicas
+    if (view is not None and view.replicas == spec.serving.effective_replicas
             and view.observed_generation >= view.generation and view.updated_replicas >= view.replicas):
         # Its Deployment caught up with the spec, yet pods are missing: after a rollout (Healthy or Degraded before)
         # they were lost (evicted, crashing, node gone) and the Deployment controller replaces them: Degraded.
@@ -714,13 +717,13 @@ def _plan_steady(md: spec_mod.ModelDeployment, st: _State, observed: Observed, d
     else:
         st.conclude(Event.DEPLOYING)
     if st.phase == Phase.DEGRADED:
-        st.message = (f"Version {spec.version} serves with {view.serving if view else 0}/{spec.serving.replicas} "
-                      "replica(s) ready; the Deployment is replacing the others")
+        st.message = (f"Version {spec.version} serves with {view.serving if view else 0}/"
+                      f"{spec.serving.effective_replicas} replica(s) ready; the Deployment is replacing the others")
         if st.previous_phase != Phase.DEGRADED:
             st.event("Warning", Reason.DEGRADED, st.message)
     else:
         ready = view.ready if view else 0
-        st.message = f"Scaling version {spec.version}: {ready}/{spec.serving.replicas} replica(s) ready"
+        st.message = f"Scaling version {spec.version}: {ready}/{spec.serving.effective_replicas} replica(s) ready"
 
 
 def _plan_blocked(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int],
@@ -728,7 +731,7 @@ def _plan_blocked(md: spec_mod.ModelDeployment, st: _State, observed: Observed, 
     """The target failed before: the stable serves at full size, the target stays at zero."""
     spec = md.spec
     if st.stable is not None and st.stable in observed.deployments:
-        desired[st.stable] = spec.serving.replicas
+        desired[st.stable] = spec.serving.effective_replicas
     if spec.version in observed.deployments:
         desired[spec.version] = 0
     st.candidate = st.candidate_image = None
@@ -746,7 +749,7 @@ def _plan_waiting_for_artifact(md: spec_mod.ModelDeployment, st: _State, observe
                                desired: dict[str, int], state: str) -> None:
     spec = md.spec
     if st.stable is not None and st.stable in observed.deployments:
-        desired[st.stable] = spec.serving.replicas
+        desired[st.stable] = spec.serving.effective_replicas
     if state == "stalled":
         st.conclude(Event.SOURCE_MISSING if st.stable is None else Event.SOURCE_MISSING_WHILE_SERVING)
         return
@@ -758,7 +761,7 @@ def _plan_first(md: spec_mod.ModelDeployment, st: _State, observed: Observed, de
                 now: datetime.datetime) -> None:
     """The model's first version (or no stable Deployment left): full size, stable once available."""
     spec = md.spec
-    target, replicas = spec.version, spec.serving.replicas
+    target, replicas = spec.version, spec.serving.effective_replicas
     if st.candidate != target:
         st.candidate, st.candidate_image = target, spec.image
         st.step, st.step_started, st.step_ready = 0, now, None
@@ -805,7 +808,7 @@ def _promote(md: spec_mod.ModelDeployment, st: _State, now: datetime.datetime) -
     st.candidate = st.candidate_image = None
     st.step, st.step_started, st.step_ready, st.paused_reason = 0, None, None, None
     st.conclude(Event.PROMOTED)  # reported as Progressing until the previous stable is scaled down (Event.SETTLING)
-    st.message = f"Version {spec.version} serves with {spec.serving.replicas} replica(s)"
+    st.message = f"Version {spec.version} serves with {spec.serving.effective_replicas} replica(s)"
 
 
 def _fail_candidate(md: spec_mod.ModelDeployment, st: _State, desired: dict[str, int], reason: Reason, message: str,
@@ -825,7 +828,7 @@ def _fail_candidate(md: spec_mod.ModelDeployment, st: _State, desired: dict[str,
     st.rollbacks += 1
     desired[target] = 0
     if st.stable is not None:
-        desired[st.stable] = spec.serving.replicas
+        desired[st.stable] = spec.serving.effective_replicas
     st.candidate = st.candidate_image = None
     st.paused_reason = None
     st.conclude(Event.ROLLED_BACK)
@@ -837,7 +840,7 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
                  now: datetime.datetime, measurements: Mapping[str, analysis.Measurement],
                  apply: list[dict[str, Any]]) -> None:
     spec = md.spec
-    target, total = spec.version, spec.serving.replicas
+    target, total = spec.version, spec.serving.effective_replicas
     steps = spec.rollout.effective_steps
     if st.candidate != target:
         if st.candidate is not None:
@@ -979,7 +982,7 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
     post-promotion analysis, the stable still at full size: a failure switches back with no cold start); promoted
     when that analysis succeeds, the previous stable kept for spec.rollout.scaleDownDelaySeconds."""
     spec = md.spec
-    target, total = spec.version, spec.serving.replicas
+    target, total = spec.version, spec.serving.effective_replicas
     assert st.stable is not None
     if st.candidate != target:
         if st.candidate is not None:
@@ -1192,9 +1195,76 @@ def _plan_analysis_children(md: spec_mod.ModelDeployment, meta: Meta, st: _State
             deletes.append(("batch/v1", "Job", view.name))
 
 
+@dataclass(frozen=True)
+class ScalerPlan:
+    """What the planner concluded about the scaler: the Autoscaling condition and status.autoscaling."""
+
+    ok: bool | None
+    reason: str
+    message: str
+    status: dict[str, Any]
+
+
+def _plan_scaler(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                 apply: list[dict[str, Any]], deletes: list[tuple[str, str, str]],
+                 prometheus_address: str | None) -> ScalerPlan | None:
+    """The scaler of spec.serving.autoscaling (a ScaledObject or an HPA named as the model, targeting the
+    ModelDeployment's scale subresource); any other scaler Shipyard owns is deleted. A scaler that cannot exist here
+    (KEDA not installed, no Prometheus for its trigger) stalls the ModelDeployment with a message naming what is
+    missing, while the fixed spec.serving.replicas keep being served. None: no autoscaling."""
+    spec = md.spec
+    auto = spec.serving.autoscaling
+    name = naming.build_service_name(meta.name)
+    wanted: dict[str, Any] | None = None
+    problem: tuple[str, str] | None = None
+    if auto is not None:
+        object_meta = objects.build_object_meta(meta, name, naming.build_selector_labels(meta.name))
+        if auto.provider == "hpa":
+            wanted = autoscaling.build_hpa(object_meta, meta.name, auto)
+        elif observed.keda is False:
+            problem = (Reason.SCALER_UNAVAILABLE,
+                       "spec.serving.autoscaling provider keda needs KEDA's ScaledObject (keda.sh/v1alpha1), which "
+                       "this cluster does not serve: install KEDA or use provider hpa; the fixed "
+                       f"spec.serving.replicas ({spec.serving.effective_replicas}) keep serving")
+        elif prometheus_address is None:
+            problem = (Reason.SCALER_UNAVAILABLE,
+                       "spec.serving.autoscaling provider keda reads the operator's Prometheus, and none is "
+                       "configured (--prometheus-address); the fixed spec.serving.replicas keep serving")
+        else:
+            query = autoscaling.build_query(auto.metric, meta.namespace, md.served_model_name,
+                                            spec.serving.resources.cpu_request_cores)
+            wanted = autoscaling.build_scaled_object(object_meta, meta.name, auto, query, prometheus_address)
+    if wanted is not None:
+        wanted["metadata"]["annotations"] = {naming.ANNOTATION_SPEC_HASH: objects.build_spec_hash(wanted)}
+        view = observed.scalers.get(name)
+        if view is None or view.kind != wanted["kind"] or view.spec_hash != objects.spec_hash_of(wanted):
+            apply.append(wanted)
+    for other, view in sorted(observed.scalers.items()):
+        if wanted is None or other != name or view.kind != wanted["kind"]:
+            api = autoscaling.KEDA_API if view.kind == autoscaling.SCALED_OBJECT else autoscaling.HPA_API
+            deletes.append((api, view.kind, other))
+    if auto is None:
+        return None
+    status: dict[str, Any] = {"provider": auto.provider, "metric": auto.metric, "target": auto.target,
+                              "minReplicas": auto.min_replicas, "maxReplicas": auto.max_replicas}
+    if problem is not None:
+        reason, message = problem
+        if st.stalled_reason is None:
+            st.stalled_reason = reason
+            st.message = f"{st.message}; {message}" if st.message else message
+        return ScalerPlan(False, reason, message, status)
+    assert wanted is not None
+    status["scaler"] = f"{wanted['kind']}/{name}"
+    view = observed.scalers.get(name)
+    if view is None or view.kind != wanted["kind"]:
+        return ScalerPlan(None, "ScalerPending", f"{wanted['kind']} {name} created", status)
+    ok, reason, message = autoscaling.assess_scaler(view.kind, view.conditions)
+    return ScalerPlan(ok, reason, message, status)
+
+
 def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous: Mapping[str, Any],
                   observed: Observed, now: datetime.datetime, *, settled: bool, compression_state: str,
-                  ) -> dict[str, Any]:
+                  scaler: ScalerPlan | None = None) -> dict[str, Any]:
     spec = md.spec
     g = meta.generation
     prev_conditions = previous.get("conditions") or []
@@ -1208,7 +1278,7 @@ def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous
                         prev_conditions, now),
         build_condition("Stalled", stalled, st.stalled_reason or "AsExpected", st.message if stalled else "", g,
                         prev_conditions, now),
-        build_condition("Serving", ready_total > 0 or spec.serving.replicas == 0,
+        build_condition("Serving", ready_total > 0 or spec.serving.effective_replicas == 0,
                         "ReplicasReady" if ready_total else "NoReadyReplicas",
                         f"{ready_total} ready replica(s) across versions", g, prev_conditions, now),
     ]
@@ -1221,6 +1291,10 @@ def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous
             {"ready": "ArtifactReady", "failed": "CompressionFailed",
              "stalled": st.stalled_reason or "ArtifactVolumeMissing"}.get(
                 compression_state, "Compressing"), msg, g, prev_conditions, now))
+    if scaler is not None:
+        conditions.append(build_condition("Autoscaling", scaler.ok, scaler.reason, scaler.message, g,
+                                          prev_conditions, now))
+    serving_versions = [v for v in (st.stable, st.candidate) if v is not None and v in observed.deployments]
     status: dict[str, Any] = {
         "observedGeneration": g,
         "phase": st.phase,
@@ -1242,7 +1316,11 @@ def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous
         "artifacts": st.artifacts or None,
         "analysis": st.analysis,
         "controls": st.controls or None,
+        "selector": autoscaling.build_selector(meta.name),
+        "autoscaling": scaler.status if scaler is not None else None,
         "replicas": {
+            "desired": spec.serving.effective_replicas,
+            "current": sum(observed.deployments[v].replicas for v in serving_versions),
             "ready": ready_total,
             "stable": observed.deployments[st.stable].ready if st.stable and st.stable in observed.deployments else 0,
             "candidate": observed.deployments[st.candidate].ready

@@ -100,6 +100,7 @@ class Reason(enum.StrEnum):
     ROLLBACK_STARTED = "RollbackStarted"  # rollback-to a cold version: it scales up before traffic moves
     ROLLBACK_WINDOW_CLOSED = "RollbackWindowClosed"
     INSUFFICIENT_GPUS = "InsufficientGPUs"
+    SCALER_UNAVAILABLE = "ScalerUnavailable"  # spec.serving.autoscaling cannot be served here (no KEDA, no Prometheus)
 
 
 class Outcome(enum.StrEnum):

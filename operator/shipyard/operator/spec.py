@@ -30,6 +30,7 @@ from docker_image import reference as image_reference
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
 from shipyard.contract import quantity, recipe, schema
+from shipyard.operator import autoscaling as autoscaling_mod
 from shipyard.operator import disruption, podtemplate, runtimes
 from shipyard.operator.providers import builtin as builtin_provider
 from shipyard.operator.providers import job as job_provider
@@ -218,6 +219,12 @@ class Resources(schema.ApiModel):
         cpu = self.limits.get("cpu")
         return None if cpu is None else quantity.build_cpu_cores(cpu)
 
+    @property
+    def cpu_request_cores(self) -> float | None:
+        """The CPU request in cores, else the limit (Kubernetes' default request), None when neither is set."""
+        cpu = self.requests.get("cpu") or self.limits.get("cpu")
+        return None if cpu is None else quantity.build_cpu_cores(cpu)
+
     def as_k8s(self) -> dict[str, dict[str, str]]:
         """The ``resources`` of a container spec (only the non-empty parts)."""
         out: dict[str, dict[str, str]] = {}
@@ -308,6 +315,15 @@ class Serving(schema.ApiModel):
 
     __constraints__ = (podtemplate.SERVER_NOT_WITH_RUNTIME,)
     __cel__ = (
+        schema.Cel("!has(self.autoscaling) || !has(self.replicas) || self.replicas <= self.autoscaling.maxReplicas",
+                   "spec.serving.replicas must not exceed spec.serving.autoscaling.maxReplicas: with autoscaling the "
+                   "scaler sets replicas (leave it out of the manifest, or within the bounds)", field_path=".replicas"),
+        schema.Cel("!has(self.autoscaling) || !has(self.autoscaling.metric) || self.autoscaling.metric != 'cpu' || "
+                   "has(self.resources) && (has(self.resources.requests) && 'cpu' in self.resources.requests || "
+                   "has(self.resources.limits) && 'cpu' in self.resources.limits)",
+                   "spec.serving.autoscaling.metric cpu is a percentage of each pod's CPU request: set "
+                   "spec.serving.resources requests.cpu (or limits.cpu)", field_path=".autoscaling.metric",
+                   reason="FieldValueRequired"),
         schema.Cel("!has(self.grpc) || !has(self.runtime)",
                    "spec.serving.grpc turns on Shipyard's server's gRPC; a runtime declares its gRPC port in "
                    "spec.serving.runtime.ports.grpc", field_path=".grpc", reason="FieldValueForbidden"),
@@ -352,6 +368,13 @@ class Serving(schema.ApiModel):
     server: podtemplate.Server | None = None
     pod_template: podtemplate.ServingPodTemplate | None = None
     disruption_budget: disruption.DisruptionBudget | None = None
+    autoscaling: autoscaling_mod.Autoscaling | None = None
+
+    @property
+    def effective_replicas(self) -> int:
+        """The replicas to run now: ``replicas`` (which a scaler writes through the scale subresource), within the
+        autoscaling bounds when there are any."""
+        return autoscaling_mod.plan_replicas(self.replicas, self.autoscaling)
 
 
 class RolloutStep(schema.ApiModel):

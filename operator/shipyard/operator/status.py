@@ -190,6 +190,11 @@ class AnalysisStatus(schema.ApiModel):
 class Replicas(schema.ApiModel):
     """Replica counts."""
 
+    desired: Count | None = None
+    """Replicas to run: spec.serving.replicas (which a scaler writes), within spec.serving.autoscaling's bounds."""
+    current: Count | None = None
+    """Pods of the versions taking traffic (stable and candidate), as their Deployments ask for now: the scale
+    subresource's status.replicas."""
     stable: Count | None = None
     """Desired replicas of the stable version."""
     candidate: Count | None = None
@@ -232,6 +237,23 @@ class Restoring(schema.ApiModel):
     """Its image."""
     since: Time
     """When it started scaling up (its startupTimeoutSeconds counts from here)."""
+
+
+class AutoscalingStatus(schema.ApiModel):
+    """The scaler of spec.serving.autoscaling (its health is the Autoscaling condition)."""
+
+    provider: Annotated[str, Field(max_length=16)] | None = None
+    """keda or hpa."""
+    scaler: Annotated[str, Field(max_length=128)] | None = None
+    """The object Shipyard owns: ScaledObject/<name> or HorizontalPodAutoscaler/<name>."""
+    metric: Annotated[str, Field(max_length=32)] | None = None
+    """The metric it scales on."""
+    target: float | None = None
+    """Its target per pod."""
+    min_replicas: Count | None = None
+    """Fewest replicas."""
+    max_replicas: Count | None = None
+    """Most replicas."""
 
 
 class ModelDeploymentStatus(schema.ApiModel):
@@ -284,6 +306,10 @@ class ModelDeploymentStatus(schema.ApiModel):
     """The candidate's current analysis."""
     replicas: Replicas | None = None
     """Replica counts."""
+    selector: Annotated[str, Field(max_length=1024)] | None = None
+    """Label selector of the model's serving pods (the scale subresource's, for HorizontalPodAutoscalers)."""
+    autoscaling: Annotated[AutoscalingStatus, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
+    """The scaler of spec.serving.autoscaling; null without autoscaling."""
     controls: Controls | None = None
     """Values of the manual-control annotations already acted upon, so that each is acted upon once (the operator
     never writes spec or annotations)."""

@@ -9,6 +9,7 @@ server has its own `CollectorRegistry`, so several servers can share a process i
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
@@ -107,6 +108,7 @@ class ServerMetrics:
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.queue_duration = Histogram(LATENCY_BUCKETS)
         self.inflight = Gauge()
+        self.queue_depth: Callable[[], int] = lambda: 0  # the batcher's queue length, read at scrape time
         self.model_ready = Gauge()
         self.http: dict[tuple[str, str, int], Histogram] = {}
         # the gRPC front end's inference requests (`enable_grpc`), by the HTTP status of the same outcome
@@ -219,6 +221,15 @@ class _ServerCollector(Collector):
         )
         inflight.add_metric(values, m.inflight.value)
         yield inflight
+        queue = GaugeMetricFamily(
+            contract.METRIC_QUEUE_DEPTH, "Inference requests waiting in the batching queue for a batch.", labels=labels)
+        queue.add_metric(values, m.queue_depth())
+        yield queue
+        cpu = CounterMetricFamily(
+            contract.METRIC_CPU_SECONDS, "CPU time of the server process, user and system, all threads (seconds).",
+            labels=labels)
+        cpu.add_metric(values, time.process_time())
+        yield cpu
         ready = GaugeMetricFamily(
             contract.METRIC_MODEL_READY,
             "1 when the model is loaded, warmed up and the server is not draining.",

@@ -173,6 +173,7 @@ class Server:
         if any(device.startswith("cuda") for device in loaded.devices):
             devices = loaded.devices
             self.metrics.register_gpu(lambda: engine.fetch_gpu_stats(devices))
+        self.metrics.queue_depth = lambda: batcher.queued
         app.set_serving(loaded.model.inputs, loaded.model.outputs, batcher, loaded.text)
 
     async def _drain(self, server: asyncio.AbstractServer) -> int:

@@ -1,0 +1,200 @@
+"""spec.serving.autoscaling: the scaler objects (pure builders), what their status says, and the planner around them
+(tests/plansim.py): the split between versions follows the replicas a scaler writes, the scaler object is written
+once (never as load changes), and a scaler that cannot exist here stalls with the fixed replicas still served."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shipyard.operator import autoscaling, naming
+from shipyard.operator import spec as spec_mod
+from tests.plansim import IMAGE, STEPS, Sim, md
+
+PROMETHEUS = "http://127.0.0.1:9090"
+
+
+def auto(**fields: Any) -> autoscaling.Autoscaling:
+    return autoscaling.Autoscaling.model_validate({"maxReplicas": 10, "target": 4, **fields})
+
+
+@pytest.mark.parametrize(("replicas", "bounds", "expected"), [
+    pytest.param(3, None, 3, id="no-autoscaling"),
+    pytest.param(1, {"minReplicas": 2}, 2, id="default-below-min-raised"),
+    pytest.param(30, {}, 10, id="above-max-lowered"),
+    pytest.param(0, {"minReplicas": 0}, 0, id="scaled-to-zero"),
+    pytest.param(5, {}, 5, id="within"),
+])
+def test_replicas_within_bounds(replicas: int, bounds: dict[str, Any] | None, expected: int) -> None:
+    assert autoscaling.plan_replicas(replicas, None if bounds is None else auto(**bounds)) == expected
+
+
+@pytest.mark.parametrize(("metric", "expected"), [
+    pytest.param("inflightRequests", 'sum(shipyard_inflight_requests{namespace="ml",model="digits"})', id="inflight"),
+    pytest.param("queueDepth", 'sum(shipyard_queue_depth{namespace="ml",model="digits"})', id="queue"),
+    pytest.param("requestRate", 'sum(rate(shipyard_requests_total{namespace="ml",model="digits"}[1m]))', id="rate"),
+    pytest.param("gpuUtilization", '100 * sum(shipyard_gpu_utilization_ratio{namespace="ml",model="digits"})',
+                 id="gpu"),
+    pytest.param("cpu", '100 * sum(rate(shipyard_cpu_seconds_total{namespace="ml",model="digits"}[1m])) / 0.5',
+                 id="cpu-percent-of-the-request"),
+])
+def test_queries_sum_the_models_pods(metric: autoscaling.ScalingMetric, expected: str) -> None:
+    assert autoscaling.build_query(metric, "ml", "digits", 0.5) == expected
+
+
+def test_the_cpu_query_needs_a_request() -> None:
+    with pytest.raises(ValueError, match="CPU request"):
+        autoscaling.build_query("cpu", "ml", "digits", None)
+
+
+def test_scaled_object_targets_the_model_deployment_and_holds_on_missing_data() -> None:
+    behavior = {"scaleDown": {"stabilizationWindowSeconds": 60, "policies": [{"type": "Pods", "value": 1}]}}
+    obj = autoscaling.build_scaled_object({"name": "digits"}, "digits", auto(minReplicas=0, behavior=behavior),
+                                          "sum(x)", PROMETHEUS)
+    spec = obj["spec"]
+    assert obj["apiVersion"] == "keda.sh/v1alpha1" and obj["kind"] == "ScaledObject"
+    assert spec["scaleTargetRef"] == {"apiVersion": "shipyard.dev/v1alpha1", "kind": "ModelDeployment",
+                                      "name": "digits"}
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 10)
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    assert trigger["metadata"] == {"serverAddress": PROMETHEUS, "query": "sum(x)", "threshold": "4",
+                                   "activationThreshold": "0", "ignoreNullValues": "false"}
+    assert spec["fallback"] == {"failureThreshold": 3, "replicas": 1, "behavior": "currentReplicas"}
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == {
+        "scaleDown": {"stabilizationWindowSeconds": 60, "policies": [{"type": "Pods", "value": 1,
+                                                                      "periodSeconds": 60}]}}
+
+
+@pytest.mark.parametrize(("metric", "expected"), [
+    pytest.param("cpu", {"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}, id="cpu-resource"),
+    pytest.param("inflightRequests", {"type": "Pods", "pods": {
+        "metric": {"name": "shipyard_inflight_requests"}, "target": {"type": "AverageValue", "averageValue": "70"}}},
+        id="pods-metric"),
+])
+def test_hpa(metric: autoscaling.ScalingMetric, expected: dict[str, Any]) -> None:
+    obj = autoscaling.build_hpa({"name": "digits"}, "digits", auto(provider="hpa", metric=metric, target=70))
+    assert obj["kind"] == "HorizontalPodAutoscaler" and obj["spec"]["metrics"] == [expected]
+    assert obj["spec"]["scaleTargetRef"]["kind"] == "ModelDeployment" and obj["spec"]["minReplicas"] == 1
+
+
+def cond(type_: str, status: str, message: str = "") -> dict[str, str]:
+    return {"type": type_, "status": status, "message": message}
+
+
+@pytest.mark.parametrize(("kind", "conditions", "expected"), [
+    pytest.param("ScaledObject", [], (None, "ScalerPending"), id="keda-no-verdict"),
+    pytest.param("ScaledObject", [cond("Ready", "True"), cond("Active", "True")], (True, "ScalerReady"),
+                 id="keda-ready"),
+    pytest.param("ScaledObject", [cond("Ready", "False", "error querying prometheus")], (False, "ScalerNotReady"),
+                 id="keda-not-ready"),
+    pytest.param("ScaledObject", [cond("Ready", "True"), cond("Fallback", "True", "fallback in progress")],
+                 (False, "MetricUnavailable"), id="keda-fallback-holds"),
+    pytest.param("HorizontalPodAutoscaler", [cond("AbleToScale", "True"), cond("ScalingActive", "True")],
+                 (True, "ScalerReady"), id="hpa-active"),
+    pytest.param("HorizontalPodAutoscaler", [cond("AbleToScale", "True"), cond("ScalingActive", "False", "no metrics")],
+                 (False, "MetricUnavailable"), id="hpa-no-metrics"),
+    pytest.param("HorizontalPodAutoscaler", [], (None, "ScalerPending"), id="hpa-new"),
+])
+def test_scaler_status(kind: str, conditions: list[dict[str, str]], expected: tuple[bool | None, str]) -> None:
+    ok, reason, _ = autoscaling.assess_scaler(kind, conditions)
+    assert (ok, reason) == expected
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    pytest.param({"minReplicas": 5, "maxReplicas": 2}, "must not exceed maxReplicas", id="min-above-max"),
+    pytest.param({"target": 0}, "greater than 0", id="zero-target"),
+    pytest.param({"target": -1}, "greater than 0", id="negative-target"),
+])
+def test_bad_bounds_are_refused(fields: dict[str, Any], problem: str) -> None:
+    with pytest.raises(Exception, match=problem):
+        auto(**fields)
+
+
+# --- the planner ----------------------------------------------------------------------------------------------------
+
+
+def scaled(replicas: int = 4, **fields: Any) -> Sim:
+    sim = Sim(md("1.0.0", replicas=replicas, serving={"replicas": replicas, "autoscaling": {
+        "minReplicas": 1, "maxReplicas": 12, "target": 4, **fields}}, rollout={"steps": STEPS}))
+    sim.keda, sim.prometheus_address = True, PROMETHEUS
+    return sim.settle()
+
+
+def set_replicas(sim: Sim, replicas: int) -> None:
+    """What a scaler does through the scale subresource."""
+    sim.body["spec"]["serving"]["replicas"] = replicas
+    sim.body["metadata"]["generation"] += 1
+
+
+def test_the_scaler_is_written_once_and_never_as_replicas_change() -> None:
+    sim = scaled()
+    assert sim.scaler_writes == 1 and sim.scalers["digits"].kind == "ScaledObject"
+    assert sim.status["autoscaling"]["scaler"] == "ScaledObject/digits"
+    for replicas in (7, 3, 9):
+        set_replicas(sim, replicas)
+        sim.settle()
+        assert sim.replicas() == {"1.0.0": replicas}
+    assert sim.scaler_writes == 1
+    assert sim.status["replicas"]["desired"] == 9 and sim.status["replicas"]["current"] == 9
+    assert sim.status["selector"] == "shipyard.dev/model=digits,shipyard.dev/component=serving"
+
+
+def test_a_scale_up_mid_canary_grows_both_versions_by_the_steps_weight() -> None:
+    sim = scaled(4)
+    sim.set_spec(image=f"{IMAGE}:1.1.0")
+    sim.run(lambda s: s.status.get("stepReadyAt") is not None)  # step 1: 25%
+    assert sim.replicas() == {"1.0.0": 3, "1.1.0": 1}
+    set_replicas(sim, 8)
+    sim.run(lambda s: s.replicas() == {"1.0.0": 6, "1.1.0": 2})
+    assert sim.status["candidateVersion"] == "1.1.0" and sim.status["currentStepIndex"] == 0
+    sim.settle()
+    assert sim.replicas()["1.1.0"] == 8 and sim.status["stableVersion"] == "1.1.0"
+
+
+@pytest.mark.parametrize(("keda", "prometheus", "missing"), [
+    pytest.param(False, PROMETHEUS, "KEDA's ScaledObject", id="keda-not-installed"),
+    pytest.param(True, None, "--prometheus-address", id="no-prometheus"),
+])
+def test_a_scaler_that_cannot_exist_stalls_and_the_fixed_replicas_keep_serving(
+        keda: bool, prometheus: str | None, missing: str) -> None:
+    sim = Sim(md("1.0.0", serving={"replicas": 3, "autoscaling": {"maxReplicas": 6, "target": 4}}))
+    sim.keda, sim.prometheus_address = keda, prometheus
+    sim.settle()
+    assert sim.replicas() == {"1.0.0": 3} and sim.status["stableVersion"] == "1.0.0" and not sim.scalers
+    assert sim.condition("Stalled") == ("True", "ScalerUnavailable")
+    autoscaling_condition = next(c for c in sim.status["conditions"] if c["type"] == "Autoscaling")
+    assert autoscaling_condition["status"] == "False" and missing in autoscaling_condition["message"]
+    assert missing in sim.status["message"]
+
+
+def test_hpa_provider_needs_no_keda_and_removing_autoscaling_deletes_the_scaler() -> None:
+    sim = Sim(md("1.0.0", serving={"replicas": 2, "autoscaling": {"provider": "hpa", "maxReplicas": 6,
+                                                                 "target": 4}}))
+    sim.settle()
+    assert sim.scalers["digits"].kind == "HorizontalPodAutoscaler" and sim.replicas() == {"1.0.0": 2}
+    del sim.body["spec"]["serving"]["autoscaling"]
+    sim.body["metadata"]["generation"] += 1
+    sim.settle()
+    assert not sim.scalers and "autoscaling" not in sim.status
+    assert not any(c["type"] == "Autoscaling" for c in sim.status["conditions"])
+
+
+def test_scaled_to_zero_and_back() -> None:
+    sim = scaled(2, minReplicas=0)
+    set_replicas(sim, 0)
+    sim.settle()
+    assert sim.replicas() == {"1.0.0": 0} and sim.status["phase"] == "Healthy"
+    set_replicas(sim, 1)
+    sim.settle()
+    assert sim.replicas() == {"1.0.0": 1}
+
+
+def test_the_spec_parser_reads_autoscaling() -> None:
+    parsed = spec_mod.parse_model_deployment(md("1.0.0", serving={"replicas": 1, "autoscaling": {
+        "minReplicas": 2, "maxReplicas": 5, "metric": "requestRate", "target": 20}}))
+    assert parsed.spec.serving.effective_replicas == 2
+    assert naming.build_selector_labels("digits") == {"shipyard.dev/model": "digits",
+                                                      "shipyard.dev/component": "serving"}
