@@ -174,7 +174,8 @@ def openssl(*args: str, cwd: Path) -> None:
 
 
 def build_pki(pki: Path) -> None:
-    """A CA, the apiserver's serving certificate, an admin client certificate and the service-account keys."""
+    """A CA, the apiserver's serving certificate, an admin client certificate, the service-account keys and the
+    aggregation layer's front-proxy CA and client certificate."""
     pki.mkdir(parents=True, exist_ok=True)
     openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=pki)
     openssl("req", "-x509", "-new", "-key", "ca.key", "-out", "ca.crt", "-days", "3650",
@@ -195,6 +196,40 @@ def build_pki(pki: Path) -> None:
                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", ext, cwd=pki)
     openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+    build_front_proxy_pki(pki)
+
+
+FRONT_PROXY_CLIENT = "front-proxy-client"
+
+
+def build_front_proxy_pki(pki: Path) -> None:
+    """The aggregation layer's own CA (as kubeadm's front-proxy-ca) and the client certificate the apiserver presents
+    when it proxies a request to an aggregated API server (KEDA's metrics adapter): that server trusts the
+    X-Remote-User/Group headers only from a certificate this CA signed with the allowed name."""
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "front-proxy-ca.key", cwd=pki)
+    openssl("req", "-x509", "-new", "-key", "front-proxy-ca.key", "-out", "front-proxy-ca.crt", "-days", "3650",
+            "-subj", "/CN=shipyard-front-proxy-ca", cwd=pki)
+    name = FRONT_PROXY_CLIENT
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key", cwd=pki)
+    openssl("req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=pki)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "front-proxy-ca.crt", "-CAkey", "front-proxy-ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "3650", "-extfile", "client.ext", cwd=pki)
+
+
+def aggregation_flags(pki: Path) -> list[str]:
+    """kube-apiserver flags of the aggregation layer (pure): the request-header authentication an aggregated API
+    server reads back from the kube-system/extension-apiserver-authentication ConfigMap, and the client certificate
+    the aggregator proxies with. An APIService's backend is reached through its Service: this cluster routes no
+    ClusterIP, so a server on the host is named by an ExternalName Service (see hack/keda.py)."""
+    return [
+        f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-username-headers=X-Remote-User",
+        f"--proxy-client-cert-file={pki / f'{FRONT_PROXY_CLIENT}.crt'}",
+        f"--proxy-client-key-file={pki / f'{FRONT_PROXY_CLIENT}.key'}",
+    ]
 
 
 def build_client_cert(pki: Path, user: str, group: str = "system:masters") -> None:
@@ -366,6 +401,7 @@ def up(state_dir: Path, nodes: tuple[dict[str, object], ...] = DEFAULT_NODES,
             "--max-requests-inflight=0", "--max-mutating-requests-inflight=0",
             "--enable-priority-and-fairness=false",
             "--endpoint-reconciler-type=none",
+            *aggregation_flags(pki),
             "--v=1",
             *audit_flags,
         ])

@@ -1,0 +1,191 @@
+"""KEDA in the local stack (hack/keda.py), checked on a control plane of its own: the aggregated external metrics API
+answers through the kube-apiserver, and a ScaledObject with a Prometheus trigger makes KEDA create an HPA that the
+controller-manager's HPA controller follows: the target's replicas change when the query's number changes.
+
+The Prometheus server is a stand-in on 127.0.0.1 that answers /api/v1/query with a number the test sets (the
+trigger's query text is checked, the number is not computed from series). The scale target is a Deployment whose
+pods KWOK makes Ready (no node agent: nothing here needs a real pod process). KEDA is built only on request
+(``hack/build-binaries.sh keda``; long cold): without its binaries this module skips (tests/skips.yaml) unless
+SHIPYARD_BUILD_KEDA=1 asks the fixture to build them. Timings are printed (``-s``) and kept in the fixture's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from tests import stack
+from tests.integration.conftest import Cluster, wait_until
+
+pytestmark = [pytest.mark.harness, pytest.mark.timeout(900)]
+
+NAMESPACE = "autoscale"
+QUERY = "sum(shipyard_test_load)"
+THRESHOLD = 10
+
+
+@dataclass
+class Keda:
+    cluster: Cluster
+    state: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class FakePrometheus:
+    """/api/v1/query answering an instant vector with one sample whose value is `value` (records each query)."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.queries: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                url = urlparse(self.path)
+                if url.path != "/api/v1/query":
+                    self.send_error(404)
+                    return
+                owner.queries.extend(parse_qs(url.query).get("query", []))
+                body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+                    {"metric": {}, "value": [time.time(), str(owner.value)]}]}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def keda_binaries_present(keda_mod: Any) -> bool:
+    return all(p.exists() and Path(f"{p}.ok").exists() for p in keda_mod.binaries().values())
+
+
+@pytest.fixture(scope="module")
+def keda() -> Iterator[Keda]:
+    keda_mod = stack.load_hack_module("keda")
+    if not keda_binaries_present(keda_mod) and os.environ.get("SHIPYARD_BUILD_KEDA") != "1":
+        pytest.skip("KEDA is not built: hack/build-binaries.sh keda (opt-in), or SHIPYARD_BUILD_KEDA=1 to build here")
+    cluster_mod = stack.load_hack_module("cluster")
+    base = Path(tempfile.mkdtemp(prefix="shipyard-keda-"))
+    mark = time.monotonic()
+    state = cluster_mod.up(base / "cluster")
+    timings = {"cluster_up": time.monotonic() - mark}
+    ok = False
+    try:
+        keda_state = keda_mod.start(base / "keda", state.kubeconfig)
+        timings.update({f"keda_{k}": v for k, v in keda_state["timings"].items()})
+        yield Keda(cluster=Cluster(kubeconfig=str(state.kubeconfig)), state=keda_state, timings=timings)
+        ok = True
+    finally:
+        keda_mod.stop(base / "keda")
+        cluster_mod.down(base / "cluster")
+        print(f"\n[keda] timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+        if ok:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_external_metrics_api_answers_through_the_aggregator(keda: Keda) -> None:
+    out = keda.cluster.kubectl("get", "--raw", "/apis/external.metrics.k8s.io/v1beta1")
+    assert json.loads(out.stdout)["groupVersion"] == "external.metrics.k8s.io/v1beta1"
+    service = keda.cluster.get("apiservice", "v1beta1.external.metrics.k8s.io")
+    assert service is not None
+    available = [c for c in service["status"]["conditions"] if c["type"] == "Available"]
+    assert available and available[0]["status"] == "True", service["status"]
+
+
+def build_deployment(name: str) -> dict[str, Any]:
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {"containers": [{"name": "app", "image": "shipyard.local/none:1"}]}}},
+    }
+
+
+def build_scaled_object(name: str, target: str, server: str) -> dict[str, Any]:
+    """Scale at once both ways (no stabilization window: the HPA's default 300 s scale-down window would hold the
+    second step), at least one replica (so the HPA, not KEDA's own scale-to-zero, moves every step)."""
+    instant = {"stabilizationWindowSeconds": 0, "policies": [{"type": "Percent", "value": 1000, "periodSeconds": 1}]}
+    return {
+        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {
+            "scaleTargetRef": {"name": target}, "minReplicaCount": 1, "maxReplicaCount": 10, "pollingInterval": 5,
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {"scaleUp": instant, "scaleDown": instant}}},
+            "triggers": [{"type": "prometheus", "metadata": {
+                "serverAddress": server, "query": QUERY, "threshold": str(THRESHOLD)}}],
+        },
+    }
+
+
+def replicas(cluster: Cluster, name: str) -> int:
+    deployment = cluster.get("deployment", name, NAMESPACE)
+    assert deployment is not None
+    return int(deployment["spec"]["replicas"])
+
+
+def test_scaled_object_moves_replicas_through_the_hpa(keda: Keda) -> None:
+    cluster = keda.cluster
+    prometheus = FakePrometheus()
+    try:
+        prometheus.value = 35  # -> ceil(35 / 10) = 4 replicas
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(build_deployment("model")))
+        mark = time.monotonic()
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(build_scaled_object("model", "model", prometheus.url)))
+
+        hpa: dict[str, Any] | None = None
+
+        def hpa_created() -> bool:
+            nonlocal hpa
+            hpa = cluster.get("hpa", "keda-hpa-model", NAMESPACE)
+            return hpa is not None
+
+        wait_until(hpa_created, 60, message="KEDA created the HPA")
+        keda.timings["hpa_created"] = time.monotonic() - mark
+        assert hpa is not None
+        [metric] = hpa["spec"]["metrics"]
+        assert metric["type"] == "External"
+        assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": str(THRESHOLD)}
+        assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "model"}
+
+        # The adapter serves the number the stand-in answers (adapter -> operator gRPC -> Prometheus scaler).
+        name = metric["external"]["metric"]["name"]
+        selector = "scaledobject.keda.sh/name=model"
+        raw = cluster.kubectl("get", "--raw", f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{NAMESPACE}/"
+                                              f"{name}?labelSelector={selector}")
+        assert [i["value"] for i in json.loads(raw.stdout)["items"]] == ["35"]
+        assert QUERY in prometheus.queries
+
+        wait_until(lambda: replicas(cluster, "model") == 4, 120, message="the HPA scaled the Deployment to 4")
+        keda.timings["scaled_up_1_to_4"] = time.monotonic() - mark
+
+        prometheus.value = 15  # -> ceil(15 / 10) = 2
+        mark = time.monotonic()
+        wait_until(lambda: replicas(cluster, "model") == 2, 120, message="the HPA scaled the Deployment to 2")
+        keda.timings["scaled_down_4_to_2"] = time.monotonic() - mark
+    finally:
+        prometheus.close()
