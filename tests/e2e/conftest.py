@@ -2,9 +2,10 @@
 
 Starts, in order: the local control plane (hack/cluster.py), the node agent (hack/node_agent.py: Node local-0 whose
 pods run as real processes, the Service proxy, Prometheus targets; the KWOK nodes tainted), Prometheus from
-Debian's package (hack/prometheus.py, file_sd, 1 s scrapes) and the operator as a subprocess
+Debian's package (hack/prometheus.py, file_sd, 1 s scrapes), KEDA (hack/keda.py: its operator and metrics adapter,
+the external metrics API registered with the control plane's aggregator) and the operator as a subprocess
 (``shipyard-operator --prometheus-address``). Stops them in the reverse order (operator, agent with its pods,
-Prometheus, control plane) and checks that no pod process is left. The package scope makes the e2e cluster go
+Prometheus, KEDA, control plane) and checks that no pod process is left. The package scope makes the e2e cluster go
 away before the next tier starts its own. The agent is started as tests/stack.py says: a machine where it cannot
 enforce pods' CPU limits fails the fixture.
 
@@ -153,6 +154,7 @@ def e2e() -> Iterator[E2E]:
     stack.check_host(prometheus=True)
     cluster_mod = stack.load_hack_module("cluster")
     prometheus_mod = stack.load_hack_module("prometheus")
+    keda_mod = stack.load_hack_module("keda")
     base = Path(tempfile.mkdtemp(prefix="shipyard-e2e-"))
     workdir = base / "agent"
     venv = Path(sys.prefix)
@@ -176,6 +178,9 @@ def e2e() -> Iterator[E2E]:
         mark = time.monotonic()
         _, prometheus_url = prometheus_mod.start(prometheus_dir, workdir / "prometheus-targets.json")
         timings["prometheusReadySeconds"] = round(time.monotonic() - mark, 1)
+        mark = time.monotonic()
+        keda_mod.start(base / "keda", state.kubeconfig)  # the autoscaling scenarios' scaler
+        timings["kedaReadySeconds"] = round(time.monotonic() - mark, 1)
         liveness = free_port()
         procs["operator"] = stack.proc.spawn(
             [str(venv / "bin" / "shipyard-operator"), "--all-namespaces", "--kubeconfig", str(state.kubeconfig),
@@ -205,6 +210,7 @@ def e2e() -> Iterator[E2E]:
         if "agent" in procs:
             codes["agent"] = stack.proc.stop(procs["agent"], 90)
         prometheus_mod.stop(prometheus_dir)
+        keda_mod.stop(base / "keda")
         cluster_mod.down(base / "cluster")
         timings["teardownSeconds"] = round(time.monotonic() - mark, 1)
         _keep_logs(base)
@@ -226,6 +232,8 @@ def _keep_logs(base: Path) -> None:
             shutil.copy(base / name, target / name)
     if (base / "prometheus" / "prometheus.log").exists():
         shutil.copy(base / "prometheus" / "prometheus.log", target / "prometheus.log")
+    for log in sorted((base / "keda" / "logs").glob("*.log")):
+        shutil.copy(log, target / log.name)
     if (base / "agent" / "logs").is_dir():
         shutil.copytree(base / "agent" / "logs", target / "pods", dirs_exist_ok=True)
     if (base / "cluster" / "logs").is_dir():

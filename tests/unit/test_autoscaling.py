@@ -33,10 +33,10 @@ def test_replicas_within_bounds(replicas: int, bounds: dict[str, Any] | None, ex
 @pytest.mark.parametrize(("metric", "expected"), [
     pytest.param("inflightRequests", 'sum(shipyard_inflight_requests{namespace="ml",model="digits"})', id="inflight"),
     pytest.param("queueDepth", 'sum(shipyard_queue_depth{namespace="ml",model="digits"})', id="queue"),
-    pytest.param("requestRate", 'sum(rate(shipyard_requests_total{namespace="ml",model="digits"}[1m]))', id="rate"),
+    pytest.param("requestRate", 'sum(rate(shipyard_requests_total{namespace="ml",model="digits"}[60s]))', id="rate"),
     pytest.param("gpuUtilization", '100 * sum(shipyard_gpu_utilization_ratio{namespace="ml",model="digits"})',
                  id="gpu"),
-    pytest.param("cpu", '100 * sum(rate(shipyard_cpu_seconds_total{namespace="ml",model="digits"}[1m])) / 0.5',
+    pytest.param("cpu", '100 * sum(rate(shipyard_cpu_seconds_total{namespace="ml",model="digits"}[60s])) / 0.5',
                  id="cpu-percent-of-the-request"),
 ])
 def test_queries_sum_the_models_pods(metric: autoscaling.ScalingMetric, expected: str) -> None:

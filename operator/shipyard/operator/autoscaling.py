@@ -25,7 +25,6 @@ KEDA_API: Final = "keda.sh/v1alpha1"
 SCALED_OBJECT: Final = "ScaledObject"
 HPA_API: Final = "autoscaling/v2"
 HPA: Final = "HorizontalPodAutoscaler"
-RATE_WINDOW: Final = "1m"  # rate() range of the request-rate and CPU queries (4 scrapes at Prometheus' usual 15 s)
 FALLBACK_FAILURES: Final = 3  # failed metric reads before KEDA holds the current replicas
 
 ScalingMetric: TypeAlias = Literal["inflightRequests", "queueDepth", "requestRate", "gpuUtilization", "cpu"]
@@ -107,6 +106,9 @@ class Autoscaling(schema.ApiModel):
     (average GPU utilisation, %), cpu (average CPU use, % of each pod's CPU request). Default inflightRequests."""
     target: Annotated[float, Field(gt=0, le=1000000)]
     """The value of the metric per pod to hold (a percentage for gpuUtilization and cpu)."""
+    rate_window_seconds: Annotated[int, Field(ge=5, le=600)] = 60
+    """The range of rate() in the requestRate and cpu queries: at least 4 scrapes of the Prometheus (60 s at its usual
+    15 s); shorter reacts faster. Default 60."""
     polling_interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 15
     """keda: how often the metric is read. Default 15."""
     cooldown_seconds: Annotated[int, Field(ge=0, le=86400)] = 300
@@ -130,7 +132,7 @@ def build_selector(model: str) -> str:
 
 
 def build_query(metric: ScalingMetric, namespace: str, served_model: str, cpu_request_cores: float | None = None,
-                namespace_label: str = "namespace") -> str:
+                namespace_label: str = "namespace", window_seconds: int = 60) -> str:
     """PromQL of the model's total of ``metric`` over its pods (every version). Pure.
 
     ``cpu``: the pods' CPU use as a percentage of one pod's request, summed (``cpu_request_cores`` required)."""
@@ -141,13 +143,13 @@ def build_query(metric: ScalingMetric, namespace: str, served_model: str, cpu_re
     if metric == "queueDepth":
         return f"sum({contract.METRIC_QUEUE_DEPTH}{selector})"
     if metric == "requestRate":
-        return f"sum(rate({contract.METRIC_REQUESTS_TOTAL}{selector}[{RATE_WINDOW}]))"
+        return f"sum(rate({contract.METRIC_REQUESTS_TOTAL}{selector}[{window_seconds}s]))"
     if metric == "gpuUtilization":
         return f"100 * sum({contract.METRIC_GPU_UTILIZATION}{selector})"
     if metric == "cpu":
         if not cpu_request_cores:
             raise ValueError("the cpu metric needs the pods' CPU request")
-        return f"100 * sum(rate({contract.METRIC_CPU_SECONDS}{selector}[{RATE_WINDOW}])) / {cpu_request_cores:g}"
+        return f"100 * sum(rate({contract.METRIC_CPU_SECONDS}{selector}[{window_seconds}s])) / {cpu_request_cores:g}"
     raise ValueError(f"unknown metric {metric!r}")
 
 

@@ -1232,7 +1232,8 @@ def _plan_scaler(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
                        "configured (--prometheus-address); the fixed spec.serving.replicas keep serving")
         else:
             query = autoscaling.build_query(auto.metric, meta.namespace, md.served_model_name,
-                                            spec.serving.resources.cpu_request_cores)
+                                            spec.serving.resources.cpu_request_cores,
+                                            window_seconds=auto.rate_window_seconds)
             wanted = autoscaling.build_scaled_object(object_meta, meta.name, auto, query, prometheus_address)
     if wanted is not None:
         wanted["metadata"]["annotations"] = {naming.ANNOTATION_SPEC_HASH: objects.build_spec_hash(wanted)}

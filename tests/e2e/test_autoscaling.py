@@ -1,0 +1,207 @@
+"""The e2e scenario of autoscaling, with real pod processes, a real KEDA (its operator and metrics adapter behind the
+control plane's aggregator), the kube-controller-manager's HPA controller and the stack's Prometheus, in a namespace
+of its own:
+
+12. the digits model (CPU-limited pods) with ``spec.serving.autoscaling`` on requestRate (15 requests/s per pod):
+    5 -> 50 requests/s grows it from 1 to 4 replicas (time from the load step to the ScaledObject's decision and to
+    the new pods serving, measured); a canary at 25% (a manual step) under that load has 1 candidate and 3 stable pods,
+    and a load step down to 20 requests/s shrinks both sides by the step's weight (1 + 1), the analysis unaffected;
+    then a minute of steady load with no write from either controller (the ModelDeployment's generation, i.e. the
+    scaler's writes through the scale subresource, and the operator's Deployment writes, counted); after the load
+    stops, back to 1 replica. 0 failed requests throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+import pytest
+from lightkube.resources.core_v1 import Pod
+
+from shipyard.operator import naming
+from tests.e2e import loadgen, manifests
+from tests.e2e.conftest import E2E, Poller, record
+from tests.e2e.test_examples import delete_namespace, in_namespace, ready
+from tests.e2e.test_rollout import LABELS, SAMPLES
+from tests.integration.conftest import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+MODEL = "digits"
+NAMESPACE = "e2e-autoscaling"
+V1, V2 = "3.0.0", "3.1.0"
+TARGET = 15  # requests/s per pod
+LOW, HIGH, MIDDLE = 5.0, 50.0, 20.0  # requests/s: 1 pod, ceil(50/15) = 4 pods, ceil(20/15) = 2 pods
+STEADY_S = 60
+
+
+def build_md(tag: str, **rollout: Any) -> dict[str, Any]:
+    md = manifests.build_digits(tag, NAMESPACE)
+    spec = md["spec"]
+    del spec["compression"]
+    del spec["serving"]["replicas"]  # the scaler's
+    spec["serving"]["autoscaling"] = {
+        "minReplicas": 1, "maxReplicas": 5, "metric": "requestRate", "target": TARGET,
+        "rateWindowSeconds": 10,  # the stack's Prometheus scrapes every second
+        "pollingIntervalSeconds": 2,
+        "behavior": {"scaleUp": {"stabilizationWindowSeconds": 0},
+                     "scaleDown": {"stabilizationWindowSeconds": 10}},
+    }
+    spec["rollout"] = {"startupTimeoutSeconds": 300, **rollout}
+    return md
+
+
+@dataclasses.dataclass
+class Sample:
+    t: float
+    generation: int
+    desired: int | None  # spec.serving.replicas (the scaler's)
+    ready: dict[str, int]  # ready, not terminating pods per version
+    phase: str | None
+    analysis: str | None
+
+
+class ScaleWatcher(Poller):
+    interval = 0.5
+
+    def __init__(self, e2e: E2E) -> None:
+        super().__init__()
+        self.e2e = e2e
+        self.samples: list[Sample] = []
+        self.pod_versions: dict[str, str] = {}
+
+    def poll(self) -> None:
+        md = self.e2e.md(MODEL)
+        status = md.get("status") or {}
+        counts: dict[str, int] = {}
+        for pod in self.e2e.client.list(Pod, namespace=self.e2e.namespace,
+                                        labels={naming.LABEL_MODEL: MODEL, naming.LABEL_COMPONENT: "serving"}):
+            version = (pod.metadata.labels or {}).get(naming.LABEL_VERSION, "?")
+            self.pod_versions[pod.metadata.name] = version
+            conds = {c.type: c.status for c in (pod.status.conditions or [])} if pod.status else {}
+            if conds.get("Ready") == "True" and pod.metadata.deletionTimestamp is None:
+                counts[version] = counts.get(version, 0) + 1
+        self.samples.append(Sample(time.time(), int(md["metadata"]["generation"]),
+                                   md["spec"]["serving"].get("replicas"), counts, status.get("phase"),
+                                   (status.get("analysis") or {}).get("phase")))
+
+    def first(self, predicate: Any, since: float) -> Sample | None:
+        return next((s for s in list(self.samples) if s.t >= since and predicate(s)), None)
+
+    def wait(self, predicate: Any, since: float, timeout: float, message: str) -> Sample:
+        found: Sample = wait_until(lambda: self.first(predicate, since), timeout, interval=0.5,
+                                   message=f"{message}; last={self.samples[-1] if self.samples else None}")
+        return found
+
+
+def operator_writes(e2e: E2E, since: float) -> int:
+    """The operator's writes to this namespace's Deployments after `since` (its log lines, stamped to the ms)."""
+    log = (e2e.workdir.parent / "operator.log").read_text(errors="replace").splitlines()
+    count = 0
+    for line in log:
+        m = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]", line)
+        if not m or f"Deployment {NAMESPACE}/" not in line or not re.search(r"\] (Applied|Scaled) ", line):
+            continue
+        stamp = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000
+        if stamp >= since:
+            count += 1
+    return count
+
+
+def start_load(e2e: E2E, rate: float) -> loadgen.LoadGenerator:
+    """A load at `rate` (the caller stops the previous one and keeps its results)."""
+    return loadgen.LoadGenerator(e2e.service_port(MODEL), MODEL, SAMPLES, LABELS, rate=rate, max_seconds=900).start()
+
+
+@pytest.fixture(scope="module")
+def scaling(e2e: E2E) -> Any:
+    scoped = in_namespace(e2e, NAMESPACE)
+    yield scoped
+    delete_namespace(scoped)
+
+
+def test_12_load_scales_the_model_and_its_canary_proportionally(scaling: E2E) -> None:
+    name = "12 autoscaling"
+    e2e = scaling
+    e2e.cluster.apply(build_md(V1), e2e.namespace)
+    wait_until(lambda: ready(e2e, MODEL), timeout=300, interval=1, message=f"{V1} Ready")
+    results: list[loadgen.Result] = []
+    load = start_load(e2e, LOW)
+    timings: dict[str, float | None] = {}
+    try:
+        with ScaleWatcher(e2e) as watcher:
+            wait_until(lambda: any(c["type"] == "Autoscaling" and c["status"] == "True"
+                                   for c in (e2e.md(MODEL).get("status") or {}).get("conditions") or []),
+                       120, interval=1, message="the Autoscaling condition True (KEDA reads the metric)")
+            time.sleep(10)
+            assert watcher.samples[-1].desired in (None, 1), watcher.samples[-1]
+            # 5 -> 50 requests/s
+            results += load.stop()
+            step = time.time()
+            load = start_load(e2e, HIGH)
+            decided = watcher.wait(lambda s: (s.desired or 0) >= 4, step, 180, "the scaler's decision: 4 replicas")
+            serving = watcher.wait(lambda s: s.ready.get(V1, 0) >= 4, step, 180, "4 pods of 3.0.0 serving")
+            timings["load step 5 -> 50 req/s -> scaler decided 4 replicas (s)"] = round(decided.t - step, 1)
+            timings["load step -> 4 pods Ready (s)"] = round(serving.t - step, 1)
+            time.sleep(5)
+            assert watcher.samples[-1].desired == 4 and watcher.samples[-1].ready.get(V1) == 4, watcher.samples[-1]
+            # a canary at 25% (manual step) under that load: 1 candidate, 3 stable
+            canary_at = time.time()
+            e2e.cluster.apply(build_md(V2, steps=[{"weight": 25, "manual": True}], analysis={
+                "interval": "2s", "failureLimit": 1, "metrics": [
+                    {"name": "error-rate", "builtin": "errorRate", "max": 0.01}]}), e2e.namespace)
+            watcher.wait(lambda s: s.ready.get(V2) == 1 and s.ready.get(V1) == 3, canary_at, 180,
+                         "the 25% step: 1 candidate pod and 3 stable")
+            wait_until(lambda: (e2e.md(MODEL).get("status") or {}).get("pausedReason") == "ManualStep", 120,
+                       interval=1, message="the manual step reached")
+            # load step down to 20 requests/s: 2 replicas, split 1 + 1 by the step's weight
+            results += load.stop()
+            down = time.time()
+            load = start_load(e2e, MIDDLE)
+            split = watcher.wait(lambda s: s.desired == 2 and s.ready.get(V2) == 1 and s.ready.get(V1) == 1
+                                 and sum(s.ready.values()) == 2, down, 240, "2 replicas split 1 + 1")
+            timings["load step 50 -> 20 req/s -> 1 + 1 pods (s)"] = round(split.t - down, 1)
+            time.sleep(5)
+            # steady: no writes from either controller for a minute
+            quiet = time.time()
+            generation = e2e.md(MODEL)["metadata"]["generation"]
+            time.sleep(STEADY_S)
+            md = e2e.md(MODEL)
+            scaler_writes = int(md["metadata"]["generation"]) - int(generation)
+            own_writes = operator_writes(e2e, quiet)
+            status = md.get("status") or {}
+            analysis_phase = (status.get("analysis") or {}).get("phase")
+            assert status.get("pausedReason") == "ManualStep" and status.get("candidateVersion") == V2, status
+            # promote, stop the load: back to 1 replica
+            e2e.cluster.kubectl("annotate", "-n", e2e.namespace, f"md/{MODEL}", f"shipyard.dev/promote={V2}")
+            wait_until(lambda: (e2e.md(MODEL).get("status") or {}).get("stableVersion") == V2, 120, interval=1,
+                       message=f"{V2} promoted")
+            results += load.stop()
+            load = None
+            stopped = time.time()
+            back = watcher.wait(lambda s: s.desired == 1 and s.ready.get(V2) == 1 and sum(s.ready.values()) == 1,
+                                stopped, 240, "back to 1 replica")
+            timings["load stopped -> back to 1 replica (s)"] = round(back.t - stopped, 1)
+            samples = list(watcher.samples)
+            pod_versions = dict(watcher.pod_versions)
+    finally:
+        if load is not None:
+            results += load.stop()
+    failed = [r for r in results if r.failed]
+    counts = loadgen.count_by_version(loadgen.attribute(results, e2e.conntrack(), pod_versions))
+    most = max(sum(s.ready.values()) for s in samples)
+    record(name, requests=counts, timings=timings, facts={
+        "requests sent": len(results), "failed requests": len(failed),
+        "most ready pods at once": most,
+        f"writes in {STEADY_S} s of steady load: scaler (generation) / operator (Deployments)":
+            f"{scaler_writes} / {own_writes}",
+        "analysis of the canary after the load steps": analysis_phase,
+    })
+    assert not failed, failed[:3]
+    assert scaler_writes == 0 and own_writes == 0, (scaler_writes, own_writes)
+    assert analysis_phase != "Failed"
+    assert most <= 5
+    record(name, outcome="passed")
