@@ -54,7 +54,9 @@ def test_operator_creates_owned_deployment_and_service_and_becomes_ready(
         (ref,) = child["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
             "ModelDeployment", "digits", md["metadata"]["uid"], True)
-    assert svc["spec"]["selector"] == {"shipyard.dev/model": "digits", "shipyard.dev/component": "serving"}
+    # at rest the Service selects the stable version only (a canary's steps select every version's pods)
+    assert svc["spec"]["selector"] == {"shipyard.dev/model": "digits", "shipyard.dev/component": "serving",
+                                       "shipyard.dev/version": "1.0.0"}
     with_fields = json.loads(cluster.kubectl("get", "deployment", "digits-1-0-0", "-n", namespace, "-o", "json",
                                              "--show-managed-fields").stdout)
     managers = {(f["manager"], f["operation"]) for f in with_fields["metadata"]["managedFields"]}
