@@ -646,6 +646,27 @@ CEL_VIOLATIONS.update({
 })
 
 
+# Autoscaling (docs/autoscaling.md).
+AUTOSCALING = ("spec", "serving", "autoscaling")
+_SERVING = rich_digits()["spec"]["serving"]  # 4 replicas, a CPU request
+CEL_VIOLATIONS.update({
+    _rule("spec.serving.autoscaling", "spec.serving.autoscaling minReplicas must not exceed"): [
+        _cel(AUTOSCALING, st.just({"minReplicas": 5, "maxReplicas": 4, "target": 3}), (*AUTOSCALING, "minReplicas"))],
+    _rule("spec.serving.autoscaling", "spec.serving.autoscaling.minReplicas 0"): [
+        _cel(AUTOSCALING, st.just({"provider": "hpa", "minReplicas": 0, "maxReplicas": 6, "target": 3}),
+             (*AUTOSCALING, "minReplicas"))],
+    _rule("spec.serving.autoscaling", "spec.serving.autoscaling.target of gpuUtilization"): [
+        _cel(AUTOSCALING, st.sampled_from([{"metric": m, "maxReplicas": 6, "target": 150}
+                                           for m in ("gpuUtilization", "cpu")]), (*AUTOSCALING, "target"))],
+    _rule("spec.serving", "spec.serving.replicas must not exceed"): [
+        _cel(AUTOSCALING, st.just({"maxReplicas": 2, "target": 3}), ("spec", "serving", "replicas"))],
+    _rule("spec.serving", "spec.serving.autoscaling.metric cpu"): [
+        _cel(("spec", "serving"), st.just({**_SERVING, "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                                           "autoscaling": {"metric": "cpu", "maxReplicas": 6, "target": 70}}),
+             (*AUTOSCALING, "metric"))],
+})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The strategy: pick a kind, then a field of that kind, then a violating value
 
