@@ -242,3 +242,16 @@ def test_rollback_requires_to(capsys: pytest.CaptureFixture[str]) -> None:
 ])
 def test_traffic_line(spec: dict[str, Any], status: dict[str, Any], expected: str) -> None:
     assert plugin.build_traffic_text(spec, status) == expected
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    pytest.param({}, "-", id="none"),
+    pytest.param({"autoscaling": {"provider": "keda", "metric": "requestRate", "target": 15, "minReplicas": 1,
+                                  "maxReplicas": 5},
+                  "conditions": [{"type": "Autoscaling", "reason": "ScalerReady", "message": "KEDA scales"}]},
+                 "keda, requestRate 15 per pod, 1..5 replicas: ScalerReady (KEDA scales)", id="keda-ready"),
+    pytest.param({"autoscaling": {"provider": "hpa", "metric": "cpu", "target": 70.5, "minReplicas": 2,
+                                  "maxReplicas": 9}}, "hpa, cpu 70.5 per pod, 2..9 replicas", id="no-condition-yet"),
+])
+def test_autoscaling_line(status: dict[str, Any], expected: str) -> None:
+    assert plugin.build_autoscaling_text(status) == expected

@@ -142,6 +142,18 @@ def build_traffic_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> st
     return "; ".join(parts)
 
 
+def build_autoscaling_text(status: Mapping[str, Any]) -> str:
+    """'keda, requestRate 15 per pod, 1..5 replicas: ScalerReady (KEDA scales on the metric (active))', or '-'."""
+    auto = status.get("autoscaling") or {}
+    if not auto:
+        return "-"
+    condition = next((c for c in status.get("conditions") or [] if c.get("type") == "Autoscaling"), {})
+    state = f": {condition.get('reason')}" + (f" ({condition['message']})" if condition.get("message") else "") \
+        if condition else ""
+    return (f"{auto.get('provider')}, {auto.get('metric')} {auto.get('target', 0):g} per pod, "
+            f"{auto.get('minReplicas')}..{auto.get('maxReplicas')} replicas{state}")
+
+
 def build_status_view(md: Mapping[str, Any]) -> str:
     """What `kubectl shipyard status` prints for one ModelDeployment body."""
     meta, body_spec = md.get("metadata") or {}, md.get("spec") or {}
@@ -166,7 +178,9 @@ def build_status_view(md: Mapping[str, Any]) -> str:
         f"Step:        {build_step_text(steps, status.get('currentStepIndex'))}"
         + (f"   started {status['stepStartedAt']}" if status.get("stepStartedAt") else "")
         + (f", ready {status['stepReadyAt']}" if status.get("stepReadyAt") else ""),
-        f"Replicas:    {replicas.get('ready', 0)} ready of {(body_spec.get('serving') or {}).get('replicas', 1)}",
+        f"Replicas:    {replicas.get('ready', 0)} ready of {(body_spec.get('serving') or {}).get('replicas', 1)}"
+        + (f" (desired {replicas['desired']}, current {replicas.get('current', 0)})" if "desired" in replicas else ""),
+        f"Autoscaling: {build_autoscaling_text(status)}",
         f"Traffic:     {build_traffic_text(body_spec, status)}",
         f"Conditions:  {build_conditions_text(status.get('conditions') or [])}",
         "",
