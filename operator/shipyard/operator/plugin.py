@@ -147,7 +147,8 @@ def build_autoscaling_text(status: Mapping[str, Any]) -> str:
     auto = status.get("autoscaling") or {}
     if not auto:
         return "-"
-    condition = next((c for c in status.get("conditions") or [] if c.get("type") == "Autoscaling"), {})
+    condition: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Autoscaling"), {})
     state = f": {condition.get('reason')}" + (f" ({condition['message']})" if condition.get("message") else "") \
         if condition else ""
     return (f"{auto.get('provider')}, {auto.get('metric')} {auto.get('target', 0):g} per pod, "
