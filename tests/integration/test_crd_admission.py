@@ -381,7 +381,7 @@ def test_full_status_is_kept_and_shown_in_columns(cluster: Any, namespace: str) 
                             "-o", "custom-columns=P:.status.phase").stdout.split()
     assert table == ["Progressing"]
     row = cluster.kubectl("get", "modeldeployments", "-n", namespace).stdout.splitlines()
-    assert row[0].split() == ["NAME", "PHASE", "STABLE", "CANDIDATE", "READY", "AGE"]
+    assert row[0].split() == ["NAME", "PHASE", "STABLE", "CANDIDATE", "READY", "DESIRED", "CURRENT", "AGE"]
     assert row[1].split()[:5] == ["digits", "Progressing", "1.0.0", "1.0.1", "False"]
 
 
