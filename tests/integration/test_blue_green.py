@@ -70,7 +70,9 @@ def test_blue_green_previews_switches_and_keeps_the_previous_version_for_its_win
 def test_blue_green_switches_back_when_post_promotion_analysis_fails(
         cluster: Cluster, operator: KopfRunner, namespace: str, prometheus: FakePrometheus) -> None:
     prometheus.answer = lambda query: 0.3 if 'version="1.1.0"' in query else 0.0
-    rollout = {"strategy": "blueGreen", "blueGreen": {"postPromotionAnalysis": analysis(prometheus.address)}}
+    # (the initial delay keeps the switched state up for a few polls of this test on a loaded machine)
+    rollout = {"strategy": "blueGreen", "blueGreen": {"postPromotionAnalysis": analysis(prometheus.address,
+                                                                                        initialDelay="4s")}}
     cluster.apply(model("bgback", "1.0.0", rollout=rollout), namespace)
     wait_status(cluster, namespace, "bgback", healthy("1.0.0"), message="1.0.0 healthy")
     cluster.apply(model("bgback", "1.1.0", rollout=rollout), namespace)
