@@ -836,20 +836,28 @@ def _fail_candidate(md: spec_mod.ModelDeployment, st: _State, desired: dict[str,
     st.message = f"Version {target} rolled back ({reason}): {message}; version {st.stable} serves all traffic"
 
 
+def _start_candidate(md: spec_mod.ModelDeployment, st: _State, now: datetime.datetime, how: str) -> None:
+    """The spec's version becomes the candidate (once): a candidate it replaces before promotion is recorded
+    Superseded, the step and analysis start over, and RolloutStarted says ``how`` it rolls out."""
+    spec = md.spec
+    target = spec.version
+    if st.candidate == target:
+        return
+    if st.candidate is not None:
+        st.record(st.candidate, st.candidate_image or "", Outcome.SUPERSEDED, Reason.REPLACED,
+                  f"replaced by version {target} before it was promoted", now, spec.retry)
+    st.candidate, st.candidate_image = target, spec.image
+    st.step, st.step_started, st.step_ready, st.paused_reason, st.analysis = 0, now, None, None, None
+    st.event("Normal", Reason.ROLLOUT_STARTED, f"Rolling out version {target} next to stable {st.stable} {how}")
+
+
 def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed, desired: dict[str, int],
                  now: datetime.datetime, measurements: Mapping[str, analysis.Measurement],
                  apply: list[dict[str, Any]]) -> None:
     spec = md.spec
     target, total = spec.version, spec.serving.effective_replicas
     steps = spec.rollout.effective_steps
-    if st.candidate != target:
-        if st.candidate is not None:
-            st.record(st.candidate, st.candidate_image or "", Outcome.SUPERSEDED, Reason.REPLACED,
-                      f"replaced by version {target} before it was promoted", now, spec.retry)
-        st.candidate, st.candidate_image = target, spec.image
-        st.step, st.step_started, st.step_ready, st.paused_reason, st.analysis = 0, now, None, None, None
-        st.event("Normal", Reason.ROLLOUT_STARTED, f"Rolling out version {target} next to stable {st.stable} in "
-                                                   f"{len(steps)} step(s)")
+    _start_candidate(md, st, now, f"in {len(steps)} step(s)")
     assert st.stable is not None
     cand_view = observed.deployments.get(target)
     cand_ready = cand_view.ready if cand_view is not None else 0
@@ -984,15 +992,8 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
     spec = md.spec
     target, total = spec.version, spec.serving.effective_replicas
     assert st.stable is not None
-    if st.candidate != target:
-        if st.candidate is not None:
-            st.record(st.candidate, st.candidate_image or "", Outcome.SUPERSEDED, Reason.REPLACED,
-                      f"replaced by version {target} before it was promoted", now, spec.retry)
-        st.candidate, st.candidate_image = target, spec.image
-        st.step, st.step_started, st.step_ready, st.paused_reason, st.analysis = 0, now, None, None, None
-        st.event("Normal", Reason.ROLLOUT_STARTED,
-                 f"Rolling out version {target} next to stable {st.stable} (blue-green: preview "
-                 f"{naming.build_preview_service_name(meta.name)}, then a switch of the active Service)")
+    _start_candidate(md, st, now, f"(blue-green: preview {naming.build_preview_service_name(meta.name)}, then a "
+                                  "switch of the active Service)")
     switched = build_switched(spec, st.step)
     cand_view = observed.deployments.get(target)
     stable_view = observed.deployments[st.stable]
