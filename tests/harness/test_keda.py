@@ -14,19 +14,17 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
 from tests import stack
 from tests.integration.conftest import Cluster, wait_until
+from tests.integration.test_operator_rollout import FakePrometheus  # answers /api/v1/query, records queries
 
 pytestmark = [pytest.mark.harness, pytest.mark.timeout(900)]
 
@@ -40,42 +38,6 @@ class Keda:
     cluster: Cluster
     state: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
-
-
-class FakePrometheus:
-    """/api/v1/query answering an instant vector with one sample whose value is `value` (records each query)."""
-
-    def __init__(self) -> None:
-        self.value = 0.0
-        self.queries: list[str] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                url = urlparse(self.path)
-                if url.path != "/api/v1/query":
-                    self.send_error(404)
-                    return
-                owner.queries.extend(parse_qs(url.query).get("query", []))
-                body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
-                    {"metric": {}, "value": [time.time(), str(owner.value)]}]}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +106,11 @@ def test_scaled_object_moves_replicas_through_the_hpa(keda: Keda) -> None:
     cluster = keda.cluster
     prometheus = FakePrometheus()
     try:
-        prometheus.value = 35  # -> ceil(35 / 10) = 4 replicas
+        prometheus.answer = lambda query: 35.0  # -> ceil(35 / 10) = 4 replicas
         cluster.kubectl("create", "namespace", NAMESPACE)
         cluster.kubectl("apply", "-f", "-", input=json.dumps(build_deployment("model")))
         mark = time.monotonic()
-        cluster.kubectl("apply", "-f", "-", input=json.dumps(build_scaled_object("model", "model", prometheus.url)))
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(build_scaled_object("model", "model", prometheus.address)))
 
         hpa: dict[str, Any] | None = None
 
@@ -176,7 +138,7 @@ def test_scaled_object_moves_replicas_through_the_hpa(keda: Keda) -> None:
         wait_until(lambda: replicas(cluster, "model") == 4, 120, message="the HPA scaled the Deployment to 4")
         keda.timings["scaled_up_1_to_4"] = time.monotonic() - mark
 
-        prometheus.value = 15  # -> ceil(15 / 10) = 2
+        prometheus.answer = lambda query: 15.0  # -> ceil(15 / 10) = 2
         mark = time.monotonic()
         wait_until(lambda: replicas(cluster, "model") == 2, 120, message="the HPA scaled the Deployment to 2")
         keda.timings["scaled_down_4_to_2"] = time.monotonic() - mark
