@@ -35,6 +35,7 @@ import lightkube
 import pytest
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import Pod
 
 from shipyard.operator import naming
 from tests import stack
@@ -119,6 +120,20 @@ class Poller:
                 self.poll()
             except Exception:  # noqa: BLE001 - a missed poll is retried at the next
                 continue
+
+
+def count_ready_pods(e2e: E2E, model: str, versions: dict[str, str]) -> dict[str, int]:
+    """Ready, not terminating serving pods of `model` per version (one LIST); records each pod's version in
+    `versions` (pods are gone by the time their requests are attributed)."""
+    counts: dict[str, int] = {}
+    for pod in e2e.client.list(Pod, namespace=e2e.namespace,
+                               labels={naming.LABEL_MODEL: model, naming.LABEL_COMPONENT: "serving"}):
+        version = (pod.metadata.labels or {}).get(naming.LABEL_VERSION, "?")
+        versions[pod.metadata.name] = version
+        conds = {c.type: c.status for c in (pod.status.conditions or [])} if pod.status else {}
+        if conds.get("Ready") == "True" and pod.metadata.deletionTimestamp is None:
+            counts[version] = counts.get(version, 0) + 1
+    return counts
 
 
 def compression_job(e2e: E2E, name: str) -> dict[str, Any] | None:

@@ -19,11 +19,9 @@ import time
 from typing import Any
 
 import pytest
-from lightkube.resources.core_v1 import Pod
 
-from shipyard.operator import naming
 from tests.e2e import loadgen, manifests
-from tests.e2e.conftest import E2E, Poller, record
+from tests.e2e.conftest import E2E, Poller, count_ready_pods, record
 from tests.e2e.test_examples import delete_namespace, in_namespace, ready
 from tests.e2e.test_rollout import LABELS, SAMPLES
 from tests.integration.conftest import wait_until
@@ -76,14 +74,7 @@ class ScaleWatcher(Poller):
     def poll(self) -> None:
         md = self.e2e.md(MODEL)
         status = md.get("status") or {}
-        counts: dict[str, int] = {}
-        for pod in self.e2e.client.list(Pod, namespace=self.e2e.namespace,
-                                        labels={naming.LABEL_MODEL: MODEL, naming.LABEL_COMPONENT: "serving"}):
-            version = (pod.metadata.labels or {}).get(naming.LABEL_VERSION, "?")
-            self.pod_versions[pod.metadata.name] = version
-            conds = {c.type: c.status for c in (pod.status.conditions or [])} if pod.status else {}
-            if conds.get("Ready") == "True" and pod.metadata.deletionTimestamp is None:
-                counts[version] = counts.get(version, 0) + 1
+        counts = count_ready_pods(self.e2e, MODEL, self.pod_versions)
         self.samples.append(Sample(time.time(), int(md["metadata"]["generation"]),
                                    md["spec"]["serving"].get("replicas"), counts, status.get("phase"),
                                    (status.get("analysis") or {}).get("phase")))
