@@ -54,9 +54,6 @@ def test_operator_creates_owned_deployment_and_service_and_becomes_ready(
         (ref,) = child["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["name"], ref["uid"], ref["controller"]) == (
             "ModelDeployment", "digits", md["metadata"]["uid"], True)
-    # at rest the Service selects the stable version only (a canary's steps select every version's pods)
-    assert svc["spec"]["selector"] == {"shipyard.dev/model": "digits", "shipyard.dev/component": "serving",
-                                       "shipyard.dev/version": "1.0.0"}
     with_fields = json.loads(cluster.kubectl("get", "deployment", "digits-1-0-0", "-n", namespace, "-o", "json",
                                              "--show-managed-fields").stdout)
     managers = {(f["manager"], f["operation"]) for f in with_fields["metadata"]["managedFields"]}
@@ -73,6 +70,12 @@ def test_operator_creates_owned_deployment_and_service_and_becomes_ready(
     assert status["phase"] == "Healthy"
     assert status["stableVersion"] == "1.0.0"
     assert condition(md, "Reconciling") == "False" and condition(md, "Stalled") == "False"
+    # at rest the Service selects the stable version only (a first rollout, with no stable yet, selects every
+    # version's pods; the selector narrows in the pass that makes the model Healthy, before Ready is written)
+    svc = cluster.get("service", "digits", namespace)
+    assert svc is not None
+    assert svc["spec"]["selector"] == {"shipyard.dev/model": "digits", "shipyard.dev/component": "serving",
+                                       "shipyard.dev/version": "1.0.0"}
     assert [h["version"] for h in status["history"]] == ["1.0.0"]
     # Kopf stored nothing of its own: no finalizer, no progress or diff-base annotations.
     assert not md["metadata"].get("finalizers")
