@@ -87,6 +87,13 @@ METRIC_HTTP_DURATION = "http_request_duration_seconds"  # labels: method, path (
 METRIC_GPU_MEMORY_ALLOCATED = "shipyard_gpu_memory_allocated_bytes"  # held by tensors
 METRIC_GPU_MEMORY_RESERVED = "shipyard_gpu_memory_reserved_bytes"  # reserved by torch's caching allocator
 METRIC_GPU_UTILIZATION = "shipyard_gpu_utilization_ratio"  # 0..1; only with NVML (nvidia-ml-py, extra `gpu`)
+# The activator (scale from zero: it holds requests while a model has no pod; shipyard-activator).
+METRIC_ACTIVATOR_PENDING = "shipyard_activator_pending_requests"  # gauge: requests held; labels: model
+METRIC_ACTIVATOR_REQUESTS = "shipyard_activator_requests_total"  # counter; labels: model, outcome
+METRIC_ACTIVATOR_HOLD = "shipyard_activator_hold_seconds"  # histogram: arrival -> forwarded; labels: model
+ACTIVATOR_HEADER = "x-shipyard-activator"  # on every answer of an activator: its pod name
+ACTIVATOR_HOP_HEADER = "x-shipyard-activator-hop"  # on requests an activator forwards (loop protection)
+ACTIVATOR_METRICS_PORT = 9091  # the activator's /metrics and /healthz (its serving port proxies every path)
 LABEL_MODEL = "model"
 LABEL_VERSION = "version"
 LABEL_CODE = "code"
