@@ -72,6 +72,8 @@ class Sim:
         self.scaler_writes = 0  # scaler objects applied
         self.keda: bool | None = None  # whether the fake API server serves ScaledObjects (None: not looked up)
         self.prometheus_address: str | None = None  # the operator's --prometheus-address
+        self.activator_image: str | None = None  # the operator's --activator-image
+        self.activator: observed.DeploymentView | None = None  # the activator's Deployment (ready at once)
         self.broken: set[str] = set()  # versions whose pods never become ready
         self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
         self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
@@ -91,7 +93,7 @@ class Sim:
         return observed.Observed(deployments=dict(self.deployments), services=dict(self.services),
                                  jobs=dict(self.jobs), config_maps=dict(self.config_maps),
                                  missing_pvc=self.missing_pvc, budgets=dict(self.budgets),
-                                 scalers=dict(self.scalers), keda=self.keda)
+                                 scalers=dict(self.scalers), keda=self.keda, activator=self.activator)
 
     @property
     def status(self) -> dict[str, Any]:
@@ -128,7 +130,8 @@ class Sim:
             measurements = {name: analysis.Measurement(candidate=sample, stable=analysis.Sample(0.0, "q"))
                             for name in request.metrics}
         return planning.plan_reconcile(body, self.observed(), self.now, measurements, parsed=parsed,
-                                       prometheus_address=self.prometheus_address)
+                                       prometheus_address=self.prometheus_address,
+                                       activator_image=self.activator_image)
 
     def _lag(self, version: str, old: observed.DeploymentView, caught_up: observed.DeploymentView) -> None:
         """spec.replicas changed; the status still describes the old generation until the next pass."""
@@ -143,7 +146,12 @@ class Sim:
         self.plans.append(plan)
         for obj in plan.apply:
             kind, name = obj["kind"], obj["metadata"]["name"]
-            if kind == "Deployment":
+            if kind == "Deployment" and obj["metadata"]["labels"].get(naming.LABEL_COMPONENT) == "activator":
+                self.activator = observed.DeploymentView(
+                    name=name, version="", image=obj["spec"]["template"]["spec"]["containers"][0]["image"],
+                    replicas=1, ready_replicas=1, available_replicas=1, updated_replicas=1, generation=1,
+                    observed_generation=1, spec_hash=objects.spec_hash_of(obj))
+            elif kind == "Deployment":
                 version = obj["metadata"]["labels"][naming.LABEL_VERSION]
                 old = self.deployments.get(version)
                 view = dataclasses.replace(
@@ -184,6 +192,8 @@ class Sim:
         for _, kind, name in plan.delete:
             if kind == "Deployment":
                 self.deployments = {v: d for v, d in self.deployments.items() if d.name != name}
+                if self.activator is not None and self.activator.name == name:
+                    self.activator = None
             elif kind == "Job":
                 self.jobs.pop(name, None)
             elif kind == "ConfigMap":
@@ -222,6 +232,8 @@ class Sim:
         selector = self.selectors.get(service)
         if selector is None:
             return None
+        if selector.get(naming.LABEL_COMPONENT) == "activator":
+            return set()
         wanted = selector.get(naming.LABEL_VERSION)
         return {v for v in self.deployments if wanted is None or naming.build_label_value(v) == wanted}
 

@@ -56,7 +56,8 @@ def test_scaled_object_targets_the_model_deployment_and_holds_on_missing_data() 
     assert obj["apiVersion"] == "keda.sh/v1alpha1" and obj["kind"] == "ScaledObject"
     assert spec["scaleTargetRef"] == {"apiVersion": "shipyard.dev/v1alpha1", "kind": "ModelDeployment",
                                       "name": "digits"}
-    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 10)
+    # minReplicas 0 without an activation query: nothing could wake the model, so KEDA keeps one pod
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (1, 10)
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     assert trigger["metadata"] == {"serverAddress": PROMETHEUS, "query": "sum(x)", "threshold": "4",
@@ -65,6 +66,40 @@ def test_scaled_object_targets_the_model_deployment_and_holds_on_missing_data() 
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == {
         "scaleDown": {"stabilizationWindowSeconds": 60, "policies": [{"type": "Pods", "value": 1,
                                                                       "periodSeconds": 60}]}}
+
+
+@pytest.mark.parametrize(("metric", "threshold"), [
+    pytest.param("inflightRequests", "4", id="held-requests-are-in-flight-requests"),
+    pytest.param("queueDepth", "4", id="queue"),
+    pytest.param("requestRate", "1e+06", id="rate-only-activates"),
+    pytest.param("cpu", "1e+06", id="cpu-only-activates"),
+])
+def test_scale_to_zero_adds_the_activators_trigger(metric: autoscaling.ScalingMetric, threshold: str) -> None:
+    query = autoscaling.build_activation_query("ml", 'dig"its')
+    assert query == 'sum(shipyard_activator_pending_requests{namespace="ml",model="dig\\"its"})'
+    obj = autoscaling.build_scaled_object({"name": "digits"}, "digits", auto(minReplicas=0, metric=metric), "sum(x)",
+                                          PROMETHEUS, query)
+    spec = obj["spec"]
+    assert spec["minReplicaCount"] == 0
+    first, activation = spec["triggers"]
+    assert first["metadata"]["query"] == "sum(x)"
+    assert activation["name"] == "activator" and activation["type"] == "prometheus"
+    assert activation["metadata"] == {"serverAddress": PROMETHEUS, "query": query, "threshold": threshold,
+                                      "activationThreshold": "0", "ignoreNullValues": "false"}
+
+
+@pytest.mark.parametrize(("conditions", "at_zero", "expected"), [
+    pytest.param([{"type": "Ready", "status": "True"}, {"type": "Fallback", "status": "True", "message": "m"}],
+                 True, (True, "ScaledToZero"), id="no-pod-series-at-zero-is-expected"),
+    pytest.param([{"type": "Ready", "status": "True"}, {"type": "Fallback", "status": "True", "message": "m"}],
+                 False, (False, "MetricUnavailable"), id="the-same-with-pods-holds-replicas"),
+    pytest.param([{"type": "Ready", "status": "False", "message": "bad query"}], True,
+                 (False, "ScalerNotReady"), id="a-broken-scaler-at-zero-still-says-so"),
+])
+def test_a_scaled_object_at_zero(conditions: list[dict[str, str]], at_zero: bool,
+                                 expected: tuple[bool, str]) -> None:
+    ok, reason, _ = autoscaling.assess_scaler("ScaledObject", conditions, at_zero=at_zero)
+    assert (ok, reason) == expected
 
 
 @pytest.mark.parametrize(("metric", "expected"), [
@@ -182,14 +217,94 @@ def test_hpa_provider_needs_no_keda_and_removing_autoscaling_deletes_the_scaler(
     assert not any(c["type"] == "Autoscaling" for c in sim.status["conditions"])
 
 
-def test_scaled_to_zero_and_back() -> None:
-    sim = scaled(2, minReplicas=0)
-    set_replicas(sim, 0)
+def test_scaled_to_zero_and_back_without_an_activator_keeps_one_replica_in_the_scaler() -> None:
+    sim = scaled(2, minReplicas=0)  # no --activator-image
+    assert sim.activator is None
+    assert sim.condition("Autoscaling") == ("False", "ActivatorUnavailable")
+    set_replicas(sim, 0)  # kubectl scale --replicas 0 still works: the user's choice
     sim.settle()
     assert sim.replicas() == {"1.0.0": 0} and sim.status["phase"] == "Healthy"
+    assert sim.selectors["digits"].get("shipyard.dev/component") == "serving"
     set_replicas(sim, 1)
     sim.settle()
     assert sim.replicas() == {"1.0.0": 1}
+
+
+def with_activator(replicas: int = 2, **fields: Any) -> Sim:
+    sim = Sim(md("1.0.0", replicas=replicas, serving={"replicas": replicas, "autoscaling": {
+        "minReplicas": 0, "maxReplicas": 4, "target": 4, **fields}}, rollout={"steps": STEPS}))
+    sim.keda, sim.prometheus_address, sim.activator_image = True, PROMETHEUS, "registry.example/shipyard/operator:1"
+    return sim.settle()
+
+
+def test_scale_to_zero_routes_to_the_activator_before_the_last_pod_goes_and_back_once_one_is_ready() -> None:
+    sim = with_activator()
+    assert sim.activator is not None and sim.activator.name == "digits-activator"
+    scaled_object = next(o for p in sim.plans for o in p.apply if o["kind"] == "ScaledObject")
+    assert [t.get("name") for t in scaled_object["spec"]["triggers"]] == [None, "activator"]
+    assert scaled_object["spec"]["minReplicaCount"] == 0
+    assert sim.selectors["digits"]["shipyard.dev/version"] == "1.0.0"
+    assert sim.status["autoscaling"]["routesToActivator"] is False
+    set_replicas(sim, 0)
+    first = sim.step()
+    # traffic first: the Service leaves the pods in this pass, the pods go in the next
+    assert [o["kind"] for o in first.apply] == ["Service"] and not first.scale
+    assert sim.selectors["digits"] == {"shipyard.dev/model": "digits", "shipyard.dev/component": "activator"}
+    assert sim.replicas() == {"1.0.0": 2}
+    sim.settle()
+    assert sim.replicas() == {"1.0.0": 0} and sim.status["autoscaling"]["routesToActivator"] is True
+    assert sim.status["phase"] == "Healthy"
+    # KEDA wakes the model: the Service stays on the activator until a pod is Ready
+    sim.frozen.add("1.0.0")
+    set_replicas(sim, 1)
+    sim.step()
+    assert sim.replicas() == {"1.0.0": 1} and sim.deployments["1.0.0"].ready_replicas == 0
+    assert sim.selectors["digits"]["shipyard.dev/component"] == "activator"
+    sim.frozen.discard("1.0.0")
+    sim.deployments["1.0.0"] = sim._ready("1.0.0", 1)
+    sim.settle()
+    assert sim.selectors["digits"]["shipyard.dev/version"] == "1.0.0"
+    assert sim.status["autoscaling"]["routesToActivator"] is False
+
+
+def test_the_activator_goes_with_scale_to_zero() -> None:
+    sim = with_activator()
+    sim.body["spec"]["serving"]["autoscaling"]["minReplicas"] = 1
+    sim.body["metadata"]["generation"] += 1
+    sim.settle()
+    assert sim.activator is None and "activator" not in sim.status["autoscaling"]
+    scaled_object = next(o for p in reversed(sim.plans) for o in p.apply if o["kind"] == "ScaledObject")
+    assert len(scaled_object["spec"]["triggers"]) == 1
+
+
+def test_a_server_without_an_http_readiness_path_cannot_use_the_activator() -> None:
+    sim = Sim(md("1.0.0", replicas=1, serving={"replicas": 1, "grpc": {"http": False}, "autoscaling": {
+        "minReplicas": 0, "maxReplicas": 4, "target": 4}}))
+    sim.keda, sim.prometheus_address, sim.activator_image = True, PROMETHEUS, "registry.example/shipyard/operator:1"
+    sim.settle()
+    assert sim.activator is None
+    status, reason = sim.condition("Autoscaling")
+    assert (status, reason) == ("False", "ActivatorUnavailable")
+    message = next(c for c in sim.status["conditions"] if c["type"] == "Autoscaling")["message"]
+    assert "HTTP readiness path" in message
+
+
+def test_the_activators_pod() -> None:
+    sim = with_activator()
+    dep = next(o for p in sim.plans for o in p.apply if o["kind"] == "Deployment" and
+               o["metadata"]["name"] == "digits-activator")
+    pod = dep["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert container["command"] == ["shipyard-activator"]
+    assert container["image"] == "registry.example/shipyard/operator:1"
+    assert env["SHIPYARD_ACTIVATOR_UPSTREAM"] == "http://digits.ml.svc:8080"
+    assert env["SHIPYARD_ACTIVATOR_READY_PATH"] == "/v2/health/ready" and env["SHIPYARD_ACTIVATOR_MODEL"] == "digits"
+    assert {p["name"] for p in container["ports"]} == {"http", "metrics"}
+    assert pod["metadata"]["annotations"]["shipyard.dev/port"] == "9091"  # never scraped at its serving port
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "shipyard.dev/version" not in pod["metadata"]["labels"]
 
 
 def test_the_spec_parser_reads_autoscaling() -> None:

@@ -26,6 +26,7 @@ SCALED_OBJECT: Final = "ScaledObject"
 HPA_API: Final = "autoscaling/v2"
 HPA: Final = "HorizontalPodAutoscaler"
 FALLBACK_FAILURES: Final = 3  # failed metric reads before KEDA holds the current replicas
+ACTIVATION_TRIGGER: Final = "activator"  # the ScaledObject trigger on the requests the activator holds
 
 ScalingMetric: TypeAlias = Literal["inflightRequests", "queueDepth", "requestRate", "gpuUtilization", "cpu"]
 Provider: TypeAlias = Literal["keda", "hpa"]
@@ -153,21 +154,46 @@ def build_query(metric: ScalingMetric, namespace: str, served_model: str, cpu_re
     raise ValueError(f"unknown metric {metric!r}")
 
 
+def build_activation_query(namespace: str, served_model: str, namespace_label: str = "namespace") -> str:
+    """PromQL of the requests the model's activator holds (scale from zero: its pods' own metrics are gone). Pure."""
+    return (f'sum({contract.METRIC_ACTIVATOR_PENDING}{{{namespace_label}="{_escape(namespace)}",'
+            f'{contract.LABEL_MODEL}="{_escape(served_model)}"}})')
+
+
+def build_activation_threshold(autoscaling: Autoscaling) -> float:
+    """The activation trigger's per-pod target: held requests are requests in flight, so for inflightRequests and
+    queueDepth the metric's own target (a burst of 20 held requests at a target of 4 wakes 5 pods at once); for the
+    other metrics held requests mean nothing per pod, and the trigger only wakes the model (one pod), the metric's
+    own trigger scaling it from there. Pure."""
+    if autoscaling.metric in ("inflightRequests", "queueDepth"):
+        return autoscaling.target
+    return ACTIVATION_ONLY_TARGET
+
+
+ACTIVATION_ONLY_TARGET: Final = 1000000.0  # ceil(held / this) = 1 pod: the trigger activates, never sizes
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def build_scaled_object(object_meta: dict[str, Any], model: str, autoscaling: Autoscaling, query: str,
-                        prometheus: str) -> dict[str, Any]:
+                        prometheus: str, activation_query: str | None = None) -> dict[str, Any]:
     """The KEDA ScaledObject targeting the ModelDeployment's scale subresource. Pure.
 
     A failed or empty read of the metric (Prometheus down, no series) is an error, not 0 (``ignoreNullValues``
     false), and after ``FALLBACK_FAILURES`` of them KEDA holds the current replicas (``fallback.behavior
     currentReplicas``; its ``replicas``, required, is then unused): missing data never scales to zero. Nothing in it
-    follows the replicas the scaler writes, so the operator never rewrites it as load changes."""
+    follows the replicas the scaler writes, so the operator never rewrites it as load changes.
+
+    ``activation_query`` (minReplicas 0 with an activator): a second trigger on the requests the activator holds,
+    the signal that exists at zero pods. KEDA scales from zero when any trigger is active; at zero the metric's
+    own query has no series (an error), which with a fallback holds the replicas where they are (0) rather than
+    scaling. Without it minReplicas 0 is raised to 1: nothing could bring the model back."""
     spec: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": f"{naming.GROUP}/{naming.VERSION}", "kind": naming.KIND, "name": model},
-        "minReplicaCount": autoscaling.min_replicas,
+        "minReplicaCount": autoscaling.min_replicas if activation_query is not None else max(
+            1, autoscaling.min_replicas),
         "maxReplicaCount": autoscaling.max_replicas,
         "pollingInterval": autoscaling.polling_interval_seconds,
         "cooldownPeriod": autoscaling.cooldown_seconds,
@@ -180,6 +206,15 @@ def build_scaled_object(object_meta: dict[str, Any], model: str, autoscaling: Au
                          "activationThreshold": "0", "ignoreNullValues": "false"},
         }],
     }
+    if activation_query is not None:
+        spec["triggers"].append({
+            "type": "prometheus",
+            "name": ACTIVATION_TRIGGER,
+            "metricType": "AverageValue",
+            "metadata": {"serverAddress": prometheus, "query": activation_query,
+                         "threshold": f"{build_activation_threshold(autoscaling):g}", "activationThreshold": "0",
+                         "ignoreNullValues": "false"},
+        })
     if autoscaling.behavior is not None:
         spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": autoscaling.behavior.as_k8s()}}
     return {"apiVersion": KEDA_API, "kind": SCALED_OBJECT, "metadata": object_meta, "spec": spec}
@@ -215,11 +250,14 @@ def build_hpa(object_meta: dict[str, Any], model: str, autoscaling: Autoscaling)
     return {"apiVersion": HPA_API, "kind": HPA, "metadata": object_meta, "spec": spec}
 
 
-def assess_scaler(kind: str, conditions: Sequence[Mapping[str, Any]]) -> tuple[bool | None, str, str]:
+def assess_scaler(kind: str, conditions: Sequence[Mapping[str, Any]],
+                  at_zero: bool = False) -> tuple[bool | None, str, str]:
     """(ok, reason, message) of the scaler from its status conditions; ok None: no verdict yet. Pure.
 
     ScaledObject: Ready False (e.g. its trigger cannot be read) or Fallback True (the metric failed
-    FALLBACK_FAILURES times: replicas held) is not ok. HPA: ScalingActive False (no metrics) or AbleToScale False."""
+    FALLBACK_FAILURES times: replicas held) is not ok, except ``at_zero`` (scaled to zero with an activator): the
+    pods' metric has no series then by design, and the activator's trigger is what wakes the model.
+    HPA: ScalingActive False (no metrics) or AbleToScale False."""
     by_type = {str(c.get("type")): c for c in conditions}
 
     def text(c: Mapping[str, Any]) -> str:
@@ -227,6 +265,8 @@ def assess_scaler(kind: str, conditions: Sequence[Mapping[str, Any]]) -> tuple[b
 
     if kind == SCALED_OBJECT:
         fallback, ready = by_type.get("Fallback"), by_type.get("Ready")
+        if at_zero and (ready is None or ready.get("status") != "False"):
+            return True, "ScaledToZero", "scaled to zero: the activator holds requests and wakes the model"
         if fallback is not None and fallback.get("status") == "True":
             return False, "MetricUnavailable", f"replicas held: {text(fallback)}"
         if ready is None or ready.get("status") == "Unknown":

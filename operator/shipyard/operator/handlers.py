@@ -54,6 +54,7 @@ PAUSED_RETRY_SECONDS: Final = 2.0
 PEERING_LIFETIME_SECONDS: Final = 15
 CHILD_KINDS: Final = ("Deployment", "Service", "Job", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler",
                       "ScaledObject", "Pod")
+ACTIVATOR_IMAGE_ENV: Final = "SHIPYARD_ACTIVATOR_IMAGE"
 KEDA_LOOKUP_SECONDS: Final = 30.0  # whether KEDA's ScaledObjects are served is looked up again after this long
 # The pods whose termination messages and exit codes count: compression and analysis Jobs'.
 WATCHED_POD_COMPONENTS: Final = ("compression", providers.base.MEASUREMENT_COMPONENT)
@@ -98,6 +99,7 @@ class Operator:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     keda_seen: dict[str, tuple[float, bool]] = field(default_factory=dict)  # namespace -> (when, served)
     notifier: notifications.Notifier | None = None  # webhook notifications (--notifications-namespace)
+    activator_image: str | None = None  # the activator of models that scale to zero (--activator-image)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Runs a best-effort coroutine in the background, keeping a reference until it ends."""
@@ -187,7 +189,7 @@ def build_pod_targets(pods: Iterable[Mapping[str, Any]], name: str, version: str
 def _pod_port(pod: Mapping[str, Any]) -> int:
     """The port serving the pod's metrics: a ``shipyard.dev/port`` annotation (pods run as local processes), else the
     container's ``metrics`` port (a runtime whose metrics have a port of their own), else its ``http`` port."""
-    override = (pod["metadata"].get("annotations") or {}).get(f"{naming.GROUP}/port")
+    override = (pod["metadata"].get("annotations") or {}).get(naming.ANNOTATION_METRICS_PORT)
     if override and str(override).isdigit():
         return int(override)
     ports = [p for c in pod.get("spec", {}).get("containers") or [] for p in c.get("ports") or []]
@@ -340,7 +342,8 @@ async def reconcile(op: Operator, key: str) -> float | None:
         measurements = None if isinstance(parsed, spec_mod.SpecError) else await _measure(
             op, parsed, status, now, namespace, name)
         plan = planning.plan_reconcile(body, seen, now, measurements, parsed=parsed,
-                                       prometheus_address=op.providers.prometheus_address)
+                                       prometheus_address=op.providers.prometheus_address,
+                                       activator_image=op.activator_image)
         plan = await _apply(op, plan, body, namespace)
         if planning.assess_status_changed(status, plan.status):
             patched = await op.kube.patch_status(namespace, name, plan.status)
@@ -452,6 +455,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
             allowed_addresses=options.get("allowed_prometheus_addresses") or [
                 os.environ.get(egress.ENV_ALLOWED, "")]),
         workers=int(options.get("workers", 128)),
+        activator_image=options.get("activator_image") or os.environ.get(ACTIVATOR_IMAGE_ENV) or None,
     )
     notify = options.get("notifications")
     if isinstance(notify, notifications.Settings) and isinstance(op.kube, kube_mod.Kube):

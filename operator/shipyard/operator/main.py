@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a further Prometheus address a ModelDeployment may name (repeatable; matched by scheme, "
                              "host, port and path prefix; env SHIPYARD_ALLOWED_PROMETHEUS_ADDRESSES, comma-separated; "
                              "see docs/security.md)")
+    parser.add_argument("--activator-image", default=os.environ.get("SHIPYARD_ACTIVATOR_IMAGE"),
+                        help="image of the activator (shipyard-activator: the operator's own image) that holds a "
+                             "scaled-to-zero model's requests until a pod is Ready (autoscaling minReplicas 0; "
+                             "default $SHIPYARD_ACTIVATOR_IMAGE; none: such models keep at least 1 replica)")
     parser.add_argument("--notifications-namespace",
                         default=os.environ.get("SHIPYARD_NOTIFICATIONS_NAMESPACE") or os.environ.get("POD_NAMESPACE"),
                         help="the operator's own namespace, holding the webhook notifications' ConfigMap and Secret "
@@ -95,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     memo = kopf.Memo(options={"kubeconfig": args.kubeconfig, "workers": args.workers,
                               "api_transport": args.api_transport,
                               "prometheus_address": args.prometheus_address,
+                              "activator_image": args.activator_image,
                               "allowed_prometheus_addresses": args.allowed_prometheus_addresses,
                               "notifications": build_notification_settings(args)})
     kopf.run(

@@ -25,6 +25,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "shipyard"
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 ANNOTATION_IMAGE = f"{GROUP}/image"
+ANNOTATION_METRICS_PORT = f"{GROUP}/port"  # the port a pod's /metrics is scraped at, where not its serving port
+COMPONENT_ACTIVATOR = "activator"
 
 MAX_NAME = 63
 _INVALID = re.compile(r"[^a-z0-9-]+")
@@ -69,6 +71,16 @@ def build_preview_service_name(model: str) -> str:
 def build_selector_labels(model: str) -> dict[str, str]:
     """Labels shared by every serving pod of a model: the Service selects on these."""
     return {LABEL_MODEL: build_label_value(model), LABEL_COMPONENT: "serving"}
+
+
+def build_activator_name(model: str) -> str:
+    """The Deployment of the activator, which holds a scaled-to-zero model's requests until a pod is Ready."""
+    return build_name(model, "activator")
+
+
+def build_activator_labels(model: str) -> dict[str, str]:
+    """The activator's pods: the model's Service selects them while the model has no ready pod (scale to zero)."""
+    return {LABEL_MODEL: build_label_value(model), LABEL_COMPONENT: COMPONENT_ACTIVATOR}
 
 
 def build_version_labels(model: str, version: str) -> dict[str, str]:

@@ -440,6 +440,83 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
     })
 
 
+ACTIVATOR_COMMAND: Final = "shipyard-activator"
+ACTIVATOR_PORT: Final = 8080
+
+
+def build_activator_ready_path(serving: spec_mod.Serving) -> str | None:
+    """The HTTP path the activator probes through the model's Service to see model pods behind it: the readiness
+    path of the server (Shipyard's, or a runtime's HTTP readiness probe). None: the pods answer no HTTP readiness
+    check (gRPC only, or a TCP probe), and the activator cannot tell when they take traffic."""
+    if serving.runtime is None:
+        return contract.PATH_READY if serving.grpc is None or serving.grpc.http else None
+    resolved = runtimes.resolve_runtime(serving.runtime)
+    probe = resolved.probes.get("readiness")
+    if "http" not in resolved.ports or probe is None or probe.port == "grpc":
+        return None
+    return probe.path
+
+
+def build_activator_deployment(meta: Meta, md: spec_mod.ModelDeployment, image: str, ready_path: str) -> dict[str, Any]:
+    """The activator of a model that scales to zero (``shipyard-activator``, from the operator's image): one small pod
+    that the model's Service selects while no model pod is Ready. It holds the requests that arrive then, exports
+    how many (``shipyard_activator_pending_requests``, the ScaledObject's activation trigger) on its metrics port,
+    and forwards them through the model's Service once that reaches model pods again."""
+    spec = md.spec
+    labels = naming.build_activator_labels(meta.name)
+    upstream = f"http://{naming.build_service_name(meta.name)}.{meta.namespace}.svc:{spec.serving.port}"
+    metrics_port = contract.ACTIVATOR_METRICS_PORT
+    env = [{"name": "SHIPYARD_ACTIVATOR_UPSTREAM", "value": upstream},
+           {"name": "SHIPYARD_ACTIVATOR_MODEL", "value": md.served_model_name},
+           {"name": "SHIPYARD_ACTIVATOR_PORT", "value": str(ACTIVATOR_PORT)},
+           {"name": "SHIPYARD_ACTIVATOR_METRICS_PORT", "value": str(metrics_port)},
+           {"name": "SHIPYARD_ACTIVATOR_READY_PATH", "value": ready_path},
+           {"name": "SHIPYARD_ACTIVATOR_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    probe = {"httpGet": {"path": "/healthz", "port": contract.METRICS_PORT_NAME}, "periodSeconds": 2,
+             "failureThreshold": 3}
+    container = {
+        "name": "activator",
+        "image": image,
+        "command": [ACTIVATOR_COMMAND],
+        "env": env,
+        "ports": [{"name": contract.SERVING_PORT_NAME, "containerPort": ACTIVATOR_PORT, "protocol": "TCP"},
+                  {"name": contract.METRICS_PORT_NAME, "containerPort": metrics_port, "protocol": "TCP"}],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "periodSeconds": 10},
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": _container_security(),
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": _pod_security(),
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+    }
+    if spec.serving.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.serving.node_selector)
+    if spec.serving.tolerations:
+        pod_spec["tolerations"] = [t.as_k8s() for t in spec.serving.tolerations]
+    # Scraped at its metrics port only: a scrape of its serving port would be a held request.
+    annotations = {naming.ANNOTATION_METRICS_PORT: str(metrics_port), "prometheus.io/scrape": "true",
+                   "prometheus.io/port": str(metrics_port)}
+    return _with_hash({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {**build_object_meta(meta, naming.build_activator_name(meta.name), labels),
+                     "annotations": {naming.ANNOTATION_IMAGE: image}},
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 2,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {"metadata": {"labels": {**labels, naming.LABEL_MANAGED_BY: naming.MANAGED_BY},
+                                      "annotations": annotations},
+                         "spec": pod_spec},
+        },
+    })
+
+
 def build_service_ports(serving: spec_mod.Serving) -> list[dict[str, Any]]:
     """The ports of the model's Service and of the per-version Services: http at spec.serving.port (while the pods
     serve HTTP), grpc for Shipyard's server at spec.serving.grpc.port, for a runtime at its gRPC port's number."""
@@ -478,12 +555,17 @@ def build_version_service(meta: Meta, version: str, port: int,
 
 
 def build_service(meta: Meta, port: int, ports: list[dict[str, Any]] | None = None,
-                  version: str | None = None) -> dict[str, Any]:
+                  version: str | None = None, activator: bool = False) -> dict[str, Any]:
     """The model's Service. ``version`` None: every serving pod of the model (a canary's traffic splits between
-    versions by ready replicas); a version: that version's pods only (at rest, and blue-green's active version).
+    versions by ready replicas); a version: that version's pods only (at rest, and blue-green's active version);
+    ``activator``: the activator's pod (scaled to zero: no model pod is Ready).
     ``ports``: ``build_service_ports`` (default: http at ``port``)."""
-    selector = (naming.build_selector_labels(meta.name) if version is None
-                else naming.build_version_labels(meta.name, version))
+    if activator:
+        selector = naming.build_activator_labels(meta.name)
+    elif version is None:
+        selector = naming.build_selector_labels(meta.name)
+    else:
+        selector = naming.build_version_labels(meta.name, version)
     return _with_hash({
         "apiVersion": "v1",
         "kind": "Service",

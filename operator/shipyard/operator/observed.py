@@ -75,6 +75,7 @@ class Observed:
     scalers: Mapping[str, ScalerView] = field(default_factory=dict)  # ScaledObject / HPA name -> its view
     # Whether the API server serves KEDA's ScaledObjects (None: not looked up, as when no spec needs it)
     keda: bool | None = None
+    activator: DeploymentView | None = None  # the activator's Deployment (scale to zero), not a version's
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,13 @@ def build_observed(children: Mapping[str, Mapping[str, Mapping[str, Any]]], miss
                    keda: bool | None = None) -> Observed:
     """The planner's view of one model's cached children (kind -> name -> body)."""
     deployments = {}
+    activator: DeploymentView | None = None
     for body in (children.get("Deployment") or {}).values():
         view = build_deployment_view(body)
-        deployments[view.version] = view
+        if (body["metadata"].get("labels") or {}).get(naming.LABEL_COMPONENT) == naming.COMPONENT_ACTIVATOR:
+            activator = view
+        else:
+            deployments[view.version] = view
     services = children.get("Service") or {}
     service_hashes = {name: (body["metadata"].get("annotations") or {}).get(naming.ANNOTATION_SPEC_HASH, "")
                       for name, body in services.items()}
@@ -173,4 +178,4 @@ def build_observed(children: Mapping[str, Mapping[str, Mapping[str, Any]]], miss
     scalers = {name: build_scaler_view(kind, body) for kind in ("ScaledObject", "HorizontalPodAutoscaler")
                for name, body in (children.get(kind) or {}).items()}
     return Observed(deployments=deployments, services=service_hashes, jobs=jobs, config_maps=config_maps,
-                    missing_pvc=missing_pvc, budgets=budgets, scalers=scalers, keda=keda)
+                    missing_pvc=missing_pvc, budgets=budgets, scalers=scalers, keda=keda, activator=activator)

@@ -370,9 +370,10 @@ def parse(body: Mapping[str, Any]) -> spec_mod.ModelDeployment | spec_mod.SpecEr
 def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.datetime,
                    measurements: Mapping[str, analysis.Measurement] | None = None, *,
                    parsed: spec_mod.ModelDeployment | spec_mod.SpecError | None = None,
-                   prometheus_address: str | None = None) -> Plan:
+                   prometheus_address: str | None = None, activator_image: str | None = None) -> Plan:
     """The whole decision for one ModelDeployment (``parsed``: its ``parse``, when the caller has it already;
-    ``prometheus_address``: the operator's Prometheus, which a KEDA trigger reads)."""
+    ``prometheus_address``: the operator's Prometheus, which a KEDA trigger reads; ``activator_image``: the image
+    of the activator of models that scale to zero, None where the operator has none)."""
     meta = build_meta(body)
     previous: Mapping[str, Any] = body.get("status") or {}
     md = parse(body) if parsed is None else parsed
@@ -442,7 +443,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     _plan_window(md, st, observed, desired, now)
 
     _plan_analysis_children(md, meta, st, observed, apply, deletes)
-    scaler = _plan_scaler(md, meta, st, observed, apply, deletes, prometheus_address)
+    scaler = _plan_scaler(md, meta, st, observed, apply, deletes, prometheus_address, activator_image)
 
     # Older versions: scaled to zero and kept up to revisionHistoryLimit; the oldest beyond it deleted.
     order = {h.get("version"): i for i, h in enumerate(st.history)}
@@ -456,8 +457,11 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
 
     _plan_transition_events(st)
 
+    to_activator = assess_routes_to_activator(spec, st, observed, scaler is not None and scaler.activator)
+    if scaler is not None and scaler.activator:
+        scaler.status["routesToActivator"] = to_activator
     service = build_service(meta, spec.serving.port, objects.build_service_ports(spec.serving),
-                            version=build_active_version(spec, st))
+                            version=build_active_version(spec, st), activator=to_activator)
     if observed.services.get(service["metadata"]["name"]) != objects.spec_hash_of(service):
         apply.append(service)
         # Traffic moves first: no version loses pods before the Service that may still select it has switched
@@ -1198,26 +1202,78 @@ def _plan_analysis_children(md: spec_mod.ModelDeployment, meta: Meta, st: _State
 
 @dataclass(frozen=True)
 class ScalerPlan:
-    """What the planner concluded about the scaler: the Autoscaling condition and status.autoscaling."""
+    """What the planner concluded about the scaler: the Autoscaling condition and status.autoscaling; ``activator``:
+    the model scales to zero with an activator (its Deployment is planned)."""
 
     ok: bool | None
     reason: str
     message: str
     status: dict[str, Any]
+    activator: bool = False
+
+
+def assess_activator(spec: spec_mod.ModelDeploymentSpec, activator_image: str | None) -> tuple[str | None, str]:
+    """(ready path, "") when the model scales to zero through an activator, else (None, why not: "" when it does not
+    scale to zero). Pure. The activator probes the server's HTTP readiness path through the model's Service, so a
+    server without one (gRPC only, a TCP probe) cannot use it."""
+    auto = spec.serving.autoscaling
+    if auto is None or auto.provider != "keda" or auto.min_replicas > 0:
+        return None, ""
+    if not activator_image:
+        return None, ("spec.serving.autoscaling.minReplicas 0 needs the activator, and the operator has no image "
+                      "for it (--activator-image, SHIPYARD_ACTIVATOR_IMAGE): holding at least 1 replica")
+    path = objects.build_activator_ready_path(spec.serving)
+    if path is None:
+        return None, ("spec.serving.autoscaling.minReplicas 0 needs an HTTP readiness path on the model's server "
+                      "(the activator waits for it through the Service); this server answers none: holding at "
+                      "least 1 replica")
+    return path, ""
+
+
+def assess_routes_to_activator(spec: spec_mod.ModelDeploymentSpec, st: _State, observed: Observed,
+                               has_activator: bool) -> bool:
+    """Whether the model's Service selects the activator rather than model pods. Pure.
+
+    At rest (no candidate), when the model scales to zero (or is waking up: no stable pod Ready yet) and the
+    activator has a Ready pod: requests are held rather than refused. Traffic moves first: the pass that points the
+    Service at the activator scales nothing down, so the last pods serve until the Service has left them."""
+    if not has_activator or st.candidate is not None or observed.activator is None or observed.activator.ready < 1:
+        return False
+    stable = observed.deployments.get(st.stable) if st.stable is not None else None
+    return spec.serving.effective_replicas == 0 or stable is None or stable.ready < 1
+
+
+def _plan_activator(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                    apply: list[dict[str, Any]], deletes: list[tuple[str, str, str]], image: str | None,
+                    ready_path: str | None) -> None:
+    """The activator's Deployment while the model scales to zero through one; deleted otherwise."""
+    if image is not None and ready_path is not None:
+        wanted = objects.build_activator_deployment(meta, md, image, ready_path)
+        view = observed.activator
+        if view is None or view.spec_hash != objects.spec_hash_of(wanted):
+            apply.append(wanted)
+    elif observed.activator is not None:
+        deletes.append(("apps/v1", "Deployment", observed.activator.name))
 
 
 def _plan_scaler(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
                  apply: list[dict[str, Any]], deletes: list[tuple[str, str, str]],
-                 prometheus_address: str | None) -> ScalerPlan | None:
+                 prometheus_address: str | None, activator_image: str | None = None) -> ScalerPlan | None:
     """The scaler of spec.serving.autoscaling (a ScaledObject or an HPA named as the model, targeting the
     ModelDeployment's scale subresource); any other scaler Shipyard owns is deleted. A scaler that cannot exist here
     (KEDA not installed, no Prometheus for its trigger) stalls the ModelDeployment with a message naming what is
-    missing, while the fixed spec.serving.replicas keep being served. None: no autoscaling."""
+    missing, while the fixed spec.serving.replicas keep being served. None: no autoscaling.
+
+    minReplicas 0 (keda): the activator's Deployment too, and the ScaledObject's trigger on the requests it holds;
+    without an activator (no image for it, no HTTP readiness path) the ScaledObject keeps at least one replica and
+    the Autoscaling condition says why."""
     spec = md.spec
     auto = spec.serving.autoscaling
     name = naming.build_service_name(meta.name)
     wanted: dict[str, Any] | None = None
     problem: tuple[str, str] | None = None
+    ready_path, no_activator = assess_activator(spec, activator_image)
+    with_activator = False
     if auto is not None:
         object_meta = objects.build_object_meta(meta, name, naming.build_selector_labels(meta.name))
         if auto.provider == "hpa":
@@ -1235,7 +1291,12 @@ def _plan_scaler(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
             query = autoscaling.build_query(auto.metric, meta.namespace, md.served_model_name,
                                             spec.serving.resources.cpu_request_cores,
                                             window_seconds=auto.rate_window_seconds)
-            wanted = autoscaling.build_scaled_object(object_meta, meta.name, auto, query, prometheus_address)
+            with_activator = ready_path is not None
+            activation = autoscaling.build_activation_query(meta.namespace, md.served_model_name) \
+                if with_activator else None
+            wanted = autoscaling.build_scaled_object(object_meta, meta.name, auto, query, prometheus_address,
+                                                     activation)
+    _plan_activator(md, meta, st, observed, apply, deletes, activator_image if with_activator else None, ready_path)
     if wanted is not None:
         wanted["metadata"]["annotations"] = {naming.ANNOTATION_SPEC_HASH: objects.build_spec_hash(wanted)}
         view = observed.scalers.get(name)
@@ -1257,11 +1318,16 @@ def _plan_scaler(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         return ScalerPlan(False, reason, message, status)
     assert wanted is not None
     status["scaler"] = f"{wanted['kind']}/{name}"
+    if with_activator:
+        status["activator"] = f"Deployment/{naming.build_activator_name(meta.name)}"
     view = observed.scalers.get(name)
     if view is None or view.kind != wanted["kind"]:
-        return ScalerPlan(None, "ScalerPending", f"{wanted['kind']} {name} created", status)
-    ok, reason, message = autoscaling.assess_scaler(view.kind, view.conditions)
-    return ScalerPlan(ok, reason, message, status)
+        return ScalerPlan(None, "ScalerPending", f"{wanted['kind']} {name} created", status, with_activator)
+    if no_activator:
+        return ScalerPlan(False, "ActivatorUnavailable", no_activator, status)
+    ok, reason, message = autoscaling.assess_scaler(
+        view.kind, view.conditions, at_zero=with_activator and spec.serving.effective_replicas == 0)
+    return ScalerPlan(ok, reason, message, status, with_activator)
 
 
 def _build_status(md: spec_mod.ModelDeployment, meta: Meta, st: _State, previous: Mapping[str, Any],

@@ -254,6 +254,10 @@ class AutoscalingStatus(schema.ApiModel):
     """Fewest replicas."""
     max_replicas: Count | None = None
     """Most replicas."""
+    activator: Annotated[str, Field(max_length=128)] | None = None
+    """minReplicas 0: the activator's Deployment, which holds requests while no model pod is Ready."""
+    routes_to_activator: bool | None = None
+    """True while the model's Service selects the activator (scaled to zero, or waking up)."""
 
 
 class ModelDeploymentStatus(schema.ApiModel):
