@@ -44,6 +44,7 @@ from tests.integration.conftest import Cluster, install_crds, wait_until
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAMESPACE = "e2e"
 POD_IP_PREFIX = "127.0.11"
+ACTIVATOR_IMAGE = "registry.example/shipyard/operator:e2e"  # the operator's image (hack/e2e-images.yaml): activators
 SERVICE_IP_PREFIX = "127.0.253"  # Services' virtual IPs, apart from the demo's default 127.0.254
 RESULTS: dict[str, Any] = {"scenarios": {}}
 
@@ -200,7 +201,8 @@ def e2e() -> Iterator[E2E]:
         procs["operator"] = stack.proc.spawn(
             [str(venv / "bin" / "shipyard-operator"), "--all-namespaces", "--kubeconfig", str(state.kubeconfig),
              "--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1",
-             "--liveness", f"http://127.0.0.1:{liveness}/healthz", "--prometheus-address", prometheus_url],
+             "--liveness", f"http://127.0.0.1:{liveness}/healthz", "--prometheus-address", prometheus_url,
+             "--activator-image", ACTIVATOR_IMAGE],
             base / "operator.log")
 
         def operator_live() -> bool:

@@ -9,13 +9,22 @@ of its own:
     then a minute of steady load with no write from either controller (the ModelDeployment's generation, i.e. the
     scaler's writes through the scale subresource, and the operator's Deployment writes, counted); after the load
     stops, back to 1 replica. 0 failed requests throughout.
+13. scale to zero and back: the same model with ``minReplicas: 0`` (inflightRequests, ``cooldownSeconds: 10``): idle,
+    KEDA scales it to zero and the model's Service moves to its activator before the last pod goes; a request sent
+    then is held by the activator, whose held-requests gauge wakes the model through the ScaledObject's second
+    trigger, and is answered once a pod is Ready (time from the first request to its answer, measured); 7 more
+    requests sent during the wake-up are answered too; then back to zero.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
 import re
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
@@ -195,4 +204,109 @@ def test_12_load_scales_the_model_and_its_canary_proportionally(scaling: E2E) ->
     assert scaler_writes == 0 and own_writes == 0, (scaler_writes, own_writes)
     assert analysis_phase != "Failed"
     assert most <= 5
+    record(name, outcome="passed")
+
+
+ZERO_NAMESPACE = "e2e-scale-to-zero"
+ZERO_TAG = "3.2.0"
+COOLDOWN_S = 10
+WAKE_REQUESTS = 8  # the first one timed, the others sent over the next 2 s
+
+
+def build_zero_md() -> dict[str, Any]:
+    md = manifests.build_digits(ZERO_TAG, ZERO_NAMESPACE)
+    spec = md["spec"]
+    del spec["compression"]
+    del spec["serving"]["replicas"]
+    spec["serving"]["autoscaling"] = {
+        "minReplicas": 0, "maxReplicas": 3, "metric": "inflightRequests", "target": 4,
+        "pollingIntervalSeconds": 2, "cooldownSeconds": COOLDOWN_S,
+    }
+    spec["rollout"] = {"startupTimeoutSeconds": 300}
+    return md
+
+
+def infer_waiting(port: int, row: list[float], timeout: float = 120) -> tuple[int, float, dict[str, Any]]:
+    """(status, seconds to the answer, body) of one inference request that may be held while the model wakes."""
+    body = loadgen.build_request(MODEL, [row])
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer", data=body,
+                                     headers={"Content-Type": "application/json"})
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, time.monotonic() - started, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, time.monotonic() - started, {"raw": error.read()[:300].decode(errors="replace")}
+
+
+@pytest.fixture(scope="module")
+def to_zero(e2e: E2E) -> Any:
+    scoped = in_namespace(e2e, ZERO_NAMESPACE)
+    yield scoped
+    delete_namespace(scoped)
+
+
+def routes_to_activator(e2e: E2E) -> bool:
+    service = e2e.cluster.get("service", MODEL, e2e.namespace) or {}
+    return bool((service.get("spec") or {}).get("selector", {}).get("shipyard.dev/component") == "activator")
+
+
+def at_zero(e2e: E2E) -> bool:
+    md = e2e.md(MODEL)
+    pods = count_ready_pods(e2e, MODEL, {})
+    return md["spec"]["serving"].get("replicas") == 0 and not sum(pods.values()) and routes_to_activator(e2e)
+
+
+def test_13_scale_to_zero_and_back_through_the_activator(to_zero: E2E) -> None:
+    name = "13 scale to zero and back"
+    e2e = to_zero
+    started = time.time()
+    e2e.cluster.apply(build_zero_md(), e2e.namespace)
+    wait_until(lambda: ready(e2e, MODEL), timeout=300, interval=1, message=f"{ZERO_TAG} Ready")
+    port = e2e.service_port(MODEL)
+    status, _, _ = infer_waiting(port, SAMPLES[0])
+    assert status == 200
+    served = time.time()
+    timings: dict[str, float | None] = {"apply -> Ready (s)": round(served - started, 1)}
+    wait_until(lambda: at_zero(e2e), 180, interval=0.5,
+               message="scaled to zero (spec.serving.replicas 0, no pod, the Service on the activator)")
+    timings[f"last request -> scaled to zero, Service on the activator (s; cooldownSeconds {COOLDOWN_S})"] = round(
+        time.time() - served, 1)
+    md = e2e.md(MODEL)
+    condition = next(c for c in md["status"]["conditions"] if c["type"] == "Autoscaling")
+    assert md["status"]["autoscaling"]["routesToActivator"] is True, md["status"]["autoscaling"]
+    assert md["status"]["phase"] == "Healthy", md["status"]
+
+    # the first request at zero: held by the activator, answered once a pod is Ready
+    rows = [SAMPLES[i % len(SAMPLES)] for i in range(WAKE_REQUESTS)]
+    with concurrent.futures.ThreadPoolExecutor(WAKE_REQUESTS) as pool:
+        first = pool.submit(infer_waiting, port, rows[0])
+        others = []
+        for row in rows[1:]:
+            time.sleep(2 / (WAKE_REQUESTS - 1))
+            others.append(pool.submit(infer_waiting, port, row))
+        answers = [first.result(), *(f.result() for f in others)]
+    woke = time.time()
+    statuses = [a[0] for a in answers]
+    predictions = [loadgen.parse_predictions(a[2])[0] if a[0] == 200 else None for a in answers]
+    correct = sum(1 for i, p in enumerate(predictions) if p == LABELS[i % len(LABELS)])
+    timings["first request at zero -> its answer (s)"] = round(answers[0][1], 1)
+    timings["slowest of the wake-up requests (s)"] = round(max(a[1] for a in answers), 1)
+    pods = count_ready_pods(e2e, MODEL, {})
+    service_after = routes_to_activator(e2e)
+    # idle again: back to zero
+    wait_until(lambda: at_zero(e2e), 180, interval=0.5, message="back to zero after the wake-up")
+    timings["wake-up answered -> back at zero (s)"] = round(time.time() - woke, 1)
+    record(name, timings=timings, facts={
+        "requests at zero (one timed, the rest during the wake-up)": WAKE_REQUESTS,
+        "answers (HTTP status)": statuses,
+        "correct predictions": f"{correct}/{WAKE_REQUESTS}",
+        "ready pods after the wake-up": pods,
+        "Service on the activator after the wake-up": service_after,
+        "Autoscaling condition at zero": f"{condition['status']} {condition['reason']}: {condition['message']}",
+    })
+    assert statuses == [200] * WAKE_REQUESTS, answers
+    assert correct >= WAKE_REQUESTS - 1, predictions
+    assert condition["status"] == "True" and condition["reason"] == "ScaledToZero", condition
+    assert not service_after
     record(name, outcome="passed")

@@ -313,3 +313,39 @@ def test_the_spec_parser_reads_autoscaling() -> None:
     assert parsed.spec.serving.effective_replicas == 2
     assert naming.build_selector_labels("digits") == {"shipyard.dev/model": "digits",
                                                       "shipyard.dev/component": "serving"}
+
+
+def test_a_new_version_at_zero_waits_for_the_model_to_wake_then_rolls_out_as_a_canary() -> None:
+    sim = with_activator()
+    set_replicas(sim, 0)
+    sim.settle()
+    sim.set_spec(image=f"{IMAGE}:1.1.0")
+    sim.settle()
+    # no pod of either version ran: nothing could have judged the candidate, so nothing is promoted
+    assert sim.replicas() == {"1.0.0": 0} and sim.status["stableVersion"] == "1.0.0"
+    assert sim.status["phase"] == "Paused" and sim.status["pausedReason"] == "ScaledToZero"
+    assert sim.selectors["digits"]["shipyard.dev/component"] == "activator"  # a request still wakes the model
+    assert "ScaledToZero" in sim.reasons()
+    set_replicas(sim, 4)  # KEDA wakes it
+    sim.run(lambda s: s.replicas().get("1.1.0") == 1 and s.replicas().get("1.0.0") == 3)  # 25%: a real canary
+    assert sim.status["candidateVersion"] == "1.1.0" and sim.status["phase"] == "Progressing"
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.1.0" and sim.replicas()["1.1.0"] == 4
+
+
+def test_scaled_to_zero_mid_canary_holds_the_step_and_starts_it_over_on_waking() -> None:
+    sim = with_activator(4)
+    sim.set_spec(image=f"{IMAGE}:1.1.0")
+    sim.run(lambda s: s.status.get("stepReadyAt") is not None)
+    set_replicas(sim, 0)
+    sim.settle()
+    assert sim.replicas() == {"1.0.0": 0, "1.1.0": 0} and sim.status["candidateVersion"] == "1.1.0"
+    assert sim.status["pausedReason"] == "ScaledToZero" and sim.status["currentStepIndex"] == 0
+    assert sim.selectors["digits"]["shipyard.dev/component"] == "activator"
+    set_replicas(sim, 4)
+    sim.run(lambda s: s.replicas() == {"1.0.0": 3, "1.1.0": 1} and s.status.get("stepReadyAt") is not None)
+    assert sim.status["phase"] == "Progressing" and sim.status.get("pausedReason") is None
+    # the Service left the activator once pods of the versions it selects were Ready
+    assert sim.selectors["digits"]["shipyard.dev/component"] == "serving"
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.1.0"

@@ -426,6 +426,8 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     if compression_state == "failed":
         blocked = assess_blocked(st.history, image, spec.retry)
 
+    if st.paused_reason == Reason.SCALED_TO_ZERO and spec.serving.effective_replicas > 0:
+        st.paused_reason = None  # awake: the rollout goes on (_plan_asleep)
     if restoring:
         pass
     elif target == st.stable and st.candidate is None:
@@ -436,6 +438,8 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         _plan_waiting_for_artifact(md, st, observed, desired, compression_state)
     elif st.stable is None or st.stable not in observed.deployments:
         _plan_first(md, st, observed, desired, now)
+    elif spec.serving.effective_replicas == 0:
+        _plan_asleep(md, st, observed, desired, now)
     elif spec.rollout.strategy == "blueGreen":
         _plan_blue_green(md, meta, st, observed, desired, now, measurements or {}, apply)
     else:
@@ -793,6 +797,29 @@ def _plan_first(md: spec_mod.ModelDeployment, st: _State, observed: Observed, de
     ready = view.ready if view else 0
     st.conclude(Event.DEPLOYING)
     st.message = f"Deploying version {target}: {ready}/{replicas} replica(s) ready"
+
+
+def _plan_asleep(md: spec_mod.ModelDeployment, st: _State, observed: Observed, desired: dict[str, int],
+                 now: datetime.datetime) -> None:
+    """A new version while the model is scaled to zero: nothing runs, so no request could judge a candidate (a
+    canary or blue-green at zero replicas would promote a version no pod ever ran). The rollout waits (Paused,
+    ScaledToZero) with every version at zero; a candidate already under way starts its step over once the model
+    wakes (the first request, through the activator, or a scale-up)."""
+    spec = md.spec
+    assert st.stable is not None
+    desired[st.stable] = 0
+    if st.candidate is not None and st.candidate in observed.deployments:
+        desired[st.candidate] = 0
+    if st.paused_reason != Reason.SCALED_TO_ZERO:
+        if st.candidate is not None:
+            st.step_started, st.step_ready = now, None
+        st.event("Normal", Reason.SCALED_TO_ZERO,
+                 f"Version {spec.version} waits for the model to wake before it rolls out (scaled to zero)")
+    st.paused_reason = Reason.SCALED_TO_ZERO
+    st.conclude(Event.WAITING_FOR_TRAFFIC)
+    st.message = (f"Version {spec.version} waits to roll out: the model is scaled to zero and a rollout needs "
+                  f"running pods and traffic; version {st.stable} stays stable until the model wakes (a request "
+                  "held by the activator, or spec.serving.replicas above 0)")
 
 
 def _promote(md: spec_mod.ModelDeployment, st: _State, now: datetime.datetime) -> None:
@@ -1234,13 +1261,16 @@ def assess_routes_to_activator(spec: spec_mod.ModelDeploymentSpec, st: _State, o
                                has_activator: bool) -> bool:
     """Whether the model's Service selects the activator rather than model pods. Pure.
 
-    At rest (no candidate), when the model scales to zero (or is waking up: no stable pod Ready yet) and the
-    activator has a Ready pod: requests are held rather than refused. Traffic moves first: the pass that points the
-    Service at the activator scales nothing down, so the last pods serve until the Service has left them."""
-    if not has_activator or st.candidate is not None or observed.activator is None or observed.activator.ready < 1:
+    When the model scales to zero, or no pod the Service would select is Ready (waking up), and the activator has a
+    Ready pod: requests are held rather than refused. Traffic moves first: the pass that points the Service at the
+    activator scales nothing down, so the last pods serve until the Service has left them."""
+    if not has_activator or observed.activator is None or observed.activator.ready < 1:
         return False
-    stable = observed.deployments.get(st.stable) if st.stable is not None else None
-    return spec.serving.effective_replicas == 0 or stable is None or stable.ready < 1
+    if spec.serving.effective_replicas == 0:
+        return True
+    active = build_active_version(spec, st)
+    label = None if active is None else naming.build_label_value(active)
+    return not any(view.ready for view in observed.deployments.values() if label is None or view.version == label)
 
 
 def _plan_activator(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,

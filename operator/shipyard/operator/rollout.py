@@ -55,6 +55,7 @@ class Event(enum.StrEnum):
     SETTLING = "Settling"  # promoted or serving, but writes remain (the previous stable is scaled down)
     RESTORING = "Restoring"  # rollback-to: the kept version scales up while the current one serves
     WAITING_FOR_CAPACITY = "WaitingForCapacity"  # blue-green: the surge budget cannot hold both versions
+    WAITING_FOR_TRAFFIC = "WaitingForTraffic"  # scaled to zero: a new version waits for the model to wake
 
 
 class Reason(enum.StrEnum):
@@ -100,6 +101,7 @@ class Reason(enum.StrEnum):
     ROLLBACK_STARTED = "RollbackStarted"  # rollback-to a cold version: it scales up before traffic moves
     ROLLBACK_WINDOW_CLOSED = "RollbackWindowClosed"
     INSUFFICIENT_GPUS = "InsufficientGPUs"
+    SCALED_TO_ZERO = "ScaledToZero"  # a rollout waits: no pod runs, so no traffic could judge the candidate
     SCALER_UNAVAILABLE = "ScalerUnavailable"  # spec.serving.autoscaling cannot be served here (no KEDA, no Prometheus)
 
 
@@ -150,6 +152,8 @@ RULES: Final[tuple[Rule, ...]] = (
     _rule(ALL, Event.RESTORING, Phase.PROGRESSING, "rollback-to a cold version: it scales up, the current serves"),
     _rule(ALL, Event.WAITING_FOR_CAPACITY, Phase.PAUSED,
           "blue-green needs both versions at full size and the GPU surge budget cannot hold them"),
+    _rule(ALL, Event.WAITING_FOR_TRAFFIC, Phase.PAUSED,
+          "scaled to zero: a new version waits for the first request to wake the model (a canary needs traffic)"),
     _rule({Phase.HEALTHY, Phase.DEGRADED}, Event.PODS_LOST, Phase.DEGRADED,
           "a rolled-out stable lost ready pods: its Deployment replaces them"),
     _rule(ALL - {Phase.HEALTHY, Phase.DEGRADED}, Event.PODS_LOST, Phase.PROGRESSING,
