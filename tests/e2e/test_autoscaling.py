@@ -9,7 +9,7 @@ of its own:
     then a minute of steady load with no write from either controller (the ModelDeployment's generation, i.e. the
     scaler's writes through the scale subresource, and the operator's Deployment writes, counted); after the load
     stops, back to 1 replica. 0 failed requests throughout.
-13. scale to zero and back: the same model with ``minReplicas: 0`` (inflightRequests, ``cooldownSeconds: 10``): idle,
+13. scale to zero and back: the same model with ``minReplicas: 0`` (requestRate, ``cooldownSeconds: 10``): idle,
     KEDA scales it to zero and the model's Service moves to its activator before the last pod goes; a request sent
     then is held by the activator, whose held-requests gauge wakes the model through the ScaledObject's second
     trigger, and is answered once a pod is Ready (time from the first request to its answer, measured); 7 more
@@ -210,6 +210,7 @@ def test_12_load_scales_the_model_and_its_canary_proportionally(scaling: E2E) ->
 ZERO_NAMESPACE = "e2e-scale-to-zero"
 ZERO_TAG = "3.2.0"
 COOLDOWN_S = 10
+RATE_WINDOW_S = 10
 WAKE_REQUESTS = 8  # the first one timed, the others sent over the next 2 s
 
 
@@ -219,8 +220,10 @@ def build_zero_md() -> dict[str, Any]:
     del spec["compression"]
     del spec["serving"]["replicas"]
     spec["serving"]["autoscaling"] = {
-        "minReplicas": 0, "maxReplicas": 3, "metric": "inflightRequests", "target": 4,
-        "pollingIntervalSeconds": 2, "cooldownSeconds": COOLDOWN_S,
+        # requestRate: any request within the rate window keeps the model awake (an in-flight gauge reads 0 between
+        # short requests, so a trickle of traffic would not count as activity)
+        "minReplicas": 0, "maxReplicas": 3, "metric": "requestRate", "target": TARGET,
+        "rateWindowSeconds": RATE_WINDOW_S, "pollingIntervalSeconds": 2, "cooldownSeconds": COOLDOWN_S,
     }
     spec["rollout"] = {"startupTimeoutSeconds": 300}
     return md
@@ -270,8 +273,8 @@ def test_13_scale_to_zero_and_back_through_the_activator(to_zero: E2E) -> None:
     timings: dict[str, float | None] = {"apply -> Ready (s)": round(served - started, 1)}
     wait_until(lambda: at_zero(e2e), 180, interval=0.5,
                message="scaled to zero (spec.serving.replicas 0, no pod, the Service on the activator)")
-    timings[f"last request -> scaled to zero, Service on the activator (s; cooldownSeconds {COOLDOWN_S})"] = round(
-        time.time() - served, 1)
+    timings[f"last request -> scaled to zero, Service on the activator (s; rate window {RATE_WINDOW_S} s + "
+            f"cooldownSeconds {COOLDOWN_S})"] = round(time.time() - served, 1)
     md = e2e.md(MODEL)
     condition = next(c for c in md["status"]["conditions"] if c["type"] == "Autoscaling")
     assert md["status"]["autoscaling"]["routesToActivator"] is True, md["status"]["autoscaling"]
@@ -297,6 +300,9 @@ def test_13_scale_to_zero_and_back_through_the_activator(to_zero: E2E) -> None:
     # idle again: back to zero
     wait_until(lambda: at_zero(e2e), 180, interval=0.5, message="back to zero after the wake-up")
     timings["wake-up answered -> back at zero (s)"] = round(time.time() - woke, 1)
+    events = e2e.cluster.kubectl("get", "events", "-n", e2e.namespace, "-o", "json", "--field-selector",
+                                 "involvedObject.kind=ScaledObject").stdout
+    activations = [e for e in json.loads(events)["items"] if e.get("reason") == "KEDAScaleTargetActivated"]
     record(name, timings=timings, facts={
         "requests at zero (one timed, the rest during the wake-up)": WAKE_REQUESTS,
         "answers (HTTP status)": statuses,
@@ -304,6 +310,7 @@ def test_13_scale_to_zero_and_back_through_the_activator(to_zero: E2E) -> None:
         "ready pods after the wake-up": pods,
         "Service on the activator after the wake-up": service_after,
         "Autoscaling condition at zero": f"{condition['status']} {condition['reason']}: {condition['message']}",
+        "KEDA activations (its Events)": len(activations),
     })
     assert statuses == [200] * WAKE_REQUESTS, answers
     assert correct >= WAKE_REQUESTS - 1, predictions
