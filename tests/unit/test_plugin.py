@@ -239,6 +239,12 @@ def test_rollback_requires_to(capsys: pytest.CaptureFixture[str]) -> None:
                  "all to 1.1.0; 1.0.0 kept Ready until T", id="window"),
     pytest.param({}, {"activeVersion": "1.1.0", "restoring": {"version": "1.0.0", "since": "T"}},
                  "all to 1.1.0; rolling back to 1.0.0 once Ready (since T)", id="restoring"),
+    pytest.param({}, {"activeVersion": "1.0.0", "autoscaling": {"activator": "Deployment/digits-activator",
+                                                                  "routesToActivator": True}},
+                 "held by the activator (Deployment/digits-activator) until a pod is Ready", id="scaled-to-zero"),
+    pytest.param({}, {"activeVersion": "1.0.0", "autoscaling": {"activator": "Deployment/digits-activator",
+                                                                  "routesToActivator": False}},
+                 "all to 1.0.0", id="awake-with-an-activator"),
 ])
 def test_traffic_line(spec: dict[str, Any], status: dict[str, Any], expected: str) -> None:
     assert plugin.build_traffic_text(spec, status) == expected

@@ -123,7 +123,10 @@ def build_traffic_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> st
     progress, e.g. 'all to 1.1.0; preview 1.2.0; 1.0.0 kept Ready until 2026-12-02T21:00:00Z' (pure)."""
     strategy = (spec.get("rollout") or {}).get("strategy") or "canary"
     active = status.get("activeVersion")
-    if active:
+    activator = (status.get("autoscaling") or {}).get("activator")
+    if activator and (status.get("autoscaling") or {}).get("routesToActivator"):
+        parts = [f"held by the activator ({activator}) until a pod is Ready"]
+    elif active:
         parts = [f"all to {active}"]
     elif status.get("candidateVersion"):
         parts = [f"split by ready pods between {status.get('stableVersion')} and {status['candidateVersion']}"]
