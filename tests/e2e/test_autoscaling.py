@@ -122,11 +122,16 @@ def start_load(e2e: E2E, rate: float) -> loadgen.LoadGenerator:
     return loadgen.LoadGenerator(e2e.service_port(MODEL), MODEL, SAMPLES, LABELS, rate=rate, max_seconds=900).start()
 
 
-@pytest.fixture(scope="module")
-def scaling(e2e: E2E) -> Any:
-    scoped = in_namespace(e2e, NAMESPACE)
+def in_own_namespace(e2e: E2E, namespace: str) -> Any:
+    """The e2e stack scoped to a namespace of the scenario's own, deleted after it."""
+    scoped = in_namespace(e2e, namespace)
     yield scoped
     delete_namespace(scoped)
+
+
+@pytest.fixture(scope="module")
+def scaling(e2e: E2E) -> Any:
+    yield from in_own_namespace(e2e, NAMESPACE)
 
 
 def test_12_load_scales_the_model_and_its_canary_proportionally(scaling: E2E) -> None:
@@ -257,9 +262,7 @@ def infer_waiting(port: int, row: list[float], timeout: float = 120) -> tuple[in
 
 @pytest.fixture(scope="module")
 def to_zero(e2e: E2E) -> Any:
-    scoped = in_namespace(e2e, ZERO_NAMESPACE)
-    yield scoped
-    delete_namespace(scoped)
+    yield from in_own_namespace(e2e, ZERO_NAMESPACE)
 
 
 def routes_to_activator(e2e: E2E) -> bool:

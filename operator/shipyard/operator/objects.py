@@ -408,20 +408,9 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
     resources = spec.serving.resources.as_k8s()
     if resources:
         container["resources"] = resources
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "terminationGracePeriodSeconds": 30,
-        # A runtime's image runs as its own (non-root) user; Shipyard's as the runtime image's user.
-        "securityContext": _pod_security() if runtime is None else {
-            "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
-    }
-    if spec.serving.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.serving.node_selector)
-    if spec.serving.tolerations:
-        pod_spec["tolerations"] = [t.as_k8s() for t in spec.serving.tolerations]
+    # A runtime's image runs as its own (non-root) user; Shipyard's as the runtime image's user.
+    pod_spec = _build_serving_pod_spec(spec, container, _pod_security() if runtime is None else {
+        "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}, volumes)
     return _with_hash({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -438,6 +427,22 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
             }, podtemplate.build_overlay(spec.serving.pod_template)),
         },
     })
+
+
+def _build_serving_pod_spec(spec: spec_mod.ModelDeploymentSpec, container: dict[str, Any],
+                            security: dict[str, Any], volumes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The pod spec of a serving pod (a version's, or the activator's): one container, no service account token,
+    on the nodes spec.serving places the model on."""
+    pod_spec: dict[str, Any] = {"containers": [container]}
+    if volumes is not None:
+        pod_spec["volumes"] = volumes
+    pod_spec.update({"terminationGracePeriodSeconds": 30, "securityContext": security, "enableServiceLinks": False,
+                     "automountServiceAccountToken": False})
+    if spec.serving.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.serving.node_selector)
+    if spec.serving.tolerations:
+        pod_spec["tolerations"] = [t.as_k8s() for t in spec.serving.tolerations]
+    return pod_spec
 
 
 ACTIVATOR_COMMAND: Final = "shipyard-activator"
@@ -486,17 +491,7 @@ def build_activator_deployment(meta: Meta, md: spec_mod.ModelDeployment, image: 
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": _container_security(),
     }
-    pod_spec: dict[str, Any] = {
-        "containers": [container],
-        "terminationGracePeriodSeconds": 30,
-        "securityContext": _pod_security(),
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": False,
-    }
-    if spec.serving.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.serving.node_selector)
-    if spec.serving.tolerations:
-        pod_spec["tolerations"] = [t.as_k8s() for t in spec.serving.tolerations]
+    pod_spec = _build_serving_pod_spec(spec, container, _pod_security())
     # Scraped at its metrics port only: a scrape of its serving port would be a held request.
     annotations = {naming.ANNOTATION_METRICS_PORT: str(metrics_port), "prometheus.io/scrape": "true",
                    "prometheus.io/port": str(metrics_port)}
