@@ -144,3 +144,83 @@ def test_scaled_object_moves_replicas_through_the_hpa(keda: Keda) -> None:
         keda.timings["scaled_down_4_to_2"] = time.monotonic() - mark
     finally:
         prometheus.close()
+
+
+def test_shipyards_scale_to_zero_object_holds_on_missing_data_sleeps_when_idle_and_wakes_on_a_held_request(
+        keda: Keda) -> None:
+    """The ScaledObject the operator builds for ``minReplicas: 0`` (the pods' query that reads 0 where only the
+    activator reports, and the activator's trigger), pointed at a Deployment, under real KEDA. The stand-in answers
+    each query with what Prometheus would (the PromQL itself is checked under promtool in the unit tier): a
+    Prometheus that errs never scales to zero; idle, it sleeps after the cooldown and stays asleep (no flap: KEDA
+    counts a trigger in fallback as active, which a bare pods' query, empty at zero, would be); a request held by the
+    activator wakes it; at zero, a Prometheus that errs wakes it too (the safe side)."""
+    from shipyard.operator import autoscaling
+
+    cluster = keda.cluster
+    prometheus = FakePrometheus()
+    activation = autoscaling.build_activation_query(NAMESPACE, "zero")
+    main = autoscaling.build_query_with_activator(autoscaling.build_query("inflightRequests", NAMESPACE, "zero"),
+                                                  activation)
+    values: dict[str, float | None] = {}
+
+    def answer(query: str) -> float | None:
+        if query not in values:
+            raise ValueError("Prometheus is down")
+        return values[query]
+
+    def stays(count: int, seconds: float) -> list[int]:
+        seen = []
+        for _ in range(int(seconds * 2)):
+            seen.append(replicas(cluster, "zero"))
+            time.sleep(0.5)
+        assert set(seen) == {count}, seen
+        return seen
+
+    def assessed(at_zero: bool) -> tuple[bool | None, str, str]:
+        scaled = cluster.get("scaledobject", "zero", NAMESPACE) or {}
+        return autoscaling.assess_scaler("ScaledObject", (scaled.get("status") or {}).get("conditions") or [],
+                                         at_zero=at_zero)
+
+    prometheus.answer = answer
+    try:
+        cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(build_deployment("zero")))
+        spec = autoscaling.Autoscaling.model_validate({"minReplicas": 0, "maxReplicas": 4, "target": 4,
+                                                       "pollingIntervalSeconds": 1, "cooldownSeconds": 5})
+        obj = autoscaling.build_scaled_object({"name": "zero", "namespace": NAMESPACE}, "zero", spec, main,
+                                              prometheus.address, activation)
+        obj["spec"]["scaleTargetRef"] = {"name": "zero"}  # a Deployment here, the ModelDeployment in a cluster
+        assert obj["spec"]["minReplicaCount"] == 0 and len(obj["spec"]["triggers"]) == 2
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
+        quiet = spec.cooldown_seconds + autoscaling.FALLBACK_FAILURES + 4  # past the cooldown and the fallback
+
+        # the metric source down: replicas held, never scaled to zero
+        wait_until(lambda: len(prometheus.queries) >= 2 * (autoscaling.FALLBACK_FAILURES + 2), 60,
+                   message="KEDA reading the (failing) triggers")
+        stays(1, quiet)
+        ok, reason, message = assessed(at_zero=False)
+        assert (ok, reason) == (False, "MetricUnavailable"), (reason, message)
+
+        # idle: zero after the cooldown, and asleep it stays
+        values.update({main: 0.0, activation: 0.0})
+        mark = time.monotonic()
+        wait_until(lambda: replicas(cluster, "zero") == 0, 60, message="scaled to zero when idle")
+        keda.timings["idle_to_zero"] = time.monotonic() - mark
+        stays(0, quiet)
+        assert assessed(at_zero=True)[:2] == (True, "ScaledToZero")
+
+        # a request held by the activator wakes the model
+        values[activation] = 1.0
+        mark = time.monotonic()
+        wait_until(lambda: replicas(cluster, "zero") >= 1, 60, message="woken by the activator's trigger")
+        keda.timings["held_request_to_replicas_1"] = time.monotonic() - mark
+
+        # asleep again, then Prometheus down: woken (the held requests could not be seen)
+        values.update({main: 0.0, activation: 0.0})
+        wait_until(lambda: replicas(cluster, "zero") == 0, 60, message="back to zero")
+        values.clear()
+        mark = time.monotonic()
+        wait_until(lambda: replicas(cluster, "zero") >= 1, 60, message="woken while the metrics cannot be read")
+        keda.timings["metrics_down_at_zero_to_replicas_1"] = time.monotonic() - mark
+    finally:
+        prometheus.close()

@@ -4,9 +4,13 @@ once (never as load changes), and a scaler that cannot exist here stalls with th
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from shipyard.operator import autoscaling, naming
 from shipyard.operator import spec as spec_mod
@@ -89,12 +93,11 @@ def test_scale_to_zero_adds_the_activators_trigger(metric: autoscaling.ScalingMe
 
 
 @pytest.mark.parametrize(("conditions", "at_zero", "expected"), [
+    pytest.param([{"type": "Ready", "status": "True"}], True, (True, "ScaledToZero"), id="at-zero"),
     pytest.param([{"type": "Ready", "status": "True"}, {"type": "Fallback", "status": "True", "message": "m"}],
-                 True, (True, "ScaledToZero"), id="no-pod-series-at-zero-is-expected"),
-    pytest.param([{"type": "Ready", "status": "True"}, {"type": "Fallback", "status": "True", "message": "m"}],
-                 False, (False, "MetricUnavailable"), id="the-same-with-pods-holds-replicas"),
+                 True, (False, "MetricUnavailable"), id="failing-metrics-at-zero-say-so"),
     pytest.param([{"type": "Ready", "status": "False", "message": "bad query"}], True,
-                 (False, "ScalerNotReady"), id="a-broken-scaler-at-zero-still-says-so"),
+                 (False, "ScalerNotReady"), id="a-broken-scaler-at-zero-says-so"),
 ])
 def test_a_scaled_object_at_zero(conditions: list[dict[str, str]], at_zero: bool,
                                  expected: tuple[bool, str]) -> None:
@@ -349,3 +352,32 @@ def test_scaled_to_zero_mid_canary_holds_the_step_and_starts_it_over_on_waking()
     assert sim.selectors["digits"]["shipyard.dev/component"] == "serving"
     sim.settle()
     assert sim.status["stableVersion"] == "1.1.0"
+
+
+@pytest.mark.parametrize(("series", "expected"), [
+    pytest.param({'shipyard_activator_pending_requests{namespace="ml",model="digits"}': "0 0 0"}, [0.0],
+                 id="at-zero-the-activator-reports-so-the-pods-metric-reads-0"),
+    pytest.param({'shipyard_activator_pending_requests{namespace="ml",model="digits"}': "0 0 0",
+                  'shipyard_inflight_requests{namespace="ml",model="digits",pod="a"}': "3 3 3",
+                  'shipyard_inflight_requests{namespace="ml",model="digits",pod="b"}': "4 4 4"}, [7.0],
+                 id="pods-up-their-sum"),
+    pytest.param({'shipyard_inflight_requests{namespace="ml",model="digits",pod="a"}': "2 2 2"}, [2.0],
+                 id="the-activator-not-scraped-pods-up"),
+    pytest.param({'shipyard_inflight_requests{namespace="other",model="digits",pod="a"}': "2 2 2"}, [],
+                 id="neither-series-is-missing-data-an-error-for-keda"),
+])
+def test_the_query_of_a_model_that_scales_to_zero_under_promtool(
+        tmp_path: Path, series: dict[str, str], expected: list[float]) -> None:
+    """The PromQL itself, evaluated by Prometheus' own engine (promtool test rules, Debian's prometheus package)."""
+    query = autoscaling.build_query_with_activator(autoscaling.build_query("inflightRequests", "ml", "digits"),
+                                                   autoscaling.build_activation_query("ml", "digits"))
+    test = {"tests": [{"interval": "1m",
+                       "input_series": [{"series": s, "values": v} for s, v in series.items()],
+                       "promql_expr_test": [{"expr": query, "eval_time": "2m",
+                                             "exp_samples": [{"labels": "{}", "value": v} for v in expected]}]}]}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(test))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is needed (apt-get install prometheus)"
+    out = subprocess.run([promtool, "test", "rules", "test.yaml"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -160,6 +160,17 @@ def build_activation_query(namespace: str, served_model: str, namespace_label: s
             f'{contract.LABEL_MODEL}="{_escape(served_model)}"}})')
 
 
+def build_query_with_activator(query: str, activation_query: str) -> str:
+    """The metric's query of a model that scales to zero: the pods' total, or 0 where the pods have no series but the
+    activator reports (the model is at zero: idle, not missing data). Pure.
+
+    KEDA (2.21) counts a trigger whose failures passed the fallback threshold as *active*, so a bare pods' query,
+    empty at zero pods, would wake the model every few polls and the cooldown would put it back: a flap. Prometheus
+    down, or neither series there, is still an error: held above zero, woken at zero (the safe side: the activator's
+    held requests cannot be seen then)."""
+    return f"({query}) or on() (0 * {activation_query})"
+
+
 def build_activation_threshold(autoscaling: Autoscaling) -> float:
     """The activation trigger's per-pod target: held requests are requests in flight, so for inflightRequests and
     queueDepth the metric's own target (a burst of 20 held requests at a target of 4 wakes 5 pods at once); for the
@@ -187,9 +198,9 @@ def build_scaled_object(object_meta: dict[str, Any], model: str, autoscaling: Au
     follows the replicas the scaler writes, so the operator never rewrites it as load changes.
 
     ``activation_query`` (minReplicas 0 with an activator): a second trigger on the requests the activator holds,
-    the signal that exists at zero pods. KEDA scales from zero when any trigger is active; at zero the metric's
-    own query has no series (an error), which with a fallback holds the replicas where they are (0) rather than
-    scaling. Without it minReplicas 0 is raised to 1: nothing could bring the model back."""
+    the signal that exists at zero pods; KEDA scales from zero when any trigger is active. ``query`` is then
+    ``build_query_with_activator``'s, which reads 0 at zero pods rather than failing. Without an activation query
+    minReplicas 0 is raised to 1: nothing could bring the model back."""
     spec: dict[str, Any] = {
         "scaleTargetRef": {"apiVersion": f"{naming.GROUP}/{naming.VERSION}", "kind": naming.KIND, "name": model},
         "minReplicaCount": autoscaling.min_replicas if activation_query is not None else max(
@@ -255,8 +266,7 @@ def assess_scaler(kind: str, conditions: Sequence[Mapping[str, Any]],
     """(ok, reason, message) of the scaler from its status conditions; ok None: no verdict yet. Pure.
 
     ScaledObject: Ready False (e.g. its trigger cannot be read) or Fallback True (the metric failed
-    FALLBACK_FAILURES times: replicas held) is not ok, except ``at_zero`` (scaled to zero with an activator): the
-    pods' metric has no series then by design, and the activator's trigger is what wakes the model.
+    FALLBACK_FAILURES times: replicas held) is not ok; ready ``at_zero`` (scaled to zero with an activator) says so.
     HPA: ScalingActive False (no metrics) or AbleToScale False."""
     by_type = {str(c.get("type")): c for c in conditions}
 
@@ -265,14 +275,14 @@ def assess_scaler(kind: str, conditions: Sequence[Mapping[str, Any]],
 
     if kind == SCALED_OBJECT:
         fallback, ready = by_type.get("Fallback"), by_type.get("Ready")
-        if at_zero and (ready is None or ready.get("status") != "False"):
-            return True, "ScaledToZero", "scaled to zero: the activator holds requests and wakes the model"
         if fallback is not None and fallback.get("status") == "True":
             return False, "MetricUnavailable", f"replicas held: {text(fallback)}"
         if ready is None or ready.get("status") == "Unknown":
             return None, "ScalerPending", "the ScaledObject has no verdict yet"
         if ready.get("status") != "True":
             return False, "ScalerNotReady", text(ready)
+        if at_zero:
+            return True, "ScaledToZero", "scaled to zero: the activator holds requests and wakes the model"
         active = by_type.get("Active")
         state = "active" if active is not None and active.get("status") == "True" else "idle"
         return True, "ScalerReady", f"KEDA scales on the metric ({state})"

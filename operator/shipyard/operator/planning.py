@@ -1324,6 +1324,8 @@ def _plan_scaler(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
             with_activator = ready_path is not None
             activation = autoscaling.build_activation_query(meta.namespace, md.served_model_name) \
                 if with_activator else None
+            if activation is not None:
+                query = autoscaling.build_query_with_activator(query, activation)
             wanted = autoscaling.build_scaled_object(object_meta, meta.name, auto, query, prometheus_address,
                                                      activation)
     _plan_activator(md, meta, st, observed, apply, deletes, activator_image if with_activator else None, ready_path)
