@@ -230,6 +230,7 @@ ZERO_NAMESPACE = "e2e-scale-to-zero"
 ZERO_TAG = "3.2.0"
 COOLDOWN_S = 10
 RATE_WINDOW_S = 10
+ASLEEP_S = 15  # at zero with no request: no wake-up (several KEDA polls, past its fallback threshold)
 WAKE_REQUESTS = 8  # the first one timed, the others sent over the next 2 s
 
 
@@ -295,6 +296,11 @@ def test_13_scale_to_zero_and_back_through_the_activator(to_zero: E2E) -> None:
                message="scaled to zero (spec.serving.replicas 0, no pod, the Service on the activator)")
     timings[f"last request -> scaled to zero, Service on the activator (s; rate window {RATE_WINDOW_S} s + "
             f"cooldownSeconds {COOLDOWN_S})"] = round(time.time() - served, 1)
+    # asleep it stays (the pods' query reads 0 where only the activator reports: no wake-up without a request)
+    asleep = time.time()
+    while time.time() - asleep < ASLEEP_S:
+        assert e2e.md(MODEL)["spec"]["serving"].get("replicas") == 0, "woke without a request"
+        time.sleep(1)
     md = e2e.md(MODEL)
     condition = next(c for c in md["status"]["conditions"] if c["type"] == "Autoscaling")
     assert md["status"]["autoscaling"]["routesToActivator"] is True, md["status"]["autoscaling"]
@@ -324,6 +330,7 @@ def test_13_scale_to_zero_and_back_through_the_activator(to_zero: E2E) -> None:
                                  "involvedObject.kind=ScaledObject").stdout
     activations = [e for e in json.loads(events)["items"] if e.get("reason") == "KEDAScaleTargetActivated"]
     record(name, timings=timings, facts={
+        f"replicas at zero for {ASLEEP_S} s with no request": "0 throughout",
         "requests at zero (one timed, the rest during the wake-up)": WAKE_REQUESTS,
         "answers (HTTP status)": statuses,
         "correct predictions": f"{correct}/{WAKE_REQUESTS}",
