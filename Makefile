@@ -37,7 +37,7 @@ unit: venv
 integration: venv binaries
 	$(VENV)/bin/pytest -q -m integration tests/integration
 
-# The test machinery's own checks: the node agent as a kubelet (real pods, CPU limits), the skip rules.
+# The test machinery's own checks: the node agent as a kubelet (real pods, CPU limits), the skip rules, the S3 server.
 harness: venv binaries
 	$(VENV)/bin/pytest -q -m harness tests/harness
 
