@@ -16,6 +16,11 @@ What it does, like a kubelet and kube-proxy on one machine:
   in a cgroup (v1 or v2, whichever the machine has: hack/cgroups.py) that the process sees as its own (with
   ``--require-cpu-limits`` the agent refuses to start where it cannot enforce them); env with ``fieldRef``; the
   virtualenv's bin on PATH;
+- runs a pod's init containers first, each as a regular container is run (image, command, env, volumes, user, CPU
+  limit, termination message, log), one at a time in order, each to completion, once the volumes are ready; the
+  regular containers start only after the last exits 0. A failed one is restarted with the crash back-off under
+  restartPolicy Always or OnFailure (``CrashLoopBackOff``) and fails the pod under Never; the pod stays Pending
+  (``Initialized`` False) until they all completed, and reports them in ``initContainerStatuses``;
 - gives each pod its own loopback address 127.0.N.M as pod IP (a ``shipyard-runtime serve`` gets ``--host <pod
   IP>`` appended: the runtime has no environment variable for its bind address);
 - reports pod status as a kubelet does: phase, pod IPs, conditions (Ready from the real readiness probe),
@@ -36,7 +41,9 @@ What it does, like a kubelet and kube-proxy on one machine:
 
 Why not EndpointSlices for the proxy: the API server rejects loopback addresses in EndpointSlices, so the agent
 balances over its own view of the pods (the one it reports), updated at once on readiness and deletion.
-Traffic goes only to 127.0.0.0/8. Not supported (the pod fails with a message): init containers, exec probes.
+Traffic goes only to 127.0.0.0/8. Not supported (the pod fails with a message): sidecar containers (an init
+container with ``restartPolicy: Always``), exec probes. Env: ``value`` and ``fieldRef`` only (``secretKeyRef``,
+``configMapKeyRef``: the container waits with CreateContainerConfigError).
 Probes: httpGet, tcpSocket and grpc (grpc.health.v1); preStop hooks: sleep. A container without a command runs its
 image's ENTRYPOINT and CMD from the catalogue, as the image's USER when the pod sets no runAsUser.
 """
@@ -404,7 +411,12 @@ class PodWorker:
         self.dir = agent.workdir / "pods" / self.uid
         self.ip = ""
         self.start_time = ""
-        self.containers = [ContainerRun(spec=c, name=c["name"]) for c in self.spec.get("containers", [])]
+        # A pod with init containers shows every container waiting as PodInitializing until it runs (as a kubelet).
+        self.waiting_reason = "PodInitializing" if self.spec.get("initContainers") else "ContainerCreating"
+        self.init_containers = [ContainerRun(spec=c, name=c["name"], state={"waiting": {"reason": self.waiting_reason}})
+                                for c in self.spec.get("initContainers") or []]
+        self.containers = [ContainerRun(spec=c, name=c["name"], state={"waiting": {"reason": self.waiting_reason}})
+                           for c in self.spec.get("containers", [])]
         self.terminating = asyncio.Event()
         self.grace_s = float(self.spec.get("terminationGracePeriodSeconds", 30))
         self.pod_error = ""  # a reason the pod cannot run at all
@@ -489,7 +501,7 @@ class PodWorker:
         unsupported = self._unsupported()
         self.start_time = now_iso()
         if unsupported:
-            for c in self.containers:
+            for c in [*self.init_containers, *self.containers]:
                 c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": unsupported}}
             self.pod_error = unsupported
             self.changed()
@@ -502,12 +514,21 @@ class PodWorker:
         volumes = await self._prepare_volumes()
         if volumes is None:
             return
+        # Init containers one at a time, in order, each to completion; the regular containers only after the last.
+        for c in self.init_containers:
+            if not await self._supervise(c, volumes, init=True) or self.terminating.is_set():
+                return
+        if self.init_containers:
+            log.info("Initialized pod %s (%d init container(s) completed)", self.key, len(self.init_containers))
+            self.changed()
         await asyncio.gather(*(self._supervise(c, volumes) for c in self.containers))
 
     def _unsupported(self) -> str:
-        if self.spec.get("initContainers"):
-            return "init containers are not supported by the local node agent"
-        for c in self.containers:
+        for c in self.init_containers:
+            if c.spec.get("restartPolicy") == "Always":
+                return (f"init container {c.name}: restartPolicy Always (a sidecar container) is not supported by the "
+                        "local node agent")
+        for c in [*self.init_containers, *self.containers]:
             if not c.spec.get("command"):
                 try:
                     entrypoint = self.agent.catalogue.resolve(c.spec.get("image", "")).entrypoint
@@ -534,15 +555,15 @@ class PodWorker:
                     out[name] = await self._prepare_volume(volume, base / name)
                     break
                 except UnsupportedVolume as error:
-                    for c in self.containers:
+                    for c in [*self.init_containers, *self.containers]:
                         c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
                     self.pod_error = str(error)
                     self.agent.post_event(self.pod, "Warning", "FailedMount", str(error))
                     self.changed()
                     return None
                 except VolumeNotReady as error:
-                    for c in self.containers:
-                        c.state = {"waiting": {"reason": "ContainerCreating", "message": str(error)}}
+                    for c in [*self.init_containers, *self.containers]:
+                        c.state = {"waiting": {"reason": self.waiting_reason, "message": str(error)}}
                     self.changed()
                     if time.monotonic() > deadline:
                         self.agent.post_event(self.pod, "Warning", "FailedMount", str(error))
@@ -604,8 +625,13 @@ class PodWorker:
                                 "(for the service account token volume: automountServiceAccountToken: false)")
 
     # -- containers
-    async def _supervise(self, c: ContainerRun, volumes: dict[str, Path]) -> None:
+    async def _supervise(self, c: ContainerRun, volumes: dict[str, Path], init: bool = False) -> bool:
+        """Runs a container, restarted as the pod's restartPolicy says; whether it ended by completing (exit 0, not
+        deleted). An init container has no probes and, under restartPolicy Always, is restarted only on failure (a
+        kubelet treats Always as OnFailure for it)."""
         policy = self.spec.get("restartPolicy", "Always")
+        if init and policy == "Always":
+            policy = "OnFailure"
         backoff = BACKOFF_INITIAL_S
         try:
             c.image = await self._pull(c)
@@ -613,14 +639,14 @@ class PodWorker:
             c.state = {"waiting": {"reason": "ErrImagePull", "message": str(error)}}
             self.agent.post_event(self.pod, "Warning", "Failed", str(error))
             self.changed()
-            return
+            return False
         while not self.terminating.is_set():
             try:
                 argv, env, mounts, user = self._container_config(c, volumes)
             except ContainerConfigError as error:
                 c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
                 self.changed()
-                return
+                return False
             started_at = now_iso()
             ran_for = time.monotonic()
             await self._spawn(c, argv, env, mounts, user)
@@ -629,12 +655,13 @@ class PodWorker:
             c.state = {"running": {"startedAt": started_at}}
             self.agent.post_event(self.pod, "Normal", "Started", f"Started container {c.name}")
             self.changed()
-            probes = asyncio.create_task(self._probe(c), name=f"probes {self.key}/{c.name}")
+            probes = None if init else asyncio.create_task(self._probe(c), name=f"probes {self.key}/{c.name}")
             assert c.proc is not None
             code = await c.proc.wait()
-            probes.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probes
+            if probes is not None:
+                probes.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probes
             c.ready = c.started = False
             exit_code = code if code >= 0 else 128 - code
             c.state = {"terminated": {
@@ -646,11 +673,11 @@ class PodWorker:
             if not c.state["terminated"]["message"]:
                 del c.state["terminated"]["message"]
             self._remove_cgroup(c)
-            log.info("Container %s/%s exited with %d%s", self.key, c.name, exit_code,
-                     f" ({c.killing})" if c.killing else "")
+            log.info("%s %s/%s exited with %d%s", "Init container" if init else "Container", self.key, c.name,
+                     exit_code, f" ({c.killing})" if c.killing else "")
             self.changed()
             if self.terminating.is_set() or policy == "Never" or (policy == "OnFailure" and exit_code == 0):
-                return
+                return exit_code == 0 and not self.terminating.is_set()
             if time.monotonic() - ran_for > 600:
                 backoff = BACKOFF_INITIAL_S
             c.last_state = c.state
@@ -664,12 +691,13 @@ class PodWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.terminating.wait(), backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+        return False
 
     async def _pull(self, c: ContainerRun) -> Image:
         image = self.agent.catalogue.resolve(c.spec.get("image", ""))
         missing = [b for b in image.contents.values() if not self.agent.catalogue.build_dir(b).is_dir()]
         if missing:
-            c.state = {"waiting": {"reason": "ContainerCreating", "message": f"Pulling image {image.reference}"}}
+            c.state = {"waiting": {"reason": self.waiting_reason, "message": f"Pulling image {image.reference}"}}
             self.agent.post_event(self.pod, "Normal", "Pulling", f'Pulling image "{image.reference}" '
                                   f"(building its contents {', '.join(missing)} locally)")
             self.changed()
@@ -934,11 +962,11 @@ class PodWorker:
 
     async def _stop_all(self, grace_s: float) -> None:
         self.changed()
-        await asyncio.gather(*(self._stop_container(c, grace_s) for c in self.containers))
+        await asyncio.gather(*(self._stop_container(c, grace_s) for c in [*self.init_containers, *self.containers]))
 
     async def _finish(self) -> None:
         """After termination: report the final status, delete the pod object with grace 0, free the sandbox."""
-        for c in self.containers:
+        for c in [*self.init_containers, *self.containers]:
             self._remove_cgroup(c)
         self._dirty.set()
         await asyncio.sleep(0.2)
@@ -965,22 +993,12 @@ class PodWorker:
     # -- status
     def build_status(self) -> dict[str, Any]:
         containers = self.containers
-        policy = self.spec.get("restartPolicy", "Always")
-        states = [next(iter(c.state)) for c in containers]
-        ran = [c.restart_count > 0 or "waiting" not in c.state for c in containers]
-        if all(s == "terminated" for s in states) and policy != "Always":
-            codes = [c.state["terminated"]["exitCode"] for c in containers]
-            phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
-            if policy == "OnFailure" and phase == "Failed":
-                phase = "Running"
-        elif all(ran) and containers:
-            phase = "Running"
-        else:
-            phase = "Pending"
+        phase = build_phase(self.spec.get("restartPolicy", "Always"), self.init_containers, containers)
         ready = self.ready
+        incomplete = build_incomplete_init(self.init_containers)
         conditions = {
             "PodReadyToStartContainers": bool(self.ip),
-            "Initialized": True,
+            "Initialized": not incomplete,
             "ContainersReady": ready,
             "Ready": ready,
         }
@@ -998,24 +1016,19 @@ class PodWorker:
                 unready = [c.name for c in containers if not c.ready]
                 condition["reason"] = "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
                 condition["message"] = f"containers with unready status: [{' '.join(unready)}]"
+            if ctype == "Initialized" and not value:
+                condition["reason"] = "ContainersNotInitialized"
+                condition["message"] = f"containers with incomplete status: [{' '.join(incomplete)}]"
             out_conditions.append(condition)
-        statuses = []
-        for c in containers:
-            status: dict[str, Any] = {
-                "name": c.name, "image": c.spec.get("image", ""), "imageID": c.image.image_id if c.image else "",
-                "ready": c.ready, "started": c.started, "restartCount": c.restart_count, "state": c.state,
-                "lastState": c.last_state,
-            }
-            if c.container_id:
-                status["containerID"] = c.container_id
-            statuses.append(status)
         status = {
             "phase": phase,
             "conditions": out_conditions,
             "hostIP": "127.0.0.1",
             "hostIPs": [{"ip": "127.0.0.1"}],
-            "containerStatuses": statuses,
+            "containerStatuses": [build_container_status(c) for c in containers],
         }
+        if self.init_containers:
+            status["initContainerStatuses"] = [build_container_status(c, init=True) for c in self.init_containers]
         if self.start_time:
             status["startTime"] = self.start_time
         if self.ip:
@@ -1047,6 +1060,56 @@ class PodWorker:
                 log.warning("Could not patch the status of pod %s: %s", self.key, error)
                 await asyncio.sleep(1)
                 self._dirty.set()
+
+
+def build_container_status(c: ContainerRun, init: bool = False) -> dict[str, Any]:
+    """An entry of ``containerStatuses`` or, with `init`, of ``initContainerStatuses`` as a kubelet writes it (pure).
+    An init container is ready once it completed (terminated with exit code 0) and started while it runs."""
+    ready, started = c.ready, c.started
+    if init:
+        terminated = c.state.get("terminated")
+        ready = terminated is not None and terminated.get("exitCode") == 0
+        started = "running" in c.state
+    status: dict[str, Any] = {
+        "name": c.name, "image": c.spec.get("image", ""), "imageID": c.image.image_id if c.image else "",
+        "ready": ready, "started": started, "restartCount": c.restart_count, "state": c.state,
+        "lastState": c.last_state,
+    }
+    if c.container_id:
+        status["containerID"] = c.container_id
+    return status
+
+
+def _completed(c: ContainerRun) -> bool:
+    return (c.state.get("terminated") or {}).get("exitCode") == 0
+
+
+def _failed_init(c: ContainerRun) -> bool:
+    """An init container whose last run failed: terminated non-zero, or waiting to restart after such a run."""
+    if "terminated" in c.state:
+        return bool(c.state["terminated"].get("exitCode"))
+    return "waiting" in c.state and bool((c.last_state.get("terminated") or {}).get("exitCode"))
+
+
+def build_incomplete_init(init: list[ContainerRun]) -> list[str]:
+    """The init containers that have not completed, in order (pure): the pod is ``Initialized`` when there are none."""
+    return [c.name for c in init if not _completed(c)]
+
+
+def build_phase(policy: str, init: list[ContainerRun], containers: list[ContainerRun]) -> str:
+    """The pod's phase from its containers' states, as a kubelet's getPhase decides it (pure): Pending while an init
+    container has not completed (Failed once one failed under restartPolicy Never); then Pending until every
+    container ran, Running while one runs or will be restarted, Succeeded or Failed when all ended for good."""
+    if policy == "Never" and any(_failed_init(c) for c in init):
+        return "Failed"
+    if build_incomplete_init(init):
+        return "Pending"
+    if containers and all("terminated" in c.state for c in containers) and policy != "Always":
+        phase = "Succeeded" if all(_completed(c) for c in containers) else "Failed"
+        return "Running" if policy == "OnFailure" and phase == "Failed" else phase
+    if containers and all(c.restart_count > 0 or "waiting" not in c.state for c in containers):
+        return "Running"
+    return "Pending"
 
 
 class VolumeNotReady(Exception):

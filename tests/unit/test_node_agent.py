@@ -1,6 +1,7 @@
 """The e2e node agent's pure parts (hack/node_agent.py): image references, the local image catalogue's tags, the
-files of configMap and secret volumes, Services' virtual IPs and pods' hosts files. What it does with real pods is
-the harness tier's (tests/harness/test_node_agent.py)."""
+files of configMap and secret volumes, Services' virtual IPs and pods' hosts files, and what it reports of a pod (its
+phase, its init containers' progress, container statuses). What it does with real pods is the harness tier's
+(tests/harness/test_node_agent.py)."""
 
 from __future__ import annotations
 
@@ -187,3 +188,99 @@ def test_argv_from_command_args_and_the_image(container: dict[str, Any], entrypo
                                               cmd: tuple[str, ...], argv: list[str]) -> None:
     image = agent.Image("r/i:1", {}, {}, "r/i@sha256:0", entrypoint, cmd)
     assert agent.build_argv(container, image) == argv
+
+
+# ------------------------------------------------------------------------------------- pod and container status
+
+STARTED = {"running": {"startedAt": "2026-01-01T00:00:00Z"}}
+COMPLETED = {"terminated": {"exitCode": 0, "reason": "Completed", "message": '{"bytes": 12}',
+                            "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:01Z"}}
+DENIED = {"terminated": {"exitCode": 3, "reason": "Error", "message": "access denied (403) to s3://b/k",
+                         "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:01Z"}}
+INITIALIZING = {"waiting": {"reason": "PodInitializing"}}
+BACKING_OFF = {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s restarting failed container=fetch"}}
+
+
+def _run(name: str, state: dict[str, Any], last_state: dict[str, Any] | None = None, restarts: int = 0,
+         ready: bool = False) -> Any:
+    return agent.ContainerRun(spec={"name": name, "image": f"{DIGITS}:1.0.0"}, name=name, state=state,
+                              last_state=last_state or {}, restart_count=restarts, ready=ready)
+
+
+@pytest.mark.parametrize(("policy", "init", "containers", "phase"), [
+    pytest.param("Always", [], [STARTED], "Running", id="no-init-running"),
+    pytest.param("Never", [], [COMPLETED], "Succeeded", id="no-init-succeeded"),
+    pytest.param("Never", [], [DENIED], "Failed", id="no-init-failed"),
+    pytest.param("OnFailure", [], [DENIED], "Running", id="no-init-on-failure-restarts"),
+    pytest.param("Always", [INITIALIZING], [INITIALIZING], "Pending", id="init-not-started"),
+    pytest.param("Always", [STARTED, INITIALIZING], [INITIALIZING], "Pending", id="init-running"),
+    pytest.param("Always", [COMPLETED, STARTED], [INITIALIZING], "Pending", id="second-init-running"),
+    pytest.param("Always", [DENIED], [INITIALIZING], "Pending", id="init-failed-will-restart"),
+    pytest.param("Always", [BACKING_OFF], [INITIALIZING], "Pending", id="init-backing-off"),
+    pytest.param("OnFailure", [BACKING_OFF], [INITIALIZING], "Pending", id="init-backing-off-on-failure"),
+    pytest.param("Never", [DENIED], [INITIALIZING], "Failed", id="init-failed-never"),
+    pytest.param("Never", [COMPLETED, DENIED], [INITIALIZING], "Failed", id="second-init-failed-never"),
+    pytest.param("Never", [STARTED], [INITIALIZING], "Pending", id="init-running-never"),
+    pytest.param("Always", [COMPLETED, COMPLETED], [INITIALIZING], "Pending", id="initialized-not-yet-started"),
+    pytest.param("Always", [COMPLETED, COMPLETED], [STARTED], "Running", id="initialized-running"),
+    pytest.param("Never", [COMPLETED], [COMPLETED], "Succeeded", id="initialized-succeeded"),
+])
+def test_pod_phase(policy: str, init: list[dict[str, Any]], containers: list[dict[str, Any]], phase: str) -> None:
+    init_runs = [_run(f"init-{i}", s) for i, s in enumerate(init)]
+    runs = [_run(f"c-{i}", s) for i, s in enumerate(containers)]
+    assert agent.build_phase(policy, init_runs, runs) == phase
+
+
+def test_init_failure_waiting_to_restart_counts_as_failed_under_never() -> None:
+    """What a kubelet's getPhase reads: a waiting init container whose last run failed."""
+    run = _run("fetch", INITIALIZING, last_state=DENIED, restarts=1)
+    assert agent.build_phase("Never", [run], [_run("main", INITIALIZING)]) == "Failed"
+    assert agent.build_phase("Always", [run], [_run("main", INITIALIZING)]) == "Pending"
+
+
+@pytest.mark.parametrize(("init", "incomplete"), [
+    pytest.param([], [], id="no-init-containers"),
+    pytest.param([INITIALIZING, INITIALIZING], ["init-0", "init-1"], id="none-ran"),
+    pytest.param([COMPLETED, STARTED], ["init-1"], id="first-completed"),
+    pytest.param([DENIED], ["init-0"], id="failed"),
+    pytest.param([BACKING_OFF], ["init-0"], id="backing-off"),
+    pytest.param([COMPLETED, COMPLETED], [], id="all-completed"),
+])
+def test_incomplete_init_containers(init: list[dict[str, Any]], incomplete: list[str]) -> None:
+    assert agent.build_incomplete_init([_run(f"init-{i}", s) for i, s in enumerate(init)]) == incomplete
+
+
+@pytest.mark.parametrize(("run", "init", "expected"), [
+    pytest.param(_run("fetch", INITIALIZING), True,
+                 {"ready": False, "started": False, "restartCount": 0, "state": INITIALIZING, "lastState": {}},
+                 id="init-waiting"),
+    pytest.param(_run("fetch", STARTED), True,
+                 {"ready": False, "started": True, "restartCount": 0, "state": STARTED, "lastState": {}},
+                 id="init-running-is-started"),
+    pytest.param(_run("fetch", COMPLETED), True,
+                 {"ready": True, "started": False, "restartCount": 0, "state": COMPLETED, "lastState": {}},
+                 id="init-completed-is-ready"),
+    pytest.param(_run("fetch", DENIED), True,
+                 {"ready": False, "started": False, "restartCount": 0, "state": DENIED, "lastState": {}},
+                 id="init-failed"),
+    pytest.param(_run("fetch", BACKING_OFF, DENIED, restarts=2), True,
+                 {"ready": False, "started": False, "restartCount": 2, "state": BACKING_OFF, "lastState": DENIED},
+                 id="init-crash-loop"),
+    pytest.param(_run("main", STARTED, ready=True), False,
+                 {"ready": True, "started": False, "restartCount": 0, "state": STARTED, "lastState": {}},
+                 id="regular-ready-from-its-probe"),
+    pytest.param(_run("main", INITIALIZING), False,
+                 {"ready": False, "started": False, "restartCount": 0, "state": INITIALIZING, "lastState": {}},
+                 id="regular-while-initializing"),
+])
+def test_container_status(run: Any, init: bool, expected: dict[str, Any]) -> None:
+    status = agent.build_container_status(run, init=init)
+    assert status == {"name": run.name, "image": f"{DIGITS}:1.0.0", "imageID": "", **expected}
+
+
+def test_container_status_names_its_container_and_image() -> None:
+    run = _run("fetch", COMPLETED)
+    run.image = agent.Image(f"{DIGITS}:1.0.0", {}, {}, f"{DIGITS}@sha256:0")
+    run.container_id = "shipyard-local://uid/fetch/0/42"
+    status = agent.build_container_status(run, init=True)
+    assert status["imageID"] == f"{DIGITS}@sha256:0" and status["containerID"] == "shipyard-local://uid/fetch/0/42"
