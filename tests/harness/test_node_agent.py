@@ -2,8 +2,10 @@
 tests/unit/test_node_agent.py): what it reports for a pod whose image is not in the catalogue, for a volume it
 cannot provide and for containers that finish; that a CPU limit really holds (a busy loop under 500m uses about half
 a core, next to one under a limit it cannot reach, and sees its limit where the runtime reads it); that pods reach
-Services by name at the Service's port, and see Services come and go while they run; and that it refuses to start
-where it cannot enforce CPU limits, which is what fails the e2e and harness fixtures there."""
+Services by name at the Service's port, and see Services come and go while they run; that init containers run in
+order before the containers, are restarted with back-off when they fail (or fail the pod under restartPolicy Never)
+and are stopped when their pod is deleted; and that it refuses to start where it cannot enforce CPU limits, which is
+what fails the e2e and harness fixtures there."""
 
 from __future__ import annotations
 
@@ -294,3 +296,178 @@ def test_the_agent_refuses_to_start_without_cpu_limits(tmp_path: Path) -> None:
                           str(tmp_path / "mounts"), timeout=60)
     assert "CPU LIMITS ARE NOT ENFORCED" in str(failure.value)
     assert "--require-cpu-limits: refusing to start" in log.read_text()
+
+
+# ------------------------------------------------------------------------------------------------ init containers
+
+
+def _init_container(name: str, script: str, mounts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"name": name, "image": f"{DIGITS}:1.0.0", "command": ["sh", "-c", script],
+            "volumeMounts": mounts or [], "terminationMessagePolicy": "FallbackToLogsOnError"}
+
+
+def _pod_status(node: Node, namespace: str, name: str) -> dict[str, Any]:
+    status: dict[str, Any] = ((node.cluster.get("pod", name, namespace) or {}).get("status")) or {}
+    return status
+
+
+def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == kind), {})
+
+
+def _kubectl_status(node: Node, namespace: str, name: str) -> str:
+    """The STATUS column of ``kubectl get pod`` (the API server's table for pods: Init:0/1, Init:Error, ...)."""
+    fields = node.cluster.kubectl("get", "pod", name, "-n", namespace, "--no-headers", check=False).stdout.split()
+    return fields[2] if len(fields) > 2 else ""
+
+
+def _started_in_agent_log(node: Node, namespace: str, name: str, container: str) -> list[int]:
+    """The pids the agent started container `container` of the pod as (its "Started container" lines)."""
+    prefix = f"Started container {namespace}/{name}/{container} as pid "
+    return [int(line.split(prefix, 1)[1].split()[0]) for line in node.agent_log.read_text().splitlines()
+            if prefix in line]
+
+
+def test_init_containers_run_in_order_before_the_containers(node: Node) -> None:
+    """Two init containers, one after the other, each to completion: the first (under a CPU limit it sees) writes
+    into an emptyDir, the second reads that (through a read-only subPath it cannot write to, as another user) and adds
+    to it; the container sees both files."""
+    namespace = _namespace(node, "agent-init")
+    pod = _pod("ordered", f"{DIGITS}:1.0.0", ["sh", "-c", "cat /work/first/a /work/b > /dev/termination-log"])
+    pod["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "work", "mountPath": "/work", "readOnly": True}]
+    second = _init_container("second", 'a=$(cat /first/a); if touch /first/x 2>/dev/null; then exit 9; fi; '
+                                       'echo "$a then two as $(id -u)" > /work/b; echo second-ran',
+                             [{"name": "work", "mountPath": "/work"},
+                              {"name": "work", "mountPath": "/first", "subPath": "first", "readOnly": True}])
+    second["securityContext"] = {"runAsUser": 10001}
+    # The first reports the CPU limit it sees (cgroup v2's cpu.max or v1's quota) in its termination message.
+    first = _init_container("first", "sleep 1; mkdir -p /work/first; chmod 777 /work/first; echo one > /work/first/a; "
+                                     "limit=$(cat /sys/fs/cgroup/cpu.max /sys/fs/cgroup/cpu/cpu.cfs_quota_us "
+                                     "2>/dev/null | head -1); echo \"wrote-a $limit\" > /dev/termination-log",
+                            [{"name": "work", "mountPath": "/work"}])
+    first["resources"] = {"limits": {"cpu": "500m"}}
+    pod["spec"]["initContainers"] = [first, second]
+    node.cluster.apply(pod, namespace)
+    status = wait_until(lambda: (s := _pod_status(node, namespace, "ordered")).get("phase") in ("Succeeded", "Failed")
+                        and s, timeout=120, message="the pod to finish")
+    assert status["phase"] == "Succeeded", json.dumps(status)
+    terminated = status["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 0 and terminated["message"] == "one\none then two as 10001", terminated
+    assert _condition(status, "Initialized")["status"] == "True", status["conditions"]
+    inits = status["initContainerStatuses"]
+    assert [s["name"] for s in inits] == ["first", "second"], inits
+    for s in inits:
+        assert s["ready"] is True and s["started"] is False and s["restartCount"] == 0 and s["lastState"] == {}, s
+        assert s["state"]["terminated"]["exitCode"] == 0 and s["state"]["terminated"]["reason"] == "Completed", s
+        assert s["image"] == f"{DIGITS}:1.0.0" and s["imageID"].startswith(f"{DIGITS}@sha256:"), s
+    assert inits[0]["state"]["terminated"]["message"] in ("wrote-a 50000 100000", "wrote-a 50000"), inits[0]
+    assert "message" not in inits[1]["state"]["terminated"], inits[1]  # exit 0: no fallback to the logs
+    assert inits[1]["state"]["terminated"]["startedAt"] >= inits[0]["state"]["terminated"]["finishedAt"], inits
+    assert "second-ran" in (node.workdir / "logs" / f"{namespace}_ordered_second.log").read_text()
+
+
+def test_a_failing_init_container_backs_off_until_it_succeeds(node: Node, tmp_path: Path) -> None:
+    """Under restartPolicy Always the init container that fails (exit 3, its termination message) is restarted with
+    the crash back-off, the pod stays Pending and its container never starts; once it succeeds (a file the test
+    creates in a hostPath volume), the container starts and the pod becomes Ready."""
+    namespace = _namespace(node, "agent-init-retry")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    pod = _web_server("retried", {"app": "retried"})
+    pod["spec"]["volumes"] = [{"name": "gate", "hostPath": {"path": str(gate), "type": "Directory"}}]
+    pod["spec"]["initContainers"] = [_init_container(
+        "fetch", "if test -f /gate/open; then echo '{\"bytes\": 12}' > /dev/termination-log; exit 0; fi; "
+                 "echo 'access denied (403) to s3://b/k' > /dev/termination-log; exit 3",
+        [{"name": "gate", "mountPath": "/gate", "readOnly": True}])]
+    node.cluster.apply(pod, namespace)
+    seen: dict[str, set[Any]] = {"phase": set(), "kubectl": set(), "main": set(), "restarts": set()}
+
+    def backing_off_twice() -> dict[str, Any] | None:
+        status = _pod_status(node, namespace, "retried")
+        seen["phase"].add(status.get("phase"))
+        seen["kubectl"].add(_kubectl_status(node, namespace, "retried"))
+        inits = status.get("initContainerStatuses") or []
+        if not inits:  # not reported by the agent yet
+            return None
+        seen["main"].add(json.dumps(status["containerStatuses"][0]["state"]))
+        seen["restarts"].add(inits[0]["restartCount"])
+        if inits[0]["restartCount"] >= 2 and "waiting" in inits[0]["state"]:
+            return status
+        return None
+
+    status = wait_until(backing_off_twice, timeout=90, message="the init container to fail twice")
+    fetch = status["initContainerStatuses"][0]
+    assert fetch["state"]["waiting"]["reason"] == "CrashLoopBackOff", fetch
+    assert fetch["ready"] is False and fetch["started"] is False, fetch
+    last = fetch["lastState"]["terminated"]
+    assert last["exitCode"] == 3 and last["reason"] == "Error", last
+    assert last["message"] == "access denied (403) to s3://b/k", last
+    assert _condition(status, "Initialized") | {"lastTransitionTime": None} == {
+        "type": "Initialized", "status": "False", "reason": "ContainersNotInitialized",
+        "message": "containers with incomplete status: [fetch]", "lastProbeTime": None, "lastTransitionTime": None}
+    assert seen["phase"] == {"Pending"}, seen
+    assert seen["main"] == {json.dumps({"waiting": {"reason": "PodInitializing"}})}, seen
+    assert {1, 2} <= seen["restarts"], seen  # counted up, one failure at a time
+    assert "Init:CrashLoopBackOff" in seen["kubectl"], seen
+    assert not _started_in_agent_log(node, namespace, "retried", "main")
+    assert not (node.workdir / "logs" / f"{namespace}_retried_main.log").exists()
+
+    (gate / "open").write_text("")
+    wait_until(lambda: _condition(_pod_status(node, namespace, "retried"), "Ready").get("status") == "True",
+               timeout=90, message="the pod to become Ready once the init container succeeds")
+    status = _pod_status(node, namespace, "retried")
+    fetch = status["initContainerStatuses"][0]
+    assert status["phase"] == "Running" and _condition(status, "Initialized")["status"] == "True", status
+    assert fetch["state"]["terminated"]["exitCode"] == 0 and fetch["state"]["terminated"]["reason"] == "Completed"
+    assert fetch["state"]["terminated"]["message"] == '{"bytes": 12}', fetch
+    assert fetch["ready"] is True and fetch["restartCount"] >= 2, fetch
+    assert fetch["lastState"]["terminated"]["exitCode"] == 3, fetch
+    assert status["containerStatuses"][0]["restartCount"] == 0, status["containerStatuses"]
+    assert len(_started_in_agent_log(node, namespace, "retried", "main")) == 1
+    node.cluster.kubectl("delete", "pod", "retried", "-n", namespace, "--timeout=60s")
+
+
+def test_a_failing_init_container_fails_the_pod_under_restart_policy_never(node: Node) -> None:
+    namespace = _namespace(node, "agent-init-never")
+    pod = _pod("once", f"{DIGITS}:1.0.0", ["true"])
+    pod["spec"]["initContainers"] = [_init_container("fetch", "echo 'access denied (403) to s3://b/k'; exit 3")]
+    node.cluster.apply(pod, namespace)
+    status = wait_until(lambda: (s := _pod_status(node, namespace, "once")).get("phase") == "Failed" and s,
+                        timeout=60, message="the pod to fail")
+    fetch = status["initContainerStatuses"][0]
+    terminated = fetch["state"]["terminated"]
+    assert terminated["exitCode"] == 3 and terminated["reason"] == "Error", fetch
+    assert terminated["message"].splitlines()[-1] == "access denied (403) to s3://b/k", fetch  # from the logs
+    assert fetch["restartCount"] == 0 and fetch["ready"] is False, fetch
+    assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "PodInitializing"}}, status
+    assert _condition(status, "Initialized")["status"] == "False", status["conditions"]
+    assert _kubectl_status(node, namespace, "once") == "Init:Error"
+    time.sleep(2)  # no restart, no container
+    assert _pod_status(node, namespace, "once")["initContainerStatuses"][0]["restartCount"] == 0
+    assert not _started_in_agent_log(node, namespace, "once", "main")
+
+
+def test_deleting_a_pod_stops_its_init_container(node: Node) -> None:
+    """An init container that ignores SIGTERM is killed at the end of the pod's grace period (2 s); the container
+    after it never starts."""
+    namespace = _namespace(node, "agent-init-delete")
+    pod = _pod("deleted", f"{DIGITS}:1.0.0", ["true"])
+    pod["spec"]["initContainers"] = [
+        _init_container("hold", "trap '' TERM; echo holding; while true; do sleep 1; done")]
+    node.cluster.apply(pod, namespace)
+    log = node.workdir / "logs" / f"{namespace}_deleted_hold.log"
+    wait_until(lambda: log.exists() and "holding" in log.read_text(), timeout=60, message="the init container")
+    status = _pod_status(node, namespace, "deleted")
+    assert "running" in status["initContainerStatuses"][0]["state"] and status["phase"] == "Pending", status
+    assert status["initContainerStatuses"][0]["started"] is True, status
+    assert _kubectl_status(node, namespace, "deleted") == "Init:0/1"
+    [pid] = _started_in_agent_log(node, namespace, "deleted", "hold")
+    started = time.monotonic()
+    node.cluster.kubectl("delete", "pod", "deleted", "-n", namespace, "--wait=true", "--timeout=60s")
+    took = time.monotonic() - started
+    assert 1.5 <= took < 12, f"the pod was gone {took:.1f} s after its deletion (grace period 2 s)"
+    assert not stack.proc.alive(pid)
+    assert f"Killed container {namespace}/deleted/hold after its grace period" in node.agent_log.read_text()
+    assert not _started_in_agent_log(node, namespace, "deleted", "main")
+    assert not (node.workdir / "logs" / f"{namespace}_deleted_main.log").exists()
