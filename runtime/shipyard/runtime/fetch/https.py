@@ -39,24 +39,32 @@ REDIRECTS = (301, 302, 303, 307, 308)
 def describe_exception(error: BaseException) -> str:
     """A short reason for a transport error, without its URL (which may hold a presigned query). Pure."""
     seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
+    queue: list[BaseException] = [error]
+    while queue:  # the error, its causes and the exceptions it wraps (urllib3 keeps them in args or `reason`)
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
         seen.add(id(current))
         if isinstance(current, ssl.SSLCertVerificationError):
-            return f"TLS certificate verification failed: {current.verify_message or current.reason}"
+            detail = getattr(current, "verify_message", None) or getattr(current, "reason", None) or "certificate"
+            return f"TLS certificate verification failed: {detail}"
         if isinstance(current, ssl.SSLError):
-            return f"TLS error: {current.reason or type(current).__name__}"
+            return f"TLS error: {getattr(current, 'reason', None) or type(current).__name__}"
         if isinstance(current, ConnectionRefusedError):
             return "connection refused"
         if isinstance(current, ConnectionResetError):
             return "connection reset"
-        if isinstance(current, (TimeoutError, urllib3.exceptions.TimeoutError)):
+        if isinstance(current, (TimeoutError, urllib3.exceptions.TimeoutError)) and \
+                not isinstance(current, urllib3.exceptions.NewConnectionError):  # a subclass of ConnectTimeoutError
             return "timed out"
-        current = current.__cause__ or current.__context__ or getattr(current, "reason", None)
-    if isinstance(error, urllib3.exceptions.ProtocolError):
-        return "connection broken"
+        wrapped = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        queue.extend(e for e in wrapped if isinstance(e, BaseException))
+    if isinstance(error, urllib3.exceptions.SSLError):
+        return "TLS error"
     if isinstance(error, urllib3.exceptions.NewConnectionError):
         return "could not connect"
+    if isinstance(error, urllib3.exceptions.ProtocolError):
+        return "connection broken"
     return type(error).__name__
 
 
