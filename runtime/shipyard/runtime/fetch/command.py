@@ -50,6 +50,7 @@ log = logging.getLogger("shipyard.runtime.fetch")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LINE_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of a termination message
+WATCHDOG_GRACE_S = 5.0  # the process exits this long after --deadline when a request does not return
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 
@@ -466,6 +467,7 @@ def main(argv: list[str]) -> int:
     display = parse_uri(config.uri, allow_http=config.allow_http).display
     cancel = threading.Event()
     previous = _install_signal_handlers(cancel)
+    watchdog = _start_watchdog(config, display, env)
     try:
         outcome = run_fetch(config, cancel)
         line, code = build_summary_line(outcome), EXIT_OK
@@ -478,11 +480,35 @@ def main(argv: list[str]) -> int:
         log.exception("Failed with an unexpected %s", type(error).__name__)
         line, code = build_failure_line(display, f"unexpected {type(error).__name__}"), EXIT_FAILED
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     print(line, flush=True)
     write_termination_log(_termination_path(config.termination_log, env), line)
     return code
+
+
+def _start_watchdog(config: FetchConfig, display: str, env: Mapping[str, str]) -> threading.Timer | None:
+    """The hard bound of `--deadline`: the fetch checks its deadline between reads and waits, but a request stuck
+    inside a library (a server dripping its headers) would not return to check it. WATCHDOG_GRACE_S after the
+    deadline the process reports and exits. That is safe at any moment: the destination only ever receives verified
+    content, and staging left behind is removed by the next fetch (its lock died with the process)."""
+    if config.deadline <= 0:
+        return None
+
+    def stop() -> None:
+        line = build_failure_line(display, f"deadline of {config.deadline:g} s exceeded fetching {display} "
+                                           "(--deadline; stopped: a request did not return)")
+        log.error("%s", line)
+        print(line, flush=True)
+        write_termination_log(_termination_path(config.termination_log, env), line)
+        os._exit(EXIT_FAILED)
+
+    timer = threading.Timer(config.deadline + WATCHDOG_GRACE_S, stop)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _shown_uri(argv: Sequence[str], env: Mapping[str, str]) -> str:

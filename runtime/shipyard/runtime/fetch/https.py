@@ -104,8 +104,7 @@ class HttpsFetcher:
                 raise FetchError(f"{reason} to {display}", retryable=True) from None
             if response.status in REDIRECTS and response.headers.get("Location"):
                 target = urllib.parse.urljoin(url, response.headers["Location"])
-                response.drain_conn()
-                response.release_conn()
+                _discard(response)
                 scheme = urllib.parse.urlsplit(target).scheme.lower()
                 if scheme != "https" and not (scheme == "http" and self.allow_http):
                     raise FetchError(f"{display} redirects to a {scheme or 'relative'}:// URL: refused")
@@ -117,8 +116,7 @@ class HttpsFetcher:
     def _check_status(self, response: urllib3.BaseHTTPResponse) -> None:
         if response.status in (200, 206):
             return
-        response.drain_conn()
-        response.release_conn()
+        _discard(response)
         raise FetchError(build_status_message(response.status, self.source.display),
                          retryable=is_retryable_status(response.status))
 
@@ -166,6 +164,7 @@ class HttpsFetcher:
                     headers["Range"] = f"bytes={written}-"
                     headers["If-Range"] = validator
                 response = self._request("GET", headers)
+                complete = False
                 try:
                     self._check_status(response)
                     if response.status == 206 and resuming and _range_start(response) == written:
@@ -183,19 +182,23 @@ class HttpsFetcher:
                                      ranges=response.headers.get("Accept-Ranges", "").lower() == "bytes")
                     length = response.headers.get("Content-Length")
                     expected = state["written"] + int(length) if length and length.isdigit() else None
-                    self._stream(response, sink, state, progress)
+                    self._stream(response, sink, state, progress, expected)
                     if expected is not None and state["written"] != expected:
                         raise FetchError(f"connection closed after {state['written']} of {expected} bytes of "
                                          f"{display}", retryable=True)
+                    complete = True
                 finally:
-                    response.release_conn()
+                    if complete:
+                        response.release_conn()
+                    else:
+                        _discard(response)
                 return Downloaded(state["sha"].hexdigest(), state["written"])
 
             return run_with_retries(attempt, retries=self.retries, deadline=self.deadline, display=display,
                                     what="GET")
 
     def _stream(self, response: urllib3.BaseHTTPResponse, sink: Any, state: dict[str, Any],
-                progress: Progress) -> None:
+                progress: Progress, expected: int | None) -> None:
         display = self.source.display
         window_start, window_bytes = time.monotonic(), 0
         started = time.monotonic()
@@ -206,7 +209,8 @@ class HttpsFetcher:
             except urllib3.exceptions.ReadTimeoutError:
                 raise FetchError(build_timeout_message(self.timeout, display, "no data"), retryable=True) from None
             except (urllib3.exceptions.HTTPError, OSError) as error:
-                raise FetchError(f"{describe_exception(error)} after {state['written']} bytes of {display}",
+                of = f" of {expected}" if expected is not None else ""
+                raise FetchError(f"{describe_exception(error)} after {state['written']}{of} bytes of {display}",
                                  retryable=True) from None
             if not chunk:
                 return
@@ -226,6 +230,13 @@ class HttpsFetcher:
                         f"slow server: {window_bytes} bytes in the last {now - window_start:.0f} s"),
                         retryable=True)
                 window_start, window_bytes = now, 0
+
+
+def _discard(response: urllib3.BaseHTTPResponse) -> None:
+    """Closes a response whose body is not read to its end: its connection must never go back to the pool (the next
+    request on it would read the rest of this body as its answer)."""
+    response.close()
+    response.release_conn()
 
 
 def _range_start(response: urllib3.BaseHTTPResponse) -> int | None:
