@@ -186,18 +186,34 @@ class S3Fetcher:
         try:
             head = self._call("HEAD", source.display, self.client.head_object, Bucket=source.bucket, Key=source.key)
         except FetchError as error:
-            if not error.message.startswith("not found (404)") or "no such bucket" in error.message:
+            if error.message.startswith(("access denied (403)", "bad request (400)")):
+                # a HEAD's error has no body, so no code: one GET of a byte says why (SignatureDoesNotMatch,
+                # InvalidAccessKeyId, AccessDenied...), or succeeds where only HEAD is refused
+                head = self._probe_with_get(source)
+            elif not error.message.startswith("not found (404)") or "no such bucket" in error.message:
                 raise
-            listed = self._list(source.key + "/", required=False)
-            if not listed.objects:
-                raise FetchError(f"not found (404): {source.display} (no such object, and no objects under "
-                                 f"{source.display}/)") from None
-            log.info("No object %s: fetching the %d objects under %s/", source.display, len(listed.objects),
-                     source.display)
-            return listed
+            else:
+                return self._fall_back_to_prefix(source)
         etag, size = head.get("ETag"), int(head.get("ContentLength", 0))
         obj = RemoteObject(source.name, source.key, size, etag)
         return Plan((obj,), tree=False, validator=build_validator([(source.key, size, etag, None)]))
+
+    def _probe_with_get(self, source: Source) -> dict[str, Any]:
+        response = self._call("GET", source.display, self.client.get_object, Bucket=source.bucket, Key=source.key,
+                              Range="bytes=0-0")
+        response["Body"].close()
+        total = str(response.get("ContentRange", "")).rpartition("/")[2]
+        return {"ETag": response.get("ETag"), "ContentLength": int(total) if total.isdigit() else 0}
+
+    def _fall_back_to_prefix(self, source: Source) -> Plan:
+        """No object has the key: the objects under `key/`, as KServe users write directory models."""
+        listed = self._list(source.key + "/", required=False)
+        if not listed.objects:
+            raise FetchError(f"not found (404): {source.display} (no such object, and no objects under "
+                             f"{source.display}/)")
+        log.info("No object %s: fetching the %d objects under %s/", source.display, len(listed.objects),
+                 source.display)
+        return listed
 
     def _list(self, prefix: str, *, required: bool) -> Plan:
         display_prefix = f"s3://{self.source.bucket}/{prefix}"
