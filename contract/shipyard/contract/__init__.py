@@ -16,6 +16,7 @@ RUNTIME_COMMAND = "shipyard-runtime"
 COMPRESS_SUBCOMMAND = "compress"
 SERVE_SUBCOMMAND = "serve"
 EVALUATE_SUBCOMMAND = "evaluate"  # scores a live OIP endpoint with a gate dataset (the `job` analysis provider)
+FETCH_SUBCOMMAND = "fetch"  # downloads a model (s3://, https://) before it is loaded: init containers, compression
 
 # Environment the operator sets on inference pods and compression Jobs.
 ENV_MODEL_NAME = "SHIPYARD_MODEL_NAME"  # the ModelDeployment's name, used as the OIP model name
@@ -73,6 +74,17 @@ SUMMARY_FIELDS: dict[str, type] = {
     "relativeAccuracyLoss": float, "sourceLatencyMs": float, "compressedLatencyMs": float, "digest": str,
 }
 
+# `shipyard-runtime fetch` (docs/model-sources.md): each flag --NAME also from SHIPYARD_FETCH_<NAME> (upper case, `-`
+# as `_`); the termination message path from ENV_TERMINATION_LOG (else TERMINATION_LOG, when it is writable).
+FETCH_ENV_PREFIX = "SHIPYARD_FETCH_"
+ENV_TERMINATION_LOG = "SHIPYARD_TERMINATION_LOG"
+# The fetch's one-line summary (its termination message) ends with these as `[key=value ...]`, like the compression
+# Job's: `bytes` of the model, `files`, `seconds` of the whole fetch, `downloadedBytes` (0 on a cache hit), `digest`,
+# `cacheHit`. A failed fetch's message is one line without them.
+FETCH_SUMMARY_FIELDS: dict[str, type] = {
+    "bytes": int, "files": int, "seconds": float, "downloadedBytes": int, "digest": str, "cacheHit": bool,
+}
+
 # Metric names the runtime exports and the operator's analysis reads.
 METRIC_REQUESTS_TOTAL = "shipyard_requests_total"  # labels: model, version, code, protocol
 METRIC_REQUEST_DURATION = "shipyard_request_duration_seconds"  # histogram; labels: model, version, protocol
@@ -119,6 +131,34 @@ def parse_summary_fields(message: str) -> dict[str, Any]:
                 out[key] = SUMMARY_FIELDS[key](value)
             except ValueError:
                 continue
+    return out
+
+
+def build_fetch_summary_fields(values: Mapping[str, object]) -> str:
+    """`[key=value ...]` of the FETCH_SUMMARY_FIELDS present (None left out), in their order; booleans as
+    `true`/`false`."""
+    def text(value: object) -> str:
+        return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+    return "[" + " ".join(f"{k}={text(values[k])}" for k in FETCH_SUMMARY_FIELDS if values.get(k) is not None) + "]"
+
+
+def parse_fetch_summary_fields(message: str) -> dict[str, Any]:
+    """The FETCH_SUMMARY_FIELDS found in a fetch's termination message (best effort: a bad value is left out)."""
+    out: dict[str, Any] = {}
+    for token in message.replace("[", " ").replace("]", " ").split():
+        key, sep, value = token.partition("=")
+        if not sep or key not in FETCH_SUMMARY_FIELDS:
+            continue
+        kind = FETCH_SUMMARY_FIELDS[key]
+        if kind is bool:
+            if value in ("true", "false"):
+                out[key] = value == "true"
+            continue
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            continue
     return out
 
 

@@ -1,5 +1,5 @@
-"""The `shipyard-runtime` command: dispatches to `compress` (the compression Job), `serve` (the inference server)
-and `evaluate` (scores a live endpoint: the `job` analysis provider).
+"""The `shipyard-runtime` command: dispatches to `compress` (the compression Job), `serve` (the inference server),
+`evaluate` (scores a live endpoint: the `job` analysis provider) and `fetch` (downloads a model before it is loaded).
 
 Each subcommand's module is imported only when that subcommand runs, so `--help` stays fast and torch is
 loaded only by the command that needs it.
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "compress": ("shipyard.runtime.compress", "Compress a model (prune, quantize, distill) behind an accuracy gate."),
     "serve": ("shipyard.runtime.server.lifecycle", "Serve a model over the Open Inference Protocol v2 (REST)."),
     "evaluate": ("shipyard.runtime.liveeval", "Score a live OIP v2 endpoint with a gate dataset (analysis Job)."),
+    "fetch": ("shipyard.runtime.fetch", "Download a model (s3://, https://): verified, atomic, cached per node."),
 }
 
 
