@@ -44,6 +44,7 @@ from typing import Any
 from shipyard import contract
 from shipyard.contract import recipe as shared
 from shipyard.runtime import recipe, report
+from shipyard.runtime.fetch import progress
 
 log = logging.getLogger("shipyard.runtime.compress")
 
@@ -429,7 +430,7 @@ def run_compression(config: recipe.CompressionConfig) -> dict[str, Any]:
         log.info(
             "Wrote candidate artifact %s (weights %s, %s) in %.2fs",
             manifest["digest"],
-            report.build_bytes_text(store.build_weights_bytes(manifest)),
+            progress.build_bytes_text(store.build_weights_bytes(manifest)),
             encoding,
             durations["save"],
         )
@@ -601,7 +602,7 @@ def apply_compiled_package(
         return manifest, str(exc)
     durations["compile"] = time.perf_counter() - t0
     log.info("Compiled the AOTInductor package (%s) in %.1fs",
-             report.build_bytes_text(store.build_compiled_bytes(manifest)), durations["compile"])
+             progress.build_bytes_text(store.build_compiled_bytes(manifest)), durations["compile"])
     return manifest, None
 
 

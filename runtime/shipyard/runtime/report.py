@@ -11,19 +11,10 @@ from typing import Any
 
 from shipyard import contract
 from shipyard.runtime import evaluate
+from shipyard.runtime.fetch.progress import build_bytes_text  # one formatter of sizes (fetch's: no torch)
 
 TERMINATION_LINE_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of a termination message
 FORM_NAMES = {"eager": "eager", "compiled": "AOTInductor package"}
-
-
-def build_bytes_text(size: float) -> str:
-    """Human-readable size (B, KiB, MiB, GiB). Pure."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.2f} GiB"
 
 
 def build_latency_section(

@@ -168,6 +168,19 @@ def extract(archive: Path, kind: str, target: Path, *, max_bytes: int, max_ratio
     return budget.total
 
 
+def _admit(entry: Entry, name: str, seen: set[str], budget: Budget) -> str:
+    """The checked relative path of an archive entry ("" for one that extracts to nothing), counted against the
+    budget; a path seen twice (but for directories) is refused."""
+    path = check_entry(entry)
+    if not path:
+        return ""
+    if path in seen and entry.kind != DIRECTORY:
+        raise ArchiveError(f"refused archive entry {name!r}: the same path twice")
+    seen.add(path)
+    budget.add(name, entry.size)
+    return path
+
+
 def _extract_tar(archive: Path, target: Path, budget: Budget, cancel: threading.Event) -> None:
     seen: set[str] = set()
     with tarfile.open(archive, "r:*") as tar:
@@ -176,13 +189,9 @@ def _extract_tar(archive: Path, target: Path, budget: Budget, cancel: threading.
             if cancel.is_set():
                 raise Interrupted("interrupted while extracting")
             entry = _tar_entry(member)
-            path = check_entry(entry)
+            path = _admit(entry, member.name, seen, budget)
             if not path:
                 continue
-            if path in seen and entry.kind != DIRECTORY:
-                raise ArchiveError(f"refused archive entry {member.name!r}: the same path twice")
-            seen.add(path)
-            budget.add(member.name, entry.size)
             try:
                 tar.extract(member, target, filter="data")
             except tarfile.FilterError as error:
@@ -201,13 +210,9 @@ def _extract_zip(archive: Path, target: Path, budget: Budget, cancel: threading.
             if entry.kind == SYMLINK:
                 raise ArchiveError(f"refused archive entry {info.filename!r}: symbolic links in zip archives are "
                                    "not supported")
-            path = check_entry(entry)
+            path = _admit(entry, info.filename, seen, budget)
             if not path:
                 continue
-            if path in seen and entry.kind != DIRECTORY:
-                raise ArchiveError(f"refused archive entry {info.filename!r}: the same path twice")
-            seen.add(path)
-            budget.add(info.filename, entry.size)
             try:
                 _write_zip_entry(zf, info, entry, target / path, cancel)
             except OSError as error:

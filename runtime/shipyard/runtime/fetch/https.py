@@ -24,7 +24,7 @@ import urllib3
 
 from shipyard.runtime.fetch.errors import FetchError, build_status_message, build_timeout_message, is_retryable_status
 from shipyard.runtime.fetch.plan import Downloaded, Plan, RemoteObject, build_validator
-from shipyard.runtime.fetch.progress import Progress
+from shipyard.runtime.fetch.progress import LowSpeedWindow, Progress
 from shipyard.runtime.fetch.retry import Deadline, run_with_retries
 from shipyard.runtime.fetch.sources import Source
 
@@ -32,7 +32,6 @@ log = logging.getLogger("shipyard.runtime.fetch")
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
-MIN_RATE_BYTES_PER_S = 1024  # the low-speed limit
 REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -200,7 +199,7 @@ class HttpsFetcher:
     def _stream(self, response: urllib3.BaseHTTPResponse, sink: Any, state: dict[str, Any],
                 progress: Progress, expected: int | None) -> None:
         display = self.source.display
-        window_start, window_bytes = time.monotonic(), 0
+        window = LowSpeedWindow(self.timeout)
         started = time.monotonic()
         while True:
             self.deadline.check(display)
@@ -221,15 +220,10 @@ class HttpsFetcher:
             state["sha"].update(chunk)
             state["written"] += len(chunk)
             progress.add(len(chunk))
-            window_bytes += len(chunk)
-            now = time.monotonic()
-            if now - window_start >= self.timeout:
-                if window_bytes < MIN_RATE_BYTES_PER_S * (now - window_start):
-                    raise FetchError(build_timeout_message(
-                        round(now - started), display,
-                        f"slow server: {window_bytes} bytes in the last {now - window_start:.0f} s"),
-                        retryable=True)
-                window_start, window_bytes = now, 0
+            slow = window.add(len(chunk))
+            if slow is not None:
+                raise FetchError(build_timeout_message(round(time.monotonic() - started), display, slow),
+                                 retryable=True)
 
 
 def _discard(response: urllib3.BaseHTTPResponse) -> None:

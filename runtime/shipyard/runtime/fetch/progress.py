@@ -24,6 +24,31 @@ def build_bytes_text(size: float) -> str:
     return f"{value:.2f} GiB"
 
 
+MIN_RATE_BYTES_PER_S = 1024  # the low-speed limit of a transfer
+
+
+class LowSpeedWindow:
+    """A low-speed limit, as curl's: fewer than MIN_RATE_BYTES_PER_S over a window of ``seconds`` is a stalled
+    transfer (a slowloris server trickling bytes never trips a read timeout)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.start = time.monotonic()
+        self.bytes = 0
+
+    def add(self, count: int) -> str | None:
+        """Counts ``count`` bytes; at the end of a window, what was too slow about it (None: fast enough)."""
+        self.bytes += count
+        now = time.monotonic()
+        elapsed = now - self.start
+        if elapsed < self.seconds:
+            return None
+        slow = self.bytes < MIN_RATE_BYTES_PER_S * elapsed
+        detail = f"slow server: {self.bytes} bytes in the last {elapsed:.0f} s"
+        self.start, self.bytes = now, 0
+        return detail if slow else None
+
+
 def build_rate_text(size: float, seconds: float) -> str:
     """`87.3 MB/s`. Pure."""
     return f"{size / max(seconds, 1e-9) / 1e6:.1f} MB/s"

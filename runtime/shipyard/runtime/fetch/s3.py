@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from shipyard.runtime.fetch.errors import (
     is_retryable_status,
 )
 from shipyard.runtime.fetch.plan import Downloaded, Plan, RemoteObject, build_validator
-from shipyard.runtime.fetch.progress import Progress
+from shipyard.runtime.fetch.progress import LowSpeedWindow, Progress
 from shipyard.runtime.fetch.retry import Deadline, run_with_retries
 from shipyard.runtime.fetch.sources import Source, check_relative_path
 
@@ -43,7 +42,6 @@ log = logging.getLogger("shipyard.runtime.fetch")
 
 CHUNK = 1 << 20
 HASH_CHUNK = 4 << 20
-MIN_RATE_BYTES_PER_S = 1024
 ADDRESSING = ("auto", "path", "virtual")
 
 
@@ -309,7 +307,7 @@ class S3Fetcher:
             body = response["Body"]
             raw = getattr(body, "_raw_stream", None)
             read = getattr(raw, "read1", None) or body.read
-            window_start, window_bytes = time.monotonic(), 0
+            window = LowSpeedWindow(self.timeout)
             try:
                 while position <= end:
                     if abort.is_set():
@@ -331,14 +329,9 @@ class S3Fetcher:
                         raise FetchError(f"could not write {state.path}: {error.strerror}") from None
                     position += len(chunk)
                     progress.add(len(chunk))
-                    window_bytes += len(chunk)
-                    now = time.monotonic()
-                    if now - window_start >= self.timeout:
-                        if window_bytes < MIN_RATE_BYTES_PER_S * (now - window_start):
-                            raise FetchError(build_timeout_message(
-                                self.timeout, display, f"slow server: {window_bytes} bytes in the last "
-                                f"{now - window_start:.0f} s"), retryable=True)
-                        window_start, window_bytes = now, 0
+                    slow = window.add(len(chunk))
+                    if slow is not None:
+                        raise FetchError(build_timeout_message(self.timeout, display, slow), retryable=True)
             finally:
                 body.close()
 
