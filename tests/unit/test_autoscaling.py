@@ -57,6 +57,7 @@ def test_scaled_object_targets_the_model_deployment_and_holds_on_missing_data() 
     obj = autoscaling.build_scaled_object({"name": "digits"}, "digits", auto(minReplicas=0, behavior=behavior),
                                           "sum(x)", PROMETHEUS)
     spec = obj["spec"]
+    assert "initialCooldownPeriod" not in spec
     assert obj["apiVersion"] == "keda.sh/v1alpha1" and obj["kind"] == "ScaledObject"
     assert spec["scaleTargetRef"] == {"apiVersion": "shipyard.dev/v1alpha1", "kind": "ModelDeployment",
                                       "name": "digits"}
@@ -85,6 +86,7 @@ def test_scale_to_zero_adds_the_activators_trigger(metric: autoscaling.ScalingMe
                                           PROMETHEUS, query)
     spec = obj["spec"]
     assert spec["minReplicaCount"] == 0
+    assert spec["initialCooldownPeriod"] == 300  # a new model is not put to sleep the moment it is Ready
     first, activation = spec["triggers"]
     assert first["metadata"]["query"] == "sum(x)"
     assert activation["name"] == "activator" and activation["type"] == "prometheus"

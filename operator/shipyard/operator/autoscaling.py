@@ -218,6 +218,9 @@ def build_scaled_object(object_meta: dict[str, Any], model: str, autoscaling: Au
         }],
     }
     if activation_query is not None:
+        # A new model stays up one cooldown before its first sleep (KEDA's default 0 would put a model that no
+        # request reached yet to sleep the moment it is Ready).
+        spec["initialCooldownPeriod"] = autoscaling.cooldown_seconds
         spec["triggers"].append({
             "type": "prometheus",
             "name": ACTIVATION_TRIGGER,
