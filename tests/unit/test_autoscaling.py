@@ -383,3 +383,15 @@ def test_the_query_of_a_model_that_scales_to_zero_under_promtool(
     out = subprocess.run([promtool, "test", "rules", "test.yaml"], capture_output=True, text=True, cwd=tmp_path,
                          timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_scale_of_the_stable_never_sends_its_traffic_to_the_activator() -> None:
+    sim = with_activator()
+    sim.lagging.add("1.0.0")  # its Deployment controller catches up with each scale one pass late
+    for replicas in (3, 1, 4):
+        set_replicas(sim, replicas)
+        for _ in range(4):
+            sim.step()
+            assert sim.selectors["digits"].get("shipyard.dev/component") == "serving", (replicas, sim.selectors)
+    sim.settle()
+    assert sim.replicas() == {"1.0.0": 4} and sim.status["autoscaling"]["routesToActivator"] is False

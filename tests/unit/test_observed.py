@@ -79,3 +79,16 @@ def test_observed_groups_children_by_kind() -> None:
     assert (view.replicas, view.ready, view.serving, view.rolled_out, view.image) == (3, 2, 2, False, "r/d:1.0.0")
     assert (seen.services, seen.config_maps, seen.missing_pvc, seen.jobs) == ({"digits": "s"}, {"c": "m"}, "models",
                                                                            {})
+
+
+def test_the_activators_deployment_is_not_a_version() -> None:
+    activator = {"metadata": {"name": "digits-activator",
+                              "labels": {"shipyard.dev/model": "digits", "shipyard.dev/component": "activator"}},
+                 "spec": {"replicas": 1}, "status": {"readyReplicas": 1, "availableReplicas": 1}}
+    version = {"metadata": {"name": "digits-1-0-0", "labels": {"shipyard.dev/version": "1.0.0",
+                                                               "shipyard.dev/component": "serving"}},
+               "spec": {"replicas": 0}, "status": {}}
+    seen = observed.build_observed({"Deployment": {"digits-activator": activator, "digits-1-0-0": version}})
+    assert set(seen.deployments) == {"1.0.0"}
+    assert seen.activator is not None and (seen.activator.name, seen.activator.serving) == ("digits-activator", 1)
+    assert observed.build_observed({"Deployment": {"digits-1-0-0": version}}).activator is None

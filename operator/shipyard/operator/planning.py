@@ -1264,13 +1264,15 @@ def assess_routes_to_activator(spec: spec_mod.ModelDeploymentSpec, st: _State, o
     When the model scales to zero, or no pod the Service would select is Ready (waking up), and the activator has a
     Ready pod: requests are held rather than refused. Traffic moves first: the pass that points the Service at the
     activator scales nothing down, so the last pods serve until the Service has left them."""
-    if not has_activator or observed.activator is None or observed.activator.ready < 1:
+    # Pods that serve now (ready and available), whether or not a Deployment controller has caught up with a scale:
+    # a scale of the stable must not send its traffic to the activator while the controller catches up.
+    if not has_activator or observed.activator is None or observed.activator.serving < 1:
         return False
     if spec.serving.effective_replicas == 0:
         return True
     active = build_active_version(spec, st)
     label = None if active is None else naming.build_label_value(active)
-    return not any(view.ready for view in observed.deployments.values() if label is None or view.version == label)
+    return not any(view.serving for view in observed.deployments.values() if label is None or view.version == label)
 
 
 def _plan_activator(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
