@@ -277,16 +277,23 @@ class Run:
     seconds: float
 
 
+def run_fetch(environment: dict[str, str], *args: str, timeout: float) -> Run:
+    """`shipyard-runtime fetch` as a process of its own with exactly ``environment`` (which names its termination
+    log); the S3 tests run it the same way."""
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "shipyard.runtime.cli", "fetch", *args], capture_output=True,
+                         text=True, timeout=timeout, env=environment)
+    term = Path(environment[contract.ENV_TERMINATION_LOG])
+    return Run(out.returncode, out.stdout.strip(), out.stderr, term.read_text().strip() if term.exists() else "",
+               time.monotonic() - started)
+
+
 def fetch(tmp_path: Path, *args: str, timeout: float = 120, env: dict[str, str] | None = None) -> Run:
     term = tmp_path / f"termination-{secrets.token_hex(4)}"
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SHIPYARD_"))}
     environment.update({"PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("contract", "runtime")),
                         contract.ENV_TERMINATION_LOG: str(term), **(env or {})})
-    started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "shipyard.runtime.cli", "fetch", *args], capture_output=True,
-                         text=True, timeout=timeout, env=environment)
-    return Run(out.returncode, out.stdout.strip(), out.stderr, term.read_text().strip() if term.exists() else "",
-               time.monotonic() - started)
+    return run_fetch(environment, *args, timeout=timeout)
 
 
 def test_a_file_is_fetched_verified_and_reported(https: Https, tmp_path: Path) -> None:

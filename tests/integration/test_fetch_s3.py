@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ import pytest
 
 from shipyard import contract
 from shipyard.runtime.fetch import digests
+from tests.integration.test_fetch_https import Run, run_fetch  # one way to run fetch as a process
 
 if TYPE_CHECKING:
     from tests.s3server import S3Server
@@ -34,15 +34,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 PART = 16 * MiB  # fetch's default --part-size
-
-
-@dataclass
-class Run:
-    code: int
-    line: str
-    log: str
-    termination: str
-    seconds: float
 
 
 def fetch_env(server: S3Server, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -60,12 +51,7 @@ def fetch_env(server: S3Server, tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def fetch(env: dict[str, str], *args: str, timeout: float = 300) -> Run:
-    started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "shipyard.runtime.cli", "fetch", *args], capture_output=True,
-                         text=True, timeout=timeout, env=env)
-    term = Path(env[contract.ENV_TERMINATION_LOG])
-    return Run(out.returncode, out.stdout.strip(), out.stderr, term.read_text().strip() if term.exists() else "",
-               time.monotonic() - started)
+    return run_fetch(env, *args, timeout=timeout)
 
 
 def bucket(server: S3Server) -> str:
