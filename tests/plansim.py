@@ -74,6 +74,8 @@ class Sim:
         self.prometheus_address: str | None = None  # the operator's --prometheus-address
         self.activator_image: str | None = None  # the operator's --activator-image
         self.activator: observed.DeploymentView | None = None  # the activator's Deployment (ready at once)
+        self.fetch_settings: objects.FetchSettings | None = None  # the operator's --fetch-image, --model-cache-path
+        self.fetches: dict[str, tuple[observed.FetchView, ...]] = {}  # download steps the shell would list, by version
         self.broken: set[str] = set()  # versions whose pods never become ready
         self.frozen: set[str] = set()  # versions whose new pods stay starting (the ready ones stay ready)
         self.lagging: set[str] = set()  # versions whose Deployment controller catches up with a scale one pass late
@@ -93,7 +95,8 @@ class Sim:
         return observed.Observed(deployments=dict(self.deployments), services=dict(self.services),
                                  jobs=dict(self.jobs), config_maps=dict(self.config_maps),
                                  missing_pvc=self.missing_pvc, budgets=dict(self.budgets),
-                                 scalers=dict(self.scalers), keda=self.keda, activator=self.activator)
+                                 scalers=dict(self.scalers), keda=self.keda, activator=self.activator,
+                                 fetches=dict(self.fetches))
 
     @property
     def status(self) -> dict[str, Any]:
@@ -131,7 +134,7 @@ class Sim:
                             for name in request.metrics}
         return planning.plan_reconcile(body, self.observed(), self.now, measurements, parsed=parsed,
                                        prometheus_address=self.prometheus_address,
-                                       activator_image=self.activator_image)
+                                       activator_image=self.activator_image, fetch=self.fetch_settings)
 
     def _lag(self, version: str, old: observed.DeploymentView, caught_up: observed.DeploymentView) -> None:
         """spec.replicas changed; the status still describes the old generation until the next pass."""

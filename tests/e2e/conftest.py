@@ -45,6 +45,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAMESPACE = "e2e"
 POD_IP_PREFIX = "127.0.11"
 ACTIVATOR_IMAGE = "registry.example/shipyard/operator:e2e"  # the operator's image (hack/e2e-images.yaml): activators
+RUNTIME_IMAGE = "registry.example/shipyard/runtime:0.1.0"  # the runtime without a model: --fetch-image, S3-served models
 SERVICE_IP_PREFIX = "127.0.253"  # Services' virtual IPs, apart from the demo's default 127.0.254
 RESULTS: dict[str, Any] = {"scenarios": {}}
 
@@ -63,6 +64,7 @@ class E2E:
     client: lightkube.Client
     workdir: Path  # the node agent's work directory
     prometheus: str
+    model_cache: Path  # the operator's --model-cache-path (one node: one cache)
     namespace: str = NAMESPACE
 
     def service_port(self, name: str, port: str = "http") -> int:
@@ -198,11 +200,15 @@ def e2e() -> Iterator[E2E]:
         keda_mod.start(base / "keda", state.kubeconfig)  # the autoscaling scenarios' scaler
         timings["kedaReadySeconds"] = round(time.monotonic() - mark, 1)
         liveness = free_port()
+        model_cache = base / "model-cache"  # the node's model cache (a hostPath), writable by the pods' user
+        model_cache.mkdir()
+        model_cache.chmod(0o1777)
         procs["operator"] = stack.proc.spawn(
             [str(venv / "bin" / "shipyard-operator"), "--all-namespaces", "--kubeconfig", str(state.kubeconfig),
              "--metrics-port", str(free_port()), "--metrics-address", "127.0.0.1",
              "--liveness", f"http://127.0.0.1:{liveness}/healthz", "--prometheus-address", prometheus_url,
-             "--activator-image", ACTIVATOR_IMAGE],
+             "--activator-image", ACTIVATOR_IMAGE, "--fetch-image", RUNTIME_IMAGE,
+             "--model-cache-path", str(model_cache)],
             base / "operator.log")
 
         def operator_live() -> bool:
@@ -217,7 +223,7 @@ def e2e() -> Iterator[E2E]:
         timings["stackUpSeconds"] = round(time.monotonic() - started, 1)
         cluster.kubectl("create", "namespace", NAMESPACE)
         client = lightkube.Client(config=KubeConfig.from_file(str(state.kubeconfig)), field_manager="shipyard-e2e")
-        yield E2E(cluster=cluster, client=client, workdir=workdir, prometheus=prometheus_url)
+        yield E2E(cluster=cluster, client=client, workdir=workdir, prometheus=prometheus_url, model_cache=model_cache)
         failed = False
     finally:
         mark = time.monotonic()

@@ -338,9 +338,34 @@ CEL_VIOLATIONS: dict[tuple[str, str], list[tuple[tuple[str | int, ...], st.Searc
              ("spec", "compression", "compiled"))],
     ("spec.model", "spec.model must set path or uri"): [
         _cel(("spec", "model"), st.sampled_from([{}, {"name": "digits"}]))],
-    ("spec.model", "spec.model must set only one of path and uri"): [
+    ("spec.model", "spec.model must set only one of path and uri (both only for an oci:// image: path is then the "
+                   "model's directory inside it)"): [
         _cel(("spec", "model", "uri"), st.sampled_from(["pvc://models/digits", "s3://bucket/d", "https://h/d"]),
              ("spec", "model"))],
+    ("spec.model", "spec.model.digest is only allowed with a s3:// or https:// or oci:// uri: a model in the image "
+                   "or on a volume has no download to verify"): [
+        _cel(("spec", "model", "digest"), st.just("sha256:" + "ab" * 32))],
+    ("spec.model", "spec.model.credentials is only allowed with a s3:// or oci:// uri: https:// takes no credentials "
+                   "(use a presigned URL, or s3://)"): [
+        _cel(("spec", "model"), st.sampled_from([{"uri": "https://h.example/m.tar.gz", "credentials": {
+            "secretName": "s"}}, {"path": "/models/digits", "credentials": {"serviceAccountName": "sa"}}]),
+             ("spec", "model", "credentials"))],
+    ("spec.model", "spec.model.s3 is only allowed with a s3:// uri: endpoint, region and addressing of an S3 "
+                   "store"): [
+        _cel(("spec", "model", "s3"), st.sampled_from([{"region": "eu-west-1"}, {"addressing": "path"}]))],
+    ("spec.model", "spec.model.caBundle is only allowed with a s3:// or https:// or oci:// uri: the CAs of a "
+                   "download"): [
+        _cel(("spec", "model", "caBundle"), st.just({"configMapName": "models-ca"}))],
+    ("spec.model", "spec.model.mount is only allowed with a oci:// uri: an image volume mounts an OCI image or "
+                   "artifact"): [
+        _cel(("spec", "model", "mount"), st.sampled_from(["download", "imageVolume"]))],
+    ("spec.model.credentials", "spec.model.credentials must set secretName or serviceAccountName"): [
+        _cel(("spec", "model"), st.just({"uri": "s3://models/digits/", "credentials": {}}),
+             ("spec", "model", "credentials"))],
+    ("spec", "spec.compression reads the model in a Job: an image volume (spec.model.mount imageVolume) is only "
+             "mounted into the inference pods; use mount download"): [
+        _cel(("spec", "model"), st.just({"uri": "oci://registry.example/models/digits:1", "mount": "imageVolume"}),
+             ("spec", "compression"))],
     ("spec.compression.steps[].prune", "prune.norm is only allowed with scope structured"): [
         _cel((*STEPS, 1, "prune", "norm"), st.sampled_from([1, 2]))],
     ("spec.compression.steps[]", "each spec.compression.steps item must set one of prune, quantize, distill"): [
@@ -369,8 +394,8 @@ CEL_VIOLATIONS: dict[tuple[str, str], list[tuple[tuple[str | int, ...], st.Searc
                                   "'-', '_' and '.', beginning and ending with an alphanumeric"): [
         _cel(("spec", "serving", "nodeSelector"), st.sampled_from([{"pool": "two words"}, {"pool": "-gpu"},
                                                                    {"pool": "gpu/a"}]))],
-    ("spec.model.uri", "spec.model.uri must not carry credentials (user:password@host): it is copied into the "
-                       "compression Job; give the Job its credentials through its service account or the image"): [
+    ("spec.model.uri", "spec.model.uri must not carry credentials (user:password@host): it is shown in status and "
+                       "Events; name a Secret in spec.model.credentials"): [
         _cel(("spec", "model"), st.sampled_from([{"uri": "https://user:s3cret@models.example/d"},
                                                  {"uri": "s3://key@bucket/d"}]), ("spec", "model", "uri"))],
     ("spec.rollout.analysis.prometheus.address", "a Prometheus address must not carry credentials "

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from shipyard.contract import recipe
 from shipyard.operator import crd, spec
+from shipyard.operator.spec import URI_PATTERN
 from shipyard.operator.providers import prometheus, scrape
 
 REPO = Path(__file__).resolve().parents[2]
@@ -446,11 +447,9 @@ ERRORS = [
      "String should have at most 1024 characters, got '/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
      'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...', 'model-path-too-long'),
     ("min", "spec.model", {"uri": "ftp://host/m"}, 'spec.model.uri',
-     "String should match pattern '^((pvc|s3|gs)://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^ ]*)?|https"
-     "://[^ /]+(/[^ ]*)?)$', got 'ftp://host/m'", 'model-uri-scheme'),
+     f"String should match pattern '{URI_PATTERN}', got 'ftp://host/m'", 'model-uri-scheme'),
     ("min", "spec.model", {"uri": "pvc://Claim/m"}, 'spec.model.uri',
-     "String should match pattern '^((pvc|s3|gs)://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^ ]*)?|https"
-     "://[^ /]+(/[^ ]*)?)$', got 'pvc://Claim/m'", 'model-uri-bad-claim'),
+     f"String should match pattern '{URI_PATTERN}', got 'pvc://Claim/m'", 'model-uri-bad-claim'),
     ("min", "spec.model.name", "-x", 'spec.model.name',
      "String should match pattern '^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$', got '-x'", 'model-name'),
     # compression

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import logging
 import os
@@ -37,6 +38,7 @@ from shipyard.operator import (
     metrics,
     naming,
     notifications,
+    objects,
     observed,
     planning,
     providers,
@@ -55,6 +57,8 @@ PEERING_LIFETIME_SECONDS: Final = 15
 CHILD_KINDS: Final = ("Deployment", "Service", "Job", "ConfigMap", "PodDisruptionBudget", "HorizontalPodAutoscaler",
                       "ScaledObject", "Pod")
 ACTIVATOR_IMAGE_ENV: Final = "SHIPYARD_ACTIVATOR_IMAGE"
+FETCH_IMAGE_ENV: Final = "SHIPYARD_FETCH_IMAGE"
+MODEL_CACHE_PATH_ENV: Final = "SHIPYARD_MODEL_CACHE_PATH"
 KEDA_LOOKUP_SECONDS: Final = 30.0  # whether KEDA's ScaledObjects are served is looked up again after this long
 # The pods whose termination messages and exit codes count: compression and analysis Jobs'.
 WATCHED_POD_COMPONENTS: Final = ("compression", providers.base.MEASUREMENT_COMPONENT)
@@ -100,6 +104,7 @@ class Operator:
     keda_seen: dict[str, tuple[float, bool]] = field(default_factory=dict)  # namespace -> (when, served)
     notifier: notifications.Notifier | None = None  # webhook notifications (--notifications-namespace)
     activator_image: str | None = None  # the activator of models that scale to zero (--activator-image)
+    fetch: objects.FetchSettings = field(default_factory=objects.FetchSettings)  # --fetch-image, --model-cache-path
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Runs a best-effort coroutine in the background, keeping a reference until it ends."""
@@ -241,6 +246,17 @@ def assess_wakes_owner(body: Mapping[str, Any]) -> bool:
 # One pass
 
 
+async def _fetches(op: Operator, md: spec_mod.ModelDeployment, status: Mapping[str, Any], seen: observed.Observed,
+                   namespace: str) -> dict[str, tuple[observed.FetchView, ...]]:
+    """The download steps of the serving pods of the versions that fetch their model now (planning.plan_fetch_checks):
+    one LIST per such version, none at rest."""
+    out: dict[str, tuple[observed.FetchView, ...]] = {}
+    for version in planning.plan_fetch_checks(md, status, seen):
+        pods = await op.kube.list_pods(namespace, naming.build_version_labels(md.name, version))
+        out.update(observed.build_fetch_views(pods))
+    return out
+
+
 async def _missing_pvc(op: Operator, md: spec_mod.ModelDeployment, status: Mapping[str, Any],
                        namespace: str) -> str | None:
     """The first PVC this pass needs (planning.plan_volume_checks) that does not exist; one GET each, only then."""
@@ -338,12 +354,16 @@ async def reconcile(op: Operator, key: str) -> float | None:
                                                                                           namespace)
         keda = None if isinstance(parsed, spec_mod.SpecError) else await _keda_served(op, parsed, namespace)
         seen = observed.build_observed(op.caches.children.get(key, {}), missing, keda)
+        if not isinstance(parsed, spec_mod.SpecError):
+            fetches = await _fetches(op, parsed, status, seen, namespace)
+            if fetches:
+                seen = dataclasses.replace(seen, fetches=fetches)
         now = datetime.datetime.now(datetime.UTC)
         measurements = None if isinstance(parsed, spec_mod.SpecError) else await _measure(
             op, parsed, status, now, namespace, name)
         plan = planning.plan_reconcile(body, seen, now, measurements, parsed=parsed,
                                        prometheus_address=op.providers.prometheus_address,
-                                       activator_image=op.activator_image)
+                                       activator_image=op.activator_image, fetch=op.fetch)
         plan = await _apply(op, plan, body, namespace)
         if planning.assess_status_changed(status, plan.status):
             patched = await op.kube.patch_status(namespace, name, plan.status)
@@ -456,6 +476,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
                 os.environ.get(egress.ENV_ALLOWED, "")]),
         workers=int(options.get("workers", 128)),
         activator_image=options.get("activator_image") or os.environ.get(ACTIVATOR_IMAGE_ENV) or None,
+        fetch=objects.FetchSettings(
+            image=options.get("fetch_image") or os.environ.get(FETCH_IMAGE_ENV) or None,
+            cache_path=options.get("model_cache_path") or os.environ.get(MODEL_CACHE_PATH_ENV) or None),
     )
     notify = options.get("notifications")
     if isinstance(notify, notifications.Settings) and isinstance(op.kube, kube_mod.Kube):

@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image of the activator (shipyard-activator: the operator's own image) that holds a "
                              "scaled-to-zero model's requests until a pod is Ready (autoscaling minReplicas 0; "
                              "default $SHIPYARD_ACTIVATOR_IMAGE; none: such models keep at least 1 replica)")
+    parser.add_argument("--fetch-image", default=os.environ.get("SHIPYARD_FETCH_IMAGE"),
+                        help="an image with shipyard-runtime (Shipyard's runtime image) for the download step of "
+                             "models in s3://, https:// or oci:// served by another runtime (Shipyard's own server "
+                             "downloads with its own image; default $SHIPYARD_FETCH_IMAGE)")
+    parser.add_argument("--model-cache-path", default=os.environ.get("SHIPYARD_MODEL_CACHE_PATH"),
+                        help="a directory on every node (a hostPath) where download steps keep models by digest, so "
+                             "that the pods of a node download a model once; needs a namespace Pod Security level that "
+                             "allows hostPath (privileged) and a directory writable by uid 10001 (default "
+                             "$SHIPYARD_MODEL_CACHE_PATH; none: each pod downloads; see docs/model-sources.md)")
     parser.add_argument("--notifications-namespace",
                         default=os.environ.get("SHIPYARD_NOTIFICATIONS_NAMESPACE") or os.environ.get("POD_NAMESPACE"),
                         help="the operator's own namespace, holding the webhook notifications' ConfigMap and Secret "
@@ -100,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "api_transport": args.api_transport,
                               "prometheus_address": args.prometheus_address,
                               "activator_image": args.activator_image,
+                              "fetch_image": args.fetch_image, "model_cache_path": args.model_cache_path,
                               "allowed_prometheus_addresses": args.allowed_prometheus_addresses,
                               "notifications": build_notification_settings(args)})
     kopf.run(

@@ -15,15 +15,34 @@ from typing import Any, Final
 
 from shipyard import contract
 from shipyard.contract import quantity
-from shipyard.operator import naming, podtemplate, runtimes
+from shipyard.operator import naming, observed, podtemplate, runtimes
 from shipyard.operator import spec as spec_mod
 
 ARTIFACTS_VOLUME = "artifacts"
 CONFIG_VOLUME = "compression-config"
 TMP_VOLUME = "tmp"  # an emptyDir at /tmp: the containers' root filesystems are read-only
 MODEL_VOLUME = "model-source"
-MODEL_SOURCE_MOUNT = "/model-source"  # a pvc:// source model is mounted here (read-only)
+MODEL_SOURCE_MOUNT = "/model-source"  # a pvc:// source model is mounted here (read-only), a downloaded one written here
 SERVING_USER = 10001  # the runtime image's user (Dockerfile): model pods and compression Jobs run as it
+FETCH_CONTAINER: Final = observed.FETCH_CONTAINER  # the download step (an init container: shipyard-runtime fetch)
+CACHE_VOLUME: Final = "model-cache"
+CACHE_MOUNT: Final = "/var/cache/shipyard"
+CA_VOLUME: Final = "model-ca"
+CA_MOUNT: Final = "/etc/shipyard/model-ca"
+REGISTRY_AUTH_VOLUME: Final = "registry-auth"
+REGISTRY_AUTH_MOUNT: Final = "/etc/shipyard/registry"
+REGISTRY_AUTH_KEY: Final = ".dockerconfigjson"  # the key of a kubernetes.io/dockerconfigjson Secret
+FETCH_RESOURCES: Final = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}}
+
+
+@dataclass(frozen=True)
+class FetchSettings:
+    """How the operator's download steps run (its flags): ``image``, an image with ``shipyard-runtime`` for the
+    download step of pods whose server is another runtime (Shipyard's own image has it); ``cache_path``, the node's
+    directory of the shared model cache (a hostPath: one download per node and digest), None for none."""
+
+    image: str | None = None
+    cache_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,9 +95,13 @@ def build_object_meta(meta: Meta, name: str, labels: Mapping[str, str]) -> dict[
 # --- compression -------------------------------------------------------------------------------------------------
 
 
-def build_artifact_key(image: str, recipe: Mapping[str, Any]) -> str:
-    """Content address of a compressed artifact: the source image reference and the full recipe."""
-    text = json.dumps({"image": image, "recipe": recipe}, sort_keys=True, separators=(",", ":"))
+def build_artifact_key(image: str, recipe: Mapping[str, Any], model: spec_mod.ModelSource | None = None) -> str:
+    """Content address of a compressed artifact: the source image reference, the full recipe and, for a downloaded
+    model, its URI and digest (a re-pushed tag with a new digest is a new artifact, never a stale one reused)."""
+    document: dict[str, Any] = {"image": image, "recipe": recipe}
+    if model is not None and model.remote:  # other sources keep the key they always had (no recompression on upgrade)
+        document["model"] = {"uri": model.uri, "digest": model.digest}
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -93,23 +116,119 @@ def build_job_name(meta: Meta, key: str, retry: int, attempt: int = 0) -> str:
 
 
 def build_source_path(md: spec_mod.ModelDeployment) -> str | None:
-    """Where the source model is inside the pod: spec.model.path in the image, or the model's PVC mounted at
-    MODEL_SOURCE_MOUNT; None for a URI scheme this operator cannot mount (the planner stalls on it)."""
+    """Where the source model is inside the pod: spec.model.path in the image, the model's PVC mounted at
+    MODEL_SOURCE_MOUNT, the directory the download step wrote there, or the image volume mounted there (its
+    spec.model.path inside); None for a URI scheme this operator cannot fetch (the planner stalls on it)."""
     model = md.spec.model
+    if model.image_volume:
+        return MODEL_SOURCE_MOUNT + (model.path or "").rstrip("/")
+    if model.remote:
+        return MODEL_SOURCE_MOUNT
     if model.path is not None:
         return model.path
     pvc = model.pvc
     return None if pvc is None else MODEL_SOURCE_MOUNT + pvc[1].rstrip("/")
 
 
+def build_oci_reference(model: spec_mod.ModelSource) -> str:
+    """The image reference of an oci:// model (pinned by spec.model.digest when one is given). Pure."""
+    assert model.uri is not None
+    reference = model.uri.removeprefix("oci://")
+    if model.digest and "@" not in reference:
+        reference = f"{reference}@{model.digest}"
+    return reference
+
+
+def build_model_volume(md: spec_mod.ModelDeployment) -> dict[str, Any] | None:
+    """The volume the model is read from: a pvc:// claim, the emptyDir a download step fills, or an image volume."""
+    model = md.spec.model
+    pvc = model.pvc
+    if pvc is not None:
+        return {"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": pvc[0], "readOnly": True}}
+    if model.image_volume:
+        return {"name": MODEL_VOLUME, "image": {"reference": build_oci_reference(model), "pullPolicy": "IfNotPresent"}}
+    if model.remote:
+        return {"name": MODEL_VOLUME, "emptyDir": {}}
+    return None
+
+
 def _add_model_source_volume(md: spec_mod.ModelDeployment, container: dict[str, Any],
                              volumes: list[dict[str, Any]]) -> None:
-    """A pvc:// source: its claim mounted read-only at MODEL_SOURCE_MOUNT."""
-    pvc = md.spec.model.pvc
-    if pvc is None:
+    """A pvc:// source, a downloaded model or an image volume, mounted read-only at MODEL_SOURCE_MOUNT."""
+    volume = build_model_volume(md)
+    if volume is None:
         return
     container["volumeMounts"].append({"name": MODEL_VOLUME, "mountPath": MODEL_SOURCE_MOUNT, "readOnly": True})
-    volumes.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": pvc[0], "readOnly": True}})
+    volumes.append(volume)
+
+
+def build_fetch_container(md: spec_mod.ModelDeployment, image: str, settings: FetchSettings,
+                          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The download step of a pod (an init container running ``shipyard-runtime fetch``) and the volumes it needs
+    besides the model's: it writes the model into MODEL_SOURCE_MOUNT (an emptyDir) through the node cache when the
+    operator has one, checks spec.model.digest, and reports size, time and digest in its termination message. The
+    credentials Secret reaches this container only (s3: as environment; oci: the registry config as a file)."""
+    model = md.spec.model
+    assert model.uri is not None
+    scheme = model.uri_scheme
+    prefix = contract.FETCH_ENV_PREFIX
+    env: list[dict[str, Any]] = [{"name": prefix + "URI", "value": model.uri},
+                                 {"name": prefix + "DEST", "value": MODEL_SOURCE_MOUNT}]
+    if model.digest:
+        env.append({"name": prefix + "DIGEST", "value": model.digest})
+    if scheme == "oci" and model.path:
+        env.append({"name": prefix + "PATH", "value": model.path})
+    mounts: list[dict[str, Any]] = [{"name": MODEL_VOLUME, "mountPath": MODEL_SOURCE_MOUNT},
+                                    {"name": TMP_VOLUME, "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = []
+    if settings.cache_path:
+        env.append({"name": prefix + "CACHE", "value": CACHE_MOUNT})
+        mounts.append({"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT})
+        volumes.append({"name": CACHE_VOLUME, "hostPath": {"path": settings.cache_path, "type": "DirectoryOrCreate"}})
+    if model.ca_bundle is not None:
+        env.append({"name": prefix + "CA_BUNDLE", "value": f"{CA_MOUNT}/{model.ca_bundle.key}"})
+        mounts.append({"name": CA_VOLUME, "mountPath": CA_MOUNT, "readOnly": True})
+        volumes.append({"name": CA_VOLUME, "configMap": {"name": model.ca_bundle.config_map_name,
+                                                         "items": [{"key": model.ca_bundle.key,
+                                                                    "path": model.ca_bundle.key}]}})
+    if model.s3 is not None:
+        for name, value in (("AWS_ENDPOINT_URL_S3", model.s3.endpoint), ("AWS_REGION", model.s3.region),
+                            (prefix + "S3_ADDRESSING", model.s3.addressing)):
+            if value:
+                env.append({"name": name, "value": value})
+    container: dict[str, Any] = {
+        "name": FETCH_CONTAINER,
+        "image": image,
+        "command": [contract.RUNTIME_COMMAND, contract.FETCH_SUBCOMMAND],
+        "env": env,
+        "resources": FETCH_RESOURCES,
+        "volumeMounts": mounts,
+        "terminationMessagePath": contract.TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        # the runtime image's user, also under another runtime's pod security (which sets no runAsUser)
+        "securityContext": {**_container_security(), "runAsUser": SERVING_USER},
+    }
+    secret = model.credentials.secret_name if model.credentials is not None else None
+    if secret and scheme == "s3":
+        container["envFrom"] = [{"secretRef": {"name": secret}}]
+    elif secret and scheme == "oci":
+        env.append({"name": prefix + "REGISTRY_CONFIG", "value": f"{REGISTRY_AUTH_MOUNT}/{REGISTRY_AUTH_KEY}"})
+        mounts.append({"name": REGISTRY_AUTH_VOLUME, "mountPath": REGISTRY_AUTH_MOUNT, "readOnly": True})
+        volumes.append({"name": REGISTRY_AUTH_VOLUME, "secret": {
+            "secretName": secret, "items": [{"key": REGISTRY_AUTH_KEY, "path": REGISTRY_AUTH_KEY}]}})
+    return container, volumes
+
+
+def build_fetch_pod_fields(model: spec_mod.ModelSource) -> dict[str, Any]:
+    """Pod spec fields of the pods that download: the credentials' ServiceAccount with its token (workload identity),
+    the registry Secret as an image pull secret of an image volume."""
+    fields: dict[str, Any] = {}
+    credentials = model.credentials
+    if credentials is not None and credentials.service_account_name:
+        fields.update(serviceAccountName=credentials.service_account_name, automountServiceAccountToken=True)
+    if model.image_volume and credentials is not None and credentials.secret_name:
+        fields["imagePullSecrets"] = [{"name": credentials.secret_name}]
+    return fields
 
 
 def build_compression_config(md: spec_mod.ModelDeployment, meta: Meta, key: str) -> dict[str, Any]:
@@ -132,8 +251,9 @@ def build_compression_config(md: spec_mod.ModelDeployment, meta: Meta, key: str)
 
 
 def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version: str, key: str, attempt: int = 0,
-                              ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ConfigMap with the compression config and the Job that runs `shipyard-runtime compress` on it."""
+                              fetch: FetchSettings | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ConfigMap with the compression config and the Job that runs `shipyard-runtime compress` on it (after its
+    download step, for a model in s3://, https:// or oci://)."""
     compression = md.spec.compression
     assert compression is not None
     name = build_job_name(meta, key, md.spec.retry, attempt)
@@ -181,6 +301,11 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
         {"name": TMP_VOLUME, "emptyDir": {}},
     ]
     _add_model_source_volume(md, container, volumes)
+    pod_extra: dict[str, Any] = {}
+    if md.spec.model.remote:  # the Job runs its own image's shipyard-runtime fetch first
+        fetch_container, fetch_volumes = build_fetch_container(md, md.spec.image, fetch or FetchSettings())
+        volumes += fetch_volumes
+        pod_extra = {"initContainers": [fetch_container], **build_fetch_pod_fields(md.spec.model)}
     job = _with_hash({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -200,6 +325,7 @@ def build_compression_objects(md: spec_mod.ModelDeployment, meta: Meta, version:
                     "enableServiceLinks": False,
                     "automountServiceAccountToken": False,
                     **placement,
+                    **pod_extra,
                 },
             }, podtemplate.build_overlay(compression.pod_template)),
         },
@@ -337,7 +463,7 @@ def _build_runtime_container(md: spec_mod.ModelDeployment, runtime: runtimes.Run
     spec.model.path says), its probes with the startup probe retried for startupTimeoutSeconds."""
     resolved = runtimes.resolve_runtime(runtime)
     spec = md.spec
-    mounted = artifact_path is not None or spec.model.pvc is not None
+    mounted = artifact_path is not None or spec.model.pvc is not None or spec.model.remote
     model_path = resolved.model_mount_path if mounted else (spec.model.path or resolved.model_mount_path)
     env = [{"name": contract.ENV_MODEL_NAME, "value": md.served_model_name},
            {"name": contract.ENV_MODEL_VERSION, "value": version},
@@ -375,8 +501,9 @@ def _build_runtime_container(md: spec_mod.ModelDeployment, runtime: runtimes.Run
 
 
 def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, image: str, replicas: int,
-                     artifact_path: str | None = None) -> dict[str, Any]:
-    """One version's Deployment. With artifact_path (a compressed artifact), the artifacts PVC is mounted."""
+                     artifact_path: str | None = None, fetch: FetchSettings | None = None) -> dict[str, Any]:
+    """One version's Deployment. With artifact_path (a compressed artifact), the artifacts PVC is mounted; else a
+    downloaded model gets its download step (``fetch``: the operator's settings for it)."""
     spec = md.spec
     labels = naming.build_version_labels(meta.name, version)
     runtime = spec.serving.runtime
@@ -398,19 +525,29 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
                                               "subPath": artifact_path.removeprefix(contract.ARTIFACTS_MOUNT + "/")})
             volumes.append({"name": ARTIFACTS_VOLUME, "persistentVolumeClaim": {
                 "claimName": spec.compression.artifacts_pvc, "readOnly": True}})
-        elif not artifact_path and spec.model.pvc is not None:  # the claim's directory, at modelMountPath
-            claim, inside = spec.model.pvc
+        elif not artifact_path and (model_volume := build_model_volume(md)) is not None:
+            # the claim's directory, the downloaded model, or the image volume's spec.model.path, at modelMountPath
+            inside = spec.model.pvc[1] if spec.model.pvc is not None else (
+                spec.model.path or "" if spec.model.image_volume else "")
             volume_mount: dict[str, Any] = {"name": MODEL_VOLUME, "mountPath": mount, "readOnly": True}
             if inside.strip("/"):
                 volume_mount["subPath"] = inside.strip("/")
             container["volumeMounts"].append(volume_mount)
-            volumes.append({"name": MODEL_VOLUME, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+            volumes.append(model_volume)
     resources = spec.serving.resources.as_k8s()
     if resources:
         container["resources"] = resources
     # A runtime's image runs as its own (non-root) user; Shipyard's as the runtime image's user.
     pod_spec = _build_serving_pod_spec(spec, container, _pod_security() if runtime is None else {
         "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}, volumes)
+    if not artifact_path and spec.model.remote:
+        if not spec.model.image_volume:  # the download step: Shipyard's image has shipyard-runtime, others' may not
+            settings = fetch or FetchSettings()
+            fetch_image = image if runtime is None or not settings.image else settings.image
+            fetch_container, fetch_volumes = build_fetch_container(md, fetch_image, settings)
+            pod_spec["initContainers"] = [fetch_container]
+            volumes += fetch_volumes
+        pod_spec.update(build_fetch_pod_fields(spec.model))
     return _with_hash({
         "apiVersion": "apps/v1",
         "kind": "Deployment",

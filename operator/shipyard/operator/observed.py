@@ -9,11 +9,13 @@ message, the exit code).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard.operator import egress, naming
+
+FETCH_CONTAINER = "fetch"  # the download step's init container (objects.FETCH_CONTAINER)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,20 @@ class JobView:
     exit_code: int | None = None  # of the pod's container that terminated last
     reason: str = ""  # why a failed Job failed (its Failed condition: BackoffLimitExceeded, DeadlineExceeded, ...)
     labels: Mapping[str, str] = field(default_factory=dict)
+    fetch_message: str = ""  # what the pod's download step (init container ``fetch``) reported when it succeeded
+
+
+@dataclass(frozen=True)
+class FetchView:
+    """The download step (init container ``fetch``) of one serving pod: ``state`` running (not finished yet: also
+    while it waits to be retried after a failure), done (exited 0) or failed (its last run exited non-zero; the
+    kubelet retries it with back-off); ``message``: its termination message (redacted), the outcome line."""
+
+    pod: str
+    version: str
+    state: str  # waiting | running | done | failed
+    message: str = ""
+    restarts: int = 0
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,8 @@ class Observed:
     # Whether the API server serves KEDA's ScaledObjects (None: not looked up, as when no spec needs it)
     keda: bool | None = None
     activator: DeploymentView | None = None  # the activator's Deployment (scale to zero), not a version's
+    # the download steps of the pods of versions whose model is being fetched (listed only then), by version
+    fetches: Mapping[str, tuple[FetchView, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,12 +139,14 @@ def build_job_view(body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]
     else:
         phase = "Pending"
     message = ""
+    fetch_message = ""
     exit_code: int | None = None
     newest = ""
     for pod in pods.values():
         if (pod["metadata"].get("labels") or {}).get("job-name") != meta["name"]:
             continue
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        pod_status = pod.get("status") or {}
+        for cs in [*(pod_status.get("initContainerStatuses") or []), *(pod_status.get("containerStatuses") or [])]:
             terminated = (cs.get("state") or {}).get("terminated") or {}
             finished = str(terminated.get("finishedAt") or "")
             if terminated and finished >= newest:
@@ -135,6 +155,8 @@ def build_job_view(body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]
                 exit_code = code if isinstance(code, int) and not isinstance(code, bool) else exit_code
                 if terminated.get("message"):
                     message = egress.redact_text(str(terminated["message"]).strip())
+                    if cs.get("name") == FETCH_CONTAINER and code == 0:
+                        fetch_message = message
     failed: Mapping[str, Any] = next((c for c in status.get("conditions") or []
                                       if c.get("type") in ("Failed", "FailureTarget") and c.get("status") == "True"),
                                      {})
@@ -145,7 +167,42 @@ def build_job_view(body: Mapping[str, Any], pods: Mapping[str, Mapping[str, Any]
     annotations = meta.get("annotations") or {}
     return JobView(name=meta["name"], key=labels.get(naming.LABEL_ARTIFACT, ""), phase=phase, message=message,
                    spec_hash=annotations.get(naming.ANNOTATION_SPEC_HASH, ""), exit_code=exit_code, reason=reason,
-                   labels=dict(labels))
+                   labels=dict(labels), fetch_message=fetch_message)
+
+
+def build_fetch_view(pod: Mapping[str, Any]) -> FetchView | None:
+    """What a serving pod's download step reported (None for a pod without one). Pure."""
+    meta, status = pod["metadata"], pod.get("status") or {}
+    cs = next((c for c in status.get("initContainerStatuses") or [] if c.get("name") == FETCH_CONTAINER), None)
+    if cs is None:
+        return None
+    state, last = cs.get("state") or {}, cs.get("lastState") or {}
+    terminated = state.get("terminated") or {}
+    failed_before = last.get("terminated") or {}
+    code = terminated.get("exitCode")
+    if terminated and code == 0:
+        kind, source = "done", terminated
+    elif terminated:
+        kind, source = "failed", terminated
+    elif failed_before and failed_before.get("exitCode") not in (0, None):
+        kind, source = "failed", failed_before  # waiting for its retry (back-off), or running it again
+    else:
+        kind, source = ("running" if "running" in state else "waiting"), {}
+    message = egress.redact_text(str(source.get("message") or "").strip())
+    return FetchView(pod=str(meta.get("name", "")), version=(meta.get("labels") or {}).get(naming.LABEL_VERSION, ""),
+                     state=kind, message=message, restarts=int(cs.get("restartCount") or 0))
+
+
+def build_fetch_views(pods: Sequence[Mapping[str, Any]]) -> dict[str, tuple[FetchView, ...]]:
+    """The download steps of serving pods, by version (label value), in pod name order. Pure."""
+    out: dict[str, list[FetchView]] = {}
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        view = build_fetch_view(pod)
+        if view is not None:
+            out.setdefault(view.version, []).append(view)
+    return {v: tuple(sorted(views, key=lambda f: f.pod)) for v, views in out.items()}
 
 
 def build_scaler_view(kind: str, body: Mapping[str, Any]) -> ScalerView:
@@ -156,7 +213,7 @@ def build_scaler_view(kind: str, body: Mapping[str, Any]) -> ScalerView:
 
 
 def build_observed(children: Mapping[str, Mapping[str, Mapping[str, Any]]], missing_pvc: str | None = None,
-                   keda: bool | None = None) -> Observed:
+                   keda: bool | None = None, fetches: Mapping[str, tuple[FetchView, ...]] | None = None) -> Observed:
     """The planner's view of one model's cached children (kind -> name -> body)."""
     deployments = {}
     activator: DeploymentView | None = None
@@ -178,4 +235,5 @@ def build_observed(children: Mapping[str, Mapping[str, Mapping[str, Any]]], miss
     scalers = {name: build_scaler_view(kind, body) for kind in ("ScaledObject", "HorizontalPodAutoscaler")
                for name, body in (children.get(kind) or {}).items()}
     return Observed(deployments=deployments, services=service_hashes, jobs=jobs, config_maps=config_maps,
-                    missing_pvc=missing_pvc, budgets=budgets, scalers=scalers, keda=keda, activator=activator)
+                    missing_pvc=missing_pvc, budgets=budgets, scalers=scalers, keda=keda, activator=activator,
+                    fetches=fetches or {})

@@ -276,17 +276,86 @@ def _load_state(previous: Mapping[str, Any]) -> _State:
     )
 
 
-def _last_entry(history: Sequence[Mapping[str, Any]], image: str) -> Mapping[str, Any] | None:
-    return next((h for h in reversed(history) if h.get("image") == image), None)
+def _last_entry(history: Sequence[Mapping[str, Any]], image: str, version: str | None) -> Mapping[str, Any] | None:
+    return next((h for h in reversed(history)
+                 if h.get("image") == image and (version is None or h.get("version") == version)), None)
 
 
-def assess_blocked(history: Sequence[Mapping[str, Any]], image: str, retry: int) -> Mapping[str, Any] | None:
-    """The failure that keeps `image` from being rolled out again (same image and retry), or None."""
-    last = _last_entry(history, image)
+def assess_blocked(history: Sequence[Mapping[str, Any]], image: str, retry: int,
+                   version: str | None = None) -> Mapping[str, Any] | None:
+    """The failure that keeps `image` (as `version`, which a downloaded model's source is part of) from being rolled
+    out again (same image, version and retry), or None."""
+    last = _last_entry(history, image, version)
     if (last is not None and last.get("outcome") in FAILED_OUTCOMES and int(last.get("retry") or 0) == retry
             and not last.get("retried")):
         return last
     return None
+
+
+FETCH_POLL = datetime.timedelta(seconds=5)  # how often the download steps of starting pods are looked at
+FETCH_PODS_MAX = 64  # pod names kept in status.modelFetch.pods (the pods whose download was told)
+
+
+def plan_fetch_checks(md: spec_mod.ModelDeployment, status: Mapping[str, Any], observed: Observed) -> tuple[str, ...]:
+    """The versions whose serving pods the shell lists this pass, to read their download steps: those of the spec, the
+    candidate and a rollback-to in progress, while their model is downloaded (not an image volume) and some of their
+    pods are not Ready yet or have not had their download told (status.modelFetch). Serving pods are not watched; a
+    version at rest costs no request. Pure."""
+    model = md.spec.model
+    fetch = status.get("modelFetch") or {}
+    if not (model.remote and not model.image_volume) and not fetch:
+        return ()
+    restoring = (status.get("restoring") or {}).get("version")
+    wanted = [v for v in (md.spec.version, status.get("candidateVersion"), restoring) if v]
+    out: list[str] = []
+    for version in dict.fromkeys(wanted):
+        view = observed.deployments.get(version)
+        if view is None or view.replicas <= 0:
+            continue
+        told = len(fetch.get("pods") or []) if fetch.get("version") == version else 0
+        if view.serving < view.replicas or told < min(view.replicas, FETCH_PODS_MAX):
+            out.append(version)
+    return tuple(out)
+
+
+def _plan_fetch(md: spec_mod.ModelDeployment, st: _State, observed: Observed, previous: Mapping[str, Any] | None,
+                now: datetime.datetime) -> dict[str, Any] | None:
+    """status.modelFetch from the download steps of the pods listed this pass (``plan_fetch_checks``): a ModelFetched
+    Event per pod whose download finished (its outcome line: size, time, rate, digest, cache hit or miss), and, while
+    no pod of the spec's version got its model and one failed to, Stalled (ModelFetchFailed) with what the download
+    said (access denied, not found, digest mismatch; never a secret): its pods retry with back-off, so a fixed Secret
+    or object needs no action here, and the stable keeps serving."""
+    fetch: dict[str, Any] | None = dict(previous) if previous else None
+    for version, views in observed.fetches.items():
+        if fetch is None or fetch.get("version") != version:
+            fetch = {"version": version, "pods": [], "downloads": 0, "cacheHits": 0, "downloadedBytes": 0}
+        told = list(fetch.get("pods") or [])
+        for view in views:
+            if view.state != "done" or view.pod in told:
+                continue
+            fields = contract.parse_fetch_summary_fields(view.message)
+            told.append(view.pod)
+            hit = bool(fields.get("cacheHit"))
+            fetch["cacheHits" if hit else "downloads"] = int(fetch.get("cacheHits" if hit else "downloads") or 0) + 1
+            fetch["downloadedBytes"] = int(fetch.get("downloadedBytes") or 0) + int(fields.get("downloadedBytes") or 0)
+            for key in ("bytes", "seconds", "digest"):
+                if fields.get(key) is not None:
+                    fetch[key] = fields[key]
+            fetch["fetchedAt"] = build_timestamp(now)
+            st.event("Normal", Reason.MODEL_FETCHED, f"Pod {view.pod} (version {version}): {view.message}"[:1024])
+        fetch["pods"] = told[-FETCH_PODS_MAX:]
+        failed = next((v for v in views if v.state == "failed"), None)
+        fetch["failure"] = failed.message[:1024] if failed is not None else None
+        got = any(v.state == "done" for v in views) or (observed.deployments.get(version) is not None
+                                                          and observed.deployments[version].serving > 0)
+        if failed is not None and not got and version == md.spec.version and st.stalled_reason is None:
+            st.stalled_reason = Reason.MODEL_FETCH_FAILED
+            keeps = f"; version {st.stable} keeps serving" if st.stable and st.stable != version else ""
+            st.message = (f"Version {version} cannot fetch its model ({failed.restarts + 1} tries, retried with "
+                          f"back-off): {failed.message or 'the download step failed without a message'}{keeps}")
+        if any(v.state != "done" for v in views):
+            st.wake_at(now + FETCH_POLL)
+    return fetch
 
 
 def plan_volume_checks(md: spec_mod.ModelDeployment, status: Mapping[str, Any]) -> tuple[str, ...]:
@@ -370,7 +439,8 @@ def parse(body: Mapping[str, Any]) -> spec_mod.ModelDeployment | spec_mod.SpecEr
 def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.datetime,
                    measurements: Mapping[str, analysis.Measurement] | None = None, *,
                    parsed: spec_mod.ModelDeployment | spec_mod.SpecError | None = None,
-                   prometheus_address: str | None = None, activator_image: str | None = None) -> Plan:
+                   prometheus_address: str | None = None, activator_image: str | None = None,
+                   fetch: objects.FetchSettings | None = None) -> Plan:
     """The whole decision for one ModelDeployment (``parsed``: its ``parse``, when the caller has it already;
     ``prometheus_address``: the operator's Prometheus, which a KEDA trigger reads; ``activator_image``: the image
     of the activator of models that scale to zero, None where the operator has none)."""
@@ -380,10 +450,18 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     if isinstance(md, spec_mod.SpecError):
         return plan_invalid(meta, previous, str(md), now)
     spec = md.spec
-    if spec.model.uri is not None and spec.model.pvc is None:
+    if spec.model.uri_scheme == "gs":
         return plan_invalid(meta, previous, (
-            f"spec.model.uri: {spec.model.uri_scheme}:// sources are not supported by this operator version; put "
-            "the model in the image (spec.model.path) or on a PersistentVolumeClaim (pvc://<claim>/<path>)"),
+            "spec.model.uri: gs:// is not fetched by this operator version; use s3://<bucket>/<key> with "
+            "spec.model.s3.endpoint https://storage.googleapis.com (GCS's S3 interoperability, HMAC keys in "
+            "spec.model.credentials), or https:// with a signed URL"), now, reason=Reason.UNSUPPORTED_MODEL_SOURCE)
+    fetch = fetch or objects.FetchSettings()
+    if (spec.model.remote and not spec.model.image_volume and spec.serving.runtime is not None
+            and not fetch.image):
+        return plan_invalid(meta, previous, (
+            f"spec.model.uri: a {spec.model.uri_scheme}:// model is downloaded by shipyard-runtime fetch before "
+            "the server starts, and the operator has no image for it beside another runtime (--fetch-image, the "
+            "chart's operator.fetchImage); set it, or mount an oci:// model as an image volume"),
             now, reason=Reason.UNSUPPORTED_MODEL_SOURCE)
     target, image = spec.version, spec.image
     st = _load_state(previous)
@@ -395,7 +473,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     restoring = st.restoring is not None and _plan_restoring(md, st, observed, desired, now)
 
     # A retry token (annotation) retries a failed target once per new value.
-    blocked = assess_blocked(st.history, image, spec.retry) if target != st.stable else None
+    blocked = assess_blocked(st.history, image, spec.retry, target) if target != st.stable else None
     token = md.controls.retry
     if token and token != st.controls.get("retry"):
         st.controls["retry"] = token
@@ -421,10 +499,11 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         st.wake_at(now + VOLUME_POLL)
         artifact_path, compression_state = None, "stalled"
     else:
-        artifact_path, compression_state = _plan_compression(md, meta, st, observed, now, apply, blocked is not None)
+        artifact_path, compression_state = _plan_compression(md, meta, st, observed, now, apply, blocked is not None,
+                                                              fetch)
 
     if compression_state == "failed":
-        blocked = assess_blocked(st.history, image, spec.retry)
+        blocked = assess_blocked(st.history, image, spec.retry, target)
 
     if st.paused_reason == Reason.SCALED_TO_ZERO and spec.serving.effective_replicas > 0:
         st.paused_reason = None  # awake: the rollout goes on (_plan_asleep)
@@ -459,6 +538,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         else:
             deletes.append(("apps/v1", "Deployment", observed.deployments[version].name))
 
+    model_fetch = _plan_fetch(md, st, observed, previous.get("modelFetch"), now)
     _plan_transition_events(st)
 
     to_activator = assess_routes_to_activator(spec, st, observed, scaler is not None and scaler.activator)
@@ -481,7 +561,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     scales: list[tuple[str, int]] = []
     target_view = observed.deployments.get(target)
     if target in desired:
-        target_obj = build_deployment(meta, md, target, image, desired[target], artifact_path)
+        target_obj = build_deployment(meta, md, target, image, desired[target], artifact_path, fetch)
         if target_view is None or target_view.spec_hash != objects.spec_hash_of(target_obj):
             apply.append(target_obj)
     applied = {o["metadata"]["name"] for o in apply if o["kind"] == "Deployment"}  # (a PDB has its Deployment's name)
@@ -497,6 +577,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         st.conclude(Event.SETTLING)
     status = _build_status(md, meta, st, previous, observed, now, settled=settled,
                            compression_state=compression_state, scaler=scaler)
+    status["modelFetch"] = model_fetch
     waits = [w for w in st.waits if w > now]
     requeue = max(0.05, (min(waits) - now).total_seconds()) if waits else None
     return Plan(apply=tuple(apply), delete=tuple(deletes), status=status, events=tuple(st.events),
@@ -508,7 +589,7 @@ def _retry_compression(md: spec_mod.ModelDeployment, st: _State) -> None:
     Job keeps its name until it is deleted, and must not be read as the new attempt's outcome)."""
     if md.spec.compression is None:
         return
-    key = objects.build_artifact_key(md.spec.image, md.spec.compression.build_recipe())
+    key = objects.build_artifact_key(md.spec.image, md.spec.compression.build_recipe(), md.spec.model)
     entry = next((a for a in st.artifacts if a.get("key") == key), None)
     if entry is not None and entry.get("phase") == "Failed":
         entry["attempt"] = int(entry.get("attempt") or 0) + 1
@@ -571,7 +652,8 @@ def _switch_back(md: spec_mod.ModelDeployment, st: _State, wanted: str, image: s
         leaving_image = st.candidate_image if st.candidate else st.stable_image
         st.record(leaving, leaving_image or spec.image, Outcome.ROLLED_BACK, Reason.MANUAL_ROLLBACK,
                   f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
-    if spec.version != wanted and spec.version != leaving and not assess_blocked(st.history, spec.image, spec.retry):
+    if (spec.version != wanted and spec.version != leaving
+            and not assess_blocked(st.history, spec.image, spec.retry, spec.version)):
         st.record(spec.version, spec.image, Outcome.ROLLED_BACK, Reason.MANUAL_ROLLBACK,
                   f"Rolled back to {wanted} by shipyard.dev/rollback-to", now, spec.retry)
     st.stable, st.stable_image = wanted, image
@@ -652,12 +734,13 @@ def _plan_window(md: spec_mod.ModelDeployment, st: _State, observed: Observed, d
 
 
 def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
-                      now: datetime.datetime, apply: list[dict[str, Any]], blocked: bool) -> tuple[str | None, str]:
+                      now: datetime.datetime, apply: list[dict[str, Any]], blocked: bool,
+                      fetch: objects.FetchSettings | None = None) -> tuple[str | None, str]:
     """(artifact path to serve or None, state): state is none | ready | pending | stalled | failed."""
     spec = md.spec
     if spec.compression is None:
         return None, "none"
-    key = objects.build_artifact_key(spec.image, spec.compression.build_recipe())
+    key = objects.build_artifact_key(spec.image, spec.compression.build_recipe(), spec.model)
     path = objects.build_artifact_path(meta, key)
     entry = next((a for a in st.artifacts if a.get("key") == key), None)
     if entry is not None and entry.get("phase") == "Succeeded":
@@ -671,7 +754,8 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
         st.wake_at(now + VOLUME_POLL)
         return None, "stalled"
     attempt = int((entry or {}).get("attempt") or 0)
-    config_map, job = objects.build_compression_objects(md, meta, spec.version, key, attempt=attempt)
+    config_map, job = objects.build_compression_objects(md, meta, spec.version, key, attempt=attempt,
+                                                        fetch=fetch)
     name = job["metadata"]["name"]
     if entry is None:
         entry = {"key": key, "version": spec.version, "path": path, "job": name, "phase": "Pending",
@@ -687,6 +771,9 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
         apply.append(job)
         return None, "pending"
     if view.phase == "Succeeded":
+        if view.fetch_message:
+            st.event("Normal", Reason.MODEL_FETCHED,
+                     f"Job {name} (version {spec.version}): {view.fetch_message}"[:1024])
         entry.update(phase="Succeeded", message=view.message[:1024])
         entry.update(contract.parse_summary_fields(view.message))
         st.event("Normal", Reason.COMPRESSED, f"Compressed version {spec.version}: {view.message}")

@@ -68,6 +68,7 @@ class Reason(enum.StrEnum):
     MODEL_VOLUME_MISSING = "ModelVolumeMissing"
     ARTIFACT_VOLUME_MISSING = "ArtifactVolumeMissing"
     COMPRESSION_FAILED = "CompressionFailed"
+    MODEL_FETCH_FAILED = "ModelFetchFailed"  # a version's download step fails (its pods retry it with back-off)
     STARTUP_TIMEOUT = "StartupTimeout"
     ANALYSIS_FAILED = "AnalysisFailed"
     ANALYSIS_INCONCLUSIVE = "AnalysisInconclusive"
@@ -85,6 +86,7 @@ class Reason(enum.StrEnum):
     # Events only
     DEPLOYING = "Deploying"
     COMPRESSED = "Compressed"
+    MODEL_FETCHED = "ModelFetched"  # a pod (or a compression Job) downloaded its model, or found it in the node cache
     ROLLOUT_STARTED = "RolloutStarted"
     STEP_READY = "StepReady"
     STEP_COMPLETED = "StepCompleted"

@@ -14,13 +14,14 @@ Any problem raises one ``SpecError`` whose message starts with the field's path 
 ...``); the planner turns it into ``Stalled`` naming the field.
 
 Versions: the image tag is the version; an image pinned by digest only has the version ``sha256-<first 12 hex
-digits of the digest>``. Manual controls are annotations (``ANNOTATION_*``), parsed into ``ManualControls``; the
-operator never writes spec.
+digits of the digest>``; a downloaded model (s3://, https://, oci://) adds ``-m<8 hex>`` of its URI and digest.
+Manual controls are annotations (``ANNOTATION_*``), parsed into ``ManualControls``; the operator never writes spec.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final, Literal, TypeAlias
@@ -50,7 +51,11 @@ IMAGE_PATTERN: Final = (
     r"^([a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?([.][a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*(:[0-9]{1,5})?/)?"
     r"[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*)*"
     r"(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?(@sha256:[a-f0-9]{64})?$")
-URI_PATTERN: Final = r"^((pvc|s3|gs)://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^ ]*)?|https://[^ /]+(/[^ ]*)?)$"
+URI_PATTERN: Final = (r"^((pvc|s3|gs)://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^ ]*)?|https://[^ /]+(/[^ ]*)?"
+                      r"|oci://[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?/[a-z0-9][^ @:]*"
+                      r"(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?(@sha256:[a-f0-9]{64})?)$")
+REMOTE_SCHEMES: Final = ("s3", "https", "oci")  # the sources fetched over the network (shipyard-runtime fetch)
+DIGEST_PATTERN: Final = r"^sha256:[a-f0-9]{64}$"
 DNS_LABEL_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 LABEL_KEY_PATTERN: Final = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
@@ -150,33 +155,128 @@ def image_version(image: str) -> str:
     return parse_image(image).version
 
 
+def _only_with(field: str, schemes: tuple[str, ...], text: str) -> schema.Constraint:
+    """``field`` of spec.model may only be set with a URI of one of ``schemes``."""
+    listed = " or ".join(f"{s}://" for s in schemes)
+    cel = " || ".join(f"self.uri.startsWith('{s}://')" for s in schemes)
+    return schema.Constraint(
+        schema.Cel(f"!has(self.{field}) || (has(self.uri) && ({cel}))",
+                   f"spec.model.{field} is only allowed with a {listed} uri: {text}", field_path=f".{field}",
+                   reason="FieldValueForbidden"),
+        lambda d: None if d.get(field) is None or str(d.get("uri") or "").split("://", 1)[0] in schemes else
+        f"@{field}: only allowed with a {listed} uri: {text}")
+
+
+class ModelCredentials(schema.ApiModel):
+    """How the pods that download the model (the fetch step of the inference pods, the compression Job) authenticate.
+    The operator never reads the Secret: it only names it in those pods."""
+
+    __constraints__ = (schema.at_least_one("secretName", "serviceAccountName", what="spec.model.credentials"),)
+
+    secret_name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)] | None = None
+    """A Secret in the model's namespace. s3://: its keys become the download step's environment (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, optionally AWS_SESSION_TOKEN); oci://: a kubernetes.io/dockerconfigjson Secret (key
+    .dockerconfigjson), the registry's credentials. Only the download step sees it, never the model server."""
+    service_account_name: Annotated[str, Field(min_length=1, max_length=253,
+                                               pattern=DNS_SUBDOMAIN_PATTERN)] | None = None
+    """A ServiceAccount of the model's namespace that the pods which download run as, with its token mounted: workload
+    identity (EKS IRSA or Pod Identity, GKE Workload Identity through the S3 interoperability API)."""
+
+
+class S3Options(schema.ApiModel):
+    """Where an s3:// model's store is, for S3-compatible stores (MinIO, Ceph RGW, SeaweedFS, GCS interoperability);
+    AWS itself needs at most the region."""
+
+    endpoint: Annotated[str, Field(max_length=512, pattern=r"^https?://[^ /@]+/?$")] | None = None
+    """Endpoint URL of the store, e.g. https://minio.storage.svc:9000 (AWS_ENDPOINT_URL_S3); absent: AWS."""
+    region: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$")] | None = None
+    """Region of the bucket (AWS_REGION), e.g. eu-west-1."""
+    addressing: Literal["auto", "path", "virtual"] | None = None
+    """path (https://endpoint/bucket/key: MinIO, Ceph, most S3-compatible stores), virtual (https://bucket.endpoint/key)
+    or auto (virtual on AWS). Default: path with an endpoint, else auto."""
+
+
+class CABundle(schema.ApiModel):
+    """PEM certificates of the CAs trusted for an https:// model, an S3 endpoint or an OCI registry with a private CA
+    (they replace the system's trust store for the download)."""
+
+    config_map_name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+    """A ConfigMap in the model's namespace holding the bundle."""
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = "ca.crt"
+    """The ConfigMap's key holding the PEM bundle. Default ca.crt."""
+
+
 class ModelSource(schema.ApiModel):
-    """Where the source model is: a path inside the image, or a URI. Exactly one of path and uri."""
+    """Where the source model is: a path inside the image, a PersistentVolumeClaim, or fetched from object storage
+    (s3://), a web server (https://) or an OCI registry (oci://) by a download step before it is compressed or
+    served. See docs/model-sources.md."""
 
     __constraints__ = (
         schema.at_least_one("path", "uri", what="spec.model"),
-        schema.Constraint(schema.Cel("!(has(self.path) && has(self.uri))", "spec.model must set only one of path "
-                                     "and uri", reason="FieldValueForbidden"),
-                          lambda d: "must set only one of path and uri" if d.get("path") and d.get("uri") else None),
+        schema.Constraint(schema.Cel("!(has(self.path) && has(self.uri)) || self.uri.startsWith('oci://')",
+                                     "spec.model must set only one of path and uri (both only for an oci:// image: "
+                                     "path is then the model's directory inside it)", reason="FieldValueForbidden"),
+                          lambda d: "must set only one of path and uri (both only for an oci:// image: path is then "
+                                    "the model's directory inside it)"
+                          if d.get("path") and d.get("uri") and not str(d["uri"]).startswith("oci://") else None),
+        _only_with("digest", REMOTE_SCHEMES, "a model in the image or on a volume has no download to verify"),
+        _only_with("credentials", ("s3", "oci"), "https:// takes no credentials (use a presigned URL, or s3://)"),
+        _only_with("s3", ("s3",), "endpoint, region and addressing of an S3 store"),
+        _only_with("caBundle", REMOTE_SCHEMES, "the CAs of a download"),
+        _only_with("mount", ("oci",), "an image volume mounts an OCI image or artifact"),
     )
 
     path: Annotated[str, Field(min_length=2, max_length=1024, pattern="^/")] | None = None
-    """Absolute path of the model directory inside the image, e.g. /models/digits."""
+    """Absolute path of the model directory inside the image, e.g. /models/digits. With an oci:// uri naming an image
+    (not an artifact): the model's directory inside that image."""
     uri: Annotated[str, Field(max_length=2048, pattern=URI_PATTERN, json_schema_extra=schema.k8s(validations=[
         schema.Cel(NO_CREDENTIALS_RULE, "spec.model.uri must not carry credentials (user:password@host): it is "
-                   "copied into the compression Job; give the Job its credentials through its service account or "
-                   "the image", reason="FieldValueForbidden")]))] | None = None
-    """URI of the model: pvc://<claim>/<path> (a PersistentVolumeClaim in the same namespace, mounted read-only).
-    s3://<bucket>/<key>, gs://<bucket>/<key> and https://<host>/<path> are reserved: this version does not fetch
-    them and reports Stalled (UnsupportedModelSource)."""
+                   "shown in status and Events; name a Secret in spec.model.credentials", reason="FieldValueForbidden")
+    ]))] | None = None
+    """URI of the model: pvc://<claim>/<path> (a PersistentVolumeClaim in the same namespace, mounted read-only);
+    s3://<bucket>/<key> (one object) or s3://<bucket>/<prefix>/ (a directory model); https://<host>/<path> (a file, or
+    a tar, tar.gz or zip archive, extracted); oci://<registry>/<repository>:<tag> or @sha256:<digest> (an artifact
+    pushed with ORAS, or an image holding the model). A new URI is a new version (see spec.model.digest). gs:// is
+    reserved: use s3:// with endpoint https://storage.googleapis.com (GCS's S3 interoperability)."""
+    digest: Annotated[str, Field(max_length=71, pattern=DIGEST_PATTERN)] | None = None
+    """sha256:<64 hex> of the downloaded content (a file's bytes, a directory's listing as `shipyard-runtime fetch
+    --print-digest` computes it, an OCI manifest's digest), verified after every download: a mismatch fails the download
+    and nothing is loaded. It keys the node cache and the compressed artifact, and changing it is a new version."""
+    credentials: ModelCredentials | None = None
+    s3: S3Options | None = None
+    ca_bundle: CABundle | None = None
+    mount: Literal["download", "imageVolume"] | None = None
+    """oci:// only. download (default): a download step fetches the model into the pod (any cluster, node cache,
+    digest checked); imageVolume: the kubelet mounts the image or artifact read-only as an image volume
+    (volumes[].image, Kubernetes 1.33+ with the ImageVolume feature; no compression, spec.model.path is the
+    directory inside it)."""
     name: Annotated[str, Field(max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")] | None = None
     """Model name served on the Open Inference Protocol (/v2/models/{name}); defaults to the ModelDeployment's
     name."""
 
     @property
     def uri_scheme(self) -> str | None:
-        """``pvc``, ``s3``, ``gs`` or ``https`` for a URI source; None for a path."""
+        """``pvc``, ``s3``, ``gs``, ``https`` or ``oci`` for a URI source; None for a path."""
         return None if self.uri is None else self.uri.split("://", 1)[0]
+
+    @property
+    def remote(self) -> bool:
+        """Whether the model is downloaded (s3://, https://, oci://) rather than in the image or on a volume."""
+        return self.uri_scheme in REMOTE_SCHEMES
+
+    @property
+    def image_volume(self) -> bool:
+        """An oci:// model mounted as an image volume by the kubelet (no download step)."""
+        return self.uri_scheme == "oci" and self.mount == "imageVolume"
+
+    @property
+    def source_id(self) -> str | None:
+        """What identifies a downloaded model's content for versions and artifacts: the first 8 hex digits of the
+        sha256 of its URI and digest (None for a model in the image or on a volume)."""
+        if not self.remote:
+            return None
+        text = f"{self.uri}\n{self.digest or ''}"
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     @property
     def pvc(self) -> tuple[str, str] | None:
@@ -620,7 +720,14 @@ class Rollback(schema.ApiModel):
 class ModelDeploymentSpec(schema.ApiModel):
     """Desired state of the ModelDeployment."""
 
-    __constraints__ = (podtemplate.CUDA_ARTIFACT_NEEDS_GPU_PODS,)
+    __constraints__ = (podtemplate.CUDA_ARTIFACT_NEEDS_GPU_PODS, schema.Constraint(
+        schema.Cel("!has(self.compression) || !has(self.model.mount) || self.model.mount != 'imageVolume'",
+                   "spec.compression reads the model in a Job: an image volume (spec.model.mount imageVolume) is only "
+                   "mounted into the inference pods; use mount download", field_path=".compression",
+                   reason="FieldValueForbidden"),
+        lambda d: "@compression: reads the model in a Job: an image volume (spec.model.mount imageVolume) is only "
+                  "mounted into the inference pods; use mount download"
+        if d.get("compression") is not None and d["model"].mount == "imageVolume" else None))
     __cel__ = (schema.Cel(
         "!has(self.compression) || !has(self.compression.compiled) || !has(self.compression.compiled.aotInductor) || "
         "!self.compression.compiled.aotInductor || !has(self.serving) || !has(self.serving.batching) || "
@@ -697,7 +804,10 @@ class ModelDeploymentSpec(schema.ApiModel):
 
     @property
     def version(self) -> str:
-        return self.image_ref.version
+        """The image's tag; for a downloaded model (s3://, https://, oci://) followed by ``-m`` and the source's id,
+        so that a new URI or digest is a new version, rolled out as one (1.4.0-m3f2a9c01)."""
+        source = self.model.source_id
+        return self.image_ref.version if source is None else f"{self.image_ref.version}-m{source}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

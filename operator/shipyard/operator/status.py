@@ -115,6 +115,32 @@ class Artifact(schema.ApiModel):
     """p50 latency of the compressed model at batch 1, milliseconds."""
 
 
+class ModelFetch(schema.ApiModel):
+    """The download step of a downloaded model's latest version (s3://, https://, oci://): what its pods reported."""
+
+    version: Annotated[str, Field(max_length=256)] | None = None
+    """The version whose pods these figures are of."""
+    pods: Annotated[tuple[Annotated[str, Field(max_length=253)], ...], Field(
+        max_length=64, json_schema_extra=schema.k8s(list_type="atomic"))] | None = None
+    """Pods whose download finished (the latest 64), each told by a ModelFetched Event."""
+    downloads: Count | None = None
+    """Pods that downloaded the model (node cache misses, or no node cache)."""
+    cache_hits: Count | None = None
+    """Pods that found the model in their node's cache (nothing downloaded)."""
+    downloaded_bytes: Int64 | None = None
+    """Bytes downloaded by those pods together."""
+    bytes: Int64 | None = None
+    """Size of the model, bytes."""
+    seconds: float | None = None
+    """Duration of the latest download step, seconds."""
+    digest: Annotated[str, Field(max_length=128)] | None = None
+    """sha256 digest of the model's content as downloaded (the manifest digest for oci://)."""
+    fetched_at: Time | None = None
+    """When the latest download step was seen finished."""
+    failure: Annotated[str, _text(1024, nullable=True)] | None = None
+    """What the latest failed download step said (access denied, not found, digest mismatch...), null when none."""
+
+
 NullableNumber = Annotated[float, Field(json_schema_extra=schema.k8s(nullable=True))]
 
 
@@ -314,6 +340,8 @@ class ModelDeploymentStatus(schema.ApiModel):
     """Label selector of the model's serving pods (the scale subresource's, for HorizontalPodAutoscalers)."""
     autoscaling: Annotated[AutoscalingStatus, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
     """The scaler of spec.serving.autoscaling; null without autoscaling."""
+    model_fetch: Annotated[ModelFetch, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
+    """The download step of a model in s3://, https:// or oci:// (the latest version's pods); null for other models."""
     controls: Controls | None = None
     """Values of the manual-control annotations already acted upon, so that each is acted upon once (the operator
     never writes spec or annotations)."""
