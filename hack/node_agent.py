@@ -14,8 +14,12 @@ What it does, like a kubelet and kube-proxy on one machine:
   termination-message file and the image's contents (the local image catalogue, ``hack/e2e-images.yaml``) are
   bind-mounted at their paths; the user of ``securityContext.runAsUser`` (``setpriv``); a CPU limit as a CFS quota
   in a cgroup (v1 or v2, whichever the machine has: hack/cgroups.py) that the process sees as its own (with
-  ``--require-cpu-limits`` the agent refuses to start where it cannot enforce them); env with ``fieldRef``; the
-  virtualenv's bin on PATH;
+  ``--require-cpu-limits`` the agent refuses to start where it cannot enforce them); the env a kubelet builds
+  (``envFrom`` Secrets and ConfigMaps with their prefix, then ``env``: ``value`` with ``$(VAR)`` expansion,
+  ``fieldRef``, ``resourceFieldRef``, ``secretKeyRef``, ``configMapKeyRef``; objects read from the API server at each
+  start: one missing, or a missing key, not optional, keeps the container waiting with CreateContainerConfigError and
+  the kubelet's message, tried again every 2 s until it appears; a command is logged as written, never with a
+  Secret's value expanded into it) over the image's ENV; the virtualenv's bin on PATH;
 - runs a pod's init containers first, each as a regular container is run (image, command, env, volumes, user, CPU
   limit, termination message, log), one at a time in order, each to completion, once the volumes are ready; the
   regular containers start only after the last exits 0. A failed one is restarted with the crash back-off under
@@ -42,8 +46,8 @@ What it does, like a kubelet and kube-proxy on one machine:
 Why not EndpointSlices for the proxy: the API server rejects loopback addresses in EndpointSlices, so the agent
 balances over its own view of the pods (the one it reports), updated at once on readiness and deletion.
 Traffic goes only to 127.0.0.0/8. Not supported (the pod fails with a message): sidecar containers (an init
-container with ``restartPolicy: Always``), exec probes. Env: ``value`` and ``fieldRef`` only (``secretKeyRef``,
-``configMapKeyRef``: the container waits with CreateContainerConfigError).
+container with ``restartPolicy: Always``), exec probes. Env: no ``fileKeyRef`` (the container waits with
+CreateContainerConfigError), no Service link variables (``enableServiceLinks``).
 Probes: httpGet, tcpSocket and grpc (grpc.health.v1); preStop hooks: sleep. A container without a command runs its
 image's ENTRYPOINT and CMD from the catalogue, as the image's USER when the pod sets no runAsUser.
 """
@@ -52,14 +56,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime
 import fnmatch
+import fractions
 import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -110,6 +117,7 @@ SCRAPE_PORT_NAMES = ("http", "metrics")
 PORT_ANNOTATION = "shipyard.dev/port"
 BACKOFF_INITIAL_S = 10.0
 BACKOFF_MAX_S = 300.0
+CONFIG_RETRY_S = 2.0  # a container waiting with CreateContainerConfigError is tried again this often
 MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
 AGENTS_DIR = Path("/run/shipyard-node-agents")  # one file per live agent: shared host mountpoints stay while any runs
@@ -394,6 +402,8 @@ class ContainerRun:
     container_id: str = ""
     cgroup: Path | None = None
     killing: str = ""  # why the agent is stopping the process (liveness), "" otherwise
+    # The Secrets and ConfigMaps its env names, as read before its last start (None: not found; build_container_env)
+    env_sources: dict[tuple[str, str], dict[str, Any] | None] = dataclasses.field(default_factory=dict)
 
 
 class PodWorker:
@@ -642,11 +652,19 @@ class PodWorker:
             return False
         while not self.terminating.is_set():
             try:
+                c.env_sources = await self._fetch_env_sources(c)
                 argv, env, mounts, user = self._container_config(c, volumes)
             except ContainerConfigError as error:
+                # As a kubelet: the container waits, and its config is tried again (a Secret created later, ...).
+                if c.state.get("waiting", {}).get("message") != str(error):
+                    log.warning("Could not configure %s %s/%s: %s", "init container" if init else "container",
+                                self.key, c.name, error)
+                    self.agent.post_event(self.pod, "Warning", "Failed", f"Error: {error}")
                 c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
                 self.changed()
-                return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.terminating.wait(), CONFIG_RETRY_S)
+                continue
             started_at = now_iso()
             ran_for = time.monotonic()
             await self._spawn(c, argv, env, mounts, user)
@@ -693,6 +711,21 @@ class PodWorker:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
         return False
 
+    async def _fetch_env_sources(self, c: ContainerRun) -> dict[tuple[str, str], dict[str, Any] | None]:
+        """The Secrets and ConfigMaps the container's env names (None: not found), read from the API server."""
+        out: dict[tuple[str, str], dict[str, Any] | None] = {}
+        for kind, name in build_env_references(c.spec):
+            try:
+                obj = await self.agent.client.get(Secret if kind == "secret" else ConfigMap, name, namespace=self.ns)
+                out[(kind, name)] = obj.to_dict()
+            except lightkube.ApiError as error:
+                if error.status.code != 404:
+                    raise ContainerConfigError(f"{kind} {json.dumps(name)}: {error.status.message}") from None
+                out[(kind, name)] = None
+            except Exception as error:  # noqa: BLE001 - the API server unreachable: tried again, as a kubelet would
+                raise ContainerConfigError(f"couldn't get {kind} {self.ns}/{name}: {error}") from None
+        return out
+
     async def _pull(self, c: ContainerRun) -> Image:
         image = self.agent.catalogue.resolve(c.spec.get("image", ""))
         missing = [b for b in image.contents.values() if not self.agent.catalogue.build_dir(b).is_dir()]
@@ -721,20 +754,17 @@ class PodWorker:
             # server binding 0.0.0.0 would not clash with the other pods (they all share this machine's here)
             **{k: v.replace("{pod_ip}", self.ip) for k, v in c.image.env.items()},
         }
-        values = {"metadata.name": self.name, "metadata.namespace": self.ns, "metadata.uid": self.uid,
-                  "status.podIP": self.ip, "status.hostIP": "127.0.0.1", "spec.nodeName": self.agent.node}
-        for item in spec.get("env") or []:
-            if "value" in item:  # $(VAR) names a variable defined before it, as the kubelet expands it
-                env[item["name"]] = _expand(str(item["value"]), env)
-            elif (item.get("valueFrom") or {}).get("fieldRef"):
-                path = item["valueFrom"]["fieldRef"]["fieldPath"]
-                if path not in values:
-                    raise ContainerConfigError(f"env {item['name']}: fieldRef {path} is not supported")
-                env[item["name"]] = values[path]
-            else:
-                raise ContainerConfigError(f"env {item['name']}: only value and fieldRef are supported")
+        fields = {"metadata.name": self.name, "metadata.namespace": self.ns, "metadata.uid": self.uid,
+                  "status.podIP": self.ip, "status.podIPs": self.ip, "status.hostIP": "127.0.0.1",
+                  "status.hostIPs": "127.0.0.1", "spec.nodeName": self.agent.node,
+                  "spec.serviceAccountName": str(self.spec.get("serviceAccountName") or "default")}
+        allocatable = {"cpu": str(self.agent.args.cpu), "memory": str(self.agent.args.memory)}
+        # envFrom then env over the image's ENV, as the kubelet and the container runtime merge them; command and
+        # args see only the declared variables, as the kubelet expands them (c.env_sources: read by _supervise).
+        declared = build_container_env(self.pod, spec, c.env_sources, fields, allocatable)
+        env.update(declared)
         if "$" in " ".join(argv):
-            argv = [_expand(a, env) for a in argv]
+            argv = [_expand(a, declared) for a in argv]
         if tuple(argv[:2]) == SERVE_ARGV and "--host" not in argv:
             argv += ["--host", self.ip]  # the runtime reads its bind address from flags only
         mounts = [Mount(self.agent.catalogue.build_dir(build), path, True) for path, build in c.image.contents.items()]
@@ -758,7 +788,7 @@ class PodWorker:
         mounts.append(Mount(termination, spec.get("terminationMessagePath", "/dev/termination-log"), False))
         mounts.append(Mount(self.hosts_path, "/etc/hosts", True))  # Service names, as cluster DNS resolves them
         user = self._user(c)
-        if user is None or user[0] == 0:
+        if (user is None or user[0] == 0) and "HOME" not in declared:
             env["HOME"] = "/root"
         return argv, env, mounts, user
 
@@ -820,13 +850,15 @@ class PodWorker:
         lines.append(f'exec {prefix}"$@"')
         script = self.dir / c.name / "start.sh"
         script.write_text("\n".join(lines) + "\n")
+        # The command is shown as written ($(VAR) not expanded): an expanded argument may hold a Secret's value.
+        written = build_argv(c.spec, c.image) if c.image is not None else argv
+        shown = shlex.join([*written, *argv[len(written):]])
         c.proc = await proc.spawn_async(
             ["unshare", "-m", "--propagation", "private", "/bin/bash", str(script), *argv],
             self.agent.workdir / "logs" / f"{self.ns}_{self.name}_{c.name}.log", env=env,
-            header=f"--- {now_iso()} started {shlex.join(argv)}\n")
+            header=f"--- {now_iso()} started {shown}\n")
         c.container_id = f"shipyard-local://{self.uid}/{c.name}/{c.restart_count}/{c.proc.pid}"
-        log.info("Started container %s/%s as pid %d on %s: %s", self.key, c.name, c.proc.pid, self.ip,
-                 shlex.join(argv))
+        log.info("Started container %s/%s as pid %d on %s: %s", self.key, c.name, c.proc.pid, self.ip, shown)
 
     def _termination_message(self, c: ContainerRun, exit_code: int) -> str:
         path = self.dir / c.name / "termination-log"
@@ -1157,7 +1189,144 @@ def _expand(arg: str, env: Mapping[str, str]) -> str:
     return _EXPANSION.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), arg)
 
 
-_EXPANSION = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+_EXPANSION = re.compile(r"\$\$|\$\(([^)]*)\)")  # a name is all up to the first ")", as the kubelet reads it
+
+
+# ---------------------------------------------------------------------------------------------- container env
+
+_SUBSCRIPTED = re.compile(r"^(metadata\.labels|metadata\.annotations)\['(.*)'\]$")
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)(?:([eE][+-]?[0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?)$")
+_QUANTITY_SCALE = {suffix: fractions.Fraction(base) ** power for suffix, base, power in (
+    ("", 10, 0), ("n", 10, -9), ("u", 10, -6), ("m", 10, -3), ("k", 10, 3), ("M", 10, 6), ("G", 10, 9), ("T", 10, 12),
+    ("P", 10, 15), ("E", 10, 18), ("Ki", 2, 10), ("Mi", 2, 20), ("Gi", 2, 30), ("Ti", 2, 40), ("Pi", 2, 50),
+    ("Ei", 2, 60))}
+
+
+def build_env_references(container: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The Secrets and ConfigMaps a container's env and envFrom name, as ("secret" | "configmap", name) in order of
+    first mention (pure): what the agent reads before it builds the env."""
+    refs: list[tuple[str, str]] = []
+    for source in container.get("envFrom") or []:
+        for field, kind in (("secretRef", "secret"), ("configMapRef", "configmap")):
+            if source.get(field):
+                refs.append((kind, str(source[field].get("name", ""))))
+    for item in container.get("env") or []:
+        value_from = item.get("valueFrom") or {}
+        for field, kind in (("secretKeyRef", "secret"), ("configMapKeyRef", "configmap")):
+            if value_from.get(field) and not item.get("value"):
+                refs.append((kind, str(value_from[field].get("name", ""))))
+    return list(dict.fromkeys(refs))
+
+
+def build_container_env(pod: Mapping[str, Any], container: Mapping[str, Any],
+                        objects: Mapping[tuple[str, str], Mapping[str, Any] | None], fields: Mapping[str, str],
+                        allocatable: Mapping[str, str]) -> dict[str, str]:
+    """The variables a container declares, as the kubelet's makeEnvironmentVariables (v1.36) builds them (pure).
+
+    envFrom first, in order (a later source's key replaces an earlier one's; ``prefix`` prepended; every key taken,
+    as the kubelet does since relaxed env var names went GA in 1.34), then each ``env`` entry in order, replacing
+    what came before: ``value`` with ``$(VAR)`` expanded against the variables declared so far (not the image's),
+    else ``valueFrom``: fieldRef (`fields` by path, labels and annotations from the pod), resourceFieldRef (limits not
+    set default to the node's `allocatable`), configMapKeyRef, secretKeyRef (Secret data base64-decoded; bytes that
+    are not UTF-8 reach the process unchanged). `objects` maps every ``build_env_references`` entry to the object
+    read, None where the API server has none. A missing object or key that is not optional raises
+    ContainerConfigError with the kubelet's message; an optional one is skipped."""
+    namespace = str(pod["metadata"]["namespace"])
+    env: dict[str, str] = {}
+
+    def data(kind: str, name: str, optional: bool) -> dict[str, str] | None:
+        obj = objects.get((kind, name))
+        if obj is None:
+            if optional:
+                return None
+            raise ContainerConfigError(f"{kind} {json.dumps(name)} not found")
+        if kind == "configmap":
+            return {str(k): str(v) for k, v in (obj.get("data") or {}).items()}
+        return {str(k): os.fsdecode(base64.b64decode(v)) for k, v in (obj.get("data") or {}).items()}
+
+    for source in container.get("envFrom") or []:
+        for field, kind in (("secretRef", "secret"), ("configMapRef", "configmap")):
+            if source.get(field):
+                ref = source[field]
+                values = data(kind, str(ref.get("name", "")), bool(ref.get("optional")))
+                prefix = str(source.get("prefix") or "")
+                env.update({prefix + k: v for k, v in (values or {}).items()})
+    for item in container.get("env") or []:
+        name = str(item["name"])
+        value_from = item.get("valueFrom") or {}
+        if item.get("value") or not value_from:
+            env[name] = _expand(str(item.get("value") or ""), env)
+        elif value_from.get("fieldRef"):
+            env[name] = build_field_value(pod, str(value_from["fieldRef"]["fieldPath"]), fields)
+        elif value_from.get("resourceFieldRef"):
+            env[name] = build_resource_value(pod, container, value_from["resourceFieldRef"], allocatable)
+        else:
+            for field, kind, title in (("configMapKeyRef", "configmap", "ConfigMap"), ("secretKeyRef", "secret",
+                                                                                      "Secret")):
+                if value_from.get(field):
+                    ref = value_from[field]
+                    ref_name, key, optional = str(ref.get("name", "")), str(ref["key"]), bool(ref.get("optional"))
+                    values = data(kind, ref_name, optional)
+                    if values is not None and key in values:
+                        env[name] = values[key]
+                    elif values is not None and not optional:
+                        raise ContainerConfigError(f"couldn't find key {key} in {title} {namespace}/{ref_name}")
+                    break
+            else:
+                raise ContainerConfigError(f"env {name}: this valueFrom is not supported by the local node agent")
+    return env
+
+
+def build_field_value(pod: Mapping[str, Any], path: str, fields: Mapping[str, str]) -> str:
+    """A fieldRef's value (pure): `fields` (what the agent knows: the pod's name, namespace, uid and IPs, the node's
+    name and IPs, ...) by path, else the pod's labels or annotations (one, or all as the kubelet formats them)."""
+    if path in fields:
+        return fields[path]
+    meta = pod["metadata"]
+    if subscripted := _SUBSCRIPTED.match(path):
+        kind = "labels" if subscripted.group(1) == "metadata.labels" else "annotations"
+        return str((meta.get(kind) or {}).get(subscripted.group(2), ""))
+    if path in ("metadata.labels", "metadata.annotations"):  # the kubelet's FormatMap: key="value" lines, sorted
+        values = meta.get(path.split(".", 1)[1]) or {}
+        return "\n".join(f"{k}={json.dumps(str(v))}" for k, v in sorted(values.items()))
+    raise ContainerConfigError(f"unsupported fieldPath: {path}")
+
+
+def parse_quantity(text: str) -> fractions.Fraction:
+    """A Kubernetes resource quantity, exactly: ``500m`` -> 1/2, ``1Gi`` -> 2**30, ``1e3`` -> 1000 (pure)."""
+    match = _QUANTITY.match(str(text).strip())
+    if not match:
+        raise ValueError(f"not a quantity: {text!r}")
+    number, exponent, suffix = match.groups()
+    scale = fractions.Fraction(10) ** int(exponent[1:]) if exponent else _QUANTITY_SCALE[suffix or ""]
+    return fractions.Fraction(number) * scale
+
+
+def build_resource_value(pod: Mapping[str, Any], container: Mapping[str, Any], selector: Mapping[str, Any],
+                         allocatable: Mapping[str, str]) -> str:
+    """A resourceFieldRef's value as the kubelet's downward API gives it (pure): the container's (or, with
+    ``containerName``, that container's) request or limit over the divisor (default 1), rounded up; CPU counted in
+    millicores first, as Quantity.MilliValue does; a limit not set is the node's allocatable, a request not set 0."""
+    target = container
+    if selector.get("containerName"):
+        spec = pod.get("spec") or {}
+        named = [c for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+                 if c.get("name") == selector["containerName"]]
+        if not named:
+            raise ContainerConfigError(f"container {selector['containerName']} not found")
+        target = named[0]
+    kind, _, resource = str(selector.get("resource", "")).partition(".")
+    if kind not in ("limits", "requests") or resource not in ("cpu", "memory", "ephemeral-storage"):
+        raise ContainerConfigError(f"unsupported container resource : {selector.get('resource')}")
+    resources = target.get("resources") or {}
+    value = (resources.get(kind) or {}).get(resource)
+    if value is None and kind == "limits":
+        value = allocatable.get(resource)
+    quantity = parse_quantity(str(value if value is not None else 0))
+    divisor = parse_quantity(str(selector.get("divisor") or 1)) or fractions.Fraction(1)
+    if resource == "cpu":
+        return str(math.ceil(math.ceil(quantity * 1000) / math.ceil(divisor * 1000)))
+    return str(math.ceil(math.ceil(quantity) / math.ceil(divisor)))
 
 
 def write_projection(kind: str, obj: Mapping[str, Any], items: list[dict[str, Any]] | None) -> dict[str, bytes]:

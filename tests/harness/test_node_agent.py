@@ -4,15 +4,19 @@ cannot provide and for containers that finish; that a CPU limit really holds (a 
 a core, next to one under a limit it cannot reach, and sees its limit where the runtime reads it); that pods reach
 Services by name at the Service's port, and see Services come and go while they run; that init containers run in
 order before the containers, are restarted with back-off when they fail (or fail the pod under restartPolicy Never)
-and are stopped when their pod is deleted; and that it refuses to start where it cannot enforce CPU limits, which is
-what fails the e2e and harness fixtures there."""
+and are stopped when their pod is deleted; that containers get env from Secrets and ConfigMaps (envFrom,
+secretKeyRef, configMapKeyRef) without the agent logging a Secret's value, and wait with CreateContainerConfigError
+until a missing Secret or key appears; that two pods share a hostPath DirectoryOrCreate at once; and that it refuses to
+start where it cannot enforce CPU limits, which is what fails the e2e and harness fixtures there."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -471,3 +475,122 @@ def test_deleting_a_pod_stops_its_init_container(node: Node) -> None:
     assert f"Killed container {namespace}/deleted/hold after its grace period" in node.agent_log.read_text()
     assert not _started_in_agent_log(node, namespace, "deleted", "main")
     assert not (node.workdir / "logs" / f"{namespace}_deleted_main.log").exists()
+
+
+# ------------------------------------------------------------------------------------------ env from Secrets
+
+
+def _secret(name: str, **data: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque",
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
+def _key_ref(kind: str, name: str, key: str) -> dict[str, Any]:
+    return {"valueFrom": {kind: {"name": name, "key": key}}}
+
+
+def _events(node: Node, namespace: str, pod: str) -> list[dict[str, Any]]:
+    items = json.loads(node.cluster.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    return [e for e in items if e["involvedObject"]["name"] == pod]
+
+
+def test_containers_get_env_from_secrets_and_configmaps(node: Node) -> None:
+    """An init container takes a Secret's keys with envFrom (and a ConfigMap's with a prefix), as Shipyard passes
+    model-storage credentials; the container takes one key with secretKeyRef, one with configMapKeyRef, expands them
+    into a later value and into its args. Each reports what it saw; the Secret's value appears in neither the agent's
+    log nor the container's (the command is logged as written)."""
+    namespace = _namespace(node, "agent-env")
+    secret_value = f"sv-{uuid.uuid4().hex}"
+    node.cluster.apply(_secret("model-storage", AWS_ACCESS_KEY_ID="AKIA-harness", AWS_SECRET_ACCESS_KEY=secret_value),
+                       namespace)
+    node.cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"},
+                        "data": {"REGION": "eu-west-1"}}, namespace)
+    pod = _pod("creds", f"{DIGITS}:1.0.0", ["sh", "-c", 'printf "%s|%s|%s" "$KEY" "$URL" "$1" > /dev/termination-log',
+                                           "sh", "$(KEY)"])
+    pod["spec"]["containers"][0]["env"] = [
+        {"name": "KEY", **_key_ref("secretKeyRef", "model-storage", "AWS_SECRET_ACCESS_KEY")},
+        {"name": "REGION", **_key_ref("configMapKeyRef", "settings", "REGION")},
+        {"name": "URL", "value": "s3://models-$(REGION)/digits"}]
+    fetch = _init_container("fetch", 'printf "%s|%s|%s" "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" "$S_REGION" '
+                                     "> /dev/termination-log")
+    fetch["envFrom"] = [{"secretRef": {"name": "model-storage"}}, {"configMapRef": {"name": "settings"},
+                                                                     "prefix": "S_"}]
+    pod["spec"]["initContainers"] = [fetch]
+    node.cluster.apply(pod, namespace)
+    status = wait_until(lambda: (s := _pod_status(node, namespace, "creds")).get("phase") in ("Succeeded", "Failed")
+                        and s, timeout=120, message="the pod to finish")
+    assert status["phase"] == "Succeeded", json.dumps(status)
+    init = status["initContainerStatuses"][0]["state"]["terminated"]
+    assert init["message"] == f"AKIA-harness|{secret_value}|eu-west-1", init
+    main = status["containerStatuses"][0]["state"]["terminated"]
+    assert main["message"] == f"{secret_value}|s3://models-eu-west-1/digits|{secret_value}", main
+    assert secret_value not in node.agent_log.read_text()
+    for container in ("fetch", "main"):
+        assert secret_value not in (node.workdir / "logs" / f"{namespace}_creds_{container}.log").read_text()
+    assert "$(KEY)" in (node.workdir / "logs" / f"{namespace}_creds_main.log").read_text()  # as written
+
+
+def test_a_container_waits_for_its_secret_until_it_is_created(node: Node) -> None:
+    """As a kubelet: an init container whose envFrom Secret does not exist waits with CreateContainerConfigError (the
+    kubelet's message, a Failed event) and the pod stays Pending; once the Secret is created it runs, and the
+    container, whose secretKeyRef names a key the Secret lacks, waits in turn until the key is added; then it runs."""
+    namespace = _namespace(node, "agent-env-late")
+    pod = _pod("late", f"{DIGITS}:1.0.0", ["sh", "-c", 'printf %s "$TOKEN" > /dev/termination-log'])
+    pod["spec"]["containers"][0]["env"] = [{"name": "TOKEN", **_key_ref("secretKeyRef", "late-creds", "token")}]
+    fetch = _init_container("fetch", 'test -n "$AWS_ACCESS_KEY_ID"')
+    fetch["envFrom"] = [{"secretRef": {"name": "late-creds"}}]
+    pod["spec"]["initContainers"] = [fetch]
+    node.cluster.apply(pod, namespace)
+
+    def waiting(statuses: str, message: str) -> Any:
+        def check() -> Any:
+            status = _pod_status(node, namespace, "late")
+            state = ((status.get(statuses) or [{}])[0].get("state") or {}).get("waiting") or {}
+            return state.get("reason") == "CreateContainerConfigError" and state.get("message") == message and status
+        return check
+
+    status = wait_until(waiting("initContainerStatuses", 'secret "late-creds" not found'), timeout=60,
+                        message="the init container to wait for its Secret")
+    assert status["phase"] == "Pending", status
+    assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "PodInitializing"}}, status
+    assert _kubectl_status(node, namespace, "late") == "Init:CreateContainerConfigError"
+    wait_until(lambda: any(e["reason"] == "Failed" and e["type"] == "Warning"
+                           and e["message"] == 'Error: secret "late-creds" not found'
+                           for e in _events(node, namespace, "late")), timeout=30, message="the Failed event")
+    time.sleep(3)  # tried again (every 2 s), still waiting, nothing started
+    assert waiting("initContainerStatuses", 'secret "late-creds" not found')()
+    assert not _started_in_agent_log(node, namespace, "late", "fetch")
+
+    node.cluster.apply(_secret("late-creds", AWS_ACCESS_KEY_ID="AKIA-late"), namespace)
+    status = wait_until(waiting("containerStatuses", f"couldn't find key token in Secret {namespace}/late-creds"),
+                        timeout=60, message="the init container to run and the container to wait for its key")
+    assert status["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 0, status
+    assert _kubectl_status(node, namespace, "late") == "CreateContainerConfigError"
+
+    node.cluster.apply(_secret("late-creds", AWS_ACCESS_KEY_ID="AKIA-late", token="t0ken"), namespace)
+    terminated = _terminated(node, namespace, "late", timeout=60)
+    assert terminated["exitCode"] == 0 and terminated["message"] == "t0ken", terminated
+    assert len(_started_in_agent_log(node, namespace, "late", "main")) == 1
+
+
+# ------------------------------------------------------------------------------------------------ hostPath
+
+
+def test_a_host_path_directory_or_create_is_shared_by_two_pods_at_once(node: Node, tmp_path: Path) -> None:
+    """A node-level cache as the operator mounts it: two pods at once on a hostPath of type DirectoryOrCreate that
+    does not exist yet (nor its parent). The agent creates it; each pod writes its file and waits for the other's, so
+    both succeed only if they share the one directory while both run; the files are on the node after."""
+    namespace = _namespace(node, "agent-hostpath")
+    cache = tmp_path / "node-cache" / "models"
+    for name, other in (("cache-a", "cache-b"), ("cache-b", "cache-a")):
+        pod = _pod(name, f"{DIGITS}:1.0.0", [
+            "sh", "-c", f"echo {name} > /cache/{name}; for i in $(seq 300); do if test -f /cache/{other}; then "
+                        "ls /cache | tr '\\n' ' ' > /dev/termination-log; exit 0; fi; sleep 0.1; done; exit 1"])
+        pod["spec"]["volumes"] = [{"name": "cache", "hostPath": {"path": str(cache), "type": "DirectoryOrCreate"}}]
+        pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "cache", "mountPath": "/cache"}]
+        node.cluster.apply(pod, namespace)
+    for name in ("cache-a", "cache-b"):
+        terminated = _terminated(node, namespace, name, timeout=90)
+        assert terminated["exitCode"] == 0 and terminated["message"] == "cache-a cache-b", terminated
+    assert sorted(p.name for p in cache.iterdir()) == ["cache-a", "cache-b"]
+    assert (cache / "cache-a").read_text() == "cache-a\n"

@@ -1,10 +1,14 @@
 """The e2e node agent's pure parts (hack/node_agent.py): image references, the local image catalogue's tags, the
-files of configMap and secret volumes, Services' virtual IPs and pods' hosts files, and what it reports of a pod (its
-phase, its init containers' progress, container statuses). What it does with real pods is the harness tier's
-(tests/harness/test_node_agent.py)."""
+files of configMap and secret volumes, Services' virtual IPs and pods' hosts files, what it reports of a pod (its
+phase, its init containers' progress, container statuses), and a container's env as the kubelet builds it (envFrom,
+secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef, $(VAR) expansion, the kubelet's messages). What it does
+with real pods is the harness tier's (tests/harness/test_node_agent.py)."""
 
 from __future__ import annotations
 
+import base64
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -284,3 +288,162 @@ def test_container_status_names_its_container_and_image() -> None:
     run.container_id = "shipyard-local://uid/fetch/0/42"
     status = agent.build_container_status(run, init=True)
     assert status["imageID"] == f"{DIGITS}@sha256:0" and status["containerID"] == "shipyard-local://uid/fetch/0/42"
+
+
+# ------------------------------------------------------------------------------------------------ container env
+
+NS = "models"
+FIELDS = {"metadata.name": "p", "metadata.namespace": NS, "status.podIP": "127.0.12.3"}
+ALLOCATABLE = {"cpu": "16", "memory": "64Gi"}
+
+
+def _b64(text: str | bytes) -> str:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+def _secret(**data: str) -> dict[str, Any]:
+    return {"kind": "Secret", "data": {k: _b64(v) for k, v in data.items()}}
+
+
+def _configmap(**data: str) -> dict[str, Any]:
+    return {"kind": "ConfigMap", "data": data}
+
+
+STORAGE = _secret(AWS_ACCESS_KEY_ID="AKIA1", AWS_SECRET_ACCESS_KEY="s3cr3t/+=")
+SOURCES = {("secret", "model-storage"): STORAGE, ("configmap", "settings"): _configmap(REGION="eu", LEVEL="info"),
+           ("secret", "absent"): None, ("configmap", "absent"): None}
+
+
+def _secret_key(name: str, key: str, optional: bool | None = None, kind: str = "secretKeyRef") -> dict[str, Any]:
+    ref: dict[str, Any] = {"name": name, "key": key}
+    if optional is not None:
+        ref["optional"] = optional
+    return {"valueFrom": {kind: ref}}
+
+
+@pytest.mark.parametrize(("container", "expected"), [
+    pytest.param({"env": [{"name": "A", "value": "1"}, {"name": "B"}]}, {"A": "1", "B": ""}, id="value-and-no-value"),
+    pytest.param({"env": [{"name": "KEY", **_secret_key("model-storage", "AWS_SECRET_ACCESS_KEY")}]},
+                 {"KEY": "s3cr3t/+="}, id="secret-key-ref-decoded"),
+    pytest.param({"env": [{"name": "R", **_secret_key("settings", "REGION", kind="configMapKeyRef")}]},
+                 {"R": "eu"}, id="configmap-key-ref"),
+    pytest.param({"envFrom": [{"secretRef": {"name": "model-storage"}}]},
+                 {"AWS_ACCESS_KEY_ID": "AKIA1", "AWS_SECRET_ACCESS_KEY": "s3cr3t/+="}, id="env-from-secret"),
+    pytest.param({"envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "APP_"}]},
+                 {"APP_REGION": "eu", "APP_LEVEL": "info"}, id="env-from-configmap-with-prefix"),
+    pytest.param({"envFrom": [{"configMapRef": {"name": "settings"}},
+                              {"secretRef": {"name": "model-storage"}, "prefix": "LEVEL"}],
+                  "env": [{"name": "REGION", "value": "us"}]},
+                 {"REGION": "us", "LEVEL": "info", "LEVELAWS_ACCESS_KEY_ID": "AKIA1",
+                  "LEVELAWS_SECRET_ACCESS_KEY": "s3cr3t/+="}, id="env-overrides-env-from"),
+    pytest.param({"envFrom": [{"configMapRef": {"name": "settings"}}, {"configMapRef": {"name": "other"}}]},
+                 {"REGION": "us", "LEVEL": "info", "ZONE": "b"}, id="later-env-from-overrides-earlier"),
+    pytest.param({"envFrom": [{"configMapRef": {"name": "settings"}}],
+                  "env": [{"name": "URL", "value": "s3://b-$(REGION)/$(LATER)/$(PATH)/$$(REGION)"},
+                          {"name": "LATER", "value": "x"}, {"name": "AGAIN", "value": "$(URL)+$(LATER)"}]},
+                 {"REGION": "eu", "LEVEL": "info", "URL": "s3://b-eu/$(LATER)/$(PATH)/$(REGION)", "LATER": "x",
+                  "AGAIN": "s3://b-eu/$(LATER)/$(PATH)/$(REGION)+x"},
+                 id="expansion-sees-only-earlier-declared-variables"),
+    pytest.param({"envFrom": [{"secretRef": {"name": "absent", "optional": True}},
+                              {"configMapRef": {"name": "absent", "optional": True}}],
+                  "env": [{"name": "A", **_secret_key("absent", "k", optional=True)},
+                          {"name": "B", **_secret_key("model-storage", "nope", optional=True)},
+                          {"name": "C", **_secret_key("settings", "nope", True, "configMapKeyRef")}]},
+                 {}, id="optional-missing-objects-and-keys-are-skipped"),
+    pytest.param({"envFrom": [{"configMapRef": {"name": "odd"}}]}, {"1st": "a", "with-dash": "b", "dot.ted": "c"},
+                 id="keys-not-c-identifiers-are-taken-as-kubelet-1.34+"),
+    pytest.param({"env": [{"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                          {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                          {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                          {"name": "NOTE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['a/b']"}}},
+                          {"name": "NONE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['nope']"}}}]},
+                 {"POD": "p", "IP": "127.0.12.3", "APP": "digits", "NOTE": "c", "NONE": ""}, id="field-ref"),
+])
+def test_container_env(container: dict[str, Any], expected: dict[str, str]) -> None:
+    sources = {**SOURCES, ("configmap", "other"): _configmap(REGION="us", ZONE="b"),
+               ("configmap", "odd"): _configmap(**{"1st": "a", "with-dash": "b", "dot.ted": "c"})}
+    pod = {"metadata": {"namespace": NS, "name": "p", "labels": {"app": "digits"}, "annotations": {"a/b": "c"}},
+           "spec": {"containers": [container]}}
+    assert agent.build_container_env(pod, container, sources, FIELDS, ALLOCATABLE) == expected
+
+
+@pytest.mark.parametrize(("container", "message"), [
+    pytest.param({"envFrom": [{"secretRef": {"name": "absent"}}]}, 'secret "absent" not found',
+                 id="env-from-missing-secret"),
+    pytest.param({"envFrom": [{"configMapRef": {"name": "absent", "optional": False}}]},
+                 'configmap "absent" not found', id="env-from-missing-configmap"),
+    pytest.param({"env": [{"name": "K", **_secret_key("absent", "k")}]}, 'secret "absent" not found',
+                 id="key-ref-missing-secret"),
+    pytest.param({"env": [{"name": "K", **_secret_key("model-storage", "token")}]},
+                 f"couldn't find key token in Secret {NS}/model-storage", id="missing-secret-key"),
+    pytest.param({"env": [{"name": "K", **_secret_key("settings", "token", kind="configMapKeyRef")}]},
+                 f"couldn't find key token in ConfigMap {NS}/settings", id="missing-configmap-key"),
+    pytest.param({"env": [{"name": "K", **_secret_key("absent", "k", optional=False)}]}, 'secret "absent" not found',
+                 id="optional-false-is-required"),
+    pytest.param({"env": [{"name": "F", "valueFrom": {"fieldRef": {"fieldPath": "spec.hostname"}}}]},
+                 "unsupported fieldPath: spec.hostname", id="unsupported-field-path"),
+    pytest.param({"env": [{"name": "F", "valueFrom": {"fileKeyRef": {"volumeName": "v", "path": "p", "key": "k"}}}]},
+                 "env F: this valueFrom is not supported", id="file-key-ref"),
+])
+def test_container_env_that_cannot_be_built_waits_with_the_kubelets_message(container: dict[str, Any],
+                                                                            message: str) -> None:
+    pod = {"metadata": {"namespace": NS, "name": "p"}, "spec": {"containers": [container]}}
+    with pytest.raises(agent.ContainerConfigError, match="^" + re.escape(message)):
+        agent.build_container_env(pod, container, SOURCES, FIELDS, ALLOCATABLE)
+
+
+def test_secret_bytes_that_are_not_utf8_reach_the_process_unchanged() -> None:
+    container = {"env": [{"name": "BIN", **_secret_key("bin", "k")}]}
+    sources = {("secret", "bin"): {"data": {"k": _b64(b"\xffok")}}}
+    pod = {"metadata": {"namespace": NS, "name": "p"}, "spec": {"containers": [container]}}
+    env = agent.build_container_env(pod, container, sources, FIELDS, ALLOCATABLE)
+    assert os.fsencode(env["BIN"]) == b"\xffok"  # what subprocess hands execve
+
+
+@pytest.mark.parametrize(("container", "references"), [
+    pytest.param({}, [], id="none"),
+    pytest.param({"envFrom": [{"secretRef": {"name": "s"}}, {"configMapRef": {"name": "c"}}, {"prefix": "X"}],
+                  "env": [{"name": "A", **_secret_key("s", "k")}, {"name": "B", **_secret_key("t", "k")},
+                          {"name": "C", **_secret_key("c", "k", kind="configMapKeyRef")},
+                          {"name": "D", "value": "v"},
+                          {"name": "E", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
+                 [("secret", "s"), ("configmap", "c"), ("secret", "t")], id="each-once-in-order"),
+])
+def test_env_references(container: dict[str, Any], references: list[tuple[str, str]]) -> None:
+    assert agent.build_env_references(container) == references
+
+
+@pytest.mark.parametrize(("resources", "selector", "value"), [
+    pytest.param({"limits": {"cpu": "500m"}}, {"resource": "limits.cpu"}, "1", id="cpu-rounded-up-to-cores"),
+    pytest.param({"limits": {"cpu": "500m"}}, {"resource": "limits.cpu", "divisor": "1m"}, "500", id="cpu-millis"),
+    pytest.param({"limits": {"cpu": "2"}}, {"resource": "limits.cpu", "divisor": "300m"}, "7", id="cpu-divisor"),
+    pytest.param({}, {"resource": "limits.cpu"}, "16", id="no-limit-is-the-nodes-allocatable"),
+    pytest.param({}, {"resource": "requests.cpu"}, "0", id="no-request-is-zero"),
+    pytest.param({"requests": {"memory": "1Gi"}}, {"resource": "requests.memory", "divisor": "1Mi"}, "1024",
+                 id="memory-divisor"),
+    pytest.param({"limits": {"memory": "1.5k"}}, {"resource": "limits.memory"}, "1500", id="memory-decimal-suffix"),
+    pytest.param({"limits": {"memory": "1e3"}}, {"resource": "limits.memory", "divisor": "1Ki"}, "1",
+                 id="memory-exponent-rounded-up"),
+    pytest.param({}, {"resource": "limits.memory", "divisor": "1Gi"}, "64", id="memory-allocatable"),
+    pytest.param({}, {"resource": "limits.cpu", "containerName": "other", "divisor": "1m"}, "250",
+                 id="another-container"),
+])
+def test_resource_field_ref(resources: dict[str, Any], selector: dict[str, Any], value: str) -> None:
+    container = {"name": "main", "resources": resources,
+                 "env": [{"name": "V", "valueFrom": {"resourceFieldRef": selector}}]}
+    other = {"name": "other", "resources": {"limits": {"cpu": "250m"}}}
+    pod = {"metadata": {"namespace": NS, "name": "p"}, "spec": {"containers": [container, other]}}
+    assert agent.build_container_env(pod, container, {}, FIELDS, ALLOCATABLE) == {"V": value}
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("$(A)$(B)", "12"),
+    ("$(A", "$(A"),
+    ("$()", "$()"),
+    ("$(a$(B))", "$(a$(B))"),  # the name runs to the first ")", as the kubelet reads it
+    ("$(1st)", "x"),  # relaxed names can be referenced too
+    ("end$", "end$"),
+    ("$A", "$A"),
+])
+def test_expansion_edge_cases_as_the_kubelet_reads_them(text: str, expected: str) -> None:
+    assert agent._expand(text, {"A": "1", "B": "2", "1st": "x"}) == expected
