@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from shipyard.contract import recipe
 from shipyard.operator import crd, spec
-from shipyard.operator.spec import URI_PATTERN
 from shipyard.operator.providers import prometheus, scrape
+from shipyard.operator.spec import URI_PATTERN
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "modeldeployments.shipyard.dev.yaml"
