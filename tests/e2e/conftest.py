@@ -45,7 +45,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAMESPACE = "e2e"
 POD_IP_PREFIX = "127.0.11"
 ACTIVATOR_IMAGE = "registry.example/shipyard/operator:e2e"  # the operator's image (hack/e2e-images.yaml): activators
-RUNTIME_IMAGE = "registry.example/shipyard/runtime:0.1.0"  # the runtime without a model: --fetch-image, S3-served models
+RUNTIME_IMAGE = "registry.example/shipyard/runtime:0.1.0"  # the runtime without a model (--fetch-image)
 SERVICE_IP_PREFIX = "127.0.253"  # Services' virtual IPs, apart from the demo's default 127.0.254
 RESULTS: dict[str, Any] = {"scenarios": {}}
 
