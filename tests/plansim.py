@@ -132,7 +132,11 @@ class Sim:
                 if isinstance(value, ConnectionError) else analysis.Sample(value=value, query="q")
             measurements = {name: analysis.Measurement(candidate=sample, stable=analysis.Sample(0.0, "q"))
                             for name in request.metrics}
-        return planning.plan_reconcile(body, self.observed(), self.now, measurements, parsed=parsed,
+        seen = self.observed()
+        if not isinstance(parsed, spec.SpecError):  # the shell lists only the pods plan_fetch_checks names
+            listed = planning.plan_fetch_checks(parsed, body.get("status") or {}, seen)
+            seen = dataclasses.replace(seen, fetches={v: f for v, f in seen.fetches.items() if v in listed})
+        return planning.plan_reconcile(body, seen, self.now, measurements, parsed=parsed,
                                        prometheus_address=self.prometheus_address,
                                        activator_image=self.activator_image, fetch=self.fetch_settings)
 

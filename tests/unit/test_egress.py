@@ -118,6 +118,9 @@ def test_redact_url(url: str, redacted: str | None) -> None:
     pytest.param("Cannot connect to 'http://a:s3cret@h:1' (x)", id="quoted"),
     pytest.param("see https://h/x?sig=s3cret and s3://bucket/k?token=s3cret", id="two-urls"),
     pytest.param("unparsable http://u:s3cret@[::1 host", id="broken-url"),
+    pytest.param("access denied (403) to https://b.s3.amazonaws.com/m.tar.gz?X-Amz-Credential=AKIA&"
+                 "X-Amz-Signature=s3cret (a model download step's line)", id="presigned-fetch"),
+    pytest.param("not found (404): oci://robot:s3cret@registry.example/models/m:1", id="oci-userinfo"),
 ])
 def test_redact_text_removes_credentials_of_every_url(text: str) -> None:
     out = egress.redact_text(text)

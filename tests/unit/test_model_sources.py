@@ -6,6 +6,7 @@ status.modelFetch). Pure: no cluster."""
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -231,6 +232,20 @@ def test_fetch_view_of_a_pod(body: dict[str, Any], state: str, message: str) -> 
     assert view is not None and (view.state, view.message, view.version) == (state, message, "v")
 
 
+def test_what_a_download_step_said_is_redacted_before_status_and_events() -> None:
+    said = "access denied (403) to https://b.example/m.tar.gz?X-Amz-Signature=s3cret&X-Amz-Credential=AKIA"
+    view = observed.build_fetch_view(pod("p", "v", {"terminated": {"exitCode": 1, "message": said}}))
+    assert view is not None and "s3cret" not in view.message and "AKIA" not in view.message
+    sim = s3_sim()
+    version = planning.parse(sim.body).spec.version  # type: ignore[union-attr]
+    sim.broken.add(version)
+    sim.fetches = {version: (view,)}
+    sim.step()  # the Deployment is created; the next pass lists its pods
+    plan = sim.step()
+    assert "s3cret" not in json.dumps(sim.status) and "s3cret" not in json.dumps([e.message for e in plan.events])
+    assert sim.condition("Stalled") == ("True", "ModelFetchFailed")
+
+
 def test_a_pod_without_a_download_step_has_no_fetch_view() -> None:
     assert observed.build_fetch_view({"metadata": {"name": "p"}, "status": {}}) is None
 
@@ -318,3 +333,25 @@ def test_another_runtime_without_a_fetch_image_is_stalled_naming_the_flag() -> N
     assert "--fetch-image" in sim.status["message"] and plan.apply == ()
     sim.fetch_settings = objects.FetchSettings(image="shipyard/runtime:0.1.0-cpu")
     sim.run(lambda s: s.status.get("phase") == "Healthy")
+
+
+def test_a_rollback_to_a_cached_version_is_counted_for_it_and_nothing_is_told_twice() -> None:
+    sim = s3_sim()
+    v1 = planning.parse(sim.body).spec.version  # type: ignore[union-attr]
+    hit = SUMMARY.replace("cacheHit=false", "cacheHit=true").replace("downloadedBytes=1200000", "downloadedBytes=0")
+    sim.fetches = {v1: tuple(fetch_view(f"a{i}", v1, "done", SUMMARY if i == 0 else hit) for i in range(4))}
+    sim.settle()
+    sim.body["spec"]["model"]["digest"] = OTHER_DIGEST
+    sim.set_spec()
+    v2 = planning.parse(sim.body).spec.version  # type: ignore[union-attr]
+    sim.fetches[v2] = tuple(fetch_view(f"b{i}", v2, "done", SUMMARY if i == 0 else hit) for i in range(4))
+    sim.run(lambda s: s.status.get("stableVersion") == v2 and s.status.get("phase") == "Healthy")
+    sim.fetches[v1] = tuple(fetch_view(f"c{i}", v1, "done", hit) for i in range(4))  # the kept version's new pods
+    sim.annotate("rollback-to", v1)
+    sim.run(lambda s: s.status.get("stableVersion") == v1 and not s.status.get("restoring"))
+    sim.settle()
+    fetch = sim.status["modelFetch"]
+    assert (fetch["version"], fetch["downloads"], fetch["cacheHits"]) == (v1, 0, 4), fetch
+    told = [e.message.split(" ")[1] for p in sim.plans for e in p.events if e.reason == "ModelFetched"]
+    assert sorted(told) == sorted([f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)] +
+                                  [f"c{i}" for i in range(4)])

@@ -297,25 +297,21 @@ FETCH_PODS_MAX = 64  # pod names kept in status.modelFetch.pods (the pods whose 
 
 
 def plan_fetch_checks(md: spec_mod.ModelDeployment, status: Mapping[str, Any], observed: Observed) -> tuple[str, ...]:
-    """The versions whose serving pods the shell lists this pass, to read their download steps: those of the spec, the
-    candidate and a rollback-to in progress, while their model is downloaded (not an image volume) and some of their
-    pods are not Ready yet or have not had their download told (status.modelFetch). Serving pods are not watched; a
-    version at rest costs no request. Pure."""
+    """The version whose serving pods the shell lists this pass, to read their download steps: the one that starts now
+    (a rollback-to's, else the candidate, else the stable, else the spec's), while its model is downloaded (not an
+    image volume) and some of its pods are not Ready yet or have not had their download told (status.modelFetch).
+    Serving pods are not watched; a version at rest costs no request. Pure."""
     model = md.spec.model
     fetch = status.get("modelFetch") or {}
     if not (model.remote and not model.image_volume) and not fetch:
         return ()
-    restoring = (status.get("restoring") or {}).get("version")
-    wanted = [v for v in (md.spec.version, status.get("candidateVersion"), restoring) if v]
-    out: list[str] = []
-    for version in dict.fromkeys(wanted):
-        view = observed.deployments.get(version)
-        if view is None or view.replicas <= 0:
-            continue
-        told = len(fetch.get("pods") or []) if fetch.get("version") == version else 0
-        if view.serving < view.replicas or told < min(view.replicas, FETCH_PODS_MAX):
-            out.append(version)
-    return tuple(out)
+    version = ((status.get("restoring") or {}).get("version") or status.get("candidateVersion")
+               or status.get("stableVersion") or md.spec.version)
+    view = observed.deployments.get(version)
+    if view is None or view.replicas <= 0:
+        return ()
+    told = len(fetch.get("pods") or []) if fetch.get("version") == version else 0
+    return (version,) if view.serving < view.replicas or told < min(view.replicas, FETCH_PODS_MAX) else ()
 
 
 def _plan_fetch(md: spec_mod.ModelDeployment, st: _State, observed: Observed, previous: Mapping[str, Any] | None,
