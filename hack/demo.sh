@@ -4,7 +4,8 @@
 # Prometheus (Debian's package, installed if missing) and the operator; applies the digits ModelDeployment (the
 # e2e variant of examples/digits.yaml) with its artifacts volume; shows the compression Job's report and a real
 # inference through the Service; rolls out a good tag and then a bad one under steady load, the bad one rolled back
-# on Prometheus data. Everything is stopped at the end; KEEP=1 leaves it running and prints how to stop it.
+# on Prometheus data; then serves the same model from the stack's S3 server (versitygw) with 4 replicas that download
+# it once (the node cache). Everything is stopped at the end; KEEP=1 leaves it running and prints how to stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -30,16 +31,17 @@ stop_all() {
     kill "$agent_pid" 2>/dev/null && wait "$agent_pid" 2>/dev/null || true
   fi
   python3 hack/prometheus.py stop --dir "$state/prometheus" || true
+  python3 hack/s3.py stop --dir "$state/s3" 2>/dev/null || true
   python3 hack/cluster.py down --dir "$state/cluster" || true
 }
 cleanup() {
   rc=$?
   if [ "${KEEP:-0}" = 1 ] && [ "$rc" = 0 ]; then
     say "Left running (KEEP=1). Stop everything with:"
-    echo "  kill $operator_pid $agent_pid; python3 hack/prometheus.py stop --dir $state/prometheus; python3 hack/cluster.py down --dir $state/cluster"
+    echo "  kill $operator_pid $agent_pid; python3 hack/prometheus.py stop --dir $state/prometheus; python3 hack/s3.py stop --dir $state/s3; python3 hack/cluster.py down --dir $state/cluster"
     return
   fi
-  say "Cleaning up (operator, node agent and its pods, Prometheus, control plane)"
+  say "Cleaning up (operator, node agent and its pods, Prometheus, the S3 server, control plane)"
   stop_all
   [ "$rc" = 0 ] || echo "demo failed (exit $rc); logs: $state/agent.log, $state/operator.log, $state/agent/logs/"
 }
@@ -49,6 +51,7 @@ if [ -d "$state" ]; then
   say "Stopping a previous demo in $state"
   [ -f "$state/pids" ] && kill $(cat "$state/pids") 2>/dev/null && sleep 5 || true
   python3 hack/prometheus.py stop --dir "$state/prometheus" 2>/dev/null || true
+  python3 hack/s3.py stop --dir "$state/s3" 2>/dev/null || true
   python3 hack/cluster.py down --dir "$state/cluster" >/dev/null 2>&1 || true
   rm -rf "$state"
 fi
@@ -80,8 +83,10 @@ prometheus=$(python3 hack/prometheus.py start --dir "$state/prometheus" --target
 echo "    $prometheus"
 
 say "Starting the operator (log: $state/operator.log)"
+mkdir -p "$state/model-cache" && chmod 1777 "$state/model-cache"  # the node's model cache (a hostPath)
 setsid "$venv/bin/shipyard-operator" --all-namespaces --metrics-port 0 --liveness "" \
-  --prometheus-address "$prometheus" > "$state/operator.log" 2>&1 &
+  --prometheus-address "$prometheus" --fetch-image registry.example/shipyard/runtime:0.1.0 \
+  --model-cache-path "$state/model-cache" > "$state/operator.log" 2>&1 &
 operator_pid=$!
 echo "$operator_pid $agent_pid" > "$state/pids"
 
@@ -164,6 +169,17 @@ stop_load
 kubectl get events -n $ns --field-selector involvedObject.kind=ModelDeployment,reason=RolledBack \
   -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' | tail -1 | sed 's/^/    /'
 
+say "A model in S3: the same weights in the stack's S3 server (versitygw), served by 4 pods of the runtime image"
+echo "    (examples/digits-s3.yaml: each pod's init container runs shipyard-runtime fetch, digest checked, node cache)"
+"$py" -m tests.e2e.s3model up --dir "$state/s3" --namespace $ns | kubectl apply -f - >/dev/null
+kubectl wait -n $ns --for=condition=Ready --timeout=300s md/digits-s3 >/dev/null || die "digits-s3 was not Ready"
+kubectl get md -n $ns digits-s3
+kubectl get md -n $ns digits-s3 -o jsonpath='    status.modelFetch: {.status.modelFetch.downloads} download(s), {.status.modelFetch.cacheHits} from the node cache, {.status.modelFetch.bytes} bytes, {.status.modelFetch.digest}{"\n"}'
+echo "    what the S3 server's access log counted:"
+"$py" -m tests.e2e.s3model downloads --dir "$state/s3" | sed 's/^/    /'
+kubectl get events -n $ns --field-selector involvedObject.name=digits-s3,reason=ModelFetched \
+  -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' | cut -c1-200 | sed 's/^/    /'
+
 say "Where it ended"
 kubectl get md -n $ns
 kubectl get deployments -n $ns -L shipyard.dev/version
@@ -184,6 +200,7 @@ hint ".venv/bin/python -m tests.e2e.loadgen --port PORT --seconds 30" "20 reques
 hint "ls $state/agent/logs/" "each container's output"
 hint "kubectl apply -n $ns -f examples/digits-blue-green.yaml" "the same model blue-green: preview, promote, a rollback window"
 hint "kubectl apply -n $ns -f examples/torchserve.yaml" "the digits model on TorchServe, same canary and rollback"
+hint "kubectl get md -n $ns digits-s3 -o yaml" "the model from S3: spec.model, status.modelFetch"
 hint "kubectl apply -n $ns -f examples/recommender.yaml" "the recommender example (its own compression Job)"
 echo "  # requests per version and status code in Prometheus:"
 echo "  $prometheus/graph?g0.expr=sum%20by%20(version,code)(rate(shipyard_requests_total[1m]))"

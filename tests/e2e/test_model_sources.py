@@ -15,12 +15,9 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import ssl
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -34,6 +31,7 @@ import pytest
 
 from tests.e2e import loadgen, manifests
 from tests.e2e.conftest import E2E, RUNTIME_IMAGE, record
+from tests.e2e.s3model import build_secret, catalogue_model_dir, print_digest, upload
 from tests.e2e.test_autoscaling import in_own_namespace
 from tests.e2e.test_examples import ready
 from tests.e2e.test_rollout import LABELS, SAMPLES
@@ -45,23 +43,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "e2e-sources"
-BUCKET = "e2e-models"
+BUCKET = "e2e-models"  # not the demo's: the session's server is shared
 MODEL = "digits-s3"
-SECRET = "model-storage"
-
-
-def build_model(out: Path) -> Path:
-    """The digits model as the catalogue's image holds it (examples/models/build_models.py)."""
-    env = dict(os.environ, OMP_NUM_THREADS="2")
-    subprocess.run([sys.executable, str(REPO / "examples" / "models" / "build_models.py"), "digits", str(out)],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-    return out
-
-
-def print_digest(path: Path) -> str:
-    out = subprocess.run([str(Path(sys.prefix) / "bin" / "shipyard-runtime"), "fetch", "--print-digest", str(path)],
-                         check=True, capture_output=True, text=True, timeout=120)
-    return out.stdout.strip().split()[-1]
 
 
 def build_md(name: str, model: dict[str, Any], replicas: int = 4, image: str = RUNTIME_IMAGE,
@@ -109,17 +92,8 @@ def sources(e2e: E2E) -> Iterator[E2E]:
 
 
 @pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_model(tmp_path_factory.mktemp("digits") / "model")
-
-
-def upload(s3: S3Server, root: Path, prefix: str) -> list[str]:
-    keys = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        key = f"{prefix}/{path.relative_to(root).as_posix()}"
-        s3.put_object(BUCKET, key, path)
-        keys.append(key)
-    return keys
+def digits_dir() -> Path:
+    return catalogue_model_dir()
 
 
 def test_14_a_model_in_s3_is_downloaded_once_per_node_and_versions_by_its_uri(
@@ -131,12 +105,10 @@ def test_14_a_model_in_s3_is_downloaded_once_per_node_and_versions_by_its_uri(
     v2_dir = tmp_path / "v2"
     shutil.copytree(digits_dir, v2_dir)
     (v2_dir / "NOTES.txt").write_text("digits, re-uploaded as v2\n")
-    keys = {"v1": upload(s3, digits_dir, "digits/v1"), "v2": upload(s3, v2_dir, "digits/v2")}
+    keys = {"v1": upload(s3, digits_dir, BUCKET, "digits/v1"), "v2": upload(s3, v2_dir, BUCKET, "digits/v2")}
     digest, digest_v2 = print_digest(digits_dir), print_digest(v2_dir)
-    e2e.cluster.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET},
-                       "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}},
-                      e2e.namespace)
-    source = {"digest": digest, "credentials": {"secretName": SECRET},
+    e2e.cluster.apply(build_secret(s3), e2e.namespace)
+    source = {"digest": digest, "credentials": {"secretName": "model-storage"},
               "s3": {"endpoint": s3.endpoint, "region": s3.region}}
 
     def counts(version: str) -> list[int]:
@@ -200,9 +172,7 @@ def test_14_a_model_in_s3_is_downloaded_once_per_node_and_versions_by_its_uri(
 
     # A wrong secret key: access denied, named, and the secret nowhere.
     denied_secret = "wrong-" + secrets.token_hex(12)
-    e2e.cluster.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "wrong-storage"},
-                       "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": denied_secret}},
-                      e2e.namespace)
+    e2e.cluster.apply(build_secret(s3, "wrong-storage", denied_secret), e2e.namespace)
     e2e.cluster.apply(build_md("digits-denied", {"uri": f"s3://{BUCKET}/digits/v1/", **source,
                                                  "credentials": {"secretName": "wrong-storage"}}, replicas=1),
                       e2e.namespace)

@@ -142,6 +142,23 @@ def test_a_wrong_secret_is_access_denied_and_never_shown(s3_server: S3Server, tm
     assert not (tmp_path / "m").exists()
 
 
+def test_a_cached_model_is_refused_to_a_wrong_secret(s3_server: S3Server, tmp_path: Path) -> None:
+    """The node cache is shared by the node's pods: a hit still asks the source (one HEAD, no GET), so a pod whose
+    credentials the store refuses gets no model, whatever digest it names."""
+    name = bucket(s3_server)
+    data = b"weights of another tenant"
+    s3_server.put_object(name, "m/model.bin", data)
+    cache = str(tmp_path / "cache")
+    first = fetch(fetch_env(s3_server, tmp_path), "--uri", f"s3://{name}/m/model.bin", "--dest",
+                  str(tmp_path / "a"), "--cache", cache, "--digest", sha(data))
+    assert first.code == 0, first.log
+    wrong = "Wr0ngSecret" + secrets.token_hex(12)
+    run = fetch(fetch_env(s3_server, tmp_path, AWS_SECRET_ACCESS_KEY=wrong), "--uri", f"s3://{name}/m/model.bin",
+                "--dest", str(tmp_path / "b"), "--cache", cache, "--digest", sha(data))
+    assert run.code == 1 and "access denied (403)" in run.line, run.log
+    assert not (tmp_path / "b").exists() and s3_server.downloads(name, "m/model.bin") == 1
+
+
 @pytest.mark.parametrize(("uri", "message"), [
     ("s3://{b}/missing/model.bin", "not found (404): s3://{b}/missing/model.bin (no such object, and no objects "
                                    "under s3://{b}/missing/model.bin/)"),

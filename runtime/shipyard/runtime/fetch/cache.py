@@ -8,8 +8,9 @@
     DIR/locks/<key>.lock          flock(2) per key, held while that key is looked up, fetched and inserted
     DIR/tmp/s-<random>/           staging of downloads into the cache (same filesystem: inserted by rename(2))
 
-With `--digest` a fetch takes the digest's lock and, on a hit, sends no request at all. Without one it asks the
-source for its validator (one HEAD or LIST, no download), takes the index key's lock, then the digest's. A
+Every fetch asks the source first (one HEAD or LIST, no download), a hit included: that request checks the pod's
+access, since the cache is shared by the node's pods and a digest is not a credential. With `--digest` the fetch then
+takes the digest's lock; without one it takes the index key's lock (the source's validator), then the digest's. A
 concurrent fetch of the same key waits for the first one and then finds the entry: one download per node.
 
 Entries are read-only and inserted only after verification, and a hit is verified again before use (the sha256 of

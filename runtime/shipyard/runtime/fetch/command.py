@@ -330,13 +330,15 @@ def run_fetch(config: FetchConfig, cancel: threading.Event | None = None) -> Out
         return content
 
     if config.digest:
+        # Access is checked at the source on every fetch, a cache hit included (one HEAD or LIST, no download): the
+        # cache is shared by the node's pods, and a digest is not a credential.
+        plan = fetcher.plan(probe=True)
         with cache.lock(build_digest_key(config.digest)):
             found = cache.lookup(config.digest, kinds)
             if found:
                 content = hit_content(config.digest, found[0], found[1])
                 place(found[1], found[0], content, True)
                 return finish(content, True)
-            plan = fetcher.plan(probe=False)
             content = download_and_insert(plan, config.digest)
         if plan.validator:
             cache.index_put(build_index_key(fetcher.endpoint, source.uri, plan.validator), content.digest)
