@@ -355,3 +355,18 @@ def test_a_rollback_to_a_cached_version_is_counted_for_it_and_nothing_is_told_tw
     told = [e.message.split(" ")[1] for p in sim.plans for e in p.events if e.reason == "ModelFetched"]
     assert sorted(told) == sorted([f"a{i}" for i in range(4)] + [f"b{i}" for i in range(4)] +
                                   [f"c{i}" for i in range(4)])
+
+
+def test_a_candidate_whose_download_never_succeeds_is_rolled_back_with_what_fetch_said() -> None:
+    sim = s3_sim().settle()
+    sim.body["spec"]["model"]["digest"] = OTHER_DIGEST
+    sim.body["spec"]["rollout"] = {"startupTimeoutSeconds": 60}
+    sim.set_spec()
+    candidate = planning.parse(sim.body).spec.version  # type: ignore[union-attr]
+    sim.broken.add(candidate)
+    said = "access denied (403) to s3://models/digits/v3/: SignatureDoesNotMatch"
+    sim.fetches = {candidate: (fetch_view("c1", candidate, "failed", said, restarts=4),)}
+    sim.run(lambda s: s.status.get("phase") == "RolledBack")
+    entry = sim.status["history"][-1]
+    assert (entry["version"], entry["reason"]) == (candidate, "StartupTimeout")
+    assert entry["message"].endswith(f"; its download step failed: {said}"), entry

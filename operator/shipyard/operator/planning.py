@@ -314,6 +314,13 @@ def plan_fetch_checks(md: spec_mod.ModelDeployment, status: Mapping[str, Any], o
     return (version,) if view.serving < view.replicas or told < min(view.replicas, FETCH_PODS_MAX) else ()
 
 
+def build_fetch_failure(observed: Observed, version: str) -> str:
+    """``; its download step failed: <what fetch said>`` when a pod of ``version`` failed to fetch its model (what a
+    startup timeout's record adds), else empty. Pure."""
+    failed = next((v for v in observed.fetches.get(version, ()) if v.state == "failed"), None)
+    return f"; its download step failed: {failed.message}" if failed is not None and failed.message else ""
+
+
 def _plan_fetch(md: spec_mod.ModelDeployment, st: _State, observed: Observed, previous: Mapping[str, Any] | None,
                 now: datetime.datetime) -> dict[str, Any] | None:
     """status.modelFetch from the download steps of the pods listed this pass (``plan_fetch_checks``): a ModelFetched
@@ -866,8 +873,8 @@ def _plan_first(md: spec_mod.ModelDeployment, st: _State, observed: Observed, de
     deadline = started + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds)
     if now >= deadline:
         st.record(target, spec.image, Outcome.FAILED, Reason.STARTUP_TIMEOUT,
-                  f"not ready within startupTimeoutSeconds ({spec.rollout.startup_timeout_seconds} s)", now,
-                  spec.retry)
+                  f"not ready within startupTimeoutSeconds ({spec.rollout.startup_timeout_seconds} s)"
+                  f"{build_fetch_failure(observed, target)}", now, spec.retry)
         st.event("Warning", Reason.STARTUP_TIMEOUT, f"Version {target} was not ready within "
                                                     f"{spec.rollout.startup_timeout_seconds} s")
         desired[target] = 0
@@ -1022,7 +1029,7 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         if now >= deadline:
             _fail_candidate(md, st, desired, Reason.STARTUP_TIMEOUT,
                             f"{cand_ready}/{canary} pod(s) ready after startupTimeoutSeconds "
-                            f"({spec.rollout.startup_timeout_seconds} s)", now)
+                            f"({spec.rollout.startup_timeout_seconds} s){build_fetch_failure(observed, target)}", now)
             return
         st.wake_at(deadline)
         st.conclude(Event.STEP_PROGRESSING)
@@ -1163,7 +1170,7 @@ def _plan_blue_green(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obser
         if now >= deadline and not switched:
             _fail_candidate(md, st, desired, Reason.STARTUP_TIMEOUT,
                             f"{cand_ready}/{total} pod(s) ready after startupTimeoutSeconds "
-                            f"({spec.rollout.startup_timeout_seconds} s)", now)
+                            f"({spec.rollout.startup_timeout_seconds} s){build_fetch_failure(observed, target)}", now)
             return
         st.wake_at(deadline)
     elif st.step_ready is None:
