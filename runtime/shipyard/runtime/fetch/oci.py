@@ -433,13 +433,11 @@ class Client:
             if same_host and self._auth:
                 hdrs["Authorization"] = self._auth
             response = self._send(method, url, hdrs)
-            if response.status == 401 and same_host:
-                challenge = response.headers.get("WWW-Authenticate", "")
+            if response.status == 401 and same_host and \
+                    self._authenticate(response.headers.get("WWW-Authenticate", ""), hdrs.get("Authorization")):
                 _discard(response)
-                if not self._authenticate(challenge, hdrs.get("Authorization")):
-                    raise FetchError(f"access denied (401) to {self.display}")
                 hdrs["Authorization"] = self._auth or ""
-                response = self._send(method, url, hdrs)
+                response = self._send(method, url, hdrs)  # a 401 again is the caller's to report
             if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
                 target = urllib.parse.urljoin(url, response.headers["Location"])
                 _discard(response)

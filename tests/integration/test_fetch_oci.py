@@ -1,0 +1,291 @@
+"""`shipyard-runtime fetch --uri oci://...` from the stack's real OCI registry (CNCF distribution over TLS with a CA of
+its own, tests/registry.py), run as the init container runs it: a process of its own, its exit code, stdout line and
+termination message. Artifacts are pushed with the oras CLI, as users push them; images are OCI image layouts built
+here and copied in with `oras cp`.
+
+An artifact file, an artifact directory, an image with `--path` (layers and whiteouts), a pinned digest, a wrong
+digest, a missing tag and a missing repository, the node cache (a second fetch of a tag costs one manifest GET and no
+blob, counted in the registry's access log), basic auth (refused without or with wrong credentials, never echoed;
+accepted from a Docker config file), and the registry killed mid-download and restarted (retried, never a partial
+model). The suite's `oci_registry` is shared: every test pushes to a repository of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from shipyard import contract
+from shipyard.runtime.fetch import digests
+from tests.integration.test_fetch_https import Run, run_fetch  # one way to run fetch as a process
+from tests.registry import build_layer
+
+if TYPE_CHECKING:
+    from tests.registry import Registry
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def fetch_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SHIPYARD_", "DOCKER_"))}
+    env.update({"NO_PROXY": "127.0.0.1,localhost", "HOME": str(tmp_path / "home"),
+                "PYTHONPATH": os.pathsep.join(str(ROOT / p) for p in ("contract", "runtime")),
+                contract.ENV_TERMINATION_LOG: str(tmp_path / f"termination-{secrets.token_hex(4)}")})
+    env.update(extra)
+    return env
+
+
+def fetch(registry: Registry, tmp_path: Path, *args: str, env: dict[str, str] | None = None,
+          timeout: float = 300) -> Run:
+    return run_fetch(env or fetch_env(tmp_path), *args, "--ca-bundle", str(registry.ca), timeout=timeout)
+
+
+def repo() -> str:
+    return f"models/t-{secrets.token_hex(5)}"
+
+
+def test_an_artifact_file(oci_registry: Registry, tmp_path: Path) -> None:
+    name, data = repo(), os.urandom(3 * MiB + 5)
+    digest = oci_registry.push_artifact(f"{name}:v1", {"model.safetensors": data})
+    uri = f"oci://{oci_registry.address}/{name}:v1"
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "m"))
+    assert run.code == 0, run.log
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == data
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [".shipyard-fetch.json", "model.safetensors"]
+    assert run.termination == run.line
+    assert run.line.startswith(f"Fetched {uri} into {tmp_path / 'm'}: 1 file, ")
+    fields = contract.parse_fetch_summary_fields(run.line)
+    assert (fields["digest"], fields["files"], fields["bytes"], fields["cacheHit"]) == (digest, 1, len(data), False)
+    record = json.loads((tmp_path / "m" / ".shipyard-fetch.json").read_text())
+    assert record["digest"] == digest
+    assert record["contentDigest"] == digests.compute_digest(tmp_path / "m")
+    assert oci_registry.pulls(name) == 1
+
+
+def test_an_artifact_directory_and_path_selection(oci_registry: Registry, tmp_path: Path) -> None:
+    name = repo()
+    local = tmp_path / "digits"
+    (local / "tokenizer").mkdir(parents=True)
+    (local / "model.safetensors").write_bytes(os.urandom(MiB))
+    (local / "shipyard-model.json").write_text('{"format": 1}')
+    (local / "tokenizer" / "tokenizer.json").write_text('{"v": 1}')
+    oci_registry.push_artifact(f"{name}:v1", {"digits": local, "README.md": b"# digits"})
+    uri = f"oci://{oci_registry.address}/{name}:v1"
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "all"))
+    assert run.code == 0, run.log
+    assert digests.compute_digest(tmp_path / "all" / "digits") == digests.compute_digest(local)
+    assert (tmp_path / "all" / "README.md").read_text() == "# digits"
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "sel"), "--path", "/digits")
+    assert run.code == 0, run.log
+    assert digests.compute_digest(tmp_path / "sel") == digests.compute_digest(local)
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "none"), "--path", "/weights")
+    assert run.code == 2
+    assert "--path /weights: no such file or directory in the artifact" in run.line
+    assert "README.md, digits" in run.line
+    assert not (tmp_path / "none").exists()
+
+
+def test_an_image_with_path_applies_layers_and_whiteouts(oci_registry: Registry, tmp_path: Path) -> None:
+    name, weights = repo(), os.urandom(2 * MiB)
+    layers = [
+        build_layer({"etc/os-release": b"ID=debian", "models/digits/old.bin": b"old",
+                     "models/digits/model.safetensors": b"v0"}, dirs=["models", "models/digits"]),
+        build_layer({"models/digits/old.bin": None, "models/digits/model.safetensors": weights,
+                     "models/digits/shipyard-model.json": b'{"format": 1}', "usr/bin/python3": b"elf"}),
+    ]
+    digest = oci_registry.push_image(f"{name}:v1", layers)
+    uri = f"oci://{oci_registry.address}/{name}:v1"
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "m"), "--path", "/models/digits")
+    assert run.code == 0, run.log
+    files = sorted(str(p.relative_to(tmp_path / "m")) for p in (tmp_path / "m").rglob("*"))
+    assert files == [".shipyard-fetch.json", "model.safetensors", "shipyard-model.json"]
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
+    assert contract.parse_fetch_summary_fields(run.line)["digest"] == digest
+    assert oci_registry.pulls(name) == 2
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "nopath"))
+    assert run.code == 2
+    assert f"{uri} is a container image: --path must name the model's directory" in run.line
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "missing"), "--path", "/models/x")
+    assert run.code == 1
+    assert f"{uri}: nothing at /models/x in the image's filesystem" in run.line
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_pinned_digest_and_a_wrong_one(oci_registry: Registry, tmp_path: Path) -> None:
+    name, data = repo(), os.urandom(MiB)
+    digest = oci_registry.push_artifact(f"{name}:v1", {"model.bin": data})
+    oci_registry.push_artifact(f"{name}:v2", {"model.bin": b"another model"})
+    pinned = f"oci://{oci_registry.address}/{name}@{digest}"
+    run = fetch(oci_registry, tmp_path, "--uri", pinned, "--dest", str(tmp_path / "pinned"))
+    assert run.code == 0, run.log
+    assert (tmp_path / "pinned" / "model.bin").read_bytes() == data
+    run = fetch(oci_registry, tmp_path, "--uri", f"oci://{oci_registry.address}/{name}:v1", "--dest",
+                str(tmp_path / "checked"), "--digest", digest)
+    assert run.code == 0, run.log
+    before = oci_registry.pulls(name)
+    uri = f"oci://{oci_registry.address}/{name}:v2"
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "wrong"), "--digest", digest)
+    assert run.code == 1
+    assert run.line.startswith(f"Fetch of {uri} failed: digest mismatch: expected {digest}, got sha256:")
+    assert not (tmp_path / "wrong").exists()
+    assert oci_registry.pulls(name) == before, "a manifest of the wrong digest must not cost a blob download"
+
+
+@pytest.mark.parametrize(("what", "message"), [
+    ("tag", "not found (404): {uri}: manifest unknown"),
+    ("repository", "not found (404): {uri}: manifest unknown"),  # distribution v3 answers MANIFEST_UNKNOWN for both
+], ids=["missing-tag", "missing-repository"])
+def test_missing_is_named_and_not_retried(oci_registry: Registry, tmp_path: Path, what: str, message: str) -> None:
+    name = repo()
+    if what == "tag":
+        oci_registry.push_artifact(f"{name}:v1", {"model.bin": b"x"})
+    uri = f"oci://{oci_registry.address}/{name}:v9"
+    before = oci_registry.manifest_requests(name)  # oras push asks too
+    run = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "m"))
+    assert run.code == 1
+    assert run.line == f"Fetch of {uri} failed: " + message.format(uri=uri)
+    assert oci_registry.manifest_requests(name) == before + 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_cache_costs_one_manifest_get_and_no_blob(oci_registry: Registry, tmp_path: Path) -> None:
+    name, data = repo(), os.urandom(4 * MiB)
+    digest = oci_registry.push_artifact(f"{name}:v1", {"model.bin": data, "config.json": b"{}"})
+    uri = f"oci://{oci_registry.address}/{name}:v1"
+    cache = tmp_path / "cache"
+    pushed = oci_registry.manifest_requests(name)  # oras push asks too
+    first = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "a"), "--cache", str(cache))
+    assert first.code == 0, first.log
+    assert (oci_registry.pulls(name), oci_registry.manifest_requests(name) - pushed) == (2, 1)
+    second = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "b"), "--cache", str(cache))
+    assert second.code == 0, second.log
+    assert (oci_registry.pulls(name), oci_registry.manifest_requests(name) - pushed) == (2, 2)
+    fields = contract.parse_fetch_summary_fields(second.line)
+    assert (fields["cacheHit"], fields["digest"], fields["downloadedBytes"]) == (True, digest, 0)
+    assert (tmp_path / "b" / "model.bin").read_bytes() == data
+    assert os.stat(tmp_path / "b" / "model.bin").st_ino == os.stat(tmp_path / "a" / "model.bin").st_ino
+    pinned = fetch(oci_registry, tmp_path, "--uri", f"oci://{oci_registry.address}/{name}@{digest}", "--dest",
+                   str(tmp_path / "c"), "--cache", str(cache))
+    assert pinned.code == 0, pinned.log
+    assert (oci_registry.pulls(name), oci_registry.manifest_requests(name) - pushed) == (2, 2), \
+        "a pinned hit asks nothing"
+    again = fetch(oci_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "c"), "--digest", digest)
+    assert again.code == 0, again.log
+    assert "already holds" in again.line
+    assert oci_registry.manifest_requests(name) - pushed == 2, "a destination that holds the digest asks nothing"
+
+
+# -- basic auth: a registry of this module's own ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    from tests.registry import start_registry
+
+    registry = start_registry(tmp_path_factory.mktemp("auth-registry"), htpasswd=True)
+    try:
+        yield registry
+    finally:
+        registry.stop()
+
+
+def _docker_config(path: Path, registry: str, user: str, password: str, form: str) -> Path:
+    if form == "auth":
+        entry = {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+    else:
+        entry = {"username": user, "password": password}
+    path.write_text(json.dumps({"auths": {registry: entry}}))
+    return path
+
+
+@pytest.mark.parametrize("form", ["auth", "username-password"])
+def test_basic_auth_from_a_docker_config(auth_registry: Registry, tmp_path: Path, form: str) -> None:
+    name, data = repo(), os.urandom(MiB)
+    user, password = auth_registry.login()
+    auth_registry.push_artifact(f"{name}:v1", {"model.bin": data})
+    uri = f"oci://{auth_registry.address}/{name}:v1"
+    secret = tmp_path / "secret"  # a kubernetes.io/dockerconfigjson Secret mounted as files
+    secret.mkdir()
+    config = _docker_config(secret / ".dockerconfigjson", auth_registry.address, user, password, form)
+    run = fetch(auth_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "m"), "--registry-config",
+                str(config))
+    assert run.code == 0, run.log
+    assert (tmp_path / "m" / "model.bin").read_bytes() == data
+    assert f"Registry {auth_registry.address}: credentials from {config}" in run.log
+    assert password not in run.log + run.line
+    home_config = tmp_path / "docker"
+    home_config.mkdir()
+    _docker_config(home_config / "config.json", auth_registry.address, user, password, form)
+    run = fetch(auth_registry, tmp_path, "--uri", uri, "--dest", str(tmp_path / "m2"),
+                env=fetch_env(tmp_path, DOCKER_CONFIG=str(home_config)))
+    assert run.code == 0, run.log
+
+
+@pytest.mark.parametrize("credentials", ["none", "wrong"])
+def test_basic_auth_refused_without_echoing(auth_registry: Registry, tmp_path: Path, credentials: str) -> None:
+    name = repo()
+    auth_registry.push_artifact(f"{name}:v1", {"model.bin": b"x"})
+    uri = f"oci://{auth_registry.address}/{name}:v1"
+    wrong = "Wr0ng" + secrets.token_hex(8)
+    args = ["--uri", uri, "--dest", str(tmp_path / "m")]
+    if credentials == "wrong":
+        config = _docker_config(tmp_path / "config.json", auth_registry.address, "shipyard", wrong, "auth")
+        args += ["--registry-config", str(config)]
+    run = fetch(auth_registry, tmp_path, *args)
+    assert run.code == 1
+    assert run.line == f"Fetch of {uri} failed: access denied (401) to {uri}: authentication required"
+    assert run.termination == run.line
+    assert wrong not in run.log + run.line
+    assert base64.b64encode(f"shipyard:{wrong}".encode()).decode() not in run.log
+    assert not (tmp_path / "m").exists()
+
+
+# -- the registry killed mid-download ---------------------------------------------------------------------------
+
+def test_the_registry_killed_mid_download_and_restarted(tmp_path: Path) -> None:
+    from tests.registry import start_registry
+
+    registry = start_registry(tmp_path / "registry")
+    try:
+        name = repo()
+        files = {f"shard-{i:03d}.bin": os.urandom(2 * MiB) for i in range(60)}
+        digest = registry.push_artifact(f"{name}:v1", files)
+        dest = tmp_path / "m"
+        env = fetch_env(tmp_path)
+        # one blob at a time: 60 GETs in a row, so that the kill lands mid-download
+        proc = subprocess.Popen([sys.executable, "-m", "shipyard.runtime.cli", "fetch", "--uri",
+                                 f"oci://{registry.address}/{name}:v1", "--dest", str(dest), "--ca-bundle",
+                                 str(registry.ca), "--parallelism", "1", "--timeout", "5"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while registry.pulls(name) < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        registry.stop()
+        killed_after = registry.pulls(name)
+        assert proc.poll() is None, "the fetch ended before the registry was killed"
+        assert not dest.exists(), "a partial model at --dest"
+        time.sleep(1.5)
+        assert not dest.exists()
+        registry.restart()
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        assert contract.parse_fetch_summary_fields(out.strip())["digest"] == digest
+        for rel, data in files.items():
+            assert (dest / rel).read_bytes() == data
+        assert 5 <= killed_after < 60
+        assert "Attempt 1/6 (blob) failed" in err or "Attempt 1/6 (manifest) failed" in err
+        print(f"\nkilled after {killed_after} of 60 blobs; {out.strip()}")
+    finally:
+        registry.stop()
