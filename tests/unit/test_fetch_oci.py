@@ -79,9 +79,10 @@ def test_build_config_reads_the_oci_flags_from_the_environment() -> None:
 
 
 @pytest.mark.parametrize(("text", "expected"), [
-    (None, ""), ("", ""), ("/", ""), ("/models/x/", "models/x"), ("models//x", "models/x"), ("model.bin", "model.bin"),
+    (None, None), ("", None), ("/", ""), ("/models/x/", "models/x"), ("models//x", "models/x"),
+    ("model.bin", "model.bin"),
 ], ids=["none", "empty", "root", "slashes", "double", "file"])
-def test_check_model_path(text: str | None, expected: str) -> None:
+def test_check_model_path(text: str | None, expected: str | None) -> None:
     assert oci.check_model_path(text) == expected
 
 
@@ -213,9 +214,14 @@ def test_build_artifact_files_refusals(titles: list[str], message: str) -> None:
     ("other/.wh..wh..opq", "models/x", ("skip", "")),
     ("models/x/../../etc/passwd", "models/x", ("skip", "")),
     ("./", "models/x", ("skip", "")),
+    ("etc/passwd", "", ("extract", "etc/passwd")),
+    ("etc/.wh.passwd", "", ("whiteout", "etc/passwd")),
+    ("etc/.wh..wh..opq", "", ("opaque", "etc")),
+    (".wh..wh..opq", "", ("opaque", "")),
 ], ids=["file", "dot-slash", "absolute", "the-dir-itself", "sibling-prefix", "outside", "whiteout", "opaque-sub",
         "opaque-top", "whiteout-of-the-model", "opaque-above", "whiteout-above", "whiteout-beside", "opaque-elsewhere",
-        "dotdot-normalised-out", "root"])
+        "dotdot-normalised-out", "root", "whole-fs-file", "whole-fs-whiteout", "whole-fs-opaque",
+        "whole-fs-top-opaque"])
 def test_build_layer_action(name: str, prefix: str, expected: tuple[str, str]) -> None:
     assert oci.build_layer_action(name, prefix) == expected
 

@@ -412,7 +412,7 @@ def run_oci_fetch(source: Source, config: FetchConfig, cancel: threading.Event |
 
     def record(digest: str, tree: _Content, hit: bool) -> dict[str, Any]:
         return {"uri": source.display, "digest": digest, "contentDigest": tree.digest, "bytes": tree.bytes,
-                "files": tree.files, "cacheHit": hit, "path": f"/{model_path}" if model_path else None,
+                "files": tree.files, "cacheHit": hit, "path": f"/{model_path}" if model_path is not None else None,
                 "fetchedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def build(resolved: oci.Resolved, staging: Staging) -> _Content:
@@ -445,7 +445,7 @@ def run_oci_fetch(source: Source, config: FetchConfig, cancel: threading.Event |
     cache = Cache(Path(config.cache), deadline)
 
     def index_key(digest: str) -> str:
-        return build_index_key(f"oci://{ref.registry}", f"{ref.repository}@{digest}", f"path=/{model_path}")
+        return build_index_key(f"oci://{ref.registry}", f"{ref.repository}@{digest}", f"path=/{model_path or ''}")
 
     def lookup(digest: str) -> Outcome | None:
         tree_digest = cache.index_get(index_key(digest))

@@ -323,11 +323,18 @@ def build_layer_action(name: str, prefix: str) -> tuple[str, str]:
     """What to do with an image layer's tar entry `name` when only the directory `prefix` (normalised, no leading
     `/`) is kept: ("skip", ""), ("extract", rel), ("whiteout", rel: remove it), ("opaque", rel: empty that
     directory; "" is the model's top) or ("clear", ""): a whiteout of the prefix itself or of a directory above it
-    (the model is deleted by this layer). `rel` is relative to the prefix. Pure."""
+    (the model is deleted by this layer). `rel` is relative to the prefix; the prefix "" keeps the whole
+    filesystem. Pure."""
     path = posixpath.normpath("/" + name).lstrip("/")
     if path in ("", "."):
         return "skip", ""
     parent, base = posixpath.split(path)
+    if not prefix:
+        if base == OPAQUE:
+            return "opaque", parent
+        if base.startswith(WHITEOUT):
+            return "whiteout", posixpath.join(parent, base[len(WHITEOUT):])
+        return "extract", path
     if base == OPAQUE:
         if parent == prefix or parent.startswith(prefix + "/"):
             return "opaque", parent[len(prefix) + 1:] if parent != prefix else ""
@@ -679,9 +686,12 @@ def _range_start(response: urllib3.BaseHTTPResponse) -> int | None:
 
 # -- materializing -----------------------------------------------------------------------------------------------
 
-def check_model_path(text: str | None) -> str:
-    """`--path` normalised (no leading or trailing `/`; "" for none); UsageError for `..` and the like. Pure."""
-    if not text or not text.strip("/"):
+def check_model_path(text: str | None) -> str | None:
+    """`--path` normalised (no leading or trailing `/`): None when not given, "" for `/` (an image's whole
+    filesystem, an artifact's every file); UsageError for `..` and the like. Pure."""
+    if not text:
+        return None
+    if not text.strip("/"):
         return ""
     try:
         return check_relative_path(text.lstrip("/"))
@@ -689,14 +699,15 @@ def check_model_path(text: str | None) -> str:
         raise UsageError(f"--path {text!r}: {error}") from None
 
 
-def materialize(client: Client, resolved: Resolved, root: Path, model: Path, path: str, progress: Progress, *,
+def materialize(client: Client, resolved: Resolved, root: Path, model: Path, path: str | None, progress: Progress,
+                *,
                 max_bytes: int, max_ratio: float, cancel: threading.Event) -> int:
     """Downloads what `resolved` needs into `root` and builds the model in `model` (an empty directory); returns
     the bytes downloaded. `path`: `--path`, normalised."""
     blobs_dir = root / "blobs"
     blobs_dir.mkdir()
     if resolved.kind == "image":
-        if not path:
+        if path is None:
             raise UsageError(f"{client.display} is a container image: --path must name the model's directory in its "
                              "filesystem (e.g. --path /models/digits)")
         for layer in resolved.layers:
