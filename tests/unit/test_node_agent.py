@@ -284,3 +284,22 @@ def test_container_status_names_its_container_and_image() -> None:
     run.container_id = "shipyard-local://uid/fetch/0/42"
     status = agent.build_container_status(run, init=True)
     assert status["imageID"] == f"{DIGITS}@sha256:0" and status["containerID"] == "shipyard-local://uid/fetch/0/42"
+
+
+@pytest.mark.parametrize(("ca", "config", "tail"), [
+    (None, None, []),
+    ("/ca.pem", None, ["--ca-bundle", "/ca.pem"]),
+    ("/ca.pem", "/docker.json", ["--ca-bundle", "/ca.pem", "--registry-config", "/docker.json"]),
+], ids=["anonymous-system-ca", "registry-ca", "registry-ca-and-credentials"])
+def test_build_image_volume_fetch(ca: str | None, config: str | None, tail: list[str]) -> None:
+    argv = agent.build_image_volume_fetch("/venv/bin/python", "127.0.0.1:5000/models/m:v1", Path("/w/pods/u/v"),
+                                          Path("/w/image-volume-cache"), ca, config)
+    assert argv == ["/venv/bin/python", "-m", "shipyard.runtime.cli", "fetch", "--uri",
+                    "oci://127.0.0.1:5000/models/m:v1", "--dest", "/w/pods/u/v", "--path", "/", "--cache",
+                    "/w/image-volume-cache", "--termination-log", "", *tail]
+
+
+def test_an_image_pull_failure_names_the_reference() -> None:
+    error = agent.ImagePullFailed("r:5000/m:v9", "model", "Fetch of oci://r:5000/m:v9 failed: not found (404)")
+    assert str(error) == ('Failed to pull image "r:5000/m:v9" for volume \'model\': Fetch of oci://r:5000/m:v9 '
+                          "failed: not found (404)")
