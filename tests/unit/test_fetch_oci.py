@@ -329,3 +329,13 @@ def test_layers_count_against_the_extraction_budget(tmp_path: Path) -> None:
     layer = _tar(tmp_path / "l.tar.gz", [("models/x/big", "file", b"x" * 11)])
     with pytest.raises(ArchiveError, match="max-extracted-bytes"):
         oci.apply_layer(layer, model, "models/x", budget, threading.Event())
+
+
+@pytest.mark.parametrize(("known_size", "trusted"), [(1, True), (2, False)], ids=["size-matches", "size-differs"])
+def test_list_tree_trusts_a_verified_blob_of_the_same_size(tmp_path: Path, known_size: int, trusted: bool) -> None:
+    from shipyard.runtime.fetch import digests
+
+    (tmp_path / "a").write_bytes(b"x")
+    (entry,) = digests.list_tree(tmp_path, known={"a": ("f" * 64, known_size)})
+    assert (entry.sha256 == "f" * 64) is trusted
+    assert entry.size == 1

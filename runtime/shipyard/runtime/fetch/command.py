@@ -420,14 +420,14 @@ def run_oci_fetch(source: Source, config: FetchConfig, cancel: threading.Event |
                  len(resolved.layers), "s" if len(resolved.layers) != 1 else "", build_bytes_text(resolved.total))
         progress = Progress(source.display, resolved.total).start()
         try:
-            downloaded = oci.materialize(client, resolved, staging.root, staging.model, model_path, progress,
-                                         max_bytes=config.max_extracted_bytes,
-                                         max_ratio=config.max_compression_ratio, cancel=deadline.cancel)
+            done = oci.materialize(client, resolved, staging.root, staging.model, model_path, progress,
+                                   max_bytes=config.max_extracted_bytes, max_ratio=config.max_compression_ratio,
+                                   cancel=deadline.cancel)
         finally:
             progress.stop()
-        entries = digests.list_tree(staging.model)
+        entries = digests.list_tree(staging.model, known=done.known)  # a verified blob is not hashed twice
         return _Content(True, digests.build_listing_digest((e.path, e.sha256) for e in entries), len(entries),
-                        sum(e.size for e in entries), downloaded)
+                        sum(e.size for e in entries), done.downloaded)
 
     def resolve() -> oci.Resolved:
         resolved = client.resolve()

@@ -638,7 +638,7 @@ class Client:
             if stop.is_set():
                 raise FetchError(f"stopped fetching {display}: another blob failed")
             try:
-                chunk = response.read1(CHUNK, decode_content=False)
+                chunk = response.read(CHUNK, decode_content=False)  # gathered in C: one call per MiB
             except urllib3.exceptions.ReadTimeoutError:
                 raise FetchError(build_timeout_message(self.timeout, display, "no data"), retryable=True) from None
             except (urllib3.exceptions.HTTPError, OSError) as error:
@@ -699,11 +699,16 @@ def check_model_path(text: str | None) -> str | None:
         raise UsageError(f"--path {text!r}: {error}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Materialized:
+    downloaded: int  # bytes of blobs
+    known: dict[str, tuple[str, int]]  # files that are whole verified blobs: path -> (sha256 hex, size)
+
+
 def materialize(client: Client, resolved: Resolved, root: Path, model: Path, path: str | None, progress: Progress,
-                *,
-                max_bytes: int, max_ratio: float, cancel: threading.Event) -> int:
-    """Downloads what `resolved` needs into `root` and builds the model in `model` (an empty directory); returns
-    the bytes downloaded. `path`: `--path`, normalised."""
+                *, max_bytes: int, max_ratio: float, cancel: threading.Event) -> Materialized:
+    """Downloads what `resolved` needs into `root` and builds the model in `model` (an empty directory). `path`:
+    `--path`, normalised."""
     blobs_dir = root / "blobs"
     blobs_dir.mkdir()
     if resolved.kind == "image":
@@ -722,7 +727,7 @@ def materialize(client: Client, resolved: Resolved, root: Path, model: Path, pat
             found = apply_layer(paths[layer.digest], model, path, budget, cancel) or found
         if not found or not any(model.iterdir()):
             raise FetchError(f"{client.display}: nothing at /{path} in the image's filesystem (--path)")
-        return sum(d.size for d in {d.digest: d for d in resolved.layers}.values())
+        return Materialized(resolved.total, {})
     files, skipped = build_artifact_files(resolved.layers)
     for layer in skipped:
         log.info("Skipped layer %s of %s: no %s annotation", layer.digest, client.display, TITLE)
@@ -734,6 +739,7 @@ def materialize(client: Client, resolved: Resolved, root: Path, model: Path, pat
     paths = client.download_blobs([f.layer for f in files], blobs_dir, progress)
     progress.stop()
     written = 0
+    known: dict[str, tuple[str, int]] = {}
     for item in files:
         blob = paths[item.layer.digest]
         if item.unpack:
@@ -750,9 +756,11 @@ def materialize(client: Client, resolved: Resolved, root: Path, model: Path, pat
                 shutil.copyfile(blob, target)
             else:
                 os.rename(blob, target)
+            known[item.name] = (item.layer.digest.split(":", 1)[1], item.layer.size)
     if path:
         _select(model, path, root)
-    return sum(d.size for d in {f.layer.digest: f.layer for f in files}.values())
+        known = {}
+    return Materialized(sum(d.size for d in {f.layer.digest: f.layer for f in files}.values()), known)
 
 
 def _select(model: Path, path: str, root: Path) -> None:
