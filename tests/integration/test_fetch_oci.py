@@ -6,20 +6,25 @@ here and copied in with `oras cp`.
 An artifact file, an artifact directory, an image with `--path` (layers and whiteouts), a pinned digest, a wrong
 digest, a missing tag and a missing repository, the node cache (a second fetch of a tag costs one manifest GET and no
 blob, counted in the registry's access log), basic auth (refused without or with wrong credentials, never echoed;
-accepted from a Docker config file), and the registry killed mid-download and restarted (retried, never a partial
-model). The suite's `oci_registry` is shared: every test pushes to a repository of its own.
+accepted from a Docker config file), the bearer-token flow against a stand-in registry (distribution's token auth
+needs a token server with signing keys: the stand-in plays both, and lets its first token expire), and the registry
+killed mid-download and restarted (retried, never a partial model). The suite's `oci_registry` is shared: every test
+pushes to a repository of its own.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -289,3 +294,96 @@ def test_the_registry_killed_mid_download_and_restarted(tmp_path: Path) -> None:
         print(f"\nkilled after {killed_after} of 60 blobs; {out.strip()}")
     finally:
         registry.stop()
+
+
+# -- the bearer-token flow: a stand-in registry and token server -------------------------------------------------
+
+class _BearerRegistry(BaseHTTPRequestHandler):
+    """`/v2/m/x/...` answers only `Bearer <the latest token>`, else 401 with a Bearer challenge; `/token` issues a new
+    token for basic `u:p` (and for nobody else); the first token expires after one use."""
+
+    protocol_version = "HTTP/1.1"
+    files: dict[str, tuple[str, bytes]] = {}  # path -> (content type, body)
+    tokens: list[str] = []
+    token_auth: list[str | None] = []
+    uses = 0
+    lock = threading.Lock()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in {"Content-Type": content_type, "Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        cls = type(self)
+        host = f"127.0.0.1:{self.server.server_address[1]}"
+        if self.path.startswith("/token?"):
+            with cls.lock:
+                cls.token_auth.append(self.headers.get("Authorization"))
+                if self.headers.get("Authorization") != "Basic " + base64.b64encode(b"u:p").decode():
+                    return self._send(401, b'{"errors": [{"code": "UNAUTHORIZED"}]}')
+                cls.tokens.append(secrets.token_hex(8))
+                cls.uses = 0
+                return self._send(200, json.dumps({"token": cls.tokens[-1]}).encode())
+        with cls.lock:
+            good = bool(cls.tokens) and self.headers.get("Authorization") == f"Bearer {cls.tokens[-1]}"
+            expired = len(cls.tokens) == 1 and cls.uses >= 1
+            if good and not expired:
+                cls.uses += 1
+        if not good or expired:
+            challenge = (f'Bearer realm="http://{host}/token",service="stand-in",'
+                         'scope="repository:m/x:pull"')
+            return self._send(401, b'{"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}',
+                              headers={"WWW-Authenticate": challenge})
+        found = cls.files.get(self.path)
+        if found is None:
+            return self._send(404, b'{"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}')
+        self._send(200, found[1], found[0])
+
+
+def test_the_bearer_token_flow_with_an_expiring_token(tmp_path: Path) -> None:
+    data = os.urandom(MiB)
+    layer = "sha256:" + hashlib.sha256(data).hexdigest()
+    empty = b"{}"
+    config = "sha256:" + hashlib.sha256(empty).hexdigest()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config, "size": 2},
+                           "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": len(data),
+                                       "annotations": {"org.opencontainers.image.title": "model.bin"}}]}).encode()
+    _BearerRegistry.files = {"/v2/m/x/manifests/v1": ("application/vnd.oci.image.manifest.v1+json", manifest),
+                             f"/v2/m/x/blobs/{layer}": ("application/octet-stream", data)}
+    _BearerRegistry.tokens, _BearerRegistry.token_auth = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _BearerRegistry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{server.server_address[1]}"
+        uri = f"oci://{address}/m/x:v1"
+        config_file = _docker_config(tmp_path / "config.json", address, "u", "p", "auth")
+        run = run_fetch(fetch_env(tmp_path), "--uri", uri, "--dest", str(tmp_path / "m"), "--allow-http",
+                        "--registry-config", str(config_file), timeout=120)
+        assert run.code == 0, run.log
+        assert (tmp_path / "m" / "model.bin").read_bytes() == data
+        digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        assert contract.parse_fetch_summary_fields(run.line)["digest"] == digest
+        assert len(_BearerRegistry.tokens) == 2, "the expired token is replaced by a new one"
+        assert set(_BearerRegistry.token_auth) == {"Basic " + base64.b64encode(b"u:p").decode()}
+        for token in _BearerRegistry.tokens:
+            assert token not in run.log + run.line
+        wrong = _docker_config(tmp_path / "wrong.json", address, "u", "nope", "auth")
+        run = run_fetch(fetch_env(tmp_path), "--uri", uri, "--dest", str(tmp_path / "w"), "--allow-http",
+                        "--registry-config", str(wrong), timeout=120)
+        assert run.code == 1
+        assert run.line == f"Fetch of {uri} failed: access denied (401) to {uri} (token endpoint)"
+        anonymous = run_fetch(fetch_env(tmp_path), "--uri", uri, "--dest", str(tmp_path / "a"), "--allow-http",
+                              timeout=120)
+        assert anonymous.code == 1
+        assert anonymous.line == f"Fetch of {uri} failed: access denied (401) to {uri} (token endpoint)"
+    finally:
+        server.shutdown()
+        server.server_close()

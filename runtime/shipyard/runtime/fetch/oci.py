@@ -403,7 +403,6 @@ class Client:
         if ca_bundle:
             kwargs["ca_certs"] = ca_bundle
         self.pool = urllib3.PoolManager(num_pools=4, maxsize=self.parallelism + 1, retries=False, **kwargs)
-        self.requests: dict[str, int] = {}
 
     @property
     def display(self) -> str:
@@ -468,9 +467,7 @@ class Client:
                 user, password = self.credentials
                 self._auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
                 return True
-            if scheme == "bearer" and params.get("realm"):
-                if tried is not None and tried.startswith("Bearer "):
-                    return False
+            if scheme == "bearer" and params.get("realm"):  # a first token, or a new one for one that expired
                 self._auth = "Bearer " + self._fetch_token(params)
                 return True
             return False
@@ -534,7 +531,6 @@ class Client:
                 raise FetchError(f"{describe_exception(error)} reading the manifest of {self.display}",
                                  retryable=True) from None
             response.release_conn()
-            self.requests["manifest"] = self.requests.get("manifest", 0) + 1
             if len(body) > MAX_MANIFEST_BYTES:
                 raise FetchError(f"the manifest of {self.display} is larger than {MAX_MANIFEST_BYTES} bytes")
             digest = digests.PREFIX + hashlib.sha256(body).hexdigest()
@@ -659,7 +655,6 @@ class Client:
         if state["written"] != blob.size:
             raise FetchError(f"connection closed after {state['written']} of {blob.size} bytes of {display}",
                              retryable=True)
-        self.requests["blob"] = self.requests.get("blob", 0) + 1
 
 
 def _json_object(body: bytes, what: str) -> Mapping[str, Any]:
@@ -740,15 +735,23 @@ def materialize(client: Client, resolved: Resolved, root: Path, model: Path, pat
     progress.stop()
     written = 0
     known: dict[str, tuple[str, int]] = {}
-    for item in files:
+    for n, item in enumerate(files):
         blob = paths[item.layer.digest]
         if item.unpack:
-            # ORAS packs a directory with its own name at the top of the tar: extract at the model's top
-            written += archives.extract(blob, "tar", model, max_bytes=max_bytes - written, max_ratio=max_ratio,
+            # ORAS packs a directory with its own name at the top of the tar: extracted apart, it must hold that
+            # name alone (a layer never writes beside its own title), then moved into place
+            unpacked = root / f"unpack-{n}"
+            unpacked.mkdir()
+            written += archives.extract(blob, "tar", unpacked, max_bytes=max_bytes - written, max_ratio=max_ratio,
                                         cancel=cancel)
-            if not (model / item.name).is_dir():
-                raise FetchError(f"{client.display}: the directory layer {item.name!r} did not extract to "
-                                 f"{item.name}/")
+            top = sorted(p.name for p in unpacked.iterdir())
+            if top != [item.name.split("/", 1)[0]] or not (unpacked / item.name).is_dir():
+                raise ArchiveError(f"refused artifact layer {item.layer.digest}: a directory layer titled "
+                                   f"{item.name!r} holds {', '.join(top) or 'nothing'} at its top")
+            (model / item.name).parent.mkdir(parents=True, exist_ok=True)
+            if (model / item.name).exists():
+                raise ArchiveError(f"refused artifact layer {item.layer.digest}: {item.name!r} twice")
+            os.rename(unpacked / item.name, model / item.name)
         else:
             target = model / item.name
             target.parent.mkdir(parents=True, exist_ok=True)
