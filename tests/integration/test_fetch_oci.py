@@ -1,15 +1,15 @@
 """`shipyard-runtime fetch --uri oci://...` from the stack's real OCI registry (CNCF distribution over TLS with a CA of
 its own, tests/registry.py), run as the init container runs it: a process of its own, its exit code, stdout line and
-termination message. Artifacts are pushed with the oras CLI, as users push them; images are OCI image layouts built
-here and copied in with `oras cp`.
+termination message. Artifacts are pushed with the oras CLI, as users push them; images are OCI image layouts built here
+and copied in with `oras cp`.
 
-An artifact file, an artifact directory, an image with `--path` (layers and whiteouts), a pinned digest, a wrong
-digest, a missing tag and a missing repository, the node cache (a second fetch of a tag costs one manifest GET and no
-blob, counted in the registry's access log), basic auth (refused without or with wrong credentials, never echoed;
-accepted from a Docker config file), the bearer-token flow against a stand-in registry (distribution's token auth
-needs a token server with signing keys: the stand-in plays both, and lets its first token expire), and the registry
-killed mid-download and restarted (retried, never a partial model). The suite's `oci_registry` is shared: every test
-pushes to a repository of its own.
+An artifact file, an artifact directory, an image with `--path` (layers and whiteouts), a pinned digest, a wrong digest,
+a missing tag and a missing repository, the node cache (a second fetch of a tag costs one manifest GET and no blob,
+counted in the registry's access log; four fetchers at once download once), basic auth (refused without or with wrong
+credentials, never echoed; accepted from a Docker config file), the bearer-token flow against a stand-in registry
+(distribution's token auth needs a token server with signing keys: the stand-in plays both, and lets its first token
+expire), and the registry killed mid-download and restarted (retried, never a partial model). The suite's `oci_registry`
+is shared: every test pushes to a repository of its own.
 """
 
 from __future__ import annotations
@@ -191,6 +191,24 @@ def test_the_cache_costs_one_manifest_get_and_no_blob(oci_registry: Registry, tm
     assert again.code == 0, again.log
     assert "already holds" in again.line
     assert oci_registry.manifest_requests(name) - pushed == 2, "a destination that holds the digest asks nothing"
+
+
+def test_concurrent_fetchers_of_one_tag_download_once(oci_registry: Registry, tmp_path: Path) -> None:
+    name, data = repo(), os.urandom(8 * MiB)
+    oci_registry.push_artifact(f"{name}:v1", {"model.bin": data})
+    cache = tmp_path / "cache"
+    env = fetch_env(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "shipyard.runtime.cli", "fetch", "--uri",
+                               f"oci://{oci_registry.address}/{name}:v1", "--dest", str(tmp_path / f"m{i}"),
+                               "--cache", str(cache), "--ca-bundle", str(oci_registry.ca)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [err for _, err in outs]
+    hits = [contract.parse_fetch_summary_fields(out.strip())["cacheHit"] for out, _ in outs]
+    assert sorted(hits) == [False, True, True, True]
+    assert oci_registry.pulls(name) == 1
+    for i in range(4):
+        assert (tmp_path / f"m{i}" / "model.bin").read_bytes() == data
 
 
 # -- basic auth: a registry of this module's own ----------------------------------------------------------------
