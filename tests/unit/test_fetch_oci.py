@@ -15,6 +15,7 @@ import pytest
 
 from shipyard.runtime.fetch import archives, command, oci, sources
 from shipyard.runtime.fetch.errors import ArchiveError, FetchError, UsageError
+from shipyard.runtime.fetch.progress import Progress
 
 H = "a" * 64
 D = f"sha256:{H}"
@@ -339,3 +340,59 @@ def test_list_tree_trusts_a_verified_blob_of_the_same_size(tmp_path: Path, known
     (entry,) = digests.list_tree(tmp_path, known={"a": ("f" * 64, known_size)})
     assert (entry.sha256 == "f" * 64) is trusted
     assert entry.size == 1
+
+
+class _StubClient:
+    """What `materialize` asks of a client: blobs from local bytes (digests as given, unverified)."""
+
+    display = "oci://r/m:v1"
+
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    def download_blobs(self, blobs: Any, folder: Path, progress: Any) -> dict[str, Path]:
+        out = {}
+        for b in blobs:
+            out[b.digest] = folder / oci.build_blob_name(b.digest)
+            out[b.digest].write_bytes(self.blobs[b.digest])
+        return out
+
+
+def _dir_layer(tmp_path: Path, names: list[str]) -> bytes:
+    path = _tar(tmp_path / f"layer-{len(names)}.tar.gz", [(n, "file", b"x") for n in names])
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(("title", "names", "message"), [
+    ("digits", ["digits/a", "model.bin"], "holds digits, model.bin at its top"),
+    ("digits", ["other/a"], "holds other at its top"),
+    ("digits", ["digits/../../x"], "'..' in path"),
+], ids=["beside-its-title", "another-name", "traversal"])
+def test_a_directory_layer_writes_under_its_title_only(tmp_path: Path, title: str, names: list[str],
+                                                       message: str) -> None:
+    data = _dir_layer(tmp_path, names)
+    layer = oci.Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", D, len(data),
+                           {oci.TITLE: title, oci.UNPACK: "true"})
+    resolved = oci.Resolved(D, {}, "artifact", (layer,))
+    root, model = tmp_path / "root", tmp_path / "root" / "model"
+    model.mkdir(parents=True)
+    with pytest.raises(ArchiveError, match=message):
+        oci.materialize(_StubClient({D: data}), resolved, root, model, None,  # type: ignore[arg-type]
+                        Progress("oci://r/m:v1"), max_bytes=1 << 30, max_ratio=0, cancel=threading.Event())
+    assert not any(model.iterdir())
+
+
+def test_an_artifact_file_is_a_known_blob_and_a_directory_is_not(tmp_path: Path) -> None:
+    data = _dir_layer(tmp_path, ["digits/a"])
+    d2 = "sha256:" + "b" * 64
+    layers = (oci.Descriptor("application/octet-stream", D, 1, {oci.TITLE: "model.bin"}),
+              oci.Descriptor("application/vnd.oci.image.layer.v1.tar+gzip", d2, len(data),
+                             {oci.TITLE: "digits", oci.UNPACK: "true"}))
+    root, model = tmp_path / "root", tmp_path / "root" / "model"
+    model.mkdir(parents=True)
+    done = oci.materialize(_StubClient({D: b"w", d2: data}),  # type: ignore[arg-type]
+                           oci.Resolved(D, {}, "artifact", layers), root, model, None, Progress("oci://r/m:v1"),
+                           max_bytes=1 << 30, max_ratio=0, cancel=threading.Event())
+    assert done.known == {"model.bin": (H, 1)}
+    assert done.downloaded == 1 + len(data)
+    assert _tree(model) == {"digits": "dir", "digits/a": "x", "model.bin": "w"}
