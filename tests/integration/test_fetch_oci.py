@@ -283,11 +283,11 @@ def test_the_registry_killed_mid_download_and_restarted(tmp_path: Path) -> None:
     registry = start_registry(tmp_path / "registry")
     try:
         name = repo()
-        files = {f"shard-{i:03d}.bin": os.urandom(2 * MiB) for i in range(60)}
+        files = {f"shard-{i:03d}.bin": os.urandom(2 * MiB) for i in range(100)}
         digest = registry.push_artifact(f"{name}:v1", files)
         dest = tmp_path / "m"
         env = fetch_env(tmp_path)
-        # one blob at a time: 60 GETs in a row, so that the kill lands mid-download
+        # one blob at a time: 100 GETs in a row, so that the kill lands mid-download
         proc = subprocess.Popen([sys.executable, "-m", "shipyard.runtime.cli", "fetch", "--uri",
                                  f"oci://{registry.address}/{name}:v1", "--dest", str(dest), "--ca-bundle",
                                  str(registry.ca), "--parallelism", "1", "--timeout", "5"],
@@ -307,9 +307,9 @@ def test_the_registry_killed_mid_download_and_restarted(tmp_path: Path) -> None:
         assert contract.parse_fetch_summary_fields(out.strip())["digest"] == digest
         for rel, data in files.items():
             assert (dest / rel).read_bytes() == data
-        assert 5 <= killed_after < 60
+        assert 5 <= killed_after < 100
         assert "Attempt 1/6 (blob) failed" in err or "Attempt 1/6 (manifest) failed" in err
-        print(f"\nkilled after {killed_after} of 60 blobs; {out.strip()}")
+        print(f"\nkilled after {killed_after} of 100 blobs; {out.strip()}")
     finally:
         registry.stop()
 
