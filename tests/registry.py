@@ -84,9 +84,14 @@ def build_layer(files: Mapping[str, bytes | None], *, dirs: Sequence[str] = (),
     return gzip.compress(raw.getvalue(), mtime=0)
 
 
-def write_image_layout(folder: Path, tag: str, layers: Sequence[bytes]) -> str:
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+
+
+def write_image_layout(folder: Path, tag: str, layers: Sequence[bytes],
+                       platforms: Mapping[str, Sequence[bytes]] | None = None) -> str:
     """An OCI image layout (oci-layout, index.json, blobs/sha256/) holding one linux/amd64 image of `layers` (gzip
-    tar blobs), tagged `tag`; returns the manifest's digest."""
+    tar blobs), tagged `tag`; returns the manifest's digest. With `platforms` (architecture -> layers), `tag` names
+    an image index of one linux image per architecture instead, and the index's digest is returned."""
     blobs = folder / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
 
@@ -95,22 +100,29 @@ def write_image_layout(folder: Path, tag: str, layers: Sequence[bytes]) -> str:
         (blobs / digest.split(":", 1)[1]).write_bytes(data)
         return digest
 
-    diff_ids = [_sha(gzip.decompress(layer)) for layer in layers]
-    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}, sort_keys=True).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": put(config), "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER, "digest": put(layer), "size": len(layer)} for layer in layers],
-    }, sort_keys=True).encode()
-    digest = put(manifest)
-    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-             "manifests": [{"mediaType": OCI_MANIFEST, "digest": digest, "size": len(manifest),
-                            "annotations": {"org.opencontainers.image.ref.name": tag},
-                            "platform": {"os": "linux", "architecture": "amd64"}}]}
+    def image(arch: str, image_layers: Sequence[bytes]) -> dict[str, Any]:
+        diff_ids = [_sha(gzip.decompress(layer)) for layer in image_layers]
+        config = json.dumps({"architecture": arch, "os": "linux", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": diff_ids}}, sort_keys=True).encode()
+        manifest = json.dumps({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": put(config), "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": put(layer), "size": len(layer)} for layer in image_layers],
+        }, sort_keys=True).encode()
+        return {"mediaType": OCI_MANIFEST, "digest": put(manifest), "size": len(manifest),
+                "platform": {"os": "linux", "architecture": arch}}
+
+    if platforms:
+        inner = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                            "manifests": [image(arch, ls) for arch, ls in platforms.items()]}, sort_keys=True).encode()
+        top = {"mediaType": OCI_INDEX, "digest": put(inner), "size": len(inner)}
+    else:
+        top = image("amd64", layers)
+    top["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [top]}
     (folder / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     (folder / "index.json").write_text(json.dumps(index))
-    return digest
+    return str(top["digest"])
 
 
 @dataclass
@@ -190,12 +202,14 @@ class Registry:
                         "--format", "json", *names, cwd=folder)
         return str(json.loads(out)["digest"])
 
-    def push_image(self, repo_tag: str, layers: Sequence[bytes], workdir: Path | None = None) -> str:
-        """Pushes an image of `layers` (see `build_layer`) from an OCI image layout written here (`oras cp
-        --from-oci-layout`); returns its manifest digest."""
+    def push_image(self, repo_tag: str, layers: Sequence[bytes], workdir: Path | None = None,
+                   platforms: Mapping[str, Sequence[bytes]] | None = None) -> str:
+        """Pushes an image of `layers` (see `build_layer`), or with `platforms` an index of one image per
+        architecture, from an OCI image layout written here (`oras cp --from-oci-layout`, which copies an index with
+        its manifests); returns the digest the tag names."""
         tag = repo_tag.rsplit(":", 1)[1]
         folder = workdir or self.state_dir / "layouts" / hashlib.sha256(repo_tag.encode()).hexdigest()[:12]
-        digest = write_image_layout(folder, tag, layers)
+        digest = write_image_layout(folder, tag, layers, platforms)
         self.oras("cp", "--from-oci-layout", f"{folder}:{tag}", f"{self.address}/{repo_tag}", side="to-")
         return digest
 

@@ -129,6 +129,21 @@ def test_an_image_with_path_applies_layers_and_whiteouts(oci_registry: Registry,
     assert not (tmp_path / "missing").exists()
 
 
+def test_an_index_picks_this_platform(oci_registry: Registry, tmp_path: Path) -> None:
+    name = repo()
+    digest = oci_registry.push_image(f"{name}:v1", [], platforms={
+        "arm64": [build_layer({"models/m/model.txt": b"arm64"})],
+        "amd64": [build_layer({"models/m/model.txt": b"amd64"})],
+    })
+    run = fetch(oci_registry, tmp_path, "--uri", f"oci://{oci_registry.address}/{name}:v1", "--dest",
+                str(tmp_path / "m"), "--path", "/models/m")
+    assert run.code == 0, run.log
+    assert (tmp_path / "m" / "model.txt").read_text() == "amd64"
+    assert contract.parse_fetch_summary_fields(run.line)["digest"] == digest, "the index's digest"
+    assert "is an index: fetching its manifest sha256:" in run.log and "(linux/amd64)" in run.log
+    assert oci_registry.pulls(name) == 1
+
+
 def test_a_pinned_digest_and_a_wrong_one(oci_registry: Registry, tmp_path: Path) -> None:
     name, data = repo(), os.urandom(MiB)
     digest = oci_registry.push_artifact(f"{name}:v1", {"model.bin": data})
