@@ -3,13 +3,13 @@ its own, tests/registry.py), run as the init container runs it: a process of its
 termination message. Artifacts are pushed with the oras CLI, as users push them; images are OCI image layouts built here
 and copied in with `oras cp`.
 
-An artifact file, an artifact directory, an image with `--path` (layers and whiteouts), a pinned digest, a wrong digest,
-a missing tag and a missing repository, the node cache (a second fetch of a tag costs one manifest GET and no blob,
-counted in the registry's access log; four fetchers at once download once), basic auth (refused without or with wrong
-credentials, never echoed; accepted from a Docker config file), the bearer-token flow against a stand-in registry
-(distribution's token auth needs a token server with signing keys: the stand-in plays both, and lets its first token
-expire), and the registry killed mid-download and restarted (retried, never a partial model). The suite's `oci_registry`
-is shared: every test pushes to a repository of its own.
+An artifact file, an artifact directory, an image with `--path` (layers and whiteouts), an image index (this platform
+chosen), a pinned digest, a wrong digest, a missing tag and a missing repository, the node cache (a second fetch of a
+tag costs one manifest GET and no blob, counted in the registry's access log; four fetchers at once download once),
+basic auth (refused without or with wrong credentials, never echoed; accepted from a Docker config file), the
+bearer-token flow against a stand-in registry (distribution's token auth needs a token server with signing keys: the
+stand-in plays both, and lets its first token expire), and the registry killed mid-download and restarted (retried,
+never a partial model). The suite's `oci_registry` is shared: every test pushes to a repository of its own.
 """
 
 from __future__ import annotations
