@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the pinned control-plane binaries (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok, helm) and the S3-compatible server the tests fetch models from (versitygw, run by
-# hack/s3.py) from Go modules into a per-machine cache, once per version.
+# hack/s3.py), the OCI registry (CNCF distribution's `registry`, run by hack/registry.py) and the oras CLI that
+# pushes model artifacts to it, from Go modules into a per-machine cache, once per version.
 # Opt-in extras, named as arguments (or SHIPYARD_BUILD_<NAME>=1), are built after that core set:
 #   keda  KEDA's operator and metrics adapter (keda-operator, keda-adapter; a cold build is long, see
 #         docs/e2e.md), run on the host by hack/keda.py.
@@ -96,6 +97,7 @@ build_go_install() { # name module-path version
     helm) ldflags="$ldflags -X helm.sh/helm/v3/internal/version.version=$version" ;;
     # Build and BuildTime keep their defaults: the module zip carries no commit, and a date would vary the binary.
     versitygw) ldflags="$ldflags -X main.Version=$version" ;;
+    registry) ldflags="$ldflags -X github.com/distribution/distribution/v3/version.version=$version" ;;
   esac
   GOBIN="$out" GOFLAGS= go install -trimpath -ldflags "$ldflags" "$path@$version"
   touch "$out/$name.ok"
@@ -152,5 +154,7 @@ build_kube
 build_go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
 build_go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 build_go_install versitygw github.com/versity/versitygw/cmd/versitygw "$VERSITYGW_VERSION"
+build_go_install registry github.com/distribution/distribution/v3/cmd/registry "$DISTRIBUTION_VERSION"
+build_go_install oras oras.land/oras/cmd/oras "$ORAS_VERSION"
 case $extras in *" keda "*) build_keda ;; esac
 log "All binaries present in $cache/bin ($(( $(date +%s) - start )) s)"

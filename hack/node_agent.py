@@ -10,7 +10,7 @@ What it does, like a kubelet and kube-proxy on one machine:
   with ``--taint-fake-nodes`` it taints the KWOK nodes ``shipyard.dev/fake=true:NoSchedule`` so that ordinary pods
   land here, while pods that tolerate it (e.g. GPU pods) are still faked by KWOK;
 - runs every container of every pod bound to the node as a process: its own mount namespace (``unshare -m``)
-  where the volumes (emptyDir, configMap, secret, PVC -> its bound PV's hostPath, hostPath), the
+  where the volumes (emptyDir, configMap, secret, PVC -> its bound PV's hostPath, hostPath, image), the
   termination-message file and the image's contents (the local image catalogue, ``hack/e2e-images.yaml``) are
   bind-mounted at their paths; the user of ``securityContext.runAsUser`` (``setpriv``); a CPU limit as a CFS quota
   in a cgroup (v1 or v2, whichever the machine has: hack/cgroups.py) that the process sees as its own (with
@@ -39,6 +39,14 @@ What it does, like a kubelet and kube-proxy on one machine:
 - resolves Service names inside pods as cluster DNS would: each pod's /etc/hosts is a file of its own, bound over
   it in its mount namespace and rewritten in place as Services come and go (``name.ns.svc.cluster.local``,
   ``name.ns.svc``, ``name.ns``, and ``name`` in the same namespace -> the virtual IP);
+- pulls image volumes (``volumes[].image: {reference, pullPolicy}``, Kubernetes' ImageVolume) from an OCI registry
+  with ``shipyard-runtime fetch --uri oci://<reference> --path /`` (this checkout's fetch, run by the venv's Python)
+  into the pod's directory, through a node cache (``<workdir>/image-volume-cache``: a tag costs one manifest GET
+  once cached, a digest nothing), trusting ``--registry-ca`` and with the credentials of ``--registry-config`` (a
+  Docker config file); an artifact's files or an image's whole filesystem, always mounted read-only. A failed pull
+  leaves the pod Pending, its containers waiting with ``ErrImagePull`` and then ``ImagePullBackOff`` (the message
+  names the reference and fetch's reason), retried with back-off (10 s doubling to 300 s), as a kubelet does.
+  ``pullPolicy`` is not told apart: every pull goes through the node cache;
 - writes Prometheus file_sd targets of running pods' named ports ``http``/``metrics``
   (``<workdir>/prometheus-targets.json``, labels namespace, pod) and each container's output under
   ``<workdir>/logs/``.
@@ -118,6 +126,7 @@ PORT_ANNOTATION = "shipyard.dev/port"
 BACKOFF_INITIAL_S = 10.0
 BACKOFF_MAX_S = 300.0
 CONFIG_RETRY_S = 2.0  # a container waiting with CreateContainerConfigError is tried again this often
+IMAGE_VOLUME_CACHE = "image-volume-cache"  # under the workdir: fetch's node cache for image volumes
 MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
 AGENTS_DIR = Path("/run/shipyard-node-agents")  # one file per live agent: shared host mountpoints stay while any runs
@@ -430,6 +439,7 @@ class PodWorker:
         self.terminating = asyncio.Event()
         self.grace_s = float(self.spec.get("terminationGracePeriodSeconds", 30))
         self.pod_error = ""  # a reason the pod cannot run at all
+        self.image_backoff = BACKOFF_INITIAL_S  # the next wait after a failed image volume pull
         self.transitions: dict[str, tuple[str, str]] = {}
         self._dirty = asyncio.Event()
         self._last_status: str = ""
@@ -571,6 +581,9 @@ class PodWorker:
                     self.agent.post_event(self.pod, "Warning", "FailedMount", str(error))
                     self.changed()
                     return None
+                except ImagePullFailed as error:
+                    if not await self._image_pull_backoff(error):
+                        return None
                 except VolumeNotReady as error:
                     for c in [*self.init_containers, *self.containers]:
                         c.state = {"waiting": {"reason": self.waiting_reason, "message": str(error)}}
@@ -584,8 +597,62 @@ class PodWorker:
                         return None
         return out
 
+    async def _image_pull_backoff(self, error: ImagePullFailed) -> bool:
+        """After a failed image volume pull: ErrImagePull, then ImagePullBackOff until the back-off has passed;
+        False when the pod is being deleted meanwhile."""
+        for c in [*self.init_containers, *self.containers]:
+            c.state = {"waiting": {"reason": "ErrImagePull", "message": str(error)}}
+        self.agent.post_event(self.pod, "Warning", "Failed", str(error))
+        self.changed()
+        wait = self.image_backoff
+        self.image_backoff = min(self.image_backoff * 2, BACKOFF_MAX_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.terminating.wait(), min(2.0, wait))
+        if self.terminating.is_set():
+            return False
+        message = f'Back-off pulling image "{error.reference}": {error.reason}'
+        for c in [*self.init_containers, *self.containers]:
+            c.state = {"waiting": {"reason": "ImagePullBackOff", "message": message}}
+        self.agent.post_event(self.pod, "Normal", "BackOff", message)
+        self.changed()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.terminating.wait(), max(0.0, wait - 2.0))
+        return not self.terminating.is_set()
+
+    async def _pull_image_volume(self, volume: dict[str, Any], path: Path) -> Path:
+        """An image volume: the reference fetched into `path` by `shipyard-runtime fetch` (ImagePullFailed with
+        fetch's one-line reason when it fails)."""
+        source = volume["image"] or {}
+        reference = str(source.get("reference") or "")
+        if not reference:
+            raise UnsupportedVolume(f"volume {volume['name']!r}: image.reference is required")
+        argv = build_image_volume_fetch(self.agent.python, reference, path, self.agent.workdir / IMAGE_VOLUME_CACHE,
+                                        self.agent.args.registry_ca, self.agent.args.registry_config)
+        self.agent.post_event(self.pod, "Normal", "Pulling", f'Pulling image "{reference}" for volume '
+                              f"{volume['name']!r}")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(REPO / p) for p in ("contract", "runtime")),
+               "SHIPYARD_TERMINATION_LOG": ""}
+        env = {k: v for k, v in env.items() if not k.startswith("SHIPYARD_FETCH_")}
+        started = time.monotonic()
+        process = await asyncio.create_subprocess_exec(*argv, env=env, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        line = (out.decode(errors="replace").strip().splitlines() or [""])[-1]
+        if process.returncode != 0:
+            log.warning("Pull of image volume %r of pod %s failed: %s", volume["name"], self.key,
+                        line or err.decode(errors="replace")[-500:])
+            raise ImagePullFailed(reference, volume["name"], line or f"fetch exited with {process.returncode}")
+        log.info("Pulled image volume %r of pod %s in %.1f s: %s", volume["name"], self.key,
+                 time.monotonic() - started, line)
+        self.agent.post_event(self.pod, "Normal", "Pulled", f'Successfully pulled image "{reference}" for volume '
+                              f"{volume['name']!r} in {time.monotonic() - started:.1f}s")
+        os.chmod(path, 0o755)
+        return path
+
     async def _prepare_volume(self, volume: dict[str, Any], path: Path) -> Path:
         client = self.agent.client
+        if "image" in volume:
+            return await self._pull_image_volume(volume, path)
         if "emptyDir" in volume:
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o777)
@@ -778,8 +845,8 @@ class PodWorker:
                     source.mkdir(parents=True)
             read_only = bool(vm.get("readOnly"))
             for v in self.spec.get("volumes") or []:
-                if v["name"] == vm["name"] and (v.get("persistentVolumeClaim") or {}).get("readOnly"):
-                    read_only = True
+                if v["name"] == vm["name"] and ("image" in v or (v.get("persistentVolumeClaim") or {}).get("readOnly")):
+                    read_only = True  # an image volume is read-only whatever the mount says, as a kubelet mounts it
             mounts.append(Mount(source, vm["mountPath"], read_only))
         termination = self.dir / c.name / "termination-log"
         termination.parent.mkdir(parents=True, exist_ok=True)
@@ -1146,6 +1213,28 @@ def build_phase(policy: str, init: list[ContainerRun], containers: list[Containe
 
 class VolumeNotReady(Exception):
     """A volume's source (PVC, ConfigMap, Secret) is not there yet."""
+
+
+class ImagePullFailed(Exception):
+    """An image volume's pull failed (the kubelet's ErrImagePull): retried with back-off."""
+
+    def __init__(self, reference: str, volume: str, reason: str) -> None:
+        super().__init__(f'Failed to pull image "{reference}" for volume {volume!r}: {reason}')
+        self.reference = reference
+        self.reason = reason
+
+
+def build_image_volume_fetch(python: str, reference: str, dest: Path, cache: Path, ca: str | None,
+                             registry_config: str | None) -> list[str]:
+    """The fetch command line that pulls an image volume (pure): the reference as an oci:// URI (a scheme in the
+    reference is refused by fetch's parser), the whole content (`--path /`), the node cache."""
+    argv = [python, "-m", "shipyard.runtime.cli", "fetch", "--uri", f"oci://{reference}", "--dest", str(dest),
+            "--path", "/", "--cache", str(cache), "--termination-log", ""]
+    if ca:
+        argv += ["--ca-bundle", ca]
+    if registry_config:
+        argv += ["--registry-config", registry_config]
+    return argv
 
 
 class UnsupportedVolume(Exception):
@@ -1546,6 +1635,7 @@ class Agent:
         self.node: str = args.node
         self.workdir: Path = args.workdir.resolve()
         self.venv_bin = str(Path(args.venv).resolve() / "bin")
+        self.python = str(Path(self.venv_bin) / "python")
         self.catalogue = Catalogue(args.images, args.image_cache, str(Path(self.venv_bin) / "python"))
         self.ips = IPPool(args.pod_ip_prefix)
         if args.service_ip_prefix == args.pod_ip_prefix:
@@ -1844,6 +1934,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit 1 where CPU limits cannot be enforced (no usable cgroup v1 or v2 cpu controller)")
     parser.add_argument("--mounts-file", type=Path, default=Path("/proc/self/mounts"),
                         help="the mount table read to find the cgroup hierarchies (tests point it elsewhere)")
+    parser.add_argument("--registry-ca", help="PEM CA bundle trusted for image volumes' registries (fetch --ca-bundle)")
+    parser.add_argument("--registry-config", help="Docker config file with registry credentials for image volumes")
     parser.add_argument("--log-level", default="INFO")
     return parser
 

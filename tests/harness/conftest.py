@@ -2,7 +2,8 @@
 
 ``node``: a control plane of this package's own (hack/cluster.py) and the node agent (hack/node_agent.py, started as
 tests/stack.py says: CPU limits required), without Prometheus or the operator: what checking the agent as a kubelet
-needs. Stopped at the end of the package, checked for a clean exit and for no pod process left behind.
+needs, trusting the suite's OCI registry (``oci_registry``) for image volumes. Stopped at the end of the package,
+checked for a clean exit and for no pod process left behind.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from tests import stack
 from tests.integration.conftest import Cluster
+from tests.registry import Registry
 
 POD_IP_PREFIX = "127.0.12"  # apart from the e2e tier's 127.0.11 and the demo's 127.0.10
 SERVICE_IP_PREFIX = "127.0.252"  # Services' virtual IPs: apart from the e2e tier's 127.0.253 and the demo's 127.0.254
@@ -30,6 +32,7 @@ class Node:
     cluster: Cluster
     workdir: Path  # the node agent's work directory
     agent_log: Path
+    registry: Registry  # the registry the agent trusts (--registry-ca) for image volumes
 
     @property
     def cpu_limits(self) -> dict[str, Any]:
@@ -39,7 +42,7 @@ class Node:
 
 
 @pytest.fixture(scope="package")
-def node() -> Iterator[Node]:
+def node(oci_registry: Registry) -> Iterator[Node]:
     stack.check_host(prometheus=False)
     cluster_mod = stack.load_hack_module("cluster")
     base = Path(tempfile.mkdtemp(prefix="shipyard-harness-"))
@@ -48,9 +51,9 @@ def node() -> Iterator[Node]:
     code = None
     try:
         agent = stack.start_agent(state.kubeconfig, base / "agent", base / "agent.log", POD_IP_PREFIX,
-                                  service_ip_prefix=SERVICE_IP_PREFIX)
+                                  "--registry-ca", str(oci_registry.ca), service_ip_prefix=SERVICE_IP_PREFIX)
         yield Node(cluster=Cluster(kubeconfig=str(state.kubeconfig)), workdir=base / "agent",
-                   agent_log=base / "agent.log")
+                   agent_log=base / "agent.log", registry=oci_registry)
     finally:
         if agent is not None:
             code = stack.proc.stop(agent, 60)

@@ -447,3 +447,22 @@ def test_resource_field_ref(resources: dict[str, Any], selector: dict[str, Any],
 ])
 def test_expansion_edge_cases_as_the_kubelet_reads_them(text: str, expected: str) -> None:
     assert agent._expand(text, {"A": "1", "B": "2", "1st": "x"}) == expected
+
+
+@pytest.mark.parametrize(("ca", "config", "tail"), [
+    (None, None, []),
+    ("/ca.pem", None, ["--ca-bundle", "/ca.pem"]),
+    ("/ca.pem", "/docker.json", ["--ca-bundle", "/ca.pem", "--registry-config", "/docker.json"]),
+], ids=["anonymous-system-ca", "registry-ca", "registry-ca-and-credentials"])
+def test_build_image_volume_fetch(ca: str | None, config: str | None, tail: list[str]) -> None:
+    argv = agent.build_image_volume_fetch("/venv/bin/python", "127.0.0.1:5000/models/m:v1", Path("/w/pods/u/v"),
+                                          Path("/w/image-volume-cache"), ca, config)
+    assert argv == ["/venv/bin/python", "-m", "shipyard.runtime.cli", "fetch", "--uri",
+                    "oci://127.0.0.1:5000/models/m:v1", "--dest", "/w/pods/u/v", "--path", "/", "--cache",
+                    "/w/image-volume-cache", "--termination-log", "", *tail]
+
+
+def test_an_image_pull_failure_names_the_reference() -> None:
+    error = agent.ImagePullFailed("r:5000/m:v9", "model", "Fetch of oci://r:5000/m:v9 failed: not found (404)")
+    assert str(error) == ('Failed to pull image "r:5000/m:v9" for volume \'model\': Fetch of oci://r:5000/m:v9 '
+                          "failed: not found (404)")

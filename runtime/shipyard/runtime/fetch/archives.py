@@ -13,7 +13,7 @@ Refused, each with an error naming the entry (`ArchiveError`), before anything o
 Tar members then also go through Python's `tarfile` "data" filter (PEP 706: it resolves links and parent
 directories on disk, drops setuid bits and odd modes), a second line behind these checks.
 
-`build_entry_check`, `check_entry` and `Budget` are pure; `extract` reads and writes files.
+`build_tar_entry`, `check_entry` and `Budget` are pure; `extract` reads and writes files.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class Budget:
         self.total = total
 
 
-def _tar_entry(member: tarfile.TarInfo) -> Entry:
+def build_tar_entry(member: tarfile.TarInfo) -> Entry:
     if member.isreg():
         kind = FILE
     elif member.isdir():
@@ -188,7 +188,7 @@ def _extract_tar(archive: Path, target: Path, budget: Budget, cancel: threading.
         for member in tar:
             if cancel.is_set():
                 raise Interrupted("interrupted while extracting")
-            entry = _tar_entry(member)
+            entry = build_tar_entry(member)
             path = _admit(entry, member.name, seen, budget)
             if not path:
                 continue

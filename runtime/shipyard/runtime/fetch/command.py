@@ -1,9 +1,9 @@
 """`shipyard-runtime fetch`: flags and environment, the fetch itself (cache, staging, verification), the summary.
 
     shipyard-runtime fetch --uri URI --dest DIR [--digest sha256:HEX] [--cache DIR] [--ca-bundle FILE]
-        [--timeout S] [--retries N] [--parallelism N] [--part-size BYTES] [--max-extracted-bytes BYTES]
-        [--max-compression-ratio R] [--deadline S] [--allow-http] [--extract auto|never] [--s3-addressing STYLE]
-        [--termination-log PATH] [--log-level LEVEL]
+        [--path PATH] [--registry-config FILE] [--timeout S] [--retries N] [--parallelism N] [--part-size BYTES]
+        [--max-extracted-bytes BYTES] [--max-compression-ratio R] [--deadline S] [--allow-http] [--extract auto|never]
+        [--s3-addressing STYLE] [--termination-log PATH] [--log-level LEVEL]
     shipyard-runtime fetch --print-digest PATH
 
 Each flag also comes from `SHIPYARD_FETCH_<NAME>` (`--ca-bundle`: `SHIPYARD_FETCH_CA_BUNDLE`); a flag wins over its
@@ -74,6 +74,8 @@ class FetchConfig:
     s3_addressing: str | None = None
     termination_log: str | None = None
     log_level: str = "INFO"
+    path: str | None = None  # oci://: the model's file or directory in the image (or artifact)
+    registry_config: str | None = None  # oci://: a Docker config file with the registry's credentials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +112,11 @@ def _parse_bool(text: str, name: str) -> bool:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="shipyard-runtime fetch", description="Download a model (s3://, https://) into a directory: verified, "
-        "atomic, cached per node. Every flag also from SHIPYARD_FETCH_<NAME>.")
+        prog="shipyard-runtime fetch", description="Download a model (s3://, https://, oci://) into a directory: "
+        "verified, atomic, cached per node. Every flag also from SHIPYARD_FETCH_<NAME>.")
     add = parser.add_argument
-    add("--uri", help="s3://bucket/key, s3://bucket/prefix/ or https://host/path (a file or a .tar[.gz]/.zip)")
+    add("--uri", help="s3://bucket/key, s3://bucket/prefix/, https://host/path (a file or a .tar[.gz]/.zip) or "
+        "oci://registry/repository:tag (or @sha256:HEX)")
     add("--dest", metavar="DIR", help="the model's directory: absent, empty, or written by fetch before")
     add("--digest", metavar="sha256:HEX", help="expected digest (see --print-digest); mismatch fails the fetch")
     add("--cache", metavar="DIR", help="node-level cache, keyed by digest (or by the source's ETag)")
@@ -131,6 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--termination-log", metavar="PATH", help=f"where the outcome line goes too (${contract.ENV_TERMINATION_LOG}"
         f", else {contract.TERMINATION_LOG} when writable; '' = nowhere)")
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING (INFO)")
+    add("--path", metavar="PATH", help="oci://: the model's directory in an image's filesystem (required for "
+        "images), or a file or directory of an artifact")
+    add("--registry-config", metavar="FILE", help="oci://: Docker config file with registry credentials "
+        "(default: $DOCKER_CONFIG/config.json)")
     add("--print-digest", metavar="PATH", help="print the digest of a file or directory and exit")
     return parser
 
@@ -206,10 +213,19 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> FetchConfig:
         deadline=number("deadline", float, 0, 7 * 86400),
         allow_http=_parse_bool(get("allow_http") or "false", "--allow-http (SHIPYARD_FETCH_ALLOW_HTTP)"),
         extract=get("extract") or "auto", s3_addressing=get("s3_addressing") or None,
-        termination_log=termination, log_level=level)
+        termination_log=termination, log_level=level, path=get("path") or None,
+        registry_config=get("registry_config") or None)
     if config.extract not in ("auto", "never"):
         raise UsageError(f"{label('extract')}: {config.extract!r} is not auto or never")
-    parse_uri(config.uri, allow_http=config.allow_http)  # refuses what it must now, before any I/O
+    source = parse_uri(config.uri, allow_http=config.allow_http)  # refuses what it must now, before any I/O
+    if config.path is not None and not source.is_oci:
+        raise UsageError(f"{label('path')}: only for oci:// sources")
+    if config.path is not None:
+        from shipyard.runtime.fetch import oci
+
+        oci.check_model_path(config.path)
+    if source.oci is not None and source.oci.digest and digest and source.oci.digest != digest:
+        raise UsageError(f"{label('digest')}: {digest} differs from the digest the URI pins ({source.oci.digest})")
     return config
 
 
@@ -274,6 +290,8 @@ def build_fetcher(source: Source, config: FetchConfig, deadline: Deadline) -> Fe
 def run_fetch(config: FetchConfig, cancel: threading.Event | None = None) -> Outcome:
     started = time.monotonic()
     source = parse_uri(config.uri, allow_http=config.allow_http)
+    if source.is_oci:
+        return run_oci_fetch(source, config, cancel, started)
     if not source.is_prefix:
         check_file_name(source.name, source.display)
     if config.ca_bundle and not os.access(config.ca_bundle, os.R_OK):
@@ -365,6 +383,106 @@ def run_fetch(config: FetchConfig, cancel: threading.Event | None = None) -> Out
         content = download_and_insert(plan, None)
         cache.index_put(index_key, content.digest)
     return finish(content, False)
+
+
+def run_oci_fetch(source: Source, config: FetchConfig, cancel: threading.Event | None, started: float) -> Outcome:
+    """An oci:// fetch: the content's digest is the manifest's (what `@sha256:` pins); the cache maps (registry,
+    repository, manifest digest, --path) to the verified tree. A hit costs one GET of the manifest (the registry checks
+    the pod's access: the cache is shared) and no blob."""
+    from shipyard.runtime.fetch import oci
+
+    assert source.oci is not None
+    ref = source.oci
+    if config.ca_bundle and not os.access(config.ca_bundle, os.R_OK):
+        raise UsageError(f"--ca-bundle {config.ca_bundle}: not a readable file")
+    model_path = oci.check_model_path(config.path)
+    pinned = ref.digest or config.digest
+    deadline = Deadline(config.deadline, cancel)
+    dest = Destination(Path(config.dest))
+    if dest.prepare(pinned):
+        entries = digests.list_tree(dest.path)
+        return Outcome(source.display, config.dest, pinned or "", len(entries), sum(e.size for e in entries),
+                       0, time.monotonic() - started, cache_hit=False, already=True)
+    credentials = oci.fetch_credentials(config.registry_config, os.environ, ref.registry)
+    client = oci.Client(ref, deadline=deadline, timeout=config.timeout, retries=config.retries,
+                        parallelism=config.parallelism, ca_bundle=config.ca_bundle, allow_http=config.allow_http,
+                        credentials=credentials)
+
+    def finish(digest: str, tree: _Content, hit: bool) -> Outcome:
+        return Outcome(source.display, config.dest, digest, tree.files, tree.bytes, tree.downloaded,
+                       time.monotonic() - started, cache_hit=hit)
+
+    def record(digest: str, tree: _Content, hit: bool) -> dict[str, Any]:
+        return {"uri": source.display, "digest": digest, "contentDigest": tree.digest, "bytes": tree.bytes,
+                "files": tree.files, "cacheHit": hit, "path": f"/{model_path}" if model_path is not None else None,
+                "fetchedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def build(resolved: oci.Resolved, staging: Staging) -> _Content:
+        log.info("Fetching %s: %s %s, %d layer%s, %s", source.display, resolved.kind, resolved.digest,
+                 len(resolved.layers), "s" if len(resolved.layers) != 1 else "", build_bytes_text(resolved.total))
+        progress = Progress(source.display, resolved.total).start()
+        try:
+            done = oci.materialize(client, resolved, staging.root, staging.model, model_path, progress,
+                                   max_bytes=config.max_extracted_bytes, max_ratio=config.max_compression_ratio,
+                                   cancel=deadline.cancel)
+        finally:
+            progress.stop()
+        entries = digests.list_tree(staging.model, known=done.known)  # a verified blob is not hashed twice
+        return _Content(True, digests.build_listing_digest((e.path, e.sha256) for e in entries), len(entries),
+                        sum(e.size for e in entries), done.downloaded)
+
+    def resolve() -> oci.Resolved:
+        resolved = client.resolve()
+        if config.digest and resolved.digest != config.digest:
+            raise DigestMismatch(build_digest_mismatch_message(config.digest, resolved.digest, source.display))
+        return resolved
+
+    if not config.cache:
+        resolved = resolve()
+        with dest.new_staging() as staging:
+            content = build(resolved, staging)
+            dest.commit(staging, record(resolved.digest, content, False))
+        return finish(resolved.digest, content, False)
+
+    cache = Cache(Path(config.cache), deadline)
+
+    def index_key(digest: str) -> str:
+        return build_index_key(f"oci://{ref.registry}", f"{ref.repository}@{digest}", f"path=/{model_path or ''}")
+
+    def lookup(digest: str) -> Outcome | None:
+        tree_digest = cache.index_get(index_key(digest))
+        if not tree_digest:
+            return None
+        with cache.lock(build_digest_key(tree_digest)):
+            found = cache.lookup(tree_digest, (True,))
+            if not found:
+                return None
+            entries = digests.list_tree(found[1])
+            content = _Content(True, tree_digest, len(entries), sum(e.size for e in entries), 0)
+            with dest.new_staging() as staging:
+                populate(found[1], True, staging.model, "")
+                dest.commit(staging, record(digest, content, True))
+        return finish(digest, content, True)
+
+    def fetch_and_insert(resolved: oci.Resolved) -> Outcome:
+        with cache.staging() as staging:
+            content = build(resolved, staging)
+            with cache.lock(build_digest_key(content.digest)):
+                entry = cache.insert(staging.model, content.digest, True)
+                with dest.new_staging() as placed:
+                    populate(entry, True, placed.model, "")
+                    dest.commit(placed, record(resolved.digest, content, False))
+        cache.index_put(index_key(resolved.digest), content.digest)
+        return finish(resolved.digest, content, False)
+
+    # The manifest is asked for on every fetch, a hit included (no blob): that request checks the pod's access to the
+    # registry, since the cache is shared by the node's pods and a digest is not a credential.
+    resolved = resolve()
+    with cache.lock(index_key(resolved.digest)):
+        hit = lookup(resolved.digest)
+        if hit is not None:
+            return hit
+        return fetch_and_insert(resolved)
 
 
 def _materialize(fetcher: Fetcher, plan: Plan, staging: Staging, source: Source, config: FetchConfig,

@@ -20,7 +20,7 @@ import dataclasses
 import hashlib
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from shipyard.runtime.fetch.errors import FetchError
@@ -76,8 +76,10 @@ def hash_file(path: str | os.PathLike[str]) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def list_tree(root: str | os.PathLike[str]) -> list[FileEntry]:
-    """Every file of a directory with its sha256 (see the module's rules); FetchError for what cannot be listed."""
+def list_tree(root: str | os.PathLike[str], known: Mapping[str, tuple[str, int]] | None = None) -> list[FileEntry]:
+    """Every file of a directory with its sha256 (see the module's rules); FetchError for what cannot be listed.
+    `known`: relative path -> (sha256 hex, size) of regular files whose bytes were hashed as they were written (an
+    oci:// blob verified against its digest): not read again when their size matches."""
     base = Path(root)
     real_root = os.path.realpath(base)
     found: list[FileEntry] = []
@@ -106,6 +108,10 @@ def list_tree(root: str | os.PathLike[str]) -> list[FileEntry]:
                     raise FetchError(f"{rel}: symbolic link to something else than a file")
             elif not stat.S_ISREG(mode):
                 raise FetchError(f"{rel}: not a regular file")
+            already = (known or {}).get(rel)
+            if already is not None and stat.S_ISREG(mode) and os.lstat(full).st_size == already[1]:
+                found.append(FileEntry(rel, already[0], already[1]))
+                continue
             sha, size = hash_file(full)
             found.append(FileEntry(rel, sha, size))
     found.sort(key=lambda e: e.path.encode("utf-8"))

@@ -15,10 +15,14 @@ from __future__ import annotations
 import dataclasses
 import re
 import urllib.parse
+from typing import TYPE_CHECKING
 
 from shipyard.runtime.fetch.errors import UsageError
 
-SCHEMES = ("s3", "https", "http")
+if TYPE_CHECKING:
+    from shipyard.runtime.fetch.oci import Reference
+
+SCHEMES = ("s3", "https", "http", "oci")
 RESERVED_PREFIX = ".shipyard-fetch"  # names fetch keeps for itself at the top of a destination
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 
@@ -27,12 +31,17 @@ _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 class Source:
     """A parsed model URI."""
 
-    scheme: str  # s3 | https | http
+    scheme: str  # s3 | https | http | oci
     uri: str  # as given (may hold a presigned URL's query: never logged)
     bucket: str = ""
     key: str = ""  # s3: the key or prefix, as given ("" = the whole bucket)
     host: str = ""  # http(s): host[:port]
     path: str = ""  # http(s): the path, percent-encoded as given
+    oci: Reference | None = None  # oci: registry, repository, tag, digest
+
+    @property
+    def is_oci(self) -> bool:
+        return self.oci is not None
 
     @property
     def is_s3(self) -> bool:
@@ -48,6 +57,8 @@ class Source:
         """The URI for logs and errors: no userinfo, no query, no fragment."""
         if self.is_s3:
             return f"s3://{self.bucket}/{self.key}"
+        if self.oci is not None:
+            return self.oci.display
         return f"{self.scheme}://{self.host}{self.path}"
 
     @property
@@ -61,14 +72,18 @@ def parse_uri(text: str, *, allow_http: bool = False) -> Source:
     """Parse `--uri`; raises UsageError naming the problem (never echoing credentials). Pure."""
     uri = text.strip()
     if not uri:
-        raise UsageError("--uri is required (s3://bucket/key, s3://bucket/prefix/ or https://host/path)")
+        raise UsageError("--uri is required (s3://bucket/key, s3://bucket/prefix/, https://host/path or "
+                         "oci://registry/repository:tag)")
     scheme, sep, rest = uri.partition("://")
     scheme = scheme.lower()
     if not sep or scheme not in SCHEMES:
         shown = f"{scheme}://" if sep else "a URI without a scheme"
-        raise UsageError(f"unsupported URI {shown}: fetch takes s3://, https:// (and http:// with --allow-http)")
+        raise UsageError(f"unsupported URI {shown}: fetch takes s3://, https://, oci:// (and http:// with "
+                         "--allow-http)")
     if scheme == "s3":
         return _parse_s3(uri, rest)
+    if scheme == "oci":
+        return _parse_oci(uri, rest)
     return _parse_http(uri, scheme, allow_http)
 
 
@@ -82,6 +97,18 @@ def _parse_s3(uri: str, rest: str) -> Source:
     if "\x00" in key or "\n" in key:
         raise UsageError(f"invalid key in s3://{bucket}/...: control characters")
     return Source(scheme="s3", uri=uri, bucket=bucket, key=key)
+
+
+def _parse_oci(uri: str, rest: str) -> Source:
+    from shipyard.runtime.fetch import oci  # the module imports this one
+
+    try:
+        reference = oci.parse_reference(rest)
+    except ValueError as error:
+        registry = rest.partition("/")[0]
+        shown = "oci://REDACTED@..." if "@" in registry else f"oci://{rest}"[:200]
+        raise UsageError(f"invalid OCI reference {shown}: {error}") from None
+    return Source(scheme="oci", uri=uri, host=reference.registry, path=reference.repository, oci=reference)
 
 
 def _parse_http(uri: str, scheme: str, allow_http: bool) -> Source:

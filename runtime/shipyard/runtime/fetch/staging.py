@@ -139,11 +139,15 @@ class Destination:
         if not entries:
             return False
         if digest is not None and (path / RECORD).exists():
+            expected = digest
+            recorded = _read_record(path / RECORD)
+            if recorded.get("contentDigest"):  # oci://: `digest` is the manifest's; the files have their own
+                expected = str(recorded["contentDigest"]) if recorded.get("digest") == digest else ""
             try:
                 present = compute_digest(path)
             except FetchError as error:
                 present = f"(unreadable: {error})"
-            if present == digest:
+            if expected and present == expected:
                 return True
             log.info("%s holds %s, not %s: it will be replaced", path, present, digest)
         if not (path / RECORD).exists():
@@ -177,6 +181,14 @@ class Destination:
         for entry in staging.model.iterdir():
             os.rename(entry, self.path / entry.name)
         marker.unlink()
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def write_record(path: Path, record: dict[str, Any]) -> None:
