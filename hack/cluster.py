@@ -74,6 +74,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SHIPYARD_CACHE", Path.home() / ".cache" / "shipyard"))
 
 
+def built_binary(version_key: str, component: str, name: str, override_env: str, what: str) -> Path:
+    """A server that hack/build-binaries.sh builds into the cache (``<cache>/bin/<component>-<version>/<name>``, with
+    its ``.ok`` marker), or the file ``override_env`` names. Raises RuntimeError naming the build command (and
+    ``what``, the module it is built from) when it is not there."""
+    version = read_versions()[version_key]
+    override = os.environ.get(override_env)
+    path = Path(override) if override else cache_dir() / "bin" / f"{component}-{version}" / name
+    if not (path.exists() and (override or Path(f"{path}.ok").exists())):
+        raise RuntimeError(f"{path} not found: build it with `bash hack/build-binaries.sh` ({what} {version}, from its "
+                           "Go module)")
+    return path
+
+
 def default_state_dir() -> Path:
     return Path(os.environ.get("SHIPYARD_CLUSTER_DIR", REPO / ".cluster"))
 

@@ -66,17 +66,8 @@ def version() -> str:
 
 
 def binary() -> Path:
-    """The registry that hack/build-binaries.sh builds (``SHIPYARD_REGISTRY`` overrides)."""
-    override = os.environ.get("SHIPYARD_REGISTRY")
-    if override:
-        return Path(override)
-    return Path(cluster.cache_dir()) / "bin" / f"registry-{version()}" / "registry"
-
-
-def check_binary(path: Path) -> None:
-    if not (path.exists() and (os.environ.get("SHIPYARD_REGISTRY") or Path(f"{path}.ok").exists())):
-        raise RuntimeError(f"{path} not found: build it with `bash hack/build-binaries.sh` (distribution "
-                           f"{version()}, from its Go module)")
+    """The registry hack/build-binaries.sh builds (``SHIPYARD_REGISTRY`` overrides); RuntimeError when not built."""
+    return cluster.built_binary("DISTRIBUTION_VERSION", "registry", "registry", "SHIPYARD_REGISTRY", "distribution")
 
 
 def build_config(state_dir: Path, port: int, htpasswd: Path | None) -> str:
@@ -217,7 +208,6 @@ def start(state_dir: Path, port: int | None = None, htpasswd: bool = False, time
     `htpasswd` credentials (the file holding username and password). Raises RuntimeError (with its log's tail) when
     it is not built, already runs for this directory, exits or is not ready within `timeout`."""
     path = binary()
-    check_binary(path)
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     running = read_state(state_dir)

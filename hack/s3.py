@@ -67,17 +67,8 @@ def version() -> str:
 
 
 def binary() -> Path:
-    """The versitygw that hack/build-binaries.sh builds (``SHIPYARD_VERSITYGW`` overrides)."""
-    override = os.environ.get("SHIPYARD_VERSITYGW")
-    if override:
-        return Path(override)
-    return Path(cluster.cache_dir()) / "bin" / f"versitygw-{version()}" / "versitygw"
-
-
-def check_binary(path: Path) -> None:
-    if not (path.exists() and (os.environ.get("SHIPYARD_VERSITYGW") or Path(f"{path}.ok").exists())):
-        raise RuntimeError(f"{path} not found: build it with `bash hack/build-binaries.sh` (versitygw "
-                           f"{version()}, from its Go module)")
+    """The versitygw hack/build-binaries.sh builds (``SHIPYARD_VERSITYGW`` overrides); RuntimeError when not built."""
+    return cluster.built_binary("VERSITYGW_VERSION", "versitygw", "versitygw", "SHIPYARD_VERSITYGW", "versitygw")
 
 
 def build_argv(binary: Path, port: int, state_dir: Path, region: str = REGION) -> list[str]:
@@ -230,7 +221,6 @@ def start(state_dir: Path, port: int | None = None, timeout: float = 60.0) -> di
     prints: endpoint, accessKey, secretKey, region, accessLog, pid. Raises RuntimeError (with its log's tail) when
     it is not built, already runs for this directory, exits or is not ready within `timeout`."""
     path = binary()
-    check_binary(path)
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     running = read_state(state_dir)

@@ -40,6 +40,7 @@ from lightkube.resources.core_v1 import Pod
 from shipyard.operator import naming
 from tests import stack
 from tests.integration.conftest import Cluster, install_crds, wait_until
+from tests.registry import Registry
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAMESPACE = "e2e"
@@ -168,7 +169,7 @@ def record(name: str, **fields: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="package")
-def e2e() -> Iterator[E2E]:
+def e2e(oci_registry: Registry) -> Iterator[E2E]:
     stack.check_host(prometheus=True)
     cluster_mod = stack.load_hack_module("cluster")
     prometheus_mod = stack.load_hack_module("prometheus")
@@ -191,6 +192,7 @@ def e2e() -> Iterator[E2E]:
         install_crds(cluster)
         mark = time.monotonic()
         procs["agent"] = stack.start_agent(state.kubeconfig, workdir, base / "agent.log", POD_IP_PREFIX,
+                                           "--registry-ca", str(oci_registry.ca),  # image volumes: the registry's CA
                                            service_ip_prefix=SERVICE_IP_PREFIX)
         timings["agentReadySeconds"] = round(time.monotonic() - mark, 1)
         mark = time.monotonic()

@@ -79,16 +79,17 @@ def downloads_by_key(server_dir: Path) -> Counter[str]:
                    if r["operation"] == GET_OBJECT and r["status"] in (200, 206))
 
 
-def catalogue_model_dir() -> Path:
-    """The digits model's directory as the node agent's image catalogue built it (built here if it was not)."""
+def catalogue_model_dir(build: str = "digits") -> Path:
+    """A model's directory as the node agent's image catalogue builds it (hack/e2e-images.yaml's builds: digits,
+    minilm...), built here if it was not."""
     agent = stack.load_hack_module("node_agent")
     catalogue = agent.Catalogue(REPO / "hack" / "e2e-images.yaml",
                                 agent.build_parser().parse_args(["--kubeconfig", "-", "--workdir", "-"]).image_cache,
                                 sys.executable)
-    out: Path = catalogue.build_dir("digits")
+    out: Path = catalogue.build_dir(build)
     if not out.is_dir():
         import asyncio
-        out = asyncio.run(catalogue.prepare("digits"))
+        out = asyncio.run(catalogue.prepare(build))
     return out
 
 

@@ -10,6 +10,10 @@
     Stalled with "access denied (403) to s3://..." and the secret in no status, Event or log.
 15. a model behind HTTPS (a server with a CA this test makes, trusted through spec.model.caBundle), as a tar.gz,
     compressed in a Job (its init container downloads the archive and extracts it) and served.
+16. the sentence encoder pushed with oras to the stack's registry (distribution, TLS with its own CA) as an OCI
+    artifact: served from ``oci://`` by a download step (the registry counts each file once), and mounted as an image
+    volume (``mount: imageVolume``, pinned by digest: no download step in the pod, the node agent pulls it); both
+    answer sentence embeddings.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from tests.e2e import loadgen, manifests
 from tests.e2e.conftest import E2E, RUNTIME_IMAGE, record
 from tests.e2e.s3model import build_secret, catalogue_model_dir, print_digest, upload
 from tests.e2e.test_autoscaling import in_own_namespace
-from tests.e2e.test_examples import ready
+from tests.e2e.test_examples import post_json, ready
 from tests.e2e.test_rollout import LABELS, SAMPLES
 from tests.integration.conftest import wait_until
 from tests.integration.test_fetch_https import Site, _handler, make_ca, make_server_cert
+from tests.registry import Registry
 from tests.s3server import S3Server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -227,3 +232,57 @@ def test_15_a_model_behind_https_is_compressed_and_served(sources: E2E, https_si
     assert predictions_right(e2e.service_port("digits-https")) >= 14
     record("15-model-behind-https", readySeconds=round(time.monotonic() - started, 1),
            sourceBytes=artifact["sourceBytes"], compressedBytes=artifact["compressedBytes"], outcome="passed")
+
+
+SENTENCES = ["Shipyard compresses the model in a Job.", "The weather is sunny today.",
+             "A Kubernetes Job compresses the model before it is served."]
+
+
+def embed(port: int) -> Any:
+    import numpy as np
+
+    status, body = post_json(port, "/v2/models/minilm/infer", {"inputs": [
+        {"name": "text", "datatype": "BYTES", "shape": [len(SENTENCES)], "data": SENTENCES}]})
+    assert status == 200, body
+    (output,) = body["outputs"]
+    vectors = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+    assert vectors.shape == (3, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    similarity = vectors @ vectors.T
+    assert similarity[0, 2] > similarity[0, 1], similarity  # the two sentences about compression are neighbours
+    return vectors
+
+
+def test_16_a_model_in_an_oci_registry_is_served_downloaded_and_as_an_image_volume(
+        sources: E2E, oci_registry: Registry) -> None:
+    e2e, registry = sources, oci_registry
+    model = catalogue_model_dir("minilm")
+    started = time.monotonic()
+    digest = registry.push_artifact("models/minilm:1.0", {p.name: p for p in sorted(model.iterdir())})
+    push_s = time.monotonic() - started
+    e2e.cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "registry-ca"},
+                       "data": {"ca.crt": registry.ca.read_text()}}, e2e.namespace)
+    uri = f"oci://{registry.address}/models/minilm:1.0"
+    timings: dict[str, float] = {}
+    for name, extra in (("encoder-oci", {"caBundle": {"configMapName": "registry-ca"}}),
+                        ("encoder-volume", {"mount": "imageVolume", "digest": digest})):
+        md = build_md(name, {"uri": uri, **extra}, replicas=1)
+        md["spec"]["model"]["name"] = "minilm"
+        md["spec"]["serving"]["resources"]["limits"]["memory"] = "2Gi"
+        before = registry.pulls("models/minilm")
+        started = time.monotonic()
+        e2e.cluster.apply(md, e2e.namespace)
+        ready_md = wait_until(lambda n=name: ready(e2e, n), timeout=300, interval=1, message=f"{name} Ready")
+        timings[name] = round(time.monotonic() - started, 1)
+        embed(e2e.service_port(name))
+        if name == "encoder-oci":
+            fetch = ready_md["status"]["modelFetch"]
+            assert (fetch["digest"], fetch["downloads"]) == (digest, 1), fetch
+            assert registry.pulls("models/minilm") - before == 3, "each of the artifact's 3 files once"
+        else:  # the kubelet's (the node agent's) image volume: no download step in the pod
+            pod = json.loads(e2e.cluster.kubectl("get", "pods", "-n", e2e.namespace, "-l",
+                                                 f"shipyard.dev/model={name}", "-o", "json").stdout)["items"][0]
+            assert not pod["spec"].get("initContainers")
+            volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "model-source")
+            assert volume["image"]["reference"] == f"{registry.address}/models/minilm:1.0@{digest}", volume
+    record("16-model-in-an-oci-registry", pushSeconds=round(push_s, 1), readySeconds=timings,
+           artifactDigest=digest, outcome="passed")

@@ -778,7 +778,8 @@ def test_recipe_of_full_spec() -> None:
 
 def test_the_examples_are_all_checked() -> None:
     assert [p.name for p in EXAMPLES] == ["digits-blue-green.yaml", "digits-s3.yaml", "digits.yaml",
-                                          "recommender.yaml", "sentence-encoder.yaml", "torchserve.yaml"]
+                                          "recommender.yaml", "sentence-encoder-oci.yaml", "sentence-encoder.yaml",
+                                          "torchserve.yaml"]
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in EXAMPLES])

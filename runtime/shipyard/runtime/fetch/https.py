@@ -67,6 +67,15 @@ def describe_exception(error: BaseException) -> str:
     return type(error).__name__
 
 
+
+def build_redirect_target(url: str, location: str, display: str, allow_http: bool) -> str:
+    """Where a redirect from `url` leads; FetchError when it leaves https (for http only with `allow_http`). Pure."""
+    target = urllib.parse.urljoin(url, location)
+    scheme = urllib.parse.urlsplit(target).scheme.lower()
+    if scheme != "https" and not (scheme == "http" and allow_http):
+        raise FetchError(f"{display} redirects to a {scheme or 'relative'}:// URL: refused")
+    return target
+
 class HttpsFetcher:
     def __init__(self, source: Source, *, deadline: Deadline, timeout: float, retries: int,
                  ca_bundle: str | None = None, allow_http: bool = False) -> None:
@@ -102,12 +111,8 @@ class HttpsFetcher:
                                      retryable=True) from None
                 raise FetchError(f"{reason} to {display}", retryable=True) from None
             if response.status in REDIRECTS and response.headers.get("Location"):
-                target = urllib.parse.urljoin(url, response.headers["Location"])
                 _discard(response)
-                scheme = urllib.parse.urlsplit(target).scheme.lower()
-                if scheme != "https" and not (scheme == "http" and self.allow_http):
-                    raise FetchError(f"{display} redirects to a {scheme or 'relative'}:// URL: refused")
-                url = target
+                url = build_redirect_target(url, response.headers["Location"], display, self.allow_http)
                 continue
             return response
         raise FetchError(f"{display}: more than {MAX_REDIRECTS} redirects")

@@ -64,7 +64,7 @@ from shipyard.runtime.fetch.errors import (
     UsageError,
     build_timeout_message,
 )
-from shipyard.runtime.fetch.https import describe_exception
+from shipyard.runtime.fetch.https import MAX_REDIRECTS, REDIRECTS, build_redirect_target, describe_exception
 from shipyard.runtime.fetch.progress import LowSpeedWindow, Progress
 from shipyard.runtime.fetch.retry import Deadline, run_with_retries
 from shipyard.runtime.fetch.sources import check_relative_path
@@ -84,7 +84,6 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_MANIFEST_BYTES = 4 << 20  # the distribution spec's suggested limit
 CHUNK = 1 << 20
-MAX_REDIRECTS = 5
 _REPOSITORY = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
@@ -444,13 +443,9 @@ class Client:
                 _discard(response)
                 hdrs["Authorization"] = self._auth or ""
                 response = self._send(method, url, hdrs)  # a 401 again is the caller's to report
-            if response.status in (301, 302, 303, 307, 308) and response.headers.get("Location"):
-                target = urllib.parse.urljoin(url, response.headers["Location"])
+            if response.status in REDIRECTS and response.headers.get("Location"):
                 _discard(response)
-                scheme = urllib.parse.urlsplit(target).scheme.lower()
-                if scheme != "https" and not (scheme == "http" and self.allow_http):
-                    raise FetchError(f"{self.display} redirects to a {scheme}:// URL: refused")
-                url = target
+                url = build_redirect_target(url, response.headers["Location"], self.display, self.allow_http)
                 continue
             return response
         raise FetchError(f"{self.display}: more than {MAX_REDIRECTS} redirects")
