@@ -261,3 +261,26 @@ def test_traffic_line(spec: dict[str, Any], status: dict[str, Any], expected: st
 ])
 def test_autoscaling_line(status: dict[str, Any], expected: str) -> None:
     assert plugin.build_autoscaling_text(status) == expected
+
+
+D = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(("spec", "status", "expected"), [
+    pytest.param({"model": {"path": "/models/digits"}}, {}, "/models/digits", id="in-the-image"),
+    pytest.param({"model": {"uri": "s3://models/digits/", "digest": D}}, {},
+                 "s3://models/digits/ (sha256:abababababab...)", id="not-fetched-yet"),
+    pytest.param({"model": {"uri": "s3://models/digits/"}},
+                 {"modelFetch": {"version": "0.1.0-m1", "pods": ["a", "b", "c", "d"], "downloads": 1, "cacheHits": 3,
+                                 "bytes": 2048}},
+                 "s3://models/digits/: 0.1.0-m1 fetched by 4 pod(s), 1 download(s), 3 from the node cache, 2048 bytes",
+                 id="fetched"),
+    pytest.param({"model": {"uri": "s3://models/digits/"}},
+                 {"modelFetch": {"version": "0.1.0-m1", "pods": [], "failure": "access denied (403) to s3://m/d/"}},
+                 "s3://models/digits/: 0.1.0-m1 fetched by 0 pod(s), 0 download(s), 0 from the node cache; failing: "
+                 "access denied (403) to s3://m/d/", id="failing"),
+    pytest.param({"model": {"uri": "oci://r.example/m:1", "mount": "imageVolume"}}, {},
+                 "oci://r.example/m:1, an image volume", id="image-volume"),
+])
+def test_model_line(spec: dict[str, Any], status: dict[str, Any], expected: str) -> None:
+    assert plugin.build_model_text(spec, status) == expected

@@ -158,6 +158,27 @@ def build_autoscaling_text(status: Mapping[str, Any]) -> str:
             f"{auto.get('minReplicas')}..{auto.get('maxReplicas')} replicas{state}")
 
 
+def build_model_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str:
+    """'s3://models/digits/ (sha256:3f2a9c01...): 0.1.0-m8d1e0b44 fetched by 4 pod(s), 1 download, 3 from the node
+    cache, 203.8 kB' for a downloaded model; the path or URI otherwise."""
+    model = spec.get("model") or {}
+    source = str(model.get("uri") or model.get("path") or "-")
+    if model.get("digest"):
+        source += f" ({str(model['digest'])[:19]}...)"
+    if model.get("mount") == "imageVolume":
+        source += ", an image volume"
+    fetch = status.get("modelFetch") or {}
+    if not fetch:
+        return source
+    text = (f"{source}: {fetch.get('version')} fetched by {len(fetch.get('pods') or [])} pod(s), "
+            f"{fetch.get('downloads', 0)} download(s), {fetch.get('cacheHits', 0)} from the node cache")
+    if fetch.get("bytes") is not None:
+        text += f", {fetch['bytes']} bytes"
+    if fetch.get("failure"):
+        text += f"; failing: {fetch['failure']}"
+    return text
+
+
 def build_status_view(md: Mapping[str, Any]) -> str:
     """What `kubectl shipyard status` prints for one ModelDeployment body."""
     meta, body_spec = md.get("metadata") or {}, md.get("spec") or {}
@@ -173,6 +194,7 @@ def build_status_view(md: Mapping[str, Any]) -> str:
         + (f" ({status['pausedReason']})" if status.get("pausedReason") else ""),
         f"Message:     {status.get('message') or '-'}",
         f"Spec image:  {body_spec.get('image', '-')}",
+        f"Model:       {build_model_text(body_spec, status)}",
         f"Stable:      {status.get('stableVersion') or '-'}"
         + (f"   {status['stableImage']}" if status.get("stableImage") else "")
         + f"   ready {replicas.get('stable', 0)}",
