@@ -345,7 +345,8 @@ def _plan_fetch(md: spec_mod.ModelDeployment, st: _State, observed: Observed, pr
                 if fields.get(key) is not None:
                     fetch[key] = fields[key]
             fetch["fetchedAt"] = build_timestamp(now)
-            st.event("Normal", Reason.MODEL_FETCHED, f"Pod {view.pod} (version {version}): {view.message}"[:1024])
+            said = view.message.split(" [", 1)[0]  # the outcome line without its fields (those are in the status)
+            st.event("Normal", Reason.MODEL_FETCHED, f"Pod {view.pod} (version {version}): {said}"[:1024])
         fetch["pods"] = told[-FETCH_PODS_MAX:]
         failed = next((v for v in views if v.state == "failed"), None)
         fetch["failure"] = failed.message[:1024] if failed is not None else None
@@ -776,7 +777,7 @@ def _plan_compression(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obse
     if view.phase == "Succeeded":
         if view.fetch_message:
             st.event("Normal", Reason.MODEL_FETCHED,
-                     f"Job {name} (version {spec.version}): {view.fetch_message}"[:1024])
+                     f"Job {name} (version {spec.version}): {view.fetch_message.split(' [', 1)[0]}"[:1024])
         entry.update(phase="Succeeded", message=view.message[:1024])
         entry.update(contract.parse_summary_fields(view.message))
         st.event("Normal", Reason.COMPRESSED, f"Compressed version {spec.version}: {view.message}")
