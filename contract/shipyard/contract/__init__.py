@@ -212,8 +212,8 @@ def build_prediction_agreement(increase: Mapping[tuple[str, tuple[tuple[str, str
                                labels: Mapping[str, str] | None = None) -> float | None:
     """The builtin ``predictionAgreement`` from scraped counters: the increase of
     ``shipyard_shadow_agreeing_rows_total`` over that of ``shipyard_shadow_rows_total`` (series whose labels include
-    ``labels``, e.g. the model and the candidate); None when no row was compared (no data). ``increase`` maps (sample name, sorted label pairs) to the
-    increase over the window, as the operator's scrape provider keys it."""
+    ``labels``, e.g. the model and the candidate); None when no row was compared (no data). ``increase`` maps
+    (sample name, sorted label pairs) to the increase over the window, as the operator's scrape provider keys it."""
     rows = agreeing = 0.0
     wanted = labels or {}
     for (name, pairs), value in increase.items():
