@@ -256,3 +256,24 @@ def test_a_pooled_connection_the_candidate_closed_while_idle_is_replaced_not_cou
         send(stable.port, 3)
         counts = settled(stable.port, 6)
     assert counts["compared"] == 6 and counts["error"] == 0
+
+
+def test_grpc_requests_are_copied_to_the_candidates_rest_endpoint_and_compared() -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    with serving(config(model_version="1.1.0"), Classifier(flip_every=2)) as candidate, \
+            serving(replace(stable_config(shadow_env(candidate.port)), grpc_port=0), Classifier()) as stable:
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{stable.server.grpc_port}")
+        try:
+            for i in range(4):
+                tensor = grpcclient.InferInput("x", [2, 4], "FP32")
+                tensor.set_data_from_numpy(np.array([[i, i, 0, 0], [i + 1, i + 1, 0, 0]], dtype=np.float32))
+                answer = client.infer("clf", [tensor], outputs=[grpcclient.InferRequestedOutput("y")])
+                assert answer.as_numpy("y").argmax(axis=1).tolist() == [i % CLASSES, (i + 1) % CLASSES]
+        finally:
+            client.close()
+        counts = settled(stable.port, 4)
+    assert counts["compared"] == 4 and counts["error"] == 0
+    assert counts[contract.METRIC_SHADOW_ROWS] == 8
+    assert counts[contract.METRIC_SHADOW_AGREEING_ROWS] == 4  # the odd x of each pair

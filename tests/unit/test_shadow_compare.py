@@ -277,3 +277,15 @@ def test_response_heads(raw: bytes, expected: tuple[int, int, int | None, bool])
 def test_response_heads_this_client_does_not_read(raw: bytes) -> None:
     with pytest.raises(shadow_io._ProtocolError):
         shadow_io.parse_response_head(raw)
+
+
+def test_a_parsed_request_becomes_a_json_request_for_the_same_outputs() -> None:
+    specs = [shadowplan.Output("x", "FP32", (2, 2), np.zeros((2, 2))), shadowplan.Output("m", "BOOL", (2,),
+                                                                                          np.zeros((2, 1)))]
+    outs = [shadowplan.Output("a", "FP32", (), np.zeros((1, 1))), shadowplan.Output("b", "FP32", (), np.zeros((1, 1)))]
+    arrays = [np.arange(4, dtype=np.float32).reshape(2, 2).T, np.array([True, False])]  # a transposed view too
+    document = orjson.loads(shadowplan.build_request_body(specs, arrays, outs, [1]))
+    assert document == {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [0.0, 2.0, 1.0, 3.0]},
+                                   {"name": "m", "datatype": "BOOL", "shape": [2], "data": [True, False]}],
+                        "outputs": [{"name": "b"}]}
+    assert "outputs" not in orjson.loads(shadowplan.build_request_body(specs, arrays, outs, None))

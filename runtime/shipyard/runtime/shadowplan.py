@@ -116,6 +116,18 @@ def build_infer_path(base_path: str, model: str) -> str:
     return f"{base_path}/v2/models/{urllib.parse.quote(model, safe='')}/infer"
 
 
+def build_request_body(inputs: Sequence[oip.TensorSpecLike], arrays: Sequence[np.ndarray],
+                       outputs: Sequence[oip.TensorSpecLike], output_indices: Sequence[int] | None) -> bytes:
+    """An OIP v2 JSON inference request from parsed input tensors (a gRPC request the stable answered, copied to the
+    candidate's REST endpoint), asking for the same outputs."""
+    items = [{"name": spec.name, "datatype": spec.datatype, "shape": list(array.shape),
+              "data": np.ascontiguousarray(array).reshape(-1)} for spec, array in zip(inputs, arrays, strict=True)]
+    document: dict[str, Any] = {"inputs": items}
+    if output_indices is not None:
+        document["outputs"] = [{"name": outputs[i].name} for i in output_indices]
+    return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 # ------------------------------------------------------------------------------------------------- answers
 
 @dataclass(frozen=True)

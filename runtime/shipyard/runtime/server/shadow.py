@@ -1,6 +1,7 @@
 """Shadow traffic, the I/O part: the stable's server copies answered inference requests to the candidate.
 
-Does I/O (HTTP/1.1 client connections to the candidate, on the server's event loop). `Shadow.offer` is called
+Does I/O (HTTP/1.1 client connections to the candidate, on the server's event loop). `Shadow.offer` (REST) and
+`Shadow.offer_parsed` (gRPC, sent to the candidate's REST endpoint as JSON) are called
 after the stable's answer was handed to the client's connection: it never awaits, never raises and costs a counter
 and, for a sampled request, one task. The task sends the request body to the candidate's same inference path
 over a pooled keep-alive connection, waits at most the timeout, and compares the two answers
@@ -14,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
-from shipyard.runtime import metrics, shadowplan
+import numpy as np
+
+from shipyard.runtime import metrics, oip, shadowplan
 
 log = logging.getLogger("shipyard.runtime.server")
 
@@ -66,20 +71,48 @@ class Shadow:
     def offer(self, body: bytes, inference_header: bytes | None, answer: bytes, header_length: int | None) -> None:
         """The stable answered a request with 200 (`answer`, with `header_length` for a binary answer): copy the
         request to the candidate when sampled. Never awaits, never raises."""
-        loop = self._loop
-        if loop is None or self._stopped:
-            return
+        if self._admit():
+            self._launch(self._shadow(body, inference_header, answer, header_length))
+
+    def offer_parsed(self, request: oip.InferRequest, inputs: Sequence[oip.TensorSpecLike],
+                     outputs: Sequence[oip.TensorSpecLike], result: Sequence[np.ndarray], model: str,
+                     version: str) -> None:
+        """The stable answered a request of another front end (gRPC) with `result`: copy it, when sampled, to the
+        candidate's REST endpoint as JSON built from its tensors (built in the task, off the answering path)."""
+        if self._admit():
+            self._launch(self._shadow_parsed(request, inputs, outputs, result, model, version))
+
+    def _admit(self) -> bool:
+        """Count an answered request; whether a copy of it goes out now (sampled, under the in-flight bound)."""
+        if self._loop is None or self._stopped:
+            return False
         self._answered += 1
         if not shadowplan.plan_sample(self._answered, self.config.percent):
-            return
+            return False
         if self._inflight >= self.config.max_inflight:
             self.metrics.observe_outcome("dropped")
-            return
+            return False
+        return True
+
+    def _launch(self, work: Coroutine[Any, Any, None]) -> None:
+        assert self._loop is not None
         self._inflight += 1
         self.metrics.inflight.inc()
-        task = loop.create_task(self._shadow(body, inference_header, answer, header_length))
+        task = self._loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+
+    async def _shadow_parsed(self, request: oip.InferRequest, inputs: Sequence[oip.TensorSpecLike],
+                             outputs: Sequence[oip.TensorSpecLike], result: Sequence[np.ndarray], model: str,
+                             version: str) -> None:
+        try:
+            body = shadowplan.build_request_body(inputs, request.arrays, outputs, request.output_indices)
+            answer = oip.build_infer_response(model, version, None, outputs, result, request.output_indices)
+        except Exception as error:  # e.g. a tensor orjson cannot encode: counted, never the client's problem
+            self.metrics.observe_outcome("error")
+            self._warn("error", f"could not encode the copy: {type(error).__name__}: {error}")
+            return
+        await self._shadow(body, None, answer, None)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
