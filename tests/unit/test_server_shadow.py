@@ -277,3 +277,14 @@ def test_grpc_requests_are_copied_to_the_candidates_rest_endpoint_and_compared()
     assert counts["compared"] == 4 and counts["error"] == 0
     assert counts[contract.METRIC_SHADOW_ROWS] == 8
     assert counts[contract.METRIC_SHADOW_AGREEING_ROWS] == 4  # the odd x of each pair
+
+
+def test_copies_over_the_byte_bound_are_dropped_and_the_client_still_answered() -> None:
+    body_and_answer = len(infer_body(0)) + 150  # a request's body and the stable's answer are a few hundred bytes
+    env = shadow_env(0, **{contract.ENV_SHADOW_MAX_INFLIGHT_BYTES: str(body_and_answer // 2)})
+    with serving(config(model_version="1.1.0"), Classifier()) as candidate, \
+            serving(stable_config({**env, contract.ENV_SHADOW_URL: f"http://127.0.0.1:{candidate.port}"}),
+                    Classifier()) as stable:
+        assert [status for status, _, _ in send(stable.port, 5)] == [200] * 5
+        counts = settled(stable.port, 5)
+    assert counts["dropped"] == 5 and counts["compared"] == 0

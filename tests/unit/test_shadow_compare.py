@@ -27,13 +27,16 @@ URL = {contract.ENV_SHADOW_URL: "http://digits-1-1-0.ml:8080"}
     pytest.param({contract.ENV_SHADOW_URL: "  "}, None, id="empty-is-off"),
     pytest.param({**URL, contract.ENV_SHADOW_PERCENT: "0"}, None, id="zero-percent-is-off"),
     pytest.param(URL, {"host": "digits-1-1-0.ml", "port": 8080, "percent": 100.0, "compare": "maxabs",
-                       "tolerance": 1e-3, "max_inflight": 64, "timeout_s": 1.0, "candidate": "unknown"},
+                       "tolerance": 1e-3, "max_inflight": 64, "max_inflight_bytes": 64 * 1024 * 1024,
+                       "timeout_s": 1.0, "candidate": "unknown"},
                  id="defaults"),
     pytest.param({contract.ENV_SHADOW_URL: "http://c/", contract.ENV_SHADOW_PERCENT: "12.5",
                   contract.ENV_SHADOW_COMPARE: "top1", contract.ENV_SHADOW_MAX_INFLIGHT: "8",
-                  contract.ENV_SHADOW_TIMEOUT_MS: "250", contract.ENV_SHADOW_VERSION: "1.1.0"},
+                  contract.ENV_SHADOW_TIMEOUT_MS: "250", contract.ENV_SHADOW_VERSION: "1.1.0",
+                  contract.ENV_SHADOW_MAX_INFLIGHT_BYTES: "1048576"},
                  {"host": "c", "port": 80, "base_path": "", "percent": 12.5, "compare": "top1", "tolerance": 0.0,
-                  "max_inflight": 8, "timeout_s": 0.25, "candidate": "1.1.0"}, id="all-set"),
+                  "max_inflight": 8, "max_inflight_bytes": 1048576, "timeout_s": 0.25, "candidate": "1.1.0"},
+                 id="all-set"),
     pytest.param({**URL, contract.ENV_SHADOW_COMPARE: "cosine"}, {"tolerance": 0.01}, id="cosine-default-tolerance"),
     pytest.param({**URL, contract.ENV_SHADOW_COMPARE: "maxabs", contract.ENV_SHADOW_TOLERANCE: "0.5"},
                  {"tolerance": 0.5}, id="tolerance"),
@@ -62,6 +65,8 @@ def test_shadow_config_from_the_environment(env: dict[str, str], expected: dict[
     pytest.param({**URL, contract.ENV_SHADOW_MAX_INFLIGHT: "0"}, "SHIPYARD_SHADOW_MAX_INFLIGHT", id="inflight-0"),
     pytest.param({**URL, contract.ENV_SHADOW_MAX_INFLIGHT: "2.5"}, "SHIPYARD_SHADOW_MAX_INFLIGHT", id="inflight-frac"),
     pytest.param({**URL, contract.ENV_SHADOW_TIMEOUT_MS: "0"}, "SHIPYARD_SHADOW_TIMEOUT_MS", id="timeout"),
+    pytest.param({**URL, contract.ENV_SHADOW_MAX_INFLIGHT_BYTES: "0"}, "SHIPYARD_SHADOW_MAX_INFLIGHT_BYTES",
+                 id="inflight-bytes"),
 ])
 def test_bad_shadow_settings_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(shadowplan.ShadowConfigError, match=message):

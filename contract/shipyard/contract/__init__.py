@@ -44,11 +44,14 @@ ENV_SHADOW_PERCENT = "SHIPYARD_SHADOW_PERCENT"  # share of answered (200) infere
 ENV_SHADOW_COMPARE = "SHIPYARD_SHADOW_COMPARE"  # top1 | cosine | maxabs (SHADOW_COMPARES)
 ENV_SHADOW_TOLERANCE = "SHIPYARD_SHADOW_TOLERANCE"  # maxabs: a row agrees when its max |difference| <= this
 ENV_SHADOW_MAX_INFLIGHT = "SHIPYARD_SHADOW_MAX_INFLIGHT"  # copies in flight; over it a copy is dropped (counted)
+# bytes of requests and answers held by copies in flight; over it a copy is dropped (counted)
+ENV_SHADOW_MAX_INFLIGHT_BYTES = "SHIPYARD_SHADOW_MAX_INFLIGHT_BYTES"
 ENV_SHADOW_TIMEOUT_MS = "SHIPYARD_SHADOW_TIMEOUT_MS"  # a copy not answered within this is dropped (outcome timeout)
 SHADOW_COMPARES = ("top1", "cosine", "maxabs")
 # maxabs and cosine: a row agrees when its max |difference| <= tolerance, or its cosine similarity >= 1 - tolerance
 SHADOW_DEFAULT_TOLERANCE = {"top1": 0.0, "cosine": 0.01, "maxabs": 1e-3}
 SHADOW_DEFAULT_MAX_INFLIGHT = 64
+SHADOW_DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 SHADOW_DEFAULT_TIMEOUT_MS = 1000.0
 # Environment of analysis Jobs (the `job` metric provider): where the candidate serves, and the stable to compare.
 ENV_ENDPOINT = "SHIPYARD_ENDPOINT"  # base URL of the candidate's own Service, e.g. http://digits-1-1-0.ns.svc:8080

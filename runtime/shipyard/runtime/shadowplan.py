@@ -44,6 +44,7 @@ class ShadowConfig:
     compare: str = MAXABS
     tolerance: float = contract.SHADOW_DEFAULT_TOLERANCE[MAXABS]
     max_inflight: int = contract.SHADOW_DEFAULT_MAX_INFLIGHT
+    max_inflight_bytes: int = contract.SHADOW_DEFAULT_MAX_INFLIGHT_BYTES
     timeout_s: float = contract.SHADOW_DEFAULT_TIMEOUT_MS / 1000.0
     candidate: str = "unknown"  # the candidate's version (the `candidate` label)
 
@@ -92,6 +93,9 @@ def build_shadow_config(env: Mapping[str, str]) -> ShadowConfig | None:
     inflight = _number(env, contract.ENV_SHADOW_MAX_INFLIGHT, contract.SHADOW_DEFAULT_MAX_INFLIGHT)
     if inflight < 1 or inflight != int(inflight):
         raise ShadowConfigError(f"{contract.ENV_SHADOW_MAX_INFLIGHT}={inflight:g} must be a whole number >= 1")
+    held = _number(env, contract.ENV_SHADOW_MAX_INFLIGHT_BYTES, contract.SHADOW_DEFAULT_MAX_INFLIGHT_BYTES)
+    if held < 1 or held != int(held):
+        raise ShadowConfigError(f"{contract.ENV_SHADOW_MAX_INFLIGHT_BYTES}={held:g} must be a whole number >= 1")
     timeout_ms = _number(env, contract.ENV_SHADOW_TIMEOUT_MS, contract.SHADOW_DEFAULT_TIMEOUT_MS)
     if timeout_ms <= 0:
         raise ShadowConfigError(f"{contract.ENV_SHADOW_TIMEOUT_MS}={timeout_ms:g} must be > 0")
@@ -99,7 +103,8 @@ def build_shadow_config(env: Mapping[str, str]) -> ShadowConfig | None:
     base_path = parts.path.rstrip("/")
     display = urllib.parse.urlunsplit(("http", parts.netloc, base_path, "", ""))
     return ShadowConfig(host=host, port=port or 80, base_path=base_path, display=display, percent=percent,
-                        compare=compare, tolerance=tolerance, max_inflight=int(inflight), timeout_s=timeout_ms / 1000,
+                        compare=compare, tolerance=tolerance, max_inflight=int(inflight),
+                        max_inflight_bytes=int(held), timeout_s=timeout_ms / 1000,
                         candidate=env.get(contract.ENV_SHADOW_VERSION, "").strip() or "unknown")
 
 

@@ -5,7 +5,8 @@ Does I/O (HTTP/1.1 client connections to the candidate, on the server's event lo
 after the stable's answer was handed to the client's connection: it never awaits, never raises and costs a counter
 and, for a sampled request, one task. The task sends the request body to the candidate's same inference path
 over a pooled keep-alive connection, waits at most the timeout, and compares the two answers
-(`shadowplan.compare_answers`). Bounded: at most `max_inflight` copies in flight, more are dropped and counted;
+(`shadowplan.compare_answers`). Bounded: at most `max_inflight` copies holding at most `max_inflight_bytes` in
+flight, more are dropped and counted;
 a copy past its timeout is abandoned (its connection closed) and counted. Every outcome is a counter in the
 server's metrics (`metrics.ShadowMetrics`); nothing here can fail the client's request.
 """
@@ -47,6 +48,7 @@ class Shadow:
         self._host_header = f"host: {config.host}:{config.port}\r\n".encode()
         self._answered = 0  # answered (200) requests seen, for plan_sample
         self._inflight = 0
+        self._held = 0  # bytes of bodies and answers held by copies in flight
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -71,36 +73,40 @@ class Shadow:
     def offer(self, body: bytes, inference_header: bytes | None, answer: bytes, header_length: int | None) -> None:
         """The stable answered a request with 200 (`answer`, with `header_length` for a binary answer): copy the
         request to the candidate when sampled. Never awaits, never raises."""
-        if self._admit():
-            self._launch(self._shadow(body, inference_header, answer, header_length))
+        size = len(body) + len(answer)
+        if self._admit(size):
+            self._launch(self._shadow(body, inference_header, answer, header_length), size)
 
     def offer_parsed(self, request: oip.InferRequest, inputs: Sequence[oip.TensorSpecLike],
                      outputs: Sequence[oip.TensorSpecLike], result: Sequence[np.ndarray], model: str,
                      version: str) -> None:
         """The stable answered a request of another front end (gRPC) with `result`: copy it, when sampled, to the
         candidate's REST endpoint as JSON built from its tensors (built in the task, off the answering path)."""
-        if self._admit():
-            self._launch(self._shadow_parsed(request, inputs, outputs, result, model, version))
+        size = 2 * sum(int(array.nbytes) for array in request.arrays) + sum(int(array.nbytes) for array in result)
+        if self._admit(size):  # the copy's JSON is larger than its tensors' bytes: a rough share of the bound
+            self._launch(self._shadow_parsed(request, inputs, outputs, result, model, version), size)
 
-    def _admit(self) -> bool:
-        """Count an answered request; whether a copy of it goes out now (sampled, under the in-flight bound)."""
+    def _admit(self, size: int) -> bool:
+        """Count an answered request; whether a copy of it goes out now (sampled, under the in-flight bounds on
+        copies and on the bytes they hold)."""
         if self._loop is None or self._stopped:
             return False
         self._answered += 1
         if not shadowplan.plan_sample(self._answered, self.config.percent):
             return False
-        if self._inflight >= self.config.max_inflight:
+        if self._inflight >= self.config.max_inflight or self._held + size > self.config.max_inflight_bytes:
             self.metrics.observe_outcome("dropped")
             return False
         return True
 
-    def _launch(self, work: Coroutine[Any, Any, None]) -> None:
+    def _launch(self, work: Coroutine[Any, Any, None], size: int) -> None:
         assert self._loop is not None
         self._inflight += 1
+        self._held += size
         self.metrics.inflight.inc()
         task = self._loop.create_task(work)
         self._tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(lambda done: self._done(done, size))
 
     async def _shadow_parsed(self, request: oip.InferRequest, inputs: Sequence[oip.TensorSpecLike],
                              outputs: Sequence[oip.TensorSpecLike], result: Sequence[np.ndarray], model: str,
@@ -114,9 +120,10 @@ class Shadow:
             return
         await self._shadow(body, None, answer, None)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None], size: int) -> None:
         self._tasks.discard(task)
         self._inflight -= 1
+        self._held -= size
         self.metrics.inflight.dec()
 
     def _warn(self, kind: str, message: str) -> None:
