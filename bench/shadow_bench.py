@@ -14,7 +14,11 @@ It prints a table, writes bench/results/shadow.json (with the usual `meta` block
 - at each rate, B's p99 <= 1.10 x A's p99 (shadowing does not slow the client);
 - every copy B made was compared (none dropped, timed out or failed) and agreed.
 
-Usage: OMP_NUM_THREADS=1 python bench/shadow_bench.py [--rates 20,200] [--round-seconds 4,2] [--rounds 2]
+With `--baseline REF` a fourth server, the runtime of git commit REF (e.g. the commit before shadow traffic existed),
+is measured too without shadow settings, as column `today`: A's path is meant to be that one.
+
+Usage: OMP_NUM_THREADS=1 python bench/shadow_bench.py [--rates 20,200] [--round-seconds 3,1.5] [--rounds 2]
+       [--baseline REF]
 The model's factory (`shadow_bench:build_mlp`) lives in this file; the servers get this folder on PYTHONPATH.
 """
 
@@ -54,9 +58,12 @@ def build_mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
 
 
-def start_server(model_dir: Path, env: dict[str, str], cpus: set[int] | None) -> tuple[subprocess.Popen[str], int]:
+def start_server(model_dir: Path, env: dict[str, str], cpus: set[int] | None,
+                 source: Path | None = None) -> tuple[subprocess.Popen[str], int]:
+    """A server process; `source`: a tree whose contract/ and runtime/ are imported instead of this checkout's."""
+    paths = [str(HERE)] + ([str(source / "contract"), str(source / "runtime")] if source else [])
     environment = {**os.environ, "OMP_NUM_THREADS": "1",
-                   "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]), **env}
+                   "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]), **env}
     command = [sys.executable, "-m", "shipyard.runtime.cli", "serve", "--artifact", str(model_dir), "--host",
                "127.0.0.1", "--port", "0", "--threads", "1", "--model-name", MODEL, "--log-level", "INFO"]
     process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
@@ -157,9 +164,13 @@ def fetch_shadow_counts(port: int) -> dict[str, float]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", default="20,200", help="requests per second, comma-separated")
-    parser.add_argument("--round-seconds", default="4,2", help="seconds per round at each rate (one, or one per rate)")
+    parser.add_argument("--round-seconds", default="3,1.5",
+                        help="seconds per round at each rate (one, or one per rate)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of A and B per rate")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load on each server before measuring")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also measure the server of this git commit (e.g. the commit before shadow traffic) "
+                        "without shadow settings, as column 'today'")
     parser.add_argument("--out", default=str(HERE / "results" / "shadow.json"))
     args = parser.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
@@ -191,21 +202,31 @@ def main(argv: list[str]) -> int:
                 "SHIPYARD_SHADOW_VERSION": "2", "SHIPYARD_SHADOW_PERCENT": "100", "SHIPYARD_SHADOW_COMPARE": "top1",
                 "SHIPYARD_SHADOW_TIMEOUT_MS": "1000"}, stable_cpus)
             processes.append(shadowed)
-            if other_cpus:
-                os.sched_setaffinity(0, other_cpus)
             servers = {"without": plain_port, "with": shadowed_port}
             pids = {"without": plain.pid, "with": shadowed.pid}
+            if args.baseline:
+                tree = Path(work) / "baseline"
+                tree.mkdir()
+                archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", args.baseline, "contract",
+                                          "runtime"], check=True, capture_output=True).stdout
+                subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+                today, today_port = start_server(model_dir, {"SHIPYARD_MODEL_VERSION": "1"}, stable_cpus, tree)
+                processes.append(today)
+                servers, pids = {"today": today_port, **servers}, {"today": today.pid, **pids}
+            if other_cpus:
+                os.sched_setaffinity(0, other_cpus)
             sent_with_shadow = 0  # answered 200 by B: each one copied to C
             for mode, port in servers.items():
                 got, failed = run_load(port, 100, args.warmup, body)
                 sent_with_shadow += len(got) - failed if mode == "with" else 0
             for rate, seconds in zip(rates, durations, strict=True):
-                latencies: dict[str, list[float]] = {"without": [], "with": []}
+                latencies: dict[str, list[float]] = {mode: [] for mode in servers}
                 errors = dict.fromkeys(latencies, 0)
                 cpu = dict.fromkeys(latencies, 0.0)
                 for round_index in range(args.rounds):
-                    order = ("without", "with") if round_index % 2 == 0 else ("with", "without")
-                    for mode in order:
+                    modes = list(servers)
+                    shift = round_index % len(modes)
+                    for mode in modes[shift:] + modes[:shift]:  # each mode first in turn
                         before = fetch_cpu_seconds(pids[mode])
                         got, failed = run_load(servers[mode], rate, seconds, body)
                         cpu[mode] += fetch_cpu_seconds(pids[mode]) - before
@@ -221,6 +242,8 @@ def main(argv: list[str]) -> int:
                                  "serverCpuMsPerRequest": round(cpu[mode] * 1000 / max(1, len(values)), 3)}
                 row["p99Ratio"] = round(row["with"]["p99Ms"] / row["without"]["p99Ms"], 3)
                 row["p50Ratio"] = round(row["with"]["p50Ms"] / row["without"]["p50Ms"], 3)
+                if "today" in row:
+                    row["withoutVsTodayP99Ratio"] = round(row["without"]["p99Ms"] / row["today"]["p99Ms"], 3)
                 results.append(row)
             deadline = time.monotonic() + 5
             while True:
@@ -239,13 +262,15 @@ def main(argv: list[str]) -> int:
     print(f"\nShadow traffic: client latency of the stable without and with 100 % shadowing to a candidate "
           f"(single-row requests, {CLIENT_THREADS} client threads, open loop; servers on 1 torch thread; "
           f"{'stables on CPU 0, candidate and client on CPU 1' if stable_cpus else 'no CPU pinning'})\n")
-    print(f"{'req/s':>6} {'requests':>9} {'p50 without':>12} {'p50 with':>9} {'p99 without':>12} {'p99 with':>9} "
-          f"{'p99 ratio':>9} {'CPU ms/req without':>18} {'with':>6}")
+    modes = ["today", "without", "with"] if args.baseline else ["without", "with"]
+    header = f"{'req/s':>6} {'requests':>9}" + "".join(f" {'p50 ' + m:>12}" for m in modes) + "".join(
+        f" {'p99 ' + m:>12}" for m in modes) + f" {'p99 with/without':>16}" + "".join(
+        f" {'CPU ms/req ' + m:>18}" for m in modes)
+    print(header)
     for row in results:
-        print(f"{row['rate']:>6g} {row['with']['requests']:>9} {row['without']['p50Ms']:>10.3f}ms "
-              f"{row['with']['p50Ms']:>7.3f}ms {row['without']['p99Ms']:>10.3f}ms {row['with']['p99Ms']:>7.3f}ms "
-              f"{row['p99Ratio']:>9.3f} {row['without']['serverCpuMsPerRequest']:>18.3f} "
-              f"{row['with']['serverCpuMsPerRequest']:>6.3f}")
+        print(f"{row['rate']:>6g} {row['with']['requests']:>9}" + "".join(
+            f" {row[m]['p50Ms']:>10.3f}ms" for m in modes) + "".join(f" {row[m]['p99Ms']:>10.3f}ms" for m in modes)
+            + f" {row['p99Ratio']:>16.3f}" + "".join(f" {row[m]['serverCpuMsPerRequest']:>18.3f}" for m in modes))
     compared = counts.get("compared", 0)
     agreement = (counts.get("shipyard_shadow_agreeing_rows_total", 0) / counts["shipyard_shadow_rows_total"]
                  if counts.get("shipyard_shadow_rows_total") else None)
@@ -267,7 +292,8 @@ def main(argv: list[str]) -> int:
                            started=started_at, finished=time.time()),
         "setup": {"model": "MLP 64-256-256-10", "clientThreads": CLIENT_THREADS, "rounds": args.rounds,
                   "warmupS": args.warmup, "serverTorchThreads": 1, "cpus": available,
-                  "pinned": bool(stable_cpus), "shadow": {"percent": 100, "compare": "top1", "timeoutMs": 1000}},
+                  "pinned": bool(stable_cpus), "baseline": args.baseline,
+                  "shadow": {"percent": 100, "compare": "top1", "timeoutMs": 1000}},
         "results": results,
         "shadow": {"sent": sent_with_shadow, **counts, "agreement": agreement},
         "targets": targets,
