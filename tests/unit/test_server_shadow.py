@@ -9,6 +9,7 @@ import contextlib
 import http.client
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -288,3 +289,29 @@ def test_copies_over_the_byte_bound_are_dropped_and_the_client_still_answered() 
         assert [status for status, _, _ in send(stable.port, 5)] == [200] * 5
         counts = settled(stable.port, 5)
     assert counts["dropped"] == 5 and counts["compared"] == 0
+
+
+def test_a_candidate_that_answers_garbage_or_hangs_up_is_counted_as_errors() -> None:
+    """A raw TCP server on 127.0.0.1 that answers the first copy with a line that is not HTTP and closes the second
+    connection at once: both are errors, the client is answered."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        for reply in (b"SSH-2.0-nope\r\n\r\n", b""):
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(reply)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with serving(stable_config(shadow_env(port)), Classifier()) as stable:
+            assert [status for status, _, _ in send(stable.port, 2)] == [200, 200]
+            counts = settled(stable.port, 2)
+    finally:
+        listener.close()
+    assert counts["error"] == 2 and counts["compared"] == 0

@@ -149,6 +149,11 @@ class Shadow:
             self.metrics.observe_outcome("error")
             self._warn("error", f"{type(error).__name__}: {error}")
             return
+        except Exception as error:  # a bug: counted, never the client's problem
+            self.metrics.observe_outcome("error")
+            log.exception("Failed to send a shadow copy")
+            self._warn("error", f"{type(error).__name__}: {error}")
+            return
         try:
             stable = shadowplan.parse_infer_response(answer, header_length)
             candidate = shadowplan.assess_candidate_answer(status, candidate_body, candidate_header)
