@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,9 +21,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard import contract
-from shipyard.runtime import shadowplan
+from shipyard.runtime import models, shadowplan
+from shipyard.runtime.artifacts import store
 from shipyard.runtime.server import settings
-from tests import serverthread
+from tests import serverproc, serverthread
 
 CLASSES = 10
 
@@ -315,3 +317,41 @@ def test_a_candidate_that_answers_garbage_or_hangs_up_is_counted_as_errors() -> 
     finally:
         listener.close()
     assert counts["error"] == 2 and counts["compared"] == 0
+
+
+def test_shipyard_runtime_serve_processes_configured_by_the_environment(tmp_path: Path) -> None:
+    """`shipyard-runtime serve` as two processes: the stable configured by SHIPYARD_SHADOW_* alone; the candidate
+    fails about half of its requests (fault injection): those copies are errors, the rest compared and agreeing,
+    and the stable's clients are answered every time."""
+    torch.manual_seed(0)
+    artifact = tmp_path / "digits"
+    store.save_model(models.build_digits_mlp(), artifact, name="digits",
+                     factory="shipyard.runtime.models:build_digits_mlp",
+                     inputs=[{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}],
+                     outputs=[{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}])
+    args = ["--artifact", str(artifact), "--host", "127.0.0.1", "--port", "0", "--grpc-port", "0", "--threads", "1",
+            "--drain-propagation-s", "0"]
+    candidate = serverproc.start_server([*args, "--fault-seed", "7"], {
+        contract.ENV_MODEL_VERSION: "1.1.0", contract.ENV_FAULT_ERROR_RATE: "0.5"})
+    stable: serverproc.ServerProcess | None = None
+    try:
+        assert candidate.listening.wait(60), candidate.output()
+        stable = serverproc.start_server(args, {
+            contract.ENV_MODEL_VERSION: "1.0.0", contract.ENV_SHADOW_VERSION: "1.1.0",
+            contract.ENV_SHADOW_URL: f"http://127.0.0.1:{candidate.ports['http']}",
+            contract.ENV_SHADOW_COMPARE: "top1"})
+        assert candidate.ready.wait(120) and stable.ready.wait(120), stable.output()
+        port = stable.ports["http"]
+        pixels = [[(i * j) % 17 / 16 for j in range(64)] for i in range(40)]
+        for row in pixels:
+            body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32",
+                                           "data": [row]}]}).encode()
+            assert call(port, "POST", "/v2/models/digits/infer", body)[0] == 200
+        counts = settled(port, 40, timeout=30)
+    finally:
+        for server in (stable, candidate):
+            if server is not None:
+                server.stop()
+    assert "Shadowed 100% of answered inference requests" in stable.output()
+    assert counts["compared"] + counts["error"] == 40 and 5 <= counts["error"] <= 35
+    assert counts[contract.METRIC_SHADOW_ROWS] == counts["compared"] == counts[contract.METRIC_SHADOW_AGREEING_ROWS]
