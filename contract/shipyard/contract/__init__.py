@@ -36,6 +36,23 @@ ENV_COMPILED = "SHIPYARD_COMPILED"
 ENV_HTTP = "SHIPYARD_HTTP"  # "off": serve gRPC only (needs a gRPC port); unset or "on": REST on the serving port
 ENV_FAULT_ERROR_RATE = "SHIPYARD_FAULT_ERROR_RATE"  # fault injection, off by default (0)
 ENV_FAULT_EXTRA_LATENCY_MS = "SHIPYARD_FAULT_EXTRA_LATENCY_MS"
+# Shadow traffic (docs/shadow.md), set on the *stable's* pods while a rollout's shadow step runs: the stable's server
+# also sends a sample of the inference requests it answered to the candidate and compares the two answers.
+ENV_SHADOW_URL = "SHIPYARD_SHADOW_URL"  # the candidate's base URL (its own Service): http://digits-1-1-0.ns:8080
+ENV_SHADOW_VERSION = "SHIPYARD_SHADOW_VERSION"  # the candidate's version: the `candidate` label of the shadow metrics
+ENV_SHADOW_PERCENT = "SHIPYARD_SHADOW_PERCENT"  # share of answered (200) inference requests copied, 0..100
+ENV_SHADOW_COMPARE = "SHIPYARD_SHADOW_COMPARE"  # top1 | cosine | maxabs (SHADOW_COMPARES)
+ENV_SHADOW_TOLERANCE = "SHIPYARD_SHADOW_TOLERANCE"  # maxabs: a row agrees when its max |difference| <= this
+ENV_SHADOW_MAX_INFLIGHT = "SHIPYARD_SHADOW_MAX_INFLIGHT"  # copies in flight; over it a copy is dropped (counted)
+# bytes of requests and answers held by copies in flight; over it a copy is dropped (counted)
+ENV_SHADOW_MAX_INFLIGHT_BYTES = "SHIPYARD_SHADOW_MAX_INFLIGHT_BYTES"
+ENV_SHADOW_TIMEOUT_MS = "SHIPYARD_SHADOW_TIMEOUT_MS"  # a copy not answered within this is dropped (outcome timeout)
+SHADOW_COMPARES = ("top1", "cosine", "maxabs")
+# maxabs and cosine: a row agrees when its max |difference| <= tolerance, or its cosine similarity >= 1 - tolerance
+SHADOW_DEFAULT_TOLERANCE = {"top1": 0.0, "cosine": 0.01, "maxabs": 1e-3}
+SHADOW_DEFAULT_MAX_INFLIGHT = 64
+SHADOW_DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
+SHADOW_DEFAULT_TIMEOUT_MS = 1000.0
 # Environment of analysis Jobs (the `job` metric provider): where the candidate serves, and the stable to compare.
 ENV_ENDPOINT = "SHIPYARD_ENDPOINT"  # base URL of the candidate's own Service, e.g. http://digits-1-1-0.ns.svc:8080
 ENV_REFERENCE_ENDPOINT = "SHIPYARD_REFERENCE_ENDPOINT"  # base URL of the stable's Service (absent: no stable)
@@ -99,6 +116,20 @@ METRIC_HTTP_DURATION = "http_request_duration_seconds"  # labels: method, path (
 METRIC_GPU_MEMORY_ALLOCATED = "shipyard_gpu_memory_allocated_bytes"  # held by tensors
 METRIC_GPU_MEMORY_RESERVED = "shipyard_gpu_memory_reserved_bytes"  # reserved by torch's caching allocator
 METRIC_GPU_UTILIZATION = "shipyard_gpu_utilization_ratio"  # 0..1; only with NVML (nvidia-ml-py, extra `gpu`)
+# Shadow traffic, exported by the stable's pods (labels model, version: the stable's; candidate: the candidate's
+# version, from ENV_SHADOW_VERSION). predictionAgreement = increase(agreeing rows) / increase(rows) of one candidate.
+METRIC_SHADOW_REQUESTS = "shipyard_shadow_requests_total"  # counter; labels + outcome (SHADOW_OUTCOMES)
+METRIC_SHADOW_ROWS = "shipyard_shadow_rows_total"  # counter: rows (batch rows) of compared answers; labels + compare
+METRIC_SHADOW_AGREEING_ROWS = "shipyard_shadow_agreeing_rows_total"  # counter: those rows that agreed
+METRIC_SHADOW_SIMILARITY = "shipyard_shadow_similarity"  # histogram per row: cosine similarity (compare=cosine)
+METRIC_SHADOW_DIFFERENCE = "shipyard_shadow_max_abs_difference"  # histogram per row: max |difference| (maxabs)
+METRIC_SHADOW_INFLIGHT = "shipyard_shadow_inflight_requests"  # gauge: copies sent and not yet answered
+LABEL_OUTCOME = "outcome"
+LABEL_CANDIDATE = "candidate"
+LABEL_COMPARE = "compare"
+# compared: both answers compared; dropped: not sent, MAX_INFLIGHT copies were in flight; timeout: no answer within
+# TIMEOUT_MS; error: the candidate could not be reached, answered an error, or its answer does not fit the stable's
+SHADOW_OUTCOMES = ("compared", "dropped", "timeout", "error")
 # The activator (scale from zero: it holds requests while a model has no pod; shipyard-activator).
 METRIC_ACTIVATOR_PENDING = "shipyard_activator_pending_requests"  # gauge: requests held; labels: model
 METRIC_ACTIVATOR_REQUESTS = "shipyard_activator_requests_total"  # counter; labels: model, outcome
@@ -178,3 +209,24 @@ def parse_value_field(message: str) -> float | None:
             except ValueError:
                 continue
     return found
+
+
+def build_prediction_agreement(increase: Mapping[tuple[str, tuple[tuple[str, str], ...]], float],
+                               labels: Mapping[str, str] | None = None) -> float | None:
+    """The builtin ``predictionAgreement`` from scraped counters: the increase of
+    ``shipyard_shadow_agreeing_rows_total`` over that of ``shipyard_shadow_rows_total`` (series whose labels include
+    ``labels``, e.g. the model and the candidate); None when no row was compared (no data). ``increase`` maps
+    (sample name, sorted label pairs) to the increase over the window, as the operator's scrape provider keys it."""
+    rows = agreeing = 0.0
+    wanted = labels or {}
+    for (name, pairs), value in increase.items():
+        if name not in (METRIC_SHADOW_ROWS, METRIC_SHADOW_AGREEING_ROWS):
+            continue
+        found = dict(pairs)
+        if any(found.get(key) != want for key, want in wanted.items()):
+            continue
+        if name == METRIC_SHADOW_ROWS:
+            rows += value
+        else:
+            agreeing += value
+    return min(1.0, agreeing / rows) if rows > 0 else None

@@ -276,3 +276,83 @@ class _GpuCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return build_gpu_families(*self._values, self._fetch())
+
+
+SIMILARITY_BUCKETS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
+DIFFERENCE_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
+
+
+class ShadowMetrics:
+    """Shadow traffic's counters (the stable's server copies requests to a candidate and compares the answers),
+    in the server's registry: requests by outcome (every outcome at 0 from the start, for rate()), compared rows
+    and agreeing rows, copies in flight, and per row the cosine similarity (cosine) or max |difference| (maxabs)."""
+
+    def __init__(self, server: ServerMetrics, candidate: str, compare: str) -> None:
+        self.model = server.model
+        self.version = server.version
+        self.candidate = candidate
+        self.compare = compare
+        self.outcomes: dict[str, int] = dict.fromkeys(contract.SHADOW_OUTCOMES, 0)
+        self.rows = 0
+        self.agreeing_rows = 0
+        self.inflight = Gauge()
+        self.scores: Histogram | None = None
+        if compare == "cosine":
+            self.scores = Histogram(SIMILARITY_BUCKETS)
+        elif compare == "maxabs":
+            self.scores = Histogram(DIFFERENCE_BUCKETS)
+        server.registry.register(_ShadowCollector(self))
+
+    def observe_outcome(self, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+
+    def observe_comparison(self, rows: int, agreeing: int, scores: Iterable[float]) -> None:
+        self.outcomes["compared"] += 1
+        self.rows += rows
+        self.agreeing_rows += agreeing
+        if self.scores is not None:
+            observe = self.scores.observe
+            for score in scores:
+                observe(score)
+
+
+class _ShadowCollector(Collector):
+    def __init__(self, metrics: ShadowMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._metrics
+        labels = [contract.LABEL_MODEL, contract.LABEL_VERSION, contract.LABEL_CANDIDATE]
+        values = [m.model, m.version, m.candidate]
+        requests = CounterMetricFamily(
+            contract.METRIC_SHADOW_REQUESTS,
+            "Inference requests copied to the candidate (shadow traffic), by outcome: compared, dropped (too many in "
+            "flight), timeout, error.", labels=[*labels, contract.LABEL_OUTCOME])
+        for outcome, count in m.outcomes.items():
+            requests.add_metric([*values, outcome], count)
+        yield requests
+        compared = [*labels, contract.LABEL_COMPARE]
+        rows = CounterMetricFamily(contract.METRIC_SHADOW_ROWS, "Rows of the compared answers (shadow traffic).",
+                                   labels=compared)
+        rows.add_metric([*values, m.compare], m.rows)
+        yield rows
+        agreeing = CounterMetricFamily(
+            contract.METRIC_SHADOW_AGREEING_ROWS,
+            "Rows on which the candidate's answer agreed with the stable's (top-1 equal, cosine >= 1 - tolerance, or "
+            "max |difference| <= tolerance).", labels=compared)
+        agreeing.add_metric([*values, m.compare], m.agreeing_rows)
+        yield agreeing
+        inflight = GaugeMetricFamily(contract.METRIC_SHADOW_INFLIGHT,
+                                     "Copies sent to the candidate and not yet answered.", labels=labels)
+        inflight.add_metric(values, m.inflight.value)
+        yield inflight
+        if m.scores is not None:
+            if m.compare == "cosine":
+                name, documentation = (contract.METRIC_SHADOW_SIMILARITY,
+                                       "Cosine similarity of each compared row, candidate against stable.")
+            else:
+                name, documentation = (contract.METRIC_SHADOW_DIFFERENCE,
+                                       "Max absolute difference of each compared row, candidate against stable.")
+            family = HistogramMetricFamily(name, documentation, labels=labels)
+            family.add_metric(values, m.scores.build_buckets(), m.scores.sum)
+            yield family

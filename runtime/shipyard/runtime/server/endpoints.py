@@ -179,6 +179,14 @@ class App:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.readiness_listeners: list[Callable[[bool], None]] = []  # called with `ready` whenever it changes
         self._sweeper: asyncio.TimerHandle | None = None
+        self.shadow: Any = None  # shadow.Shadow with config.shadow: answered requests are copied to a candidate
+        if config.shadow is not None:
+            from shipyard.runtime.server import shadow  # only with shadow traffic
+
+            self.shadow = shadow.Shadow(config.shadow, config.model_name, metrics.ShadowMetrics(
+                server_metrics, config.shadow.candidate, config.shadow.compare))
+            # Without shadow traffic the answering path stays exactly what it was: no check per request.
+            self._send = self._send_and_shadow  # type: ignore[method-assign]
 
     # -- lifecycle
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -186,6 +194,8 @@ class App:
         interval = min(0.1, self.config.request_timeout_s / 10)
         self._sweep_interval = interval
         self._sweeper = loop.call_later(interval, self._sweep_timeouts)
+        if self.shadow is not None:
+            self.shadow.start(loop)
 
     def set_serving(
         self,
@@ -221,6 +231,8 @@ class App:
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.shadow is not None:
+            self.shadow.stop()
 
     # -- httpproto.Application
     def observe_rejected(self, request: httpproto.Request, status: int) -> None:
@@ -467,6 +479,16 @@ class App:
             return
         # 503 = overloaded or not ready: tell clients (and retrying proxies) when to come back.
         context.conn.respond(request, status, body, httpproto.JSON, RETRY_AFTER if status == 503 else b"")
+
+    def _send_and_shadow(
+        self, context: InferContext, status: int, body: bytes, header_length: int | None = None
+    ) -> None:
+        """`_send` with shadow traffic: the client's answer first, then (a 200) the copy to the candidate, which
+        the client never waits for."""
+        App._send(self, context, status, body, header_length)
+        if status == 200:
+            request = context.request
+            self.shadow.offer(request.body, request.inference_header, body, header_length)
 
     def _sweep_timeouts(self) -> None:
         """Answer 504 to inference requests older than the per-request timeout (arrival = deadline order)."""

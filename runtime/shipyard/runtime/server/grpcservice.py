@@ -169,6 +169,8 @@ class InferenceService:
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal server error: {type(error).__name__}")
             await self._delay()
             account(200)
+            if app.shadow is not None and app.text is None:  # shadow traffic: a copy, never awaited
+                app.shadow.offer_parsed(parsed, app.inputs, app.outputs, result, app.model_name, app.model_version)
             return response
         finally:
             if job is not None:  # cancelled while queued or running: its result is not wanted

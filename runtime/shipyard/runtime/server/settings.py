@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shipyard import contract
-from shipyard.runtime import faults
+from shipyard.runtime import faults, shadowplan
 
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_DELAY_MS = 5.0
@@ -59,6 +59,7 @@ class ServerConfig:
     warmup_iterations: int = 3
     log_level: str = "INFO"
     uvloop: bool = True
+    shadow: shadowplan.ShadowConfig | None = None  # shadow traffic to a candidate (SHIPYARD_SHADOW_*); None: off
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -238,8 +239,16 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> ServerConfig:
         warmup_iterations=args.warmup_iterations,
         log_level=args.log_level.upper(),
         uvloop=args.uvloop,
+        shadow=_pick_shadow(env),
     )
     return assess_config(config)
+
+
+def _pick_shadow(env: Mapping[str, str]) -> shadowplan.ShadowConfig | None:
+    try:
+        return shadowplan.build_shadow_config(env)
+    except shadowplan.ShadowConfigError as error:
+        raise ConfigError(str(error)) from None
 
 
 def assess_config(config: ServerConfig) -> ServerConfig:
