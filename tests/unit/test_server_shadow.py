@@ -186,15 +186,16 @@ def test_agreement_of_a_candidate_on_live_requests(flip_every: int, agreement: f
 
 
 def test_a_slow_candidate_never_slows_the_client_and_its_copies_time_out_or_are_dropped() -> None:
-    env = shadow_env(0, **{contract.ENV_SHADOW_TIMEOUT_MS: "1000", contract.ENV_SHADOW_MAX_INFLIGHT: "4"})
-    with serving(config(model_version="1.1.0", fault_extra_latency_ms=2000.0), Classifier()) as candidate, \
+    env = shadow_env(0, **{contract.ENV_SHADOW_TIMEOUT_MS: "2000", contract.ENV_SHADOW_MAX_INFLIGHT: "4"})
+    with serving(config(model_version="1.1.0", fault_extra_latency_ms=4000.0), Classifier()) as candidate, \
             serving(stable_config({**env, contract.ENV_SHADOW_URL: f"http://127.0.0.1:{candidate.port}"}),
                     Classifier()) as stable:
         results = send(stable.port, 40)
         counts = settled(stable.port, 40)
     assert [status for status, _, _ in results] == [200] * 40
-    # The candidate answers 2 s late: a client that waited for it, or for the shadow timeout (1 s), would show it.
-    assert max(seconds for _, seconds, _ in results) < 1.0
+    # The candidate answers 4 s late: a client that waited for it, or for the shadow timeout (2 s), would show it
+    # (the stable alone answers in milliseconds; the bound is the timeout, far above a loaded machine's noise).
+    assert max(seconds for _, seconds, _ in results) < 2.0
     assert counts["timeout"] >= 4 and counts["dropped"] >= 1 and counts["compared"] == counts["error"] == 0
     assert counts["timeout"] + counts["dropped"] == 40
 
