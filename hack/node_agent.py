@@ -65,7 +65,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import fnmatch
@@ -85,8 +87,9 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +100,7 @@ from lightkube import codecs
 from lightkube.config.kubeconfig import KubeConfig
 from lightkube.resources.core_v1 import (
     ConfigMap,
+    Namespace,
     Node,
     PersistentVolume,
     PersistentVolumeClaim,
@@ -131,6 +135,12 @@ MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
 AGENTS_DIR = Path("/run/shipyard-node-agents")  # one file per live agent: shared host mountpoints stay while any runs
 SERVE_ARGV = ("shipyard-runtime", "serve")
+POD_NETWORK_LABEL = "shipyard.dev/pod-network"  # on a Namespace: "bridge" puts its pods in the pod network
+POD_NETWORK_BRIDGE = "bridge"
+NETNS_DIR = Path("/run/netns")  # where `ip netns` names network namespaces
+CLONE_NEWNET = 0x40000000
+RULE_PRIORITY = 1000  # the host's policy rule refusing to route what comes from a pod network (after the local table)
+VOLUME_REFRESH_S = 3.0  # configMap and secret volumes of running pods are brought up to date this often
 
 
 def now_iso() -> str:
@@ -308,13 +318,17 @@ class ServiceIPPool:
     """Virtual IPs of Services (what kube-proxy serves a ClusterIP at, here a loopback address): <prefix>.1-254, one
     per Service for as long as it exists (kept when its ports change); released addresses go to the back of the queue
     (no quick reuse, as for pod IPs). Pure bookkeeping: the proxy tries the addresses `candidates` offers, in order,
-    and `assign`s the first it can listen on (another agent on the machine may hold one)."""
+    and `assign`s the first it can listen on (another agent on the machine may hold one). With `addresses` instead of
+    a prefix: those, in that order (the pod network's Service addresses, ``PodNetworkLayout.service_ips``)."""
 
-    def __init__(self, prefix: str) -> None:
-        self.free = [f"{prefix}.{i}" for i in range(1, 255)]
-        for ip in self.free:
-            if not ipaddress.ip_address(ip).is_loopback:
-                raise ValueError(f"service IPs must be loopback addresses, got {ip}")
+    def __init__(self, prefix: str = "", addresses: Sequence[str] = ()) -> None:
+        if prefix:
+            self.free = [f"{prefix}.{i}" for i in range(1, 255)]
+            for ip in self.free:
+                if not ipaddress.ip_address(ip).is_loopback:
+                    raise ValueError(f"service IPs must be loopback addresses, got {ip}")
+        else:
+            self.free = list(addresses)
         self.held: dict[str, str] = {}  # "ns/name" -> its virtual IP
 
     def candidates(self, key: str) -> list[str]:
@@ -337,6 +351,334 @@ class ServiceIPPool:
         ip = self.held.pop(key, None)
         if ip:
             self.free.append(ip)
+
+
+# ------------------------------------------------------------------------------------------------- pod network
+
+
+@dataclasses.dataclass(frozen=True)
+class PodNetworkLayout:
+    """How ``--pod-network`` CIDR is used (``plan_pod_network``): the network address unused, the first address the
+    host's end of the stack's veth, pods from the second address up, Services' virtual IPs from the last address
+    below the broadcast down (at most 254 of them, a quarter of the usable addresses at most)."""
+
+    network: ipaddress.IPv4Network
+    host: str  # the host's end of the veth to the stack's bridge
+    first_pod: int  # pods' addresses: first_pod..last_pod, as integers
+    last_pod: int
+    service_ips: tuple[str, ...]  # Services' virtual IPs inside the stack namespace, in the order they are handed out
+
+    def contains(self, ip: str) -> bool:
+        return ipaddress.ip_address(ip) in self.network
+
+
+def plan_pod_network(cidr: str) -> PodNetworkLayout:
+    """The layout of a pod network CIDR (pure): an IPv4 private range (10/8, 172.16/12, 192.168/16) of at least 16
+    addresses (/28), written as its network address; ValueError otherwise."""
+    try:
+        network = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as error:
+        raise ValueError(f"--pod-network {cidr!r}: {error}") from None
+    if not isinstance(network, ipaddress.IPv4Network):
+        raise ValueError(f"--pod-network {cidr!r}: only IPv4 is supported")
+    private = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")]
+    if not any(network.subnet_of(p) for p in private):  # type: ignore[arg-type]
+        raise ValueError(f"--pod-network {cidr!r}: must lie in a private range (10.0.0.0/8, 172.16.0.0/12, "
+                         "192.168.0.0/16)")
+    if network.prefixlen > 28:
+        raise ValueError(f"--pod-network {cidr!r}: too small (at most /28)")
+    base, broadcast = int(network.network_address), int(network.broadcast_address)
+    usable = broadcast - base - 1  # without the network and broadcast addresses
+    services = min(254, usable // 4)
+    service_ips = tuple(str(ipaddress.IPv4Address(broadcast - i)) for i in range(1, services + 1))
+    return PodNetworkLayout(network=network, host=str(ipaddress.IPv4Address(base + 1)), first_pod=base + 2,
+                            last_pod=broadcast - services - 1, service_ips=service_ips)
+
+
+class AddressQueue:
+    """Pods' addresses in the pod network (pure bookkeeping): handed out in order, a released address to the back of
+    the queue (no quick reuse, as the loopback IPPool), each held by one pod at most."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.fresh = first  # the next never-used address
+        self.last = last
+        self.released: collections.deque[int] = collections.deque()
+        self.held: set[int] = set()
+
+    def allocate(self) -> str:
+        if self.fresh <= self.last:
+            address = self.fresh
+            self.fresh += 1
+        elif self.released:
+            address = self.released.popleft()
+        else:
+            raise RuntimeError("no free pod IP in the pod network")
+        self.held.add(address)
+        return str(ipaddress.IPv4Address(address))
+
+    def release(self, ip: str) -> None:
+        address = int(ipaddress.IPv4Address(ip))
+        if address in self.held:
+            self.held.remove(address)
+            self.released.append(address)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkNames:
+    """The names of what the agent creates for its pod network (``build_network_names``): one stack per work
+    directory, so two stacks on a machine never share a name."""
+
+    stack_id: str  # 8 hex digits of the work directory's path
+    netns: str  # the stack's network namespace: shipyard-<id>
+    host_veth: str  # the veth's end on the host (15 characters at most: interface names are IFNAMSIZ-1)
+    stack_veth: str  # its other end, inside the stack's namespace, attached to the bridge
+    bridge: str  # the bridge inside the stack's namespace
+
+    def pod_netns(self, uid: str) -> str:
+        """A pod's network namespace: shipyard-<id>-<12 hex of its uid>."""
+        return f"{self.netns}-{uid.replace('-', '')[:12]}"
+
+    def pod_veth(self, uid: str) -> str:
+        """The stack's end of a pod's veth (inside the stack's namespace; the pod's end is eth0 in its own)."""
+        return f"p{uid.replace('-', '')[:12]}"
+
+    def owns_netns(self, name: str) -> bool:
+        """Whether a network namespace is this stack's (its own or one of its pods')."""
+        return name == self.netns or name.startswith(f"{self.netns}-")
+
+
+def build_network_names(workdir: Path) -> NetworkNames:
+    """The names for the pod network of the agent with work directory `workdir` (pure: the path as given, resolved
+    by the caller)."""
+    stack_id = hashlib.sha256(str(workdir).encode()).hexdigest()[:8]
+    return NetworkNames(stack_id=stack_id, netns=f"shipyard-{stack_id}", host_veth=f"sy{stack_id}h",
+                        stack_veth=f"sy{stack_id}s", bridge=f"sy{stack_id}b")
+
+
+def build_overlaps(network: ipaddress.IPv4Network, routes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The host's routes (``ip -j -4 route show table all``) whose destination overlaps `network` (pure): a pod
+    network there would capture the machine's own traffic. The default route is no overlap."""
+    out = []
+    for route in routes:
+        dst = str(route.get("dst") or "")
+        if not dst or dst == "default":
+            continue
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_network(dst, strict=False).overlaps(network):
+                out.append(f"{dst} dev {route.get('dev', '?')} ({route.get('type', 'unicast')})")
+    return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def run_in_netns(path: Path, fn: Callable[[], Any]) -> Any:
+    """`fn`'s result, called in the network namespace at `path` (an ``ip netns`` name's file), on a short-lived thread
+    of its own that joins it with setns(2) (a network namespace is a thread's: the rest of the process stays where it
+    is). A socket created there keeps that namespace, so the event loop serves it from the main thread."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, f"setns({path}): {os.strerror(errno)}")
+            finally:
+                os.close(fd)
+            outcome["value"] = fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name=f"netns {path.name}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def listen_tcp(ip: str, port: int) -> socket.socket:
+    """A listening, non-blocking TCP socket at ip:port (in the calling thread's network namespace)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class PodNetwork:
+    """The stack's pod network (``--pod-network``; does network I/O with ``ip``, ``nsenter`` and setns(2)): a network
+    namespace of the stack's own with a bridge inside, one veth from the host to that bridge (the host's end holds
+    the CIDR's first address, so the host routes the CIDR over it), and per pod a network namespace whose eth0 is a
+    veth to the bridge. No default route anywhere, IPv4 forwarding off in every namespace it creates and on the
+    host's end of the veth, IPv6 off on all of them: a packet can only go between the host and the pods."""
+
+    def __init__(self, cidr: str, workdir: Path) -> None:
+        self.layout = plan_pod_network(cidr)
+        self.names = build_network_names(workdir)
+        self.addresses = AddressQueue(self.layout.first_pod, self.layout.last_pod)
+        self.service_ips = ServiceIPPool(addresses=self.layout.service_ips)
+        self.prefixlen = self.layout.network.prefixlen
+
+    @property
+    def netns_path(self) -> Path:
+        return NETNS_DIR / self.names.netns
+
+    def describe(self) -> dict[str, str]:
+        return {"cidr": str(self.layout.network), "netns": self.names.netns, "hostInterface": self.names.host_veth,
+                "hostAddress": self.layout.host, "bridge": self.names.bridge}
+
+    # -- commands
+    @staticmethod
+    async def _run(*argv: str, check: bool = True) -> str:
+        process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        if check and process.returncode != 0:
+            reason = err.decode(errors="replace").strip()
+            raise RuntimeError(f"{shlex.join(argv)} failed ({process.returncode}): {reason}")
+        return out.decode(errors="replace")
+
+    async def _sysctl(self, netns: str, *settings: str) -> None:
+        """sysctl -w inside a network namespace (its /proc/sys/net is that namespace's)."""
+        await self._run("nsenter", f"--net={NETNS_DIR / netns}", "sysctl", "-q", "-w", *settings)
+
+    async def _netns_names(self) -> list[str]:
+        out = await self._run("ip", "-j", "netns", "list", check=False)
+        with contextlib.suppress(ValueError):
+            return [str(n["name"]) for n in json.loads(out or "[]")]
+        return []
+
+    # -- the stack
+    async def sweep(self) -> list[str]:
+        """Removes whatever a previous agent with this work directory left: its pods' namespaces, the host's veth, the
+        stack's namespace. What it removed."""
+        removed = []
+        names = [n for n in await self._netns_names() if self.names.owns_netns(n)]
+        for name in sorted(names, key=lambda n: n == self.names.netns):  # pods' first, the stack's last
+            await self._run("ip", "netns", "del", name, check=False)
+            removed.append(f"netns {name}")
+        if Path(f"/sys/class/net/{self.names.host_veth}").exists():
+            await self._run("ip", "link", "del", self.names.host_veth, check=False)
+            removed.append(f"link {self.names.host_veth}")
+        if await self._delete_rules():
+            removed.append(f"rule iif {self.names.host_veth}")
+        return removed
+
+    async def _delete_rules(self) -> int:
+        """Deletes the host's policy rules for the host's end of the veth; how many there were."""
+        count = 0
+        while count < 100 and f"iif {self.names.host_veth} " in await self._run("ip", "-4", "rule", "show"):
+            await self._run("ip", "rule", "del", "iif", self.names.host_veth, "priority", str(RULE_PRIORITY),
+                            check=False)
+            count += 1
+        return count
+
+    async def setup(self) -> None:
+        for tool in ("ip", "nsenter", "sysctl"):
+            if shutil.which(tool) is None:
+                raise RuntimeError(f"--pod-network needs {tool} (apt-get install -y iproute2 util-linux procps)")
+        stale = await self.sweep()
+        if stale:
+            log.info("Removed a stale pod network of this work directory: %s", ", ".join(stale))
+        routes = json.loads(await self._run("ip", "-j", "-4", "route", "show", "table", "all") or "[]")
+        overlaps = build_overlaps(self.layout.network, routes)
+        if overlaps:
+            raise RuntimeError(f"--pod-network {self.layout.network} overlaps this machine's routes: "
+                               f"{'; '.join(overlaps)}")
+        n, ns = self.names, self.names.netns
+        await self._run("ip", "netns", "add", ns)
+        await self._sysctl(ns, "net.ipv4.ip_forward=0", "net.ipv6.conf.all.disable_ipv6=1",
+                           "net.ipv6.conf.default.disable_ipv6=1")
+        await self._run("ip", "-n", ns, "link", "set", "lo", "up")
+        await self._run("ip", "-n", ns, "link", "add", n.bridge, "type", "bridge")
+        await self._run("ip", "link", "add", n.host_veth, "type", "veth", "peer", "name", n.stack_veth, "netns", ns)
+        # The host's end: no IPv6, nothing received on it forwarded anywhere, the CIDR routed over it.
+        await self._run("sysctl", "-q", "-w", f"net.ipv6.conf.{n.host_veth}.disable_ipv6=1",
+                        f"net.ipv4.conf.{n.host_veth}.forwarding=0")
+        await self._run("ip", "-n", ns, "link", "set", n.stack_veth, "master", n.bridge, "up")
+        await self._run("ip", "-n", ns, "link", "set", n.bridge, "up")
+        # Services' virtual IPs are /32 addresses on the bridge; the stack reaches the CIDR over it.
+        await self._run("ip", "-n", ns, "route", "add", str(self.layout.network), "dev", n.bridge)
+        # Whatever arrives from the pod network and is not for the host itself (the local table's rule comes first)
+        # is refused, whatever the host's forwarding settings are or become: a pod that adds a default route of its
+        # own still reaches nothing beyond the host.
+        await self._run("ip", "rule", "add", "iif", n.host_veth, "priority", str(RULE_PRIORITY), "prohibit")
+        await self._run("ip", "addr", "add", f"{self.layout.host}/{self.prefixlen}", "dev", n.host_veth)
+        await self._run("ip", "link", "set", n.host_veth, "up")
+        log.info("Created the pod network %s: network namespace %s with bridge %s, host interface %s at %s",
+                 self.layout.network, ns, n.bridge, n.host_veth, self.layout.host)
+
+    async def teardown(self) -> None:
+        """Removes everything the pod network created (best effort: what is already gone is passed over)."""
+        n = self.names
+        for name in await self._netns_names():
+            if name.startswith(f"{n.netns}-"):
+                await self._run("ip", "netns", "del", name, check=False)
+        await self._run("ip", "link", "del", n.host_veth, check=False)  # and its peer, in the stack's namespace
+        await self._delete_rules()
+        if self.netns_path.exists():
+            await self._run("ip", "-n", n.netns, "link", "del", n.bridge, check=False)
+            await self._run("ip", "netns", "del", n.netns, check=False)
+        log.info("Removed the pod network %s (network namespace %s)", self.layout.network, n.netns)
+
+    # -- pods
+    async def add_pod(self, uid: str) -> tuple[str, str]:
+        """A pod's sandbox in the pod network: its own network namespace (lo up), eth0 with the next free address,
+        a veth to the stack's bridge. Its namespace's name and address."""
+        ip = self.addresses.allocate()
+        netns, veth = self.names.pod_netns(uid), self.names.pod_veth(uid)
+        try:
+            await self._run("ip", "netns", "add", netns)
+            await self._sysctl(netns, "net.ipv4.ip_forward=0", "net.ipv6.conf.all.disable_ipv6=1",
+                               "net.ipv6.conf.default.disable_ipv6=1")
+            await self._run("ip", "-n", netns, "link", "set", "lo", "up")
+            await self._run("ip", "-n", self.names.netns, "link", "add", veth, "type", "veth", "peer", "name", "eth0",
+                            "netns", netns)
+            await self._run("ip", "-n", self.names.netns, "link", "set", veth, "master", self.names.bridge, "up")
+            await self._run("ip", "-n", netns, "addr", "add", f"{ip}/{self.prefixlen}", "dev", "eth0")
+            await self._run("ip", "-n", netns, "link", "set", "eth0", "up")
+        except BaseException:
+            await self.remove_pod(uid, ip)
+            raise
+        return netns, ip
+
+    async def remove_pod(self, uid: str, ip: str) -> None:
+        await self._run("ip", "-n", self.names.netns, "link", "del", self.names.pod_veth(uid), check=False)
+        await self._run("ip", "netns", "del", self.names.pod_netns(uid), check=False)
+        self.addresses.release(ip)
+
+    # -- Services
+    async def add_service_ip(self, ip: str) -> None:
+        await self._run("ip", "-n", self.names.netns, "addr", "replace", f"{ip}/32", "dev", self.names.bridge)
+
+    async def remove_service_ip(self, ip: str) -> None:
+        await self._run("ip", "-n", self.names.netns, "addr", "del", f"{ip}/32", "dev", self.names.bridge,
+                        check=False)
+
+    def listen(self, ip: str, ports: Sequence[int]) -> list[socket.socket]:
+        """Listening sockets at ip:port for each port, created inside the stack's namespace (all or none)."""
+
+        def create() -> list[socket.socket]:
+            sockets: list[socket.socket] = []
+            try:
+                for port in ports:
+                    sockets.append(listen_tcp(ip, port))
+            except OSError:
+                for sock in sockets:
+                    sock.close()
+                raise
+            return sockets
+
+        result: list[socket.socket] = run_in_netns(self.netns_path, create)
+        return result
 
 
 def build_service_hostnames(namespace: str, service_key: str) -> list[str]:
@@ -429,6 +771,7 @@ class PodWorker:
         self.spec: dict[str, Any] = pod["spec"]
         self.dir = agent.workdir / "pods" / self.uid
         self.ip = ""
+        self.netns = ""  # the pod's network namespace, when it is in the pod network (else it shares the host's)
         self.start_time = ""
         # A pod with init containers shows every container waiting as PodInitializing until it runs (as a kubelet).
         self.waiting_reason = "PodInitializing" if self.spec.get("initContainers") else "ContainerCreating"
@@ -446,6 +789,7 @@ class PodWorker:
         self._hosts = ""  # what the pod's hosts file holds
         self._task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
 
     # -- lifecycle
@@ -486,7 +830,8 @@ class PodWorker:
 
     def write_hosts(self) -> None:
         """(Re)writes the pod's /etc/hosts in place when the Services it names changed (also at start)."""
-        text = build_hosts_file(self.ns, self.name, self.ip, self.agent.proxy.virtual_ips(), self.agent.node_hosts)
+        text = build_hosts_file(self.ns, self.name, self.ip, self.agent.proxy.virtual_ips(bridge=bool(self.netns)),
+                                self.agent.node_hosts)
         if text != self._hosts:
             write_in_place(self.hosts_path, text)
             self._hosts = text
@@ -507,6 +852,8 @@ class PodWorker:
         except (TimeoutError, asyncio.CancelledError):
             body.cancel()
         await self._stop_all(0)
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
         await self._finish()
 
     async def _run_body(self) -> None:
@@ -527,13 +874,20 @@ class PodWorker:
             self.changed()
             return
         ports = [int(p["containerPort"]) for c in self.containers for p in c.spec.get("ports") or []]
-        self.ip = self.agent.ips.allocate(ports)
+        if self.agent.network is not None and await self._in_pod_network():
+            if self.terminating.is_set():
+                return
+            self.netns, self.ip = await self.agent.network.add_pod(self.uid)
+            log.info("Gave pod %s address %s in network namespace %s", self.key, self.ip, self.netns)
+        else:
+            self.ip = self.agent.ips.allocate(ports)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.write_hosts()
         self.changed()
         volumes = await self._prepare_volumes()
         if volumes is None:
             return
+        self._refresh_task = asyncio.create_task(self._refresh_volumes(volumes), name=f"volumes {self.key}")
         # Init containers one at a time, in order, each to completion; the regular containers only after the last.
         for c in self.init_containers:
             if not await self._supervise(c, volumes, init=True) or self.terminating.is_set():
@@ -542,6 +896,24 @@ class PodWorker:
             log.info("Initialized pod %s (%d init container(s) completed)", self.key, len(self.init_containers))
             self.changed()
         await asyncio.gather(*(self._supervise(c, volumes) for c in self.containers))
+
+    async def _in_pod_network(self) -> bool:
+        """Whether the pod's namespace carries ``shipyard.dev/pod-network=bridge`` (read from the API server; tried
+        again every 2 s while it cannot be read, until the pod is deleted)."""
+        while not self.terminating.is_set():
+            try:
+                namespace = (await self.agent.client.get(Namespace, self.ns)).to_dict()
+                labels = namespace["metadata"].get("labels") or {}
+                return labels.get(POD_NETWORK_LABEL) == POD_NETWORK_BRIDGE
+            except lightkube.ApiError as error:
+                if error.status.code == 404:
+                    return False
+                log.warning("Could not read namespace %s for pod %s: %s", self.ns, self.key, error.status.message)
+            except Exception as error:  # noqa: BLE001 - the API server unreachable: tried again
+                log.warning("Could not read namespace %s for pod %s: %s", self.ns, self.key, error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.terminating.wait(), CONFIG_RETRY_S)
+        return False
 
     def _unsupported(self) -> str:
         for c in self.init_containers:
@@ -678,28 +1050,56 @@ class PodWorker:
             if not target.exists():
                 raise VolumeNotReady(f"hostPath {target} does not exist")
             return target
-        for kind, res in (("configMap", ConfigMap), ("secret", Secret)):
-            if kind in volume:
-                source = volume[kind]
-                obj_name = source.get("name") or source.get("secretName")
-                try:
-                    obj = (await client.get(res, obj_name, namespace=self.ns)).to_dict()
-                except lightkube.ApiError as error:
-                    if source.get("optional"):
-                        obj = {}
-                    else:
-                        raise VolumeNotReady(f"{kind} {obj_name!r} not found: {error.status.message}") from None
-                files = write_projection(kind, obj, source.get("items"))
-                path.mkdir(parents=True, exist_ok=True)
-                for rel, data in files.items():
-                    target = path / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(data)
-                    os.chmod(target, int(source.get("defaultMode", 0o644)))
-                os.chmod(path, 0o755)
-                return path
+        if "configMap" in volume or "secret" in volume:
+            await self._project(volume, path)
+            return path
         raise UnsupportedVolume(f"volume {volume['name']!r}: this volume type is not supported by the local node agent "
                                 "(for the service account token volume: automountServiceAccountToken: false)")
+
+    async def _project(self, volume: dict[str, Any], path: Path, refresh: bool = False) -> bool:
+        """Writes a configMap or secret volume's files into `path` from the object read now (sync_projected_files:
+        each changed file replaced atomically, a removed key's file deleted); whether anything changed. A missing
+        object that is not optional raises VolumeNotReady at the start; on a refresh its files stay as they were, as
+        a kubelet keeps them. A missing optional one is an empty directory."""
+        kind = "configMap" if "configMap" in volume else "secret"
+        source = volume[kind]
+        obj_name = source.get("name") or source.get("secretName")
+        try:
+            obj = (await self.agent.client.get(ConfigMap if kind == "configMap" else Secret, obj_name,
+                                               namespace=self.ns)).to_dict()
+        except lightkube.ApiError as error:
+            if error.status.code == 404 and source.get("optional"):
+                obj = {}
+            elif refresh:
+                return False
+            else:
+                raise VolumeNotReady(f"{kind} {obj_name!r} not found: {error.status.message}") from None
+        files = write_projection(kind, obj, source.get("items"))
+        modes = {item["path"]: int(item["mode"]) for item in source.get("items") or [] if item.get("mode") is not None}
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o755)
+        return sync_projected_files(path, files, int(source.get("defaultMode", 0o644)), modes)
+
+    async def _refresh_volumes(self, volumes: dict[str, Path]) -> None:
+        """As a kubelet syncs them: every VOLUME_REFRESH_S the pod's configMap and secret volumes are brought up to
+        date with their objects while the pod runs (a subPath mount of one of their files is not: it holds the old
+        file, as with a kubelet)."""
+        projected = [v for v in self.spec.get("volumes") or [] if ("configMap" in v or "secret" in v)
+                     and v["name"] in volumes]
+        while projected and not self.terminating.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.terminating.wait(), VOLUME_REFRESH_S)
+            if build_phase(self.spec.get("restartPolicy", "Always"), self.init_containers,
+                           self.containers) in ("Succeeded", "Failed"):
+                return  # nothing runs any more
+            for volume in projected:
+                if self.terminating.is_set():
+                    return
+                try:
+                    if await self._project(volume, volumes[volume["name"]], refresh=True):
+                        log.info("Updated volume %r of pod %s", volume["name"], self.key)
+                except Exception as error:  # noqa: BLE001 - tried again at the next refresh
+                    log.warning("Could not refresh volume %r of pod %s: %s", volume["name"], self.key, error)
 
     # -- containers
     async def _supervise(self, c: ContainerRun, volumes: dict[str, Path], init: bool = False) -> bool:
@@ -878,6 +1278,11 @@ class PodWorker:
     async def _spawn(self, c: ContainerRun, argv: list[str], env: dict[str, str], mounts: list[Mount],
                      user: tuple[int, int, list[int]] | None) -> None:
         lines = ["set -e"]
+        if self.agent.network is not None:
+            # The copy of /run/netns this mount namespace got would keep every network namespace named there alive
+            # (other pods', the stack's) for as long as the container runs: let go of it (the pod's own network
+            # namespace is the process's already).
+            lines.append("umount --recursive --lazy /run/netns 2>/dev/null || true")
         cpu = ((c.spec.get("resources") or {}).get("limits") or {}).get("cpu")
         if cpu and self.agent.cgroups is not None:
             plan = cgroups.plan_cpu_limit(self.agent.cgroups.version, self.agent.cgroup_name, f"{self.uid}-{c.name}",
@@ -920,8 +1325,10 @@ class PodWorker:
         # The command is shown as written ($(VAR) not expanded): an expanded argument may hold a Secret's value.
         written = build_argv(c.spec, c.image) if c.image is not None else argv
         shown = shlex.join([*written, *argv[len(written):]])
+        # In the pod network: nsenter joins the pod's network namespace first, then unshare makes the mount namespace.
+        netns = ["nsenter", f"--net={NETNS_DIR / self.netns}"] if self.netns else []
         c.proc = await proc.spawn_async(
-            ["unshare", "-m", "--propagation", "private", "/bin/bash", str(script), *argv],
+            [*netns, "unshare", "-m", "--propagation", "private", "/bin/bash", str(script), *argv],
             self.agent.workdir / "logs" / f"{self.ns}_{self.name}_{c.name}.log", env=env,
             header=f"--- {now_iso()} started {shown}\n")
         c.container_id = f"shipyard-local://{self.uid}/{c.name}/{c.restart_count}/{c.proc.pid}"
@@ -1078,7 +1485,11 @@ class PodWorker:
             except lightkube.ApiError as error:
                 if error.status.code != 404:
                     log.warning("Could not delete pod %s: %s", self.key, error.status.message)
-        self.agent.ips.release(self.ip)
+        if self.netns and self.agent.network is not None:
+            await self.agent.network.remove_pod(self.uid, self.ip)
+            log.info("Removed network namespace %s of pod %s", self.netns, self.key)
+        else:
+            self.agent.ips.release(self.ip)
         shutil.rmtree(self.dir, ignore_errors=True)
         self.done.set()
         self.agent.forget(self)
@@ -1432,6 +1843,35 @@ def write_projection(kind: str, obj: Mapping[str, Any], items: list[dict[str, An
     return data
 
 
+def sync_projected_files(path: Path, files: Mapping[str, bytes], mode: int,
+                         modes: Mapping[str, int] | None = None) -> bool:
+    """Brings the directory of a configMap or secret volume to `files` (relative path -> content, mode `mode` or the
+    item's own in `modes`): a file whose content or mode differs is written beside it and renamed over it (a reader
+    sees the old file or the new one, never part of one), a file no longer in `files` is deleted. Whether anything
+    changed."""
+    changed = False
+    for rel, data in files.items():
+        target = path / rel
+        wanted = (modes or {}).get(rel, mode)
+        with contextlib.suppress(OSError):
+            if target.read_bytes() == data and stat.S_IMODE(target.stat().st_mode) == wanted:
+                continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"..{target.name}.tmp")
+        tmp.write_bytes(data)
+        os.chmod(tmp, wanted)
+        os.replace(tmp, target)
+        changed = True
+    keep = {path / rel for rel in files}
+    for existing in sorted(path.rglob("*"), reverse=True):
+        if existing.is_file() and existing not in keep:
+            existing.unlink()
+            changed = True
+        elif existing.is_dir() and not any(existing.iterdir()) and not any(k.is_relative_to(existing) for k in keep):
+            existing.rmdir()
+    return changed
+
+
 def build_local_volume(namespace: str, claim: str, path: str, size: str = "1Gi") -> list[dict[str, Any]]:
     """A PersistentVolume on a host directory pre-bound to a claim, and the claim (pure): what a local-path
     provisioner would create. The agent mounts the PV's path into the pods that use the claim."""
@@ -1459,23 +1899,30 @@ class ServicePort:
     server: asyncio.AbstractServer  # 127.0.0.1:<local port> (services.json)
     local_port: int
     virtual: asyncio.AbstractServer | None = None  # <virtual IP>:<port>
+    bridge: asyncio.AbstractServer | None = None  # <pod network virtual IP>:<port>, in the stack's namespace
 
 
 class ServiceProxy:
     """kube-proxy's job for local pods: each Service port listens at the Service's virtual IP on its own port (what
     pods reach by name, through their hosts file) and at 127.0.0.1 on a free port (what the tests and the load
-    generator use); each connection goes to one random ready endpoint."""
+    generator use); each connection goes to one random ready endpoint. With a pod network, each Service also listens
+    at a virtual IP of the pod network, inside the stack's namespace (what pods in that network reach by name)."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.services: dict[str, tuple[dict[str, str], list[ServicePort]]] = {}
         self.ips = ServiceIPPool(agent.args.service_ip_prefix)
+        self.network = agent.network
         self.conntrack = open(agent.workdir / "conntrack.jsonl", "a", buffering=1)  # noqa: SIM115 - lives on
         self.connections = 0
         self.write()  # none yet
 
-    def virtual_ips(self) -> dict[str, str]:
-        """The virtual IP of every proxied Service that has one, by "ns/name"."""
+    def virtual_ips(self, bridge: bool = False) -> dict[str, str]:
+        """The virtual IP of every proxied Service that has one, by "ns/name": the loopback ones, or with `bridge`
+        the pod network's."""
+        if bridge:
+            held = self.network.service_ips.held if self.network is not None else {}
+            return {key: ip for key, ip in held.items() if key in self.services}
         return {key: ip for key, ip in self.ips.held.items() if key in self.services}
 
     async def sync(self, service: dict[str, Any], deleted: bool = False) -> None:
@@ -1499,9 +1946,11 @@ class ServiceProxy:
             local = server.sockets[0].getsockname()[1]
             ports.append(ServicePort(name, port, target, server, local))
         ip = await self._listen_virtual(key, ports)
+        bridge_ip = await self._listen_bridge(key, ports) if self.network is not None else None
         for p in ports:
-            log.info("Proxied service %s port %s at %s and 127.0.0.1:%d", key, p.name,
-                     f"{ip}:{p.port}" if ip else "no virtual IP", p.local_port)
+            log.info("Proxied service %s port %s at %s%s and 127.0.0.1:%d", key, p.name,
+                     f"{ip}:{p.port}" if ip else "no virtual IP", f", {bridge_ip}:{p.port}" if bridge_ip else "",
+                     p.local_port)
         self.services[key] = (selector, ports)
         self.write()
 
@@ -1531,17 +1980,45 @@ class ServiceProxy:
                   [p.port for p in ports], "; ".join(problems[:3]))
         return None
 
+    async def _listen_bridge(self, key: str, ports: list[ServicePort]) -> str | None:
+        """Listens on every port of the Service at its virtual IP in the pod network (its own, else the next free
+        one), an address on the stack's bridge; None when it cannot (an error in the log)."""
+        assert self.network is not None
+        problems: list[str] = []
+        for ip in self.network.service_ips.candidates(key)[:3]:
+            try:
+                await self.network.add_service_ip(ip)
+                sockets = self.network.listen(ip, [p.port for p in ports])
+            except (OSError, RuntimeError) as error:
+                problems.append(f"{ip}: {error}")
+                continue
+            for p, sock in zip(ports, sockets, strict=True):
+                p.bridge = await asyncio.start_server(self._handler(key, p.target), sock=sock)
+            previous = self.network.service_ips.held.get(key)
+            self.network.service_ips.assign(key, ip)
+            if previous and previous != ip:
+                await self.network.remove_service_ip(previous)
+            return ip
+        log.error("Could not give service %s a virtual IP in the pod network: %s", key, "; ".join(problems))
+        return None
+
     def _close(self, key: str) -> None:
         entry = self.services.pop(key, None)
         for p in entry[1] if entry else []:
             p.server.close()
-            if p.virtual is not None:
-                p.virtual.close()
+            for server in (p.virtual, p.bridge):
+                if server is not None:
+                    server.close()
 
     async def remove(self, key: str) -> None:
         if key in self.services:
             self._close(key)
             self.ips.release(key)
+            if self.network is not None:
+                ip = self.network.service_ips.held.get(key)
+                self.network.service_ips.release(key)
+                if ip:
+                    await self.network.remove_service_ip(ip)
             log.info("Stopped proxying service %s", key)
             self.write()
 
@@ -1551,6 +2028,9 @@ class ServiceProxy:
         write_atomic(self.agent.workdir / "services.json", json.dumps(doc, indent=2) + "\n")
         write_atomic(self.agent.workdir / "service-ips.json",
                      json.dumps(dict(sorted(self.virtual_ips().items())), indent=2) + "\n")
+        if self.network is not None:
+            write_atomic(self.agent.workdir / "pod-network-service-ips.json",
+                         json.dumps(dict(sorted(self.virtual_ips(bridge=True).items())), indent=2) + "\n")
         for worker in list(self.agent.workers.values()):
             if worker.ip and not worker.done.is_set():
                 worker.write_hosts()
@@ -1583,7 +2063,9 @@ class ServiceProxy:
             self._record(key, frontend, peer[1], None)
             return
         ip, port, pod = random.choice(endpoints)
-        assert ipaddress.ip_address(ip).is_loopback, ip  # traffic only ever goes to 127.0.0.0/8
+        # Traffic only ever goes to 127.0.0.0/8 or into the stack's own pod network.
+        assert ipaddress.ip_address(ip).is_loopback or (self.network is not None
+                                                        and self.network.layout.contains(ip)), ip
         self._record(key, frontend, peer[1], (ip, port, pod))
         try:
             up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 5)
@@ -1638,6 +2120,8 @@ class Agent:
         self.python = str(Path(self.venv_bin) / "python")
         self.catalogue = Catalogue(args.images, args.image_cache, str(Path(self.venv_bin) / "python"))
         self.ips = IPPool(args.pod_ip_prefix)
+        # The pod network (--pod-network): pods of labelled namespaces get a network namespace and an address there.
+        self.network = PodNetwork(args.pod_network, self.workdir) if args.pod_network else None
         if args.service_ip_prefix == args.pod_ip_prefix:
             raise ValueError(f"--service-ip-prefix and --pod-ip-prefix must differ (both {args.pod_ip_prefix})")
         self.node_hosts = ""  # the machine's /etc/hosts, which pods' hosts files end with
@@ -1702,6 +2186,8 @@ class Agent:
         self.mountpoints = HostMountpoints()
         self.proxy = ServiceProxy(self)
         try:
+            if self.network is not None:
+                await self.network.setup()
             if self.args.prepare_images:
                 for build in sorted(self.catalogue.builds):
                     await self.catalogue.prepare(build)
@@ -1713,8 +2199,10 @@ class Agent:
             self.write_targets()
             cpu_limits = {"version": self.cgroups.version, "mount": str(self.cgroups.mount),
                           "cgroup": self.cgroup_name} if self.cgroups else None
+            pod_network = self.network.describe() if self.network is not None else None
             (self.workdir / "agent-ready").write_text(json.dumps({"pid": os.getpid(), "node": self.node,
-                                                                  "cpuLimits": cpu_limits}) + "\n")
+                                                                  "cpuLimits": cpu_limits,
+                                                                  "podNetwork": pod_network}) + "\n")
             log.info("Became ready: node %s, work directory %s", self.node, self.workdir)
             await stop.wait()
             log.info("Received termination; stopping %d pod(s)", len(self.workers))
@@ -1734,6 +2222,10 @@ class Agent:
                 await self.client.delete(Node, self.node)
                 log.info("Deleted node %s", self.node)
         finally:
+            if self.network is not None:
+                with contextlib.suppress(Exception):
+                    await self.proxy.close()  # its sockets in the stack's namespace first
+                await self.network.teardown()
             self.mountpoints.cleanup()
             if self.cgroups is not None:
                 cgroups.remove(self.cgroups.mount / self.cgroup_name)
@@ -1922,6 +2414,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pod-ip-prefix", default="127.0.10", help="pod IPs are <prefix>.2-254 (loopback only)")
     parser.add_argument("--service-ip-prefix", default="127.0.254",
                         help="Services' virtual IPs are <prefix>.1-254 (loopback only, apart from the pod IPs)")
+    parser.add_argument("--pod-network", metavar="CIDR",
+                        help="a private IPv4 CIDR (e.g. 10.213.0.0/16): pods of namespaces labelled "
+                             f"{POD_NETWORK_LABEL}={POD_NETWORK_BRIDGE} get a network namespace and an address there, "
+                             "on a bridge in a network namespace of the agent's own; absent: every pod on loopback")
     parser.add_argument("--cpu", default="16")
     parser.add_argument("--memory", default="64Gi")
     parser.add_argument("--max-pods", type=int, default=50)
@@ -1954,7 +2450,13 @@ def ensure_traversable(*paths: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pod_network:
+        try:
+            plan_pod_network(args.pod_network)
+        except ValueError as error:
+            parser.error(str(error))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("httpx", "httpx2", "httpcore"):
