@@ -79,6 +79,18 @@ def start_agent(kubeconfig: str | Path, workdir: Path, log: Path, pod_ip_prefix:
     return agent
 
 
+def pod_network_leftovers(pod_network: dict[str, str]) -> list[str]:
+    """What is left on the machine of an agent's pod network (``podNetwork`` of its agent-ready file): its network
+    namespaces (the stack's, its pods'), the host's end of its veth, its policy rule."""
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+    left = [f"netns {n}" for n in netns if n == pod_network["netns"] or n.startswith(pod_network["netns"] + "-")]
+    if Path("/sys/class/net", pod_network["hostInterface"]).exists():
+        left.append(f"link {pod_network['hostInterface']}")
+    rules = subprocess.run(["ip", "-4", "rule", "show"], capture_output=True, text=True, check=True).stdout
+    left += [f"rule {line.strip()}" for line in rules.splitlines() if f"iif {pod_network['hostInterface']} " in line]
+    return left
+
+
 def stray_pod_processes(agent_log: Path) -> list[int]:
     """The pids of the agent's containers (its "Started container ... as pid N" lines) still alive."""
     if not agent_log.exists():

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
+import subprocess
+import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests import stack
-from tests.harness.conftest import SERVICE_IP_PREFIX, Node
+from tests.harness.conftest import POD_IP_PREFIX, SERVICE_IP_PREFIX, Node
 from tests.integration.conftest import wait_until
 
 pytestmark = [pytest.mark.harness, pytest.mark.timeout(600)]
@@ -594,3 +599,193 @@ def test_a_host_path_directory_or_create_is_shared_by_two_pods_at_once(node: Nod
         assert terminated["exitCode"] == 0 and terminated["message"] == "cache-a cache-b", terminated
     assert sorted(p.name for p in cache.iterdir()) == ["cache-a", "cache-b"]
     assert (cache / "cache-a").read_text() == "cache-a\n"
+
+
+# ------------------------------------------------------------------------------------------------ pod network
+
+
+def _labelled_namespace(node: Node, namespace: str) -> str:
+    """A namespace whose pods the agent puts in its pod network (label shipyard.dev/pod-network=bridge)."""
+    _namespace(node, namespace)
+    node.cluster.kubectl("label", "namespace", namespace, "shipyard.dev/pod-network=bridge", "--overwrite")
+    return namespace
+
+
+def _ready_ip(node: Node, namespace: str, name: str) -> str:
+    """The pod IP once the pod is Ready."""
+    status = wait_until(lambda: (s := _pod_status(node, namespace, name)) and s.get("podIP")
+                        and _condition(s, "Ready").get("status") == "True" and s, timeout=90,
+                        message=f"pod {namespace}/{name} to become Ready")
+    assert status["podIPs"] == [{"ip": status["podIP"]}], status
+    ip: str = status["podIP"]
+    return ip
+
+
+def _slice_endpoints(node: Node, namespace: str, service: str) -> list[dict[str, Any]]:
+    """The endpoints of the Service's EndpointSlices (what kube-controller-manager wrote)."""
+    items = json.loads(node.cluster.kubectl("get", "endpointslices", "-n", namespace, "-l",
+                                            f"kubernetes.io/service-name={service}", "-o", "json").stdout)["items"]
+    return [e for s in items for e in s.get("endpoints") or []]
+
+
+def _netns_names() -> list[str]:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout.split()
+
+
+def _http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        status: int = response.status
+        return status
+
+
+def test_a_pod_in_a_labelled_namespace_gets_an_address_in_the_pod_network(node: Node) -> None:
+    """A pod of a namespace labelled shipyard.dev/pod-network=bridge gets its own network namespace and an address of
+    the pod network, where it answers the host; kube-controller-manager's EndpointSlice controller publishes that
+    address, ready, for a Service selecting it, and drops it when the pod is deleted, whose network namespace and
+    veth go with it. A pod of an unlabelled namespace keeps a loopback address."""
+    network = ipaddress.ip_network(node.pod_network["cidr"])
+    namespace, plain = _labelled_namespace(node, "agent-net"), _namespace(node, "agent-net-plain")
+    node.cluster.apply(_web_server("web", {"app": "web"}), namespace)
+    node.cluster.apply(_service("web", 80, {"app": "web"}), namespace)
+    node.cluster.apply(_web_server("web", {"app": "web"}), plain)
+    ip = _ready_ip(node, namespace, "web")
+    assert ipaddress.ip_address(ip) in network and ip != node.pod_network["hostAddress"], ip
+    assert _ready_ip(node, plain, "web").startswith(f"{POD_IP_PREFIX}."), "an unlabelled namespace's pod"
+    assert _http_status(f"http://{ip}:8000/") == 200  # from the host, through the veth to the stack's bridge
+    uid = node.cluster.get("pod", "web", namespace)["metadata"]["uid"]  # type: ignore[index]
+    pod_netns = f"{node.pod_network['netns']}-{uid.replace('-', '')[:12]}"
+    assert pod_netns in _netns_names()
+
+    endpoints = wait_until(lambda: _slice_endpoints(node, namespace, "web"), timeout=30,
+                           message="kube-controller-manager's EndpointSlice for the Service")
+    assert [(e["addresses"], e["conditions"]["ready"], e["targetRef"]["name"], e["nodeName"]) for e in endpoints] == [
+        ([ip], True, "web", "local-0")], endpoints
+    node.cluster.kubectl("delete", "pod", "web", "-n", namespace, "--wait=false")
+    wait_until(lambda: not any(e["addresses"] == [ip] and e["conditions"]["ready"]
+                               for e in _slice_endpoints(node, namespace, "web")), timeout=30,
+               message="the deleted pod's address to leave the EndpointSlice (or turn not ready)")
+    wait_until(lambda: node.cluster.get("pod", "web", namespace) is None, timeout=60, message="the pod to be gone")
+    wait_until(lambda: not _slice_endpoints(node, namespace, "web"), timeout=30,
+               message="the EndpointSlice without the pod")
+    assert pod_netns not in _netns_names()
+    links = subprocess.run(["ip", "-n", node.pod_network["netns"], "-o", "link"], capture_output=True, text=True,
+                           check=True).stdout
+    assert f"p{uid.replace('-', '')[:12]}" not in links, links  # the pod's veth went with it
+
+
+def test_pods_in_the_pod_network_reach_services_by_name(node: Node) -> None:
+    """A pod in the pod network reaches a Service of another pod there by its names, at the Service's virtual IP of
+    the pod network (proxied as the loopback ones: a conntrack record), and a Service of an unlabelled namespace's
+    pod too; the host's loopback services are not reachable from its network namespace (the documented limit)."""
+    namespace, plain = _labelled_namespace(node, "agent-net-svc"), _namespace(node, "agent-net-svc-plain")
+    for ns in (namespace, plain):
+        node.cluster.apply(_web_server("web", {"app": "web"}), ns)
+        node.cluster.apply(_service("web", 80, {"app": "web"}), ns)
+    server_ip = _ready_ip(node, namespace, "web")
+    _ready_ip(node, plain, "web")
+    vips = wait_until(lambda: (v := json.loads((node.workdir / "pod-network-service-ips.json").read_text()))
+                      and f"{namespace}/web" in v and f"{plain}/web" in v and v, timeout=30,
+                      message="the Services' virtual IPs in the pod network")
+    network = ipaddress.ip_network(node.pod_network["cidr"])
+    assert all(ipaddress.ip_address(v) in network for v in vips.values()), vips
+    local_port = json.loads((node.workdir / "services.json").read_text())[f"{plain}/web"]["http"]
+    urls = ["http://web/", f"http://web.{namespace}.svc.cluster.local/", f"http://web.{plain}.svc/"]
+    node.cluster.apply(_pod("client", f"{DIGITS}:1.0.0", ["python3", "-c", FETCH, *urls]), namespace)
+    node.cluster.apply(_pod("loopback", f"{DIGITS}:1.0.0", ["python3", "-c", FETCH.replace(
+        "time.monotonic() + 30", "time.monotonic() + 2"), f"http://127.0.0.1:{local_port}/"]), namespace)
+    report = json.loads(_terminated(node, namespace, "client")["message"])
+    assert report == {urls[0]: {"ip": vips[f"{namespace}/web"], "status": 200},
+                      urls[1]: {"ip": vips[f"{namespace}/web"], "status": 200},
+                      urls[2]: {"ip": vips[f"{plain}/web"], "status": 200}}, report
+    client_ip = _pod_status(node, namespace, "client")["podIP"]
+    assert ipaddress.ip_address(client_ip) in network and client_ip != server_ip
+    forwarded = [json.loads(line) for line in (node.workdir / "conntrack.jsonl").read_text().splitlines()]
+    assert any(e["service"] == f"{namespace}/web" and e["frontend"] == f"{vips[f'{namespace}/web']}:80"
+               and e.get("endpoint") == f"{server_ip}:8000" and e.get("pod") == "web" for e in forwarded), forwarded
+    unreachable = json.loads(_terminated(node, namespace, "loopback")["message"])
+    assert "Connection refused" in unreachable[f"http://127.0.0.1:{local_port}/"]["error"], unreachable
+
+
+def test_the_agent_leaves_nothing_of_its_pod_network(node: Node, tmp_path: Path) -> None:
+    """A second agent (Node local-1, a work directory and pod network of its own) finds a stale network namespace of
+    its work directory and removes it at start; with a pod of its pod network running, it stops on SIGTERM and
+    leaves no network namespace, veth, bridge or policy rule of its own behind."""
+    namespace = _labelled_namespace(node, "agent-net-stop")
+    workdir = tmp_path / "agent"
+    names = stack.load_hack_module("node_agent").build_network_names(workdir.resolve())
+    stale = f"{names.netns}-0123456789ab"
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    log = tmp_path / "agent.log"
+    venv = Path(sys.prefix)
+    pod_network: dict[str, str] = {}
+    agent = stack.proc.spawn([str(venv / "bin" / "python"), str(stack.REPO / "hack" / "node_agent.py"),
+                              "--kubeconfig", node.cluster.kubeconfig, "--workdir", str(workdir), "--venv", str(venv),
+                              "--node", "local-1", "--pod-ip-prefix", "127.0.15", "--service-ip-prefix", "127.0.251",
+                              "--pod-network", "10.211.0.0/24"], log)
+    try:
+        wait_until(lambda: (workdir / "agent-ready").exists() or agent.poll() is not None, timeout=120,
+                   message="the second agent")
+        assert agent.poll() is None, log.read_text()[-3000:]
+        pod_network = json.loads((workdir / "agent-ready").read_text())["podNetwork"]
+        assert stale not in _netns_names() and pod_network["netns"] in _netns_names()
+        assert f"Removed a stale pod network of this work directory: netns {stale}" in log.read_text()
+        pod = _web_server("pinned", {"app": "pinned"})
+        pod["spec"]["nodeName"] = "local-1"  # past the scheduler: only this agent runs it
+        node.cluster.apply(pod, namespace)
+        ip = _ready_ip(node, namespace, "pinned")
+        assert ip.startswith("10.211.0.") and _http_status(f"http://{ip}:8000/") == 200
+        assert len([n for n in _netns_names() if n.startswith(pod_network["netns"])]) == 2  # the stack's, the pod's
+    finally:
+        code = stack.proc.stop(agent, 60)
+        with contextlib.suppress(Exception):
+            node.cluster.kubectl("delete", "namespace", namespace, "--wait=false")
+    assert code == 0, log.read_text()[-3000:]
+    assert pod_network and stack.pod_network_leftovers(pod_network) == []
+    assert not stack.stray_pod_processes(log)
+    assert "Removed the pod network 10.211.0.0/24" in log.read_text()
+
+
+# ------------------------------------------------------------------------------------------ configMap updates
+
+
+def test_configmap_volumes_follow_their_objects_while_the_pod_runs(node: Node) -> None:
+    """As a kubelet syncs them: a ConfigMap changed while the pod runs reaches the file the pod sees within a few
+    seconds (the agent refreshes every 3 s), and an optional ConfigMap that did not exist when the pod started is an
+    empty directory whose files appear once it is created. The pod serves its /srv over HTTP: what it reads."""
+    namespace = _namespace(node, "agent-configmap")
+
+    def config_map(name: str, **data: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
+
+    node.cluster.apply(config_map("settings", greeting="hello"), namespace)
+    pod = _web_server("reader", {"app": "reader"})
+    container = pod["spec"]["containers"][0]
+    container["command"] += ["--directory", "/srv"]
+    pod["spec"]["volumes"] = [{"name": "settings", "configMap": {"name": "settings"}},
+                              {"name": "later", "configMap": {"name": "later", "optional": True}}]
+    container["volumeMounts"] = [{"name": "settings", "mountPath": "/srv/settings", "readOnly": True},
+                                 {"name": "later", "mountPath": "/srv/later", "readOnly": True}]
+    node.cluster.apply(pod, namespace)
+    ip = _ready_ip(node, namespace, "reader")
+
+    def read(path: str) -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://{ip}:8000/{path}", timeout=5) as response:
+                return str(response.read().decode())
+        except urllib.error.HTTPError as error:
+            assert error.code == 404, error
+            return None
+
+    assert read("settings/greeting") == "hello"
+    assert read("later/x") is None
+    started = time.monotonic()
+    node.cluster.apply(config_map("settings", greeting="bye"), namespace)
+    wait_until(lambda: read("settings/greeting") == "bye", timeout=15, interval=0.2, message="the updated file")
+    updated_s = time.monotonic() - started
+    node.cluster.apply(config_map("later", x="appeared"), namespace)
+    started = time.monotonic()
+    wait_until(lambda: read("later/x") == "appeared", timeout=15, interval=0.2, message="the optional ConfigMap")
+    print(f"\nconfigMap update seen after {updated_s:.1f} s, the optional configMap's file after "
+          f"{time.monotonic() - started:.1f} s")
+    assert updated_s < 10
+    node.cluster.kubectl("delete", "pod", "reader", "-n", namespace, "--wait=false")

@@ -466,3 +466,108 @@ def test_an_image_pull_failure_names_the_reference() -> None:
     error = agent.ImagePullFailed("r:5000/m:v9", "model", "Fetch of oci://r:5000/m:v9 failed: not found (404)")
     assert str(error) == ('Failed to pull image "r:5000/m:v9" for volume \'model\': Fetch of oci://r:5000/m:v9 '
                           "failed: not found (404)")
+
+
+# ------------------------------------------------------------------------------------------------ pod network
+
+
+@pytest.mark.parametrize(("cidr", "host", "first_pod", "last_pod", "services"), [
+    pytest.param("10.213.0.0/16", "10.213.0.1", "10.213.0.2", "10.213.255.0",
+                 ["10.213.255.254", "10.213.255.253"], id="slash-16-254-services-from-the-top"),
+    pytest.param("192.168.7.0/24", "192.168.7.1", "192.168.7.2", "192.168.7.191",
+                 ["192.168.7.254", "192.168.7.253"], id="slash-24-a-quarter-for-services"),
+    pytest.param("172.16.0.16/28", "172.16.0.17", "172.16.0.18", "172.16.0.27",
+                 ["172.16.0.30", "172.16.0.29"], id="slash-28-the-smallest"),
+])
+def test_pod_network_layout(cidr: str, host: str, first_pod: str, last_pod: str, services: list[str]) -> None:
+    layout = agent.plan_pod_network(cidr)
+    assert layout.host == host
+    assert str(agent.ipaddress.IPv4Address(layout.first_pod)) == first_pod
+    assert str(agent.ipaddress.IPv4Address(layout.last_pod)) == last_pod
+    assert list(layout.service_ips[:2]) == services
+    usable = layout.network.num_addresses - 2
+    assert len(layout.service_ips) == min(254, usable // 4)
+    pods = {str(agent.ipaddress.IPv4Address(i)) for i in range(layout.first_pod, layout.last_pod + 1)}
+    assert not pods & set(layout.service_ips) and host not in pods | set(layout.service_ips)  # apart, all of them
+    assert all(layout.contains(ip) for ip in [host, first_pod, last_pod, *layout.service_ips])
+    assert not layout.contains("127.0.0.1")
+
+
+@pytest.mark.parametrize(("cidr", "error"), [
+    pytest.param("8.8.0.0/16", "private range", id="public"),
+    pytest.param("127.0.0.0/16", "private range", id="loopback"),
+    pytest.param("10.0.0.0/29", "too small", id="too-small"),
+    pytest.param("10.213.0.1/16", "has host bits set", id="not-the-network-address"),
+    pytest.param("fd00::/64", "only IPv4", id="ipv6"),
+    pytest.param("nonsense", "does not appear to be", id="not-a-cidr"),
+])
+def test_pod_network_refuses(cidr: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        agent.plan_pod_network(cidr)
+
+
+def test_pod_addresses_in_order_released_ones_to_the_back() -> None:
+    layout = agent.plan_pod_network("10.213.0.0/28")  # pods 10.213.0.2-.11, Services .14-.12
+    queue = agent.AddressQueue(layout.first_pod, layout.last_pod)
+    first = [queue.allocate() for _ in range(3)]
+    assert first == ["10.213.0.2", "10.213.0.3", "10.213.0.4"]
+    queue.release("10.213.0.3")
+    queue.release("10.213.0.3")  # twice: once in the queue
+    queue.release("10.213.0.99")  # never handed out: ignored
+    rest = [queue.allocate() for _ in range(7)]
+    assert rest == [f"10.213.0.{i}" for i in range(5, 12)]  # fresh ones first ...
+    assert queue.allocate() == "10.213.0.3"  # ... then the released one
+    with pytest.raises(RuntimeError, match="no free pod IP"):
+        queue.allocate()
+
+
+def test_network_names_fit_and_differ_per_work_directory() -> None:
+    a, b = agent.build_network_names(Path("/tmp/stack-a")), agent.build_network_names(Path("/tmp/stack-b"))
+    assert a == agent.build_network_names(Path("/tmp/stack-a"))  # the same work directory, the same names
+    assert a.netns != b.netns and a.host_veth != b.host_veth
+    assert re.fullmatch(r"shipyard-[0-9a-f]{8}", a.netns)
+    uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    interfaces = [a.host_veth, a.stack_veth, a.bridge, a.pod_veth(uid), "eth0"]
+    assert all(len(name) <= 15 for name in interfaces), interfaces  # IFNAMSIZ
+    assert len(set(interfaces)) == len(interfaces)
+    assert a.pod_netns(uid) == f"{a.netns}-0f1e2d3c4b5a" and a.pod_veth(uid) == "p0f1e2d3c4b5a"
+    assert a.owns_netns(a.netns) and a.owns_netns(a.pod_netns(uid))
+    assert not a.owns_netns(b.netns) and not a.owns_netns(f"{a.netns}x") and not a.owns_netns("shipyard-gw-1")
+
+
+@pytest.mark.parametrize(("routes", "overlaps"), [
+    pytest.param([{"dst": "default", "dev": "eth0"}, {"dst": "192.0.2.0/24", "dev": "eth0"}], [],
+                 id="default-route-is-no-overlap"),
+    pytest.param([{"dst": "10.213.4.0/24", "dev": "tun0"}], ["10.213.4.0/24 dev tun0 (unicast)"], id="inside"),
+    pytest.param([{"dst": "10.0.0.0/8", "dev": "vpn0"}], ["10.0.0.0/8 dev vpn0 (unicast)"], id="around"),
+    pytest.param([{"dst": "10.213.0.7", "dev": "eth1", "type": "local"}], ["10.213.0.7 dev eth1 (local)"],
+                 id="a-host-address"),
+    pytest.param([{"dst": "10.214.0.0/16", "dev": "br1"}], [], id="next-door"),
+])
+def test_pod_network_overlaps_with_the_machines_routes(routes: list[dict[str, str]], overlaps: list[str]) -> None:
+    assert agent.build_overlaps(agent.plan_pod_network("10.213.0.0/16").network, routes) == overlaps
+
+
+def test_service_ip_pool_of_given_addresses() -> None:
+    layout = agent.plan_pod_network("10.213.0.0/16")
+    pool = agent.ServiceIPPool(addresses=layout.service_ips)
+    assert pool.candidates("ns/a")[:2] == ["10.213.255.254", "10.213.255.253"]
+    pool.assign("ns/a", "10.213.255.254")
+    pool.release("ns/a")
+    assert pool.free[-1] == "10.213.255.254" and len(pool.free) == 254
+
+
+# --------------------------------------------------------------------------------------- configMap volume updates
+
+
+def test_projected_files_are_replaced_whole_and_removed_keys_deleted(tmp_path: Path) -> None:
+    assert agent.sync_projected_files(tmp_path, {"a": b"1", "dir/b": b"2"}, 0o644, {"dir/b": 0o600})
+    assert (tmp_path / "a").read_bytes() == b"1" and (tmp_path / "dir" / "b").stat().st_mode & 0o777 == 0o600
+    inode = (tmp_path / "a").stat().st_ino
+    assert not agent.sync_projected_files(tmp_path, {"a": b"1", "dir/b": b"2"}, 0o644, {"dir/b": 0o600})
+    assert (tmp_path / "a").stat().st_ino == inode  # unchanged: not rewritten
+    assert agent.sync_projected_files(tmp_path, {"a": b"new"}, 0o640)
+    assert (tmp_path / "a").read_bytes() == b"new" and (tmp_path / "a").stat().st_ino != inode  # renamed over it
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a"]  # the removed key's file and folder, no temp file
+    assert agent.sync_projected_files(tmp_path, {}, 0o644) and not any(tmp_path.iterdir())  # an optional one deleted
