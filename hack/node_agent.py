@@ -3,6 +3,7 @@
 mount and network I/O; needs root for mount namespaces).
 
     .venv/bin/python hack/node_agent.py --kubeconfig K --workdir D [--taint-fake-nodes] [--prepare-images]
+        [--pod-network CIDR]
 
 What it does, like a kubelet and kube-proxy on one machine:
 
@@ -26,7 +27,13 @@ What it does, like a kubelet and kube-proxy on one machine:
   restartPolicy Always or OnFailure (``CrashLoopBackOff``) and fails the pod under Never; the pod stays Pending
   (``Initialized`` False) until they all completed, and reports them in ``initContainerStatuses``;
 - gives each pod its own loopback address 127.0.N.M as pod IP (a ``shipyard-runtime serve`` gets ``--host <pod
-  IP>`` appended: the runtime has no environment variable for its bind address);
+  IP>`` appended: the runtime has no environment variable for its bind address); with ``--pod-network CIDR``, a pod
+  of a namespace labelled ``shipyard.dev/pod-network=bridge`` gets a network namespace of its own instead (see "Pod
+  network" below);
+- keeps configMap and secret volumes of running pods up to date as a kubelet does: every 3 s each is read again and
+  a changed file is written beside the old one and renamed over it (a reader sees one or the other, whole), a removed
+  key's file deleted; an optional one that is missing is an empty directory whose files appear once it is created
+  (a file mounted alone with ``subPath`` keeps its first content, as with a kubelet);
 - reports pod status as a kubelet does: phase, pod IPs, conditions (Ready from the real readiness probe),
   container states with exit codes and termination messages (FallbackToLogsOnError), restarts with back-off on
   crashes and failed liveness probes; a deleted pod gets SIGTERM, then SIGKILL after its grace period, then its
@@ -51,11 +58,36 @@ What it does, like a kubelet and kube-proxy on one machine:
   (``<workdir>/prometheus-targets.json``, labels namespace, pod) and each container's output under
   ``<workdir>/logs/``.
 
-Why not EndpointSlices for the proxy: the API server rejects loopback addresses in EndpointSlices, so the agent
-balances over its own view of the pods (the one it reports), updated at once on readiness and deletion.
-Traffic goes only to 127.0.0.0/8. Not supported (the pod fails with a message): sidecar containers (an init
-container with ``restartPolicy: Always``), exec probes. Env: no ``fileKeyRef`` (the container waits with
-CreateContainerConfigError), no Service link variables (``enableServiceLinks``).
+Pod network (``--pod-network CIDR``, a private IPv4 range of /28 or more, e.g. 10.213.0.0/16; absent: every pod on
+loopback, as above). At start the agent creates a network namespace of the stack's own, ``shipyard-<8 hex of the
+work directory's path>``, with a bridge inside (``sy<hex>b``) and one veth pair from the host (``sy<hex>h``, holding
+the CIDR's first address, so the host routes the CIDR over it) to that bridge (``sy<hex>s``). A pod of a namespace
+labelled ``shipyard.dev/pod-network=bridge`` (read from the API server when the pod starts) gets a network namespace
+``shipyard-<hex>-<12 hex of its uid>`` (lo up, eth0 a veth whose other end ``p<12 hex of its uid>`` is on the bridge)
+with the next free address of the CIDR (from the second up; released ones to the back of the queue); its containers
+and init containers run in it (``nsenter --net`` before ``unshare -m``); its podIP(s), probes, Prometheus targets and
+the proxy use that address. Each Service also gets a second virtual IP from the top of the CIDR, a /32 on the bridge,
+listening per port in the stack's namespace (sockets created by a thread that joined it with setns(2)) and
+forwarding as the loopback ones do; pods in the pod network resolve Service names to those
+(``<workdir>/pod-network-service-ips.json``). No default route anywhere, IPv4 forwarding off in every namespace the
+agent creates, IPv6 off on all its interfaces, and a host policy rule (priority 1000) refusing to route anything that
+arrives from the pod network and is not for the host itself: a packet only goes between the host and the pods. A
+deleted pod's namespace and veth go with it; at exit (and at start, for what an agent with the same work directory
+left) the agent removes every namespace, veth, bridge and rule of its pod network. Limits: a pod in the pod network
+cannot reach the host's loopback services (the API server, the S3 server, the registry, 127.0.0.1 listeners of the
+Service proxy): it reaches other pods, Services by name, and the host at the CIDR's first address only; its
+``status.hostIP`` still says 127.0.0.1.
+
+EndpointSlices: kube-controller-manager's EndpointSlice controller publishes the pod network's addresses for a Service
+as for any pod (ready from the Ready condition the agent reports; terminating once deleted), which is what a gateway
+such as Traefik routes to. The API server rejects loopback addresses in EndpointSlices, so a Service selecting a
+loopback pod gets no slice written (the controller logs ``FailedToUpdateEndpointSlices``): a Service meant for a
+gateway selects pods of the pod network only. The agent's own proxy never reads them: it balances over its own view
+of the pods (the one it reports), updated at once on readiness and deletion.
+
+Traffic goes only to 127.0.0.0/8 or into the pod network. Not supported (the pod fails with a message): sidecar
+containers (an init container with ``restartPolicy: Always``), exec probes. Env: no ``fileKeyRef`` (the container
+waits with CreateContainerConfigError), no Service link variables (``enableServiceLinks``).
 Probes: httpGet, tcpSocket and grpc (grpc.health.v1); preStop hooks: sleep. A container without a command runs its
 image's ENTRYPOINT and CMD from the catalogue, as the image's USER when the pod sets no runAsUser.
 """

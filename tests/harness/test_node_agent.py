@@ -6,8 +6,13 @@ Services by name at the Service's port, and see Services come and go while they 
 order before the containers, are restarted with back-off when they fail (or fail the pod under restartPolicy Never)
 and are stopped when their pod is deleted; that containers get env from Secrets and ConfigMaps (envFrom,
 secretKeyRef, configMapKeyRef) without the agent logging a Secret's value, and wait with CreateContainerConfigError
-until a missing Secret or key appears; that two pods share a hostPath DirectoryOrCreate at once; and that it refuses to
-start where it cannot enforce CPU limits, which is what fails the e2e and harness fixtures there."""
+until a missing Secret or key appears; that two pods share a hostPath DirectoryOrCreate at once; that it refuses to
+start where it cannot enforce CPU limits, which is what fails the e2e and harness fixtures there; that, with
+--pod-network, a pod of a labelled namespace gets an address of the pod network answering the host, which
+kube-controller-manager's EndpointSlice lists ready and drops on deletion, reaches Services by name there and not the
+host's loopback, while an unlabelled namespace's pod stays on loopback, and that an agent sweeps a stale namespace of
+its work directory and leaves nothing of its pod network when it stops; and that configMap volumes follow their
+objects while the pod runs."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The e2e node agent's pure parts (hack/node_agent.py): image references, the local image catalogue's tags, the
 files of configMap and secret volumes, Services' virtual IPs and pods' hosts files, what it reports of a pod (its
 phase, its init containers' progress, container statuses), and a container's env as the kubelet builds it (envFrom,
-secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef, $(VAR) expansion, the kubelet's messages). What it does
+secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef, $(VAR) expansion, the kubelet's messages), the pod network's
+layout, address queue, names and overlap check, and configMap/secret files replaced whole. What it does
 with real pods is the harness tier's (tests/harness/test_node_agent.py)."""
 
 from __future__ import annotations
