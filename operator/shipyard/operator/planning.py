@@ -1025,15 +1025,15 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     route_weight = build_route_weight(md, meta, st, observed)
     step_weight = 100 if promoting else steps[st.step].weight
     previous_weight = steps[st.step - 1].weight if 0 < st.step <= len(steps) else 0
-    if gateway:  # exact weights: the candidate sized for its step's share, the stable for the share it keeps
-        canary = total if promoting else traffic.plan_gateway_replicas(total, step_weight, 0)[0]
-        desired[target] = canary
-        desired[st.stable] = traffic.plan_gateway_replicas(total, step_weight, min(route_weight, previous_weight))[1]
+    if gateway:  # exact weights: the candidate sized for its step's share
+        canary = desired[target] = total if promoting else traffic.plan_gateway_replicas(total, step_weight, 0)[0]
     step_done_ready = cand_view is not None and cand_view.replicas == canary and cand_view.rolled_out \
         and cand_ready >= canary
     # The weight moves to the step's only once its pods are Ready; until then the previous step's (whose pods are
     # still there: a canary only grows).
     st.weight = step_weight if step_done_ready and not promoting else previous_weight
+    if gateway:  # the stable sized for the share it keeps, before and after the weight moves
+        desired[st.stable] = traffic.plan_gateway_replicas(total, 0, min(route_weight, st.weight))[1]
 
     if promoting and step_done_ready:
         kept = desired[st.stable]
