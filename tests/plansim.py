@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shipyard.operator import analysis, naming, objects, observed, planning, spec
+from shipyard.operator import analysis, naming, objects, observed, planning, spec, traffic
 
 T0 = datetime.datetime(2026, 11, 28, 12, 0, 0, tzinfo=datetime.UTC)
 CRD = Path(__file__).resolve().parents[1] / "crds" / "modeldeployments.shipyard.dev.yaml"
@@ -89,6 +89,15 @@ class Sim:
         self.plans: list[planning.Plan] = []
         self.measured = 0
         self.peak_replicas = 0  # the most Deployment replicas at once, after any single write (the operator's order)
+        # gatewayAPI traffic: the routes the fake API server holds (kind -> body; None: not read by the shell), whether
+        # the Gateway API is served, the Gateways, and whether the fake Gateway controller acts on a route at once
+        self.routes: dict[str, dict[str, Any]] | None = None
+        self.gateway_api_served = True
+        self.gateways: dict[tuple[str, str], traffic.GatewayView] = {}
+        self.route_controller = True
+        self.route_writes = 0
+        # (pass, candidate weight in the HTTPRoute as the controller acts on it, replicas by version) after each pass
+        self.timeline: list[tuple[int, int | None, dict[str, int]]] = []
 
     # --- what the operator observes
     def observed(self) -> observed.Observed:
@@ -96,7 +105,41 @@ class Sim:
                                  jobs=dict(self.jobs), config_maps=dict(self.config_maps),
                                  missing_pvc=self.missing_pvc, budgets=dict(self.budgets),
                                  scalers=dict(self.scalers), keda=self.keda, activator=self.activator,
-                                 fetches=dict(self.fetches))
+                                 fetches=dict(self.fetches), traffic=self._traffic())
+
+    def _traffic(self) -> traffic.TrafficObserved | None:
+        if self.routes is None:
+            return None
+        gw = planning.parse(self.body)
+        assert not isinstance(gw, spec.SpecError) and gw.spec.rollout.gateway_api is not None
+        names = {traffic.HTTP_ROUTE: gw.spec.rollout.gateway_api.http_route,
+                 traffic.GRPC_ROUTE: gw.spec.rollout.gateway_api.grpc_route}
+        views = {kind: traffic.RouteView(kind=kind, name=name, served=self.gateway_api_served,
+                                         body=copy.deepcopy(self.routes.get(kind)) if self.gateway_api_served else None)
+                 for kind, name in names.items() if name}
+        return traffic.TrafficObserved(routes=views, gateways=dict(self.gateways))
+
+    def program_routes(self) -> None:
+        """The fake Gateway controller acts on every route's current generation."""
+        for body in (self.routes or {}).values():
+            gen = body["metadata"]["generation"]
+            for parent in body.setdefault("status", {}).setdefault("parents", []):
+                for c in parent.get("conditions") or []:
+                    c["observedGeneration"] = gen
+
+    def route_weight(self) -> int | None:
+        """The candidate's share in the HTTPRoute's first managed rule (None: no such route)."""
+        body = (self.routes or {}).get(traffic.HTTP_ROUTE)
+        if body is None:
+            return None
+        rule = next((r for r in body["spec"]["rules"] if any(b["name"] == "digits" or b["name"].startswith("digits-")
+                                                              for b in r.get("backendRefs") or [])
+                     and not str(r.get("name", "")).startswith(traffic.PREVIEW_RULE)), None)
+        if rule is None:
+            return None
+        refs = rule["backendRefs"]
+        total = sum(b.get("weight", 1) for b in refs)
+        return round(100 * sum(b.get("weight", 1) for b in refs if b["name"] != "digits") / total) if total else 0
 
     @property
     def status(self) -> dict[str, Any]:
@@ -176,6 +219,15 @@ class Sim:
                 self._note_peak()
             elif kind == "ConfigMap":
                 self.config_maps[name] = objects.spec_hash_of(obj)
+            elif kind in (traffic.HTTP_ROUTE, traffic.GRPC_ROUTE):
+                assert self.routes is not None
+                body = self.routes[kind]
+                assert obj["metadata"]["resourceVersion"] == body["metadata"]["resourceVersion"], "stale apply"
+                assert set(obj["spec"]) == {"rules"}, "Shipyard applies spec.rules only"
+                body["spec"]["rules"] = copy.deepcopy(obj["spec"]["rules"])
+                body["metadata"]["generation"] += 1
+                body["metadata"]["resourceVersion"] = str(int(body["metadata"]["resourceVersion"]) + 1)
+                self.route_writes += 1
             elif kind == "PodDisruptionBudget":
                 self.budgets[name] = objects.spec_hash_of(obj)
             elif kind in ("ScaledObject", "HorizontalPodAutoscaler"):
@@ -225,6 +277,10 @@ class Sim:
                 self.jobs[name] = dataclasses.replace(job, phase=phase, message=message, exit_code=code)
         merged = {**self.status, **plan.status}
         self.body["status"] = {k: v for k, v in merged.items() if v is not None}
+        if self.routes is not None:
+            if self.route_controller:
+                self.program_routes()
+            self.timeline.append((len(self.plans), self.route_weight(), self.replicas()))
         self.now += datetime.timedelta(seconds=self.tick)
         return plan
 

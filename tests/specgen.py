@@ -123,6 +123,9 @@ HINTS: Mapping[str, Callable[[Mapping[str, Any], str], Strategy]] = {
     "spec.serving.nodeSelector": lambda node, path: st.dictionaries(_label_keys(), st.sampled_from(["a", "x-1", ""]),
                                                          max_size=3),
     "spec.rollout.steps": lambda node, path: _steps(),
+    "spec.rollout.traffic": lambda node, path: st.sampled_from([
+        {"replicas": {}}, {"gatewayAPI": {"httpRoute": "digits"}},
+        {"gatewayAPI": {"httpRoute": "digits", "grpcRoute": "digits-grpc", "previewHeader": "x-preview"}}]),
     "spec.rollout.analysis.interval": lambda node, path: st.sampled_from(["1s", "10s", "30s", "1h", "1m30s"]),
     "spec.rollout.analysis.initialDelay": lambda node, path: st.sampled_from(["0s", "5s", "24h"]),
     "spec.rollout.analysis.metrics[].prometheus.query": lambda node, path: st.sampled_from(
@@ -144,6 +147,44 @@ HINTS: Mapping[str, Callable[[Mapping[str, Any], str], Strategy]] = {
                                "value": st.sampled_from(["v", ""]),
                                "effect": st.sampled_from(["NoSchedule", "NoExecute"])})), max_size=2),
 }
+
+
+def _fix_rollout(rollout: dict[str, Any]) -> dict[str, Any]:
+    """blueGreen settings only with strategy blueGreen, canary steps only without it."""
+    if rollout.get("strategy") == "blueGreen":
+        rollout.pop("steps", None)
+    else:
+        rollout.pop("blueGreen", None)
+    return rollout
+
+
+def _fix_serving(serving: dict[str, Any]) -> dict[str, Any]:
+    """Settings of Shipyard's server only without a runtime; a runtime without a preset declares a port; autoscaling
+    bounds in order, a percentage target at most 100, the cpu metric only with a CPU request."""
+    runtime = serving.get("runtime")
+    if runtime is not None:
+        serving.pop("server", None)
+        serving.pop("grpc", None)
+        if not runtime.get("preset") and not (runtime.get("ports") or {}).get("http") and \
+                not (runtime.get("ports") or {}).get("grpc"):
+            runtime["ports"] = {**(runtime.get("ports") or {}), "http": 8000}
+    auto = serving.get("autoscaling")
+    if auto is not None:
+        low, high = auto.get("minReplicas"), auto.get("maxReplicas")
+        if low is not None and high is not None and low > high:
+            auto["minReplicas"], auto["maxReplicas"] = high, low
+        if serving.get("replicas") is not None and high is not None and serving["replicas"] > max(high, low or 0):
+            serving["replicas"] = max(high, low or 0)
+        if auto.get("metric") in ("cpu", "gpuUtilization") and (auto.get("target") or 0) > 100:
+            auto["target"] = 70
+        cpu = any("cpu" in ((serving.get("resources") or {}).get(k) or {}) for k in ("requests", "limits"))
+        if auto.get("metric") == "cpu" and not cpu:
+            auto["metric"] = "requestRate"
+    return serving
+
+
+FIXES: Mapping[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "spec.rollout": _fix_rollout, "spec.serving": _fix_serving}
 
 
 def _number(node: Mapping[str, Any], integer: bool) -> Strategy:
@@ -193,8 +234,9 @@ def build_strategy(node: Mapping[str, Any], path: str = "spec") -> Strategy:
     if kind == "object" and "properties" in node:
         required = set(node.get("required", ()))
         fields = {k: build_strategy(v, f"{path}.{k}") for k, v in node["properties"].items()}
-        return st.fixed_dictionaries({k: s for k, s in fields.items() if k in required},
-                                     optional={k: s for k, s in fields.items() if k not in required})
+        drawn = st.fixed_dictionaries({k: s for k, s in fields.items() if k in required},
+                                      optional={k: s for k, s in fields.items() if k not in required})
+        return drawn.map(FIXES[path]) if path in FIXES else drawn
     if kind == "object" and isinstance(node.get("additionalProperties"), Mapping):
         values = build_strategy(node["additionalProperties"], f"{path}{{}}")
         return st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True, alphabet=ASCII), values,

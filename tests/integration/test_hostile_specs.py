@@ -670,6 +670,11 @@ CEL_VIOLATIONS.update({
         _cel(("spec", "rollout", "blueGreen"), st.just({"autoPromotion": False}), ("spec", "rollout", "blueGreen"))],
 })
 
+CEL_VIOLATIONS.update({
+    _rule("spec.rollout.traffic", "spec.rollout.traffic must set only one of"): [
+        _cel(("spec", "rollout", "traffic"), st.just({"replicas": {}, "gatewayAPI": {"httpRoute": "digits"}}),
+             ("spec", "rollout", "traffic"))],
+})
 
 # Autoscaling (docs/autoscaling.md).
 AUTOSCALING = ("spec", "serving", "autoscaling")

@@ -90,6 +90,14 @@ which runs the operator authenticated as this ServiceAccount.
 - apiGroups: [keda.sh]
   resources: [scaledobjects]
   verbs: [list, watch, create, patch, delete]
+# spec.rollout.traffic.gatewayAPI: the routes whose rules Shipyard sets (read; server-side apply of spec.rules only),
+# and the Gateways they attach to (read: Programmed). list: whether the Gateway API is installed at all.
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [httproutes, grpcroutes]
+  verbs: [get, list, patch]
+- apiGroups: [gateway.networking.k8s.io]
+  resources: [gateways]
+  verbs: [get]
 # Pods of the children: readiness, scrape targets, compression summaries (termination messages).
 - apiGroups: [""]
   resources: [pods]

@@ -43,6 +43,7 @@ from shipyard.operator import (
     planning,
     providers,
     runtimes,
+    traffic,
 )
 from shipyard.operator import kube as kube_mod
 from shipyard.operator import spec as spec_mod
@@ -76,6 +77,7 @@ class KubeApi(Protocol):
     async def pvc_exists(self, namespace: str, name: str) -> bool: ...
     async def serves(self, api_version: str, kind: str, namespace: str) -> bool: ...
     async def fetch_namespace_annotations(self, namespace: str) -> dict[str, str]: ...
+    async def fetch_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
     async def close(self) -> None: ...
 
 
@@ -266,6 +268,41 @@ async def _missing_pvc(op: Operator, md: spec_mod.ModelDeployment, status: Mappi
     return None
 
 
+async def _traffic(op: Operator, md: spec_mod.ModelDeployment, namespace: str) -> traffic.TrafficObserved | None:
+    """gatewayAPI traffic: the managed routes (one GET each; a missing one is told apart from a missing CRD by one
+    LIST) and the Gateways they name (one GET each, only once a controller accepted the route). None otherwise."""
+    gw = md.spec.rollout.gateway_api
+    if gw is None:
+        return None
+    routes: dict[str, traffic.RouteView] = {}
+    gateways: dict[tuple[str, str], traffic.GatewayView] = {}
+    for kind, name in ((traffic.HTTP_ROUTE, gw.http_route), (traffic.GRPC_ROUTE, gw.grpc_route)):
+        if name is None:
+            continue
+        try:
+            body = await op.kube.fetch_object(traffic.API_VERSION, kind, namespace, name)
+        except kube_mod.NotServed:
+            body, served = None, False
+        else:
+            served = body is not None or await op.kube.serves(traffic.API_VERSION, kind, namespace)
+        view = traffic.RouteView(kind=kind, name=name, served=served, body=body)
+        routes[kind] = view
+        if body is None or not view.parent_statuses:
+            continue
+        for key in traffic.build_parent_gateways(view, namespace):
+            if key not in gateways:
+                try:
+                    found = await op.kube.fetch_object(traffic.API_VERSION, traffic.GATEWAY, key[0], key[1])
+                except lightkube.ApiError as e:
+                    if e.status.code != 403:
+                        raise
+                    continue  # a Gateway in a namespace the operator may not read: its Programmed is not checked
+                gateways[key] = traffic.GatewayView(
+                    namespace=key[0], name=key[1], found=found is not None,
+                    conditions=tuple(((found or {}).get("status") or {}).get("conditions") or ()))
+    return traffic.TrafficObserved(routes=routes, gateways=gateways)
+
+
 async def _keda_served(op: Operator, md: spec_mod.ModelDeployment, namespace: str) -> bool | None:
     """Whether KEDA's ScaledObjects are served, looked up (one LIST, at most every KEDA_LOOKUP_SECONDS per namespace)
     only for a spec that scales with KEDA; None otherwise."""
@@ -358,6 +395,9 @@ async def reconcile(op: Operator, key: str) -> float | None:
             fetches = await _fetches(op, parsed, status, seen, namespace)
             if fetches:
                 seen = dataclasses.replace(seen, fetches=fetches)
+            routes = await _traffic(op, parsed, namespace)
+            if routes is not None:
+                seen = dataclasses.replace(seen, traffic=routes)
         now = datetime.datetime.now(datetime.UTC)
         measurements = None if isinstance(parsed, spec_mod.SpecError) else await _measure(
             op, parsed, status, now, namespace, name)

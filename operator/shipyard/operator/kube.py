@@ -42,6 +42,14 @@ _RESOURCES: dict[tuple[str, str], Any] = {
                                                                      "scaledobjects"),
     ("v1", "PersistentVolumeClaim"): create_namespaced_resource("", "v1", "PersistentVolumeClaim",
                                                                 "persistentvolumeclaims"),
+    # spec.rollout.traffic.gatewayAPI: the routes whose rules Shipyard manages (read, and applied: spec.rules only)
+    # and their Gateways (read)
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): create_namespaced_resource(
+        "gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+    ("gateway.networking.k8s.io/v1", "GRPCRoute"): create_namespaced_resource(
+        "gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
+    ("gateway.networking.k8s.io/v1", "Gateway"): create_namespaced_resource(
+        "gateway.networking.k8s.io", "v1", "Gateway", "gateways"),
     (naming.API_VERSION, naming.KIND): create_namespaced_resource(
         naming.GROUP, naming.VERSION, naming.KIND, naming.PLURAL
     ),
@@ -58,6 +66,10 @@ def resource_for(api_version: str, kind: str) -> Any:
         return _RESOURCES[(api_version, kind)]
     except KeyError:
         raise ValueError(f"Shipyard does not manage {kind} ({api_version})") from None
+
+
+class NotServed(Exception):
+    """The API server does not serve a kind (its CRD is not installed)."""
 
 
 class Kube:
@@ -148,6 +160,16 @@ class Kube:
             return {}
         body: dict[str, Any] = ns.to_dict() if hasattr(ns, "to_dict") else dict(ns)
         return {str(k): str(v) for k, v in ((body.get("metadata") or {}).get("annotations") or {}).items()}
+
+    async def fetch_object(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One object (GET), None when it does not exist. Raises NotServed when the API server does not serve the
+        kind at all (a custom resource whose CRD is not installed)."""
+        try:
+            return await self._get_or_none(resource_for(api_version, kind), namespace, name)
+        except httpx2.HTTPStatusError as e:  # an unknown API group answers a plain-text 404, not a Status
+            if e.response.status_code == 404:
+                raise NotServed(f"{kind} ({api_version}) is not served") from None
+            raise
 
     async def _get_or_none(self, res: Any, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard.operator import egress, naming
+from shipyard.operator import traffic as traffic_mod
 
 FETCH_CONTAINER = "fetch"  # the download step's init container (objects.FETCH_CONTAINER)
 
@@ -94,6 +95,8 @@ class Observed:
     activator: DeploymentView | None = None  # the activator's Deployment (scale to zero), not a version's
     # the download steps of the pods of versions whose model is being fetched (listed only then), by version
     fetches: Mapping[str, tuple[FetchView, ...]] = field(default_factory=dict)
+    # spec.rollout.traffic.gatewayAPI: the managed routes and their Gateways as read this pass (None: not read)
+    traffic: traffic_mod.TrafficObserved | None = None
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shipyard import contract
-from shipyard.operator import analysis, autoscaling, disruption, naming, objects, providers, rollout
+from shipyard.operator import analysis, autoscaling, disruption, naming, objects, providers, rollout, traffic
 from shipyard.operator import spec as spec_mod
 from shipyard.operator.observed import Observed
 from shipyard.operator.rollout import Event, Outcome, Phase, Reason
@@ -59,6 +59,9 @@ HISTORY_MAX = 50
 ARTIFACTS_MAX = 20
 FAILED_OUTCOMES = rollout.FAILED_OUTCOMES
 VOLUME_POLL = datetime.timedelta(seconds=10)  # a missing PVC is looked for again this often (PVCs are not watched)
+# gatewayAPI traffic (routes are not watched): looked at this often during a rollout, and while a route is unusable
+TRAFFIC_POLL = datetime.timedelta(seconds=5)
+ROUTE_POLL = datetime.timedelta(seconds=1)  # while the Gateway controller has not acted on a route just written
 GPU = spec_mod.GPU_RESOURCE
 
 # Re-exported builders (the planner's objects live in objects.py).
@@ -223,6 +226,7 @@ class _State:
     message: str = ""
     stalled_reason: str | None = None
     rollbacks: int = 0
+    weight: int = 0  # gatewayAPI traffic: the candidate's percentage in the managed route rules, as planned this pass
     # What the previous pass stored: a transition into a pause, a stall or Degraded posts its Event once.
     previous_phase: str | None = None
     previous_paused: str | None = None
@@ -509,6 +513,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     if compression_state == "failed":
         blocked = assess_blocked(st.history, image, spec.retry, target)
 
+    traffic_problem = assess_traffic(md, meta, observed)
     if st.paused_reason == Reason.SCALED_TO_ZERO and spec.serving.effective_replicas > 0:
         st.paused_reason = None  # awake: the rollout goes on (_plan_asleep)
     if restoring:
@@ -521,6 +526,8 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
         _plan_waiting_for_artifact(md, st, observed, desired, compression_state)
     elif st.stable is None or st.stable not in observed.deployments:
         _plan_first(md, st, observed, desired, now)
+    elif traffic_problem is not None:
+        _plan_traffic_blocked(st, observed, desired, traffic_problem, now)
     elif spec.serving.effective_replicas == 0:
         _plan_asleep(md, st, observed, desired, now)
     elif spec.rollout.strategy == "blueGreen":
@@ -558,6 +565,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
             if version in desired and desired[version] < kept.replicas:
                 desired[version] = kept.replicas
         deletes[:] = [d for d in deletes if d[1] != "Deployment"]  # (beyond revisionHistoryLimit) the next pass
+    traffic_status = _plan_routes(md, meta, st, observed, desired, apply, previous, now, traffic_problem)
     budgets, stale_budgets = disruption.plan_budgets(meta, md, desired, observed)  # one per version with replicas
     apply += budgets
     deletes += stale_budgets
@@ -582,6 +590,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     status = _build_status(md, meta, st, previous, observed, now, settled=settled,
                            compression_state=compression_state, scaler=scaler)
     status["modelFetch"] = model_fetch
+    status["traffic"] = traffic_status
     waits = [w for w in st.waits if w > now]
     requeue = max(0.05, (min(waits) - now).total_seconds()) if waits else None
     return Plan(apply=tuple(apply), delete=tuple(deletes), status=status, events=tuple(st.events),
@@ -1012,8 +1021,19 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     cand_serving = cand_view.serving if cand_view is not None else 0
     now_replicas = (cand_view.replicas if cand_view is not None else 0, observed.deployments[st.stable].replicas)
     desired[target], desired[st.stable] = plan_canary_replicas(spec, canary, cand_serving, now_replicas)
+    gateway = spec.rollout.gateway_api is not None and build_surge_pods(spec) is None
+    route_weight = build_route_weight(md, meta, st, observed)
+    step_weight = 100 if promoting else steps[st.step].weight
+    previous_weight = steps[st.step - 1].weight if 0 < st.step <= len(steps) else 0
+    if gateway:  # exact weights: the candidate sized for its step's share
+        canary = desired[target] = total if promoting else traffic.plan_gateway_replicas(total, step_weight, 0)[0]
     step_done_ready = cand_view is not None and cand_view.replicas == canary and cand_view.rolled_out \
         and cand_ready >= canary
+    # The weight moves to the step's only once its pods are Ready; until then the previous step's (whose pods are
+    # still there: a canary only grows).
+    st.weight = step_weight if step_done_ready and not promoting else previous_weight
+    if gateway:  # the stable sized for the share it keeps, before and after the weight moves
+        desired[st.stable] = traffic.plan_gateway_replicas(total, 0, min(route_weight, st.weight))[1]
 
     if promoting and step_done_ready:
         kept = desired[st.stable]
@@ -1080,9 +1100,131 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     promoting = st.step >= len(steps)
     canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
     desired[target], desired[st.stable] = plan_canary_replicas(spec, canary, cand_ready, now_replicas)
+    if gateway:
+        desired[target] = total if promoting else traffic.plan_gateway_replicas(total, steps[st.step].weight, 0)[0]
+        desired[st.stable] = traffic.plan_gateway_replicas(total, 0, min(route_weight, st.weight))[1]
     st.message = (f"Promoting version {target}" if promoting else
                   f"Step {st.step + 1}/{len(steps)} of version {target}: scaling to {canary} pod(s)")
     st.wake_at(now + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds))
+
+
+def build_backends(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                   kind: str = traffic.HTTP_ROUTE) -> traffic.Backends:
+    """The Services of the managed route rules: the model's (stable backend), the candidate's own (canary backend),
+    and the per-version Service names of every version the model has (a rule naming any of them is managed)."""
+    versions = {*observed.deployments, *(v for v in (st.stable, st.candidate) if v)}
+    serving = md.spec.serving
+    port = serving.port
+    if kind == traffic.GRPC_ROUTE:
+        port = serving.grpc.port if serving.grpc is not None else next(
+            (int(p["port"]) for p in objects.build_service_ports(serving) if p.get("name") == contract.GRPC_PORT_NAME),
+            serving.port)
+    return traffic.Backends(
+        stable=naming.build_service_name(meta.name),
+        canary=naming.build_deployment_name(meta.name, st.candidate) if st.candidate else None,
+        versions=frozenset(naming.build_deployment_name(meta.name, v) for v in versions), port=port)
+
+
+def build_route_weight(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed) -> int:
+    """The candidate's percentage in the HTTPRoute's managed rules as they are now (0 when unknown or unread)."""
+    if md.spec.rollout.gateway_api is None or observed.traffic is None:
+        return 0
+    route = observed.traffic.routes.get(traffic.HTTP_ROUTE)
+    if route is None or route.body is None:
+        return 0
+    return traffic.read_canary_weight(route.rules, build_backends(md, meta, st, observed)) or 0
+
+
+def assess_traffic(md: spec_mod.ModelDeployment, meta: Meta, observed: Observed) -> tuple[str, str] | None:
+    """Why the Gateway API routes cannot carry a rollout now: (reason, message), None when they can (or with replicas
+    traffic, or when the shell read nothing). A route whose rules name neither the model's Service nor a version's
+    is refused too: there is nothing to manage."""
+    gw = md.spec.rollout.gateway_api
+    if gw is None or observed.traffic is None:
+        return None
+    for kind, name, path in ((traffic.HTTP_ROUTE, gw.http_route, "spec.rollout.traffic.gatewayAPI.httpRoute"),
+                             (traffic.GRPC_ROUTE, gw.grpc_route, "spec.rollout.traffic.gatewayAPI.grpcRoute")):
+        if name is None:
+            continue
+        route = observed.traffic.routes.get(kind) or traffic.RouteView(kind=kind, name=name, body=None)
+        problem = traffic.assess_route(route, observed.traffic.gateways, meta.namespace, path)
+        if problem is not None:
+            return problem
+        st = _State(stable=None, stable_image=None, candidate=None, candidate_image=None, step=0, step_started=None,
+                    step_ready=None, paused_reason=None, history=[], artifacts=[], analysis=None, controls={})
+        if not any(traffic.assess_managed(r, build_backends(md, meta, st, observed, kind)) for r in route.rules):
+            return (Reason.ROUTE_NOT_ATTACHED,
+                    f"{kind} {name!r} ({path}) has no rule with a backendRef to Service "
+                    f"{naming.build_service_name(meta.name)!r} (the model's Service): add one to the rule that "
+                    "should carry the model's traffic; Shipyard sets its weights")
+    return None
+
+
+def _plan_traffic_blocked(st: _State, observed: Observed, desired: dict[str, int], problem: tuple[str, str],
+                          now: datetime.datetime) -> None:
+    """The routes cannot carry the rollout: nothing moves (every version keeps its replicas, the candidate is not
+    started or advanced, the weights stay), the stable keeps serving, the model is Stalled naming the cause."""
+    for version, view in observed.deployments.items():
+        if version in (st.stable, st.candidate):
+            desired[version] = view.replicas
+    st.conclude(Event.TRAFFIC_UNAVAILABLE)
+    st.stalled_reason = problem[0]
+    st.message = f"{problem[1]}; version {st.stable} keeps serving, the rollout waits"
+    st.wake_at(now + TRAFFIC_POLL)
+
+
+def _plan_routes(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed, desired: dict[str, int],
+                 apply: list[dict[str, Any]], previous: Mapping[str, Any], now: datetime.datetime,
+                 problem: tuple[str, str] | None) -> dict[str, Any] | None:
+    """gatewayAPI traffic: the managed routes' rules for this pass (the candidate's weight, the preview rule while
+    it has a Ready pod), status.traffic, and the order of things: while a route is being rewritten, or its Gateway
+    controller has not acted on its generation yet, no version is scaled down (the weight goes to 0 before a rolled
+    back candidate's pods go; a promoted version takes the stable backend before the old pods go). A weight someone
+    else changed is put back, with a Warning Event. Returns status.traffic."""
+    gw = md.spec.rollout.gateway_api
+    if gw is None:
+        return None
+    out: dict[str, Any] = {"httpRoute": gw.http_route, "grpcRoute": gw.grpc_route}
+    if observed.traffic is None:
+        return out
+    weight = st.weight if st.candidate else 0
+    cand_view = observed.deployments.get(st.candidate) if st.candidate else None
+    preview = (traffic.Preview(gw.preview_header, st.candidate)
+               if st.candidate and cand_view is not None and cand_view.serving > 0 else None)
+    prev = previous.get("traffic") or {}
+    out.update({"stableWeight": 100 - weight, "canaryWeight": weight,
+                "preview": {"header": preview.header, "version": preview.version} if preview else None})
+    if problem is not None:
+        out["message"] = problem[1][:1024]
+        out["programmed"] = False
+        return out
+    hold = False
+    for kind, name in ((traffic.HTTP_ROUTE, gw.http_route), (traffic.GRPC_ROUTE, gw.grpc_route)):
+        route = observed.traffic.routes.get(kind) if name else None
+        if route is None or route.body is None:
+            continue
+        backends = build_backends(md, meta, st, observed, kind)
+        rules = traffic.build_rules(route.rules, backends, weight, preview, kind)
+        if not traffic.assess_rules_equal(rules, route.rules):
+            apply.append(traffic.build_route_apply(route, rules, meta.namespace))
+            found = traffic.read_canary_weight(route.rules, backends)
+            if prev.get("canaryWeight") == weight and found is not None and found != weight and \
+                    prev.get("programmed"):
+                st.event("Warning", Reason.TRAFFIC_RESTORED,
+                         f"The weights of {kind} {name!r} were changed by someone else (candidate {found}%, Shipyard's "
+                         f"step has {weight}%): restored")
+            hold = True
+        elif not traffic.assess_route_programmed(route):
+            hold = True
+    out["programmed"] = not hold
+    if hold:
+        for version, view in observed.deployments.items():
+            if version in desired and desired[version] < view.replicas:
+                desired[version] = view.replicas
+        st.wake_at(now + ROUTE_POLL)
+    elif st.candidate:
+        st.wake_at(now + TRAFFIC_POLL)  # weights someone else changes are noticed within this
+    return out
 
 
 def build_active_version(spec: spec_mod.ModelDeploymentSpec, st: _State) -> str | None:
@@ -1092,7 +1234,8 @@ def build_active_version(spec: spec_mod.ModelDeploymentSpec, st: _State) -> str 
     traffic; during a canary both; during blue-green the active one (the stable, or the candidate once switched)."""
     if st.candidate is not None and st.stable is not None:
         if spec.rollout.strategy != "blueGreen":
-            return None
+            # gatewayAPI: the model's Service is the route's stable backend, the candidate has its own
+            return st.stable if spec.rollout.gateway_api is not None else None
         return st.candidate if build_switched(spec, st.step) else st.stable
     return st.stable
 
@@ -1290,6 +1433,11 @@ def _plan_analysis_children(md: spec_mod.ModelDeployment, meta: Meta, st: _State
     wants_services = (spec_analysis is not None and st.candidate is not None and st.candidate == md.spec.version
                       and any(providers.planned_backend(m) is not None for m in spec_analysis.metrics))
     versions = [v for v in (st.candidate, st.stable) if v is not None] if wants_services else []
+    if md.spec.rollout.gateway_api is not None:
+        # the route's canary backend and preview: the candidate's own Service, and a rolled back or replaced
+        # version's while its pods still run (the weight leaves it before they go)
+        versions += [v for v in (st.candidate, *(v for v, d in observed.deployments.items() if d.replicas > 0))
+                     if v is not None and v != st.stable and v not in versions]
     wanted = {naming.build_deployment_name(meta.name, v): v for v in versions}
     model_service = naming.build_service_name(meta.name)
     services = [objects.build_version_service(meta, version, md.spec.serving.port,

@@ -56,6 +56,7 @@ class Event(enum.StrEnum):
     RESTORING = "Restoring"  # rollback-to: the kept version scales up while the current one serves
     WAITING_FOR_CAPACITY = "WaitingForCapacity"  # blue-green: the surge budget cannot hold both versions
     WAITING_FOR_TRAFFIC = "WaitingForTraffic"  # scaled to zero: a new version waits for the model to wake
+    TRAFFIC_UNAVAILABLE = "TrafficUnavailable"  # gatewayAPI: the routes cannot carry the rollout; nothing moves
 
 
 class Reason(enum.StrEnum):
@@ -76,6 +77,11 @@ class Reason(enum.StrEnum):
     ABORTED = "Aborted"
     MANUAL_ROLLBACK = "ManualRollback"
     REPLACED = "Replaced"
+    # spec.rollout.traffic.gatewayAPI: the routes cannot carry the rollout (the stable keeps serving, nothing moves)
+    GATEWAY_API_NOT_INSTALLED = "GatewayAPINotInstalled"
+    ROUTE_NOT_FOUND = "RouteNotFound"
+    ROUTE_NOT_ATTACHED = "RouteNotAttached"
+    GATEWAY_NOT_PROGRAMMED = "GatewayNotProgrammed"
     # Conditions
     ROLLED_OUT = "RolledOut"
     AS_EXPECTED = "AsExpected"
@@ -104,6 +110,7 @@ class Reason(enum.StrEnum):
     ROLLBACK_WINDOW_CLOSED = "RollbackWindowClosed"
     INSUFFICIENT_GPUS = "InsufficientGPUs"
     SCALED_TO_ZERO = "ScaledToZero"  # a rollout waits: no pod runs, so no traffic could judge the candidate
+    TRAFFIC_RESTORED = "TrafficRestored"  # someone else changed the managed route weights; Shipyard's are back
     SCALER_UNAVAILABLE = "ScalerUnavailable"  # spec.serving.autoscaling cannot be served here (no KEDA, no Prometheus)
 
 
@@ -156,6 +163,8 @@ RULES: Final[tuple[Rule, ...]] = (
           "blue-green needs both versions at full size and the GPU surge budget cannot hold them"),
     _rule(ALL, Event.WAITING_FOR_TRAFFIC, Phase.PAUSED,
           "scaled to zero: a new version waits for the first request to wake the model (a canary needs traffic)"),
+    _rule(ALL, Event.TRAFFIC_UNAVAILABLE, Phase.PAUSED,
+          "gatewayAPI traffic: the route is missing, unattached or its Gateway not programmed; nothing moves"),
     _rule({Phase.HEALTHY, Phase.DEGRADED}, Event.PODS_LOST, Phase.DEGRADED,
           "a rolled-out stable lost ready pods: its Deployment replaces them"),
     _rule(ALL - {Phase.HEALTHY, Phase.DEGRADED}, Event.PODS_LOST, Phase.PROGRESSING,

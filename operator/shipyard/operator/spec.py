@@ -33,6 +33,7 @@ from pydantic import BeforeValidator, Field, WithJsonSchema
 from shipyard.contract import quantity, recipe, schema
 from shipyard.operator import autoscaling as autoscaling_mod
 from shipyard.operator import disruption, podtemplate, runtimes
+from shipyard.operator import traffic as traffic_mod
 from shipyard.operator.providers import builtin as builtin_provider
 from shipyard.operator.providers import job as job_provider
 from shipyard.operator.providers import prometheus as prometheus_provider
@@ -682,6 +683,10 @@ class Rollout(schema.ApiModel):
     """Most GPUs the candidate may use above the stable's allocation during a rollout. Absent: no limit. 0: replace
     in place (the stable shrinks as the candidate grows), for when no spare GPU exists."""
     analysis: Analysis | None = None
+    traffic: traffic_mod.Traffic | None = None
+    """How the candidate gets its share: absent or replicas, by Ready pods behind the model's Service (a step's
+    weight is rounded to whole pods); gatewayAPI, exact weights in the named HTTPRoute (and GRPCRoute) rules, the
+    candidate's pods sized for its share (docs/traffic.md)."""
     scale_down_delay_seconds: Annotated[int, Field(ge=0, le=86400)] | None = None
     """The rollback window: how long the previous stable keeps its pods Ready (and out of traffic: the model's Service
     selects the stable version only) after a promotion. shipyard.dev/rollback-to that version inside the window
@@ -698,6 +703,11 @@ class Rollout(schema.ApiModel):
     @property
     def post_promotion_analysis(self) -> Analysis | None:
         return self.blue_green.post_promotion_analysis if self.blue_green is not None else None
+
+    @property
+    def gateway_api(self) -> traffic_mod.GatewayAPI | None:
+        """The Gateway API routes of spec.rollout.traffic, None for replicas traffic."""
+        return self.traffic.gateway_api if self.traffic is not None else None
 
     @property
     def effective_steps(self) -> tuple[RolloutStep, ...]:

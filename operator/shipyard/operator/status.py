@@ -286,6 +286,34 @@ class AutoscalingStatus(schema.ApiModel):
     """True while the model's Service selects the activator (scaled to zero, or waking up)."""
 
 
+class TrafficPreview(schema.ApiModel):
+    """The preview rule: requests with this header and value reach the candidate only."""
+
+    header: Annotated[str, Field(max_length=256)]
+    """Header name."""
+    version: Annotated[str, Field(max_length=256)]
+    """Its value: the candidate's version."""
+
+
+class TrafficStatus(schema.ApiModel):
+    """Traffic through Gateway API routes (spec.rollout.traffic.gatewayAPI)."""
+
+    http_route: Annotated[str, Field(max_length=253)] | None = Field(default=None, alias="httpRoute")
+    """The HTTPRoute whose managed rules carry the model's traffic."""
+    grpc_route: Annotated[str, Field(max_length=253)] | None = Field(default=None, alias="grpcRoute")
+    """The GRPCRoute, when one is managed too."""
+    stable_weight: Annotated[int, Field(ge=0, le=100)] | None = None
+    """Percentage the stable version (the model's Service) gets in the managed rules."""
+    canary_weight: Annotated[int, Field(ge=0, le=100)] | None = None
+    """Percentage the candidate's Service gets (0 at rest)."""
+    preview: TrafficPreview | None = None
+    """The preview rule while a candidate is Ready; absent otherwise."""
+    programmed: bool | None = None
+    """Whether the Gateway controller has acted on the routes as Shipyard last wrote them (observedGeneration)."""
+    message: Annotated[str, Field(max_length=1024)] | None = None
+    """Why the routes cannot carry the rollout, when they cannot."""
+
+
 class ModelDeploymentStatus(schema.ApiModel):
     """Observed state, written by the operator only."""
 
@@ -342,6 +370,8 @@ class ModelDeploymentStatus(schema.ApiModel):
     """The scaler of spec.serving.autoscaling; null without autoscaling."""
     model_fetch: Annotated[ModelFetch, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
     """The download step of a model in s3://, https:// or oci:// (the latest version's pods); null for other models."""
+    traffic: Annotated[TrafficStatus, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
+    """Weights and preview of Gateway API traffic; null with replicas traffic."""
     controls: Controls | None = None
     """Values of the manual-control annotations already acted upon, so that each is acted upon once (the operator
     never writes spec or annotations)."""
