@@ -48,6 +48,9 @@ POD_IP_PREFIX = "127.0.11"
 ACTIVATOR_IMAGE = "registry.example/shipyard/operator:e2e"  # the operator's image (hack/e2e-images.yaml): activators
 RUNTIME_IMAGE = "registry.example/shipyard/runtime:0.1.0"  # the runtime without a model (--fetch-image)
 SERVICE_IP_PREFIX = "127.0.253"  # Services' virtual IPs, apart from the demo's default 127.0.254
+# Pods of namespaces labelled shipyard.dev/pod-network=bridge get a network namespace and an address from this range
+# (hack/node_agent.py --pod-network): real EndpointSlices, which Traefik (the Gateway API scenarios) routes to.
+POD_NETWORK = "10.213.0.0/16"
 RESULTS: dict[str, Any] = {"scenarios": {}}
 
 ModelDeployment = create_namespaced_resource("shipyard.dev", "v1alpha1", "ModelDeployment", "modeldeployments")
@@ -66,6 +69,7 @@ class E2E:
     workdir: Path  # the node agent's work directory
     prometheus: str
     model_cache: Path  # the operator's --model-cache-path (one node: one cache)
+    gateway: Any = None  # hack/gateway.py's Gateway: Traefik, the Gateway API controller, on a loopback port
     namespace: str = NAMESPACE
 
     def service_port(self, name: str, port: str = "http") -> int:
@@ -174,6 +178,7 @@ def e2e(oci_registry: Registry) -> Iterator[E2E]:
     cluster_mod = stack.load_hack_module("cluster")
     prometheus_mod = stack.load_hack_module("prometheus")
     keda_mod = stack.load_hack_module("keda")
+    gateway_mod = stack.load_hack_module("gateway")
     base = Path(tempfile.mkdtemp(prefix="shipyard-e2e-"))
     workdir = base / "agent"
     venv = Path(sys.prefix)
@@ -193,7 +198,7 @@ def e2e(oci_registry: Registry) -> Iterator[E2E]:
         mark = time.monotonic()
         procs["agent"] = stack.start_agent(state.kubeconfig, workdir, base / "agent.log", POD_IP_PREFIX,
                                            "--registry-ca", str(oci_registry.ca),  # image volumes: the registry's CA
-                                           service_ip_prefix=SERVICE_IP_PREFIX)
+                                           "--pod-network", POD_NETWORK, service_ip_prefix=SERVICE_IP_PREFIX)
         timings["agentReadySeconds"] = round(time.monotonic() - mark, 1)
         mark = time.monotonic()
         _, prometheus_url = prometheus_mod.start(prometheus_dir, workdir / "prometheus-targets.json")
@@ -201,6 +206,9 @@ def e2e(oci_registry: Registry) -> Iterator[E2E]:
         mark = time.monotonic()
         keda_mod.start(base / "keda", state.kubeconfig)  # the autoscaling scenarios' scaler
         timings["kedaReadySeconds"] = round(time.monotonic() - mark, 1)
+        mark = time.monotonic()
+        gateway = gateway_mod.start(base / "gateway", state.kubeconfig)  # the Gateway API scenarios' data plane
+        timings["gatewayReadySeconds"] = round(time.monotonic() - mark, 1)
         liveness = free_port()
         model_cache = base / "model-cache"  # the node's model cache (a hostPath), writable by the pods' user
         model_cache.mkdir()
@@ -225,7 +233,8 @@ def e2e(oci_registry: Registry) -> Iterator[E2E]:
         timings["stackUpSeconds"] = round(time.monotonic() - started, 1)
         cluster.kubectl("create", "namespace", NAMESPACE)
         client = lightkube.Client(config=KubeConfig.from_file(str(state.kubeconfig)), field_manager="shipyard-e2e")
-        yield E2E(cluster=cluster, client=client, workdir=workdir, prometheus=prometheus_url, model_cache=model_cache)
+        yield E2E(cluster=cluster, client=client, workdir=workdir, prometheus=prometheus_url, model_cache=model_cache,
+                  gateway=gateway)
         failed = False
     finally:
         mark = time.monotonic()
@@ -236,6 +245,7 @@ def e2e(oci_registry: Registry) -> Iterator[E2E]:
             codes["agent"] = stack.proc.stop(procs["agent"], 90)
         prometheus_mod.stop(prometheus_dir)
         keda_mod.stop(base / "keda")
+        gateway_mod.stop(base / "gateway")
         cluster_mod.down(base / "cluster")
         timings["teardownSeconds"] = round(time.monotonic() - mark, 1)
         _keep_logs(base)

@@ -54,14 +54,17 @@ def parse_predictions(body: dict[str, Any]) -> list[int]:
     return [max(range(classes), key=lambda k, r=r: data[r * classes + k]) for r in range(rows)]
 
 
-async def send(port: int, path: str, body: bytes, host: str = "127.0.0.1") -> tuple[int, bytes, int]:
-    """One POST on a fresh connection; returns (status, body, client port). Raises OSError/TimeoutError."""
+async def send(port: int, path: str, body: bytes, host: str = "127.0.0.1",
+               headers: Sequence[tuple[str, str]] = ()) -> tuple[int, bytes, int]:
+    """One POST on a fresh connection (with ``headers`` besides the usual ones); returns (status, body, client port).
+    Raises OSError/TimeoutError."""
     assert ipaddress.ip_address(host).is_loopback
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
     client_port = writer.get_extra_info("sockname")[1]
     try:
+        extra = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers)
         writer.write(b"POST %s HTTP/1.1\r\nhost: %s:%d\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                     b"connection: close\r\n\r\n" % (path.encode(), host.encode(), port, len(body)) + body)
+                     b"%sconnection: close\r\n\r\n" % (path.encode(), host.encode(), port, len(body), extra) + body)
         await writer.drain()
         head, payload = await asyncio.wait_for(read_response(reader), RESPONSE_TIMEOUT_S)
     finally:
@@ -92,7 +95,8 @@ class LoadGenerator:
 
     def __init__(self, port: int, model: str, samples: Sequence[Sequence[float]], labels: Sequence[int], *,
                  rate: float = 20.0, concurrency: int = 16, max_seconds: float = 300.0,
-                 max_requests: int = 20_000, path: str | None = None) -> None:
+                 max_requests: int = 20_000, path: str | None = None,
+                 headers: Sequence[tuple[str, str]] = ()) -> None:
         self.port = port
         self.model = model
         self.path = path or f"/v2/models/{model}/infer"  # another runtime's route for the same OIP JSON body
@@ -102,6 +106,7 @@ class LoadGenerator:
         self.concurrency = concurrency
         self.max_seconds = max_seconds
         self.max_requests = max_requests
+        self.headers = tuple(headers)
         self.results: list[Result] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="loadgen", daemon=True)
@@ -124,7 +129,8 @@ class LoadGenerator:
             async with semaphore:
                 started = time.time()
                 status, payload, client_port = await send(self.port, self.path,
-                                                          build_request(self.model, [self.samples[i]]))
+                                                          build_request(self.model, [self.samples[i]]),
+                                                          headers=self.headers)
         except (OSError, ConnectionError, TimeoutError, ValueError) as error:
             self.results.append(Result(started, time.time(), 0, None, f"{type(error).__name__}: {error}",
                                        client_port, None))
