@@ -302,8 +302,9 @@ def start(state_dir: Path, kubeconfig: Path, namespace: str = NAMESPACE, name: s
         admin_port = cluster.free_port()
     log_file = state_dir / TRAEFIK_LOG
     mark = time.monotonic()
-    popen = proc.spawn(build_argv(traefik, port, admin_port, state_dir, log_level), log_file,
-                       env=build_env(kubeconfig), header=f"--- traefik {traefik_version()} on {ADDRESS}:{port}")
+    argv = build_argv(traefik, port, admin_port, state_dir, log_level)
+    popen = proc.spawn(argv, log_file, env=build_env(kubeconfig),
+                       header=f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n")
     info = Gateway(namespace=namespace, name=name, gateway_class=gateway_class, listener=LISTENER, address=ADDRESS,
                    port=port, admin_port=admin_port, pid=popen.pid, kubeconfig=str(kubeconfig), log=str(log_file),
                    access_log=str(state_dir / ACCESS_LOG), timings=timings)
