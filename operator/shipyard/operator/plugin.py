@@ -119,7 +119,8 @@ def build_analysis_table(analysis: Mapping[str, Any] | None) -> str:
 
 
 def build_traffic_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str:
-    """Where the model's Service (or the Gateway API route's weights) sends traffic, the blue-green preview, the rollback window and a rollback-to in
+    """Where the model's Service (or the Gateway API route's weights) sends traffic, the blue-green preview, the
+    rollback window and a rollback-to in
     progress, e.g. 'all to 1.1.0; preview 1.2.0; 1.0.0 kept Ready until 2026-12-02T21:00:00Z' (pure)."""
     strategy = (spec.get("rollout") or {}).get("strategy") or "canary"
     active = status.get("activeVersion")
