@@ -245,6 +245,14 @@ def test_rollback_requires_to(capsys: pytest.CaptureFixture[str]) -> None:
     pytest.param({}, {"activeVersion": "1.0.0", "autoscaling": {"activator": "Deployment/digits-activator",
                                                                   "routesToActivator": False}},
                  "all to 1.0.0", id="awake-with-an-activator"),
+    pytest.param({}, {"stableVersion": "1.0.0", "candidateVersion": "1.1.0", "activeVersion": "1.0.0",
+                      "traffic": {"httpRoute": "digits", "stableWeight": 95, "canaryWeight": 5, "programmed": True,
+                                  "preview": {"header": "x-shipyard-version", "version": "1.1.0"}}},
+                 "1.0.0 95%, 1.1.0 5% (HTTPRoute digits); preview x-shipyard-version: 1.1.0", id="gateway-api"),
+    pytest.param({}, {"stableVersion": "1.0.0", "activeVersion": "1.0.0",
+                      "traffic": {"httpRoute": "digits", "grpcRoute": "digits-grpc", "stableWeight": 100,
+                                  "canaryWeight": 0, "programmed": False}},
+                 "1.0.0 100% (HTTPRoute digits and GRPCRoute digits-grpc, not yet programmed)", id="gateway-at-rest"),
 ])
 def test_traffic_line(spec: dict[str, Any], status: dict[str, Any], expected: str) -> None:
     assert plugin.build_traffic_text(spec, status) == expected

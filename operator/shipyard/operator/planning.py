@@ -62,6 +62,9 @@ VOLUME_POLL = datetime.timedelta(seconds=10)  # a missing PVC is looked for agai
 # gatewayAPI traffic (routes are not watched): looked at this often during a rollout, and while a route is unusable
 TRAFFIC_POLL = datetime.timedelta(seconds=5)
 ROUTE_POLL = datetime.timedelta(seconds=1)  # while the Gateway controller has not acted on a route just written
+# A controller may report a route's generation before its data plane applies it (Traefik: status in 0.2-0.5 s, the
+# traffic within 0.4 s, or after its 2 s reload throttle): nothing scales down until this long after a write.
+ROUTE_SETTLE = datetime.timedelta(seconds=3)
 GPU = spec_mod.GPU_RESOURCE
 
 # Re-exported builders (the planner's objects live in objects.py).
@@ -1199,6 +1202,7 @@ def _plan_routes(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         out["programmed"] = False
         return out
     hold = False
+    changed_at = parse_time(prev.get("changedAt"))
     for kind, name in ((traffic.HTTP_ROUTE, gw.http_route), (traffic.GRPC_ROUTE, gw.grpc_route)):
         route = observed.traffic.routes.get(kind) if name else None
         if route is None or route.body is None:
@@ -1214,8 +1218,13 @@ def _plan_routes(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
                          f"The weights of {kind} {name!r} were changed by someone else (candidate {found}%, Shipyard's "
                          f"step has {weight}%): restored")
             hold = True
+            changed_at = now
         elif not traffic.assess_route_programmed(route):
             hold = True
+    if changed_at is not None and now < changed_at + ROUTE_SETTLE:
+        hold = True
+        st.wake_at(changed_at + ROUTE_SETTLE)
+    out["changedAt"] = build_timestamp(changed_at) if changed_at else None
     out["programmed"] = not hold
     if hold:
         for version, view in observed.deployments.items():

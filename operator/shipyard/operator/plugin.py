@@ -119,13 +119,26 @@ def build_analysis_table(analysis: Mapping[str, Any] | None) -> str:
 
 
 def build_traffic_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> str:
-    """Where the model's Service sends traffic, the blue-green preview, the rollback window and a rollback-to in
+    """Where the model's Service (or the Gateway API route's weights) sends traffic, the blue-green preview, the
+    rollback window and a rollback-to in
     progress, e.g. 'all to 1.1.0; preview 1.2.0; 1.0.0 kept Ready until 2026-12-02T21:00:00Z' (pure)."""
     strategy = (spec.get("rollout") or {}).get("strategy") or "canary"
     active = status.get("activeVersion")
     activator = (status.get("autoscaling") or {}).get("activator")
     if activator and (status.get("autoscaling") or {}).get("routesToActivator"):
         parts = [f"held by the activator ({activator}) until a pod is Ready"]
+    elif status.get("traffic") and status["traffic"].get("canaryWeight") is not None:
+        t = status["traffic"]
+        routes = " and ".join(f"{kind} {t[key]}" for kind, key in (("HTTPRoute", "httpRoute"),
+                                                                   ("GRPCRoute", "grpcRoute")) if t.get(key))
+        weights = f"{status.get('stableVersion')} {t.get('stableWeight')}%"
+        if status.get("candidateVersion"):
+            weights += f", {status['candidateVersion']} {t['canaryWeight']}%"
+        parts = [f"{weights} ({routes}{'' if t.get('programmed') else ', not yet programmed'})"]
+        if t.get("preview"):
+            parts.append(f"preview {t['preview']['header']}: {t['preview']['version']}")
+        if t.get("message"):
+            parts.append(str(t["message"]))
     elif active:
         parts = [f"all to {active}"]
     elif status.get("candidateVersion"):

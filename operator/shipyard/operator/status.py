@@ -309,7 +309,10 @@ class TrafficStatus(schema.ApiModel):
     preview: TrafficPreview | None = None
     """The preview rule while a candidate is Ready; absent otherwise."""
     programmed: bool | None = None
-    """Whether the Gateway controller has acted on the routes as Shipyard last wrote them (observedGeneration)."""
+    """Whether the Gateway controller has acted on the routes as Shipyard last wrote them (observedGeneration) and
+    the settle time since the write has passed."""
+    changed_at: Time | None = None
+    """When Shipyard last wrote the routes' rules."""
     message: Annotated[str, Field(max_length=1024)] | None = None
     """Why the routes cannot carry the rollout, when they cannot."""
 
