@@ -5,6 +5,7 @@ through the simulated cluster of tests/plansim.py, plus table tests of the pure 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 from typing import Any
@@ -129,6 +130,16 @@ def test_abort_during_the_shadow_step_turns_shadowing_off() -> None:
     sim.step()
     sim.step()
     assert sim.status["phase"] == "RolledBack" and settings(sim) is None
+
+
+def test_a_stable_deployed_without_the_shadow_mount_is_named_in_the_message() -> None:
+    sim = shadow_sim()
+    sim.deployments["1.0.0"] = dataclasses.replace(sim.deployments["1.0.0"], shadow_config=False)
+    sim.measure = lambda version, now: None  # it copies nothing: no data
+    sim.figures = lambda version, now: None
+    sim.run(lambda s: s.status.get("phase") == "Paused")
+    assert "were deployed by an operator version without the shadow settings mount" in sim.status["message"]
+    assert sim.selected_versions() == {"1.0.0"}
 
 
 def test_removing_the_shadow_step_deletes_the_config_map() -> None:

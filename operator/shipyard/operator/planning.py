@@ -1237,7 +1237,7 @@ def _plan_shadow(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         if shadow.duration_seconds is not None else None,
     }
     stable_view = observed.deployments.get(st.stable)
-    if stable_view is not None and not stable_view.shadow_config and st.paused_reason is None:
+    if stable_view is not None and not stable_view.shadow_config:
         note = (f"the stable's pods (version {st.stable}) were deployed by an operator version without the shadow "
                 "settings mount and copy nothing: this rollout's shadow step holds without data; its candidate, once "
                 "promoted, has the mount (docs/shadow.md)")
