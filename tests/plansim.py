@@ -61,6 +61,9 @@ class Sim:
         self.now = T0
         self.tick = tick
         self.measure = measure
+        # what a predictionAgreement measurement counts beside its value (the stable's copies by outcome); None: none
+        self.figures: Callable[[str, datetime.datetime], dict[str, float] | None] = lambda version, now: None
+        self.config_data: dict[str, dict[str, str]] = {}  # ConfigMap name -> its data as last applied
         self.deployments: dict[str, observed.DeploymentView] = {}
         self.jobs: dict[str, observed.JobView] = {}
         self.config_maps: dict[str, str] = {}
@@ -172,7 +175,8 @@ class Sim:
             self.measured += 1
             value = self.measure(request.candidate, self.now)
             sample = analysis.Sample(value=None, query="q", error=str(value)) \
-                if isinstance(value, ConnectionError) else analysis.Sample(value=value, query="q")
+                if isinstance(value, ConnectionError) else analysis.Sample(
+                    value=value, query="q", figures=self.figures(request.candidate, self.now))
             measurements = {name: analysis.Measurement(candidate=sample, stable=analysis.Sample(0.0, "q"))
                             for name in request.metrics}
         seen = self.observed()
@@ -219,6 +223,7 @@ class Sim:
                 self._note_peak()
             elif kind == "ConfigMap":
                 self.config_maps[name] = objects.spec_hash_of(obj)
+                self.config_data[name] = dict(obj.get("data") or {})
             elif kind in (traffic.HTTP_ROUTE, traffic.GRPC_ROUTE):
                 assert self.routes is not None
                 body = self.routes[kind]

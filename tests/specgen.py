@@ -88,7 +88,45 @@ def _fix_metric(metric: dict[str, Any]) -> dict[str, Any]:
     web = metric.get("web")
     if web is not None and web.get("method") != "POST":
         web.pop("body", None)
+    if metric.get("builtin") == "predictionAgreement":  # judged with min only
+        metric.pop("max", None)
+        metric.pop("maxRelativeToStable", None)
+        metric.setdefault("min", 0.9)
     return metric
+
+
+AGREEMENT = {"name": "shadow-agreement", "builtin": "predictionAgreement", "min": 0.95}
+
+
+def _shadow_step() -> Strategy:
+    """A shadow step: percent, and minRequests, duration or both."""
+    return st.builds(lambda percent, until: {"shadow": {"percent": percent, **until}}, st.integers(1, 100),
+                     st.sampled_from([{"minRequests": 1}, {"minRequests": 500}, {"duration": "30s"},
+                                      {"duration": "10m", "minRequests": 100}]))
+
+
+def _fix_spec(spec: dict[str, Any], shadow: dict[str, Any] | None, output: dict[str, Any]) -> dict[str, Any]:
+    """The cross-field rules of a shadow step, which drawing field by field would rarely meet: with ``shadow`` (and a
+    canary rollout), it goes first, with Shipyard's own server over HTTP, spec.model.output and a predictionAgreement
+    metric; without, predictionAgreement metrics become errorRate (they need a shadow step)."""
+    rollout = spec.setdefault("rollout", {})
+    if shadow is not None and rollout.get("strategy", "canary") == "canary":
+        rollout["steps"] = [shadow, *rollout.get("steps", [])]
+        spec["model"]["output"] = output
+        serving = spec.setdefault("serving", {})
+        serving.pop("runtime", None)
+        if isinstance(serving.get("grpc"), dict):
+            serving["grpc"]["http"] = True
+        analysis = rollout.setdefault("analysis", {"metrics": []})
+        if not any(m.get("builtin") == "predictionAgreement" for m in analysis["metrics"]):
+            analysis["metrics"] = [m for m in analysis["metrics"] if m.get("name") != AGREEMENT["name"]][:15]
+            analysis["metrics"].append(dict(AGREEMENT))
+        return spec
+    for analysis in (rollout.get("analysis"), (rollout.get("blueGreen") or {}).get("postPromotionAnalysis")):
+        for metric in (analysis or {}).get("metrics", ()):
+            if metric.get("builtin") == "predictionAgreement":
+                metric["builtin"] = "errorRate"
+    return spec
 
 
 HINTS: Mapping[str, Callable[[Mapping[str, Any], str], Strategy]] = {
@@ -210,6 +248,15 @@ def _string(node: Mapping[str, Any]) -> Strategy:
 
 def build_strategy(node: Mapping[str, Any], path: str = "spec") -> Strategy:
     """Values the schema node allows (see the module docstring)."""
+    if path == "spec":  # a quarter of the specs get a shadow step, with what it needs (``_fix_spec``)
+        outputs = st.sampled_from([{"kind": "classes"}, {"kind": "embedding", "minCosineSimilarity": 0.98},
+                                   {"kind": "tensor", "maxAbsDifference": 0.01}, {"kind": "tensor"}])
+        return st.builds(_fix_spec, _build(node, path), st.one_of(st.none(), st.none(), st.none(), _shadow_step()),
+                         outputs)
+    return _build(node, path)
+
+
+def _build(node: Mapping[str, Any], path: str) -> Strategy:
     if path in HINTS:
         return HINTS[path](node, path)
     if node.get("x-kubernetes-int-or-string"):

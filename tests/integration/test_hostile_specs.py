@@ -676,6 +676,87 @@ CEL_VIOLATIONS.update({
              ("spec", "rollout", "traffic"))],
 })
 
+# Shadow steps (docs/shadow.md): a valid spec with one, and mutations breaking each of its rules.
+ROLLOUT_STEPS = ("spec", "rollout", "steps")
+_AGREEMENT = {"name": "agreement", "builtin": "predictionAgreement", "min": 0.99}
+
+
+def _shadow_spec(**changes: Any) -> dict[str, Any]:
+    """rich_digits' spec with a shadow step first, spec.model.output and a predictionAgreement metric (valid), then
+    ``changes`` (a value of None removes the key) at dotted paths."""
+    spec = copy.deepcopy(rich_digits()["spec"])
+    spec["model"]["output"] = {"kind": "classes"}
+    spec["rollout"]["steps"].insert(0, {"shadow": {"percent": 10, "minRequests": 100}})
+    spec["rollout"]["analysis"]["metrics"].append(dict(_AGREEMENT))
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        node = spec
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        if value is None:
+            node.pop(key, None)
+        else:
+            node[key] = value
+    return spec
+
+
+_WITH_AGREEMENT = copy.deepcopy(rich_digits()["spec"]["rollout"]["analysis"]["metrics"]) + [_AGREEMENT]
+CEL_VIOLATIONS.update({
+    _rule("spec.rollout.steps[]", "each spec.rollout.steps item must set one of weight, shadow"): [
+        _cel((*ROLLOUT_STEPS, 0, "weight"), st.just(DELETE), (*ROLLOUT_STEPS, 0))],
+    _rule("spec.rollout.steps[]", "each spec.rollout.steps item must set only one of weight, shadow"): [
+        _cel((*ROLLOUT_STEPS, 0, "shadow"), st.just({"percent": 10, "minRequests": 5}), (*ROLLOUT_STEPS, 0))],
+    _rule("spec.rollout.steps[]", "a shadow step sets neither pause nor manual"): [
+        _cel((*ROLLOUT_STEPS, 0), st.sampled_from([{"shadow": {"percent": 10, "duration": "5m"}, "pause": "30s"},
+                                                   {"shadow": {"percent": 10, "duration": "5m"}, "manual": True}]),
+             (*ROLLOUT_STEPS, 0, "shadow"))],
+    _rule("spec.rollout.steps[].shadow", "spec.rollout.steps[].shadow must set minRequests or duration"): [
+        _cel((*ROLLOUT_STEPS, 0), st.just({"shadow": {"percent": 10}}), (*ROLLOUT_STEPS, 0, "shadow"))],
+    _rule("spec.rollout.steps[].shadow.duration", "a shadow step's duration must be at most 168h"): [
+        _cel((*ROLLOUT_STEPS, 0), st.sampled_from([{"shadow": {"percent": 10, "duration": d}}
+                                                   for d in ("169h", "604801s", "100000h")]),
+             (*ROLLOUT_STEPS, 0, "shadow", "duration"))],
+    _rule("spec.rollout.steps", "spec.rollout.steps: a shadow step must be the first step"): [
+        _cel(ROLLOUT_STEPS, st.sampled_from([
+            [{"weight": 25}, {"shadow": {"percent": 10, "minRequests": 5}}],
+            [{"shadow": {"percent": 10, "minRequests": 5}}, {"shadow": {"percent": 20, "minRequests": 5}}]]))],
+    _rule("spec.model.output", "spec.model.output.minCosineSimilarity is only allowed"): [
+        _cel(("spec", "model", "output"), st.sampled_from([{"kind": k, "minCosineSimilarity": 0.9}
+                                                           for k in ("classes", "tensor")]),
+             ("spec", "model", "output", "minCosineSimilarity"))],
+    _rule("spec.model.output", "spec.model.output.maxAbsDifference is only allowed"): [
+        _cel(("spec", "model", "output"), st.sampled_from([{"kind": k, "maxAbsDifference": 0.1}
+                                                           for k in ("classes", "embedding")]),
+             ("spec", "model", "output", "maxAbsDifference"))],
+    _rule("spec.rollout.analysis.metrics[]", "builtin predictionAgreement is judged with min"): [
+        _cel((*METRICS, 0, "builtin"), st.just("predictionAgreement"), (*METRICS, 0, "min"))],  # max 0.01, no min
+    _rule("spec.rollout.analysis.metrics[]", "builtin predictionAgreement compares the candidate with the stable"): [
+        _cel((*METRICS, 0), st.sampled_from([{**_AGREEMENT, "maxRelativeToStable": 0.1},
+                                             {**_AGREEMENT, "max": 1.0}]), (*METRICS, 0, "maxRelativeToStable"))],
+    _rule("spec.rollout.blueGreen", "spec.rollout.blueGreen.postPromotionAnalysis cannot use builtin "
+                                    "predictionAgreement"): [
+        _cel(("spec", "rollout"), st.just({"strategy": "blueGreen", "blueGreen": {"postPromotionAnalysis": {
+            "metrics": [_AGREEMENT]}}}), ("spec", "rollout", "blueGreen", "postPromotionAnalysis"))],
+    _rule("spec", "a shadow step (spec.rollout.steps[0].shadow) needs Shipyard's own server"): [
+        _cel(("spec",), st.just(_shadow_spec(**{"serving.runtime": CUSTOM})), ("spec", "serving", "runtime"))],
+    _rule("spec", "a shadow step (spec.rollout.steps[0].shadow) needs spec.model.output"): [
+        _cel(("spec",), st.just(_shadow_spec(**{"model.output": None})), ("spec", "model", "output"))],
+    _rule("spec", "a shadow step (spec.rollout.steps[0].shadow) copies requests to the candidate's HTTP"): [
+        _cel(("spec",), st.just(_shadow_spec(**{"serving.grpc": {"http": False}})),
+             ("spec", "serving", "grpc", "http"))],
+    _rule("spec", "a shadow step (spec.rollout.steps[0].shadow) is judged by the builtin metric"): [
+        _cel(("spec",), st.just(_shadow_spec(**{"rollout.analysis.metrics":
+                                                rich_digits()["spec"]["rollout"]["analysis"]["metrics"]})),
+             ("spec", "rollout", "analysis"))],
+    _rule("spec", "builtin predictionAgreement measures a shadow step"): [
+        _cel((*METRICS,), st.just(_WITH_AGREEMENT), METRICS)],
+})
+CEL_VIOLATIONS.update({  # the metric rules at the post-promotion analysis' path too (as the blue-green section does)
+    (path.replace(field_name(ANALYSIS), field_name(POST), 1), message): [_post_promotion(c) for c in cases]
+    for (path, message), cases in list(CEL_VIOLATIONS.items())
+    if path.startswith(field_name(METRICS)) and "predictionAgreement" in message})
+
+
 # Autoscaling (docs/autoscaling.md).
 AUTOSCALING = ("spec", "serving", "autoscaling")
 _SERVING = rich_digits()["spec"]["serving"]  # 4 replicas, a CPU request

@@ -318,3 +318,69 @@ def test_gpu_rollout_without_spare_gpus_replaces_in_place(cluster: Cluster, oper
     else:
         raise AssertionError("not promoted")
     assert most <= 4
+
+
+def shadow_spec(address: str) -> dict[str, Any]:
+    """A shadow step first (25 %, 200 compared copies), then a weighted step; judged by predictionAgreement."""
+    return {"model": {"path": "/models/digits", "output": {"kind": "classes"}},
+            "rollout": {"steps": [{"shadow": {"percent": 25, "minRequests": 200}}, {"weight": 50}],
+                        "analysis": analysis(address, metrics=[
+                            {"name": "agreement", "builtin": "predictionAgreement", "min": 0.95}])}}
+
+
+def shadow_settings(cluster: Cluster, namespace: str, name: str) -> str | None:
+    config_map = cluster.get("configmap", f"{name}-shadow", namespace)
+    return None if config_map is None else str((config_map.get("data") or {}).get("shadow.json", ""))
+
+
+def test_a_shadow_step_copies_to_the_candidate_through_the_config_map_then_goes_on(
+        cluster: Cluster, operator: KopfRunner, namespace: str, prometheus: FakePrometheus) -> None:
+    compared = {"count": 50.0}
+
+    def answer(query: str) -> float | None:
+        if "shipyard_shadow_agreeing_rows_total" in query:
+            return 0.99
+        if 'outcome="compared"' in query:
+            return compared["count"]
+        return 0.0
+
+    prometheus.answer = answer
+    cluster.apply(model("shadowy", "1.0.0", **shadow_spec(prometheus.address)), namespace)
+    wait_status(cluster, namespace, "shadowy", healthy("1.0.0"), message="1.0.0 healthy")
+    assert shadow_settings(cluster, namespace, "shadowy") == ""  # the spec has a shadow step: kept, off
+    pod = get_deployment(cluster, namespace, "shadowy-1-0-0")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "shadow-config")
+    assert volume["configMap"]["name"] == "shadowy-shadow" and volume["configMap"]["optional"] is True
+
+    cluster.apply(model("shadowy", "1.1.0", **shadow_spec(prometheus.address)), namespace)
+    md = wait_status(cluster, namespace, "shadowy", lambda m: bool((m.get("status") or {}).get("shadow", {}).get(
+        "compared")), message="shadowing, copies counted")
+    assert json.loads(shadow_settings(cluster, namespace, "shadowy") or "{}") == {
+        "url": f"http://shadowy-1-1-0.{namespace}.svc:8080", "version": "1.1.0", "percent": 25, "compare": "top1",
+        "tolerance": 0.0}
+    assert md["status"]["shadow"]["candidate"] == "1.1.0" and md["status"]["shadow"]["compared"] == 50
+    assert replicas(cluster, namespace) == {"1.0.0": 4, "1.1.0": 1}
+    service = cluster.get("service", "shadowy", namespace)
+    assert service is not None and service["spec"]["selector"]["shipyard.dev/version"] == "1.0.0"
+    assert "shadowy-1-1-0" in names(cluster, "services", namespace)
+    md = wait_status(cluster, namespace, "shadowy", lambda m: m["status"].get("analysis", {}).get("phase")
+                     == "Successful", message="analysis passed")
+    assert md["status"]["currentStepIndex"] == 0 and "50/200 compared copies" in md["status"]["message"]
+
+    compared["count"] = 500.0
+    wait_status(cluster, namespace, "shadowy", healthy("1.1.0"), 60, message="shadow step done, then promoted")
+    assert shadow_settings(cluster, namespace, "shadowy") == ""
+    assert "StepCompleted" in events(cluster, namespace, "shadowy")
+
+
+def test_a_disagreeing_candidate_is_rolled_back_during_its_shadow_step(
+        cluster: Cluster, operator: KopfRunner, namespace: str, prometheus: FakePrometheus) -> None:
+    prometheus.answer = lambda q: 0.5 if "shipyard_shadow_agreeing_rows_total" in q else 10.0
+    cluster.apply(model("shady", "1.0.0", **shadow_spec(prometheus.address)), namespace)
+    wait_status(cluster, namespace, "shady", healthy("1.0.0"), message="1.0.0 healthy")
+    cluster.apply(model("shady", "1.1.0", **shadow_spec(prometheus.address)), namespace)
+    md = wait_status(cluster, namespace, "shady", lambda m: m["status"].get("phase") == "RolledBack", 60,
+                     message="RolledBack")
+    assert condition(md, "Stalled") == ("True", "AnalysisFailed") and md["status"].get("shadow") is None
+    wait_until(lambda: shadow_settings(cluster, namespace, "shady") == "", 30, message="shadowing off")
+    wait_until(lambda: replicas(cluster, namespace) == {"1.0.0": 4, "1.1.0": 0}, 30, message="rolled back")

@@ -106,6 +106,13 @@ def test_steps(body: dict[str, Any], states: list[str], holds: list[str]) -> Non
     assert steps[-1]["weight"] == (100 if not body["spec"]["rollout"]["steps"] else 50)
 
 
+def test_a_shadow_step_has_no_weight_and_says_its_copies() -> None:
+    steps = views.build_steps(md(PROGRESSING, steps=[{"shadow": {"percent": 10, "minRequests": 200}},
+                                                     {"weight": 50}]))
+    assert [(s["weight"], s["hold"], s["state"]) for s in steps] == [
+        (0, "shadow copies of 10%, minRequests 200", "current"), (50, "no pause", "pending")]
+
+
 def test_timeline_is_newest_first_and_marks_stable_and_candidate() -> None:
     timeline = views.build_timeline(md({**PROGRESSING, "history": [*HISTORY, {"version": "1.1.0"}]}))
     assert [(t["version"], t["stable"], t["candidate"], t["tone"]) for t in timeline] == [

@@ -292,3 +292,37 @@ D = "sha256:" + "ab" * 32
 ])
 def test_model_line(spec: dict[str, Any], status: dict[str, Any], expected: str) -> None:
     assert plugin.build_model_text(spec, status) == expected
+
+
+SHADOW_STEPS = [{"shadow": {"percent": 10, "minRequests": 200}}, {"weight": 50}]
+
+
+def test_step_text_of_a_shadow_step() -> None:
+    assert plugin.build_step_text(SHADOW_STEPS, 0) == "1/2 (shadow 10%, minRequests 200)"
+    assert plugin.build_step_text([{"shadow": {"percent": 5, "duration": "10m"}}], 0) == "1/1 (shadow 5%, duration 10m)"
+
+
+@pytest.mark.parametrize(("shadow", "text"), [
+    pytest.param({"candidate": "1.1.0", "percent": 10, "compared": 150, "dropped": 0, "timeouts": 1, "errors": 2,
+                  "agreement": 0.99321, "minRequests": 200},
+                 "1.1.0 gets 10% of the stable's answered requests (copies, no client traffic): 150/200 compared, "
+                 "0 dropped, 1 timeouts, 2 errors; agreement 0.9932", id="running"),
+    pytest.param({"candidate": "1.1.0", "percent": 100, "compared": 0, "dropped": 0, "timeouts": 0, "errors": 40,
+                  "agreement": None, "until": "2026-01-03T00:10:00Z"},
+                 "1.1.0 gets 100% of the stable's answered requests (copies, no client traffic): 0 compared, "
+                 "0 dropped, 0 timeouts, 40 errors; agreement -; until 2026-01-03T00:10:00Z", id="candidate-down"),
+    pytest.param(None, "-", id="none"),
+])
+def test_shadow_text(shadow: dict[str, Any] | None, text: str) -> None:
+    assert plugin.build_shadow_text({"shadow": shadow} if shadow else {}) == text
+
+
+def test_status_view_shows_the_shadow_line_only_with_a_shadow_step() -> None:
+    assert "Shadow:" not in plugin.build_status_view(model(PROGRESSING))
+    body = model({**PROGRESSING, "activeVersion": "1.0.1", "shadow": {
+        "candidate": "1.1.0", "percent": 10, "compared": 3, "dropped": 0, "timeouts": 0, "errors": 0,
+        "agreement": 1.0, "minRequests": 200}})
+    body["spec"].setdefault("rollout", {})["steps"] = SHADOW_STEPS
+    lines = plugin.build_status_view(body).splitlines()
+    assert ("Shadow:      1.1.0 gets 10% of the stable's answered requests (copies, no client traffic): 3/200 "
+            "compared, 0 dropped, 0 timeouts, 0 errors; agreement 1") in lines

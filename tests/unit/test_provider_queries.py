@@ -313,3 +313,43 @@ def test_scrape_rate(
     selector = scrape.Scrape(metric=C, rate=True)
     got = scrape.build_scrape_value(selector, previous, current, elapsed)
     assert got == (None if expected is None else pytest.approx(expected))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# predictionAgreement (measured on the stable's pods, about the candidate)
+
+
+@pytest.mark.parametrize(("label", "expected"), [
+    pytest.param("namespace", 'sum(rate(shipyard_shadow_agreeing_rows_total{namespace="ml",model="digits",'
+                              'candidate="1.1.0"}[60s])) / sum(rate(shipyard_shadow_rows_total{namespace="ml",'
+                              'model="digits",candidate="1.1.0"}[60s]))', id="namespace-label"),
+    pytest.param(None, 'sum(rate(shipyard_shadow_agreeing_rows_total{model="digits",candidate="1.1.0"}[60s])) / '
+                       'sum(rate(shipyard_shadow_rows_total{model="digits",candidate="1.1.0"}[60s]))',
+                 id="no-namespace-label"),
+])
+def test_prediction_agreement_query(label: str | None, expected: str) -> None:
+    assert builtin_provider.build_agreement_query("ml", "digits", "1.1.0", "60s", namespace_label=label) == expected
+
+
+def test_shadow_count_query() -> None:
+    assert builtin_provider.build_shadow_count_query("ml", "digits", "1.1.0", "compared") == (
+        'sum(shipyard_shadow_requests_total{namespace="ml",model="digits",candidate="1.1.0",outcome="compared"})')
+
+
+def _pod(**values: float) -> scrape.TargetSnapshot:
+    out: dict[scrape.SeriesKey, scrape.SeriesSample] = {}
+    for key, value in values.items():
+        name, _, outcome = key.partition("__")
+        labels = {"model": "digits", "candidate": "1.1.0", **({"outcome": outcome} if outcome else {})}
+        out[scrape.build_series_key({"requests": contract.METRIC_SHADOW_REQUESTS, "rows": contract.METRIC_SHADOW_ROWS,
+                                     "other": contract.METRIC_SHADOW_REQUESTS}[name],
+                                    {**labels, **({"candidate": "0.9.0"} if name == "other" else {})})] = \
+            scrape.SeriesSample(value)
+    return out
+
+
+def test_shadow_figures_sum_the_stables_pods_for_one_candidate() -> None:
+    current = {"10.0.0.1:8080": _pod(requests__compared=10, requests__error=2, rows=12, other__compared=99),
+               "10.0.0.2:8080": _pod(requests__compared=5, requests__dropped=1, requests__timeout=3, rows=5)}
+    assert builtin_provider.build_shadow_figures(current, {"model": "digits", "candidate": "1.1.0"}) == {
+        "compared": 15.0, "dropped": 1.0, "timeouts": 3.0, "errors": 2.0, "rows": 17.0}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
+import re
 import socket
 import threading
 import time
@@ -356,3 +358,152 @@ def test_shipyard_runtime_serve_processes_configured_by_the_environment(tmp_path
     assert "Shadowed 100% of answered inference requests" in stable.output()
     assert counts["compared"] + counts["error"] == 40 and 5 <= counts["error"] <= 35
     assert counts[contract.METRIC_SHADOW_ROWS] == counts["compared"] == counts[contract.METRIC_SHADOW_AGREEING_ROWS]
+
+
+# --- settings from a file polled while serving (SHIPYARD_SHADOW_CONFIG) ----------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    pytest.param("", None, id="empty-is-off"),
+    pytest.param("  \n", None, id="whitespace-is-off"),
+    pytest.param("{}", None, id="no-url-is-off"),
+    pytest.param('{"url": "http://c:8080", "percent": 0}', None, id="percent-0-is-off"),
+    pytest.param('{"url": "http://digits-1-1-0.ml:8080", "version": "1.1.0", "percent": 25, "compare": "cosine", '
+                 '"tolerance": 0.02, "maxInflight": 8, "maxInflightBytes": 1024, "timeoutMs": 500}',
+                 {"host": "digits-1-1-0.ml", "port": 8080, "percent": 25.0, "compare": "cosine", "tolerance": 0.02,
+                  "max_inflight": 8, "max_inflight_bytes": 1024, "timeout_s": 0.5, "candidate": "1.1.0"},
+                 id="every-key"),
+    pytest.param('{"url": "http://c", "percent": "10", "version": null}',
+                 {"port": 80, "percent": 10.0, "candidate": "unknown", "compare": "maxabs"}, id="strings-and-null"),
+])
+def test_the_shadow_settings_file(text: str, expected: dict[str, Any] | None) -> None:
+    config = shadowplan.build_shadow_file_config(text)
+    if expected is None:
+        assert config is None
+    else:
+        assert config is not None
+        assert {key: getattr(config, key) for key in expected} == expected
+
+
+@pytest.mark.parametrize("text, problem", [
+    pytest.param("{", "not JSON", id="not-json"),
+    pytest.param("[1]", "must be a JSON object, got list", id="not-an-object"),
+    pytest.param('{"url": "http://c", "percnt": 5}', "unknown key 'percnt' (known: url, version, percent", id="typo"),
+    pytest.param('{"url": "http://c", "percent": 150}', "percent=150 must be within 0..100", id="percent"),
+    pytest.param('{"url": "http://c", "percent": "lots"}', "percent='lots' is not a number", id="percent-text"),
+    pytest.param('{"url": "https://c"}', "url='https://c': must be http://", id="tls"),
+    pytest.param('{"url": "http://c", "compare": "l2"}', "compare='l2' is not one of top1, cosine, maxabs",
+                 id="compare"),
+    pytest.param('{"url": "http://c", "timeoutMs": true}', "timeoutMs must be a string or a number", id="bool"),
+])
+def test_an_invalid_shadow_settings_file_names_the_key(text: str, problem: str) -> None:
+    with pytest.raises(shadowplan.ShadowConfigError, match=re.escape(problem)):
+        shadowplan.build_shadow_file_config(text)
+
+
+def test_shadow_settings_file_and_fixed_url_together_are_refused() -> None:
+    with pytest.raises(settings.ConfigError, match="SHIPYARD_SHADOW_URL .* and SHIPYARD_SHADOW_CONFIG"):
+        settings._pick_shadow_file({contract.ENV_SHADOW_CONFIG: "/x", contract.ENV_SHADOW_URL: "http://c"})
+
+
+def write_like_kubelet(directory: Path, text: str | None, generation: list[int]) -> None:
+    """A ConfigMap volume as the kubelet updates it: the key is a link into ``..data``, itself a link to a timestamped
+    directory, swapped atomically (rename); None: the file is gone (optional ConfigMap deleted)."""
+    generation[0] += 1
+    data = directory / f"..gen_{generation[0]}"
+    data.mkdir()
+    if text is not None:
+        (data / contract.SHADOW_CONFIG_KEY).write_text(text)
+    link = directory / "..data_tmp"
+    link.symlink_to(data.name)
+    link.rename(directory / "..data")
+    key = directory / contract.SHADOW_CONFIG_KEY
+    if not key.is_symlink():
+        key.symlink_to(f"..data/{contract.SHADOW_CONFIG_KEY}")
+
+
+def candidate_counts(port: int, candidate: str) -> dict[str, float] | None:
+    """The stable's shadow counters for one candidate; None when it exports none for it."""
+    status, _, raw = call(port, "GET", contract.PATH_METRICS)
+    assert status == 200
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(raw.decode()):
+        for sample in family.samples:
+            if sample.labels.get(contract.LABEL_CANDIDATE) != candidate:
+                continue
+            if sample.name == contract.METRIC_SHADOW_REQUESTS:
+                counts[sample.labels[contract.LABEL_OUTCOME]] = sample.value
+            elif sample.name in (contract.METRIC_SHADOW_ROWS, contract.METRIC_SHADOW_AGREEING_ROWS):
+                counts[sample.name] = sample.value
+    return counts or None
+
+
+def wait_for(check: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_shadowing_switches_with_the_settings_file_without_a_restart_or_a_failed_client_request(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Off (no file) -> candidate A -> candidate B -> invalid (logged, off) -> empty (off) -> A again (counted from
+    zero), while a client sends requests without pause: every one answered 200 with the stable's answer."""
+    caplog.set_level(logging.INFO, logger="shipyard.runtime.server")
+    directory = tmp_path / "shadow"
+    directory.mkdir()
+    generation = [0]
+    path = str(directory / contract.SHADOW_CONFIG_KEY)
+    with serving(config(model_version="1.1.0"), Classifier()) as good, \
+            serving(config(model_version="1.2.0"), Classifier(flip_every=2)) as bad, \
+            serving(config(shadow_file=path), Classifier()) as stable:
+        assert stable.app.shadow is None
+        results: list[tuple[int, float, int]] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            while not stop.is_set():
+                results.extend(send(stable.port, 10))
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        try:
+            time.sleep(0.3)
+            assert candidate_counts(stable.port, "1.1.0") is None  # no file: off
+
+            def settings_for(port: int, version: str) -> str:
+                return json.dumps({"url": f"http://127.0.0.1:{port}", "version": version, "compare": "top1"})
+
+            write_like_kubelet(directory, settings_for(good.port, "1.1.0"), generation)
+            a = wait_for(lambda: (c := candidate_counts(stable.port, "1.1.0")) and c["compared"] >= 200 and c)
+            assert a and a["error"] == 0 and a[contract.METRIC_SHADOW_AGREEING_ROWS] == a[contract.METRIC_SHADOW_ROWS]
+
+            write_like_kubelet(directory, settings_for(bad.port, "1.2.0"), generation)
+            b = wait_for(lambda: (c := candidate_counts(stable.port, "1.2.0")) and c["compared"] >= 20 and c)
+            assert b and b[contract.METRIC_SHADOW_AGREEING_ROWS] < b[contract.METRIC_SHADOW_ROWS]
+            assert candidate_counts(stable.port, "1.1.0") is None  # the previous candidate's series are gone
+
+            write_like_kubelet(directory, '{"url": "http://127.0.0.1:1", "percent": 101}', generation)
+            assert wait_for(lambda: stable.app.shadow is None)
+            assert wait_for(lambda: "percent=101 must be within 0..100; shadowing is off" in caplog.text)
+            assert candidate_counts(stable.port, "1.2.0") is None
+
+            write_like_kubelet(directory, settings_for(good.port, "1.1.0"), generation)
+            assert wait_for(lambda: stable.app.shadow is not None)
+            write_like_kubelet(directory, "", generation)
+            assert wait_for(lambda: stable.app.shadow is None)
+
+            write_like_kubelet(directory, None, generation)  # the key removed: off
+            time.sleep(1.5)
+            assert stable.app.shadow is None
+            write_like_kubelet(directory, settings_for(good.port, "1.1.0"), generation)
+            again = wait_for(lambda: (c := candidate_counts(stable.port, "1.1.0")) and c["compared"] >= 1 and c)
+            assert again and again["compared"] < a["compared"]  # a new shadow period: counted from zero
+        finally:
+            stop.set()
+            thread.join()
+    assert len(results) >= 100
+    assert {status for status, _, _ in results} == {200}
+    assert [label for _, _, label in results] == [i % CLASSES for i in range(10)] * (len(results) // 10)
+    assert "Stopped shadowing to http://127.0.0.1:" in caplog.text

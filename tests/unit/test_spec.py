@@ -590,8 +590,8 @@ ERRORS = [
      'Input should be less than or equal to 100, got 101', 'weight-over-100'),
     ("full", "spec.rollout.steps[0].weight", 0, 'spec.rollout.steps[0].weight',
      'Input should be greater than or equal to 1, got 0', 'weight-0'),
-    ("full", "spec.rollout.steps[0].weight", DELETE, 'spec.rollout.steps[0].weight',
-     'Field required', 'weight-absent'),
+    ("full", "spec.rollout.steps[0].weight", DELETE, 'spec.rollout.steps[0]',
+     'must set one of weight, shadow', 'weight-absent'),
     ("full", "spec.rollout.steps[0].weight", 12.5, 'spec.rollout.steps[0].weight',
      'Input should be a valid integer, got a number with a fractional part, got 12.5', 'weight-fraction'),
     ("full", "spec.rollout.steps[0].pause", "5 minutes", 'spec.rollout.steps[0].pause',
@@ -637,7 +637,8 @@ ERRORS = [
     ("full", "spec.rollout.analysis.metrics[0].scrape", {"metric": "m"}, 'spec.rollout.analysis.metrics[0]',
      'must set only one of builtin, prometheus, scrape, web, job, got builtin, scrape', 'metric-two-providers'),
     ("full", "spec.rollout.analysis.metrics[0].builtin", "successRate", 'spec.rollout.analysis.metrics[0].builtin',
-     "Input should be 'errorRate', 'latencyP99', 'ttftP99' or 'tpotP99', got 'successRate'", 'metric-builtin'),
+     "Input should be 'errorRate', 'latencyP99', 'ttftP99', 'tpotP99' or 'predictionAgreement', got 'successRate'",
+     'metric-builtin'),
     ("full", "spec.rollout.analysis.metrics[1].prometheus", {}, 'spec.rollout.analysis.metrics[1].prometheus.query',
      'Field required', 'prometheus-no-query'),
     ("full", "spec.rollout.analysis.prometheus", {}, 'spec.rollout.analysis.prometheus.address',
@@ -902,3 +903,101 @@ def test_every_provider_is_a_metric_field_and_a_status_value() -> None:
     assert status_provider["enum"] == list(spec.PROVIDER_KEYS)
     one_of = [r["rule"] for r in metric["x-kubernetes-validations"] if "<= 1" in r["rule"]]
     assert one_of == [" + ".join(f"(has(self.{k}) ? 1 : 0)" for k in spec.PROVIDER_KEYS) + " <= 1"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shadow step (spec.rollout.steps[0].shadow) and spec.model.output
+
+AGREEMENT_METRIC = {"name": "agreement", "builtin": "predictionAgreement", "min": 0.99}
+
+
+def shadow_body(**changes: object) -> dict[str, Any]:
+    body = minimal()
+    body["spec"]["model"]["output"] = {"kind": "classes"}
+    body["spec"]["rollout"] = {"steps": [{"shadow": {"percent": 10, "minRequests": 200}}, {"weight": 50}],
+                               "analysis": {"metrics": [dict(AGREEMENT_METRIC)]}}
+    for path, value in changes.items():
+        body = mutate(body, path, value)
+    return body
+
+
+def test_a_shadow_step_parses_with_its_helpers() -> None:
+    parsed = parse(shadow_body()).spec
+    shadow, weighted = parsed.rollout.steps
+    assert shadow.is_shadow and shadow.weight is None and shadow.shadow is not None
+    assert (shadow.shadow.percent, shadow.shadow.min_requests, shadow.shadow.duration) == (10, 200, None)
+    assert not weighted.is_shadow and weighted.weight == 50
+    assert parsed.rollout.shadow_step == shadow.shadow
+    assert parse(minimal()).spec.rollout.shadow_step is None
+
+
+@pytest.mark.parametrize(("output", "compare", "tolerance"), [
+    pytest.param({"kind": "classes"}, "top1", 0.0, id="classes"),
+    pytest.param({"kind": "embedding"}, "cosine", 0.01, id="embedding-default"),
+    pytest.param({"kind": "embedding", "minCosineSimilarity": 0.9}, "cosine", 0.1, id="embedding"),
+    pytest.param({"kind": "tensor"}, "maxabs", 0.001, id="tensor-default"),
+    pytest.param({"kind": "tensor", "maxAbsDifference": 0.25}, "maxabs", 0.25, id="tensor"),
+])
+def test_model_output_is_the_runtimes_comparison(output: dict[str, Any], compare: str, tolerance: float) -> None:
+    parsed = parse(shadow_body(**{"spec.model.output": output})).spec.model.output
+    assert parsed is not None
+    assert (parsed.compare, parsed.tolerance) == (compare, pytest.approx(tolerance))
+
+
+SHADOW_ERRORS = [
+    ({"spec.rollout.steps[0].shadow.minRequests": DELETE}, "spec.rollout.steps[0].shadow",
+     "must set minRequests or duration", "neither-requests-nor-duration"),
+    ({"spec.rollout.steps[0].shadow.percent": 0}, "spec.rollout.steps[0].shadow.percent",
+     "greater than or equal to 1", "percent-0"),
+    ({"spec.rollout.steps[0].shadow.percent": 101}, "spec.rollout.steps[0].shadow.percent",
+     "less than or equal to 100", "percent-101"),
+    ({"spec.rollout.steps[0].shadow.minRequests": 0}, "spec.rollout.steps[0].shadow.minRequests",
+     "greater than or equal to 1", "min-requests-0"),
+    ({"spec.rollout.steps[0].shadow.duration": "soon"}, "spec.rollout.steps[0].shadow.duration",
+     "should match pattern", "duration-not-a-duration"),
+    ({"spec.rollout.steps[0].weight": 10}, "spec.rollout.steps[0]", "must set only one of weight, shadow, got "
+     "weight, shadow", "weight-and-shadow"),
+    ({"spec.rollout.steps[0].pause": "30s"}, "spec.rollout.steps[0].shadow", "sets neither pause nor manual",
+     "shadow-with-pause"),
+    ({"spec.rollout.steps[0].manual": True}, "spec.rollout.steps[0].shadow", "sets neither pause nor manual",
+     "shadow-with-manual"),
+    ({"spec.rollout.steps": [{"weight": 10}, {"shadow": {"percent": 10, "duration": "1m"}}]},
+     "spec.rollout.steps[1].shadow", "must be the first step", "shadow-second"),
+    ({"spec.rollout.steps": [{"shadow": {"percent": 10, "duration": "1m"}}, {"shadow": {"percent": 5,
+                                                                                         "duration": "1m"}}]},
+     "spec.rollout.steps[1].shadow", "at most one", "two-shadow-steps"),
+    ({"spec.model.output": DELETE}, "spec.model.output", "required with a shadow step", "no-output"),
+    ({"spec.model.output": {"kind": "classes", "minCosineSimilarity": 0.9}},
+     "spec.model.output.minCosineSimilarity", "only allowed with kind embedding", "similarity-not-embedding"),
+    ({"spec.model.output": {"kind": "embedding", "maxAbsDifference": 0.1}},
+     "spec.model.output.maxAbsDifference", "only allowed with kind tensor", "difference-not-tensor"),
+    ({"spec.model.output": {"kind": "logits"}}, "spec.model.output.kind", "Input should be 'classes'", "kind"),
+    ({"spec.serving.runtime": {"preset": "triton"}}, "spec.rollout.analysis.metrics[0].builtin",
+     "measured by Shipyard's own server", "with-a-runtime"),
+    ({"spec.serving.grpc": {"http": False}}, "spec.rollout.analysis.metrics[0].builtin",
+     "cannot be measured with spec.serving.grpc.http false", "grpc-only"),
+    ({"spec.rollout.analysis.metrics": [{"name": "e", "builtin": "errorRate", "max": 0.1}]}, "spec.rollout.analysis",
+     "judged by the builtin metric predictionAgreement", "no-agreement-metric"),
+    ({"spec.rollout.steps": [{"weight": 50}]}, "spec.rollout.analysis.metrics[0].builtin",
+     "measures a shadow step", "agreement-without-shadow"),
+    ({"spec.rollout.analysis.metrics[0].max": 1.0}, "spec.rollout.analysis.metrics[0].maxRelativeToStable",
+     "takes min only", "agreement-with-max"),
+    ({"spec.rollout.analysis.metrics[0].min": DELETE, "spec.rollout.analysis.metrics[0].maxRelativeToStable": 0.1},
+     "spec.rollout.analysis.metrics[0].min",
+     "judged with min", "agreement-without-min"),
+]
+
+
+@pytest.mark.parametrize(("changes", "field", "problem"),
+                         [pytest.param(*case[:3], id=case[3]) for case in SHADOW_ERRORS])
+def test_shadow_errors_name_the_field(changes: dict[str, object], field: str, problem: str) -> None:
+    with pytest.raises(spec.SpecError) as err:
+        parse(shadow_body(**changes))
+    assert (err.value.field, problem in err.value.problem) == (field, True), str(err.value)
+
+
+def test_a_shadow_step_without_the_grpc_http_front_end_names_it_when_no_builtin_reads_http() -> None:
+    body = shadow_body(**{"spec.serving.grpc": {"http": False}})
+    with pytest.raises(spec.SpecError) as err:
+        spec._check_shadow(spec.ModelDeploymentSpec.model_validate(body["spec"]), "spec")
+    assert err.value.field == "spec.serving.grpc.http"

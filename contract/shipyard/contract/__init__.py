@@ -47,6 +47,17 @@ ENV_SHADOW_MAX_INFLIGHT = "SHIPYARD_SHADOW_MAX_INFLIGHT"  # copies in flight; ov
 # bytes of requests and answers held by copies in flight; over it a copy is dropped (counted)
 ENV_SHADOW_MAX_INFLIGHT_BYTES = "SHIPYARD_SHADOW_MAX_INFLIGHT_BYTES"
 ENV_SHADOW_TIMEOUT_MS = "SHIPYARD_SHADOW_TIMEOUT_MS"  # a copy not answered within this is dropped (outcome timeout)
+# The same settings from a JSON file the server polls while it runs (about once a second), so that shadowing can be
+# switched on, off or to another candidate without restarting the stable's pods: the operator mounts a ConfigMap
+# (<model>-shadow) into every pod of Shipyard's server and sets this variable. A missing or empty file (or {}) is off.
+ENV_SHADOW_CONFIG = "SHIPYARD_SHADOW_CONFIG"
+SHADOW_CONFIG_KEY = "shadow.json"  # the ConfigMap's key, the file's name in the mounted directory
+SHADOW_CONFIG_MOUNT = "/etc/shipyard/shadow"  # where the operator mounts the ConfigMap
+# The file's keys and the environment variables they stand for (the file holds one JSON object of these keys).
+SHADOW_FILE_KEYS = {"url": ENV_SHADOW_URL, "version": ENV_SHADOW_VERSION, "percent": ENV_SHADOW_PERCENT,
+                    "compare": ENV_SHADOW_COMPARE, "tolerance": ENV_SHADOW_TOLERANCE,
+                    "maxInflight": ENV_SHADOW_MAX_INFLIGHT, "maxInflightBytes": ENV_SHADOW_MAX_INFLIGHT_BYTES,
+                    "timeoutMs": ENV_SHADOW_TIMEOUT_MS}
 SHADOW_COMPARES = ("top1", "cosine", "maxabs")
 # maxabs and cosine: a row agrees when its max |difference| <= tolerance, or its cosine similarity >= 1 - tolerance
 SHADOW_DEFAULT_TOLERANCE = {"top1": 0.0, "cosine": 0.01, "maxabs": 1e-3}

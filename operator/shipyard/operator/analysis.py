@@ -80,6 +80,9 @@ class Sample:
     error: str | None = None
     verdict: Phase | None = None
     note: str = ""
+    # counts measured beside the value, kept in the metric's status entry (``figures``): predictionAgreement's copies
+    # by outcome on the stable's pods (compared, dropped, timeout, error) and compared rows
+    figures: Mapping[str, float] | None = None
 
     @property
     def has_data(self) -> bool:
@@ -272,6 +275,10 @@ def build_folded_result(
         build_json_number(stable.value) if stable is not None and stable.error is None else None
     )
     result["message"] = _clip(message)
+    figures = candidate.figures if candidate.figures is not None else (previous or {}).get("figures")
+    if isinstance(figures, Mapping):
+        result["figures"] = {str(k): float(v) for k, v in figures.items()
+                             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
     result["lastMeasuredAt"] = build_timestamp(now)
     result["history"] = build_metric_history(previous, {
         "time": result["lastMeasuredAt"], "value": result["lastValue"], "stableValue": result["stableValue"],

@@ -68,6 +68,11 @@ def build_preview_service_name(model: str) -> str:
     return build_name(model, "preview")
 
 
+def build_shadow_config_name(model: str) -> str:
+    """The ConfigMap of the shadow settings, mounted (optional) into every pod of Shipyard's own server."""
+    return build_name(model, "shadow")
+
+
 def build_selector_labels(model: str) -> dict[str, str]:
     """Labels shared by every serving pod of a model: the Service selects on these."""
     return {LABEL_MODEL: build_label_value(model), LABEL_COMPONENT: "serving"}

@@ -22,6 +22,7 @@ ARTIFACTS_VOLUME = "artifacts"
 CONFIG_VOLUME = "compression-config"
 TMP_VOLUME = "tmp"  # an emptyDir at /tmp: the containers' root filesystems are read-only
 MODEL_VOLUME = "model-source"
+SHADOW_VOLUME = "shadow-config"  # the <model>-shadow ConfigMap, optional, read-only (docs/shadow.md)
 MODEL_SOURCE_MOUNT = "/model-source"  # a pvc:// source model is mounted here (read-only), a downloaded one written here
 SERVING_USER = 10001  # the runtime image's user (Dockerfile): model pods and compression Jobs run as it
 FETCH_CONTAINER: Final = observed.FETCH_CONTAINER  # the download step (an init container: shipyard-runtime fetch)
@@ -503,13 +504,26 @@ def _build_runtime_container(md: spec_mod.ModelDeployment, runtime: runtimes.Run
 def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, image: str, replicas: int,
                      artifact_path: str | None = None, fetch: FetchSettings | None = None) -> dict[str, Any]:
     """One version's Deployment. With artifact_path (a compressed artifact), the artifacts PVC is mounted; else a
-    downloaded model gets its download step (``fetch``: the operator's settings for it)."""
+    downloaded model gets its download step (``fetch``: the operator's settings for it). Shipyard's own server mounts
+    the shadow settings (``add_shadow_config``), which its spec hash leaves out: an operator upgrade re-applies (and
+    restarts) none of the Deployments rendered before (docs/shadow.md)."""
+    deployment = _build_deployment(meta, md, version, image, replicas, artifact_path, fetch, shadow=True)
+    if md.spec.serving.runtime is None:
+        without = _build_deployment(meta, md, version, image, replicas, artifact_path, fetch, shadow=False)
+        deployment["metadata"]["annotations"][naming.ANNOTATION_SPEC_HASH] = spec_hash_of(without)
+    return deployment
+
+
+def _build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, image: str, replicas: int,
+                      artifact_path: str | None, fetch: FetchSettings | None, *, shadow: bool) -> dict[str, Any]:
     spec = md.spec
     labels = naming.build_version_labels(meta.name, version)
     runtime = spec.serving.runtime
     volumes: list[dict[str, Any]] = [{"name": TMP_VOLUME, "emptyDir": {}}]
     if runtime is None:
         container = _build_shipyard_container(md, version, image, artifact_path)
+        if shadow:
+            add_shadow_config(container, volumes, meta.name)
         if artifact_path and spec.compression is not None:
             container["volumeMounts"].append(
                 {"name": ARTIFACTS_VOLUME, "mountPath": contract.ARTIFACTS_MOUNT, "readOnly": True})
@@ -563,6 +577,38 @@ def build_deployment(meta: Meta, md: spec_mod.ModelDeployment, version: str, ima
                 "spec": pod_spec,
             }, podtemplate.build_overlay(spec.serving.pod_template)),
         },
+    })
+
+
+def add_shadow_config(container: dict[str, Any], volumes: list[dict[str, Any]], model: str) -> None:
+    """Mounts the shadow settings (the ``<model>-shadow`` ConfigMap, optional: absent is off) into the pods of
+    Shipyard's own server, read-only, and points SHIPYARD_SHADOW_CONFIG at its file: a shadow step then switches the
+    stable's copying on and off by writing the ConfigMap, which the kubelet refreshes in place (no restart).
+
+    Added after the spec hash is computed: an operator upgrade does not re-apply (and restart) the Deployments it
+    rendered before; a version deployed since carries it (docs/shadow.md)."""
+    volumes.append(
+        {"name": SHADOW_VOLUME, "configMap": {"name": naming.build_shadow_config_name(model), "optional": True}})
+    container.setdefault("volumeMounts", []).append(
+        {"name": SHADOW_VOLUME, "mountPath": contract.SHADOW_CONFIG_MOUNT, "readOnly": True})
+    container.setdefault("env", []).append(
+        {"name": contract.ENV_SHADOW_CONFIG, "value": f"{contract.SHADOW_CONFIG_MOUNT}/{contract.SHADOW_CONFIG_KEY}"})
+
+
+def build_shadow_settings(url: str, version: str, percent: int, compare: str, tolerance: float) -> str:
+    """The shadow settings file (``contract.SHADOW_FILE_KEYS``) the stable's pods read while a shadow step runs."""
+    return json.dumps({"url": url, "version": version, "percent": percent, "compare": compare,
+                       "tolerance": tolerance}, sort_keys=True)
+
+
+def build_shadow_config_map(meta: Meta, settings: str) -> dict[str, Any]:
+    """The ``<model>-shadow`` ConfigMap: ``settings`` (empty: shadowing off) under ``contract.SHADOW_CONFIG_KEY``."""
+    return _with_hash({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": build_object_meta(meta, naming.build_shadow_config_name(meta.name),
+                                      naming.build_selector_labels(meta.name) | {naming.LABEL_COMPONENT: "shadow"}),
+        "data": {contract.SHADOW_CONFIG_KEY: settings},
     })
 
 

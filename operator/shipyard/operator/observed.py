@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from shipyard import contract
 from shipyard.operator import egress, naming
 from shipyard.operator import traffic as traffic_mod
 
@@ -33,6 +34,7 @@ class DeploymentView:
     generation: int = 1
     observed_generation: int = 0
     spec_hash: str = ""
+    shadow_config: bool = True  # its pods read the shadow settings file (SHIPYARD_SHADOW_CONFIG)
 
     @property
     def rolled_out(self) -> bool:
@@ -124,6 +126,9 @@ def build_deployment_view(body: Mapping[str, Any]) -> DeploymentView:
         generation=int(meta.get("generation", 1)),
         observed_generation=int(status.get("observedGeneration", 0)),
         spec_hash=annotations.get(naming.ANNOTATION_SPEC_HASH, ""),
+        shadow_config=any(e.get("name") == contract.ENV_SHADOW_CONFIG
+                          for c in ((spec.get("template") or {}).get("spec") or {}).get("containers") or ()
+                          for e in c.get("env") or ()),
     )
 
 

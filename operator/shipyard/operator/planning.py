@@ -46,7 +46,7 @@ import datetime
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from shipyard import contract
 from shipyard.operator import analysis, autoscaling, disruption, naming, objects, providers, rollout, traffic
@@ -140,6 +140,47 @@ def build_canary_replicas(total: int, weight: int) -> int:
     if total <= 0:
         return 0
     return min(total, max(1, math.ceil(total * weight / 100)))
+
+
+StepKind = Literal["shadow", "weighted", "promoting"]
+
+
+def build_step_kind(spec: spec_mod.ModelDeploymentSpec, step_index: int) -> StepKind:
+    """What the canary's step ``step_index`` is: ``shadow`` (the candidate gets copies of requests and no client
+    traffic: its route weight is 0), ``weighted`` (it takes its weight's share), or ``promoting`` (past the last step:
+    every replica, all traffic once promoted). Pure."""
+    steps = spec.rollout.effective_steps
+    if step_index >= len(steps):
+        return "promoting"
+    return "shadow" if steps[step_index].is_shadow else "weighted"
+
+
+def build_step_pods(total: int, step: spec_mod.RolloutStep) -> int:
+    """Candidate pods of a step: its weight's share, or a shadow step's percent (a copy of percent % of the requests
+    is that share of the load), rounded up, at least one."""
+    share = step.shadow.percent if step.shadow is not None else step.weight
+    assert share is not None  # a step sets weight or shadow (admission)
+    return build_canary_replicas(total, share)
+
+
+def build_step_label(step: spec_mod.RolloutStep) -> str:
+    """``50%`` for a weighted step, ``shadow 10%`` for a shadow step (messages and Events)."""
+    return f"shadow {step.shadow.percent}%" if step.shadow is not None else f"{step.weight}%"
+
+
+def plan_shadow_replicas(spec: spec_mod.ModelDeploymentSpec, canary: int, now: tuple[int, int]) -> tuple[int, int]:
+    """(candidate, stable) replicas of a shadow step: the stable keeps every replica (it serves all traffic), the
+    candidate runs ``canary`` pods beside it. With a GPU surge budget (spec.rollout.maxSurgeGPUs) the candidate gets
+    at most what the budget holds next to the stable, at least one pod; at 0 the stable gives one pod back first
+    (``plan_step_replicas``' order: the stable shrinks in one pass, the candidate grows in the next). Pure."""
+    total = spec.serving.effective_replicas
+    surge = build_surge_pods(spec)
+    if surge is None:
+        return canary, total
+    wanted = max(1, min(canary, surge)) if total > 0 else 0
+    stable = total - max(0, wanted - surge)
+    candidate_now, stable_now = now
+    return min(wanted, max(candidate_now, total + surge - stable_now)), stable
 
 
 def build_surge_pods(spec: spec_mod.ModelDeploymentSpec) -> int | None:
@@ -540,6 +581,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
     _plan_window(md, st, observed, desired, now)
 
     _plan_analysis_children(md, meta, st, observed, apply, deletes)
+    shadow_status = _plan_shadow(md, meta, st, observed, apply, deletes)
     scaler = _plan_scaler(md, meta, st, observed, apply, deletes, prometheus_address, activator_image)
 
     # Older versions: scaled to zero and kept up to revisionHistoryLimit; the oldest beyond it deleted.
@@ -594,6 +636,7 @@ def plan_reconcile(body: Mapping[str, Any], observed: Observed, now: datetime.da
                            compression_state=compression_state, scaler=scaler)
     status["modelFetch"] = model_fetch
     status["traffic"] = traffic_status
+    status["shadow"] = shadow_status
     waits = [w for w in st.waits if w > now]
     requeue = max(0.05, (min(waits) - now).total_seconds()) if waits else None
     return Plan(apply=tuple(apply), delete=tuple(deletes), status=status, events=tuple(st.events),
@@ -1017,25 +1060,30 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         return
 
     promoting = st.step >= len(steps)
-    canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
+    canary = total if promoting else build_step_pods(total, steps[st.step])
     # The stable shrinks by what of the candidate serves now: right after the candidate is scaled up its Deployment
     # has not caught up (`ready` reads 0) while its pods keep serving, and counting them as gone would scale the
     # stable back up for a moment at every step.
     cand_serving = cand_view.serving if cand_view is not None else 0
     now_replicas = (cand_view.replicas if cand_view is not None else 0, observed.deployments[st.stable].replicas)
-    desired[target], desired[st.stable] = plan_canary_replicas(spec, canary, cand_serving, now_replicas)
     gateway = spec.rollout.gateway_api is not None and build_surge_pods(spec) is None
     route_weight = build_route_weight(md, meta, st, observed)
-    step_weight = 100 if promoting else steps[st.step].weight
-    previous_weight = steps[st.step - 1].weight if 0 < st.step <= len(steps) else 0
-    if gateway:  # exact weights: the candidate sized for its step's share
-        canary = desired[target] = total if promoting else traffic.plan_gateway_replicas(total, step_weight, 0)[0]
+    step_kind = build_step_kind(spec, st.step)
+    step_weight = 100 if promoting else (steps[st.step].weight or 0)
+    previous_weight = (steps[st.step - 1].weight or 0) if 0 < st.step <= len(steps) else 0
+    if step_kind == "shadow":  # the stable serves all traffic: it keeps every replica
+        desired[target], desired[st.stable] = plan_shadow_replicas(spec, canary, now_replicas)
+        canary = desired[target]
+    else:
+        desired[target], desired[st.stable] = plan_canary_replicas(spec, canary, cand_serving, now_replicas)
+        if gateway:  # exact weights: the candidate sized for its step's share
+            canary = desired[target] = total if promoting else traffic.plan_gateway_replicas(total, step_weight, 0)[0]
     step_done_ready = cand_view is not None and cand_view.replicas == canary and cand_view.rolled_out \
         and cand_ready >= canary
     # The weight moves to the step's only once its pods are Ready; until then the previous step's (whose pods are
     # still there: a canary only grows).
     st.weight = step_weight if step_done_ready and not promoting else previous_weight
-    if gateway:  # the stable sized for the share it keeps, before and after the weight moves
+    if gateway and step_kind != "shadow":  # the stable sized for the share it keeps, before and after the weight moves
         desired[st.stable] = traffic.plan_gateway_replicas(total, 0, min(route_weight, st.weight))[1]
 
     if promoting and step_done_ready:
@@ -1063,7 +1111,7 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     elif st.step_ready is None:
         st.step_ready = now
         st.event("Normal", Reason.STEP_READY, f"Step {st.step + 1}/{len(steps)}: {canary}/{total} pod(s) of version "
-                                        f"{target} ready ({steps[st.step].weight}%)")
+                                        f"{target} ready ({build_step_label(steps[st.step])})")
 
     # Analysis runs from the first ready step until promotion.
     verdict = _plan_analysis(md, meta, st, observed, now, measurements, apply)
@@ -1072,14 +1120,25 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         return
     if not step_done_ready:
         return
-    if _hold_inconclusive(st, target, verdict, f"at step {st.step + 1}/{len(steps)}"):
+    figures = build_shadow_figures(spec, st.analysis)
+    shadow_note = build_shadow_note(figures) if steps[st.step].is_shadow else ""
+    if _hold_inconclusive(st, target, verdict, f"at step {st.step + 1}/{len(steps)}{shadow_note}"):
         return
     step = steps[st.step]
     assert st.step_ready is not None
+    if step.shadow is not None:
+        waiting = plan_shadow_wait(step.shadow, verdict, figures, st.step_ready, now)
+        if waiting is not None:
+            what, until = waiting
+            st.wake_at(until)
+            st.conclude(Event.STEP_PROGRESSING)
+            st.message = (f"Step {st.step + 1}/{len(steps)} of version {target} (shadow {step.shadow.percent}%, "
+                          f"{canary} pod(s), no client traffic): {what}")
+            return
     if step.manual:
         st.conclude(Event.STEP_WAITING_FOR_PROMOTION)
         st.paused_reason = Reason.MANUAL_STEP
-        st.message = (f"Version {target} at step {st.step + 1}/{len(steps)} ({step.weight}%): waiting for "
+        st.message = (f"Version {target} at step {st.step + 1}/{len(steps)} ({build_step_label(step)}): waiting for "
                       f"shipyard.dev/promote={target}")
         return
     if step.pause_seconds:
@@ -1087,7 +1146,8 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         if now < resume:
             st.wake_at(resume)
             st.conclude(Event.STEP_PROGRESSING)
-            st.message = (f"Step {st.step + 1}/{len(steps)} of version {target} ({step.weight}%, {canary} pod(s)): "
+            st.message = (f"Step {st.step + 1}/{len(steps)} of version {target} ({build_step_label(step)}, {canary} "
+                          "pod(s)): "
                           f"pausing until {build_timestamp(resume)}")
             return
     last = st.step == len(steps) - 1
@@ -1095,16 +1155,17 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         st.conclude(Event.STEP_PROGRESSING)
         st.message = f"Version {target} completed its steps; analysis: {verdict.message}"
         return
-    st.event("Normal", Reason.STEP_COMPLETED, f"Step {st.step + 1}/{len(steps)} ({step.weight}%) of version "
-                                              f"{target} completed")
+    st.event("Normal", Reason.STEP_COMPLETED, f"Step {st.step + 1}/{len(steps)} ({build_step_label(step)}) of "
+                                              f"version {target} completed{shadow_note}")
     st.step += 1
     st.step_started, st.step_ready = now, None
     st.conclude(Event.STEP_PROGRESSING)
     promoting = st.step >= len(steps)
-    canary = total if promoting else build_canary_replicas(total, steps[st.step].weight)
+    canary = total if promoting else build_step_pods(total, steps[st.step])
     desired[target], desired[st.stable] = plan_canary_replicas(spec, canary, cand_ready, now_replicas)
     if gateway:
-        desired[target] = total if promoting else traffic.plan_gateway_replicas(total, steps[st.step].weight, 0)[0]
+        desired[target] = total if promoting else traffic.plan_gateway_replicas(total, steps[st.step].weight or 0,
+                                                                                 0)[0]
         desired[st.stable] = traffic.plan_gateway_replicas(total, 0, min(route_weight, st.weight))[1]
     st.message = (f"Promoting version {target}" if promoting else
                   f"Step {st.step + 1}/{len(steps)} of version {target}: scaling to {canary} pod(s)")
@@ -1236,15 +1297,120 @@ def _plan_routes(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     return out
 
 
+def build_agreement_result(spec: spec_mod.ModelDeploymentSpec,
+                           status_analysis: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The status entry (status.analysis.metrics[]) of the analysis' predictionAgreement metric, None without one."""
+    analysis_spec = spec.rollout.analysis
+    name = next((m.name for m in (analysis_spec.metrics if analysis_spec else ())
+                 if m.builtin == providers.builtin.PREDICTION_AGREEMENT), None)
+    return next((r for r in (status_analysis or {}).get("metrics") or () if isinstance(r, Mapping)
+                 and r.get("name") == name), None) if name is not None else None
+
+
+def build_shadow_figures(spec: spec_mod.ModelDeploymentSpec,
+                         status_analysis: Mapping[str, Any] | None) -> dict[str, float]:
+    """The copies by outcome (compared, dropped, timeouts, errors) of the latest predictionAgreement measurement
+    that had them; empty before the first. Pure."""
+    result = build_agreement_result(spec, status_analysis)
+    figures = (result or {}).get("figures")
+    return {str(k): float(v) for k, v in figures.items() if isinstance(v, int | float)} \
+        if isinstance(figures, Mapping) else {}
+
+
+def build_shadow_note(figures: Mapping[str, float]) -> str:
+    """`` (shadow: 120 compared, 0 dropped, 0 timeouts, 3 errors)``, or nothing before the first measurement."""
+    if not figures:
+        return ""
+    return (" (shadow: " + ", ".join(f"{figures.get(k, 0):.0f} {k}" for k in ("compared", "dropped", "timeouts",
+                                                                               "errors")) + ")")
+
+
+def plan_shadow_wait(shadow: spec_mod.ShadowStep, verdict: analysis.Assessment | None,
+                     figures: Mapping[str, float], step_ready: datetime.datetime,
+                     now: datetime.datetime) -> tuple[str, datetime.datetime | None] | None:
+    """What a shadow step whose candidate is Ready still waits for, and until when (for the duration); None: it is
+    done. Done when the analysis is Successful (every metric, predictionAgreement included, passed minSamples
+    times), at least minRequests copies were compared, and duration has passed since the candidate was Ready. Pure."""
+    parts: list[str] = []
+    if verdict is None or verdict.phase is not analysis.Phase.SUCCESSFUL:
+        parts.append(f"analysis: {verdict.message if verdict is not None else 'not started'}")
+    compared = figures.get("compared", 0.0)
+    if shadow.min_requests is not None and compared < shadow.min_requests:
+        parts.append(f"{compared:.0f}/{shadow.min_requests} compared copies")
+    until: datetime.datetime | None = None
+    if shadow.duration_seconds is not None:
+        end = step_ready + datetime.timedelta(seconds=shadow.duration_seconds)
+        if now < end:
+            until = end
+            parts.append(f"shadowing until {build_timestamp(end)}")
+    return ("; ".join(parts), until) if parts else None
+
+
+def build_shadow_active(spec: spec_mod.ModelDeploymentSpec, st: _State) -> bool:
+    """Whether the stable copies requests to the candidate now: a canary candidate of the spec's version at its
+    shadow step, with its pods Ready (before, every copy would be an error). Pure."""
+    return (st.candidate is not None and st.candidate == spec.version and st.stable is not None
+            and spec.rollout.strategy == "canary" and build_step_kind(spec, st.step) == "shadow"
+            and st.step_ready is not None)
+
+
+def _plan_shadow(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+                 apply: list[dict[str, Any]], deletes: list[tuple[str, str, str]]) -> dict[str, Any] | None:
+    """The ``<model>-shadow`` ConfigMap the pods of Shipyard's own server read (``objects.add_shadow_config``): the
+    candidate's own Service, percent, version and comparison while a shadow step runs, empty (off) otherwise; kept
+    while the spec has a shadow step, deleted when it has none. Returns status.shadow (None: no shadow step now)."""
+    spec = md.spec
+    name = naming.build_shadow_config_name(meta.name)
+    shadow = spec.rollout.shadow_step
+    if shadow is None or spec.serving.runtime is not None or spec.model.output is None:
+        if name in observed.config_maps:
+            deletes.append(("v1", "ConfigMap", name))
+        return None
+    active = build_shadow_active(spec, st)
+    settings = ""
+    url = ""
+    if active:
+        assert st.candidate is not None
+        url = providers.job.build_service_url(meta.name, st.candidate, meta.namespace, spec.serving.port)
+        settings = objects.build_shadow_settings(url, st.candidate, shadow.percent, spec.model.output.compare,
+                                                 spec.model.output.tolerance)
+    config_map = objects.build_shadow_config_map(meta, settings)
+    if observed.config_maps.get(name) != objects.spec_hash_of(config_map):
+        apply.append(config_map)
+    if not active:
+        return None
+    assert st.candidate is not None and st.stable is not None and st.step_ready is not None
+    figures = build_shadow_figures(spec, st.analysis)
+    result = build_agreement_result(spec, st.analysis) or {}
+    status: dict[str, Any] = {
+        "candidate": st.candidate, "url": url, "percent": shadow.percent,
+        **{k: int(figures.get(k, 0)) for k in ("compared", "dropped", "timeouts", "errors")},
+        "agreement": result.get("lastValue"), "minRequests": shadow.min_requests,
+        "until": build_timestamp(st.step_ready + datetime.timedelta(seconds=shadow.duration_seconds))
+        if shadow.duration_seconds is not None else None,
+    }
+    stable_view = observed.deployments.get(st.stable)
+    if stable_view is not None and not stable_view.shadow_config:
+        note = (f"the stable's pods (version {st.stable}) were deployed by an operator version without the shadow "
+                "settings mount and copy nothing: this rollout's shadow step holds without data; its candidate, once "
+                "promoted, has the mount (docs/shadow.md)")
+        st.message = f"{st.message}; {note}" if st.message else note
+    return status
+
+
 def build_active_version(spec: spec_mod.ModelDeploymentSpec, st: _State) -> str | None:
     """The version the model's Service selects (None: every version's pods, a canary's split by ready pods). Pure.
 
     At rest the stable only, so that a kept version (the rollback window, a rollback-to scaling up) never takes
-    traffic; during a canary both; during blue-green the active one (the stable, or the candidate once switched)."""
+    traffic; during a canary both, but the stable only during a shadow step; during blue-green the active one (the
+    stable, or the candidate once switched)."""
     if st.candidate is not None and st.stable is not None:
         if spec.rollout.strategy != "blueGreen":
-            # gatewayAPI: the model's Service is the route's stable backend, the candidate has its own
-            return st.stable if spec.rollout.gateway_api is not None else None
+            # a shadow step: the candidate only gets the stable's copies, through its own Service; gatewayAPI: the
+            # model's Service is the route's stable backend, the candidate has its own
+            if build_step_kind(spec, st.step) == "shadow" or spec.rollout.gateway_api is not None:
+                return st.stable
+            return None
         return st.candidate if build_switched(spec, st.step) else st.stable
     return st.stable
 
@@ -1447,6 +1613,8 @@ def _plan_analysis_children(md: spec_mod.ModelDeployment, meta: Meta, st: _State
         # version's while its pods still run (the weight leaves it before they go)
         versions += [v for v in (st.candidate, *(v for v, d in observed.deployments.items() if d.replicas > 0))
                      if v is not None and v != st.stable and v not in versions]
+    if build_shadow_active(md.spec, st) and st.candidate is not None and st.candidate not in versions:
+        versions.append(st.candidate)  # the address the stable's pods copy requests to
     wanted = {naming.build_deployment_name(meta.name, v): v for v in versions}
     model_service = naming.build_service_name(meta.name)
     services = [objects.build_version_service(meta, version, md.spec.serving.port,

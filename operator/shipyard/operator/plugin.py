@@ -85,8 +85,28 @@ def build_step_text(steps: Sequence[Mapping[str, Any]], index: int | None) -> st
     if not 0 <= index < len(effective):
         return f"{index + 1}/{len(effective)}"
     step = effective[index]
+    shadow = step.get("shadow")
+    if isinstance(shadow, Mapping):
+        until = ", ".join(f"{key} {shadow[key]}" for key in ("minRequests", "duration") if key in shadow)
+        return f"{index + 1}/{len(effective)} (shadow {shadow.get('percent')}%, {until or '-'})"
     hold = "manual promotion" if step.get("manual") else (f"pause {step['pause']}" if step.get("pause") else "no pause")
     return f"{index + 1}/{len(effective)} (weight {step.get('weight', 100)}%, {hold})"
+
+
+def build_shadow_text(status: Mapping[str, Any]) -> str:
+    """The shadow step running now (status.shadow), e.g. '1.1.0 gets 10% of the stable's answered requests (copies):
+    150/200 compared, 0 dropped, 1 timeouts, 2 errors; agreement 0.993' (pure); '-' when none runs."""
+    shadow = status.get("shadow")
+    if not isinstance(shadow, Mapping):
+        return "-"
+    compared = shadow.get("compared", 0)
+    wanted = f"/{shadow['minRequests']}" if shadow.get("minRequests") else ""
+    until = f"; until {shadow['until']}" if shadow.get("until") else ""
+    agreement = shadow.get("agreement")
+    return (f"{shadow.get('candidate', '-')} gets {shadow.get('percent', '-')}% of the stable's answered requests "
+            f"(copies, no client traffic): {compared}{wanted} compared, {shadow.get('dropped', 0)} dropped, "
+            f"{shadow.get('timeouts', 0)} timeouts, {shadow.get('errors', 0)} errors; agreement "
+            f"{'-' if agreement is None else build_number(agreement)}{until}")
 
 
 def build_conditions_text(conditions: Sequence[Mapping[str, Any]]) -> str:
@@ -141,6 +161,8 @@ def build_traffic_text(spec: Mapping[str, Any], status: Mapping[str, Any]) -> st
             parts.append(str(t["message"]))
     elif active:
         parts = [f"all to {active}"]
+    elif status.get("candidateVersion") and status.get("shadow"):
+        parts = [f"all to {status.get('stableVersion')} (shadow step: {status['candidateVersion']} gets copies)"]
     elif status.get("candidateVersion"):
         parts = [f"split by ready pods between {status.get('stableVersion')} and {status['candidateVersion']}"]
     else:
@@ -221,6 +243,8 @@ def build_status_view(md: Mapping[str, Any]) -> str:
         + (f" (desired {replicas['desired']}, current {replicas.get('current', 0)})" if "desired" in replicas else ""),
         f"Autoscaling: {build_autoscaling_text(status)}",
         f"Traffic:     {build_traffic_text(body_spec, status)}",
+        *([f"Shadow:      {build_shadow_text(status)}"] if any(
+            isinstance(s, Mapping) and s.get("shadow") for s in steps) or status.get("shadow") else []),
         f"Conditions:  {build_conditions_text(status.get('conditions') or [])}",
         "",
         build_analysis_table(status.get("analysis")),

@@ -30,7 +30,7 @@ Preset: TypeAlias = Literal["torchserve", "triton", "vllm"]
 PRESETS: Final[tuple[Preset, ...]] = ("torchserve", "triton", "vllm")
 # The builtins a runtime may map (Shipyard's own server exports errorRate and latencyP99 only).
 MAPPED_BUILTINS: Final = ("errorRate", "latencyP99", "ttftP99", "tpotP99")
-SHIPYARD_BUILTINS: Final = ("errorRate", "latencyP99")
+SHIPYARD_BUILTINS: Final = ("errorRate", "latencyP99", "predictionAgreement")
 DEFAULT_MODEL_MOUNT: Final = "/model"
 PROMETHEUS_NAME_PATTERN: Final = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
 LABEL_NAME_PATTERN: Final = r"^[a-zA-Z_][a-zA-Z0-9_]*$"
@@ -344,6 +344,9 @@ def resolve_runtime(runtime: Runtime) -> ResolvedRuntime:
 def assess_builtin(builtin: str, runtime: Runtime | None) -> str | None:
     """Why ``builtin`` cannot be measured with this runtime (None: it can). Pure; admission renders the same
     decision to CEL (``build_builtin_rules``)."""
+    if builtin == "predictionAgreement" and runtime is not None:
+        return ("predictionAgreement is measured by Shipyard's own server, which copies requests to the candidate "
+                "(a shadow step): remove spec.serving.runtime")
     if runtime is None:
         if builtin in SHIPYARD_BUILTINS:
             return None

@@ -30,6 +30,7 @@ import durationpy
 from docker_image import reference as image_reference
 from pydantic import BeforeValidator, Field, WithJsonSchema
 
+from shipyard import contract
 from shipyard.contract import quantity, recipe, schema
 from shipyard.operator import autoscaling as autoscaling_mod
 from shipyard.operator import disruption, podtemplate, runtimes
@@ -207,6 +208,44 @@ class CABundle(schema.ApiModel):
     """The ConfigMap's key holding the PEM bundle. Default ca.crt."""
 
 
+OutputKind: TypeAlias = Literal["classes", "embedding", "tensor"]
+OUTPUT_COMPARE: Final[Mapping[str, str]] = {"classes": "top1", "embedding": "cosine", "tensor": "maxabs"}
+
+
+class ModelOutput(schema.ApiModel):
+    """What the model's answers are, so that a shadow step can compare the candidate's answer to a request with the
+    stable's (docs/shadow.md). Required with a shadow step."""
+
+    __constraints__ = (
+        schema.requires("minCosineSimilarity", "kind", "embedding", what="spec.model.output.minCosineSimilarity"),
+        schema.requires("maxAbsDifference", "kind", "tensor", what="spec.model.output.maxAbsDifference"),
+    )
+
+    kind: OutputKind
+    """classes: logits or scores of a classifier; a row agrees when its top-1 class is the same (one value per row: the
+    same sign). embedding: a row agrees when the cosine similarity is at least minCosineSimilarity. tensor: any other
+    output; a row agrees when the largest absolute difference is at most maxAbsDifference."""
+    min_cosine_similarity: Annotated[float, Field(ge=-1, le=1)] | None = None
+    """embedding only: the least cosine similarity of two agreeing rows. Default 0.99."""
+    max_abs_difference: Annotated[float, Field(ge=0)] | None = None
+    """tensor only: the largest absolute difference between two agreeing rows. Default 0.001."""
+
+    @property
+    def compare(self) -> str:
+        """The runtime's comparison (``contract.SHADOW_COMPARES``): top1, cosine or maxabs."""
+        return OUTPUT_COMPARE[self.kind]
+
+    @property
+    def tolerance(self) -> float:
+        """The runtime's tolerance: cosine 1 - minCosineSimilarity, maxabs maxAbsDifference, top1 0."""
+        compare = self.compare
+        if compare == "cosine" and self.min_cosine_similarity is not None:
+            return 1.0 - self.min_cosine_similarity
+        if compare == "maxabs" and self.max_abs_difference is not None:
+            return self.max_abs_difference
+        return float(contract.SHADOW_DEFAULT_TOLERANCE[compare])
+
+
 class ModelSource(schema.ApiModel):
     """Where the source model is: a path inside the image, a PersistentVolumeClaim, or fetched from object storage
     (s3://), a web server (https://) or an OCI registry (oci://) by a download step before it is compressed or
@@ -254,6 +293,9 @@ class ModelSource(schema.ApiModel):
     name: Annotated[str, Field(max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")] | None = None
     """Model name served on the Open Inference Protocol (/v2/models/{name}); defaults to the ModelDeployment's
     name."""
+    output: ModelOutput | None = None
+    """What the model's answers are (classes, embedding or tensor), for a shadow step's comparison of the candidate's
+    answers with the stable's. Required with a shadow step (spec.rollout.steps[].shadow)."""
 
     @property
     def uri_scheme(self) -> str | None:
@@ -478,15 +520,51 @@ class Serving(schema.ApiModel):
         return autoscaling_mod.plan_replicas(self.replicas, self.autoscaling)
 
 
-class RolloutStep(schema.ApiModel):
-    """One canary step."""
+class ShadowStep(schema.ApiModel):
+    """A shadow step: the candidate runs beside the stable and takes no client traffic; the stable's server copies
+    percent % of the requests it answered to the candidate and compares the two answers (spec.model.output), which the
+    builtin metric predictionAgreement judges. It ends when the analysis passed and, as set, minRequests copies were
+    compared and duration passed since the candidate was Ready (with both: whichever comes last). See
+    docs/shadow.md."""
 
+    __constraints__ = (schema.at_least_one("minRequests", "duration", what="spec.rollout.steps[].shadow"),)
+
+    percent: Annotated[int, Field(ge=1, le=100)]
+    """Share of the requests the stable answered that are copied to the candidate, 1-100. The candidate runs
+    ceil(replicas x percent / 100) pods (at least one): the same share of the load."""
+    min_requests: Annotated[int, Field(ge=1, le=1000000000)] | None = None
+    """Compared copies (requests whose two answers were compared, summed over the stable's pods) needed before the step
+    may end."""
+    duration: Annotated[Duration, Field(json_schema_extra=schema.k8s(validations=[_duration_rule(
+        "duration(self) <= duration('168h')", "a shadow step's duration must be at most 168h")]))] | None = None
+    """Time the step lasts at least, from the candidate's pods being Ready, e.g. 10m; at most 168h."""
+
+    @property
+    def duration_seconds(self) -> float | None:
+        return None if self.duration is None else parse_duration(self.duration)
+
+
+class RolloutStep(schema.ApiModel):
+    """One canary step: a weighted step (weight), or a shadow step (shadow), which may only be the first."""
+
+    __constraints__ = (
+        *schema.one_of("weight", "shadow", what="each spec.rollout.steps item"),
+        schema.Constraint(
+            schema.Cel("!has(self.shadow) || (!has(self.pause) && !self.manual)",
+                       "a shadow step sets neither pause nor manual: it lasts its minRequests and/or duration",
+                       field_path=".shadow", reason="FieldValueForbidden"),
+            lambda d: "@shadow: sets neither pause nor manual: it lasts its minRequests and/or duration"
+            if d.get("shadow") is not None and (d.get("pause") is not None or d.get("manual")) else None),
+    )
     __cel__ = (schema.Cel("!(self.manual && has(self.pause))", "a rollout step sets either pause or manual, not both",
                           field_path=".pause", reason="FieldValueForbidden"),)
 
-    weight: Annotated[int, Field(ge=1, le=100)]
+    weight: Annotated[int, Field(ge=1, le=100)] | None = None
     """Percentage of spec.serving.replicas given to the candidate (rounded up, at least one pod); the stable keeps
-    the rest."""
+    the rest. Absent in a shadow step."""
+    shadow: ShadowStep | None = None
+    """A shadow step instead of a weighted one: the candidate gets copies of live requests and no client traffic.
+    Only as the first step."""
     pause: Annotated[Duration, Field(json_schema_extra=schema.k8s(validations=[_duration_rule(
         "duration(self) <= duration('168h')", "a rollout step pause must be at most 168h (hold longer with manual "
                                               "true)")]))] | None = None
@@ -498,6 +576,11 @@ class RolloutStep(schema.ApiModel):
     @property
     def pause_seconds(self) -> float | None:
         return None if self.pause is None else parse_duration(self.pause)
+
+    @property
+    def is_shadow(self) -> bool:
+        """A shadow step (``weight`` is then None)."""
+        return self.shadow is not None
 
 
 PROVIDER_KEYS: Final = ("builtin", "prometheus", "scrape", "web", "job")  # a metric's provider fields, in order
@@ -517,6 +600,22 @@ class Metric(schema.ApiModel):
             lambda d: None if any(d.get(k) is not None for k in ("max", "min", "maxRelativeToStable", "job")) else
             "must set a threshold (max, min or maxRelativeToStable), unless it is a job metric"),
         schema.not_above("min", "max", what="spec.rollout.analysis.metrics"),
+        schema.Constraint(
+            schema.Cel("!has(self.builtin) || self.builtin != 'predictionAgreement' || has(self.min)",
+                       "builtin predictionAgreement is judged with min (the least share of agreeing answers, e.g. "
+                       "0.99)", field_path=".min", reason="FieldValueRequired"),
+            lambda d: "@min: builtin predictionAgreement is judged with min (the least share of agreeing answers, "
+                      "e.g. 0.99)" if d.get("builtin") == "predictionAgreement" and d.get("min") is None else None),
+        schema.Constraint(
+            schema.Cel("!has(self.builtin) || self.builtin != 'predictionAgreement' || "
+                       "(!has(self.max) && !has(self.maxRelativeToStable))",
+                       "builtin predictionAgreement compares the candidate with the stable already: it takes min only, "
+                       "not max or maxRelativeToStable", field_path=".maxRelativeToStable",
+                       reason="FieldValueForbidden"),
+            lambda d: "@maxRelativeToStable: builtin predictionAgreement compares the candidate with the stable "
+                      "already: it takes min only, not max or maxRelativeToStable"
+            if d.get("builtin") == "predictionAgreement" and (d.get("max") is not None
+                                                             or d.get("maxRelativeToStable") is not None) else None),
     )
     __cel__ = (
         schema.Cel("!has(self.maxRelativeToStable) || !has(self.prometheus) || "
@@ -645,6 +744,12 @@ BLUE_GREEN_SCALE_DOWN_DELAY = 30  # seconds the previous version stays warm afte
 class BlueGreen(schema.ApiModel):
     """Blue-green settings (spec.rollout.strategy blueGreen)."""
 
+    __cel__ = (schema.Cel(
+        "!has(self.postPromotionAnalysis) || !self.postPromotionAnalysis.metrics.exists(m, has(m.builtin) && "
+        "m.builtin == 'predictionAgreement')",
+        "spec.rollout.blueGreen.postPromotionAnalysis cannot use builtin predictionAgreement: it needs a shadow step "
+        "(canary)", field_path=".postPromotionAnalysis", reason="FieldValueForbidden"),)
+
     auto_promotion: bool = True
     """Switch the active Service to the new version as soon as its pods are all Ready and its pre-promotion
     analysis (spec.rollout.analysis) succeeded. false: wait for shipyard.dev/promote=<version>. Default true."""
@@ -672,10 +777,15 @@ class Rollout(schema.ApiModel):
 
     steps: Annotated[tuple[RolloutStep, ...], Field(max_length=20, json_schema_extra=schema.k8s(
         list_type="atomic", validations=[schema.Cel(
-            "self.all(s, self.exists_one(t, t.weight == s.weight)) && self.map(s, s.weight).isSorted()",
-            "spec.rollout.steps weights must be strictly increasing")]))] = ()
-    """Canary steps in order, weights strictly increasing and at most 100; after the last step the candidate is
-    promoted. Absent or empty: a single step of weight 100 without pause."""
+            "self.all(s, !has(s.weight) || self.exists_one(t, has(t.weight) && t.weight == s.weight)) && "
+            "self.filter(s, has(s.weight)).map(s, s.weight).isSorted()",
+            "spec.rollout.steps weights must be strictly increasing"), schema.Cel(
+            "self.all(s, !has(s.shadow)) || (has(self[0].shadow) && size(self.filter(s, has(s.shadow))) == 1)",
+            "spec.rollout.steps: a shadow step must be the first step, and there is at most one (the candidate is "
+            "compared before any client gets its answers)", reason="FieldValueForbidden")]))] = ()
+    """Canary steps in order: optionally a shadow step first, then weighted steps, weights strictly increasing and at
+    most 100; after the last step the candidate is promoted. Absent or empty: a single step of weight 100 without
+    pause."""
     startup_timeout_seconds: Annotated[int, Field(ge=10, le=86400)] = 900
     """Time for a candidate's pods to become Ready (image pull, model load, warm-up); past it the rollout fails like
     a failed analysis. Default 900."""
@@ -714,6 +824,11 @@ class Rollout(schema.ApiModel):
         """The steps, or a single step of weight 100 without pause when none are given."""
         return self.steps or (RolloutStep(weight=100),)
 
+    @property
+    def shadow_step(self) -> ShadowStep | None:
+        """The shadow step's settings (it is the first step), None without one."""
+        return self.steps[0].shadow if self.steps and self.steps[0].shadow is not None else None
+
 
 RollbackPolicy: TypeAlias = Literal["Automatic", "Manual"]
 
@@ -725,6 +840,32 @@ class Rollback(schema.ApiModel):
     """Automatic: a failed analysis or startup scales the candidate to 0 and the stable back up (phase RolledBack);
     the failed version is not retried until the spec changes. Manual: the rollout pauses instead, for the
     shipyard.dev/promote or shipyard.dev/abort annotation. Default Automatic."""
+
+
+_HAS_SHADOW_STEP: Final = "has(self.rollout) && has(self.rollout.steps) && self.rollout.steps.exists(s, has(s.shadow))"
+_USES_AGREEMENT: Final = ("has(self.rollout) && has(self.rollout.analysis) && self.rollout.analysis.metrics.exists(m, "
+                          "has(m.builtin) && m.builtin == 'predictionAgreement')")
+SHADOW_RULES: Final = (
+    schema.Cel(f"!({_HAS_SHADOW_STEP}) || !has(self.serving) || !has(self.serving.runtime)",
+               "a shadow step (spec.rollout.steps[0].shadow) needs Shipyard's own server, which copies the requests "
+               "and compares the answers: remove spec.serving.runtime, or the shadow step",
+               field_path=".serving.runtime", reason="FieldValueForbidden"),
+    schema.Cel(f"!({_HAS_SHADOW_STEP}) || has(self.model.output)",
+               "a shadow step (spec.rollout.steps[0].shadow) needs spec.model.output (classes, embedding or tensor): "
+               "how the candidate's answers are compared with the stable's", field_path=".model.output",
+               reason="FieldValueRequired"),
+    schema.Cel(f"!({_HAS_SHADOW_STEP}) || !has(self.serving) || !has(self.serving.grpc) || "
+               "!has(self.serving.grpc.http) || self.serving.grpc.http",
+               "a shadow step (spec.rollout.steps[0].shadow) copies requests to the candidate's HTTP endpoint: keep "
+               "spec.serving.grpc.http", field_path=".serving.grpc.http", reason="FieldValueForbidden"),
+    schema.Cel(f"!({_HAS_SHADOW_STEP}) || ({_USES_AGREEMENT})",
+               "a shadow step (spec.rollout.steps[0].shadow) is judged by the builtin metric predictionAgreement: add "
+               "it to spec.rollout.analysis.metrics (e.g. {name: agreement, builtin: predictionAgreement, min: 0.99})",
+               field_path=".rollout.analysis", reason="FieldValueRequired"),
+    schema.Cel(f"!({_USES_AGREEMENT}) || ({_HAS_SHADOW_STEP})",
+               "builtin predictionAgreement measures a shadow step: add one (spec.rollout.steps[0].shadow), or remove "
+               "the metric", field_path=".rollout.analysis.metrics", reason="FieldValueInvalid"),
+)
 
 
 class ModelDeploymentSpec(schema.ApiModel):
@@ -777,6 +918,7 @@ class ModelDeploymentSpec(schema.ApiModel):
         "spec.serving.grpc.http false leaves the pods without HTTP, where their /metrics is served: builtin and "
         "scrape metrics cannot be measured; keep http, or use prometheus, web or job metrics",
         field_path=".rollout.analysis.metrics", reason="FieldValueForbidden"),
+        *SHADOW_RULES,
         *runtimes.build_builtin_rules())
 
     image: Annotated[str, Field(min_length=1, max_length=512, json_schema_extra=schema.k8s(validations=[
@@ -869,6 +1011,7 @@ def parse_spec(body: Mapping[str, object], path: str = "spec") -> ModelDeploymen
         raise SpecError(field, problem) from None
     parse_image(spec.image, f"{path}.image")
     _check_runtime(spec, path)
+    _check_shadow(spec, path)
     pod_problem = podtemplate.assess_spec(spec, path)
     if pod_problem is not None:
         raise SpecError(*pod_problem)
@@ -888,6 +1031,39 @@ def parse_spec(body: Mapping[str, object], path: str = "spec") -> ModelDeploymen
                 except ValueError as exc:
                     raise SpecError(f"{where}.{kind}.{name}", str(exc)) from None
     return spec
+
+
+def _check_shadow(spec: ModelDeploymentSpec, path: str) -> None:
+    """The shadow step's rules admission checks in CEL (``SHADOW_RULES``, the steps' order), again with the offending
+    field's path (one SpecError)."""
+    steps = spec.rollout.steps
+    shadows = [i for i, step in enumerate(steps) if step.is_shadow]
+    analysis = spec.rollout.analysis
+    agreement = [i for i, m in enumerate(analysis.metrics if analysis else ())
+                 if m.builtin == builtin_provider.PREDICTION_AGREEMENT]
+    if shadows and shadows != [0]:
+        raise SpecError(f"{path}.rollout.steps[{shadows[-1] if shadows[0] == 0 else shadows[0]}].shadow",
+                        "a shadow step must be the first step, and there is at most one")
+    if shadows:
+        if spec.serving.runtime is not None:
+            raise SpecError(f"{path}.serving.runtime", "a shadow step needs Shipyard's own server (it copies the "
+                                                       "requests and compares the answers): remove the runtime")
+        if spec.model.output is None:
+            raise SpecError(f"{path}.model.output", "required with a shadow step: classes, embedding or tensor")
+        if spec.serving.grpc is not None and not spec.serving.grpc.http:
+            raise SpecError(f"{path}.serving.grpc.http", "a shadow step copies requests to the candidate's HTTP "
+                                                         "endpoint: keep it true")
+        if not agreement:
+            raise SpecError(f"{path}.rollout.analysis", "a shadow step is judged by the builtin metric "
+                                                        "predictionAgreement: add it to the analysis' metrics")
+    elif agreement:
+        raise SpecError(f"{path}.rollout.analysis.metrics[{agreement[0]}].builtin",
+                        "predictionAgreement measures a shadow step (spec.rollout.steps[0].shadow): add one")
+    post = spec.rollout.post_promotion_analysis
+    for i, metric in enumerate(post.metrics if post else ()):
+        if metric.builtin == builtin_provider.PREDICTION_AGREEMENT:
+            raise SpecError(f"{path}.rollout.blueGreen.postPromotionAnalysis.metrics[{i}].builtin",
+                            "predictionAgreement needs a shadow step (canary)")
 
 
 def _check_runtime(spec: ModelDeploymentSpec, path: str) -> None:

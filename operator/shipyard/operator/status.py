@@ -189,6 +189,9 @@ class MetricResult(schema.ApiModel):
     measurements."""
     last_measured_at: Time | None = None
     """When the last measurement was taken."""
+    figures: Annotated[dict[str, float], Field(json_schema_extra=schema.k8s(max_properties=16))] | None = None
+    """Counts measured beside the value (builtin predictionAgreement: the stable's copies to the candidate by outcome,
+    compared, dropped, timeout and error, and compared rows), as of the last measurement that had them."""
     history: Annotated[tuple[MetricSample, ...], Field(max_length=analysis.METRIC_HISTORY_LIMIT,
                                                        json_schema_extra=schema.k8s(list_type="atomic"))] | None = None
     """The recent measurements, oldest first: the last 30, Skipped ones included."""
@@ -317,6 +320,32 @@ class TrafficStatus(schema.ApiModel):
     """Why the routes cannot carry the rollout, when they cannot."""
 
 
+class ShadowStatus(schema.ApiModel):
+    """The shadow step running now (spec.rollout.steps[0].shadow), from the latest predictionAgreement measurement."""
+
+    candidate: Annotated[str, Field(max_length=256)] | None = None
+    """The candidate version the stable's pods copy requests to."""
+    url: Annotated[str, Field(max_length=512)] | None = None
+    """The candidate's own Service the copies go to."""
+    percent: Annotated[int, Field(ge=0, le=100)] | None = None
+    """Share of the stable's answered requests copied."""
+    compared: Count | None = None
+    """Copies whose two answers were compared (summed over the stable's pods, since shadowing to the candidate
+    began); what minRequests counts."""
+    dropped: Count | None = None
+    """Copies not sent: too many in flight."""
+    timeouts: Count | None = None
+    """Copies the candidate did not answer in time."""
+    errors: Count | None = None
+    """Copies the candidate failed, or answered with something that cannot be compared (or was down)."""
+    agreement: NullableNumber | None = None
+    """The last predictionAgreement measured: agreeing rows / compared rows over the interval; null without data."""
+    min_requests: Count | None = None
+    """The step's minRequests, when set."""
+    until: NullableTime | None = None
+    """When the step's duration is over (from the candidate's pods being Ready), when set."""
+
+
 class ModelDeploymentStatus(schema.ApiModel):
     """Observed state, written by the operator only."""
 
@@ -365,6 +394,8 @@ class ModelDeploymentStatus(schema.ApiModel):
     """Compressed artifacts of the versions in use or in history."""
     analysis: Annotated[AnalysisStatus, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
     """The candidate's current analysis."""
+    shadow: Annotated[ShadowStatus, Field(json_schema_extra=schema.k8s(nullable=True))] | None = None
+    """The shadow step running now: the candidate, the copies by outcome and the agreement; null otherwise."""
     replicas: Replicas | None = None
     """Replica counts."""
     selector: Annotated[str, Field(max_length=1024)] | None = None

@@ -301,7 +301,14 @@ class ShadowMetrics:
             self.scores = Histogram(SIMILARITY_BUCKETS)
         elif compare == "maxabs":
             self.scores = Histogram(DIFFERENCE_BUCKETS)
-        server.registry.register(_ShadowCollector(self))
+        self._registry = server.registry
+        self._collector = _ShadowCollector(self)
+        server.registry.register(self._collector)
+
+    def close(self) -> None:
+        """Removes these series from the server's metrics (shadowing to this candidate ended): a later shadow period
+        to the same candidate counts from zero again."""
+        self._registry.unregister(self._collector)
 
     def observe_outcome(self, outcome: str) -> None:
         self.outcomes[outcome] += 1

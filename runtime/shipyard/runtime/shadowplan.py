@@ -1,11 +1,12 @@
 """Shadow traffic, the pure part: its settings, which requests are copied, and how two answers are compared.
 
-Pure, no I/O: `build_shadow_config` reads the environment the operator sets on the stable's pods
-(`shipyard.contract.ENV_SHADOW_*`), `plan_sample` picks exactly `percent` % of the answered requests (a counter,
-no randomness), `parse_infer_response` reads an Open Inference Protocol v2 inference response (JSON, or the binary
-tensor data extension) into arrays, and `compare_answers` compares the stable's and the candidate's answers to the
-same request row by row: top-1 agreement (classifiers), cosine similarity (embeddings) or the max absolute
-difference (anything else). The I/O (sending the copy, counting) is `shipyard.runtime.server.shadow`.
+Pure, no I/O: `build_shadow_config` reads the settings from the environment (`shipyard.contract.ENV_SHADOW_*`),
+`build_shadow_file_config` from the JSON file the operator mounts on the stable's pods (`ENV_SHADOW_CONFIG`: the
+same settings, switched while the server runs), `plan_sample` picks exactly `percent` % of the answered requests
+(a counter, no randomness), `parse_infer_response` reads an Open Inference Protocol v2 inference response (JSON,
+or the binary tensor data extension) into arrays, and `compare_answers` compares the stable's and the candidate's
+answers to the same request row by row: top-1 agreement (classifiers), cosine similarity (embeddings) or the max
+absolute difference (anything else). The I/O (sending the copy, counting) is `shipyard.runtime.server.shadow`.
 """
 
 from __future__ import annotations
@@ -106,6 +107,39 @@ def build_shadow_config(env: Mapping[str, str]) -> ShadowConfig | None:
                         compare=compare, tolerance=tolerance, max_inflight=int(inflight),
                         max_inflight_bytes=int(held), timeout_s=timeout_ms / 1000,
                         candidate=env.get(contract.ENV_SHADOW_VERSION, "").strip() or "unknown")
+
+
+def build_shadow_file_config(text: str | bytes) -> ShadowConfig | None:
+    """The shadow settings from the file the operator mounts (``ENV_SHADOW_CONFIG``): one JSON object of the keys of
+    ``contract.SHADOW_FILE_KEYS`` (url, version, percent, compare, tolerance, maxInflight, maxInflightBytes,
+    timeoutMs), each meaning what its environment variable means. Empty (or only whitespace), ``{}``, no url, or
+    percent 0: None (no shadow). Raises ShadowConfigError naming the key at fault."""
+    raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    if not raw.strip():
+        return None
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise ShadowConfigError(f"not JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise ShadowConfigError(f"must be a JSON object, got {type(document).__name__}")
+    env: dict[str, str] = {}
+    for key, value in document.items():
+        name = contract.SHADOW_FILE_KEYS.get(key)
+        if name is None:
+            raise ShadowConfigError(f"unknown key {key!r} (known: {', '.join(contract.SHADOW_FILE_KEYS)})")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ShadowConfigError(f"{key} must be a string or a number, got {type(value).__name__}")
+        env[name] = str(value)
+    try:
+        return build_shadow_config(env)
+    except ShadowConfigError as error:
+        message = str(error).replace("environment variable ", "")
+        for key, name in contract.SHADOW_FILE_KEYS.items():
+            message = message.replace(name, key)
+        raise ShadowConfigError(message) from None
 
 
 def plan_sample(index: int, percent: float) -> bool:

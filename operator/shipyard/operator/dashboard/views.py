@@ -168,6 +168,12 @@ def build_steps(md: Mapping[str, Any]) -> list[dict[str, Any]]:
     views = []
     for i, step in enumerate(steps):
         state = "idle" if index is None else "done" if i < index else "current" if i == index else "pending"
+        shadow = step.get("shadow")
+        if isinstance(shadow, Mapping):  # no client traffic: weight 0, the copies' share in the hold text
+            until = ", ".join(f"{k} {shadow[k]}" for k in ("minRequests", "duration") if k in shadow)
+            views.append({"number": i + 1, "weight": 0, "hold": f"shadow copies of {shadow.get('percent')}%, {until}",
+                          "state": state})
+            continue
         hold = ("manual promotion" if step.get("manual") else f"pause {step['pause']}" if step.get("pause")
                 else "no pause")
         views.append({"number": i + 1, "weight": int(step.get("weight", 100)), "hold": hold, "state": state})

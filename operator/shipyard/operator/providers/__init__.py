@@ -160,7 +160,8 @@ class Providers:
         def request(metric: spec_mod.Metric, version: str, targets: Sequence[str]) -> base.MeasurementRequest:
             return base.MeasurementRequest(namespace=namespace, name=name, metric=metric, analysis=analysis_spec,
                                            model=model, version=version, stable_version=stable_version,
-                                           targets=tuple(targets), allowed=tuple(namespace_allowed),
+                                           targets=tuple(targets), stable_targets=tuple(stable_targets),
+                                           allowed=tuple(namespace_allowed),
                                            runtime=runtime, metrics_path=runtime.metrics_path if runtime is not None
                                            else contract.PATH_METRICS)
 

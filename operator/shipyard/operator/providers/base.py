@@ -62,6 +62,7 @@ class MeasurementRequest:
     allowed: tuple[egress.Allowed, ...] = ()  # the namespace's allow-list entries (the operator's are in Env)
     runtime: runtimes.ResolvedRuntime | None = None
     metrics_path: str = contract.PATH_METRICS
+    stable_targets: tuple[str, ...] = ()  # the stable's ready pods (builtin predictionAgreement is measured there)
 
     @property
     def key(self) -> tuple[str, ...]:

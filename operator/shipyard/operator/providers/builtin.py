@@ -20,6 +20,8 @@ decides).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -32,8 +34,9 @@ from shipyard.operator.providers import base, prometheus, scrape
 if TYPE_CHECKING:
     from shipyard.operator import spec as spec_mod
 
-Builtin: TypeAlias = Literal["errorRate", "latencyP99", "ttftP99", "tpotP99"]
-BUILTINS: Final[tuple[Builtin, ...]] = ("errorRate", "latencyP99", "ttftP99", "tpotP99")
+Builtin: TypeAlias = Literal["errorRate", "latencyP99", "ttftP99", "tpotP99", "predictionAgreement"]
+BUILTINS: Final[tuple[Builtin, ...]] = ("errorRate", "latencyP99", "ttftP99", "tpotP99", "predictionAgreement")
+PREDICTION_AGREEMENT: Final = "predictionAgreement"  # measured on the stable's pods, about the candidate
 # errorRate 0.001 = one error in a thousand requests; latencyP99 0.005 s, the resolution of the latency histogram's
 # low buckets (and of the LLM servers' token timing histograms).
 RELATIVE_FLOORS: Final[Mapping[str, float]] = {"errorRate": 0.001, "latencyP99": 0.005, "ttftP99": 0.005,
@@ -75,6 +78,46 @@ def build_builtin_query(builtin: Builtin, namespace: str, name: str, version: st
         return (f"histogram_quantile({scrape.LATENCY_QUANTILE}, sum by (le) "
                 f"(rate({contract.METRIC_REQUEST_DURATION}_bucket{selector}[{window}])))")
     raise ValueError(f"unknown builtin metric {builtin!r}")
+
+
+SHADOW_FIGURES: Final = {"compared": "compared", "dropped": "dropped", "timeout": "timeouts", "error": "errors"}
+
+
+def build_agreement_query(namespace: str, name: str, candidate: str, window: str, *,
+                          namespace_label: str | None = "namespace") -> str:
+    """PromQL of predictionAgreement: the rate of agreeing rows over that of compared rows of the copies the stable's
+    pods sent to ``candidate`` (docs/shadow.md); no compared row in the window is an empty result (no data)."""
+    labels = {namespace_label: namespace} if namespace_label else {}
+    selector = prometheus.build_selector({**labels, contract.LABEL_MODEL: name, contract.LABEL_CANDIDATE: candidate})
+    return (f"sum(rate({contract.METRIC_SHADOW_AGREEING_ROWS}{selector}[{window}]))"
+            f" / sum(rate({contract.METRIC_SHADOW_ROWS}{selector}[{window}]))")
+
+
+def build_shadow_count_query(namespace: str, name: str, candidate: str, outcome: str, *,
+                             namespace_label: str | None = "namespace") -> str:
+    """PromQL of the copies to ``candidate`` with ``outcome`` so far, summed over the stable's pods (the counters count
+    from the start of shadowing to that candidate: the runtime drops a candidate's series when shadowing to it ends).
+    """
+    labels = {namespace_label: namespace} if namespace_label else {}
+    selector = prometheus.build_selector({**labels, contract.LABEL_MODEL: name, contract.LABEL_CANDIDATE: candidate,
+                                          contract.LABEL_OUTCOME: outcome})
+    return f"sum({contract.METRIC_SHADOW_REQUESTS}{selector})"
+
+
+def build_shadow_figures(current: Mapping[str, scrape.TargetSnapshot], labels: Mapping[str, str]) -> dict[str, float]:
+    """The copies by outcome (compared, dropped, timeouts, errors) and compared rows so far, summed over the scraped
+    pods (current counter values of the series matching ``labels``). Pure."""
+    figures = dict.fromkeys((*SHADOW_FIGURES.values(), "rows"), 0.0)
+    for series in current.values():
+        for (sample, pairs), value in series.items():
+            found = dict(pairs)
+            if any(found.get(k) != v for k, v in labels.items()):
+                continue
+            if sample == contract.METRIC_SHADOW_REQUESTS and found.get(contract.LABEL_OUTCOME) in SHADOW_FIGURES:
+                figures[SHADOW_FIGURES[found[contract.LABEL_OUTCOME]]] += value.value
+            elif sample == contract.METRIC_SHADOW_ROWS:
+                figures["rows"] += value.value
+    return figures
 
 
 def build_matchers(exact: Mapping[str, str], regex: Mapping[str, str]) -> str:
@@ -169,6 +212,8 @@ class BuiltinBackend:
         metric = request.metric.builtin
         assert metric is not None
         address = build_address(request.analysis, env)
+        if metric == PREDICTION_AGREEMENT:
+            return await self._measure_agreement(request, env, address)
         if request.runtime is not None:
             return await self._measure_mapped(metric, request, env, address)
         if address is not None:
@@ -178,6 +223,40 @@ class BuiltinBackend:
             value, error = await prometheus.query_prometheus(env, address, query)
             return analysis.Sample(value=value, query=query, error=error)
         return await self._scrape(metric, request, env)
+
+    async def _measure_agreement(self, request: base.MeasurementRequest, env: base.Env,
+                                 address: str | None) -> analysis.Sample:
+        """predictionAgreement of the candidate (``request.version``), measured on the stable's pods, which copy the
+        requests and count the outcomes labelled with the candidate; the Sample's figures carry the copies so far."""
+        candidate = request.version
+        if address is not None:
+            window = build_query_window(request.analysis.interval_seconds, env.min_window_seconds)
+            query = build_agreement_query(request.namespace, request.model, candidate, window,
+                                          namespace_label=env.namespace_label)
+            counts = [build_shadow_count_query(request.namespace, request.model, candidate, outcome,
+                                               namespace_label=env.namespace_label) for outcome in SHADOW_FIGURES]
+            results = await asyncio.gather(*(prometheus.query_prometheus(env, address, q) for q in (query, *counts)))
+            (value, error), *outcomes = results
+            figures = {name: found or 0.0 for name, (found, failed) in zip(SHADOW_FIGURES.values(), outcomes,
+                                                                           strict=True) if failed is None}
+            return analysis.Sample(value=value, query=query, error=error, figures=figures or None)
+        labels = {contract.LABEL_MODEL: request.model, contract.LABEL_CANDIDATE: candidate}
+        names = {contract.METRIC_SHADOW_REQUESTS, contract.METRIC_SHADOW_ROWS, contract.METRIC_SHADOW_AGREEING_ROWS}
+
+        def wanted(sample: str, sample_labels: Mapping[str, str]) -> bool:
+            return sample in names and all(sample_labels.get(k) == v for k, v in labels.items())
+
+        on_stable = dataclasses.replace(request, targets=request.stable_targets)
+        scraped = await scrape.query_snapshots(env, on_stable, wanted)
+        what = (f"agreeing rows / rows of {contract.METRIC_SHADOW_ROWS}{prometheus.build_selector(labels)} on the "
+                f"stable's pods (version {request.stable_version})")
+        query = scrape.build_description(on_stable, what, scraped, windowed=True,
+                                         first_note=" since shadowing began (first scrape)")
+        if scraped is None:
+            return analysis.Sample(value=None, query=query)
+        increase = scrape.build_series_increase(scraped.before, scraped.current)
+        return analysis.Sample(value=contract.build_prediction_agreement(increase, labels), query=query,
+                               figures=build_shadow_figures(scraped.current, labels))
 
     async def _measure_mapped(self, metric: Builtin, request: base.MeasurementRequest, env: base.Env,
                               address: str | None) -> analysis.Sample:

@@ -22,7 +22,7 @@ import orjson
 import prometheus_client
 
 from shipyard import contract
-from shipyard.runtime import batching, faults, httpproto, metrics, oip, openaiproto
+from shipyard.runtime import batching, faults, httpproto, metrics, oip, openaiproto, shadowplan
 from shipyard.runtime.server import settings
 
 log = logging.getLogger("shipyard.runtime.server")
@@ -30,6 +30,8 @@ log = logging.getLogger("shipyard.runtime.server")
 SERVER_NAME = "shipyard"
 SERVER_VERSION = "0.1.0"
 RETRY_AFTER = b"retry-after: 1\r\n"
+SHADOW_POLL_S = 1.0  # how often the shadow settings file (SHIPYARD_SHADOW_CONFIG) is read
+SHADOW_FILE_MAX_BYTES = 65536
 
 # Route kinds and the methods they accept.
 LIVE, READY, SERVER_META, MODEL_META, MODEL_READY, INFER, METRICS, UNMATCHED, EMBEDDINGS = (
@@ -179,13 +181,14 @@ class App:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.readiness_listeners: list[Callable[[bool], None]] = []  # called with `ready` whenever it changes
         self._sweeper: asyncio.TimerHandle | None = None
-        self.shadow: Any = None  # shadow.Shadow with config.shadow: answered requests are copied to a candidate
+        self.shadow: Any = None  # shadow.Shadow while shadowing: answered requests are copied to a candidate
+        self._shadow_seen: object = None  # what the shadow settings file held at the last poll
+        self._shadow_poller: asyncio.TimerHandle | None = None
+        self._shadow_polling = bool(config.shadow_file)
         if config.shadow is not None:
-            from shipyard.runtime.server import shadow  # only with shadow traffic
-
-            self.shadow = shadow.Shadow(config.shadow, config.model_name, metrics.ShadowMetrics(
-                server_metrics, config.shadow.candidate, config.shadow.compare))
-            # Without shadow traffic the answering path stays exactly what it was: no check per request.
+            self._set_shadow(config.shadow)
+        if config.shadow is not None or config.shadow_file:
+            # Without shadow settings the answering path stays exactly what it was: no check per request.
             self._send = self._send_and_shadow  # type: ignore[method-assign]
 
     # -- lifecycle
@@ -196,6 +199,8 @@ class App:
         self._sweeper = loop.call_later(interval, self._sweep_timeouts)
         if self.shadow is not None:
             self.shadow.start(loop)
+        if self.config.shadow_file:
+            self._poll_shadow_file()
 
     def set_serving(
         self,
@@ -231,8 +236,74 @@ class App:
     def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+        self._shadow_polling = False
+        if self._shadow_poller is not None:
+            self._shadow_poller.cancel()
+            self._shadow_poller = None
         if self.shadow is not None:
             self.shadow.stop()
+
+    # -- shadow traffic
+    def _set_shadow(self, config: shadowplan.ShadowConfig | None) -> None:
+        """Shadow to `config` from now on (None: stop shadowing). Client requests are never touched: a request
+        answered before the switch may still be copied under the old settings, and copies in flight to a previous
+        candidate are abandoned. The counters of a candidate are kept while only its percent, tolerance or bounds
+        change, and removed from /metrics once shadowing to it ends."""
+        from shipyard.runtime.server import shadow  # only with shadow traffic
+
+        old = self.shadow
+        if old is not None and config is not None and old.config == config:
+            return
+        same_series = (old is not None and config is not None
+                       and (old.config.candidate, old.config.compare) == (config.candidate, config.compare))
+        if old is not None:
+            old.stop()
+            if not same_series:
+                old.metrics.close()
+        if config is None:
+            self.shadow = None
+            if old is not None:
+                log.info("Stopped shadowing to %s (candidate %s)", old.config.display, old.config.candidate)
+            return
+        shadow_metrics = old.metrics if same_series and old is not None else metrics.ShadowMetrics(
+            self.metrics, config.candidate, config.compare)
+        self.shadow = shadow.Shadow(config, self.model_name, shadow_metrics)
+        if self._loop is not None:
+            self.shadow.start(self._loop)
+
+    def _poll_shadow_file(self) -> None:
+        """Reads the shadow settings file (``config.shadow_file``) and switches shadowing when it changed; again in
+        ``SHADOW_POLL_S``. Missing or empty: off; invalid: logged with the reason, and off. Never raises."""
+        path = self.config.shadow_file
+        assert path is not None
+        try:
+            problem: str | None = None
+            try:
+                with open(path, "rb") as handle:
+                    raw = handle.read(SHADOW_FILE_MAX_BYTES + 1)
+            except FileNotFoundError:
+                raw = b""
+            except OSError as error:
+                raw, problem = b"", f"cannot be read: {error}"
+            seen = (raw, problem)
+            if seen != self._shadow_seen:
+                self._shadow_seen = seen
+                config: shadowplan.ShadowConfig | None = None
+                if problem is None and len(raw) > SHADOW_FILE_MAX_BYTES:
+                    problem = f"is larger than {SHADOW_FILE_MAX_BYTES} bytes"
+                if problem is None:
+                    try:
+                        config = shadowplan.build_shadow_file_config(raw)
+                    except shadowplan.ShadowConfigError as error:
+                        problem = str(error)
+                if problem is not None:
+                    log.warning("Ignored the shadow settings in %s: %s; shadowing is off", path, problem)
+                self._set_shadow(config)
+        except Exception:  # a bug here must never break serving
+            log.exception("Failed to apply the shadow settings in %s", path)
+        finally:
+            if self._shadow_polling and self._loop is not None and not self._loop.is_closed():
+                self._shadow_poller = self._loop.call_later(SHADOW_POLL_S, self._poll_shadow_file)
 
     # -- httpproto.Application
     def observe_rejected(self, request: httpproto.Request, status: int) -> None:
@@ -486,9 +557,10 @@ class App:
         """`_send` with shadow traffic: the client's answer first, then (a 200) the copy to the candidate, which
         the client never waits for."""
         App._send(self, context, status, body, header_length)
-        if status == 200:
+        shadowing = self.shadow
+        if status == 200 and shadowing is not None:
             request = context.request
-            self.shadow.offer(request.body, request.inference_header, body, header_length)
+            shadowing.offer(request.body, request.inference_header, body, header_length)
 
     def _sweep_timeouts(self) -> None:
         """Answer 504 to inference requests older than the per-request timeout (arrival = deadline order)."""

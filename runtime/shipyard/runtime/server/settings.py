@@ -60,6 +60,8 @@ class ServerConfig:
     log_level: str = "INFO"
     uvloop: bool = True
     shadow: shadowplan.ShadowConfig | None = None  # shadow traffic to a candidate (SHIPYARD_SHADOW_*); None: off
+    # the JSON file of shadow settings polled while serving (SHIPYARD_SHADOW_CONFIG); None: only `shadow` applies
+    shadow_file: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -240,8 +242,19 @@ def build_config(argv: Sequence[str], env: Mapping[str, str]) -> ServerConfig:
         log_level=args.log_level.upper(),
         uvloop=args.uvloop,
         shadow=_pick_shadow(env),
+        shadow_file=_pick_shadow_file(env),
     )
     return assess_config(config)
+
+
+def _pick_shadow_file(env: Mapping[str, str]) -> str | None:
+    path = env.get(contract.ENV_SHADOW_CONFIG, "").strip()
+    if not path:
+        return None
+    if env.get(contract.ENV_SHADOW_URL, "").strip():
+        raise ConfigError(f"set one of {contract.ENV_SHADOW_URL} (fixed shadow settings) and "
+                          f"{contract.ENV_SHADOW_CONFIG} (a file of settings polled while serving), not both")
+    return path
 
 
 def _pick_shadow(env: Mapping[str, str]) -> shadowplan.ShadowConfig | None:
