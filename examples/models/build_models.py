@@ -238,7 +238,8 @@ def build_recsys(
 
 
 BUILDERS = {"digits": build_digits, "digits-cnn": build_digits_cnn, "minilm": build_minilm, "recsys": build_recsys}
-DEGRADED = {"digits-inaccurate": build_digits_inaccurate, "digits-disagree": build_digits_disagree}  # by name only, never with "all"
+# by name only, never with "all"
+DEGRADED = {"digits-inaccurate": build_digits_inaccurate, "digits-disagree": build_digits_disagree}
 
 
 def main(argv: list[str] | None = None) -> int:
