@@ -272,3 +272,26 @@ def test_replicas_traffic_is_unchanged() -> None:
     sim.run(lambda s: s.replicas().get("1.0.0") == 3)
     assert sim.selected_versions() == {"1.0.0", "1.1.0"}
     assert sim.status.get("traffic") is None
+
+
+def test_a_shadow_step_keeps_the_candidate_out_of_the_route_then_weights_follow() -> None:
+    from tests.unit.test_planning_shadow import AGREEMENT, OUTPUT
+
+    body = md(replicas=4, rollout={"steps": [{"shadow": {"percent": 25, "minRequests": 10}}, {"weight": 5,
+                                                                                            "pause": "30s"}],
+                                   "analysis": AGREEMENT, "traffic": {"gatewayAPI": {"httpRoute": "digits"}}})
+    body["spec"]["model"]["output"] = OUTPUT
+    sim = Sim(body)
+    sim.routes = {traffic.HTTP_ROUTE: route_body()}
+    sim.gateways = {("ml", "edge"): programmed()}
+    sim.settle()
+    sim.figures = lambda version, now: {"compared": 1000.0, "dropped": 0.0, "timeouts": 0.0, "errors": 0.0,
+                                        "rows": 1000.0}
+    sim.measure = lambda version, now: 1.0
+    upgrade(sim)
+    sim.run(lambda s: s.status.get("shadow", {}).get("candidate") == "1.1.0")
+    assert sim.route_weight() == 0 and sim.replicas() == {"1.0.0": 4, "1.1.0": 1}
+    preview = [r for r in sim.routes[traffic.HTTP_ROUTE]["spec"]["rules"] if r.get("name") == traffic.PREVIEW_RULE]
+    assert len(preview) == 1  # the preview header reaches the candidate during its shadow step
+    sim.run(lambda s: s.route_weight() == 5)
+    assert sim.status["currentStepIndex"] == 1 and sim.replicas() == {"1.0.0": 4, "1.1.0": 1}
