@@ -50,7 +50,7 @@ RUNTIME_IMAGE = "registry.example/shipyard/runtime:0.1.0"  # the runtime without
 SERVICE_IP_PREFIX = "127.0.253"  # Services' virtual IPs, apart from the demo's default 127.0.254
 # Pods of namespaces labelled shipyard.dev/pod-network=bridge get a network namespace and an address from this range
 # (hack/node_agent.py --pod-network): real EndpointSlices, which Traefik (the Gateway API scenarios) routes to.
-POD_NETWORK = "10.213.0.0/16"
+POD_NETWORK = "10.215.0.0/16"  # apart from the demo's 10.213 and the harness' 10.212: they may run at once
 RESULTS: dict[str, Any] = {"scenarios": {}}
 
 ModelDeployment = create_namespaced_resource("shipyard.dev", "v1alpha1", "ModelDeployment", "modeldeployments")

@@ -384,3 +384,96 @@ def test_a_disagreeing_candidate_is_rolled_back_during_its_shadow_step(
     assert condition(md, "Stalled") == ("True", "AnalysisFailed") and md["status"].get("shadow") is None
     wait_until(lambda: shadow_settings(cluster, namespace, "shady") == "", 30, message="shadowing off")
     wait_until(lambda: replicas(cluster, namespace) == {"1.0.0": 4, "1.1.0": 0}, 30, message="rolled back")
+
+
+def test_gateway_api_faults_stall_the_rollout_naming_the_cause_then_weights_are_written(
+        cluster: Cluster, operator: KopfRunner, namespace: str) -> None:
+    """spec.rollout.traffic gatewayAPI on the real API server, each fault in turn: the Gateway API not installed
+    (the API server answers a plain-text 404), the route missing, not accepted by any controller, its Gateway not
+    programmed; then a programmed Gateway: the weight lands in the route's rule (spec.rules only, by Shipyard's field
+    manager) and the rollout completes."""
+    from tests import stack
+
+    gateway = stack.load_hack_module("gateway")
+    spec = {"rollout": {"steps": [{"weight": 5, "manual": True}],
+                        "traffic": {"gatewayAPI": {"httpRoute": "web"}}}}
+
+    def stalled(reason: str) -> Callable[[dict[str, Any]], bool]:
+        return lambda md: condition(md, "Stalled") == ("True", reason)
+
+    crds_before = gateway.crd_status(cluster.kubeconfig)
+    assert not any(crds_before.values()), "this test starts without the Gateway API"
+    cluster.apply(model("routed", "1.0.0", **spec), namespace)
+    wait_status(cluster, namespace, "routed", healthy("1.0.0"), message="1.0.0 healthy (no rollout yet)")
+    cluster.apply(model("routed", "1.1.0", **spec), namespace)
+    md = wait_status(cluster, namespace, "routed", stalled("GatewayAPINotInstalled"), message="not installed")
+    assert "httproutes.gateway.networking.k8s.io is not served" in md["status"]["message"]
+    assert replicas(cluster, namespace) == {"1.0.0": 4}  # nothing moved
+    try:
+        gateway.install_crds(cluster.kubeconfig)
+        md = wait_status(cluster, namespace, "routed", stalled("RouteNotFound"), 30, message="route missing")
+        assert "HTTPRoute 'web' (spec.rollout.traffic.gatewayAPI.httpRoute) does not exist" in md["status"]["message"]
+        route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "metadata": {"name": "web"},
+                 "spec": {"parentRefs": [{"name": "edge"}], "hostnames": ["web.example"],
+                          "rules": [{"backendRefs": [{"name": "routed", "port": 8080}]},
+                                    {"matches": [{"path": {"type": "PathPrefix", "value": "/docs"}}],
+                                     "backendRefs": [{"name": "docs", "port": 80}]}]}}
+        cluster.apply(route, namespace)
+        md = wait_status(cluster, namespace, "routed", stalled("RouteNotAttached"), 30, message="not attached")
+        assert "no status from a Gateway controller yet" in md["status"]["message"]
+        cluster.apply({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": {"name": "edge"},
+                       "spec": {"gatewayClassName": "none", "listeners": [{"name": "http", "port": 80,
+                                                                           "protocol": "HTTP"}]}}, namespace)
+        generation = json.loads(cluster.kubectl("get", "httproute", "web", "-n", namespace, "-o", "json").stdout)[
+            "metadata"]["generation"]
+
+        def route_status(gen: int) -> str:
+            return json.dumps({"status": {"parents": [{
+                "parentRef": {"name": "edge"}, "controllerName": "example.com/test",
+                "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                                "observedGeneration": gen, "lastTransitionTime": "2026-12-03T00:00:00Z"}]}]}})
+
+        cluster.kubectl("patch", "httproute", "web", "-n", namespace, "--subresource=status", "--type=merge",
+                        "-p", route_status(generation))
+        md = wait_status(cluster, namespace, "routed", stalled("GatewayNotProgrammed"), 30, message="not programmed")
+        assert "Gateway 'edge'" in md["status"]["message"] and "not programmed" in md["status"]["message"]
+        cluster.kubectl("patch", "gateway", "edge", "-n", namespace, "--subresource=status", "--type=merge", "-p",
+                        json.dumps({"status": {"conditions": [{
+                            "type": "Programmed", "status": "True", "reason": "Programmed", "message": "",
+                            "observedGeneration": 1, "lastTransitionTime": "2026-12-03T00:00:00Z"}]}}))
+
+        def weighted(_: dict[str, Any]) -> bool:  # the fake controller acts on every generation Shipyard writes
+            body = json.loads(cluster.kubectl("get", "httproute", "web", "-n", namespace, "-o", "json").stdout)
+            gen = body["metadata"]["generation"]
+            if body["status"]["parents"][0]["conditions"][0]["observedGeneration"] != gen:
+                cluster.kubectl("patch", "httproute", "web", "-n", namespace, "--subresource=status",
+                                "--type=merge", "-p", route_status(gen))
+            refs = [(b["name"], b.get("weight")) for b in body["spec"]["rules"][0]["backendRefs"]]
+            return refs == [("routed", 95), ("routed-1-1-0", 5)]
+
+        wait_status(cluster, namespace, "routed", weighted, 60, message="5% in the route")
+        body = json.loads(cluster.kubectl("get", "httproute", "web", "-n", namespace, "-o", "json",
+                                          "--show-managed-fields").stdout)
+        assert body["spec"]["hostnames"] == ["web.example"] and body["spec"]["rules"][1]["backendRefs"][0][
+            "name"] == "docs"  # the rest of the route as it was
+        assert [r.get("name") for r in body["spec"]["rules"]] == [None, None, "shipyard-preview"]
+        owners = {m["manager"]: m for m in body["metadata"]["managedFields"]}
+        owned = json.dumps(owners["shipyard-operator"]["fieldsV1"])
+        assert "f:rules" in owned and "f:parentRefs" not in owned and "f:hostnames" not in owned  # spec.rules only
+        md = get(cluster, namespace, "routed")
+        assert md["status"]["traffic"]["canaryWeight"] == 5 and replicas(cluster, namespace) == {"1.0.0": 4,
+                                                                                                  "1.1.0": 1}
+        cluster.kubectl("annotate", "-n", namespace, "md/routed", "shipyard.dev/promote=1.1.0")
+
+        def promoted(md: dict[str, Any]) -> bool:
+            weighted(md)
+            return healthy("1.1.0")(md)
+
+        wait_status(cluster, namespace, "routed", promoted, 60, message="promoted")
+        rules = json.loads(cluster.kubectl("get", "httproute", "web", "-n", namespace, "-o", "json").stdout)[
+            "spec"]["rules"]
+        assert [(b["name"], b.get("weight")) for b in rules[0]["backendRefs"]] == [("routed", 100)]
+        assert len(rules) == 2
+    finally:
+        cluster.kubectl("delete", "md", "routed", "-n", namespace, "--wait=false", check=False)
+        gateway.uninstall_crds(cluster.kubeconfig)
