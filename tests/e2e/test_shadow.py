@@ -11,14 +11,13 @@ them at 20 and 200 req/s with the candidate on its own core).
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from typing import Any
 
 import pytest
 
 from tests.e2e import loadgen
-from tests.e2e.conftest import E2E, record
+from tests.e2e.conftest import E2E, Poller, record
 from tests.e2e.test_rollout import LABELS, SAMPLES
 from tests.integration.conftest import wait_until
 
@@ -49,35 +48,21 @@ def model(tag: str) -> dict[str, Any]:
                                                            "max": 0.05}]}}}}
 
 
-class StatusWatcher:
+class StatusWatcher(Poller):
     """Samples (time, phase, step, status.shadow) every 0.25 s."""
 
     def __init__(self, e2e: E2E) -> None:
+        super().__init__()
         self.e2e = e2e
         self.samples: list[tuple[float, str, int | None, dict[str, Any]]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                status = self.e2e.md(MODEL).get("status") or {}
-                self.samples.append((time.time(), str(status.get("phase")), status.get("currentStepIndex"),
-                                     dict(status.get("shadow") or {})))
-            except Exception:  # a failed poll is retried
-                pass
-            self._stop.wait(0.25)
+    def poll(self) -> None:
+        status = self.e2e.md(MODEL).get("status") or {}
+        self.samples.append((time.time(), str(status.get("phase")), status.get("currentStepIndex"),
+                             dict(status.get("shadow") or {})))
 
     def shadows(self) -> list[dict[str, Any]]:
         return [s for _, _, _, s in self.samples if s]
-
-    def __enter__(self) -> StatusWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
 from typing import Any
 
+import lightkube
 import pytest
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import Deployment
 
 from shipyard.operator import naming, traffic
 from tests.e2e import loadgen
-from tests.e2e.conftest import E2E, record
+from tests.e2e.conftest import E2E, Poller, record
 from tests.e2e.test_rollout import LABELS, SAMPLES
 from tests.integration.conftest import wait_until
 
@@ -170,39 +170,27 @@ def test_17_exact_weights_and_preview_through_traefik(tx: E2E) -> None:
     record(name, outcome="passed")
 
 
-class RouteWatcher:
+class RouteWatcher(Poller):
     """Samples (time, the candidate's weight in the route, its Deployment's spec.replicas) every 0.2 s."""
 
+    interval = 0.2
+
     def __init__(self, e2e: E2E, version: str) -> None:
+        super().__init__()
         self.e2e, self.version = e2e, version
+        self.backends = traffic.Backends(stable=MODEL, canary=naming.build_deployment_name(MODEL, version))
         self.samples: list[tuple[float, int | None, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        backends = traffic.Backends(stable=MODEL, canary=naming.build_deployment_name(MODEL, self.version))
-        while not self._stop.is_set():
-            try:
-                rules = self.e2e.client.get(HTTPRoute, MODEL, namespace=NAMESPACE).to_dict()["spec"]["rules"]
-                weight = traffic.read_canary_weight(rules, backends)
-                try:
-                    dep = self.e2e.client.get(Deployment, naming.build_deployment_name(MODEL, self.version),
-                                              namespace=NAMESPACE)
-                    replicas = int(dep.spec.replicas or 0) if dep.spec else 0
-                except Exception:  # not created yet, or deleted
-                    replicas = 0
-                self.samples.append((time.time(), weight, replicas))
-            except Exception:  # a failed poll is retried
-                pass
-            self._stop.wait(0.2)
-
-    def __enter__(self) -> RouteWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
+    def poll(self) -> None:
+        rules = self.e2e.client.get(HTTPRoute, MODEL, namespace=NAMESPACE).to_dict()["spec"]["rules"]
+        weight = traffic.read_canary_weight(rules, self.backends)
+        try:
+            dep = self.e2e.client.get(Deployment, naming.build_deployment_name(MODEL, self.version),
+                                      namespace=NAMESPACE)
+            replicas = int(dep.spec.replicas or 0) if dep.spec else 0
+        except lightkube.ApiError:  # not created yet, or deleted
+            replicas = 0
+        self.samples.append((time.time(), weight, replicas))
 
 
 def test_17_rollback_under_load_takes_the_weight_to_zero_before_scale_down(tx: E2E) -> None:

@@ -336,6 +336,18 @@ def test_shadow_count_query() -> None:
         'sum(shipyard_shadow_requests_total{namespace="ml",model="digits",candidate="1.1.0",outcome="compared"})')
 
 
+def test_shadow_queries_read_the_stables_pods_only() -> None:
+    """The stable's version in the selector: counters any other pod exports about the candidate (its own pods, had
+    they read the settings naming themselves) never count."""
+    assert builtin_provider.build_agreement_query("ml", "digits", "1.1.0", "60s", stable="1.0.0") == (
+        'sum(rate(shipyard_shadow_agreeing_rows_total{namespace="ml",model="digits",version="1.0.0",'
+        'candidate="1.1.0"}[60s])) / sum(rate(shipyard_shadow_rows_total{namespace="ml",model="digits",'
+        'version="1.0.0",candidate="1.1.0"}[60s]))')
+    assert builtin_provider.build_shadow_count_query("ml", "digits", "1.1.0", "error", stable="1.0.0") == (
+        'sum(shipyard_shadow_requests_total{namespace="ml",model="digits",version="1.0.0",candidate="1.1.0",'
+        'outcome="error"})')
+
+
 def _pod(**values: float) -> scrape.TargetSnapshot:
     out: dict[scrape.SeriesKey, scrape.SeriesSample] = {}
     for key, value in values.items():

@@ -507,3 +507,22 @@ def test_shadowing_switches_with_the_settings_file_without_a_restart_or_a_failed
     assert {status for status, _, _ in results} == {200}
     assert [label for _, _, label in results] == [i % CLASSES for i in range(10)] * (len(results) // 10)
     assert "Stopped shadowing to http://127.0.0.1:" in caplog.text
+
+
+def test_the_candidates_own_pods_never_shadow_to_themselves(tmp_path: Path) -> None:
+    """Every server of a model reads the same settings file (one ConfigMap): the candidate's own server finds its
+    version named there and copies nothing (else it would copy the copies it answers to itself, and count its own
+    agreement with itself)."""
+    directory = tmp_path / "shadow"
+    directory.mkdir()
+    generation = [0]
+    path = str(directory / contract.SHADOW_CONFIG_KEY)
+    with serving(config(model_version="1.1.0", shadow_file=path), Classifier()) as candidate:
+        settings_text = json.dumps({"url": f"http://127.0.0.1:{candidate.port}", "version": "1.1.0",
+                                    "percent": 100, "compare": "top1"})
+        write_like_kubelet(directory, settings_text, generation)
+        time.sleep(2.5)  # two polls of the file
+        results = send(candidate.port, 20)
+        time.sleep(0.5)
+        assert all(status == 200 for status, _, _ in results)
+        assert candidate_counts(candidate.port, "1.1.0") is None  # no shadow series: nothing copied

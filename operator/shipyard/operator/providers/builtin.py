@@ -83,23 +83,33 @@ def build_builtin_query(builtin: Builtin, namespace: str, name: str, version: st
 SHADOW_FIGURES: Final = {"compared": "compared", "dropped": "dropped", "timeout": "timeouts", "error": "errors"}
 
 
-def build_agreement_query(namespace: str, name: str, candidate: str, window: str, *,
+def _shadow_labels(namespace: str, name: str, candidate: str, stable: str | None,
+                   namespace_label: str | None) -> dict[str, str]:
+    """The labels of the shadow counters of the copies the stable's pods (version ``stable``: only they copy; None
+    leaves the version out) sent to ``candidate``."""
+    labels = {namespace_label: namespace} if namespace_label else {}
+    labels[contract.LABEL_MODEL] = name
+    if stable is not None:
+        labels[contract.LABEL_VERSION] = stable
+    labels[contract.LABEL_CANDIDATE] = candidate
+    return labels
+
+
+def build_agreement_query(namespace: str, name: str, candidate: str, window: str, *, stable: str | None = None,
                           namespace_label: str | None = "namespace") -> str:
     """PromQL of predictionAgreement: the rate of agreeing rows over that of compared rows of the copies the stable's
     pods sent to ``candidate`` (docs/shadow.md); no compared row in the window is an empty result (no data)."""
-    labels = {namespace_label: namespace} if namespace_label else {}
-    selector = prometheus.build_selector({**labels, contract.LABEL_MODEL: name, contract.LABEL_CANDIDATE: candidate})
+    selector = prometheus.build_selector(_shadow_labels(namespace, name, candidate, stable, namespace_label))
     return (f"sum(rate({contract.METRIC_SHADOW_AGREEING_ROWS}{selector}[{window}]))"
             f" / sum(rate({contract.METRIC_SHADOW_ROWS}{selector}[{window}]))")
 
 
-def build_shadow_count_query(namespace: str, name: str, candidate: str, outcome: str, *,
+def build_shadow_count_query(namespace: str, name: str, candidate: str, outcome: str, *, stable: str | None = None,
                              namespace_label: str | None = "namespace") -> str:
     """PromQL of the copies to ``candidate`` with ``outcome`` so far, summed over the stable's pods (the counters count
     from the start of shadowing to that candidate: the runtime drops a candidate's series when shadowing to it ends).
     """
-    labels = {namespace_label: namespace} if namespace_label else {}
-    selector = prometheus.build_selector({**labels, contract.LABEL_MODEL: name, contract.LABEL_CANDIDATE: candidate,
+    selector = prometheus.build_selector({**_shadow_labels(namespace, name, candidate, stable, namespace_label),
                                           contract.LABEL_OUTCOME: outcome})
     return f"sum({contract.METRIC_SHADOW_REQUESTS}{selector})"
 
@@ -231,9 +241,10 @@ class BuiltinBackend:
         candidate = request.version
         if address is not None:
             window = build_query_window(request.analysis.interval_seconds, env.min_window_seconds)
-            query = build_agreement_query(request.namespace, request.model, candidate, window,
+            stable = request.stable_version
+            query = build_agreement_query(request.namespace, request.model, candidate, window, stable=stable,
                                           namespace_label=env.namespace_label)
-            counts = [build_shadow_count_query(request.namespace, request.model, candidate, outcome,
+            counts = [build_shadow_count_query(request.namespace, request.model, candidate, outcome, stable=stable,
                                                namespace_label=env.namespace_label) for outcome in SHADOW_FIGURES]
             results = await asyncio.gather(*(prometheus.query_prometheus(env, address, q) for q in (query, *counts)))
             (value, error), *outcomes = results
@@ -241,6 +252,8 @@ class BuiltinBackend:
                                                                            strict=True) if failed is None}
             return analysis.Sample(value=value, query=query, error=error, figures=figures or None)
         labels = {contract.LABEL_MODEL: request.model, contract.LABEL_CANDIDATE: candidate}
+        if request.stable_version:
+            labels[contract.LABEL_VERSION] = request.stable_version
         names = {contract.METRIC_SHADOW_REQUESTS, contract.METRIC_SHADOW_ROWS, contract.METRIC_SHADOW_AGREEING_ROWS}
 
         def wanted(sample: str, sample_labels: Mapping[str, str]) -> bool:

@@ -183,6 +183,7 @@ class App:
         self._sweeper: asyncio.TimerHandle | None = None
         self.shadow: Any = None  # shadow.Shadow while shadowing: answered requests are copied to a candidate
         self._shadow_seen: object = None  # what the shadow settings file held at the last poll
+        self._shadow_self_noted: str | None = None  # the own version, once told that settings naming it are ignored
         self._shadow_poller: asyncio.TimerHandle | None = None
         self._shadow_polling = bool(config.shadow_file)
         if config.shadow is not None:
@@ -252,6 +253,13 @@ class App:
         from shipyard.runtime.server import shadow  # only with shadow traffic
 
         old = self.shadow
+        if config is not None and config.candidate == self.config.model_version:
+            # Every server of a model reads the same settings (one ConfigMap): the candidate's own pods find their
+            # version there and must not copy the copies they answer to themselves.
+            if old is not None or self._shadow_self_noted is not config.candidate:
+                log.info("The shadow settings name this server's own version %s: not shadowing", config.candidate)
+                self._shadow_self_noted = config.candidate
+            config = None
         if old is not None and config is not None and old.config == config:
             return
         same_series = (old is not None and config is not None
