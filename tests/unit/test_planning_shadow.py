@@ -244,3 +244,21 @@ def test_shipyards_server_pods_mount_the_shadow_settings_outside_the_spec_hash()
     other = spec_mod.parse_model_deployment(body)
     runtime_pod = objects.build_deployment(meta, other, "1.0.0", f"{IMAGE}:1.0.0", 2)["spec"]["template"]["spec"]
     assert "shadow-config" not in json.dumps(runtime_pod)
+
+
+def test_prediction_agreement_judges_the_shadow_step_only() -> None:
+    """After the shadow step nothing is copied: predictionAgreement is no longer measured (it would have no data and
+    hold the weighted steps for ever); the other metrics go on."""
+    sim = shadow_sim()
+    sim.run(lambda s: s.status.get("currentStepIndex") == 1)
+    sim.measure = lambda version, now: None  # no data from now on
+    requested: list[tuple[str, ...]] = []
+    for _ in range(30):
+        request = planning.plan_measurement(planning.parse(sim.body), sim.status, sim.now)  # type: ignore[arg-type]
+        if request is not None:
+            requested.append(request.metrics)
+        sim.step()
+        if sim.status.get("stableVersion") == "1.1.0":
+            break
+    assert sim.status["stableVersion"] == "1.1.0" and sim.status["phase"] in ("Healthy", "Progressing")
+    assert all("agreement" not in names for names in requested), requested

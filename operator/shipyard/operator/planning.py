@@ -433,10 +433,17 @@ def build_switched(spec: spec_mod.ModelDeploymentSpec, step: int) -> bool:
 
 def build_active_analysis(spec: spec_mod.ModelDeploymentSpec, step: int) -> spec_mod.Analysis | None:
     """The analysis the candidate is under at ``step``: spec.rollout.analysis (canary steps, blue-green before the
-    switch), or after a blue-green switch spec.rollout.blueGreen.postPromotionAnalysis. Pure."""
+    switch; predictionAgreement only at the shadow step), or after a blue-green switch
+    spec.rollout.blueGreen.postPromotionAnalysis. Pure."""
     if build_switched(spec, step):
         return spec.rollout.post_promotion_analysis
-    return spec.rollout.analysis
+    chosen = spec.rollout.analysis
+    if chosen is not None and build_step_kind(spec, step) != "shadow":
+        # predictionAgreement judges the shadow step only: after it nothing is copied, so it would have no data
+        kept = tuple(m for m in chosen.metrics if m.builtin != providers.builtin.PREDICTION_AGREEMENT)
+        if len(kept) != len(chosen.metrics):
+            return chosen.model_copy(update={"metrics": kept}) if kept else None
+    return chosen
 
 
 def plan_analysis_gate(md: spec_mod.ModelDeployment, candidate: str | None, stable: str | None,
