@@ -99,6 +99,14 @@ FIXTURES = [
     Fixture("invalid-spec-over-a-healthy-stable",
             build_model(build_status("Healthy", stalled="ChildRejected", message="Deployment rejected")),
             "Degraded", "Failed", "Deployment rejected"),
+    Fixture("paused-route-not-found", build_model(build_status(
+        "Paused", stalled="RouteNotFound", candidate="1.1.0",
+        message="HTTPRoute 'digits' does not exist in namespace ml; version 1.0.0 keeps serving, the rollout waits")),
+            "Degraded", "Failed", "HTTPRoute 'digits' does not exist"),
+    Fixture("paused-shadow-no-data", build_model(build_status(
+        "Paused", paused="AnalysisInconclusive", candidate="1.1.0",
+        message="Holding version 1.1.0 at step 1/2 (shadow: 0 compared, 0 dropped, 0 timeouts, 40 errors)")),
+            "Suspended", "InProgress", "AnalysisInconclusive: Holding version 1.1.0 at step 1/2 (shadow"),
     Fixture("generation-not-observed", build_model(build_status("Healthy", observed=1), generation=2),
             "Progressing", "InProgress", "observe generation 2"),
 ]
