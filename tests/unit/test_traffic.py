@@ -295,3 +295,22 @@ def test_a_shadow_step_keeps_the_candidate_out_of_the_route_then_weights_follow(
     assert len(preview) == 1  # the preview header reaches the candidate during its shadow step
     sim.run(lambda s: s.route_weight() == 5)
     assert sim.status["currentStepIndex"] == 1 and sim.replicas() == {"1.0.0": 4, "1.1.0": 1}
+
+
+def test_a_promotion_from_an_early_step_keeps_its_weight_until_every_pod_is_ready() -> None:
+    """shipyard.dev/promote at the 5% step promotes at once: the candidate scales to every replica, and its weight
+    stays 5% (not the last step's 50%) until they are Ready; the stable keeps what 95% needs meanwhile."""
+    sim = gateway_sim([{"weight": 5, "manual": True}, {"weight": 50, "manual": True}])
+    upgrade(sim)
+    sim.run(lambda s: s.status.get("phase") == "Paused")
+    assert sim.route_weight() == 5
+    sim.frozen.add("1.1.0")  # the new pods take a while to be Ready
+    sim.annotate("promote", "1.1.0")
+    for _ in range(6):
+        sim.step()
+        assert sim.route_weight() == 5 and sim.replicas()["1.0.0"] == 4, (sim.route_weight(), sim.replicas())
+    assert sim.replicas()["1.1.0"] == 4
+    sim.frozen.discard("1.1.0")
+    sim.deployments["1.1.0"] = sim._ready("1.1.0", 4)  # they are Ready now
+    sim.settle()
+    assert sim.status["stableVersion"] == "1.1.0" and sim.route_weight() == 0

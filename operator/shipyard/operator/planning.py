@@ -271,6 +271,7 @@ class _State:
     stalled_reason: str | None = None
     rollbacks: int = 0
     weight: int = 0  # gatewayAPI traffic: the candidate's percentage in the managed route rules, as planned this pass
+    previous_weight: int = 0  # the same as the previous pass planned it (status.traffic.canaryWeight)
     # What the previous pass stored: a transition into a pause, a stall or Degraded posts its Event once.
     previous_phase: str | None = None
     previous_paused: str | None = None
@@ -319,6 +320,7 @@ def _load_state(previous: Mapping[str, Any]) -> _State:
         restoring=dict(previous["restoring"]) if isinstance(previous.get("restoring"), Mapping) else None,
         previous_phase=previous.get("phase"),
         previous_paused=previous.get("pausedReason"),
+        previous_weight=int((previous.get("traffic") or {}).get("canaryWeight") or 0),
         previous_stalled=next((c.get("reason") for c in previous.get("conditions") or []
                                if c.get("type") == "Stalled" and c.get("status") == "True"), None),
     )
@@ -1077,7 +1079,10 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     route_weight = build_route_weight(md, meta, st, observed)
     step_kind = build_step_kind(spec, st.step)
     step_weight = 100 if promoting else (steps[st.step].weight or 0)
-    previous_weight = (steps[st.step - 1].weight or 0) if 0 < st.step <= len(steps) else 0
+    # Until the step's pods are Ready the candidate keeps the previous step's weight; promoting, the weight it had
+    # (a shipyard.dev/promote from an early step does not jump to the last step's weight with that step's pods)
+    previous_weight = ((steps[st.step - 1].weight or 0) if 0 < st.step < len(steps) else
+                       min(st.previous_weight, steps[-1].weight or 0) if promoting else 0)
     if step_kind == "shadow":  # the stable serves all traffic: it keeps every replica
         desired[target], desired[st.stable] = plan_shadow_replicas(spec, canary, now_replicas)
         canary = desired[target]
