@@ -8,9 +8,9 @@
 # it once (the node cache); then exact canary weights through the Gateway API: Traefik (hack/gateway.py) as the
 # Gateway, examples/digits-gateway.yaml (an HTTPRoute and a ModelDeployment) in namespace demo-gateway, whose pods get
 # real addresses in the node agent's pod network (--pod-network; the namespace is labelled
-# shipyard.dev/pod-network=bridge, the other namespaces' pods stay on loopback), 1.1.0 at 5% then 50% (manual steps,
-# promoted with an annotation), 2,000 requests through the gateway counted per version at each step, the preview
-# header. Everything is stopped at the end; KEEP=1 leaves it running and prints how to stop it.
+# shipyard.dev/pod-network=bridge, the other namespaces' pods stay on loopback), 1.1.0 at 5% (a 1-minute pause) then
+# 50% (a manual step, promoted with the annotation), 2,000 requests through the gateway counted per version at each
+# step, the preview header, the route after promotion. Everything is stopped at the end; KEEP=1 leaves it running and prints how to stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -221,7 +221,7 @@ count() {  # $1 requests through the gateway, answers counted per version (more 
   "$py" -m tests.e2e.loadgen --port "$gwport" --rate 250 --requests "$@" | sed 's/^/    /'
 }
 
-say "Canary 1.1.0 at 5%: one candidate pod next to the 4 stable ones, and exactly 5% of the requests"
+say "Canary 1.1.0 at 5% (for a minute): one candidate pod next to the 4 stable ones, and exactly 5% of the requests"
 echo "    kubectl patch -n $gns md/digits --type merge -p '{\"spec\":{\"image\":\"$image:1.1.0\"}}'"
 kubectl patch -n $gns md/digits --type merge -p "{\"spec\":{\"image\":\"$image:1.1.0\"}}" >/dev/null
 show '{.status.traffic.canaryWeight}/{.status.traffic.programmed}' 5/true 300
@@ -230,15 +230,16 @@ echo "    2000 requests through the gateway (127.0.0.1:$gwport, 250/s):"
 count 2000
 echo "    200 requests with the preview header x-shipyard-version: 1.1.0:"
 count 200 --header 'x-shipyard-version: 1.1.0'
+[ "$(kubectl get md -n $gns digits -o jsonpath='{.status.traffic.canaryWeight}')" = 5 ] \
+  || echo "    (the 1-minute step ended while counting: some of these requests went at 50%)"
 
-say "Promoted to the 50% step (kubectl annotate md/digits shipyard.dev/promote=1.1.0 --overwrite)"
-kubectl annotate -n $gns md/digits shipyard.dev/promote=1.1.0 --overwrite >/dev/null
-show '{.status.traffic.canaryWeight}/{.status.traffic.programmed}' 50/true 300
+say "The 50% step (manual: held until promoted): two candidate pods, two stable ones, half the requests each"
+show '{.status.traffic.canaryWeight}/{.status.traffic.programmed}/{.status.pausedReason}' 50/true/ManualStep 300
 traffic_line
 echo "    2000 requests through the gateway:"
 count 2000
 
-say "Promoted to the end: 1.1.0 is the stable, the route back to the model's Service alone"
+say "Promoted (kubectl annotate md/digits shipyard.dev/promote=1.1.0): 1.1.0 is the stable, the route back to the model's Service alone"
 kubectl annotate -n $gns md/digits shipyard.dev/promote=1.1.0 --overwrite >/dev/null
 show '{.status.phase}/{.status.stableVersion}' Healthy/1.1.0 300
 echo "    kubectl get httproute -n $gns digits -o yaml   # its spec:"
