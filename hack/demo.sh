@@ -10,7 +10,8 @@
 # real addresses in the node agent's pod network (--pod-network; the namespace is labelled
 # shipyard.dev/pod-network=bridge, the other namespaces' pods stay on loopback), 1.1.0 at 5% (a 1-minute pause) then
 # 50% (a manual step, promoted with the annotation), 2,000 requests through the gateway counted per version at each
-# step, the preview header, the route after promotion. Everything is stopped at the end; KEEP=1 leaves it running and prints how to stop it.
+# step, the preview header, the route after promotion. Everything is stopped at the end; KEEP=1 leaves it running
+# and prints how to stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
