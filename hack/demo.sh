@@ -5,7 +5,13 @@
 # e2e variant of examples/digits.yaml) with its artifacts volume; shows the compression Job's report and a real
 # inference through the Service; rolls out a good tag and then a bad one under steady load, the bad one rolled back
 # on Prometheus data; then serves the same model from the stack's S3 server (versitygw) with 4 replicas that download
-# it once (the node cache). Everything is stopped at the end; KEEP=1 leaves it running and prints how to stop it.
+# it once (the node cache); then exact canary weights through the Gateway API: Traefik (hack/gateway.py) as the
+# Gateway, examples/digits-gateway.yaml (an HTTPRoute and a ModelDeployment) in namespace demo-gateway, whose pods get
+# real addresses in the node agent's pod network (--pod-network; the namespace is labelled
+# shipyard.dev/pod-network=bridge, the other namespaces' pods stay on loopback), 1.1.0 at 5% (a 1-minute pause) then
+# 50% (a manual step, promoted with the annotation), 2,000 requests through the gateway counted per version at each
+# step, the preview header, the route after promotion. Everything is stopped at the end; KEEP=1 leaves it running
+# and prints how to stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -13,6 +19,8 @@ venv=${VENV:-.venv}
 py="$venv/bin/python"
 state=${SHIPYARD_DEMO_DIR:-$repo/.demo}
 ns=demo
+gns=demo-gateway  # the Gateway API act's namespace (pod network)
+pod_network=10.213.0.0/16
 image=registry.example/shipyard/digits-model
 started=$(date +%s)
 say() { printf '\n\033[1m==> %s\033[0m (+%ds)\n' "$*" "$(( $(date +%s) - started ))"; }
@@ -32,16 +40,17 @@ stop_all() {
   fi
   python3 hack/prometheus.py stop --dir "$state/prometheus" || true
   python3 hack/s3.py stop --dir "$state/s3" 2>/dev/null || true
+  python3 hack/gateway.py stop --dir "$state/gateway" 2>/dev/null || true  # deletes its Gateway: before the cluster
   python3 hack/cluster.py down --dir "$state/cluster" || true
 }
 cleanup() {
   rc=$?
   if [ "${KEEP:-0}" = 1 ] && [ "$rc" = 0 ]; then
     say "Left running (KEEP=1). Stop everything with:"
-    echo "  kill $operator_pid $agent_pid; python3 hack/prometheus.py stop --dir $state/prometheus; python3 hack/s3.py stop --dir $state/s3; python3 hack/cluster.py down --dir $state/cluster"
+    echo "  kill $operator_pid $agent_pid; python3 hack/prometheus.py stop --dir $state/prometheus; python3 hack/s3.py stop --dir $state/s3; python3 hack/gateway.py stop --dir $state/gateway; python3 hack/cluster.py down --dir $state/cluster"
     return
   fi
-  say "Cleaning up (operator, node agent and its pods, Prometheus, the S3 server, control plane)"
+  say "Cleaning up (operator, node agent and its pods, Prometheus, the S3 server, Traefik, control plane)"
   stop_all
   [ "$rc" = 0 ] || echo "demo failed (exit $rc); logs: $state/agent.log, $state/operator.log, $state/agent/logs/"
 }
@@ -52,6 +61,7 @@ if [ -d "$state" ]; then
   [ -f "$state/pids" ] && kill $(cat "$state/pids") 2>/dev/null && sleep 5 || true
   python3 hack/prometheus.py stop --dir "$state/prometheus" 2>/dev/null || true
   python3 hack/s3.py stop --dir "$state/s3" 2>/dev/null || true
+  python3 hack/gateway.py stop --dir "$state/gateway" 2>/dev/null || true
   python3 hack/cluster.py down --dir "$state/cluster" >/dev/null 2>&1 || true
   rm -rf "$state"
 fi
@@ -67,8 +77,9 @@ done
 
 say "Starting the node agent: node local-0 runs pods as real processes (log: $state/agent.log)"
 echo "    (the first run on a machine trains the digits model that the local image catalogue 'contains')"
+echo "    pod network $pod_network: pods of namespaces labelled shipyard.dev/pod-network=bridge get an address in it"
 setsid "$py" hack/node_agent.py --kubeconfig "$KUBECONFIG" --workdir "$state/agent" --venv "$venv" \
-  --taint-fake-nodes --prepare-images > "$state/agent.log" 2>&1 &
+  --taint-fake-nodes --prepare-images --pod-network "$pod_network" > "$state/agent.log" 2>&1 &
 agent_pid=$!
 for _ in $(seq 600); do
   [ -f "$state/agent/agent-ready" ] && break
@@ -90,12 +101,14 @@ setsid "$venv/bin/shipyard-operator" --all-namespaces --metrics-port 0 --livenes
 operator_pid=$!
 echo "$operator_pid $agent_pid" > "$state/pids"
 
-show() {  # prints the ModelDeployment's line whenever it changes, until jsonpath $1 equals $2 (or $3 s pass)
+columns='PHASE:.status.phase,STABLE:.status.stableVersion,CANDIDATE:.status.candidateVersion,STEP:.status.currentStepIndex,MESSAGE:.status.message'
+show_ns=$ns
+show() {  # prints md/digits' line (in $show_ns) whenever it changes, until jsonpath $1 equals $2 (or $3 s pass)
   local last="" line deadline=$(( $(date +%s) + ${3:-600} ))
   while [ "$(date +%s)" -lt "$deadline" ]; do
-    line=$(kubectl get md -n $ns digits --no-headers -o custom-columns='PHASE:.status.phase,STABLE:.status.stableVersion,CANDIDATE:.status.candidateVersion,STEP:.status.currentStepIndex,MESSAGE:.status.message' 2>/dev/null || true)
+    line=$(kubectl get md -n $show_ns digits --no-headers -o custom-columns="$columns" 2>/dev/null || true)
     [ "$line" != "$last" ] && printf '    %s  %s\n' "$(date +%T)" "$line" && last=$line
-    [ "$(kubectl get md -n $ns digits -o jsonpath="$1" 2>/dev/null)" = "$2" ] && return 0
+    [ "$(kubectl get md -n $show_ns digits -o jsonpath="$1" 2>/dev/null)" = "$2" ] && return 0
     sleep 1
   done
   die "timed out waiting for $1 = $2"
@@ -180,8 +193,65 @@ echo "    what the S3 server's access log counted:"
 kubectl get events -n $ns --field-selector involvedObject.name=digits-s3,reason=ModelFetched \
   -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' | cut -c1-200 | sed 's/^/    /'
 
+say "Exact canary weights through the Gateway API: Traefik as the Gateway, its pods with addresses in the pod network"
+gateway=$(python3 hack/gateway.py start --dir "$state/gateway" --kubeconfig "$KUBECONFIG") || die "Traefik did not start"
+gwport=$("$py" -c "import json,sys; print(json.loads(sys.argv[1])['port'])" "$gateway")
+echo "    Gateway shipyard-gateway/shipyard (GatewayClass traefik), listener http on 127.0.0.1:$gwport (log: $state/gateway/)"
+kubectl create namespace $gns >/dev/null
+kubectl label namespace $gns shipyard.dev/pod-network=bridge >/dev/null
+echo "    kubectl apply --server-side -n $gns -f examples/digits-gateway.yaml"
+kubectl apply --server-side --field-manager=demo -n $gns -f examples/digits-gateway.yaml | sed 's/^/    /'
+show_ns=$gns
+columns='PHASE:.status.phase,STABLE:.status.stableVersion,CANDIDATE:.status.candidateVersion,STEP:.status.currentStepIndex,WEIGHT:.status.traffic.canaryWeight,PROGRAMMED:.status.traffic.programmed'
+show '{.status.phase}' Healthy 300
+kubectl get endpointslices -n $gns -l kubernetes.io/service-name=digits \
+  -o jsonpath='    EndpointSlice of Service digits: {.items[*].endpoints[*].addresses[0]}{"\n"}'
+traffic_line() {  # the plugin's view of the split (kubectl shipyard status), and the route's rules, one line each
+  "$venv/bin/kubectl-shipyard" status -n $gns digits | grep -E '^(Stable|Candidate|Traffic):' | sed 's/^/    /'
+  "$py" - "$(kubectl get httproute -n $gns digits -o json)" <<'PY'
+import json, sys
+for rule in json.loads(sys.argv[1])["spec"]["rules"]:
+    match = (rule.get("matches") or [{}])[0]
+    what = " ".join([match.get("path", {}).get("value", "/")]
+                    + [f"+ header {h['name']}: {h['value']}" for h in match.get("headers", [])])
+    to = ", ".join(f"{b['name']} {b.get('weight', 1)}" for b in rule["backendRefs"])
+    print(f"    HTTPRoute rule {rule.get('name', '-')}: {what} -> {to}")
+PY
+}
+count() {  # $1 requests through the gateway, answers counted per version (more args: loadgen's)
+  "$py" -m tests.e2e.loadgen --port "$gwport" --rate 250 --requests "$@" | sed 's/^/    /'
+}
+
+say "Canary 1.1.0 at 5% (for a minute): one candidate pod next to the 4 stable ones, and exactly 5% of the requests"
+echo "    kubectl patch -n $gns md/digits --type merge -p '{\"spec\":{\"image\":\"$image:1.1.0\"}}'"
+kubectl patch -n $gns md/digits --type merge -p "{\"spec\":{\"image\":\"$image:1.1.0\"}}" >/dev/null
+show '{.status.traffic.canaryWeight}/{.status.traffic.programmed}' 5/true 300
+traffic_line
+echo "    2000 requests through the gateway (127.0.0.1:$gwport, 250/s):"
+count 2000
+echo "    200 requests with the preview header x-shipyard-version: 1.1.0:"
+count 200 --header 'x-shipyard-version: 1.1.0'
+[ "$(kubectl get md -n $gns digits -o jsonpath='{.status.traffic.canaryWeight}')" = 5 ] \
+  || echo "    (the 1-minute step ended while counting: some of these requests went at 50%)"
+
+say "The 50% step (manual: held until promoted): two candidate pods, two stable ones, half the requests each"
+show '{.status.traffic.canaryWeight}/{.status.traffic.programmed}/{.status.pausedReason}' 50/true/ManualStep 300
+traffic_line
+echo "    2000 requests through the gateway:"
+count 2000
+
+say "Promoted (kubectl annotate md/digits shipyard.dev/promote=1.1.0): 1.1.0 is the stable, the route back to the model's Service alone"
+kubectl annotate -n $gns md/digits shipyard.dev/promote=1.1.0 --overwrite >/dev/null
+show '{.status.phase}/{.status.stableVersion}' Healthy/1.1.0 300
+echo "    kubectl get httproute -n $gns digits -o yaml   # its spec:"
+kubectl get httproute -n $gns digits -o yaml | sed -n '/^spec:/,/^status:/p' | sed '$d' | sed 's/^/    /'
+sleep 5  # Traefik applies a route change after its 2 s reload throttle (the old pods answer meanwhile)
+echo "    200 requests through the gateway:"
+count 200
+
 say "Where it ended"
 kubectl get md -n $ns
+kubectl get md -n $gns
 kubectl get deployments -n $ns -L shipyard.dev/version
 say "History"
 kubectl get md -n $ns digits -o jsonpath='{range .status.history[*]}{.version}{"\t"}{.outcome}{"\t"}{.reason}{"\t"}{.time}{"\n"}{end}' | sed 's/^/    /'
@@ -202,5 +272,8 @@ hint "kubectl apply -n $ns -f examples/digits-blue-green.yaml" "the same model b
 hint "kubectl apply -n $ns -f examples/torchserve.yaml" "the digits model on TorchServe, same canary and rollback"
 hint "kubectl get md -n $ns digits-s3 -o yaml" "the model from S3: spec.model, status.modelFetch"
 hint "kubectl apply -n $ns -f examples/recommender.yaml" "the recommender example (its own compression Job)"
+hint ".venv/bin/kubectl-shipyard status -n $gns digits" "the Gateway API model: Traffic, weights, preview header"
+hint "kubectl get httproute -n $gns digits -o yaml" "the route whose weights Shipyard sets (docs/traffic.md)"
+hint ".venv/bin/python -m tests.e2e.loadgen --port $gwport --requests 2000 --rate 250" "through the gateway, per version"
 echo "  # requests per version and status code in Prometheus:"
 echo "  $prometheus/graph?g0.expr=sum%20by%20(version,code)(rate(shipyard_requests_total[1m]))"

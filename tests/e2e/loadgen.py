@@ -9,6 +9,7 @@ fixed rate with at most ``concurrency`` in flight; the run stops at ``stop``, af
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -22,6 +23,7 @@ from typing import Any
 
 CONNECT_TIMEOUT_S = 5.0
 RESPONSE_TIMEOUT_S = 15.0
+MAX_REQUESTS = 20_000  # a LoadGenerator's default bound
 
 
 @dataclasses.dataclass
@@ -95,7 +97,7 @@ class LoadGenerator:
 
     def __init__(self, port: int, model: str, samples: Sequence[Sequence[float]], labels: Sequence[int], *,
                  rate: float = 20.0, concurrency: int = 16, max_seconds: float = 300.0,
-                 max_requests: int = 20_000, path: str | None = None,
+                 max_requests: int = MAX_REQUESTS, path: str | None = None,
                  headers: Sequence[tuple[str, str]] = ()) -> None:
         self.port = port
         self.model = model
@@ -202,22 +204,43 @@ def build_summary(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def parse_header(text: str) -> tuple[str, str]:
+    """'name: value' (or 'name:value') -> (name, value), for --header (pure). Raises ValueError."""
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip() or any(c in text for c in "\r\n"):
+        raise ValueError(f"{text!r} is not a header 'name: value'")
+    return name.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m tests.e2e.loadgen` (pure)."""
+    parser = argparse.ArgumentParser(prog="python -m tests.e2e.loadgen", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, required=True,
+                        help="a local port on 127.0.0.1: the Service's (services.json) or a gateway's listener")
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--rate", type=float, default=20.0, help="requests per second (default 20)")
+    parser.add_argument("--seconds", type=float, default=300.0, help="stop after this long (default 300)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="stop once this many requests were sent, and print when all have answered "
+                             "(default: no limit but --seconds)")
+    parser.add_argument("--header", type=parse_header, action="append", default=[], metavar="'NAME: VALUE'",
+                        help="a header sent with every request (repeatable), e.g. 'x-shipyard-version: 1.1.0'")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tests.e2e.loadgen --port P`: steady load until SIGINT/SIGTERM or --seconds; prints a summary."""
-    import argparse
+    """`python -m tests.e2e.loadgen --port P`: steady load until SIGINT/SIGTERM, --seconds or --requests; prints a
+    summary (the requests answered per version, the failures per kind)."""
     import signal
 
     from shipyard.runtime import datasets
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--port", type=int, required=True, help="the Service's local port (services.json)")
-    parser.add_argument("--model", default="digits")
-    parser.add_argument("--rate", type=float, default=20.0)
-    parser.add_argument("--seconds", type=float, default=300.0)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     data = datasets.load_digits()
     load = LoadGenerator(args.port, args.model, data.eval_inputs[0].tolist(),
-                         [int(v) for v in data.eval_labels.tolist()], rate=args.rate, max_seconds=args.seconds)
+                         [int(v) for v in data.eval_labels.tolist()], rate=args.rate, max_seconds=args.seconds,
+                         max_requests=MAX_REQUESTS if args.requests is None else args.requests, headers=args.header)
     done = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: done.set())

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kopf.testing import KopfRunner
 
+from tests import examples
 from tests.integration.conftest import Cluster, create_artifacts_volume, wait_until
 
 pytestmark = pytest.mark.integration
@@ -158,12 +158,12 @@ def test_deleting_the_model_deployment_cascades(cluster: Cluster, operator: Kopf
 def test_examples_become_ready(cluster: Cluster, operator: KopfRunner, namespace: str) -> None:
     """Each example (compression included: KWOK completes the Job) reaches Ready."""
     create_artifacts_volume(cluster, namespace)
-    for path in sorted((REPO / "examples").glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
+    for path in examples.PATHS:  # their ModelDeployments (gatewayAPI traffic at rest: ready without its route)
+        doc = examples.load_model_deployment(path)
         doc["metadata"].pop("namespace", None)
         cluster.apply(doc, namespace)
-    for path in sorted((REPO / "examples").glob("*.yaml")):
-        name = yaml.safe_load(path.read_text())["metadata"]["name"]
+    for path in examples.PATHS:
+        name = examples.load_model_deployment(path)["metadata"]["name"]
         out = cluster.kubectl("wait", "--for=condition=Ready", "--timeout=90s", "-n", namespace, f"md/{name}",
                               check=False)
         assert out.returncode == 0, f"{path.name}: {out.stderr}"

@@ -17,14 +17,15 @@ from shipyard.operator import objects, planning
 from shipyard.operator import spec as spec_mod
 from shipyard.runtime import cli, recipe
 from shipyard.runtime.server import settings
+from tests import examples
 
 # Examples served by Shipyard's own server (a spec.serving.runtime example runs another server: test_runtimes.py).
-EXAMPLES = [p for p in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
-            if "runtime" not in (yaml.safe_load(p.read_text())["spec"].get("serving") or {})]
+EXAMPLES = [p for p in examples.PATHS
+            if "runtime" not in (examples.load_model_deployment(p)["spec"].get("serving") or {})]
 
 
 def load(path: Path) -> dict[str, Any]:
-    body: dict[str, Any] = yaml.safe_load(path.read_text())
+    body = examples.load_model_deployment(path)
     body["metadata"].update(namespace="ml", uid="uid-1", generation=1)
     return body
 

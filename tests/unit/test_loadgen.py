@@ -42,3 +42,39 @@ def test_count_by_version() -> None:
 def test_parse_predictions_takes_the_argmax_per_row() -> None:
     body = {"outputs": [{"shape": [2, 3], "data": [0.1, 0.7, 0.2, 5.0, -1.0, 4.9]}]}
     assert loadgen.parse_predictions(body) == [1, 0]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    pytest.param("x-shipyard-version: 1.1.0", ("x-shipyard-version", "1.1.0"), id="name-colon-space-value"),
+    pytest.param("x-a:b:c", ("x-a", "b:c"), id="first-colon-splits"),
+    pytest.param("x-empty:", ("x-empty", ""), id="empty-value"),
+])
+def test_parse_header(text: str, expected: tuple[str, str]) -> None:
+    assert loadgen.parse_header(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param("no-colon", id="no-colon"),
+    pytest.param(": value", id="no-name"),
+    pytest.param("x-a: b\r\nx-injected: c", id="line-break"),
+])
+def test_parse_header_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a header"):
+        loadgen.parse_header(text)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    pytest.param(["--port", "5"], {"port": 5, "model": "digits", "rate": 20.0, "seconds": 300.0, "requests": None,
+                                   "header": []}, id="defaults-as-before"),
+    pytest.param(["--port", "5", "--requests", "2000", "--rate", "250", "--header", "x-a: 1", "--header", "x-b:2"],
+                 {"port": 5, "model": "digits", "rate": 250.0, "seconds": 300.0, "requests": 2000,
+                  "header": [("x-a", "1"), ("x-b", "2")]}, id="requests-rate-headers"),
+])
+def test_command_line(argv: list[str], expected: dict[str, Any]) -> None:
+    assert vars(loadgen.build_parser().parse_args(argv)) == expected
+
+
+def test_command_line_refuses_a_bad_header(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        loadgen.build_parser().parse_args(["--port", "5", "--header", "nope"])
+    assert "--header" in capsys.readouterr().err

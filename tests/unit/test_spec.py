@@ -26,10 +26,11 @@ from shipyard.contract import recipe
 from shipyard.operator import crd, spec
 from shipyard.operator.providers import prometheus, scrape
 from shipyard.operator.spec import URI_PATTERN
+from tests import examples
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "crds" / "modeldeployments.shipyard.dev.yaml"
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+EXAMPLES = examples.PATHS
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 DELETE = object()
 
@@ -260,7 +261,7 @@ def test_parse_duration_sums_parts(h: int, m: int, s: int, ms: int) -> None:
                                                      "evaluation": {"dataset": "builtin:digits"},
                                                      "artifacts": {"pvc": "a"}}),
                  id="every-defaulted-field-absent"),
-    *[pytest.param(lambda p=p: yaml.safe_load(p.read_text()), id=f"example-{p.stem}") for p in EXAMPLES],
+    *[pytest.param(lambda p=p: examples.load_model_deployment(p), id=f"example-{p.stem}") for p in EXAMPLES],
 ])
 def test_parser_defaults_equal_crd_defaults(make: Callable[[], dict[str, Any]]) -> None:
     body = make()
@@ -778,14 +779,14 @@ def test_recipe_of_full_spec() -> None:
 
 
 def test_the_examples_are_all_checked() -> None:
-    assert [p.name for p in EXAMPLES] == ["digits-blue-green.yaml", "digits-s3.yaml", "digits.yaml",
-                                          "recommender.yaml", "sentence-encoder-oci.yaml", "sentence-encoder.yaml",
-                                          "torchserve.yaml"]
+    assert [p.name for p in EXAMPLES] == ["digits-blue-green.yaml", "digits-gateway.yaml", "digits-s3.yaml",
+                                          "digits.yaml", "recommender.yaml", "sentence-encoder-oci.yaml",
+                                          "sentence-encoder.yaml", "torchserve.yaml"]
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in EXAMPLES])
 def test_example_passes_schema_and_parser(path: Path) -> None:
-    body = yaml.safe_load(path.read_text())
+    body = examples.load_model_deployment(path)
     jsonschema.Draft4Validator(crd_schema()).validate(body)
     md = parse(body)
     assert md.spec.image.startswith("registry.example/shipyard/")
@@ -796,6 +797,28 @@ def test_example_passes_schema_and_parser(path: Path) -> None:
     # Shipyard's server reads /models/<name> of the example images; another runtime its own place (its model store)
     in_image = "/models/" if md.spec.serving.runtime is None else "/"
     assert md.spec.model.path is not None and md.spec.model.path.startswith(in_image)
+
+
+WITH_ROUTES = [p for p in EXAMPLES if examples.load_others(p)]
+
+
+def test_the_examples_with_other_objects_are_checked() -> None:
+    assert [p.name for p in WITH_ROUTES] == ["digits-gateway.yaml"]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in WITH_ROUTES])
+def test_example_route_is_the_one_the_model_manages(path: Path) -> None:
+    """An example's other objects are the HTTPRoute its gatewayAPI traffic names: one rule to the model's Service at
+    its port (the rule Shipyard manages), attached to the Gateway of `make demo` (hack/gateway.py's defaults)."""
+    md = parse(examples.load_model_deployment(path))
+    gw = md.spec.rollout.gateway_api
+    assert gw is not None
+    (route,) = examples.load_others(path)
+    assert (route["apiVersion"], route["kind"]) == ("gateway.networking.k8s.io/v1", "HTTPRoute")
+    assert route["metadata"] == {"name": gw.http_route}
+    assert route["spec"]["parentRefs"] == [{"name": "shipyard", "namespace": "shipyard-gateway", "sectionName": "http"}]
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"name": md.name, "port": md.spec.serving.port}]
 
 
 @pytest.mark.parametrize(("path", "value"), [
