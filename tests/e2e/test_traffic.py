@@ -226,7 +226,11 @@ def test_17_rollback_under_load_takes_the_weight_to_zero_before_scale_down(tx: E
     first_drop = next((i for i, (_, _, n) in enumerate(watcher.samples)
                        if i and n < watcher.samples[i - 1][2]), None)
     weight_at_drop = watcher.samples[first_drop - 1][1] if first_drop else None
-    zero_at = next((t for t, w, n in watcher.samples if w == 0 and n > 0), None)
+    # when the weight last left the candidate: the first sample at 0 after the last one with weight (before the
+    # step's weight was written the route had no candidate backend either)
+    last_weighted = max((i for i, (_, w, _) in enumerate(watcher.samples) if w), default=None)
+    zero_at = next((t for t, w, n in watcher.samples[last_weighted + 1:] if w == 0 and n > 0), None) \
+        if last_weighted is not None else None
     drop_at = watcher.samples[first_drop][0] if first_drop is not None else None
     max_weight = max((w or 0 for _, w, _ in watcher.samples), default=0)
     max_failed = math.ceil(ROLLBACK_RATE * max_weight / 100 * (BOUND_S + DETECTION_SLACK_S + DRAIN_S)) + 16
