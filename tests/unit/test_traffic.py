@@ -20,12 +20,12 @@ MANAGED = {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
            "backendRefs": [{"name": "digits", "port": 8080}]}
 
 
-def refs(rule: dict[str, Any]) -> list[tuple[str, int]]:
-    return [(r["name"], r["weight"]) for r in rule["backendRefs"]]
+def refs(rule: dict[str, Any]) -> list[tuple[str, int | None]]:
+    return [(r["name"], r.get("weight")) for r in rule["backendRefs"]]
 
 
 @pytest.mark.parametrize(("weight", "expected"), [
-    (0, [("digits", 100)]),
+    (0, [("digits", None)]),  # the rule as it was written: at rest a route is never written
     (5, [("digits", 95), ("digits-1-1-0", 5)]),
     (50, [("digits", 50), ("digits-1-1-0", 50)]),
     (100, [("digits-1-1-0", 100)]),
@@ -132,6 +132,22 @@ def gateway_sim(steps: list[dict[str, Any]], replicas: int = 4, **kw: Any) -> Si
 
 def upgrade(sim: Sim, tag: str = "1.1.0") -> None:
     sim.set_spec(image=f"registry.example/acme/digits-model:{tag}")
+
+
+def test_a_route_at_rest_is_not_written() -> None:
+    """The rule as a person or a GitOps tool wrote it (one backendRef, no weight, or any weight) is left alone while
+    no candidate is weighted; after a rollout the rule goes back to the model's Service alone, without a weight."""
+    for stable_ref in ({"name": "digits", "port": 8080}, {"name": "digits", "port": 8080, "weight": 100}):
+        sim = Sim(md(replicas=4, rollout={"steps": [{"weight": 5, "pause": "30s"}], "analysis": ANALYSIS,
+                                          "traffic": {"gatewayAPI": {"httpRoute": "digits"}}}))
+        sim.routes = {traffic.HTTP_ROUTE: route_body([OTHER_RULE, {**MANAGED, "backendRefs": [stable_ref]}])}
+        sim.gateways = {("ml", "edge"): programmed()}
+        sim.settle()
+        assert sim.route_writes == 0 and sim.status["traffic"]["programmed"] is True
+        upgrade(sim)
+        sim.settle()
+        assert sim.route_writes > 0 and sim.status["stableVersion"] == "1.1.0"
+        assert sim.routes[traffic.HTTP_ROUTE]["spec"]["rules"][1]["backendRefs"] == [{"name": "digits", "port": 8080}]
 
 
 def test_exact_weights_step_by_step_and_promotion_order() -> None:

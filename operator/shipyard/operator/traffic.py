@@ -229,13 +229,19 @@ def read_canary_weight(rules: Sequence[Mapping[str, Any]], backends: Backends) -
 
 def build_backend_refs(rule: Mapping[str, Any], backends: Backends, weight: int) -> list[dict[str, Any]]:
     """The managed rule's backendRefs for a canary share of ``weight`` percent: the model's Service (keeping the port
-    and filters of an existing ref to it) at 100 - weight, the candidate's Service at weight (left out at 0)."""
-    existing = next((r for r in rule.get("backendRefs") or []
-                     if _is_service_ref(r) and r.get("name") == backends.stable), None)
+    and filters of an existing ref to it) at 100 - weight, the candidate's Service at weight. At 0 the model's
+    Service alone, without a weight (one backend takes everything whatever its weight): a rule that already reads so,
+    as a person or a GitOps tool wrote it, is left exactly as it is, so that a route at rest is never written."""
+    refs_now = list(rule.get("backendRefs") or [])
+    existing = next((r for r in refs_now if _is_service_ref(r) and r.get("name") == backends.stable), None)
+    if weight == 0 and existing is not None and len(refs_now) == 1:
+        return [dict(existing)]
     port = int((existing or {}).get("port") or backends.port)
     stable = {k: v for k, v in (existing or {}).items() if k not in ("weight",)} or {"name": backends.stable,
                                                                                      "port": port}
-    stable.update({"name": backends.stable, "port": port, "weight": 100 - weight})
+    stable.update({"name": backends.stable, "port": port})
+    if weight > 0:
+        stable["weight"] = 100 - weight
     refs = [stable] if weight < 100 else []
     if weight > 0 and backends.canary:
         refs.append({"name": backends.canary, "port": port, "weight": weight})
