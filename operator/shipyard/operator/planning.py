@@ -1184,11 +1184,11 @@ def _plan_canary(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
     st.wake_at(now + datetime.timedelta(seconds=spec.rollout.startup_timeout_seconds))
 
 
-def build_backends(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed: Observed,
+def build_backends(md: spec_mod.ModelDeployment, meta: Meta, observed: Observed, candidate: str | None,
                    kind: str = traffic.HTTP_ROUTE) -> traffic.Backends:
     """The Services of the managed route rules: the model's (stable backend), the candidate's own (canary backend),
     and the per-version Service names of every version the model has (a rule naming any of them is managed)."""
-    versions = {*observed.deployments, *(v for v in (st.stable, st.candidate) if v)}
+    versions = {*observed.deployments, *([candidate] if candidate else [])}
     serving = md.spec.serving
     port = serving.port
     if kind == traffic.GRPC_ROUTE:
@@ -1197,7 +1197,7 @@ def build_backends(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observe
             serving.port)
     return traffic.Backends(
         stable=naming.build_service_name(meta.name),
-        canary=naming.build_deployment_name(meta.name, st.candidate) if st.candidate else None,
+        canary=naming.build_deployment_name(meta.name, candidate) if candidate else None,
         versions=frozenset(naming.build_deployment_name(meta.name, v) for v in versions), port=port)
 
 
@@ -1208,7 +1208,7 @@ def build_route_weight(md: spec_mod.ModelDeployment, meta: Meta, st: _State, obs
     route = observed.traffic.routes.get(traffic.HTTP_ROUTE)
     if route is None or route.body is None:
         return 0
-    return traffic.read_canary_weight(route.rules, build_backends(md, meta, st, observed)) or 0
+    return traffic.read_canary_weight(route.rules, build_backends(md, meta, observed, st.candidate)) or 0
 
 
 def assess_traffic(md: spec_mod.ModelDeployment, meta: Meta, observed: Observed) -> tuple[str, str] | None:
@@ -1226,9 +1226,7 @@ def assess_traffic(md: spec_mod.ModelDeployment, meta: Meta, observed: Observed)
         problem = traffic.assess_route(route, observed.traffic.gateways, meta.namespace, path)
         if problem is not None:
             return problem
-        st = _State(stable=None, stable_image=None, candidate=None, candidate_image=None, step=0, step_started=None,
-                    step_ready=None, paused_reason=None, history=[], artifacts=[], analysis=None, controls={})
-        if not any(traffic.assess_managed(r, build_backends(md, meta, st, observed, kind)) for r in route.rules):
+        if not any(traffic.assess_managed(r, build_backends(md, meta, observed, None, kind)) for r in route.rules):
             return (Reason.ROUTE_NOT_ATTACHED,
                     f"{kind} {name!r} ({path}) has no rule with a backendRef to Service "
                     f"{naming.build_service_name(meta.name)!r} (the model's Service): add one to the rule that "
@@ -1280,7 +1278,7 @@ def _plan_routes(md: spec_mod.ModelDeployment, meta: Meta, st: _State, observed:
         route = observed.traffic.routes.get(kind) if name else None
         if route is None or route.body is None:
             continue
-        backends = build_backends(md, meta, st, observed, kind)
+        backends = build_backends(md, meta, observed, st.candidate, kind)
         rules = traffic.build_rules(route.rules, backends, weight, preview, kind)
         if not traffic.assess_rules_equal(rules, route.rules):
             apply.append(traffic.build_route_apply(route, rules, meta.namespace))
