@@ -472,8 +472,8 @@ def test_gateway_api_faults_stall_the_rollout_naming_the_cause_then_weights_are_
         wait_status(cluster, namespace, "routed", promoted, 60, message="promoted")
         rules = json.loads(cluster.kubectl("get", "httproute", "web", "-n", namespace, "-o", "json").stdout)[
             "spec"]["rules"]
-        # back to the rule as written: the model's Service alone, no weight
-        assert [(b["name"], b.get("weight")) for b in rules[0]["backendRefs"]] == [("routed", None)]
+        # back to the rule as written: the model's Service alone, no weight written (the API server's default: 1)
+        assert [(b["name"], b.get("weight")) for b in rules[0]["backendRefs"]] == [("routed", 1)]
         assert len(rules) == 2
     finally:
         cluster.kubectl("delete", "md", "routed", "-n", namespace, "--wait=false", check=False)
