@@ -11,6 +11,7 @@ them at 20 and 200 req/s with the candidate on its own core).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any
 
@@ -29,6 +30,10 @@ V1, V2, DISAGREE = "1.0.0", "1.1.0", "1.2.0-disagree"
 RATE = 20.0
 MIN_REQUESTS = 300
 MIN_AGREEMENT = 0.99
+# The *-disagree model agrees with the good one on this share of the digits eval split (it never answers 0): what
+# the copies of live requests should show, within a binomial bound over the copies compared.
+DISAGREE_AGREEMENT = 0.902
+SIGMAS = 4.0
 
 
 def model(tag: str) -> dict[str, Any]:
@@ -139,7 +144,12 @@ def test_18_shadow_step_promotes_an_agreeing_candidate_and_rolls_back_a_disagree
     assert (good_last.get("compared") or 0) > 0, good_last
     assert not v2_during_shadow, v2_during_shadow[:3]
     assert served[DISAGREE] == 0, "a client got an answer of the disagreeing candidate"
-    assert bad_last.get("agreement") is not None and 0.80 <= bad_last["agreement"] <= 0.96, bad_last
+    # Rolled back within a few measurements, on few copies (tens): the agreement is near 0.90 within a binomial
+    # bound over the copies compared at that sample (one row each), and below the analysis' min.
+    compared = max(1, int(bad_last.get("compared") or 0))
+    spread = SIGMAS * math.sqrt(DISAGREE_AGREEMENT * (1 - DISAGREE_AGREEMENT) / compared)
+    assert bad_last.get("agreement") is not None and bad_last["agreement"] < MIN_AGREEMENT, bad_last
+    assert abs(bad_last["agreement"] - DISAGREE_AGREEMENT) <= spread, (bad_last, spread)
     assert entry["version"] == DISAGREE and entry["outcome"] == "RolledBack", entry
     assert "agreement" in entry.get("message", ""), entry
     assert md["status"]["stableVersion"] == V2
